@@ -1,0 +1,287 @@
+"""Lookup-Free Quantization (LFQ).
+
+Proposed in MAGVIT-v2, "Language Model Beats Diffusion: Tokenizer is Key to Visual
+Generation", https://arxiv.org/abs/2310.05737. Each of the d channels of a codebook is
+quantized to {-s, +s}; an entropy penalty (low per-token entropy, high batch entropy)
+pushes the model to use the whole codebook of 2**d codes.
+
+The API, defaults and numbers are those of ``vector-quantize-pytorch`` 1.14.12 (the
+version CogVideoX vendors). What differs, and why, is listed in the README.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from math import ceil, log2
+
+import torch
+import torch.nn.functional as F
+from einops import pack, rearrange, unpack
+from torch import Tensor, nn
+
+from lfq.entropy import ENTROPY_KERNELS, EntropyInputs, EntropyTerms, sample_token_subset
+
+Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
+LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+
+# Per-codebook terms of the last forward pass, detached; read by lfq.monitor.
+CodebookStats = namedtuple(
+    "CodebookStats", ["per_sample_entropy", "batch_entropy", "commitment", "aux_loss"]
+)
+
+DEFAULT_ENTROPY_MODE = "reference"
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 2 and (n & (n - 1)) == 0
+
+
+def _linear_f32(layer: nn.Module, x: Tensor) -> Tensor:
+    """Apply a projection in float32 whatever dtype the module was cast to."""
+    if isinstance(layer, nn.Linear):
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x, layer.weight.float(), bias)
+    return layer(x)
+
+
+class LFQ(nn.Module):
+    def __init__(
+        self,
+        *,
+        dim: int | None = None,  # input channels; defaults to log2(codebook_size) * num_codebooks
+        codebook_size: int | None = None,  # codes per codebook, a power of 2; defaults to 2**dim
+        entropy_loss_weight: float = 0.1,  # weight of (per-sample entropy - gamma * batch entropy)
+        commitment_loss_weight: float = 0.25,  # weight of mean (z - q)^2
+        diversity_gamma: float = 1.0,  # weight of the batch entropy inside the entropy loss
+        straight_through_activation: nn.Module | None = None,  # applied before straight-through
+        num_codebooks: int = 1,  # the channels are split into this many independent codebooks
+        keep_num_codebooks_dim: bool | None = None,  # keep the codebook axis of the indices
+        codebook_scale: float = 1.0,  # codes are {-s, +s}; residual LFQ halves s per layer
+        frac_per_sample_entropy: float = 1.0,  # < 1: entropies from a random subset of tokens
+        entropy_mode: str = DEFAULT_ENTROPY_MODE,  # which lfq.entropy kernel computes the entropies
+    ):
+        super().__init__()
+
+        if dim is None and codebook_size is None:
+            raise ValueError("LFQ needs dim or codebook_size (or both); got neither")
+        if codebook_size is not None and not (
+            isinstance(codebook_size, int) and _is_power_of_two(codebook_size)
+        ):
+            suggestion = 2 ** max(1, ceil(log2(codebook_size))) if isinstance(codebook_size, (int, float)) and codebook_size > 0 else 2
+            raise ValueError(
+                f"codebook_size must be a power of 2 and at least 2 (lookup-free codes are "
+                f"d bits), got {codebook_size!r}; the nearest valid size above is {suggestion}"
+            )
+        if dim is not None and not (isinstance(dim, int) and dim >= 1):
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not (isinstance(num_codebooks, int) and num_codebooks >= 1):
+            raise ValueError(f"num_codebooks must be an int >= 1, got {num_codebooks!r}")
+        if not (0.0 < frac_per_sample_entropy <= 1.0):
+            raise ValueError(
+                f"frac_per_sample_entropy must be in (0, 1], got {frac_per_sample_entropy!r}"
+            )
+        if not codebook_scale > 0:
+            raise ValueError(f"codebook_scale must be > 0, got {codebook_scale!r}")
+        if entropy_mode not in ENTROPY_KERNELS:
+            raise ValueError(
+                f"entropy_mode must be one of {sorted(ENTROPY_KERNELS)}, got {entropy_mode!r}"
+            )
+
+        codebook_size = codebook_size if codebook_size is not None else 2**dim
+        codebook_dim = int(log2(codebook_size))
+        codebook_dims = codebook_dim * num_codebooks
+        dim = dim if dim is not None else codebook_dims
+
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError(
+                f"keep_num_codebooks_dim=False is only valid with one codebook; with "
+                f"num_codebooks={num_codebooks} the indices need their codebook axis "
+                f"(pass keep_num_codebooks_dim=True or leave it None)"
+            )
+
+        self.has_projections = dim != codebook_dims
+        self.project_in = nn.Linear(dim, codebook_dims) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dims, dim) if self.has_projections else nn.Identity()
+
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.activation = straight_through_activation if straight_through_activation is not None else nn.Identity()
+        self.frac_per_sample_entropy = frac_per_sample_entropy
+        self.diversity_gamma = diversity_gamma
+        self.entropy_loss_weight = entropy_loss_weight
+        self.codebook_scale = codebook_scale
+        self.commitment_loss_weight = commitment_loss_weight
+        self.entropy_mode = entropy_mode
+
+        # Bit i of an index is channel i, most significant first. Persistent, as in the
+        # reference, so that state dicts load both ways.
+        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        all_codes = torch.arange(codebook_size)
+        bits = ((all_codes[..., None].int() & self.mask) != 0).float()
+        self.register_buffer("codebook", self.bits_to_codes(bits), persistent=False)
+
+        self.last_stats: CodebookStats | None = None
+
+    def bits_to_codes(self, bits: Tensor) -> Tensor:
+        return bits * self.codebook_scale * 2 - self.codebook_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codebook.dtype
+
+    def _codebook_f32(self) -> Tensor:
+        if self.codebook.dtype == torch.float32:
+            return self.codebook
+        bits = ((torch.arange(self.codebook_size, device=self.mask.device)[..., None].int() & self.mask) != 0)
+        return self.bits_to_codes(bits.float())
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Codes of ``indices`` (the inverse of ``forward``'s indices), channel-first for images/video."""
+        is_img_or_video = indices.ndim >= (3 + int(self.keep_num_codebooks_dim))
+        if not self.keep_num_codebooks_dim:
+            indices = rearrange(indices, "... -> ... 1")
+        bits = ((indices[..., None].int() & self.mask) != 0).to(self.dtype)
+        codes = rearrange(self.bits_to_codes(bits), "... c d -> ... (c d)")
+        if project_out:
+            codes = self.project_out(codes)
+        if is_img_or_video:
+            codes = rearrange(codes, "b ... d -> b d ...")
+        return codes
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim < 3:
+            raise ValueError(
+                f"LFQ expects (batch, tokens, {self.dim}) or channel-first (batch, {self.dim}, "
+                f"*spatial) input, got shape {tuple(x.shape)}"
+            )
+        channels = x.shape[1] if x.ndim >= 4 else x.shape[-1]
+        if channels != self.dim:
+            where = "axis 1 (channel-first image/video)" if x.ndim >= 4 else "the last axis"
+            raise ValueError(
+                f"expected {self.dim} channels on {where}, got {channels} in shape {tuple(x.shape)}"
+            )
+
+    @staticmethod
+    def _flatten_mask(mask: Tensor, batch: int, spatial: tuple[int, ...], num_tokens: int) -> Tensor:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = keep the token), got dtype {mask.dtype}")
+        if tuple(mask.shape) == (batch, num_tokens):
+            return mask
+        if len(spatial) > 1 and tuple(mask.shape) == (batch, *spatial):
+            return mask.reshape(batch, num_tokens)
+        expected = f"({batch}, {num_tokens})"
+        if len(spatial) > 1:
+            expected += f" or {(batch, *spatial)}"
+        raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
+
+    def forward(
+        self,
+        x: Tensor,
+        inv_temperature: float = 100.0,
+        return_loss_breakdown: bool = False,
+        mask: Tensor | None = None,
+    ):
+        """
+        x: (b, n, dim) tokens, or channel-first (b, dim, *spatial) images and video.
+        mask: (b, n) bool, True = the token counts in the losses (spatial shapes allowed).
+        Einstein notation: b batch, n tokens, c codebooks, d bits per codebook.
+        """
+        self._check_input(x)
+        input_dtype = x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            quantized, indices, aux_loss, breakdown = self._forward_f32(x.float(), inv_temperature, mask)
+        if input_dtype.is_floating_point and input_dtype != torch.float32:
+            quantized = quantized.to(input_dtype)
+
+        ret = Return(quantized, indices, aux_loss)
+        if not return_loss_breakdown:
+            return ret
+        return ret, breakdown
+
+    def _forward_f32(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
+        is_img_or_video = x.ndim >= 4
+        spatial = tuple(x.shape[2:])
+        if is_img_or_video:
+            x = rearrange(x, "b d ... -> b ... d")
+            x, ps = pack([x], "b * d")
+        if mask is not None:
+            mask = self._flatten_mask(mask, x.shape[0], spatial, x.shape[1])
+
+        x = _linear_f32(self.project_in, x)
+        z = rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks)
+
+        codebook_value = torch.ones_like(z) * self.codebook_scale
+        quantized = torch.where(z > 0, codebook_value, -codebook_value)
+
+        if self.training:
+            x = self.activation(z)
+            x = x + (quantized - x).detach()
+        else:
+            x = quantized
+
+        indices = ((x > 0).int() * self.mask.int()).sum(dim=-1)  # (b, n, c)
+
+        if self.training:
+            terms, commit_loss, commit_by_codebook = self._losses(z, quantized, inv_temperature, mask)
+            entropy_aux_loss = terms.per_sample_entropy - self.diversity_gamma * terms.batch_entropy
+        else:
+            terms, commit_loss, commit_by_codebook = None, self.zero.float(), None
+            entropy_aux_loss = commit_loss
+
+        x = rearrange(x, "b n c d -> b n (c d)")
+        x = _linear_f32(self.project_out, x)
+        if is_img_or_video:
+            x = rearrange(unpack(x, ps, "b * d")[0], "b ... d -> b d ...")
+            indices = unpack(indices, ps, "b * c")[0]
+        if not self.keep_num_codebooks_dim:
+            indices = rearrange(indices, "... 1 -> ...")
+
+        aux_loss = entropy_aux_loss * self.entropy_loss_weight + commit_loss * self.commitment_loss_weight
+
+        if terms is None:
+            breakdown = LossBreakdown(commit_loss, commit_loss, commit_loss)
+            self.last_stats = None
+        else:
+            breakdown = LossBreakdown(terms.per_sample_entropy, terms.batch_entropy, commit_loss)
+            with torch.no_grad():
+                ent_by_codebook = terms.per_sample_by_codebook - self.diversity_gamma * terms.batch_by_codebook
+                self.last_stats = CodebookStats(
+                    per_sample_entropy=terms.per_sample_by_codebook.detach(),
+                    batch_entropy=terms.batch_by_codebook.detach(),
+                    commitment=commit_by_codebook,
+                    aux_loss=(ent_by_codebook * self.entropy_loss_weight
+                              + commit_by_codebook * self.commitment_loss_weight),
+                )
+        return x, indices, aux_loss, breakdown
+
+    def _losses(self, z: Tensor, quantized: Tensor, inv_temperature: float, mask: Tensor | None):
+        tokens = z[mask] if mask is not None else rearrange(z, "b n c d -> (b n) c d")
+        if tokens.shape[0] == 0:
+            # Every token masked out: no loss, rather than the reference's NaN.
+            zeros = z.new_zeros(self.num_codebooks)
+            zero = z.sum() * 0
+            return EntropyTerms(zero, zero, zeros, zeros), zero, zeros
+
+        subset = sample_token_subset(tokens.shape[0], self.frac_per_sample_entropy, tokens.device)
+        if subset is not None:
+            tokens = tokens[subset]
+        kernel = ENTROPY_KERNELS[self.entropy_mode]
+        terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(self.codebook_scale), self._codebook_f32()))
+
+        commit = F.mse_loss(z, quantized.detach(), reduction="none")
+        commit = commit[mask] if mask is not None else commit
+        with torch.no_grad():
+            commit_by_codebook = commit.detach().reshape(-1, self.num_codebooks, self.codebook_dim).mean(dim=(0, 2))
+        return terms, commit.mean(), commit_by_codebook
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, num_codebooks={self.num_codebooks}, "
+            f"entropy_mode={self.entropy_mode!r}, frac_per_sample_entropy={self.frac_per_sample_entropy}"
+        )
