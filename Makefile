@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make demo   a small local sweep, then the utilization report (results/demo/report/)
+#   make test   lint + the whole test suite, the real one-node SLURM cluster included
+# Both create .venv on first use. TORCH selects the torch build: the default is the
+# 2.13.0 CPU build; with a GPU, install your CUDA build of torch first and run
+# `make TORCH= demo` so nothing replaces it.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test lint cluster clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: a plain `torch` requirement would pull a multi-GB CUDA build
+	test -z "$(TORCH)" || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,notebooks]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m slurm.submit experiments/sweeps/demo.yaml --cluster local --wait
+	$(BIN)/python -m analysis.report results/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# A throwaway one-node SLURM cluster for the cluster tests (Debian, as root).
+cluster:
+	bash slurm/local-cluster.sh ensure
+
+test: $(STAMP) lint cluster
+	$(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,202 @@
+"""Behaviour of lfq.LFQ beyond the oracle: validation, dtypes, and the reference's fixed defects."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from vector_quantize_pytorch import LFQ as OracleLFQ
+
+import lfq
+from lfq import LFQ, LossBreakdown, Return
+
+LFQ_DIR = Path(lfq.__file__).parent
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(), "dim or codebook_size"),
+        (dict(codebook_size=100), "power of 2.*100.*128"),
+        (dict(codebook_size=1), "power of 2"),
+        (dict(codebook_size=16.0), "power of 2"),
+        (dict(dim=0), "dim must be a positive int"),
+        (dict(dim=4, num_codebooks=0), "num_codebooks must be an int >= 1"),
+        (dict(dim=8, num_codebooks=2, keep_num_codebooks_dim=False), "keep_num_codebooks_dim=False"),
+        (dict(dim=4, frac_per_sample_entropy=0.0), r"frac_per_sample_entropy must be in \(0, 1\]"),
+        (dict(dim=4, frac_per_sample_entropy=1.5), r"frac_per_sample_entropy must be in \(0, 1\]"),
+        (dict(dim=4, codebook_scale=0.0), "codebook_scale must be > 0"),
+        (dict(dim=4, entropy_mode="dense"), "entropy_mode must be one of"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LFQ(**kwargs)
+
+
+def test_no_assert_statements_in_library():
+    # Validation must survive `python -O`, which strips asserts.
+    for path in LFQ_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+        assert not asserts, f"{path.name} uses assert at lines {asserts}"
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((2, 5), r"expected 4 channels on the last axis, got 5"),
+     ((2, 5, 3, 3), r"expected 4 channels on axis 1"),
+     ((2, 4), r"LFQ expects \(batch, tokens, 4\)")],
+)
+def test_wrong_input_shape_says_what_is_expected(shape, message):
+    quantizer = LFQ(dim=4)
+    x = torch.randn(*shape) if len(shape) != 2 or shape[1] != 5 else torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match=message):
+        quantizer(x)
+
+
+def test_mask_of_wrong_shape_names_the_expected_shape():
+    quantizer = LFQ(dim=4).train()
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 12\) or \(2, 3, 4\).*got \(2, 11\)"):
+        quantizer(torch.randn(2, 4, 3, 4), mask=torch.ones(2, 11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        quantizer(torch.randn(2, 6, 4), mask=torch.ones(2, 6))
+
+
+def test_spatial_mask_equals_flat_mask():
+    quantizer = LFQ(dim=4, entropy_mode="reference").train()
+    x = torch.randn(2, 4, 3, 4)
+    mask = torch.rand(2, 3, 4) > 0.5
+    mask[0, 0, 0] = True
+    _, spatial = quantizer(x, mask=mask, return_loss_breakdown=True)
+    _, flat = quantizer(x, mask=mask.reshape(2, 12), return_loss_breakdown=True)
+    for a, b in zip(spatial, flat, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_tiny_frac_keeps_one_token_instead_of_nan():
+    kwargs = dict(dim=4, frac_per_sample_entropy=0.01)
+    ours = LFQ(entropy_mode="reference", **kwargs).train()
+    oracle = OracleLFQ(**kwargs).train()
+    x = torch.randn(1, 10, 4)  # int(10 * 0.01) == 0 tokens sampled in the reference
+    torch.manual_seed(0)
+    _, oracle_terms = oracle(x, return_loss_breakdown=True)
+    assert torch.isnan(oracle_terms.per_sample_entropy)  # the defect we fix
+    torch.manual_seed(0)
+    ret, terms = ours(x, return_loss_breakdown=True)
+    assert torch.isfinite(ret.entropy_aux_loss)
+    # With one token the batch distribution is that token's, so the two entropies coincide.
+    torch.testing.assert_close(terms.per_sample_entropy, terms.batch_entropy)
+
+
+def test_all_tokens_masked_gives_zero_loss_not_nan():
+    quantizer = LFQ(dim=4).train()
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    ret, terms = quantizer(x, mask=torch.zeros(2, 5, dtype=torch.bool), return_loss_breakdown=True)
+    assert ret.entropy_aux_loss.item() == 0.0
+    assert all(t.item() == 0.0 for t in terms)
+    ret.entropy_aux_loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_module_trains_and_keeps_input_dtype(dtype):
+    torch.manual_seed(0)
+    reference = LFQ(dim=12, codebook_size=32, num_codebooks=2, codebook_scale=0.3).train()
+    half = LFQ(dim=12, codebook_size=32, num_codebooks=2, codebook_scale=0.3).train()
+    half.load_state_dict(reference.state_dict())
+    half = half.to(dtype)
+    x = torch.randn(2, 6, 12).to(dtype)
+
+    ret, terms = half(x.clone().requires_grad_(True), return_loss_breakdown=True)
+    assert ret.quantized.dtype == dtype
+    assert ret.entropy_aux_loss.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in terms)
+    assert torch.isfinite(ret.entropy_aux_loss)
+    (ret.quantized.float().sum() + ret.entropy_aux_loss).backward()
+    assert half.project_in.weight.grad is not None and half.project_in.weight.grad.dtype == dtype
+
+    # The entropy runs in float32 on the half-precision weights: same indices as float32
+    # weights rounded the same way, and losses close to the float32 module's.
+    ref_ret, ref_terms = reference(x.float(), return_loss_breakdown=True)
+    torch.testing.assert_close(terms.commitment, ref_terms.commitment, rtol=5e-2, atol=5e-3)
+    # The codebook keeps its exact values although the buffer was cast.
+    assert half.indices_to_codes(ret.indices, project_out=False).abs().unique().float().allclose(
+        torch.tensor(0.3), atol=2e-3)
+
+
+def test_half_precision_input_to_float32_module():
+    quantizer = LFQ(dim=4).train()
+    ret = quantizer(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16))
+    assert ret.quantized.dtype == torch.bfloat16
+    assert ret.quantized.shape == (2, 4, 3, 3)
+    assert ret.entropy_aux_loss.dtype == torch.float32
+
+
+def test_autocast_region_runs_in_float32():
+    quantizer = LFQ(dim=16, codebook_size=16).train()
+    x = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ret, terms = quantizer(x, return_loss_breakdown=True)
+    plain, plain_terms = quantizer(x, return_loss_breakdown=True)
+    assert ret.quantized.dtype == torch.float32
+    # Same random-free computation inside and outside autocast: identical numbers.
+    assert torch.equal(ret.quantized, plain.quantized)
+    torch.testing.assert_close(terms.batch_entropy, plain_terms.batch_entropy)
+
+
+def test_no_deprecated_cuda_amp_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LFQ(dim=4).train()(torch.randn(1, 3, 4))
+    source = "\n".join(p.read_text() for p in LFQ_DIR.glob("*.py"))
+    assert "torch.cuda.amp" not in source
+
+
+def test_eval_mode_returns_zero_losses():
+    quantizer = LFQ(dim=6, codebook_size=8, num_codebooks=2).eval()
+    ret, terms = quantizer(torch.randn(2, 5, 6), return_loss_breakdown=True)
+    assert isinstance(ret, Return) and isinstance(terms, LossBreakdown)
+    assert ret.entropy_aux_loss.item() == 0.0 and all(t.item() == 0.0 for t in terms)
+    assert quantizer.last_stats is None
+
+
+def test_last_stats_are_per_codebook_and_average_to_the_breakdown():
+    quantizer = LFQ(dim=12, codebook_size=16, num_codebooks=3).train()
+    ret, terms = quantizer(torch.randn(4, 7, 12), return_loss_breakdown=True)
+    stats = quantizer.last_stats
+    for field in ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss"):
+        value = getattr(stats, field)
+        assert value.shape == (3,) and not value.requires_grad, field
+    torch.testing.assert_close(stats.per_sample_entropy.mean(), terms.per_sample_entropy)
+    torch.testing.assert_close(stats.batch_entropy.mean(), terms.batch_entropy)
+    torch.testing.assert_close(stats.commitment.mean(), terms.commitment)
+    torch.testing.assert_close(stats.aux_loss.mean(), ret.entropy_aux_loss.detach())
+
+
+def test_imports_with_only_torch_and_einops():
+    blocked = ["pandas", "matplotlib", "submitit", "yaml", "tqdm", "sklearn", "skimage",
+               "vector_quantize_pytorch", "einx", "scipy", "experiments", "analysis", "slurm"]
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import torch
+from lfq import LFQ, Return, LossBreakdown
+import lfq, pkgutil
+for module in pkgutil.iter_modules(lfq.__path__):
+    importlib = __import__('importlib'); importlib.import_module('lfq.' + module.name)
+ret = LFQ(dim=4).train()(torch.randn(1, 3, 4))
+print('ok', ret.indices.shape)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ok torch.Size([1, 3])" in result.stdout
