@@ -1,1 +1,36 @@
-"""analysis package."""
+"""Run folders -> DataFrames -> figures and reports (docs/ARCHITECTURE.md). Reads files only.
+
+    runs = analysis.load_runs("results/gamma_frac")        # one row per run
+    metrics = analysis.load_metrics(runs)                   # tidy per-step rows
+    analysis.usage_heatmap(runs)                            # a Figure (None if data is missing)
+"""
+
+from analysis.aggregate import FRAC, GAMMA, curves, grid_summary, parameters
+from analysis.jsonl import LoadProblem
+from analysis.load import LoadWarning, find_run_dirs, load_histograms, load_metrics, load_runs
+from analysis.plots import (
+    layers,
+    rank_frequencies,
+    rank_frequency,
+    reconstruction_vs_usage,
+    training_curves,
+    usage_heatmap,
+    usage_vs_gamma,
+)
+from analysis.style import NoData, NoDataWarning
+
+__all__ = [
+    "FRAC", "GAMMA", "LoadProblem", "LoadWarning", "NoData", "NoDataWarning",
+    "curves", "find_run_dirs", "grid_summary", "layers", "load_histograms", "load_metrics", "load_runs",
+    "parameters", "rank_frequencies", "rank_frequency", "reconstruction_vs_usage", "training_curves",
+    "usage_heatmap", "usage_vs_gamma", "write_report",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so that ``python -m analysis.report`` does not import itself twice.
+    if name == "write_report":
+        from analysis.report import write_report
+
+        return write_report
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

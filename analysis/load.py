@@ -1,0 +1,308 @@
+"""Run folders -> DataFrames: one row per run, tidy metrics, code histograms.
+
+A run folder is any folder holding ``config.json`` (docs/ARCHITECTURE.md). Folders that look
+like runs but cannot be read (no or bad ``config.json``, bad ``summary.json``) are reported as
+:class:`LoadProblem` s, in ``frame.attrs["problems"]`` and one ``LoadWarning``, and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis import columns as cols
+from analysis.jsonl import LoadProblem, cache_lookup, parse_and_cache_safely, read_last_row, resolve_cache
+
+RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
+STATUSES = ("done", "failed", "running", "incomplete")
+# Leading columns of the metrics frame; every other column is a metric.
+ID_COLUMNS = ("run_id", "step", "kind", "layer", "codebook", "mode")
+
+POOL_MIN_FILES = 64  # cache misses from which a cold load parses in a process pool
+PathLike = str | os.PathLike[str]
+CacheArg = bool | PathLike | None
+
+
+class LoadWarning(UserWarning):
+    """Some run folders under the loaded path were skipped or repaired."""
+
+
+def find_run_dirs(root: PathLike) -> tuple[list[Path], list[LoadProblem]]:
+    """Run folders under ``root`` (sorted), and folders with run files but no ``config.json``.
+
+    Folders whose name starts with ``.`` or ``_`` are not searched.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist or is not a folder")
+    runs: list[Path] = []
+    problems: list[LoadProblem] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            problems.append(LoadProblem(str(folder), "", f"cannot list folder: {err}", True))
+            continue
+        names = {e.name for e in entries}
+        if "config.json" in names:
+            runs.append(folder)
+            continue  # a run folder holds no nested runs
+        present = [m for m in RUN_MARKERS if m in names]
+        if present:
+            problems.append(
+                LoadProblem(str(folder), "config.json", f"no config.json (has {', '.join(present)})", True)
+            )
+        # Hidden folders are caches and temp report folders; "_" folders are bookkeeping, like
+        # slurm's ``_sweep/`` whose ``trash/`` holds superseded copies of run folders.
+        stack.extend(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith((".", "_")))
+    return sorted(runs), problems
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become tuples so the columns can be grouped on."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = tuple(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _run_row(
+    run_dir: Path, root: Path, stale_after_s: float | None
+) -> tuple[dict[str, Any] | None, list[str], list[LoadProblem]]:
+    """The runs-frame row of one folder, its config's column names, and what was wrong."""
+    try:
+        config = _read_json(run_dir / "config.json")
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        return None, [], [LoadProblem(str(run_dir), "config.json", f"unreadable config.json: {err}", True)]
+    summary: dict[str, Any] = {}
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        try:
+            summary = _read_json(summary_path)
+        except (OSError, ValueError) as err:
+            return None, [], [LoadProblem(str(run_dir), "summary.json", f"unreadable summary.json: {err}", True)]
+
+    done_marker = (run_dir / "DONE").exists()
+    metrics_path = run_dir / "metrics.jsonl"
+    reason = summary.get("reason")
+    if summary:
+        status = summary.get("status")
+        if status == "done" and not done_marker:
+            status, reason = "incomplete", "summary.json says done but there is no DONE marker"
+        elif status not in ("done", "failed"):
+            status, reason = "incomplete", f"summary.json has unknown status {status!r}"
+    else:
+        # No summary: still writing, or killed and not (yet) requeued. Only the age of the
+        # last write tells them apart.
+        newest = max(p.stat().st_mtime for p in (run_dir / "config.json", metrics_path) if p.exists())
+        age = time.time() - newest
+        if stale_after_s is None or age <= stale_after_s:
+            status = "running"
+        else:
+            status, reason = "incomplete", f"no summary.json and no write for {age / 3600:.1f} h"
+
+    if run_dir == root:  # pointed at one run folder
+        sweep = root.parent.name
+    elif run_dir.parent == root:  # pointed at a sweep folder
+        sweep = root.name
+    else:
+        sweep = str(run_dir.parent.relative_to(root))
+    row: dict[str, Any] = {
+        "run_id": str(config.get("run_id") or summary.get("run_id") or run_dir.name),
+        "sweep": sweep,
+        "status": status,
+        "reason": reason or None,  # the trainer writes "" for a run that had nothing to report
+        "run_dir": str(run_dir),
+    }
+    flat = flatten(config)
+    flat.pop("run_id", None)
+    row.update(flat)
+    for key, value in summary.items():
+        if key in ("run_id", "status", "reason") or (key in flat and flat[key] == value):
+            continue  # the summary repeats some config fields (name, task)
+        row[f"summary.{key}" if key in flat else key] = value
+    if "step" not in summary and metrics_path.exists():
+        last = read_last_row(metrics_path)
+        row["step"] = last.get("step") if last else None
+    return row, list(flat), []
+
+
+def _report(problems: list[LoadProblem], root: Path, what: str) -> None:
+    if not problems:
+        return
+    skipped = sorted({p.run_dir for p in problems if p.skipped})
+    repaired = sorted({p.run_dir for p in problems if not p.skipped} - set(skipped))
+    first = "; ".join(f"{Path(p.run_dir).name}/{p.file}: {p.reason}" for p in problems[:3])
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    warnings.warn(
+        f"{what} under {root}: skipped {len(skipped)} run folder(s) or file(s), repaired {len(repaired)}: "
+        f"{first}{more}. Details in DataFrame.attrs['problems'].",
+        LoadWarning,
+        stacklevel=3,
+    )
+
+
+def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: bool = True) -> pd.DataFrame:
+    """One row per run folder under ``path``.
+
+    Columns: ``run_id``, ``sweep``, ``status`` (done/failed/running/incomplete), ``reason``,
+    ``run_dir``, the config flattened to dotted names (``quantizer.diversity_gamma``) and the
+    summary's keys (``final_usage_fraction``, ...). A run without ``summary.json`` is
+    ``running`` if it wrote something in the last ``stale_after_s`` seconds, else ``incomplete``.
+    Unreadable folders are skipped and listed in ``attrs["problems"]`` (``LoadProblem`` s).
+    Two folders with the same run id hold the same config, so only the first is kept.
+    ``attrs["config_columns"]`` names the columns that came from ``config.json``.
+    """
+    root = Path(path)
+    run_dirs, problems = find_run_dirs(root)
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    config_columns: dict[str, None] = {}
+    for run_dir in run_dirs:
+        try:
+            row, keys, found = _run_row(run_dir, root, stale_after_s)
+        except OSError as err:  # e.g. moved away by `slurm.submit --force` while we read it
+            row, keys, found = None, [], [LoadProblem(str(run_dir), "", f"unreadable folder: {err}", True)]
+        problems.extend(found)
+        if row is None:
+            continue
+        if row["run_id"] in seen:
+            problems.append(
+                LoadProblem(str(run_dir), "config.json", f"duplicate run_id, kept {seen[row['run_id']]}", True)
+            )
+            continue
+        seen[row["run_id"]] = row["run_dir"]
+        config_columns.update(dict.fromkeys(keys))
+        rows.append(row)
+    runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir"])
+    runs.attrs["problems"] = tuple(problems)
+    # Which columns came from config.json, so that analysis can tell parameters from results.
+    runs.attrs["config_columns"] = tuple(config_columns)
+    if warn:
+        _report(problems, root, "load_runs")
+    return runs
+
+
+def _workers(misses: int, workers: int | None) -> int:
+    if workers is not None:
+        return max(1, workers)
+    # A pool costs ~0.5 s to start and pickles every table back: worth it for many files only.
+    return min(8, os.cpu_count() or 1) if misses >= POOL_MIN_FILES else 1
+
+
+def _per_run(
+    source: PathLike | pd.DataFrame,
+    filename: str,
+    kind: str,
+    build: Any,
+    cache: CacheArg,
+    warn: bool,
+    workers: int | None,
+) -> tuple[list[cols.Columns], list[str], list[LoadProblem], Path]:
+    """Each run's ``filename`` as columns (from the cache when unchanged), its run id, and problems.
+
+    Files not in the cache are parsed in a process pool when there are many: JSON parsing is
+    the whole cost of a cold load and it is CPU-bound.
+    """
+    runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
+    root = Path(source) if not isinstance(source, pd.DataFrame) else Path(os.path.commonpath(runs["run_dir"].tolist() or ["."]))
+    problems = list(runs.attrs.get("problems", ())) if not isinstance(source, pd.DataFrame) else []
+    cache_dir = resolve_cache(cache)
+    found: dict[int, tuple[Any, list[str]] | str] = {}
+    misses: list[tuple[int, Path]] = []
+    entries = [(str(rid), Path(rdir)) for rid, rdir in zip(runs["run_id"], runs["run_dir"], strict=True)]
+    for i, (_, run_dir) in enumerate(entries):
+        path = run_dir / filename
+        try:
+            hit = cache_lookup(path, kind, cache_dir)
+        except FileNotFoundError:
+            continue  # this run has no such file (yet)
+        if hit is None:
+            misses.append((i, path))
+        else:
+            found[i] = hit
+    n_workers = _workers(len(misses), workers)
+    if n_workers > 1:
+        with ProcessPoolExecutor(n_workers) as pool:
+            results = pool.map(parse_and_cache_safely, *zip(*[(p, kind, build, cache_dir) for _, p in misses], strict=True),
+                               chunksize=max(1, len(misses) // (4 * n_workers)))
+            found.update(zip([i for i, _ in misses], results, strict=True))
+    else:
+        found.update((i, parse_and_cache_safely(p, kind, build, cache_dir)) for i, p in misses)
+    tables, ids = [], []
+    for i in sorted(found):
+        run_id, run_dir = entries[i]
+        result = found[i]
+        if isinstance(result, str):
+            problems.append(LoadProblem(str(run_dir), filename, result, True))
+            continue
+        table, notes = result
+        problems.extend(LoadProblem(str(run_dir), filename, note, False) for note in notes)
+        tables.append(table)
+        ids.append(run_id)
+    return tables, ids, problems, root
+
+
+def load_metrics(
+    source: PathLike | pd.DataFrame,
+    *,
+    kinds: Iterable[str] | None = None,
+    cache: CacheArg = True,
+    workers: int | None = None,
+    warn: bool = True,
+) -> pd.DataFrame:
+    """Every ``metrics.jsonl`` row of every run: ``run_id``, ``step``, ``kind``, ``layer``,
+    ``codebook``, ``mode``, then metric columns (NaN where a row kind lacks the metric).
+
+    ``source``: a results folder, or a runs frame from :func:`load_runs` (only its runs are
+    read). ``kinds``: keep only these row kinds (``"quantizer"``, ``"train"``, ``"val"``).
+    ``cache``: True (default folder, see ``LFQ_ANALYSIS_CACHE``), False, or a folder.
+    ``workers``: processes parsing uncached files (default: up to 8 when 64 or more miss).
+    """
+    parts, ids, problems, root = _per_run(source, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
+    if kinds is not None:
+        wanted = list(kinds)
+        parts = [cols.keep_rows(p, "kind", wanted) for p in parts]
+    metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
+    metrics.attrs["problems"] = tuple(problems)
+    if warn:
+        _report([p for p in problems if p.file == "metrics.jsonl"], root, "load_metrics")
+    return metrics
+
+
+def load_histograms(
+    source: PathLike | pd.DataFrame, *, cache: CacheArg = True, workers: int | None = None, warn: bool = True
+) -> pd.DataFrame:
+    """Code histogram snapshots, one row per (run, snapshot, code):
+    ``run_id``, ``step``, ``layer``, ``codebook``, ``mode``, ``codebook_size``, ``code``, ``count``.
+    Counts are those since the previous snapshot of the same run (as written)."""
+    parts, ids, problems, root = _per_run(source, "histograms.jsonl", "histograms", cols.histogram_columns, cache, warn, workers)
+    lead = (*cols.HISTOGRAM_META, "code", "count")
+    hist = cols.concat(parts, ids, lead) if parts else pd.DataFrame(columns=["run_id", *lead])
+    hist.attrs["problems"] = tuple(problems)
+    if warn:
+        _report([p for p in problems if p.file == "histograms.jsonl"], root, "load_histograms")
+    return hist

@@ -1,0 +1,246 @@
+"""Every figure the results support, as PNG and SVG, plus ``report.md`` with the summary tables.
+
+    python -m analysis.report results/gamma_frac              # -> results/gamma_frac/report/
+    python -m analysis.report results/gamma_frac --out /tmp/r
+
+Works on a sweep that is still running: it reports what exists so far (grid figures use the
+finished runs; training curves include the running ones). The report folder is built beside
+its target and swapped in, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.aggregate import grid_summary, parameters
+from analysis.jsonl import LoadProblem
+from analysis.load import STATUSES, load_histograms, load_metrics, load_runs
+from analysis.plots import (
+    layers,
+    rank_frequency,
+    reconstruction_vs_usage,
+    training_curves,
+    usage_heatmap,
+    usage_vs_gamma,
+)
+from analysis.style import DPI, NoData, label
+
+RUN_METRICS = (
+    "final_usage_fraction", "final_perplexity", "final_codes_used", "final_dead_codes",
+    "final_val_mse", "final_val_psnr", "best_val_psnr", "final_train_loss", "wall_time_s",
+)
+GRID_METRICS = ("final_usage_fraction", "final_perplexity", "final_val_mse", "final_val_psnr")
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str  # file stem
+    title: str
+    caption: str  # what a reader sees
+    draw: Callable[[], Figure | None]
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        # Whole numbers (steps, code counts) in full: 4 significant digits would turn 12000 into 1.2e+04.
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (pandas' ``to_markdown`` needs ``tabulate``)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def status_table(runs: pd.DataFrame) -> pd.DataFrame:
+    counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
+    rows = [(s, int(counts.get(s, 0))) for s in STATUSES] + [("total", len(runs))]
+    return pd.DataFrame(rows, columns=["status", "runs"])
+
+
+def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid point: its parameters, runs done of all, and mean ± std over seeds."""
+    by = parameters(runs)
+    keys = by or ["sweep"]
+    table = runs.groupby(keys, dropna=False, sort=True).agg(
+        runs=("run_id", "size"), done=("status", lambda s: int((s == "done").sum()))
+    ).reset_index()
+    for metric in GRID_METRICS:
+        if metric not in runs or not runs.loc[runs["status"] == "done", metric].notna().any():
+            continue
+        stats = grid_summary(runs, metric, by=keys).set_index(keys)
+        cells = [
+            f"{m:.4g} ± {s:.2g}" if pd.notna(s) else (f"{m:.4g}" if pd.notna(m) else "")
+            for m, s in zip(stats["mean"], stats["std"], strict=True)
+        ]
+        table = table.merge(pd.DataFrame({label(metric): cells}, index=stats.index).reset_index(), on=keys, how="left")
+    return table
+
+
+def run_table(runs: pd.DataFrame) -> pd.DataFrame:
+    columns = ["run_id", "sweep", "status", "step", *parameters(runs), "seed"]
+    columns += [m for m in RUN_METRICS if m in runs] + ["reason"]
+    table = runs[[c for c in columns if c in runs]].copy()
+    if "schedule.steps" in runs and "step" in table:
+        table["step"] = [f"{_fmt(s)}/{_fmt(t)}" for s, t in zip(runs["step"], runs["schedule.steps"], strict=True)]
+    return table.sort_values([c for c in ("sweep", *parameters(runs), "seed") if c in table])
+
+
+def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[Plot]:
+    """The figures of a report, in reading order."""
+    plots = [
+        Plot("usage_heatmap", "Final codebook usage over diversity_gamma x frac_per_sample_entropy",
+             "Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
+             "codebook used in the last usage window), annotated mean ± sample std and the number of seeds. "
+             "Brighter cells use more of the codebook.",
+             lambda: usage_heatmap(runs, strict=True)),
+        Plot("usage_vs_gamma", "Usage and perplexity against diversity_gamma",
+             "One line per frac_per_sample_entropy: the mean over seeds, with a min-max band over seeds. "
+             "The dashed line in the perplexity panel is the codebook size (every code used equally often).",
+             lambda: usage_vs_gamma(runs, strict=True)),
+    ]
+    for layer in layers(metrics) or [None]:
+        stem = "training_curves" if len(layers(metrics)) <= 1 else f"training_curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer or '')}"
+        plots.append(Plot(
+            stem, f"Training dynamics{f' of layer `{layer}`' if layer else ''}",
+            "Per-sample entropy (low = confident assignments), batch entropy (high = codes spread over the "
+            "codebook; its ceiling ln K is in the panel title), commitment loss and usage fraction per training step; one line "
+            "per grid point (mean over seeds, min-max band). Running runs are included up to their last step.",
+            lambda layer=layer: training_curves(metrics, runs, layer=layer, strict=True)))
+    plots += [
+        Plot("rank_frequency", "Code rank-frequency",
+             "Codes sorted from most to least used in the last histogram snapshot, with their share of the "
+             "assignments, log-log. A flat line at 1/K (dashed) is a uniformly used codebook; a steep drop means "
+             "a few codes take most tokens; where a line ends, the remaining codes were unused.",
+             lambda: rank_frequency(hist, runs, strict=True)),
+        Plot("reconstruction_vs_usage", "Reconstruction against utilization",
+             "One point per finished run: final validation MSE and PSNR against final usage fraction. "
+             "Colour and marker are the grid point.",
+             lambda: reconstruction_vs_usage(runs, strict=True)),
+    ]
+    return plots
+
+
+def _save(fig: Figure, folder: Path, stem: str) -> None:
+    fig.savefig(folder / f"{stem}.png", dpi=DPI)
+    # The layout is settled by the first save; redoing it for the SVG would double the time.
+    fig.set_layout_engine("none")
+    fig.savefig(folder / f"{stem}.svg")
+
+
+def _problems_table(problems: Sequence[LoadProblem], root: Path) -> pd.DataFrame:
+    rows = [(os.path.relpath(p.run_dir, root), p.file, "skipped" if p.skipped else "repaired", p.reason)
+            for p in problems]
+    return pd.DataFrame(rows, columns=["folder", "file", "action", "problem"])
+
+
+def render(results: Path, folder: Path, *, cache: bool | str = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """Write the figures and ``report.md`` of ``results`` into ``folder``; returns the figure
+    names written and the (name, reason) of those skipped."""
+    runs = load_runs(results, warn=False)
+    metrics = load_metrics(runs, cache=cache, warn=False)
+    hist = load_histograms(runs, cache=cache, warn=False)
+    problems = [*runs.attrs.get("problems", ()), *metrics.attrs.get("problems", ()), *hist.attrs.get("problems", ())]
+    written, skipped, sections = [], [], []
+    for item in plan(runs, metrics, hist):
+        try:
+            fig = item.draw() if len(runs) else None
+            if fig is None:
+                raise NoData("no runs")
+        except NoData as err:
+            skipped.append((item.name, str(err)))
+            continue
+        _save(fig, folder, item.name)
+        written.append(item.name)
+        sections.append(f"### {item.title}\n\n{item.caption}\n\n![{item.title}]({item.name}.png)\n\n"
+                        f"[SVG]({item.name}.svg)\n")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        f"# Utilization report: {results.name}\n",
+        f"Results folder `{results}`, read {stamp}. Grid statistics use finished (`done`) runs; "
+        "std is the sample standard deviation over seeds; bands are min-max over seeds.\n",
+        "## Runs by status\n", markdown_table(status_table(runs)) + "\n",
+    ]
+    if len(runs):
+        parts += ["## Grid points\n", markdown_table(grid_table(runs)) + "\n"]
+    parts += ["## Figures\n", *(sections or ["No figure could be drawn yet.\n"])]
+    if skipped:
+        parts += ["## Figures skipped\n", *(f"- `{name}`: {reason}" for name, reason in skipped), ""]
+    if len(runs):
+        parts += ["## Runs\n", markdown_table(run_table(runs)) + "\n"]
+    if problems:
+        parts += ["## Run folders with problems\n", markdown_table(_problems_table(problems, results)) + "\n"]
+    (folder / "report.md").write_text("\n".join(parts), encoding="utf-8")
+    if len(runs):
+        run_table(runs).to_csv(folder / "runs.csv", index=False)
+    return written, skipped
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp`` with two renames, so ``out`` is always a whole report."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                 cache: bool | str = True) -> Path:
+    """Write the report of ``results`` into ``out`` (default ``results/report``); returns ``out``."""
+    results = Path(results).resolve()
+    if not results.is_dir():
+        raise FileNotFoundError(f"results folder {results} does not exist")
+    out = Path(out).resolve() if out is not None else results / "report"
+    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
+        raise FileExistsError(f"{out} exists and is not a report folder (no report.md); refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden, so that a load of the results folder never mistakes it for anything.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        render(results, tmp, cache=cache)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a report is meant to be read
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a sweep folder (or any folder of run folders)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS/report)")
+    parser.add_argument("--no-cache", action="store_true", help="parse every metrics file again")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.results, args.out, cache=not args.no_cache)
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    figures = sorted(p.stem for p in out.glob("*.png"))
+    print(f"wrote {out / 'report.md'} and {len(figures)} figure(s) as PNG and SVG: {', '.join(figures) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Synthetic run folders in the layout of docs/ARCHITECTURE.md, written by the tests themselves.
+
+(A uniquely named module rather than conftest.py, so test files can import it.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def write_run(
+    root: Path,
+    run_id: str,
+    *,
+    gamma: float = 1.0,
+    frac: float = 1.0,
+    seed: int = 0,
+    steps: int = 5,
+    status: str | None = "done",
+    final_usage: float = 0.5,
+    layers: tuple[str, ...] = ("quantizer",),
+    histograms: bool = True,
+    codebook_size: int = 16,
+) -> Path:
+    """A run folder with ``steps`` logged steps. ``status=None``: still running (no summary)."""
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True)
+    config = {
+        "name": "synthetic",
+        "task": "synthetic",
+        "seed": seed,
+        "scale": "smoke",
+        "model": {"hidden": [32, 32]},
+        "quantizer": {
+            "kind": "lfq",
+            "codebook_size": codebook_size,
+            "num_codebooks": 1,
+            "diversity_gamma": gamma,
+            "frac_per_sample_entropy": frac,
+        },
+        "schedule": {"steps": steps, "val_every": 2},
+        "run_id": run_id,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    rows: list[dict[str, Any]] = []
+    for step in range(steps):
+        usage = final_usage * (step + 1) / steps
+        for layer in layers:
+            rows.append({
+                "step": step, "kind": "quantizer", "layer": layer, "codebook": 0, "mode": "train",
+                "codebook_size": codebook_size, "per_sample_entropy": 1.0 / (step + 1),
+                "batch_entropy": math.log(codebook_size) * usage, "commitment": 0.1 / (step + 1),
+                "aux_loss": 0.01, "codes_used": round(usage * codebook_size), "perplexity": usage * codebook_size,
+                "usage_fraction": usage, "dead_codes": codebook_size - round(usage * codebook_size),
+                "bit_balance_mad": float("nan"),
+            })
+        rows.append({"step": step, "kind": "train", "loss": 1.0 / (step + 1), "recon_loss": 0.9 / (step + 1),
+                     "aux_loss": 0.01, "lr": 1e-3})
+        if step % 2 == 0:
+            rows.append({"step": step, "kind": "val", "val_mse": 0.1 / (step + 1), "val_psnr": 10.0 + step})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if histograms:
+        snaps = []
+        for step in (steps // 2, steps - 1):
+            for layer in layers:
+                used = max(1, round(final_usage * codebook_size))
+                snaps.append({"step": step, "layer": layer, "codebook": 0, "codebook_size": codebook_size,
+                              "codes": list(range(used)), "counts": [2 ** (used - i) for i in range(used)]})
+        (run_dir / "histograms.jsonl").write_text("".join(json.dumps(s) + "\n" for s in snaps))
+    if status is not None:
+        summary = {"run_id": run_id, "status": status, "reason": None if status == "done" else "loss is nan",
+                   "step": steps, "wall_time_s": 1.5, "final_val_mse": 0.1 / steps, "final_val_psnr": 10.0 + steps,
+                   "best_val_mse": 0.1 / steps, "best_val_psnr": 10.0 + steps,
+                   "final_usage_fraction": final_usage, "final_perplexity": final_usage * codebook_size,
+                   "final_codes_used": round(final_usage * codebook_size),
+                   "final_dead_codes": codebook_size - round(final_usage * codebook_size),
+                   "final_train_loss": 1.0 / steps}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        if status == "done":
+            (run_dir / "DONE").write_text("")
+    return run_dir
+
+
+# A 2 x 2 grid with two seeds each; final usage = gamma * frac / 2 + seed / 10 (hand-checkable).
+GAMMAS = (0.5, 1.0)
+FRACS = (0.5, 1.0)
+SEEDS = (0, 1)
+
+
+def grid_usage(gamma: float, frac: float, seed: int) -> float:
+    return gamma * frac / 2 + seed / 10
+
+
+
+
+def make_grid_sweep(parent: Path) -> Path:
+    """The GAMMAS x FRACS x SEEDS sweep ``parent/results/gamma_frac`` of finished runs."""
+    sweep = parent / "results" / "gamma_frac"
+    for gamma in GAMMAS:
+        for frac in FRACS:
+            for seed in SEEDS:
+                write_run(sweep, f"g{gamma}-f{frac}-s{seed}", gamma=gamma, frac=frac, seed=seed,
+                          final_usage=grid_usage(gamma, frac, seed))
+    return sweep

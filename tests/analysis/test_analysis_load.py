@@ -1,0 +1,201 @@
+"""Run folders -> DataFrames: row counts, columns, and damaged folders reported, never fatal."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
+
+import analysis
+from analysis.jsonl import parse_jsonl
+
+STEPS = 5  # write_run's default: per step 1 quantizer row per layer + 1 train row, val on even steps
+ROWS_PER_RUN = STEPS * 2 + 3
+
+
+def test_load_runs_one_row_per_run_with_flattened_config_and_summary(grid_sweep: Path) -> None:
+    runs = analysis.load_runs(grid_sweep)
+    assert len(runs) == len(GAMMAS) * len(FRACS) * len(SEEDS)
+    assert set(runs["status"]) == {"done"}
+    assert set(runs["sweep"]) == {"gamma_frac"}
+    assert sorted(runs["quantizer.diversity_gamma"].unique()) == list(GAMMAS)
+    assert runs["model.hidden"].iloc[0] == (32, 32)  # lists become tuples, so they can be grouped on
+    assert "final_usage_fraction" in runs and runs["final_usage_fraction"].notna().all()
+    assert "quantizer.diversity_gamma" in runs.attrs["config_columns"]
+    assert "final_usage_fraction" not in runs.attrs["config_columns"]
+    assert runs.attrs["problems"] == ()
+    # Loading the parent of the sweep names the sweep by its folder.
+    assert set(analysis.load_runs(grid_sweep.parent)["sweep"]) == {"gamma_frac"}
+
+
+def test_statuses_running_failed_incomplete(tmp_path: Path) -> None:
+    write_run(tmp_path, "done")
+    write_run(tmp_path, "failed", status="failed")
+    write_run(tmp_path, "running", status=None, steps=4)
+    stale = write_run(tmp_path, "stale", status=None)
+    old = time.time() - 3 * 3600
+    for f in stale.iterdir():
+        os.utime(f, (old, old))
+    no_marker = write_run(tmp_path, "no_marker")
+    (no_marker / "DONE").unlink()
+
+    runs = analysis.load_runs(tmp_path).set_index("run_id")
+    assert runs.loc["done", "status"] == "done"
+    assert runs.loc["failed", "status"] == "failed"
+    assert runs.loc["failed", "reason"] == "loss is nan"
+    assert runs.loc["running", "status"] == "running"
+    assert runs.loc["running", "step"] == 3  # read from the last row of metrics.jsonl
+    assert runs.loc["stale", "status"] == "incomplete"
+    assert "no write for 3.0 h" in runs.loc["stale", "reason"]
+    assert runs.loc["no_marker", "status"] == "incomplete"
+
+
+def test_damaged_folders_are_reported_and_skipped(grid_sweep: Path) -> None:
+    bad_config = write_run(grid_sweep, "bad_config")
+    (bad_config / "config.json").write_text('{"name": "synthetic", "quant')
+    bad_summary = write_run(grid_sweep, "bad_summary")
+    (bad_summary / "summary.json").write_text("[1, 2]")
+    no_config = write_run(grid_sweep, "no_config")
+    (no_config / "config.json").unlink()
+
+    with pytest.warns(analysis.LoadWarning, match="skipped 3 run folder"):
+        runs = analysis.load_runs(grid_sweep)
+    assert len(runs) == 8
+    problems = {Path(p.run_dir).name: p for p in runs.attrs["problems"]}
+    assert set(problems) == {"bad_config", "bad_summary", "no_config"}
+    assert all(p.skipped for p in problems.values())
+    assert "unreadable config.json" in problems["bad_config"].reason
+    assert "expected a JSON object" in problems["bad_summary"].reason
+    assert problems["no_config"].reason.startswith("no config.json (has metrics.jsonl")
+
+
+def test_bookkeeping_folders_are_not_searched(grid_sweep: Path) -> None:
+    # slurm.submit --force moves superseded run folders to _sweep/trash/.
+    write_run(grid_sweep / "_sweep" / "trash", "g0.5-f0.5-s0-20260101", final_usage=0.99)
+    write_run(grid_sweep / ".cache", "hidden")
+    runs = analysis.load_runs(grid_sweep)
+    assert len(runs) == 8 and runs["final_usage_fraction"].max() < 0.99
+
+
+def test_duplicate_run_id_kept_once(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", "same")
+    write_run(tmp_path / "b", "same")
+    with pytest.warns(analysis.LoadWarning):
+        runs = analysis.load_runs(tmp_path)
+    assert len(runs) == 1 and runs["sweep"].iloc[0] == "a"
+    assert "duplicate run_id" in runs.attrs["problems"][0].reason
+
+
+def test_load_one_run_folder(grid_sweep: Path) -> None:
+    runs = analysis.load_runs(grid_sweep / "g0.5-f1.0-s1")
+    assert runs["run_id"].tolist() == ["g0.5-f1.0-s1"] and runs["sweep"].tolist() == ["gamma_frac"]
+    assert len(analysis.load_metrics(grid_sweep / "g0.5-f1.0-s1")) == ROWS_PER_RUN
+
+
+def test_empty_and_missing_folders(tmp_path: Path) -> None:
+    assert len(analysis.load_runs(tmp_path)) == 0
+    assert len(analysis.load_metrics(tmp_path)) == 0
+    assert len(analysis.load_histograms(tmp_path)) == 0
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        analysis.load_runs(tmp_path / "nowhere")
+
+
+def test_load_metrics_is_tidy(grid_sweep: Path) -> None:
+    metrics = analysis.load_metrics(grid_sweep)
+    assert len(metrics) == 8 * ROWS_PER_RUN
+    assert list(metrics.columns[:6]) == ["run_id", "step", "kind", "layer", "codebook", "mode"]
+    assert isinstance(metrics["run_id"].dtype, pd.CategoricalDtype)
+    assert metrics.groupby("run_id", observed=True).size().eq(ROWS_PER_RUN).all()
+    assert set(metrics["kind"].astype(str)) == {"quantizer", "train", "val"}
+    quantizer = metrics[metrics["kind"] == "quantizer"]
+    assert quantizer["usage_fraction"].notna().all() and quantizer["val_mse"].isna().all()
+    only = analysis.load_metrics(grid_sweep, kinds=["val"])
+    assert len(only) == 8 * 3 and set(only["kind"].astype(str)) == {"val"}
+
+
+def test_load_metrics_of_a_runs_subset(grid_sweep: Path) -> None:
+    runs = analysis.load_runs(grid_sweep)
+    subset = runs[runs["seed"] == 0]
+    metrics = analysis.load_metrics(subset)
+    assert set(metrics["run_id"].astype(str)) == set(subset["run_id"])
+
+
+def test_truncated_last_line_dropped_and_reported(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "killed", status=None)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "kind": "train", "lo')
+    with pytest.warns(analysis.LoadWarning, match="repaired 1"):
+        metrics = analysis.load_metrics(tmp_path)
+    assert len(metrics) == ROWS_PER_RUN
+    (problem,) = metrics.attrs["problems"]
+    assert not problem.skipped and "truncated last line" in problem.reason
+
+
+def test_bad_middle_line_dropped(tmp_path: Path) -> None:
+    # A resume appends after a killed writer's fragment, which leaves it mid-file.
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1, "ki{"step": 1}\n{"step": 2}\n')
+    rows, notes = parse_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 2]
+    assert notes == ["dropped 1 unparseable line(s): 2"]
+
+
+def test_nan_values_are_read_as_nan(tmp_path: Path) -> None:
+    write_run(tmp_path, "r")
+    metrics = analysis.load_metrics(tmp_path, kinds=["quantizer"])
+    assert metrics["bit_balance_mad"].isna().all()
+
+
+def test_cache_is_used_and_invalidated_by_a_change(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "results", "r")
+    cache = tmp_path / "my-cache"
+    first = analysis.load_metrics(tmp_path / "results", cache=cache)
+    entries = list(cache.glob("*.pkl"))
+    assert len(entries) == 1
+    # A cache hit does not parse: change the entry's columns and see the change come back.
+    table, notes = pd.read_pickle(entries[0])
+    table["loss"] = np.full(len(table["loss"]), -1.0)
+    pd.to_pickle((table, notes), entries[0])
+    assert (analysis.load_metrics(tmp_path / "results", cache=cache)["loss"] == -1.0).all()
+    # Appending changes size and mtime: parsed again, the stale entry replaced.
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 99, "kind": "val", "val_mse": 0.5}) + "\n")
+    again = analysis.load_metrics(tmp_path / "results", cache=cache)
+    assert len(again) == len(first) + 1 and again["step"].max() == 99
+    assert len(list(cache.glob("*.pkl"))) == 1
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    write_run(tmp_path / "results", "r")
+    cache = tmp_path / "cache2"
+    first = analysis.load_metrics(tmp_path / "results", cache=cache)
+    (entry,) = cache.glob("*.pkl")
+    entry.write_bytes(b"not a pickle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = analysis.load_metrics(tmp_path / "results", cache=cache)
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_load_histograms_one_row_per_code(grid_sweep: Path) -> None:
+    hist = analysis.load_histograms(grid_sweep)
+    runs = analysis.load_runs(grid_sweep)
+    # write_run: two snapshots per run, each with round(usage * 16) codes (at least 1).
+    expected = sum(2 * max(1, round(u * 16)) for u in runs["final_usage_fraction"])
+    assert len(hist) == expected
+    assert list(hist.columns) == ["run_id", "step", "layer", "codebook", "mode", "codebook_size", "code", "count"]
+    assert (hist["codebook_size"] == 16).all()
+
+
+def test_process_pool_gives_the_same_frame(grid_sweep: Path, tmp_path: Path) -> None:
+    serial = analysis.load_metrics(grid_sweep, cache=False, workers=1)
+    pooled = analysis.load_metrics(grid_sweep, cache=tmp_path / "pool-cache", workers=2)
+    pd.testing.assert_frame_equal(serial, pooled)
+    assert len(list((tmp_path / "pool-cache").glob("*.pkl"))) == 8  # the workers filled the cache

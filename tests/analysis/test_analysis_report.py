@@ -1,0 +1,108 @@
+"""python -m analysis.report: every supported figure, report.md tables, running sweeps, atomic swap."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from analysis_fixtures import make_grid_sweep, write_run
+
+from analysis.report import main, write_report
+
+FIGURES = ("usage_heatmap", "usage_vs_gamma", "training_curves", "rank_frequency", "reconstruction_vs_usage")
+
+
+def _table(markdown: str, heading: str) -> list[list[str]]:
+    """The body rows of the markdown table under ``## heading``."""
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+@pytest.fixture(scope="module")
+def grid_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One report of the 2 x 2 x 2 seeds grid, shared: drawing it takes seconds."""
+    sweep = make_grid_sweep(tmp_path_factory.mktemp("grid"))
+    return sweep, write_report(sweep, cache=False)
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path: Path) -> Path:
+    write_run(tmp_path / "tiny", "only", histograms=False)
+    return tmp_path / "tiny"
+
+
+def test_report_writes_every_figure_and_the_tables(grid_report: tuple[Path, Path]) -> None:
+    grid_sweep, out = grid_report
+    assert out == grid_sweep.resolve() / "report"
+    for stem in FIGURES:
+        assert (out / f"{stem}.png").stat().st_size > 10_000
+        assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    text = (out / "report.md").read_text()
+    status = dict(_table(text, "Runs by status"))
+    assert status == {"done": "8", "failed": "0", "running": "0", "incomplete": "0", "total": "8"}
+    grid = _table(text, "Grid points")
+    assert len(grid) == 4  # 2 gammas x 2 fracs
+    assert all("±" in row[4] for row in grid)  # mean ± std of final usage over 2 seeds
+    assert len(_table(text, "Runs")) == 8
+    for stem in FIGURES:
+        assert f"]({stem}.png)" in text
+    assert "Figures skipped" not in text and (out / "runs.csv").exists()
+
+
+def test_report_on_a_running_sweep_with_a_damaged_folder(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "done1", gamma=0.5, histograms=False)
+    write_run(sweep, "done2", gamma=1.0, histograms=False)
+    write_run(sweep, "running", gamma=2.0, status=None, steps=3, histograms=False)
+    with (sweep / "running" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "kind": "quan')  # mid-append
+    broken = write_run(sweep, "broken")
+    (broken / "config.json").write_text("{")
+
+    out = write_report(sweep, tmp_path / "out")
+    text = (out / "report.md").read_text()
+    assert dict(_table(text, "Runs by status"))["running"] == "1"
+    runs = {row[0]: row for row in _table(text, "Runs")}
+    assert runs["running"][2] == "running" and runs["running"][3] == "2/3"
+    problems = _table(text, "Run folders with problems")
+    assert ["broken", "config.json", "skipped"] == problems[0][:3]
+    assert any(row[:3] == ["running", "metrics.jsonl", "repaired"] for row in problems)
+    skipped = text.split("## Figures skipped\n", 1)[1]
+    assert re.search(r"`rank_frequency`: no histogram snapshots", skipped)
+    assert (out / "training_curves.png").exists() and (out / "usage_vs_gamma.png").exists()
+    assert not (out / "rank_frequency.png").exists()
+
+
+def test_report_replaces_the_previous_one_whole(tiny_sweep: Path) -> None:
+    out = write_report(tiny_sweep)
+    (out / "stale.png").write_text("from an older report")
+    write_report(tiny_sweep)
+    assert not (out / "stale.png").exists() and (out / "report.md").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]  # no temp folders left
+
+
+def test_report_refuses_to_replace_a_folder_that_is_not_a_report(tiny_sweep: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("...")
+    with pytest.raises(FileExistsError, match="not a report folder"):
+        write_report(tiny_sweep, precious)
+    assert (precious / "thesis.tex").exists()
+
+
+def test_cli_prints_where_it_wrote(tiny_sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tiny_sweep), "--out", str(tiny_sweep / "r")]) == 0
+    printed = capsys.readouterr().out
+    # One run without histograms: everything but the rank-frequency plot.
+    assert str(tiny_sweep.resolve() / "r" / "report.md") in printed and "4 figure(s)" in printed
+    assert main([str(tiny_sweep / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_of_an_empty_folder(tmp_path: Path) -> None:
+    out = write_report(tmp_path)
+    text = (out / "report.md").read_text()
+    assert dict(_table(text, "Runs by status"))["total"] == "0"
+    assert "No figure could be drawn yet." in text
