@@ -1,0 +1,175 @@
+"""The quantizer bottleneck of every task, chosen by ``config.quantizer.kind``.
+
+``lfq``: :class:`lfq.LFQ`. ``vq`` and ``fsq`` are the baselines the ablations compare it with.
+Both follow the protocol :mod:`lfq.monitor` watches, so code usage is measured the same way for
+all three: attributes ``dim``, ``codebook_size``, ``num_codebooks``, ``keep_num_codebooks_dim`` and
+``last_stats`` (``lfq.CodebookStats`` of per-codebook detached tensors after a training forward,
+``None`` in eval), and a forward ``(x, inv_temperature=...)`` returning ``lfq.Return``. Inputs are
+``(b, n, dim)`` tokens or channel-first ``(b, dim, *spatial)`` feature maps, as for LFQ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import pack, rearrange, unpack
+from torch import Tensor, nn
+
+from experiments.config import QuantizerConfig
+from lfq import LFQ, CodebookStats, Return
+
+
+def build_quantizer(cfg: QuantizerConfig, latent_dim: int | None = None) -> nn.Module:
+    """The quantizer of ``cfg``; ``latent_dim`` (None = its natural size) is its input channels."""
+    if cfg.kind == "lfq":
+        return LFQ(
+            dim=latent_dim,
+            codebook_size=cfg.codebook_size,
+            num_codebooks=cfg.num_codebooks,
+            keep_num_codebooks_dim=cfg.num_codebooks > 1,
+            entropy_loss_weight=cfg.entropy_loss_weight,
+            commitment_loss_weight=cfg.commitment_loss_weight,
+            diversity_gamma=cfg.diversity_gamma,
+            frac_per_sample_entropy=cfg.frac_per_sample_entropy,
+            codebook_scale=cfg.codebook_scale,
+            entropy_mode=cfg.entropy_mode,
+        )
+    if cfg.kind == "vq":
+        return VectorQuantizer(
+            dim=latent_dim,
+            codebook_size=cfg.codebook_size,
+            code_dim=cfg.vq_code_dim or math.ceil(math.log2(cfg.codebook_size)),
+            num_codebooks=cfg.num_codebooks,
+            commitment_loss_weight=cfg.commitment_loss_weight,
+            codebook_loss_weight=cfg.codebook_loss_weight,
+        )
+    if cfg.kind == "fsq":
+        return FSQ(dim=latent_dim, levels=cfg.resolved_fsq_levels(), num_codebooks=cfg.num_codebooks)
+    raise ValueError(f"quantizer.kind={cfg.kind!r} is unknown: expected lfq, vq or fsq")
+
+
+class _TokenQuantizer(nn.Module):
+    """Shared plumbing: optional projections, channel-first inputs, codebook axis of the indices."""
+
+    def __init__(self, *, dim: int | None, codebook_dims: int, num_codebooks: int):
+        super().__init__()
+        self.dim = dim if dim is not None else codebook_dims
+        self.num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = num_codebooks > 1
+        projected = self.dim != codebook_dims
+        self.project_in = nn.Linear(self.dim, codebook_dims) if projected else nn.Identity()
+        self.project_out = nn.Linear(codebook_dims, self.dim) if projected else nn.Identity()
+        self.last_stats: CodebookStats | None = None
+
+    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z: (b, n, c, d) -> quantized (b, n, c, d), indices (b, n, c), aux loss (scalar)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, inv_temperature: float | None = None) -> Return:
+        # inv_temperature is LFQ's; accepted so that the tasks call every quantizer alike.
+        channel_first = x.ndim >= 4
+        if channel_first:
+            x = rearrange(x, "b d ... -> b ... d")
+            x, ps = pack([x], "b * d")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected (batch, tokens, {self.dim}) or (batch, {self.dim}, *spatial), "
+                             f"got {tuple(x.shape)}")
+        z = rearrange(self.project_in(x), "b n (c d) -> b n c d", c=self.num_codebooks)
+        quantized, indices, aux_loss = self.quantize_tokens(z)
+        out = self.project_out(rearrange(quantized, "b n c d -> b n (c d)"))
+        if channel_first:
+            out = rearrange(unpack(out, ps, "b * d")[0], "b ... d -> b d ...")
+            indices = unpack(indices, ps, "b * c")[0]
+        if not self.keep_num_codebooks_dim:
+            indices = indices[..., 0]
+        return Return(out, indices, aux_loss)
+
+
+class VectorQuantizer(_TokenQuantizer):
+    """Nearest-neighbour vector quantization with a learned codebook (VQ-VAE, arXiv 1711.00937).
+
+    loss = codebook_loss_weight * ||sg(z) - e||^2 + commitment_loss_weight * ||z - sg(e)||^2,
+    gradients pass the quantizer straight through. No EMA updates, k-means init or dead-code
+    restarts: this is the plain baseline whose codebook collapse LFQ is meant to avoid.
+    """
+
+    def __init__(self, *, dim: int | None = None, codebook_size: int, code_dim: int, num_codebooks: int = 1,
+                 commitment_loss_weight: float = 0.25, codebook_loss_weight: float = 1.0):
+        super().__init__(dim=dim, codebook_dims=code_dim * num_codebooks, num_codebooks=num_codebooks)
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.commitment_loss_weight = commitment_loss_weight
+        self.codebook_loss_weight = codebook_loss_weight
+        # The VQ-VAE reference initialisation, U(-1/K, 1/K).
+        bound = 1.0 / codebook_size
+        self.codebook = nn.Parameter(torch.empty(num_codebooks, codebook_size, code_dim).uniform_(-bound, bound))
+
+    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        distance = (
+            z.pow(2).sum(-1, keepdim=True)
+            - 2 * torch.einsum("b n c d, c k d -> b n c k", z, self.codebook)
+            + self.codebook.pow(2).sum(-1)[None, None]
+        )
+        indices = distance.argmin(dim=-1)  # (b, n, c)
+        codes = torch.stack([self.codebook[c][indices[..., c]] for c in range(self.num_codebooks)], dim=2)
+        quantized = z + (codes - z).detach()
+        if not self.training:
+            self.last_stats = None
+            return quantized, indices, z.new_zeros(())
+        commit = (z - codes.detach()).pow(2).mean(dim=(0, 1, 3))  # (c,)
+        codebook = (z.detach() - codes).pow(2).mean(dim=(0, 1, 3))
+        aux_by_codebook = self.commitment_loss_weight * commit + self.codebook_loss_weight * codebook
+        self.last_stats = CodebookStats(
+            per_sample_entropy=None, batch_entropy=None, commitment=commit.detach(), aux_loss=aux_by_codebook.detach()
+        )
+        return quantized, indices, aux_by_codebook.mean()
+
+
+class FSQ(_TokenQuantizer):
+    """Finite Scalar Quantization (Mentzer et al., arXiv 2309.15505).
+
+    Channel i is bounded by a shifted tanh to ``levels[i]`` values, rounded (straight-through)
+    and scaled to [-1, 1]. A code's index is its digits in mixed radix ``levels``, first channel
+    least significant, as in the paper's code. There is no auxiliary loss;
+    ``last_stats.commitment`` reports the rounding error, for comparison with the others.
+    """
+
+    def __init__(self, *, dim: int | None = None, levels: tuple[int, ...], num_codebooks: int = 1, eps: float = 1e-3):
+        super().__init__(dim=dim, codebook_dims=len(levels) * num_codebooks, num_codebooks=num_codebooks)
+        self.levels = tuple(levels)
+        self.codebook_size = math.prod(self.levels)
+        self.eps = eps
+        levels_t = torch.tensor(self.levels, dtype=torch.float32)
+        self.register_buffer("_levels", levels_t, persistent=False)
+        self.register_buffer("_basis", torch.cumprod(torch.tensor([1, *self.levels[:-1]]), 0), persistent=False)
+
+    def bound(self, z: Tensor) -> Tensor:
+        half_l = (self._levels - 1) * (1 + self.eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)  # even levels sit between integers
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        bounded = self.bound(z)
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half_width = self._levels // 2
+        quantized = rounded / half_width
+        digits = (rounded.detach() + half_width).long()
+        indices = (digits * self._basis).sum(dim=-1)
+        if self.training:
+            error = ((bounded - bounded.round()) / half_width).pow(2).mean(dim=(0, 1, 3)).detach()
+            self.last_stats = CodebookStats(
+                per_sample_entropy=None, batch_entropy=None, commitment=error, aux_loss=torch.zeros_like(error)
+            )
+        else:
+            self.last_stats = None
+        return quantized, indices, z.new_zeros(())
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(..., c) or (...) indices -> (..., c * len(levels)) codes in [-1, 1], before project_out."""
+        if not self.keep_num_codebooks_dim:
+            indices = indices[..., None]
+        digits = (indices[..., None] // self._basis) % self._levels.long()
+        codes = (digits - self._levels // 2) / (self._levels // 2)
+        return rearrange(codes, "... c d -> ... (c d)")

@@ -1,0 +1,292 @@
+"""Train one config in its run folder; resume from the folder's checkpoint; never re-run a DONE folder.
+
+    python -m experiments.train experiments/configs/synthetic.yaml quantizer.diversity_gamma=2 scale=smoke
+
+A run is a pure function of its (resolved) config: the same config and seed give the same
+metrics, and a run killed at any point and started again ends with the same summary as one
+that was never interrupted (only ``wall_time_s`` differs). The loop below is shared by every
+task; a task (``experiments/tasks/``) only builds the dataset and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from experiments.config import Config, ConfigError, load_config
+from experiments.run_dir import RunDir, truncate_jsonl
+from experiments.tasks import get_task
+from lfq.monitor import JsonlSink, LFQMonitor
+
+VAL_BATCH = 512
+PSNR_PEAK = 1.0  # every task's data lies in [0, 1]
+USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
+              "batch_entropy", "bit_balance_mad")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warmup to ``optim.lr``, then cosine decay to ``optim.min_lr`` at the last step."""
+    o, steps = config.optim, config.schedule.steps
+    if step <= o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    squared_error = 0.0
+    for i in range(0, len(val), VAL_BATCH):
+        batch = val[i:i + VAL_BATCH]
+        squared_error += F.mse_loss(model(batch).recon, batch, reduction="sum").item()
+    model.train()
+    mse = squared_error / val.numel()
+    psnr = 10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else math.inf
+    return {"val_mse": mse, "val_psnr": psnr}
+
+
+def _mean_usage(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean over layers and codebooks of the latest training-mode monitor rows."""
+    out: dict[str, float | None] = {}
+    for key in USAGE_KEYS:
+        values = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _summary(run_id: str, config: Config, progress: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    last_val, last_train = progress["last_val"] or {}, progress["last_train"] or {}
+    summary = {
+        "run_id": run_id, "name": config.name, "task": config.task, "status": status, "reason": reason,
+        "step": progress["step"], "steps": config.schedule.steps, "wall_time_s": round(progress["wall_time_s"], 3),
+        "final_val_mse": last_val.get("val_mse"), "final_val_psnr": last_val.get("val_psnr"),
+        "best_val_mse": progress["best_val_mse"], "best_val_psnr": progress["best_val_psnr"],
+        "best_val_step": progress["best_val_step"],
+        "final_train_loss": last_train.get("loss"), "final_recon_loss": last_train.get("recon_loss"),
+        "final_aux_loss": last_train.get("aux_loss"),
+    }
+    summary.update({f"final_{k}": v for k, v in _mean_usage(progress["last_quantizer"]).items()})
+    return summary
+
+
+def _progress_printer(config: Config, run_id: str, start: int) -> Callable[[int, float, float], None]:
+    """tqdm on a terminal; otherwise a plain line every ``logging.print_every`` steps (batch logs)."""
+    steps = config.schedule.steps
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=run_id, dynamic_ncols=True)
+
+        def show(step: int, loss: float, lr: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", refresh=False)
+            if step == steps:
+                bar.close()
+
+        return show
+    t0 = time.perf_counter()
+
+    def show(step: int, loss: float, lr: float) -> None:
+        if step % config.logging.print_every == 0 or step == steps:
+            rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+            print(f"[{run_id}] step {step}/{steps} loss {loss:.5g} lr {lr:.3g} ({rate:.1f} steps/s)", flush=True)
+
+    return show
+
+
+def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
+        num_threads: int | None = None) -> dict[str, Any]:
+    """Run ``config`` in ``run_dir`` to the end and return its summary.
+
+    Resumes from ``checkpoint.pt`` if the folder has one; returns the existing summary without
+    doing anything if it has ``DONE``. A NaN or inf loss ends the run with status 'failed'
+    (returned, not raised); any exception is recorded as 'failed' in ``summary.json`` and then
+    propagates. ``on_step(step)`` is called after every completed step (tests use it to kill
+    a run mid-way).
+
+    ``num_threads``: torch's intra-op threads during the run; None leaves the caller's setting
+    (slurm.job sets it from SLURM_CPUS_PER_TASK). The CLI passes 1: these models are small, a
+    second thread buys little, parallel runs that each take every core run an order of
+    magnitude slower, and a fixed count keeps float reductions the same on every machine.
+    """
+    config = config.resolved()
+    run_id = config.run_id
+    rd = RunDir(run_dir)
+    existing = rd.read_config()
+    if existing is not None and existing.get("run_id") != run_id:
+        raise ConfigError(f"{rd.path} holds run {existing.get('run_id')!r}, not {run_id!r}: "
+                          f"use a fresh folder (the default is <out>/<run_id>)")
+    if rd.is_done():
+        return rd.read_summary() or {}
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.write_config(config.to_dict(), run_id)
+    rd.summary.unlink(missing_ok=True)  # a stale 'failed' from an earlier attempt; rewritten at the end
+
+    t_start = time.perf_counter()
+    progress: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "best_val_mse": None, "best_val_psnr": None,
+                                "best_val_step": None, "last_val": None, "last_train": None, "last_quantizer": []}
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    monitor = None
+    try:
+        torch.manual_seed(config.seed)  # model init and LFQ's token subsets draw from the global RNG
+        data_rng = torch.Generator().manual_seed(config.seed)
+        task = get_task(config.task)
+        dataset = task.build_dataset(config)
+        model = task.build_model(config)
+        o = config.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      weight_decay=o.weight_decay)
+
+        metrics_sink = JsonlSink(rd.metrics)
+
+        def sink(rows: list[dict[str, Any]]) -> None:
+            metrics_sink(rows)
+            train_rows = [r for r in rows if r.get("kind", "quantizer") == "quantizer" and r.get("mode") == "train"]
+            if train_rows:  # the summary's final utilization: the last step the monitor reported
+                last = max(r["step"] for r in train_rows)
+                progress["last_quantizer"] = [r for r in train_rows if r["step"] == last]
+
+        lg = config.logging
+        monitor = LFQMonitor(model, sink=sink, log_every=lg.log_every, usage_window=config.monitor.usage_window,
+                             dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
+                             histogram_sink=JsonlSink(rd.histograms))
+
+        checkpoint = rd.load_checkpoint()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            data_rng.set_state(checkpoint["data_rng"])
+            monitor.load_state_dict(checkpoint["monitor"])
+            progress = checkpoint["progress"]
+            print(f"[{run_id}] resuming from the checkpoint of step {progress['step']}", flush=True)
+        # Rows past the checkpoint (or all rows, with none) will be written again from here.
+        truncate_jsonl(rd.metrics, progress["step"])
+        truncate_jsonl(rd.histograms, progress["step"])
+        wall_before = progress["wall_time_s"]
+
+        steps, batch_size = config.schedule.steps, config.data.batch_size
+        show = _progress_printer(config, run_id, progress["step"])
+        for step in range(progress["step"] + 1, steps + 1):
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            monitor.set_step(step)
+            x = dataset.train_batch(data_rng, batch_size)
+            out = model(x)
+            recon_loss = F.mse_loss(out.recon, x)
+            loss = recon_loss + out.aux_loss
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {step} "
+                                    f"(recon {recon_loss.item():.4g}, aux {out.aux_loss.item():.4g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            progress["step"] = step
+
+            last = step == steps
+            if step % lg.log_every == 0 or last:
+                progress["last_train"] = {"loss": loss.item(), "recon_loss": recon_loss.item(),
+                                          "aux_loss": out.aux_loss.item()}
+                metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"]}])
+            if step % config.schedule.val_every == 0 or last:
+                val = evaluate(model, dataset.val)
+                metrics_sink([{"kind": "val", "step": step, **val}])
+                progress["last_val"] = val
+                if progress["best_val_mse"] is None or val["val_mse"] < progress["best_val_mse"]:
+                    progress.update(best_val_mse=val["val_mse"], best_val_psnr=val["val_psnr"], best_val_step=step)
+            progress["wall_time_s"] = wall_before + time.perf_counter() - t_start
+            if step % config.schedule.checkpoint_every == 0 or last:
+                monitor.flush()  # rows up to this step are on disk before the checkpoint says so
+                rd.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(),
+                                    "monitor": monitor.state_dict(), "progress": progress, "run_id": run_id,
+                                    "step": step})
+            show(step, loss.item(), lr)
+            if on_step is not None:
+                on_step(step)
+
+        summary = _summary(run_id, config, progress, "done", "")
+        rd.write_summary(summary)
+        rd.mark_done()  # last: a folder with DONE is complete
+        return summary
+    except NonFiniteLoss as e:
+        if monitor is not None:
+            monitor.flush()
+        summary = _summary(run_id, config, progress, "failed", str(e))
+        rd.write_summary(summary)
+        return summary
+    except Exception as e:
+        summary = _summary(run_id, config, progress, "failed", f"{type(e).__name__}: {e}")
+        summary["error"] = "".join(traceback.format_exception(e)[-8:])
+        rd.write_summary(summary)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.detach()
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.train",
+        description="Train one config in its run folder DIR/<run_id>.\n"
+                    "Resumes from the folder's checkpoint.pt if there is one; does nothing if the\n"
+                    "folder is DONE. Writes config.json, metrics.jsonl, histograms.jsonl,\n"
+                    "checkpoint.pt, summary.json, then DONE.",
+        epilog="example:\n  python -m experiments.train experiments/configs/synthetic.yaml "
+               "quantizer.diversity_gamma=2 scale=smoke --out results/try\n\n"
+               "exit status: 0 done, 1 failed (see summary.json), 2 bad config or arguments",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/synthetic.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides parsed as YAML scalars, e.g. quantizer.codebook_size=512 "
+                             "seed=1 scale=smoke (smoke shrinks the run to seconds)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="parent of the run folder (default: results/<config name>)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default 1: the models are small; see run())")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the run folder, train nothing")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    run_dir = (args.out if args.out is not None else Path("results") / config.name) / config.run_id
+    if args.dry_run:
+        import json
+
+        print(json.dumps({**config.resolved().to_dict(), "run_id": config.run_id}, indent=2))
+        print(f"run folder: {run_dir}")
+        return 0
+    print(f"run folder: {run_dir}", flush=True)
+    summary = run(config, run_dir, num_threads=args.threads)
+    keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
+    print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
+    return 0 if summary.get("status") == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

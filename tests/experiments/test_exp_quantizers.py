@@ -1,0 +1,107 @@
+"""The quantizer bottlenecks: shapes, straight-through gradients, the monitor protocol."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from experiments.config import QuantizerConfig
+from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer
+from lfq import LFQ
+from lfq.monitor import LFQMonitor, MemorySink
+
+KINDS = ["lfq", "vq", "fsq"]
+
+
+def make(kind: str, num_codebooks: int = 1, latent_dim: int | None = None, size: int = 64):
+    torch.manual_seed(0)
+    return build_quantizer(QuantizerConfig(kind=kind, codebook_size=size, num_codebooks=num_codebooks), latent_dim)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_codebooks", [1, 2])
+def test_shapes_and_index_range(kind, num_codebooks):
+    q = make(kind, num_codebooks)
+    tokens = torch.randn(4, 5, q.dim)
+    out = q(tokens, inv_temperature=100.0)
+    assert out.quantized.shape == tokens.shape
+    expected = (4, 5, num_codebooks) if num_codebooks > 1 else (4, 5)
+    assert out.indices.shape == expected
+    assert out.indices.min() >= 0 and out.indices.max() < q.codebook_size
+    image = torch.randn(2, q.dim, 3, 3)  # channel-first, as the conv tokenizer feeds it
+    out = q(image, inv_temperature=100.0)
+    assert out.quantized.shape == image.shape
+    assert out.indices.shape == ((2, 3, 3, num_codebooks) if num_codebooks > 1 else (2, 3, 3))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_protocol_and_last_stats(kind):
+    q = make(kind, num_codebooks=2)
+    assert isinstance(q.codebook_size, int) and q.num_codebooks == 2 and q.keep_num_codebooks_dim is True
+    q.train()
+    q(torch.randn(8, 4, q.dim), inv_temperature=100.0)
+    stats = q.last_stats
+    assert stats is not None and stats.commitment.shape == (2,) and stats.aux_loss.shape == (2,)
+    assert not stats.commitment.requires_grad
+    q.eval()
+    q(torch.randn(8, 4, q.dim), inv_temperature=100.0)
+    assert q.last_stats is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_pass_straight_through(kind):
+    q = make(kind, latent_dim=12)  # with projections in and out
+    x = torch.randn(16, 3, 12, requires_grad=True)
+    out = q(x, inv_temperature=100.0)
+    (out.quantized.square().sum() + out.entropy_aux_loss).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_vq_picks_the_nearest_code_and_learns_its_codebook():
+    q = VectorQuantizer(codebook_size=8, code_dim=3)
+    with torch.no_grad():
+        q.codebook.copy_(torch.arange(24, dtype=torch.float32).reshape(1, 8, 3))
+    x = q.codebook[0][[5, 2, 7]][None] + 0.1  # (1, 3 tokens, 3)
+    out = q(x)
+    assert out.indices.tolist() == [[5, 2, 7]]
+    torch.testing.assert_close(out.quantized, q.codebook[0][[5, 2, 7]][None])
+    out.entropy_aux_loss.backward()
+    assert out.entropy_aux_loss > 0 and q.codebook.grad[0, [5, 2, 7]].abs().sum() > 0
+    assert q.codebook.grad[0, 0].abs().sum() == 0  # an unused code gets no gradient: it can die
+
+
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (8, 6, 5), (3, 2)])
+def test_fsq_indices_are_a_bijection_onto_the_codebook(levels):
+    q = FSQ(levels=levels)
+    assert q.codebook_size == math.prod(levels)
+    # One point per code, in the bounded space, then pulled back through tanh.
+    grid = torch.tensor(list(itertools.product(*[range(n) for n in levels])), dtype=torch.float32)
+    half = torch.tensor([n // 2 for n in levels])
+    offset = torch.tensor([0.5 if n % 2 == 0 else 0.0 for n in levels])
+    bounded = grid - half  # the integer the channel rounds to
+    half_l = (torch.tensor(levels) - 1) * (1 + q.eps) / 2
+    z = torch.atanh((bounded + offset) / half_l) - torch.atanh(offset / half_l)
+    out = q(z[None])
+    assert sorted(out.indices[0].tolist()) == list(range(q.codebook_size))
+    torch.testing.assert_close(q.indices_to_codes(out.indices), out.quantized)
+    assert out.quantized.abs().max() <= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_monitor_watches_every_kind(kind):
+    model = torch.nn.Sequential()
+    model.add_module("quantizer", make(kind, num_codebooks=2))
+    sink = MemorySink()
+    monitor = LFQMonitor(model, sink=sink, log_every=1)
+    for step in range(1, 4):
+        monitor.set_step(step)
+        model(torch.randn(32, 2, model.quantizer.dim))
+    monitor.detach()
+    rows = [r for r in sink.records if r["kind"] == "quantizer" and r["mode"] == "train"]
+    assert {(r["step"], r["codebook"]) for r in rows} == {(s, c) for s in range(1, 4) for c in range(2)}
+    assert all(1 <= r["codes_used"] <= r["codebook_size"] for r in rows)
+    assert all(math.isfinite(r["commitment"]) for r in rows)
+    assert isinstance(model.quantizer, LFQ) == (kind == "lfq")

@@ -1,0 +1,217 @@
+"""The training run: deterministic, resumable to the same result, never re-run, explicit failures."""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+
+import pytest
+import torch
+from exp_helpers import PATCHES_YAML, read_rows, run, smoke_config, without_wall_time
+
+from experiments import train
+from experiments.config import ConfigError, load_config
+from experiments.run_dir import RunDir, run_status
+from experiments.tasks import synthetic
+
+SUMMARY_KEYS = {"run_id", "status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr",
+                "best_val_mse", "best_val_psnr", "final_usage_fraction", "final_perplexity",
+                "final_codes_used", "final_dead_codes", "final_train_loss"}
+
+
+class Kill(Exception):
+    """Stands in for the process dying between steps."""
+
+
+def kill_at(step: int):
+    def on_step(s: int) -> None:
+        if s == step:
+            raise Kill(f"killed at step {s}")
+
+    return on_step
+
+
+def test_a_run_writes_the_documented_folder(tmp_path):
+    config = smoke_config()
+    summary = run(config, tmp_path)
+    rd = RunDir(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
+                                                     "checkpoint.pt", "summary.json", "DONE"}
+    assert rd.read_config()["run_id"] == config.run_id == summary["run_id"]
+    assert SUMMARY_KEYS <= set(summary) and summary["status"] == "done" and summary["step"] == 30
+    assert summary == rd.read_summary()
+    rows = read_rows(rd.metrics)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"quantizer", "train", "val"}
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [10, 20, 30]
+    assert summary["final_val_mse"] == val[-1]["val_mse"]
+    assert summary["final_val_psnr"] == pytest.approx(10 * math.log10(1 / val[-1]["val_mse"]))
+    assert summary["best_val_mse"] == min(r["val_mse"] for r in val)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert train_rows[-1]["step"] == 30 and {"loss", "recon_loss", "aux_loss", "lr"} <= set(train_rows[-1])
+    last_usage = [r for r in rows if r["kind"] == "quantizer" and r["mode"] == "train" and r["step"] == 30]
+    assert summary["final_usage_fraction"] == pytest.approx(sum(r["usage_fraction"] for r in last_usage) / len(last_usage))
+    assert 0 < summary["final_usage_fraction"] <= 1
+    assert run_status(tmp_path) == "done"
+    assert load_config(rd.config).run_id == config.run_id  # config.json reproduces the run
+
+
+@pytest.mark.parametrize("kind", ["lfq", "vq", "fsq"])
+def test_same_config_same_metrics(tmp_path, kind):
+    # frac < 1: LFQ's token subsets draw from the global RNG, which must be seeded too.
+    config = smoke_config(f"quantizer.kind={kind}", "quantizer.frac_per_sample_entropy=0.5", "schedule.steps=15")
+    a = run(config, tmp_path / "a")
+    b = run(config, tmp_path / "b")
+    assert without_wall_time(a) == without_wall_time(b)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    other_seed = run(smoke_config(f"quantizer.kind={kind}", "quantizer.frac_per_sample_entropy=0.5",
+                                        "schedule.steps=15", "seed=1"), tmp_path / "c")
+    assert other_seed["final_train_loss"] != a["final_train_loss"]
+
+
+@pytest.mark.parametrize("kind", ["lfq", "vq", "fsq"])
+def test_kill_and_resume_ends_as_if_never_interrupted(tmp_path, kind):
+    config = smoke_config(f"quantizer.kind={kind}", "quantizer.frac_per_sample_entropy=0.5")
+    reference = run(config, tmp_path / "ref")
+
+    # Killed at 13: the checkpoint is from step 10, the logs already hold rows up to 13.
+    with pytest.raises(Kill):
+        run(config, tmp_path / "run", on_step=kill_at(13))
+    rd = RunDir(tmp_path / "run")
+    assert torch.load(rd.checkpoint, weights_only=False)["progress"]["step"] == 10
+    assert max(r["step"] for r in read_rows(rd.metrics)) == 13
+    assert rd.read_summary()["status"] == "failed" and not rd.is_done()
+
+    resumed = run(config, tmp_path / "run")
+    assert without_wall_time(resumed) == without_wall_time(reference)
+    assert read_rows(rd.metrics) == read_rows(tmp_path / "ref" / "metrics.jsonl")  # nothing duplicated
+    assert read_rows(rd.histograms) == read_rows(tmp_path / "ref" / "histograms.jsonl")
+
+
+def test_killed_before_the_first_checkpoint_starts_over(tmp_path):
+    config = smoke_config()
+    reference = run(config, tmp_path / "ref")
+    with pytest.raises(Kill):
+        run(config, tmp_path / "run", on_step=kill_at(4))
+    assert not RunDir(tmp_path / "run").checkpoint.exists()
+    assert without_wall_time(run(config, tmp_path / "run")) == without_wall_time(reference)
+    assert read_rows(tmp_path / "run" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
+
+
+def test_a_done_folder_is_never_run_again(tmp_path, monkeypatch):
+    config = smoke_config()
+    first = run(config, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a DONE run built its dataset again")
+
+    monkeypatch.setattr(synthetic, "build_dataset", no_training)
+    assert run(config, tmp_path) == first
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_killed_between_summary_and_done_finishes_without_training(tmp_path):
+    config = smoke_config()
+    first = run(config, tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "DONE").unlink()
+    steps = []
+    assert without_wall_time(run(config, tmp_path, on_step=steps.append)) == without_wall_time(first)
+    assert steps == [] and (tmp_path / "DONE").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_non_finite_loss_stops_the_run_as_failed(tmp_path, monkeypatch):
+    clean = synthetic.GaussianMixture.train_batch
+    calls = []
+
+    def poisoned(self, g, batch_size):
+        calls.append(1)
+        batch = clean(self, g, batch_size)
+        return batch * math.nan if len(calls) == 7 else batch
+
+    monkeypatch.setattr(synthetic.GaussianMixture, "train_batch", poisoned)
+    summary = run(smoke_config(), tmp_path)  # returned, not raised
+    assert summary["status"] == "failed" and summary["step"] == 6
+    assert "non-finite loss nan at step 7" in summary["reason"]
+    assert RunDir(tmp_path).read_summary() == summary and not RunDir(tmp_path).is_done()
+    assert run_status(tmp_path) == "failed"
+
+
+def test_an_exception_is_recorded_then_propagates(tmp_path):
+    def boom(step):
+        if step == 3:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run(smoke_config(), tmp_path, on_step=boom)
+    summary = RunDir(tmp_path).read_summary()
+    assert summary["status"] == "failed" and summary["reason"] == "RuntimeError: disk on fire"
+    assert "Traceback" in summary["error"] and "disk on fire" in summary["error"]
+    assert not RunDir(tmp_path).is_done()
+
+
+def test_a_folder_of_another_run_is_refused(tmp_path):
+    run(smoke_config("schedule.steps=5"), tmp_path)
+    with pytest.raises(ConfigError, match="holds run"):  # not another run's summary, silently
+        run(smoke_config("schedule.steps=6"), tmp_path)
+    (tmp_path / "DONE").unlink()
+    with pytest.raises(ConfigError, match="holds run"):
+        run(smoke_config("schedule.steps=6"), tmp_path)
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    config = smoke_config("optim.warmup_steps=5").resolved()
+    lrs = [train.lr_at(s, config) for s in range(1, config.schedule.steps + 1)]
+    assert lrs[4] == config.optim.lr and lrs[0] == config.optim.lr / 5
+    assert lrs[-1] == pytest.approx(config.optim.min_lr)
+    assert all(a >= b for a, b in zip(lrs[4:-1], lrs[5:], strict=True))
+
+
+def test_patches_smoke_run(tmp_path):
+    summary = run(smoke_config("quantizer.codebook_size=256", path=PATCHES_YAML), tmp_path)
+    assert summary["status"] == "done" and summary["task"] == "patches"
+    assert 0 < summary["final_val_mse"] < 1 and summary["final_val_psnr"] > 0
+    assert summary["final_codes_used"] >= 1
+
+
+def test_num_threads_applies_during_the_run_only(tmp_path):
+    before, seen = torch.get_num_threads(), []
+    run(smoke_config("schedule.steps=2"), tmp_path, on_step=lambda s: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    assert not torch.are_deterministic_algorithms_enabled()  # restored for the caller, too
+
+
+def test_kill_and_resume_on_patches(tmp_path):
+    config = smoke_config("quantizer.codebook_size=256", "schedule.steps=12", path=PATCHES_YAML)
+    reference = run(config, tmp_path / "ref")
+    with pytest.raises(Kill):
+        run(config, tmp_path / "run", on_step=kill_at(11))
+    assert without_wall_time(run(config, tmp_path / "run")) == without_wall_time(reference)
+    assert read_rows(tmp_path / "run" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
+
+
+def test_tqdm_on_a_terminal(tmp_path, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(smoke_config("schedule.steps=3"), tmp_path)
+    assert "3/3" in terminal.getvalue()  # the bar
+    assert "step 3/3" not in capsys.readouterr().out  # and no plain lines
+
+
+@pytest.mark.slow
+def test_diversity_knobs_raise_code_usage(tmp_path):
+    # The suite exists to measure this: at the library defaults (inv_temperature=100, gamma=1)
+    # LFQ collapses to a few codes; a softer temperature and a larger gamma use the codebook.
+    default = run(smoke_config("scale=full", "schedule.steps=500"), tmp_path / "default")
+    tuned = run(smoke_config("scale=full", "schedule.steps=500", "quantizer.inv_temperature=10",
+                             "quantizer.diversity_gamma=4"), tmp_path / "tuned")
+    assert tuned["final_usage_fraction"] > 0.5 > 3 * default["final_usage_fraction"]
+    assert tuned["final_perplexity"] > 2 * default["final_perplexity"]
