@@ -4,21 +4,58 @@ Each kernel takes the pre-activation tokens that survive the mask and the
 ``frac_per_sample_entropy`` subset, shaped ``(N, c, d)`` (N tokens, c codebooks,
 d bits), and returns :class:`EntropyTerms`. The quantizer chooses a kernel by
 name (``entropy_mode``); nothing else in :mod:`lfq` knows how they compute.
+Kernels are dtype-generic: they compute in the dtype of ``z``.
 
 ``"reference"`` is the dense computation of ``vector-quantize-pytorch`` 1.14.12:
 a softmax over all ``2**d`` codes for every token and ``-p * log(clamp(p, 1e-5))``.
 It is kept for bit-level compatibility with published numbers; it needs
 ``O(N * 2**d)`` memory.
+
+``"exact"`` uses that the softmax over the codes ``{-s, +s}**d`` with logits
+``2 * tau * z . c`` is a product of independent bits, ``P(bit i) = sigmoid(4 tau s z_i)``:
+
+- per-sample entropy = sum of the bits' binary entropies, O(N d), no clamp;
+- batch distribution: with the bits split into a high block of ``a`` and a low block of
+  ``b = d - a`` bits, ``avg_prob.reshape(2**a, 2**b) = P_A^T P_B / N`` where the rows of
+  P_A (P_B) are each token's distribution over the high (low) sub-codes. One product
+  of ``2 N 2**d`` flops and ``N (2**a + 2**b) + 2**d`` memory, tokens in chunks.
+
+The batch entropy is computed in two steps, :func:`subcode_gram` (the SUM of
+``P_A^T P_B`` over tokens) and :func:`entropy_from_gram` (divide by the token count,
+take the entropy), so that a distributed caller can all-reduce the sum and the count
+in between; averaging per-rank entropies or means would be wrong.
+
+``"group"`` is for codebooks too large for a ``2**d`` vector: the batch entropy is
+replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS``
+bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
+``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 REFERENCE_LOG_CLAMP = 1e-5
+
+# Largest exact codebook. The batch distribution is a 2**d vector per codebook; the
+# entropy and its backward hold about 8 such vectors (gram, gradient, avg, log,
+# products): at 2**24 that is 8 * 64 MiB = 0.5 GiB in float32 per codebook, and the
+# three products cost 6 * N * 2**24 flops (0.4 TFLOP at 4096 tokens, seconds on a CPU).
+# At 2**26 it would be 2 GiB and 4x the time, too much for a loss term.
+EXACT_MAX_BITS = 24
+# Group size of the "group" kernel: 2**16-code groups are cheap (N * 2**16 work each)
+# and as large as possible keeps the upper bound tight.
+GROUP_MAX_BITS = 16
+# Working memory per chunk of tokens in subcode_gram (P_A, P_B, their gradients).
+CHUNK_BYTES = 128 * 2**20
 
 
 class EntropyTerms(NamedTuple):
@@ -31,10 +68,18 @@ class EntropyTerms(NamedTuple):
 
 
 class EntropyInputs(NamedTuple):
-    z: Tensor  # (N, c, d) float32 pre-activation tokens
+    z: Tensor  # (N, c, d) pre-activation tokens, all of them (masked-out ones included)
     inv_temperature: float
     codebook_scale: float
-    codebook: Tensor  # (2**d, d) float32, row j is the code of index j
+    codebook: Tensor  # (2**d, d), row j is the code of index j
+    # (N,) bool, True = the token counts (mask and frac subset applied); None = all count.
+    # The reference kernel needs the unselected rows: it selects after its softmax, as
+    # the reference does, so its matrix product has the reference's shape and rounding.
+    keep: Tensor | None = None
+    # Distributed: all-reduce (SUM, differentiable) of a flat tensor across ranks. When
+    # set, kernels reduce SUMS over tokens and the token count, then divide: the terms
+    # are those of the global batch. None = this process's tokens only.
+    reduce: Callable[[Tensor], Tensor] | None = None
 
 
 EntropyKernel = Callable[[EntropyInputs], EntropyTerms]
@@ -50,9 +95,64 @@ def reference_entropy(inputs: EntropyInputs) -> EntropyTerms:
     # Same operations in the same order as the reference, so the numbers match bit for bit.
     distance = -2 * torch.einsum("... i d, j d -> ... i j", z, codebook)
     prob = (-distance * inputs.inv_temperature).softmax(dim=-1)  # (N, c, 2**d)
+    if inputs.keep is not None:
+        prob = prob[inputs.keep]
     per_token = clamped_entropy(prob)  # (N, c)
-    avg_prob = prob.mean(dim=0)  # (c, 2**d)
-    batch_by_codebook = clamped_entropy(avg_prob)  # (c,)
+    if inputs.reduce is None:
+        avg_prob = prob.mean(dim=0)  # (c, 2**d)
+        return _terms(per_token, clamped_entropy(avg_prob))
+    per_sample_sum, prob_sum, count = reduce_sums(inputs.reduce, prob.shape[0], per_token.sum(dim=0), prob.sum(dim=0))
+    return _terms_from_sums(per_sample_sum, clamped_entropy(prob_sum / count), count)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (SUM) across the default process group.
+
+    Backward all-reduces the incoming gradients too: every rank's loss holds the same
+    global term, so the gradient reaching a rank's tokens is the sum over ranks, and
+    DDP's averaging of parameter gradients then divides that sum by the world size,
+    leaving exactly the single-process gradient on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return AllReduceSum.apply(grad)
+
+
+def reduce_sums(reduce: Callable[[Tensor], Tensor], count: int, *sums: Tensor) -> tuple[Tensor, ...]:
+    """All-reduce ``sums`` and the token ``count`` in one collective; returns (*sums, count).
+
+    The global count is clamped at 1 so that a global batch without tokens gives zero
+    terms (all sums are 0) rather than 0 / 0.
+    """
+    flat = torch.cat([t.reshape(-1) for t in sums] + [sums[0].new_full((1,), float(count))])
+    flat = reduce(flat)
+    out, start = [], 0
+    for t in sums:
+        out.append(flat[start : start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return (*out, flat[-1].clamp(min=1))
+
+
+def _terms_from_sums(per_sample_sum: Tensor, batch_by_codebook: Tensor, count: Tensor) -> EntropyTerms:
+    per_sample_by_codebook = per_sample_sum / count
+    return EntropyTerms(
+        per_sample_entropy=per_sample_by_codebook.mean(),
+        batch_entropy=batch_by_codebook.mean(),
+        per_sample_by_codebook=per_sample_by_codebook,
+        batch_by_codebook=batch_by_codebook,
+    )
+
+
+def _terms(per_token: Tensor, batch_by_codebook: Tensor) -> EntropyTerms:
     return EntropyTerms(
         per_sample_entropy=per_token.mean(),
         batch_entropy=batch_by_codebook.mean(),
@@ -61,8 +161,238 @@ def reference_entropy(inputs: EntropyInputs) -> EntropyTerms:
     )
 
 
+# ---------------------------------------------------------------- factorised kernels
+
+
+def _checked_tokens(inputs: EntropyInputs) -> EntropyInputs:
+    """Validated inputs with the kept rows selected (factorised kernels select first)."""
+    z = inputs.z
+    if z.ndim != 3 or not z.is_floating_point():
+        raise ValueError(
+            f"entropy kernels take z of shape (tokens, codebooks, bits) and a floating dtype, "
+            f"got shape {tuple(z.shape)} and dtype {z.dtype}"
+        )
+    if inputs.keep is not None:
+        inputs = inputs._replace(z=z[inputs.keep], keep=None)
+    # A rank may hold no tokens in a distributed batch; it still joins the all-reduce.
+    if inputs.z.shape[0] == 0 and inputs.reduce is None:
+        raise ValueError("entropy kernels need at least one token (z has 0 rows); skip the loss instead")
+    return inputs
+
+
+def bit_logits(inputs: EntropyInputs) -> Tensor:
+    """Log-odds of each bit being +s: ``4 * tau * s * z``, shape (N, c, d)."""
+    return inputs.z * (4.0 * inputs.inv_temperature * inputs.codebook_scale)
+
+
+def binary_entropy_from_logits(logits: Tensor) -> Tensor:
+    """Elementwise ``H_b(sigmoid(l))``, without clamp or log(0).
+
+    Written as ``p1 * (-log p1) + p0 * (-log p0)`` with both logs from logsigmoid: every
+    term is >= 0, so a saturated bit's tiny entropy keeps its relative precision (the
+    shorter ``softplus(l) - l * sigmoid(l)`` loses it to cancellation).
+    """
+    return -(torch.sigmoid(logits) * F.logsigmoid(logits) + torch.sigmoid(-logits) * F.logsigmoid(-logits))
+
+
+def subcode_split(num_bits: int) -> tuple[int, int]:
+    """(a, b): high and low block sizes. The product costs 2 N 2**d flops for any split;
+    balanced blocks minimise the N (2**a + 2**b) memory and build work."""
+    high = num_bits // 2
+    return high, num_bits - high
+
+
+def _bit_table(num_bits: int, like: Tensor) -> Tensor:
+    """(2**k, k) 0/1 matrix, row j = the bits of j, most significant first (index order)."""
+    codes = torch.arange(2**num_bits, device=like.device)
+    shifts = torch.arange(num_bits - 1, -1, -1, device=like.device)
+    return ((codes[:, None] >> shifts) & 1).to(like.dtype)
+
+
+def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
+    """(c, C, k) bit probabilities -> (c, C, 2**k) distribution over k-bit sub-codes.
+
+    Built in place in one buffer, least significant bit first: after a step the first m
+    columns hold the distribution of the bits seen so far, and the next bit doubles it
+    to ``[P * p0, P * p1]`` (that bit becomes the most significant). 2**k multiplies by a
+    per-row scalar, no exp of a large tensor and no broadcast over a size-2 axis.
+    """
+    num_bits = p1.shape[-1]
+    probs = p1.new_empty(*p1.shape[:-1], 2**num_bits)
+    probs[..., :1] = 1
+    for step, bit in enumerate(range(num_bits - 1, -1, -1)):
+        width = 2**step
+        torch.mul(probs[..., :width], p1[..., bit : bit + 1], out=probs[..., width : 2 * width])
+        probs[..., :width].mul_(p0[..., bit : bit + 1])
+    return probs
+
+
+def _chunk_factors(logits: Tensor, high_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bit probabilities and P_A, P_B of a chunk of (C, c, d) logits, codebook axis first."""
+    logits = logits.transpose(0, 1).contiguous()  # (c, C, d)
+    p1, p0 = torch.sigmoid(logits), torch.sigmoid(-logits)  # p0 directly: 1 - p1 rounds to 0
+    prob_a = _subcode_probs(p1[..., :high_bits], p0[..., :high_bits])
+    prob_b = _subcode_probs(p1[..., high_bits:], p0[..., high_bits:])
+    return p1, p0, prob_a, prob_b
+
+
+def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> Tensor:
+    """Gradient wrt the block's logits given ``weighted = dL/dP * P`` (c, C, 2**k).
+
+    d log P(j) / d l_i = bit_i(j) - p_i, so the gradient is
+    p0_i * (sum of weighted over codes with bit i on) - p1_i * (sum over codes with it off).
+    Summing the two sets separately (rather than total - on) keeps a saturated bit's
+    tiny gradient from being the difference of two large numbers.
+    """
+    k = table.shape[1]
+    on_off = weighted @ torch.cat((table, 1 - table), dim=1)  # (c, C, 2k)
+    return p0 * on_off[..., :k] - p1 * on_off[..., k:]
+
+
+class _SubcodeGram(torch.autograd.Function):
+    """sum over tokens of P_A^T P_B, (N, c, d) logits -> (c, 2**a, 2**b).
+
+    With several chunks only the logits are saved and P_A, P_B are rebuilt chunk by
+    chunk in backward, so memory stays at one chunk's factors plus the 2**d output
+    however many tokens. With one chunk the factors are kept: that fits the same
+    budget and saves rebuilding (and re-faulting) them.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, high_bits: int, chunk_tokens: int) -> Tensor:  # type: ignore[override]
+        num_tokens = logits.shape[0]
+        gram = None
+        for start in range(0, num_tokens, chunk_tokens):
+            factors = _chunk_factors(logits[start : start + chunk_tokens], high_bits)
+            if gram is None:
+                gram = torch.bmm(factors[2].transpose(1, 2), factors[3])
+            else:
+                gram.baddbmm_(factors[2].transpose(1, 2), factors[3])
+        if num_tokens <= chunk_tokens:
+            ctx.save_for_backward(logits, *factors)
+        else:
+            ctx.save_for_backward(logits)
+        ctx.high_bits, ctx.chunk_tokens = high_bits, chunk_tokens
+        return gram
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_gram: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        logits, *saved_factors = ctx.saved_tensors
+        high, chunk = ctx.high_bits, ctx.chunk_tokens
+        table_a, table_b = _bit_table(high, logits), _bit_table(logits.shape[2] - high, logits)
+        grad_t = grad_gram.transpose(1, 2)
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], chunk):
+            factors = saved_factors or _chunk_factors(logits[start : start + chunk], high)
+            p1, p0, prob_a, prob_b = factors
+            weighted_a = torch.bmm(prob_b, grad_t).mul_(prob_a)  # dL/dP_A * P_A
+            weighted_b = torch.bmm(prob_a, grad_gram).mul_(prob_b)
+            grad_a = _bit_logit_grad(weighted_a, table_a, p1[..., :high], p0[..., :high])
+            grad_b = _bit_logit_grad(weighted_b, table_b, p1[..., high:], p0[..., high:])
+            grad_logits[start : start + chunk] = torch.cat((grad_a, grad_b), dim=-1).transpose(0, 1)
+        return grad_logits, None, None
+
+
+def default_chunk_tokens(num_codebooks: int, num_bits: int, itemsize: int) -> int:
+    """Tokens per chunk so that one chunk's factors and their gradients fit CHUNK_BYTES."""
+    high, low = subcode_split(num_bits)
+    # P_A, P_B, the two product outputs, the build's last intermediates: about 6 copies.
+    per_token = 6 * num_codebooks * (2**high + 2**low) * itemsize
+    return max(256, CHUNK_BYTES // per_token)
+
+
+def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
+    """Differentiable ``sum_n P_A[n]^T P_B[n]`` per codebook, (N, c, d) -> (c, 2**a, 2**b).
+
+    Divided by the token count and flattened, it is the batch distribution over the 2**d
+    codes in index order (the high block holds the most significant bits).
+    """
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(logits.shape[1], logits.shape[2], logits.element_size())
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be an int >= 1 (or None for automatic), got {chunk_tokens!r}")
+    high, low = subcode_split(logits.shape[2])
+    if logits.shape[0] == 0:  # no tokens on this rank: a zero sum, still in the graph
+        return logits.new_zeros(logits.shape[1], 2**high, 2**low) + logits.sum() * 0
+    return _SubcodeGram.apply(logits, high, chunk_tokens)
+
+
+def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
+    """Entropy (nats) of ``gram / num_tokens`` per codebook, (c, 2**a, 2**b) -> (c,).
+
+    No clamp: ``0 log 0 = 0``, and the gradient there is 0 rather than inf * 0 = NaN
+    (``where`` sends no gradient through the masked branch). 0 is the limit: a code's
+    gradient contribution scales like avg * log(avg).
+    """
+    avg = gram.flatten(1) / num_tokens
+    positive = avg > 0
+    safe = torch.where(positive, avg, torch.ones_like(avg))
+    return -(avg * safe.log()).sum(dim=-1)
+
+
+def _factorised_terms(
+    inputs: EntropyInputs, logits: Tensor, groups: list[tuple[int, int]], chunk_tokens: int | None
+) -> EntropyTerms:
+    """Per-sample entropy and the sum over bit groups of the groups' batch entropies."""
+    per_token = binary_entropy_from_logits(logits).sum(dim=-1)  # (N, c)
+    grams = [subcode_gram(logits[..., start:stop], chunk_tokens) for start, stop in groups]
+    if inputs.reduce is None:
+        count: Tensor | int = logits.shape[0]
+        return _terms(per_token, sum(entropy_from_gram(g, count) for g in grams))
+    per_sample_sum, *grams, count = reduce_sums(inputs.reduce, logits.shape[0], per_token.sum(dim=0), *grams)
+    return _terms_from_sums(per_sample_sum, sum(entropy_from_gram(g, count) for g in grams), count)
+
+
+def exact_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
+    """Exact, unclamped entropies from the bit factorisation (the default kernel).
+
+    Above ``2**EXACT_MAX_BITS`` codes per codebook it warns and returns
+    :func:`group_entropy`, whose batch entropy is an upper bound.
+    """
+    inputs = _checked_tokens(inputs)
+    num_bits = inputs.z.shape[2]
+    if num_bits > EXACT_MAX_BITS:
+        warnings.warn(
+            f"entropy_mode='exact' with 2**{num_bits} codes per codebook is above the exact limit "
+            f"of 2**{EXACT_MAX_BITS} (a 2**d vector per codebook); using the 'group' kernel, whose "
+            f"batch entropy is a sum over groups of <= {GROUP_MAX_BITS} bits: an UPPER BOUND on the "
+            f"true batch entropy. Pass entropy_mode='group' to choose it explicitly.",
+            stacklevel=2,
+        )
+        return group_entropy(inputs, chunk_tokens=chunk_tokens)
+    return _factorised_terms(inputs, bit_logits(inputs), [(0, num_bits)], chunk_tokens)
+
+
+def bit_groups(num_bits: int, group_bits: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) groups of at most ``group_bits`` bits, sizes within one."""
+    if not (isinstance(group_bits, int) and group_bits >= 1):
+        raise ValueError(f"group_bits must be an int >= 1, got {group_bits!r}")
+    num_groups = math.ceil(num_bits / group_bits)
+    bounds = [round(g * num_bits / num_groups) for g in range(num_groups + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def group_entropy(
+    inputs: EntropyInputs, *, group_bits: int = GROUP_MAX_BITS, chunk_tokens: int | None = None
+) -> EntropyTerms:
+    """Exact per-sample entropy; batch entropy = sum of the groups' exact batch entropies.
+
+    The sum is an upper bound on the batch entropy (equal with one group, or when the
+    groups are independent under the batch distribution), so minimising the loss
+    rewards it for something it may not have. Cost: N 2**group_bits per group.
+    """
+    inputs = _checked_tokens(inputs)
+    groups = bit_groups(inputs.z.shape[2], group_bits)
+    return _factorised_terms(inputs, bit_logits(inputs), groups, chunk_tokens)
+
+
 ENTROPY_KERNELS: dict[str, EntropyKernel] = {
     "reference": reference_entropy,
+    "exact": exact_entropy,
+    "group": group_entropy,
 }
 
 

@@ -15,11 +15,19 @@ from collections import namedtuple
 from math import ceil, log2
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import pack, rearrange, unpack
 from torch import Tensor, nn
 
-from lfq.entropy import ENTROPY_KERNELS, EntropyInputs, EntropyTerms, sample_token_subset
+from lfq.entropy import (
+    ENTROPY_KERNELS,
+    AllReduceSum,
+    EntropyInputs,
+    EntropyTerms,
+    reduce_sums,
+    sample_token_subset,
+)
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
@@ -29,7 +37,7 @@ CodebookStats = namedtuple(
     "CodebookStats", ["per_sample_entropy", "batch_entropy", "commitment", "aux_loss"]
 )
 
-DEFAULT_ENTROPY_MODE = "reference"
+DEFAULT_ENTROPY_MODE = "exact"
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -59,6 +67,7 @@ class LFQ(nn.Module):
         codebook_scale: float = 1.0,  # codes are {-s, +s}; residual LFQ halves s per layer
         frac_per_sample_entropy: float = 1.0,  # < 1: entropies from a random subset of tokens
         entropy_mode: str = DEFAULT_ENTROPY_MODE,  # which lfq.entropy kernel computes the entropies
+        distributed: bool | None = None,  # global-batch terms under torch.distributed; None = when initialised
     ):
         super().__init__()
 
@@ -82,6 +91,8 @@ class LFQ(nn.Module):
             )
         if not codebook_scale > 0:
             raise ValueError(f"codebook_scale must be > 0, got {codebook_scale!r}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None (automatic), True or False, got {distributed!r}")
         if entropy_mode not in ENTROPY_KERNELS:
             raise ValueError(
                 f"entropy_mode must be one of {sorted(ENTROPY_KERNELS)}, got {entropy_mode!r}"
@@ -117,6 +128,7 @@ class LFQ(nn.Module):
         self.codebook_scale = codebook_scale
         self.commitment_loss_weight = commitment_loss_weight
         self.entropy_mode = entropy_mode
+        self.distributed = distributed
 
         # Bit i of an index is channel i, most significant first. Persistent, as in the
         # reference, so that state dicts load both ways.
@@ -260,25 +272,53 @@ class LFQ(nn.Module):
                 )
         return x, indices, aux_loss, breakdown
 
+    def _distributed_reduce(self):
+        """The all-reduce that makes the loss terms global, or None for this process only."""
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            if self.distributed is True:
+                raise RuntimeError(
+                    "LFQ(distributed=True) needs an initialised torch.distributed process group "
+                    "(torch.distributed.init_process_group); pass distributed=None to use one only "
+                    "when it exists"
+                )
+            return None
+        if dist.get_world_size() == 1:
+            return None
+        return AllReduceSum.apply
+
     def _losses(self, z: Tensor, quantized: Tensor, inv_temperature: float, mask: Tensor | None):
-        tokens = z[mask] if mask is not None else rearrange(z, "b n c d -> (b n) c d")
-        if tokens.shape[0] == 0:
-            # Every token masked out: no loss, rather than the reference's NaN.
+        reduce = self._distributed_reduce()
+        tokens = rearrange(z, "b n c d -> (b n) c d")
+        keep = None if mask is None else mask.reshape(-1)
+        num_kept = tokens.shape[0] if keep is None else int(keep.sum())
+        if num_kept == 0 and reduce is None:
+            # Every token masked out: no loss, rather than the reference's NaN. (Under
+            # torch.distributed the rank still joins the collectives, with zero sums.)
             zeros = z.new_zeros(self.num_codebooks)
             zero = z.sum() * 0
             return EntropyTerms(zero, zero, zeros, zeros), zero, zeros
 
-        subset = sample_token_subset(tokens.shape[0], self.frac_per_sample_entropy, tokens.device)
+        subset = sample_token_subset(num_kept, self.frac_per_sample_entropy, tokens.device)
         if subset is not None:
-            tokens = tokens[subset]
+            if keep is None:
+                keep = subset
+            else:  # the subset is drawn over the kept tokens, in order, as the reference does
+                kept_positions = keep.nonzero().squeeze(1)
+                keep = torch.zeros_like(keep)
+                keep[kept_positions[subset]] = True
         kernel = ENTROPY_KERNELS[self.entropy_mode]
-        terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(self.codebook_scale), self._codebook_f32()))
+        terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(self.codebook_scale),
+                                     self._codebook_f32(), keep=keep, reduce=reduce))
 
         commit = F.mse_loss(z, quantized.detach(), reduction="none")
         commit = commit[mask] if mask is not None else commit
-        with torch.no_grad():
-            commit_by_codebook = commit.detach().reshape(-1, self.num_codebooks, self.codebook_dim).mean(dim=(0, 2))
-        return terms, commit.mean(), commit_by_codebook
+        if reduce is None:
+            with torch.no_grad():
+                commit_by_codebook = commit.reshape(-1, self.num_codebooks, self.codebook_dim).mean(dim=(0, 2))
+            return terms, commit.mean(), commit_by_codebook
+        sums, count = reduce_sums(reduce, num_kept, commit.reshape(-1, self.num_codebooks, self.codebook_dim).sum(dim=(0, 2)))
+        commit_by_codebook = sums / (count * self.codebook_dim)
+        return terms, commit_by_codebook.mean(), commit_by_codebook.detach()
 
     def extra_repr(self) -> str:
         return (

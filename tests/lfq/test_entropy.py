@@ -1,0 +1,281 @@
+"""The factorised entropy kernels against a dense, unclamped computation.
+
+Dense means what the reference does (a softmax over all 2**d codes per token) but
+without its clamp: per-sample ``-sum p log p`` from log_softmax, and the batch term's
+``log avg`` from a logsumexp over tokens, so no log(0) and no clamp anywhere. The
+kernels are called directly in float64; the LFQ module (float32 inside) is used for
+the end-to-end checks of masks, subsets and the default mode.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import pytest
+import torch
+
+from lfq import LFQ
+from lfq.entropy import (
+    ENTROPY_KERNELS,
+    EXACT_MAX_BITS,
+    REFERENCE_LOG_CLAMP,
+    EntropyInputs,
+    bit_groups,
+    entropy_from_gram,
+    exact_entropy,
+    group_entropy,
+    reference_entropy,
+    sample_token_subset,
+    subcode_gram,
+)
+
+F64 = torch.float64
+
+
+def codebook_of(num_bits: int, scale: float, dtype: torch.dtype = F64) -> torch.Tensor:
+    bits = (torch.arange(2**num_bits)[:, None] >> torch.arange(num_bits - 1, -1, -1)) & 1
+    return (bits.to(dtype) * 2 - 1) * scale
+
+
+def inputs_of(z: torch.Tensor, tau: float, scale: float) -> EntropyInputs:
+    return EntropyInputs(z, tau, scale, codebook_of(z.shape[2], scale, z.dtype))
+
+
+def dense_entropy(inputs: EntropyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample (c,), batch (c,)) over all 2**d codes, unclamped."""
+    logits = 2 * inputs.inv_temperature * torch.einsum("n c d, k d -> n c k", inputs.z, inputs.codebook)
+    log_prob = logits.log_softmax(dim=-1)
+    per_sample = -(log_prob.exp() * log_prob).sum(dim=-1).mean(dim=0)
+    log_avg = torch.logsumexp(log_prob, dim=0) - math.log(inputs.z.shape[0])
+    batch = -(log_avg.exp() * log_avg).sum(dim=-1)
+    return per_sample, batch
+
+
+def weighted_loss(per_sample: torch.Tensor, batch: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random linear functional of both per-codebook terms, so every gradient path counts."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, per_sample.shape[0], generator=gen, dtype=per_sample.dtype)
+    return (w[0] * per_sample).sum() + (w[1] * batch).sum()
+
+
+def random_config(seed: int) -> tuple[torch.Tensor, float, float]:
+    rng = random.Random(seed)
+    num_bits = rng.choice([1, 2, 3, 5, 7, 8, 9, 11])
+    num_codebooks = rng.choice([1, 2, 3])
+    num_tokens = rng.choice([1, 4, 17, 40])
+    spread = rng.choice([0.01, 0.2, 1.0])  # unsaturated ... saturated bits
+    tau, scale = rng.choice([0.5, 3.0, 100.0]), rng.choice([0.5, 1.0, 2.0])
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_tokens, num_codebooks, num_bits, generator=gen, dtype=F64) * spread
+    return z, tau, scale
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_exact_equals_dense_values_and_gradients(seed: int) -> None:
+    z, tau, scale = random_config(seed)
+    z_dense = z.clone().requires_grad_()
+    z = z.requires_grad_()
+    terms = exact_entropy(inputs_of(z, tau, scale))
+    per_sample, batch = dense_entropy(inputs_of(z_dense, tau, scale))
+
+    torch.testing.assert_close(terms.per_sample_by_codebook, per_sample, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms.batch_by_codebook, batch, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms.per_sample_entropy, per_sample.mean(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms.batch_entropy, batch.mean(), rtol=1e-9, atol=1e-9)
+
+    weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, seed).backward()
+    weighted_loss(per_sample, batch, seed).backward()
+    torch.testing.assert_close(z.grad, z_dense.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64])
+def test_chunked_equals_unchunked(chunk_tokens: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(50, 2, 9, generator=gen, dtype=F64) * 0.3
+    results = []
+    for chunk in (chunk_tokens, None):  # None: all 50 tokens in one chunk
+        leaf = z.clone().requires_grad_()
+        terms = exact_entropy(inputs_of(leaf, 4.0, 1.0), chunk_tokens=chunk)
+        weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, 0).backward()
+        results.append((terms.batch_by_codebook.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_gram_is_the_batch_distribution_in_index_order() -> None:
+    """avg_prob = P_A^T P_B / N, flattened, is the dense mean softmax code by code."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(30, 2, 7, generator=gen, dtype=F64)
+    inputs = inputs_of(z, 1.5, 0.5)
+    avg = subcode_gram(z * (4 * 1.5 * 0.5)).flatten(1) / z.shape[0]
+    logits = 2 * 1.5 * torch.einsum("n c d, k d -> n c k", z, inputs.codebook)
+    torch.testing.assert_close(avg, logits.softmax(dim=-1).mean(dim=0), rtol=1e-12, atol=1e-15)
+
+
+def test_uniform_usage_reaches_log_codebook_size_at_2_18() -> None:
+    """z = 0 gives p = 1/2 for every bit: per-sample and batch entropy are both 18 log 2,
+    above the reference's clamp cap of -log(1e-5) = 11.51 nats."""
+    num_bits = 18
+    terms = exact_entropy(EntropyInputs(torch.zeros(3, 1, num_bits, dtype=F64), 100.0, 1.0, torch.empty(0)))
+    assert terms.batch_entropy.item() == pytest.approx(num_bits * math.log(2), abs=1e-12)
+    assert terms.per_sample_entropy.item() == pytest.approx(num_bits * math.log(2), abs=1e-12)
+
+    lfq = LFQ(codebook_size=2**num_bits)  # the default mode, float32 inside
+    assert lfq.entropy_mode == "exact"
+    _, breakdown = lfq(torch.zeros(1, 4, num_bits), return_loss_breakdown=True)
+    assert breakdown.batch_entropy.item() == pytest.approx(num_bits * math.log(2), rel=1e-5)
+    assert breakdown.batch_entropy.item() > -math.log(REFERENCE_LOG_CLAMP) + 0.9
+    reference = reference_entropy(inputs_of(torch.zeros(2, 1, num_bits), 100.0, 1.0))
+    assert reference.batch_entropy.item() == pytest.approx(-math.log(REFERENCE_LOG_CLAMP), rel=1e-5)
+
+
+@pytest.mark.parametrize("num_bits,tau,spread", [(4, 100.0, 1.0), (8, 3.0, 1.0), (10, 100.0, 0.05), (10, 0.5, 1.0)])
+def test_exact_minus_reference_is_the_clamp_effect(num_bits: int, tau: float, spread: float) -> None:
+    """The reference's clamp replaces log p by log eps where p < eps (eps = 1e-5), so
+
+        exact - reference = sum over {p < eps} of p log(eps / p)  >= 0,
+
+    and p log(eps / p) peaks at p = eps / e with value eps / e, hence
+
+        0 <= exact - reference <= 2**d * eps / e   (3.8e-3 at d = 10),
+
+    for each token's entropy, so for their mean, and for the batch entropy.
+    """
+    gen = torch.Generator().manual_seed(num_bits)
+    z = torch.randn(64, 2, num_bits, generator=gen, dtype=F64) * spread
+    inputs = inputs_of(z, tau, 1.0)
+    exact, reference = exact_entropy(inputs), reference_entropy(inputs)
+    bound = 2**num_bits * REFERENCE_LOG_CLAMP / math.e
+
+    prob = (2 * tau * torch.einsum("n c d, k d -> n c k", z, inputs.codebook)).softmax(dim=-1)
+
+    def clamp_effect(p: torch.Tensor) -> torch.Tensor:
+        small = (p < REFERENCE_LOG_CLAMP) & (p > 0)
+        safe = torch.where(small, p, torch.ones_like(p))
+        return torch.where(small, p * (math.log(REFERENCE_LOG_CLAMP) - safe.log()), torch.zeros_like(p)).sum(dim=-1)
+
+    per_sample_gap = exact.per_sample_by_codebook - reference.per_sample_by_codebook
+    batch_gap = exact.batch_by_codebook - reference.batch_by_codebook
+    for gap in (per_sample_gap, batch_gap):
+        assert (gap >= -1e-12).all() and (gap <= bound).all(), (gap, bound)
+    torch.testing.assert_close(per_sample_gap, clamp_effect(prob).mean(dim=0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(batch_gap, clamp_effect(prob.mean(dim=0)), rtol=1e-9, atol=1e-12)
+
+
+def test_module_exact_vs_reference_within_the_clamp_bound() -> None:
+    """Through LFQ in float32: the same bound, plus float32 rounding of the entropies."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 10)
+    terms = {}
+    for mode in ("exact", "reference"):
+        _, terms[mode] = LFQ(dim=10, entropy_mode=mode)(x, inv_temperature=100.0, return_loss_breakdown=True)
+    bound = 2**10 * REFERENCE_LOG_CLAMP / math.e
+    for name in ("per_sample_entropy", "batch_entropy"):
+        gap = (getattr(terms["exact"], name) - getattr(terms["reference"], name)).item()
+        assert -1e-4 <= gap <= bound + 1e-4, (name, gap, bound)
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.4])
+def test_module_masks_and_subsets_match_dense(frac: float) -> None:
+    """LFQ's default (exact) entropies of the kept, subsampled tokens equal the dense ones.
+
+    The module computes in float32, so values are compared to float32 precision and the
+    gradient wrt the input against the dense float64 gradient.
+    """
+    num_codebooks, num_bits, seed = 2, 6, 11
+    lfq = LFQ(
+        dim=num_codebooks * num_bits, codebook_size=2**num_bits, num_codebooks=num_codebooks,
+        frac_per_sample_entropy=frac,
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 20, num_codebooks * num_bits, generator=gen) * 0.05).requires_grad_()
+    mask = torch.rand(3, 20, generator=gen) < 0.6
+
+    torch.manual_seed(seed)  # the subset is drawn from the global generator, as in the reference
+    _, breakdown = lfq(x, inv_temperature=3.0, return_loss_breakdown=True, mask=mask)
+    (breakdown.per_sample_entropy - 0.7 * breakdown.batch_entropy).backward()
+
+    x64 = x.detach().double().requires_grad_()
+    tokens = x64.reshape(3, 20, num_codebooks, num_bits)[mask]
+    torch.manual_seed(seed)
+    subset = sample_token_subset(tokens.shape[0], frac, tokens.device)
+    tokens = tokens if subset is None else tokens[subset]
+    assert 0 < tokens.shape[0] < 60
+    per_sample, batch = dense_entropy(inputs_of(tokens, 3.0, 1.0))
+    (per_sample.mean() - 0.7 * batch.mean()).backward()
+
+    assert breakdown.per_sample_entropy.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert breakdown.batch_entropy.item() == pytest.approx(batch.mean().item(), rel=1e-5)
+    assert x64.grad.abs().max() > 0
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_is_finite_when_codes_have_zero_average() -> None:
+    """Saturated float32 bits leave codes whose average probability is exactly 0; their
+    0 log 0 must contribute 0 to the gradient, not inf * 0 = NaN."""
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(8, 1, 12, generator=gen) * 2).requires_grad_()
+    logits = z * 400.0
+    assert (subcode_gram(logits.detach()) == 0).any()
+    terms = exact_entropy(EntropyInputs(z, 100.0, 1.0, torch.empty(0)))
+    (terms.per_sample_entropy - terms.batch_entropy).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(terms.batch_entropy)
+    assert entropy_from_gram(torch.zeros(1, 2, 2), 1.0).item() == 0.0
+
+
+def test_group_is_an_upper_bound_and_exact_with_one_group() -> None:
+    gen = torch.Generator().manual_seed(5)
+    # Correlated bits (shared latent), so the groups are far from independent.
+    z = (torch.randn(40, 2, 1, generator=gen) + 0.3 * torch.randn(40, 2, 10, generator=gen)).to(F64)
+    inputs = inputs_of(z, 2.0, 1.0)
+    exact = exact_entropy(inputs)
+    one_group = group_entropy(inputs, group_bits=10)
+    torch.testing.assert_close(one_group.batch_by_codebook, exact.batch_by_codebook, rtol=1e-12, atol=1e-12)
+    for group_bits in (1, 3, 5):
+        grouped = group_entropy(inputs, group_bits=group_bits)
+        assert (grouped.batch_by_codebook > exact.batch_by_codebook + 1e-3).all()
+        torch.testing.assert_close(grouped.per_sample_entropy, exact.per_sample_entropy)
+    # One-bit groups: the sum of the binary entropies of each bit's mean probability.
+    mean_p = torch.sigmoid(4 * 2.0 * z).mean(dim=0)
+    per_bit = -(mean_p * mean_p.log() + (1 - mean_p) * (1 - mean_p).log()).sum(dim=-1)
+    torch.testing.assert_close(group_entropy(inputs, group_bits=1).batch_by_codebook, per_bit)
+
+
+def test_bit_groups_cover_the_bits_evenly() -> None:
+    assert bit_groups(25, 16) == [(0, 12), (12, 25)]
+    assert bit_groups(10, 16) == [(0, 10)]
+    assert bit_groups(9, 3) == [(0, 3), (3, 6), (6, 9)]
+
+
+def test_exact_switches_to_group_above_the_limit_with_a_warning() -> None:
+    num_bits = EXACT_MAX_BITS + 1
+    z = torch.randn(4, 1, num_bits, dtype=F64).requires_grad_()
+    inputs = EntropyInputs(z, 1.0, 1.0, torch.empty(0))
+    with pytest.warns(UserWarning, match="UPPER BOUND"):
+        terms = exact_entropy(inputs)
+    torch.testing.assert_close(terms.batch_entropy, group_entropy(inputs).batch_entropy)
+    terms.batch_entropy.backward()
+    assert torch.isfinite(z.grad).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # below the limit: no warning
+        exact_entropy(EntropyInputs(z.detach()[..., :10], 1.0, 1.0, torch.empty(0)))
+
+
+def test_kernels_are_registered() -> None:
+    assert {"reference", "exact", "group"} <= set(ENTROPY_KERNELS)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: exact_entropy(EntropyInputs(torch.zeros(4, 3), 1.0, 1.0, torch.empty(0))), "shape"),
+        (lambda: exact_entropy(EntropyInputs(torch.zeros(0, 1, 3), 1.0, 1.0, torch.empty(0))), "at least one token"),
+        (lambda: exact_entropy(EntropyInputs(torch.zeros(4, 1, 3), 1.0, 1.0, torch.empty(0)), chunk_tokens=0), "chunk_tokens"),
+        (lambda: group_entropy(EntropyInputs(torch.zeros(4, 1, 3), 1.0, 1.0, torch.empty(0)), group_bits=0), "group_bits"),
+    ],
+)
+def test_bad_input_raises(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
