@@ -1,0 +1,169 @@
+"""The job callable: one run of a sweep, resumable, claimed so it never runs twice at once.
+
+What is pickled for submitit is only the run's config (a plain dict) and its folder; the
+trainer is imported when the job starts. On a timeout or preemption signal submitit calls
+``checkpoint()``, which hands back a fresh copy of the job; the requeued job calls
+``experiments.train.run`` again, which resumes from the folder's ``checkpoint.pt``.
+
+The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held while the run trains. The
+kernel drops it when the process dies, however it dies (scancel, OOM kill, node reboot), so a
+stale claim cannot block a resubmission; a second job that finds it held returns at once
+(status ``skipped``). ``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import submitit
+
+LOCK_NAME = ".lock"
+CLAIM_NAME = ".claim"
+SWEEP_META = "_sweep"  # the sweep's own folder, next to its run folders
+EVENTS_NAME = "events.jsonl"
+CLAIM_TRIES = 10
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line in one write(): O_APPEND keeps concurrent writers' lines whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def job_id_here() -> str:
+    """The scheduler's id of the job this process belongs to ('' outside submitit)."""
+    with contextlib.suppress(RuntimeError, KeyError):
+        return str(submitit.JobEnvironment().job_id)
+    return ""
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[bool]:
+    """Yields True while this process holds the run's claim, False if someone else holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        # a few tries: slurm.status probes the lock by taking it for a few microseconds, while a real
+        # holder keeps it for the whole run
+        for attempt in range(CLAIM_TRIES):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == CLAIM_TRIES - 1:
+                    yield False
+                    return
+                time.sleep(0.1)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id_here(), "since": time.time()}
+        tmp = run_dir / f"{CLAIM_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, run_dir / CLAIM_NAME)
+        yield True
+    finally:
+        handle.close()  # releases the flock
+
+
+def is_claimed(run_dir: Path) -> bool:
+    """Whether a live process holds the run's claim (a probe: takes and drops the lock at once)."""
+    path = run_dir / LOCK_NAME
+    if not path.exists():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def read_claim(run_dir: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((run_dir / CLAIM_NAME).read_text())
+    return {}
+
+
+def _set_threads(threads: int | None) -> None:
+    # torch uses every core of the node by default; several runs sharing a node would oversubscribe it
+    if not threads:
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) or None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Trains one config in its run folder; the only state is the config dict and the folder."""
+
+    def __init__(self, config: dict[str, Any], run_dir: str, threads: int | None = None) -> None:
+        self.config = config
+        self.run_dir = str(run_dir)
+        self.threads = threads
+
+    def __call__(self) -> dict[str, Any]:
+        from experiments import run_dir as run_folder  # lazily: the job pickle stays small and import-free
+        from experiments.config import Config
+        from experiments.train import run
+
+        run_dir = Path(self.run_dir)
+        run_id = run_dir.name
+        events = run_dir.parent / SWEEP_META / EVENTS_NAME
+        if run_folder.is_done(run_dir):
+            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+        with claim(run_dir) as held:
+            if not held:
+                owner = read_claim(run_dir)
+                print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
+                return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
+            if run_folder.is_done(run_dir):  # finished while this job waited in the queue
+                return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            base = {"run_id": run_id, "job_id": job_id_here(), "pid": os.getpid(), "host": socket.gethostname()}
+            append_jsonl(events, {**base, "event": "start", "time": time.time(), "restart": restarts})
+            print(f"[job] {run_id}: start in {run_dir} (job {base['job_id'] or '-'}, restart {restarts})", flush=True)
+            _set_threads(self.threads)
+            status = "error"
+            try:
+                summary = run(Config.from_dict(self.config), run_dir)
+                status = str(summary.get("status"))
+                return summary
+            except (SystemExit, KeyboardInterrupt):
+                status = "interrupted"  # submitit's requeue handler exits from inside the training step
+                raise
+            finally:
+                # every attempt leaves a start/end pair: status and tests read requeues from them
+                append_jsonl(events, {**base, "event": "end", "time": time.time(), "status": status})
+                print(f"[job] {run_id}: end ({status})", flush=True)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # a fresh copy: the requeued job resumes from the run folder's checkpoint, not from pickled state
+        return submitit.helpers.DelayedSubmission(RunJob(self.config, self.run_dir, self.threads))
+
+    def __repr__(self) -> str:
+        return f"RunJob({self.run_dir!r})"
+
+
+def main() -> None:
+    """``python -m slurm.job`` reads {"config", "run_dir", "threads"} as JSON on stdin: the local pool's worker."""
+    spec = json.load(sys.stdin)
+    summary = RunJob(spec["config"], spec["run_dir"], spec.get("threads"))()
+    sys.exit(0 if summary.get("status") in ("done", "skipped") else 1)
+
+
+if __name__ == "__main__":
+    main()

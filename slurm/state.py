@@ -1,0 +1,265 @@
+"""Where a sweep stands: its folder's records, and each run's state.
+
+Layout of ``results/<sweep>/``::
+
+    <run_id>/                 run folders (experiments.run_dir), plus .lock/.claim (slurm.job)
+    _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
+    _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time
+    _sweep/events.jsonl       start/end of each job attempt (slurm.job) and local exits (slurm.local)
+    _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
+    _sweep/trash/             run folders set aside by ``submit --force``
+
+A run's state comes from its folder first (DONE, summary.json, a held claim) and from the
+scheduler second (squeue and sacct; the local pool's lock), because only the folder survives a
+wiped cluster or a job killed from outside, and only the scheduler knows a job not started yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from submitit.core.utils import JobPaths
+from submitit.slurm.slurm import read_job_id
+
+from experiments import run_dir as run_folder
+from slurm.job import EVENTS_NAME, SWEEP_META, is_claimed, read_claim
+from slurm.local import pool_alive
+
+STATES = ("pending", "running", "done", "failed", "cancelled", "missing")
+RESUBMITTABLE = ("failed", "cancelled", "missing")
+SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "CONFIGURING"}
+SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+SLURM_CANCELLED = {"CANCELLED", "REVOKED"}
+JUST_SUBMITTED_S = 60  # a job younger than this that no scheduler command lists yet is still in flight
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    root: Path  # results/<sweep>
+
+    @property
+    def meta(self) -> Path:
+        return self.root / SWEEP_META
+
+    @property
+    def runs_json(self) -> Path:
+        return self.meta / "runs.json"
+
+    @property
+    def jobs_jsonl(self) -> Path:
+        return self.meta / "jobs.jsonl"
+
+    @property
+    def events_jsonl(self) -> Path:
+        return self.meta / EVENTS_NAME
+
+    @property
+    def submissions(self) -> Path:
+        return self.meta / "submissions"
+
+    def read_runs(self) -> dict[str, dict[str, Any]]:
+        return run_folder.read_json(self.runs_json) or {}
+
+    @property
+    def sweep_json(self) -> Path:
+        return self.meta / "sweep.json"
+
+    def add_runs(self, runs: dict[str, dict[str, Any]], sweep: dict[str, Any]) -> None:
+        """Remember the runs (and the sweep's resources) so status and --resubmit work from the folder alone."""
+        # callers serialise submissions per sweep (slurm.submit takes the sweep lock)
+        run_folder.atomic_write_json(self.runs_json, {**self.read_runs(), **runs})
+        run_folder.atomic_write_json(self.sweep_json, sweep)
+
+    def read_sweep(self) -> dict[str, Any]:
+        return run_folder.read_json(self.sweep_json) or {}
+
+    def latest_jobs(self) -> dict[str, dict[str, Any]]:
+        """The last submission record of each run."""
+        return {r["run_id"]: r for r in run_folder.read_jsonl(self.jobs_jsonl) if "run_id" in r}
+
+    def events(self) -> list[dict[str, Any]]:
+        return run_folder.read_jsonl(self.events_jsonl)
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    state: str  # one of STATES
+    cluster: str = ""
+    job_id: str = ""
+    detail: str = ""  # scheduler state, claim owner, step reached, or the last lines of an error
+
+
+def scheduler_states(job_ids: Iterable[str]) -> dict[str, str]:
+    """SLURM state of each job (array task ids like '12_3' included); jobs it does not know are absent.
+
+    sacct knows finished jobs (with accounting on); squeue knows queued and running ones at once.
+    """
+    ids = sorted({j.split("_")[0] for j in job_ids if j})
+    if not ids:
+        return {}
+    states: dict[str, str] = {}
+    commands = (["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
+                # not -j: squeue fails outright when one of the ids has already left the queue
+                ["squeue", "-h", "-r", "--me", "-o", "%i|%T|%r"])
+    # both: slurmdbd learns of a new job a little after slurmctld (squeue) does, and squeue forgets it
+    # soon after it ends; for jobs both know, squeue (the controller) is the fresher
+    for command in commands:
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in out.splitlines():
+            job, _, state = line.strip().partition("|")
+            state, _, reason = state.partition("|")
+            if not job or "." in job or job.split("_")[0] not in ids:
+                continue
+            state = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+            if reason and reason != "None":  # why it waits, e.g. PartitionConfig: no node can ever run it
+                state = f"{state} ({reason})"
+            for parts in read_job_id(job):  # expands pending array ranges like 12_[3-5%2]
+                if len(parts) == 1:
+                    states[parts[0]] = state
+                else:
+                    first = int(parts[1])
+                    last = int(parts[2]) if len(parts) > 2 else first
+                    for k in range(first, last + 1):
+                        states[f"{parts[0]}_{k}"] = state
+    return states
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    # submitit's own log lines and traceback carets are not the error; keep the lines that are
+    kept = [t for t in text if t.strip(" ^~") and "submitit" not in t.split(" - ")[0]]
+    return "\n".join(kept[-lines:])
+
+
+def _error_tail(record: dict[str, Any], exit_event: dict[str, Any] | None) -> str:
+    if exit_event and exit_event.get("log"):
+        return tail(Path(exit_event["log"]))
+    folder = record.get("folder")
+    if folder and record.get("job_id"):
+        return tail(JobPaths(folder, job_id=record["job_id"], task_id=0).stderr)
+    return ""
+
+
+def _progress(run_dir: Path) -> str:
+    config = run_folder.read_json(run_dir / run_folder.CONFIG)
+    if config is None:
+        return ""
+    return "started; resumes from its checkpoint" if (run_dir / run_folder.CHECKPOINT).exists() else "started"
+
+
+def run_states(folder: SweepFolder, run_ids: Iterable[str] | None = None) -> list[RunState]:
+    """The state of each run (of ``run_ids``, or every run the sweep folder knows)."""
+    runs = folder.read_runs()
+    ids = list(run_ids) if run_ids is not None else list(runs)
+    jobs = folder.latest_jobs()
+    exits = {e["run_id"]: e for e in folder.events() if e.get("event") == "exit"}
+    slurm_ids = [jobs[r]["job_id"] for r in ids if r in jobs and jobs[r].get("cluster") == "slurm"]
+    sched = scheduler_states(slurm_ids)
+    out: list[RunState] = []
+    for run_id in ids:
+        run_dir = folder.root / run_id
+        summary = run_folder.read_summary(run_dir) or {}
+        rec = jobs.get(run_id, {})
+        job_id = str(rec.get("job_id", ""))
+        name, detail = _classify(run_dir, summary, rec, sched.get(job_id, ""), exits.get(run_id))
+        out.append(RunState(run_id, name, rec.get("cluster", ""), job_id, detail))
+    return out
+
+
+def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched: str,
+              exit_event: dict[str, Any] | None) -> tuple[str, str]:
+    """(state, detail) of one run; the folder first, the scheduler second (``sched``: 'PENDING (Reason)')."""
+    code = sched.split(" ")[0]
+    failed_reason = ""
+    if summary.get("status") == "failed":  # the trainer's reason, then its traceback's last lines
+        failed_reason = "\n".join(x for x in (str(summary.get("reason", "")).strip(),
+                                               str(summary.get("error", "")).strip()) if x)
+    if run_folder.is_done(run_dir):
+        return ("failed", failed_reason) if failed_reason else ("done", f"step {summary.get('step', '?')}")
+    if is_claimed(run_dir):
+        claim = read_claim(run_dir)
+        return ("running", f"pid {claim.get('pid')} on {claim.get('host')}")
+    cluster = rec.get("cluster", "")
+    # a resubmitted run waits in the queue with its old failed summary: the queue wins
+    if cluster == "slurm" and code in SLURM_PENDING | SLURM_RUNNING:
+        return ("pending" if code in SLURM_PENDING else "running", sched)
+    if cluster == "slurm" and not code and time.time() - rec.get("time", 0) < JUST_SUBMITTED_S:
+        return ("pending", "just submitted")
+    local_exited = bool(exit_event) and exit_event.get("time", 0) >= rec.get("time", 0)
+    if cluster == "local" and not local_exited and (
+            pool_alive(Path(rec.get("pool_lock", "/nonexistent")))
+            or _controller_alive(rec.get("job_id", ""), rec.get("time", 0))):
+        return ("pending", f"waiting in the local pool (pid {_read_pid(rec.get('pool_lock', ''))})")
+    if failed_reason:
+        return ("failed", failed_reason)
+    if not rec:
+        return ("missing", _progress(run_dir) or "never submitted")
+    if cluster == "slurm":
+        if code in SLURM_CANCELLED:
+            return ("cancelled", sched)
+        why = f"job {sched}" if sched else "job unknown to the scheduler"
+        err = _error_tail(rec, None)
+        return ("failed", f"{why}, run not done" + (f"\n{err}" if err else ""))
+    if cluster == "local":
+        if not local_exited:
+            return ("cancelled", "local pool ended before the run started")
+        exitcode = exit_event.get("exitcode") if exit_event else None
+        if isinstance(exitcode, int) and exitcode < 0:
+            return ("cancelled", f"killed by signal {-exitcode}")
+        err = _error_tail(rec, exit_event)
+        return ("failed", f"exit code {exitcode}" + (f"\n{err}" if err else ""))
+    return ("failed", "in-process run ended without DONE")  # debug: what it left is all there is
+
+
+def _read_pid(path: str) -> str:
+    try:
+        return Path(path).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _controller_alive(pid: str, submitted_at: float) -> bool:
+    """submitit's local controller, in the second before its pool takes the pool lock.
+
+    Alive = the pid exists, is not a zombie, and started when the job was submitted (so a reused
+    pid does not count). Not the command line: it reads empty for a moment right after exec.
+    """
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, ValueError, StopIteration):
+        return False
+    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    state, start_ticks = fields[0], int(fields[19])
+    started = btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    return state not in ("Z", "X") and abs(started - submitted_at) < 120
+
+
+def in_flight(states: Iterable[RunState]) -> set[str]:
+    return {s.run_id for s in states if s.state in ("pending", "running")}
+
+
+def summarise(states: Iterable[RunState]) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    for s in states:
+        counts[s.state] += 1
+    return counts
+
+
+def dump_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)

@@ -1,0 +1,142 @@
+"""--cluster local (a throttled pool on this machine) and --cluster debug (in-process), on real smoke runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from slurm_helpers import wait_until, write_sweep
+
+from experiments import run_dir as run_folder
+from experiments.config import load_config
+from slurm.job import RunJob, claim, is_claimed
+from slurm.local import machine_cpus, machine_mem_gb, pool_size
+from slurm.state import SweepFolder, run_states
+from slurm.status import main as status_main
+from slurm.submit import submit_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def _intervals(*folders: Path) -> list[tuple[float, float, str]]:
+    """(start, end, run) of every attempt recorded by the jobs in these sweep folders."""
+    out = []
+    for folder in folders:
+        events = run_folder.read_jsonl(folder / "_sweep" / "events.jsonl")
+        starts = {(e["run_id"], e["pid"]): e["time"] for e in events if e["event"] == "start"}
+        out += [(starts[(e["run_id"], e["pid"])], e["time"], e["run_id"]) for e in events if e["event"] == "end"]
+    return sorted(out)
+
+
+def test_pool_size_fits_the_machine() -> None:
+    cpus = machine_cpus()
+    assert pool_size(100, 1, None) == cpus
+    assert pool_size(100, cpus, None) == 1
+    assert pool_size(100, 1, 1) == 1
+    assert pool_size(2, 1, 64) == min(2, cpus)
+    assert pool_size(100, 1, None, mem_gb=machine_mem_gb() / 1.5) == 1  # memory caps it too
+
+
+def test_local_runs_no_more_at_once_than_the_machine_takes(tmp_path: Path) -> None:
+    # each run asks for every CPU: the pool runs them one at a time, and a second sweep submitted
+    # alongside waits for the machine-wide CPU slots instead of doubling the load
+    cpus = machine_cpus()
+    a = write_sweep(tmp_path, "local_a", grid={"quantizer.diversity_gamma": [0.5, 2.0]},
+                    resources={"profile": "default", "cpus": cpus})
+    b = write_sweep(tmp_path, "local_b", seeds=[3], resources={"profile": "default", "cpus": cpus})
+    results = tmp_path / "results"
+    ra = submit_sweep(a, results=results, overrides=["scale=smoke"])
+    again = submit_sweep(a, results=results, overrides=["scale=smoke"])  # while A is in flight
+    rb = submit_sweep(b, results=results, overrides=["scale=smoke"])
+    assert len(ra.submitted) == 2 and len(rb.submitted) == 1
+    assert again.submitted == [] and sorted(again.in_flight) == sorted(ra.submitted)
+    fa, fb = SweepFolder(ra.folder), SweepFolder(rb.folder)
+    ids_a, ids_b = ra.submitted, rb.submitted
+    wait_until(lambda: all(s.state == "done" for s in run_states(fa, ids_a) + run_states(fb, ids_b)), 240,
+               "3 local smoke runs DONE")
+    spans = _intervals(ra.folder, rb.folder)
+    assert len(spans) == 3, spans
+    for (_, end, run), (start, _, nxt) in zip(spans, spans[1:], strict=False):
+        assert start >= end, f"{nxt} started at {start:.2f} before {run} ended at {end:.2f}: throttle broken"
+    assert "1 at a time" in (ra.submission_dir / f"{ra.jobs[0].job_id}_0_log.out").read_text()
+    for folder, run_id in [(ra.folder, r) for r in ids_a] + [(rb.folder, r) for r in ids_b]:
+        summary = run_folder.read_summary(folder / run_id)
+        assert summary is not None and summary["status"] == "done" and summary["step"] == 30
+
+
+def test_debug_runs_in_process_and_status_shows_the_failure(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    # lr=1e12 makes the loss non-finite at once: a real, deterministic failure of the trainer
+    sweep = write_sweep(tmp_path, "dbg", zip={"optim.lr": [1e-3, 1e12], "optim.grad_clip": [1.0, 0.0]},
+                        overrides=["optim.min_lr=0"])
+    results = tmp_path / "results"
+    r = submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"])
+    assert len(r.submitted) == 2  # returns after both ran, in this process
+    good, bad = r.submitted
+    assert run_folder.is_done(r.folder / good) and not run_folder.is_done(r.folder / bad)
+    states = {s.run_id: s for s in run_states(SweepFolder(r.folder), r.submitted)}
+    assert states[good].state == "done"
+    assert states[bad].state == "failed" and "non-finite loss" in states[bad].detail
+    capsys.readouterr()
+    assert status_main([str(r.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 1 failed (of 2)" in out and "non-finite loss" in out
+    # --resubmit takes exactly the failed run (which fails again: the config is the cause)
+    jobs_before = len(run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl"))
+    assert status_main([str(r.folder), "--resubmit", "--cluster", "debug"]) == 0
+    records = run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
+    assert [rec["run_id"] for rec in records[jobs_before:]] == [bad]
+    assert json.loads((r.folder / bad / "summary.json").read_text())["status"] == "failed"
+
+
+def test_killing_the_local_pool_cancels_its_runs_and_resubmit_finishes_them(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    sweep = write_sweep(tmp_path, "killed", seeds=[0, 1], resources={"profile": "default", "cpus": machine_cpus()})
+    r = submit_sweep(sweep, results=tmp_path / "results", overrides=["scale=smoke"])
+    folder = SweepFolder(r.folder)
+    first = r.submitted[0]
+    wait_until(lambda: run_states(folder, [first])[0].state == "running", 120, "the first run to start")
+    pool_pid = int((r.submission_dir / "pool.lock").read_text())
+    os.kill(pool_pid, signal.SIGTERM)  # what `kill <pool pid>` (shown by slurm.status) does
+    wait_until(lambda: {s.state for s in run_states(folder, r.submitted)} == {"cancelled"}, 60,
+               "both runs cancelled (the running one killed, the queued one never started)")
+    assert not any(run_folder.is_done(r.folder / run_id) for run_id in r.submitted)
+    capsys.readouterr()
+    assert status_main([str(r.folder), "--resubmit", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cancelled (of 2)" in out and "2 to submit" in out and "2 done" in out
+    assert all(run_folder.is_done(r.folder / run_id) for run_id in r.submitted)
+
+
+def test_a_claimed_run_is_not_started_twice(tmp_path: Path) -> None:
+    config = load_config({"task": "synthetic"}, ["scale=smoke"])
+    run_dir = tmp_path / "sweep" / config.run_id
+    job = RunJob(config.to_dict(), str(run_dir), threads=1)
+    with claim(run_dir) as held:  # as a job running this run elsewhere would hold it
+        assert held and is_claimed(run_dir)
+        assert job()["status"] == "skipped"
+        assert not (run_dir / "config.json").exists()  # the trainer never started
+    assert not is_claimed(run_dir)  # released with the holder
+    assert job()["status"] == "done" and run_folder.is_done(run_dir)
+    # checkpoint() hands back a fresh job holding only the config and the folder
+    again = job.checkpoint()
+    assert again.function is not job and vars(again.function) == vars(job)
+
+
+def test_force_reruns_a_done_run_from_scratch_and_keeps_the_old_folder(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, "forced")
+    results = tmp_path / "results"
+    first = submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"])
+    (run_id,) = first.submitted
+    assert submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"]).submitted == []
+    again = submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"], force=True,
+                         only=[run_id])
+    assert again.submitted == [run_id] and run_folder.is_done(first.folder / run_id)
+    (old,) = (first.folder / "_sweep" / "trash").iterdir()
+    assert old.name.startswith(run_id) and run_folder.is_done(old)
+    same = ("final_val_mse", "final_usage_fraction", "step")  # the rerun is the same pure function of its config
+    assert [run_folder.read_summary(old)[k] for k in same] == [run_folder.read_summary(first.folder / run_id)[k]
+                                                                 for k in same]
