@@ -6,12 +6,28 @@ A run is a pure function of its (resolved) config: the same config and seed give
 metrics, and a run killed at any point and started again ends with the same summary as one
 that was never interrupted (only ``wall_time_s`` differs). The loop below is shared by every
 task; a task (``experiments/tasks/``) only builds the dataset and the model.
+
+Data parallel (inside an initialised process group of W > 1 ranks; ``experiments.distributed``):
+- every rank draws the whole global batch of ``data.batch_size`` from the same data RNG and
+  trains on its contiguous 1/W of it, so the ranks' shards together are exactly the
+  single-process batch (batch_size must divide by W: ValueError otherwise). Equal shards and
+  local means: DDP's gradient average of the local-mean reconstruction losses is the
+  gradient of the global mean; ``lfq.LFQ``'s entropy and commitment terms are global
+  already and need no scaling. Results match one process up to float summation order;
+- the logged losses are means over the ranks (one all_reduce per step, which also makes the
+  non-finite check agree on every rank, so no rank is left waiting in a collective);
+- validation is sharded (``tensor_split`` of the validation set) and the squared errors are
+  summed over the ranks; every rank runs eval passes, as the monitor's collective needs;
+- rank 0 alone writes the run folder (config, metrics, checkpoint, summary, DONE); the
+  checkpoint holds every rank's torch RNG state, a barrier follows each save, and every rank
+  resumes from the same file. Every rank returns rank 0's summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import traceback
@@ -21,7 +37,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from experiments import distributed as ddp
 from experiments.config import Config, ConfigError, load_config
 from experiments.run_dir import RunDir, truncate_jsonl
 from experiments.tasks import get_task
@@ -47,13 +65,17 @@ def lr_at(step: int, config: Config) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: torch.Tensor) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, val: torch.Tensor, device: torch.device | None = None) -> dict[str, float]:
+    """Mean squared error and PSNR on ``val``; data parallel, each rank takes its shard of it."""
     model.eval()
+    shard = val.tensor_split(ddp.world_size())[ddp.rank()]
     squared_error = 0.0
-    for i in range(0, len(val), VAL_BATCH):
-        batch = val[i:i + VAL_BATCH]
+    for i in range(0, len(shard), VAL_BATCH):
+        batch = shard[i:i + VAL_BATCH].to(device or val.device)
         squared_error += F.mse_loss(model(batch).recon, batch, reduction="sum").item()
     model.train()
+    if ddp.is_distributed():
+        squared_error = ddp.all_sum(torch.tensor(squared_error, dtype=torch.float64)).item()
     mse = squared_error / val.numel()
     psnr = 10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else math.inf
     return {"val_mse": mse, "val_psnr": psnr}
@@ -125,6 +147,11 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     """
     config = config.resolved()
     run_id = config.run_id
+    world, main, device = ddp.world_size(), ddp.is_main(), ddp.device()
+    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
+    if config.data.val_size < world:
+        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
+                         f"every rank needs a validation shard")
     rd = RunDir(run_dir)
     existing = rd.read_config()
     if existing is not None and existing.get("run_id") != run_id:
@@ -132,9 +159,12 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                           f"use a fresh folder (the default is <out>/<run_id>)")
     if rd.is_done():
         return rd.read_summary() or {}
-    rd.path.mkdir(parents=True, exist_ok=True)
-    rd.write_config(config.to_dict(), run_id)
-    rd.summary.unlink(missing_ok=True)  # a stale 'failed' from an earlier attempt; rewritten at the end
+    if main:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_config(config.to_dict(), run_id)
+        rd.summary.unlink(missing_ok=True)  # a stale 'failed' from an earlier attempt; rewritten at the end
+    if device.type == "cuda":  # deterministic cuBLAS; must be set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     t_start = time.perf_counter()
     progress: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "best_val_mse": None, "best_val_psnr": None,
@@ -149,7 +179,10 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
         data_rng = torch.Generator().manual_seed(config.seed)
         task = get_task(config.task)
         dataset = task.build_dataset(config)
-        model = task.build_model(config)
+        model = task.build_model(config).to(device)
+        # DDP averages gradients over the ranks; the checkpoint holds the bare model's state.
+        net = model if world == 1 else DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
         o = config.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                       weight_decay=o.weight_decay)
@@ -172,14 +205,20 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            torch.set_rng_state(checkpoint["torch_rng"])
+            by_rank = checkpoint.get("torch_rng_by_rank")  # LFQ's token subsets differ per rank
+            torch.set_rng_state(by_rank[ddp.rank()] if by_rank and len(by_rank) == world else checkpoint["torch_rng"])
+            cuda_rng = checkpoint.get("cuda_rng_by_rank")  # LFQ draws subsets on the tokens' device
+            if device.type == "cuda" and cuda_rng and len(cuda_rng) == world:
+                torch.cuda.set_rng_state(cuda_rng[ddp.rank()])
             data_rng.set_state(checkpoint["data_rng"])
             monitor.load_state_dict(checkpoint["monitor"])
             progress = checkpoint["progress"]
-            print(f"[{run_id}] resuming from the checkpoint of step {progress['step']}", flush=True)
-        # Rows past the checkpoint (or all rows, with none) will be written again from here.
-        truncate_jsonl(rd.metrics, progress["step"])
-        truncate_jsonl(rd.histograms, progress["step"])
+            if main:
+                print(f"[{run_id}] resuming from the checkpoint of step {progress['step']}", flush=True)
+        if main:  # rows past the checkpoint (or all rows, with none) will be written again from here
+            truncate_jsonl(rd.metrics, progress["step"])
+            truncate_jsonl(rd.histograms, progress["step"])
+        ddp.barrier()  # every rank starts from the same folder
         wall_before = progress["wall_time_s"]
 
         steps, batch_size = config.schedule.steps, config.data.batch_size
@@ -189,13 +228,16 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
             for group in optimizer.param_groups:
                 group["lr"] = lr
             monitor.set_step(step)
-            x = dataset.train_batch(data_rng, batch_size)
-            out = model(x)
+            x = dataset.train_batch(data_rng, batch_size)[rows].to(device)  # this rank's shard
+            out = net(x)
             recon_loss = F.mse_loss(out.recon, x)
             loss = recon_loss + out.aux_loss
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {step} "
-                                    f"(recon {recon_loss.item():.4g}, aux {out.aux_loss.item():.4g})")
+            logged = torch.stack([loss, recon_loss, out.aux_loss]).detach()
+            if world > 1:  # the global batch's means; a NaN on any rank is a NaN on all
+                logged = ddp.all_sum(logged) / world
+            if not torch.isfinite(logged[0]):
+                total, recon, aux = logged.tolist()
+                raise NonFiniteLoss(f"non-finite loss {total} at step {step} (recon {recon:.4g}, aux {aux:.4g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip > 0:
@@ -205,44 +247,59 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
 
             last = step == steps
             if step % lg.log_every == 0 or last:
-                progress["last_train"] = {"loss": loss.item(), "recon_loss": recon_loss.item(),
-                                          "aux_loss": out.aux_loss.item()}
-                metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"]}])
+                progress["last_train"] = dict(zip(("loss", "recon_loss", "aux_loss"), logged.tolist(), strict=True))
+                if main:
+                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"]}])
             if step % config.schedule.val_every == 0 or last:
-                val = evaluate(model, dataset.val)
-                metrics_sink([{"kind": "val", "step": step, **val}])
+                val = evaluate(model, dataset.val, device)
+                if main:
+                    metrics_sink([{"kind": "val", "step": step, **val}])
                 progress["last_val"] = val
                 if progress["best_val_mse"] is None or val["val_mse"] < progress["best_val_mse"]:
                     progress.update(best_val_mse=val["val_mse"], best_val_psnr=val["val_psnr"], best_val_step=step)
             progress["wall_time_s"] = wall_before + time.perf_counter() - t_start
             if step % config.schedule.checkpoint_every == 0 or last:
                 monitor.flush()  # rows up to this step are on disk before the checkpoint says so
-                rd.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(),
-                                    "monitor": monitor.state_dict(), "progress": progress, "run_id": run_id,
-                                    "step": step})
-            show(step, loss.item(), lr)
+                monitor_state = monitor.state_dict()  # on every rank: its flush joins the collective
+                rng_by_rank = ddp.all_gather(torch.get_rng_state()) if world > 1 else None
+                cuda_rng = ddp.all_gather(torch.cuda.get_rng_state()) if device.type == "cuda" else None
+                if main:
+                    rd.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "torch_rng": torch.get_rng_state(), "torch_rng_by_rank": rng_by_rank,
+                                        "cuda_rng_by_rank": cuda_rng,
+                                        "data_rng": data_rng.get_state(), "monitor": monitor_state,
+                                        "progress": progress, "run_id": run_id, "step": step})
+                ddp.barrier()  # no rank moves on (or dies) before the checkpoint exists
+            if main:
+                show(step, float(logged[0]), lr)
             if on_step is not None:
                 on_step(step)
 
-        summary = _summary(run_id, config, progress, "done", "")
-        rd.write_summary(summary)
-        rd.mark_done()  # last: a folder with DONE is complete
-        return summary
-    except NonFiniteLoss as e:
+        summary = None
+        if main:
+            summary = _summary(run_id, config, progress, "done", "")
+            rd.write_summary(summary)
+            rd.mark_done()  # last: a folder with DONE is complete
+        return ddp.broadcast(summary)  # rank 0's: the others' wall times and monitor rows differ
+    except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
         if monitor is not None:
             monitor.flush()
-        summary = _summary(run_id, config, progress, "failed", str(e))
-        rd.write_summary(summary)
-        return summary
+        summary = None
+        if main:
+            summary = _summary(run_id, config, progress, "failed", str(e))
+            rd.write_summary(summary)
+        return ddp.broadcast(summary)
     except Exception as e:
-        summary = _summary(run_id, config, progress, "failed", f"{type(e).__name__}: {e}")
-        summary["error"] = "".join(traceback.format_exception(e)[-8:])
-        rd.write_summary(summary)
+        if main:
+            summary = _summary(run_id, config, progress, "failed", f"{type(e).__name__}: {e}")
+            summary["error"] = "".join(traceback.format_exception(e)[-8:])
+            rd.write_summary(summary)
         raise
     finally:
         if monitor is not None:
-            monitor.detach()
+            # Under DDP no flush here: an erroring rank must not enter a collective the others may
+            # never join (the rows it drops are past the checkpoint and rewritten on resume).
+            monitor.detach(flush=world == 1)
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
 
@@ -281,10 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({**config.resolved().to_dict(), "run_id": config.run_id}, indent=2))
         print(f"run folder: {run_dir}")
         return 0
-    print(f"run folder: {run_dir}", flush=True)
-    summary = run(config, run_dir, num_threads=args.threads)
-    keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
-    print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
+    with ddp.process_group():  # data parallel under torchrun (RANK, WORLD_SIZE, ... set); else a no-op
+        if ddp.is_main():
+            print(f"run folder: {run_dir}", flush=True)
+        summary = run(config, run_dir, num_threads=args.threads)
+        keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
+        if ddp.is_main():
+            print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
     return 0 if summary.get("status") == "done" else 1
 
 

@@ -1,9 +1,11 @@
 """Code-usage statistics of one quantizer layer in one mode, kept on the layer's device.
 
-``lfq.monitor`` owns the hooks and the step bookkeeping; this module owns the numbers: what
-a step accumulates (``StepCounts``), the state that outlives a step (``CodeUsage``: last-used
-steps, histograms), the per-step statistics computed from them with device ops only, and
-the conversion of a flush's row tensors into flat records. The definitions of the columns
+``lfq.monitor`` owns the hooks and the step bookkeeping; this module owns which modules are
+watched (``is_quantizer``, ``LayerSpec``) and the numbers: what a step accumulates
+(``StepCounts``) and its sum over data-parallel ranks (``all_reduce_counts``), the state
+that outlives a step (``CodeUsage``: last-used steps, histograms), the per-step statistics
+computed from them with device ops only, and the conversion of a flush's row tensors into
+flat records. The definitions of the columns
 are in the ``lfq.monitor`` docstring.
 """
 
@@ -14,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+from lfq.quantizer import LFQ
 
 MODES = ("train", "eval")
 LOSS_FIELDS = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss")
@@ -28,6 +33,22 @@ NEVER = -(2**62)  # last_used of a code never seen: below any step minus any win
 Snapshot = tuple[int, str, str, int, Tensor]
 
 
+def is_quantizer(module: nn.Module) -> bool:
+    """An ``lfq.LFQ``, or a module that duck-types the quantizer protocol (module docstring)."""
+    if isinstance(module, LFQ):
+        return True
+    # getattr with a default: nn.Module.__getattr__ raises for missing attributes.
+    size = getattr(module, "codebook_size", None)
+    books = getattr(module, "num_codebooks", None)
+    keep = getattr(module, "keep_num_codebooks_dim", None)
+    return (
+        isinstance(size, int) and not isinstance(size, bool)
+        and isinstance(books, int) and not isinstance(books, bool)
+        and isinstance(keep, bool)
+        and hasattr(module, "last_stats")
+    )
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     name: str  # the module path, or lfq.monitor.ROOT_LAYER for the model itself
@@ -36,6 +57,20 @@ class LayerSpec:
     num_codebooks: int
     keep_num_codebooks_dim: bool
     bits: int | None  # bits per index, for bit balance; None: indices are not bit strings
+
+    @classmethod
+    def describe(cls, name: str, module: nn.Module) -> LayerSpec:
+        """The spec of a module that ``is_quantizer``; ValueError if the monitor cannot watch it."""
+        size, books = int(module.codebook_size), int(module.num_codebooks)
+        if size < 1 or books < 1:
+            raise ValueError(f"{name}: codebook_size and num_codebooks must be >= 1, got {size} and {books}")
+        if books > 1 and not module.keep_num_codebooks_dim:
+            raise ValueError(
+                f"{name}: num_codebooks={books} with keep_num_codebooks_dim=False leaves no codebook "
+                f"axis on the indices; the monitor needs keep_num_codebooks_dim=True"
+            )
+        bits = int(module.codebook_dim) if isinstance(module, LFQ) else None
+        return cls(name, module, size, books, bool(module.keep_num_codebooks_dim), bits)
 
 
 @dataclass
@@ -142,8 +177,12 @@ class CodeUsage:
         self.step.forward_passes += 1
         self.touched_since_snapshot = True
 
-    def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int) -> ClosedStep:
+    def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
+              summarize: bool = True) -> ClosedStep | None:
         """Fold the step's counts into the state and keep its raw sums for the next flush.
+
+        ``summarize=False`` (ranks other than 0, whose records go nowhere) only folds the
+        counts into the state and returns None.
 
         Only device ops, few of them, none reading back: everything that divides or takes a
         log of a sum is left to the host at flush time (``step_records``). The sums,
@@ -158,6 +197,9 @@ class CodeUsage:
             self.since_snapshot.add_(counts)
         used = counts > 0
         self.last_used.masked_fill_(used, step)
+        if not summarize:
+            acc.reset()
+            return None
 
         as_float = counts.float()
         parts = [
@@ -218,6 +260,24 @@ class CodeUsage:
             usage.since_snapshot.copy_(saved["since_snapshot"])
         usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
         return usage
+
+
+def all_reduce_counts(counts: list[Tensor]) -> None:
+    """Sum code counts over the ranks of the default process group, in place: one all_reduce per
+    device for all of them (per step, not per layer). No host sync: on NCCL it is enqueued on
+    the stream. Every rank must pass the same shapes in the same order, so the layouts agree.
+    Only counts are reduced: every usage statistic derives from them, bit balance included."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for c in counts:
+        by_device.setdefault(c.device, []).append(c)
+    for group in by_device.values():
+        if len(group) == 1:
+            dist.all_reduce(group[0])
+            continue
+        flat = torch.cat([c.reshape(-1) for c in group])
+        dist.all_reduce(flat)
+        for c, reduced in zip(group, flat.split([c.numel() for c in group]), strict=True):
+            c.copy_(reduced.view_as(c))
 
 
 def _to_host(tensors: list[Tensor]) -> list[list[float]]:

@@ -28,7 +28,8 @@ it); once ``log_every`` steps are closed, their records go to the sink.
 Cost. Per forward pass one ``scatter_add_`` into a (num_codebooks, codebook_size) count
 tensor; per closed step about 15 O(codebook_size) device ops, none reading back (about
 0.15 ms on one CPU core at 2^10 codes, 2 ms at 2^18; microseconds on a GPU); per flush one
-device-to-host transfer per device, plus one per histogram snapshot it carries.
+device-to-host transfer per device, plus one per histogram snapshot it carries. Under
+torch.distributed, one all_reduce of the counts per closed step (below).
 
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
@@ -56,8 +57,20 @@ tensor. With a ``histogram_sink``, after every step ``s`` with ``(s + 1) % histo
 ``{step, layer, codebook, codebook_size, mode, codes, counts}`` (layers not run since the
 previous snapshot are left out).
 
-Distributed data parallel is not implemented: ``reduce_step`` is the seam where a step's
-counts would be combined across ranks before its statistics are computed.
+Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
+rank (opt out with ``distributed=False``), the records describe the global batch: when a step
+closes, the code counts of every (layer, mode) it touched are summed over the ranks, in one
+``all_reduce`` per device for all layers at once (no host sync: NCCL enqueues it on the
+stream), before ``codes_used``, ``tokens``, ``perplexity``, ``usage_fraction``, ``dead_codes``,
+``bit_balance_mad`` and the histograms are derived from them, so every rank folds the same
+global counts into the same state and any rank's ``state_dict()`` resumes the run. The losses
+are not reduced: ``lfq.LFQ`` already reports those of the global batch, identical on every
+rank (a quantizer that reports per-rank losses gets rank 0's). ``forward_passes`` is rank 0's.
+Only rank 0 calls the sinks; the other ranks drop their records at each flush. The
+collective is why every rank must close the same (step, layer, mode)s in the same order: all
+ranks run the same layers in the same modes in each step (validation included, e.g. each on
+its shard) and call ``set_step``/``flush``/``state_dict``/``detach`` at the same points.
+``histogram()`` includes the current step's counts of this rank only (not reduced yet).
 
 Resuming: ``state_dict()`` first flushes, so the sink holds every record up to the
 checkpoint and the state holds no pending records; truncating the log to the checkpoint's
@@ -71,6 +84,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lfq.code_usage import (
@@ -82,10 +96,11 @@ from lfq.code_usage import (
     LayerSpec,
     Snapshot,
     StepCounts,
+    all_reduce_counts,
+    is_quantizer,
     snapshot_records,
     step_records,
 )
-from lfq.quantizer import LFQ
 from lfq.sinks import JsonlSink, MemorySink, Sink
 
 __all__ = ["LFQMonitor", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS", "is_quantizer"]
@@ -98,22 +113,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
-
-
-def is_quantizer(module: nn.Module) -> bool:
-    """An ``lfq.LFQ``, or a module that duck-types the quantizer protocol (module docstring)."""
-    if isinstance(module, LFQ):
-        return True
-    # getattr with a default: nn.Module.__getattr__ raises for missing attributes.
-    size = getattr(module, "codebook_size", None)
-    books = getattr(module, "num_codebooks", None)
-    keep = getattr(module, "keep_num_codebooks_dim", None)
-    return (
-        isinstance(size, int) and not isinstance(size, bool)
-        and isinstance(books, int) and not isinstance(books, bool)
-        and isinstance(keep, bool)
-        and hasattr(module, "last_stats")
-    )
 
 
 def _indices_of(output: Any) -> Tensor | None:
@@ -135,6 +134,7 @@ class LFQMonitor:
         dead_after: int = 100,  # steps without use after which a code is dead
         histogram_every: int = 500,  # steps between histogram snapshots (with histogram_sink)
         histogram_sink: Sink | None = None,  # receives the sparse histogram snapshots
+        distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -151,11 +151,15 @@ class LFQMonitor:
         self.usage_window = _positive_int("usage_window", usage_window)
         self.dead_after = _positive_int("dead_after", dead_after)
         self.histogram_every = _positive_int("histogram_every", histogram_every)
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None (automatic), True or False, got {distributed!r}")
+        self.distributed = distributed
+        self._world()  # distributed=True without a process group: fail here, not at the first step
 
         self._layers: dict[str, LayerSpec] = {}
         for path, module in model.named_modules():
             if is_quantizer(module):
-                self._layers[path or ROOT_LAYER] = self._describe(path or ROOT_LAYER, module)
+                self._layers[path or ROOT_LAYER] = LayerSpec.describe(path or ROOT_LAYER, module)
         if not self._layers:
             raise ValueError(
                 f"found no quantizer in {type(model).__name__}: expected an lfq.LFQ submodule, or one "
@@ -174,19 +178,6 @@ class LFQMonitor:
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for spec in self._layers.values():
             self._handles.append(spec.module.register_forward_hook(self._make_hook(spec), with_kwargs=True))
-
-    @staticmethod
-    def _describe(name: str, module: nn.Module) -> LayerSpec:
-        size, books = int(module.codebook_size), int(module.num_codebooks)
-        if size < 1 or books < 1:
-            raise ValueError(f"{name}: codebook_size and num_codebooks must be >= 1, got {size} and {books}")
-        if books > 1 and not module.keep_num_codebooks_dim:
-            raise ValueError(
-                f"{name}: num_codebooks={books} with keep_num_codebooks_dim=False leaves no codebook "
-                f"axis on the indices; the monitor needs keep_num_codebooks_dim=True"
-            )
-        bits = int(module.codebook_dim) if isinstance(module, LFQ) else None
-        return LayerSpec(name, module, size, books, bool(module.keep_num_codebooks_dim), bits)
 
     # ------------------------------------------------------------------ public API
 
@@ -218,6 +209,8 @@ class LFQMonitor:
         closed, self._pending_steps = self._pending_steps, []
         snapshots, self._pending_snapshots = self._pending_snapshots, []
         self._closed_unflushed = 0
+        if not self._is_main():  # rank > 0: same state, no output (and no device-to-host transfer)
+            return
         if closed:
             self.sink(step_records(closed))
         if snapshots and self.histogram_sink is not None:
@@ -237,15 +230,19 @@ class LFQMonitor:
                 total += (usage.histogram + usage.step.counts).cpu()
         return total
 
-    def reduce_step(self, layer: str, mode: str, counts: StepCounts) -> None:
-        """Combine ``counts`` across processes in place before the step's statistics are computed.
+    def _world(self) -> int:
+        """Ranks whose counts make up a step: the process group's size, or 1 (opted out / none)."""
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            if self.distributed is True:
+                raise RuntimeError(
+                    "LFQMonitor(distributed=True) needs an initialised torch.distributed process group; "
+                    "pass distributed=None to use one only when it exists"
+                )
+            return 1
+        return dist.get_world_size()
 
-        The seam for data parallelism; a single process has nothing to combine. A distributed
-        version all-reduces ``counts.counts`` (bit balance is derived from it),
-        ``counts.loss_sum`` and the pass counters. Every rank closes the same (step, layer, mode) in the same order
-        (watched layers in order, train before eval) provided all ranks run the same layers
-        in the same modes.
-        """
+    def _is_main(self) -> bool:
+        return self._world() == 1 or dist.get_rank() == 0
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume; flushes first (see the module docstring)."""
@@ -277,12 +274,17 @@ class LFQMonitor:
         self._pending_steps, self._pending_snapshots, self._closed_unflushed = [], [], 0
         self._last_stats_seen.clear()
 
-    def detach(self) -> None:
-        """Flush, then remove every hook this monitor registered. Idempotent."""
+    def detach(self, flush: bool = True) -> None:
+        """Flush, then remove every hook this monitor registered. Idempotent.
+
+        ``flush=False`` drops the unflushed steps instead: a rank unwinding from an error
+        must not enter a collective that the other ranks may never join.
+        """
         if not self._handles:
             return
         try:
-            self.flush()
+            if flush:
+                self.flush()
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -386,17 +388,18 @@ class LFQMonitor:
 
     def _close_step(self) -> None:
         """Turn the current step's counts into one pending ClosedStep per active (layer, mode)."""
-        step, closed = self._step, False
-        for name, spec in self._layers.items():
-            for mode in MODES:
-                usage = self._usage[name].get(mode)
-                if usage is None or usage.step.forward_passes == 0:
-                    continue
-                self.reduce_step(name, mode, usage.step)
-                self._pending_steps.append(usage.close(spec, mode, step, self.usage_window, self.dead_after))
-                closed = True
-        if not closed:
+        step = self._step
+        active = [(spec, mode, usage) for name, spec in self._layers.items() for mode in MODES
+                  if (usage := self._usage[name].get(mode)) is not None and usage.step.forward_passes > 0]
+        if not active:
             return
+        if self._world() > 1:
+            all_reduce_counts([usage.step.counts for _, _, usage in active])
+        summarize = self._is_main()  # only rank 0's records reach a sink
+        for spec, mode, usage in active:
+            closed = usage.close(spec, mode, step, self.usage_window, self.dead_after, summarize=summarize)
+            if closed is not None:
+                self._pending_steps.append(closed)
         self._closed_unflushed += 1
         if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
             for name, spec in self._layers.items():

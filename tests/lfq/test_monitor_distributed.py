@@ -1,0 +1,150 @@
+"""The monitor under torch.distributed: rank 0's records describe the global batch.
+
+Global (equal to one process monitoring the concatenation of every rank's batch): code
+counts, hence ``codes_used``, ``tokens``, ``perplexity``, ``usage_fraction``, ``dead_codes``,
+``bit_balance_mad`` and the histogram snapshots; the losses, because ``lfq.LFQ`` reports the
+global batch's. Only rank 0 calls the sinks; every rank holds the same state.
+
+Two gloo processes on the CPU, with different batch sizes and masks that keep different
+numbers of tokens per rank, two quantizer layers (one collective covers both), train and
+eval passes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from lfq import LFQ, LFQMonitor, MemorySink
+
+WORLD = 2
+BATCH = {0: 3, 1: 5}
+TOKENS, DIM = 6, 4
+STEPS = 6
+MONITOR = dict(log_every=2, usage_window=2, dead_after=3, histogram_every=2)
+EXACT = ("step", "layer", "codebook", "kind", "mode", "codebook_size", "codes_used", "tokens",
+         "usage_fraction", "dead_codes", "forward_passes")
+CLOSE = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss", "perplexity", "bit_balance_mad")
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = LFQ(dim=DIM, codebook_size=2**DIM)
+        self.second = LFQ(dim=DIM, codebook_size=2**2, num_codebooks=2)
+
+    def forward(self, x: Tensor, mask: Tensor) -> None:
+        self.first(x, mask=mask, inv_temperature=2.0)
+        self.second(x * 0.5 - 0.1, mask=mask, inv_temperature=2.0)
+
+
+def _batches(step: int) -> list[tuple[Tensor, Tensor]]:
+    """Per-rank (x, mask) of a step; rank 0 keeps about 30% of its tokens, rank 1 about 80%."""
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for rank in range(WORLD):
+        x = torch.randn(BATCH[rank], TOKENS, DIM, generator=g)
+        mask = torch.rand(BATCH[rank], TOKENS, generator=g) < (0.3 if rank == 0 else 0.8)
+        mask[0, 0] = True
+        out.append((x, mask))
+    return out
+
+
+def _drive(model: TwoLayers, monitor: LFQMonitor, rank: int | None) -> None:
+    """STEPS steps of training-mode passes, an eval pass every other step; ``rank`` None = all ranks' data."""
+    for step in range(STEPS):
+        monitor.set_step(step)
+        batches = _batches(step)
+        if rank is None:
+            x, mask = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        else:
+            x, mask = batches[rank]
+        model.train()(x, mask)
+        if step % 2 == 1:
+            model.eval()(x.flip(0), mask.flip(0))
+    monitor.flush()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = TwoLayers()
+        sink, histograms = MemorySink(), MemorySink()
+        monitor = LFQMonitor(model, sink, histogram_sink=histograms, **MONITOR)
+        _drive(model, monitor, rank)
+        state = monitor.state_dict()
+        monitor.detach()
+        local_sink = MemorySink()
+        opted_out = LFQMonitor(model, local_sink, distributed=False, **MONITOR)
+        model.train()(*_batches(0)[rank])
+        opted_out.detach()
+        torch.save({"records": sink.records, "histograms": histograms.records, "state": state,
+                    "local": local_sink.records}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_records_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) and want
+    for a, b in zip(got, want, strict=True):
+        assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
+        for key in CLOSE:
+            if math.isnan(b[key]):
+                assert math.isnan(a[key]), (key, a, b)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, a, b)
+
+
+def test_rank0_records_equal_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    model = TwoLayers()
+    sink, histograms = MemorySink(), MemorySink()
+    monitor = LFQMonitor(model, sink, histogram_sink=histograms, **MONITOR)
+    _drive(model, monitor, None)
+    want_state = monitor.state_dict()
+
+    # The case a per-rank statistic gets wrong: ranks keep different numbers of tokens.
+    assert int(_batches(0)[0][1].sum()) != int(_batches(0)[1][1].sum())
+    _assert_records_equal(ranks[0]["records"], sink.records)
+    assert {r["mode"] for r in sink.records} == {"train", "eval"}
+    assert max(r["dead_codes"] for r in sink.records) > 0  # dead codes were exercised
+    assert ranks[0]["histograms"] == histograms.records and histograms.records
+
+    # Rank 1 sends nothing anywhere, yet holds the same (global) state: either rank can resume.
+    assert ranks[1]["records"] == [] and ranks[1]["histograms"] == []
+    for rank in ranks:
+        for name, by_mode in want_state["usage"].items():
+            for mode, saved in by_mode.items():
+                for key in ("last_used", "histogram", "since_snapshot"):
+                    assert torch.equal(rank["state"]["usage"][name][mode][key], saved[key]), (name, mode, key)
+
+    # distributed=False: each rank counts its own tokens and reports to its own sink.
+    for r in range(WORLD):
+        tokens = {rec["tokens"] for rec in ranks[r]["local"] if rec["layer"] == "first"}
+        assert tokens == {int(_batches(0)[r][1].sum())}
+
+
+def test_distributed_true_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        LFQMonitor(TwoLayers(), MemorySink(), distributed=True)
+    with pytest.raises(ValueError, match="distributed must be None"):
+        LFQMonitor(TwoLayers(), MemorySink(), distributed="yes")
