@@ -1,0 +1,57 @@
+"""Every shipped sweep file validates in full, and a smoke version of it trains, so none rots.
+
+The smoke version runs, at ``scale=smoke`` and 3 steps, the fewest seed-0 runs that still
+cover every value of every grid key (e.g. each codebook size and each quantizer kind at
+least once), in-process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments.sweep import REPO_ROOT, RunSpec, expand, load_sweep
+from experiments.train import run
+
+SWEEP_FILES = sorted((REPO_ROOT / "experiments" / "sweeps").glob("*.yaml"))
+SMOKE = ["scale=smoke", "schedule.steps=3", "schedule.val_every=3", "schedule.checkpoint_every=3"]
+
+
+def covering_runs(runs: list[RunSpec]) -> list[RunSpec]:
+    """Greedy: seed-0 runs until every (grid key, value) pair has been seen once."""
+    first_seed = [r for r in runs if r.point.get("seed", 0) == min(x.point.get("seed", 0) for x in runs)]
+    wanted = {(k, repr(v)) for r in first_seed for k, v in r.point.items() if k != "seed"}
+    chosen: list[RunSpec] = []
+    while wanted:
+        best = max(first_seed, key=lambda r: len(wanted & {(k, repr(v)) for k, v in r.point.items()}))
+        chosen.append(best)
+        wanted -= {(k, repr(v)) for k, v in best.point.items()}
+    return chosen or first_seed[:1]
+
+
+def test_there_are_sweeps_for_the_readme_and_every_ablation():
+    names = {path.stem for path in SWEEP_FILES}
+    assert {"demo", "gamma_frac", "ablation_vocab", "ablation_vocab_lfq18", "ablation_entropy_weight",
+            "ablation_gamma_frac", "ablation_clamp"} <= names
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_sweep_validates_in_full_with_at_least_three_seeds_for_ablations(path: Path):
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    assert runs, f"{path.name} expands to no runs"
+    assert len({r.run_id for r in runs}) == len(runs)
+    if path.stem.startswith("ablation_"):
+        assert len(sweep.seeds) >= 3, f"{path.name}: ablations need at least 3 seeds"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_smoke_version_of_the_sweep_trains(path: Path, tmp_path: Path):
+    runs = covering_runs(expand(load_sweep(path), SMOKE))
+    for spec in runs:
+        summary = run(spec.config, tmp_path / spec.run_id, num_threads=1)
+        assert summary["status"] == "done", (spec.label(), summary.get("reason"))
+        assert (tmp_path / spec.run_id / "DONE").exists()
+        assert 0.0 < summary["final_usage_fraction"] <= 1.0, spec.label()
