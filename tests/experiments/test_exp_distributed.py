@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch.multiprocessing as mp
 from exp_helpers import read_rows, run, smoke_config, without_wall_time
 
 from experiments import distributed as ddp
+from experiments.distributed import free_port
 from experiments.run_dir import RunDir
 from experiments.tasks import synthetic
 
@@ -94,15 +94,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     (root / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn(out: Path) -> list[dict[str, Any]]:
     """Both ranks, with a deadline: a rank stuck in a collective fails the test instead of hanging it."""
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -16,7 +16,6 @@ different numbers of tokens.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from experiments.distributed import free_port
 from lfq import LFQ
 
 WORLD = 2
@@ -80,16 +80,11 @@ def _worker(rank: int, port: int, mode: str, empty_rank: bool, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize(("mode", "empty_rank"), [("reference", False), ("exact", False), ("exact", True)])
 def test_ddp_terms_and_gradients_equal_one_process_on_the_global_batch(mode, empty_rank):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), mode, empty_rank, out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), mode, empty_rank, out_dir), nprocs=WORLD, join=True)
         results = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
 
     torch.manual_seed(0)
@@ -120,7 +115,7 @@ def test_ddp_terms_and_gradients_equal_one_process_on_the_global_batch(mode, emp
 
 def test_distributed_false_keeps_terms_per_rank(tmp_path):
     """Opt-out: with ``distributed=False`` each rank sees only its own tokens (the reference's behaviour)."""
-    mp.spawn(_local_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_local_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     xs, masks = _data()
     for rank in range(WORLD):
         torch.manual_seed(0)

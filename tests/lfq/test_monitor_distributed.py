@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from experiments.distributed import free_port
 from lfq import LFQ, LFQMonitor, MemorySink
 
 WORLD = 2
@@ -94,11 +94,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _assert_records_equal(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want) and want
@@ -112,7 +107,7 @@ def _assert_records_equal(got: list[dict], want: list[dict]) -> None:
 
 
 def test_rank0_records_equal_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     model = TwoLayers()
