@@ -157,7 +157,9 @@ class FSQ(_TokenQuantizer):
         rounded = bounded + (bounded.round() - bounded).detach()
         half_width = self._levels // 2
         quantized = rounded / half_width
-        digits = (rounded.detach() + half_width).long()
+        # A NaN input casts to a huge negative digit; clamping keeps the indices valid for the
+        # monitor's histograms while `quantized` stays NaN, so the trainer still sees a NaN loss.
+        digits = (rounded.detach() + half_width).long().clamp_(min=0).minimum(self._levels.long() - 1)
         indices = (digits * self._basis).sum(dim=-1)
         if self.training:
             error = ((bounded - bounded.round()) / half_width).pow(2).mean(dim=(0, 1, 3)).detach()

@@ -105,3 +105,12 @@ def test_the_monitor_watches_every_kind(kind):
     assert all(1 <= r["codes_used"] <= r["codebook_size"] for r in rows)
     assert all(math.isfinite(r["commitment"]) for r in rows)
     assert isinstance(model.quantizer, LFQ) == (kind == "lfq")
+
+
+def test_fsq_nan_input_keeps_indices_valid_and_output_nan():
+    fsq = FSQ(dim=3, levels=(8, 5, 5)).train()
+    x = torch.randn(2, 4, 3)
+    x[0, 1, 2] = float("nan")
+    out = fsq(x)
+    assert out.indices.min() >= 0 and out.indices.max() < 8 * 5 * 5
+    assert torch.isnan(out.quantized[0, 1]).any()  # the trainer's NaN check still fires
