@@ -9,6 +9,16 @@ The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held while the 
 kernel drops it when the process dies, however it dies (scancel, OOM kill, node reboot), so a
 stale claim cannot block a resubmission; a second job that finds it held returns at once
 (status ``skipped``). ``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
+
+A job of several tasks (``tasks_per_node`` > 1, e.g. one per GPU) is one data-parallel run: every
+task joins the ``torch.distributed`` group (submitit's ``TorchDistributedEnvironment``, gloo on
+CPUs, NCCL on GPUs) and ``experiments.train.run`` trains DDP. Only global rank 0 checks DONE,
+takes the claim and writes the sweep's events; its verdict (train, done, skipped) is broadcast so
+that every rank trains or every rank returns (a rank that returned alone would leave the others
+waiting in a collective). On the requeue signal submitit's handler checkpoints and requeues on
+rank 0 only and exits there; the other ranks carry on until their next collective breaks, then
+leave quietly (``SystemExit``, like rank 0) instead of failing: the requeued job starts every task
+again, and each resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -97,6 +109,32 @@ def read_claim(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def tasks_here() -> int:
+    """How many tasks (DDP ranks) the submitit job of this process has (1 outside submitit)."""
+    with contextlib.suppress(RuntimeError, KeyError, ValueError):
+        return int(submitit.JobEnvironment().num_tasks)
+    return 1
+
+
+def watch_requeue_signal() -> threading.Event:
+    """An event set when submitit's requeue signal (USR2) reaches this task; submitit's handler still runs.
+
+    Must be called after submitit installed its handler (i.e. from inside the job) and in the main thread.
+    """
+    seen = threading.Event()
+    with contextlib.suppress(RuntimeError, ValueError):  # not a submitit job / not the main thread
+        sig = submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+        previous = signal.getsignal(sig)
+
+        def note(signum: int, frame: Any) -> None:
+            seen.set()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, note)
+    return seen
+
+
 def _set_threads(threads: int | None) -> None:
     # torch uses every core of the node by default; several runs sharing a node would oversubscribe it
     if not threads:
@@ -105,6 +143,11 @@ def _set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _rank_logger(run_id: str, rank: int, world: int) -> Callable[[str], None]:
+    prefix = f"[job] {run_id}:" if world == 1 else f"[job] {run_id} rank {rank}/{world}:"
+    return lambda message: print(f"{prefix} {message}", flush=True)
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -116,27 +159,54 @@ class RunJob(submitit.helpers.Checkpointable):
         self.threads = threads
 
     def __call__(self) -> dict[str, Any]:
-        from experiments import run_dir as run_folder  # lazily: the job pickle stays small and import-free
+        _set_threads(self.threads)  # per task: each DDP rank gets its own cpus_per_task
+        if tasks_here() > 1:
+            from experiments.distributed import init_from_submitit, process_group
+
+            with process_group(init_from_submitit):
+                return self._run()
+        return self._run()
+
+    def _verdict(self, run_dir: Path, stack: contextlib.ExitStack) -> dict[str, Any] | None:
+        """On rank 0: None to train (the claim then stays held in ``stack``), else the result to return."""
+        from experiments import run_dir as run_folder
+
+        run_id = run_dir.name
+        if run_folder.is_done(run_dir):
+            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+        if not stack.enter_context(claim(run_dir)):
+            owner = read_claim(run_dir)
+            print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
+            return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
+        if run_folder.is_done(run_dir):  # finished while this job waited in the queue
+            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+        return None
+
+    def _run(self) -> dict[str, Any]:
+        from experiments import distributed as ddp  # lazily: the job pickle stays small and import-free
         from experiments.config import Config
         from experiments.train import run
 
         run_dir = Path(self.run_dir)
         run_id = run_dir.name
         events = run_dir.parent / SWEEP_META / EVENTS_NAME
-        if run_folder.is_done(run_dir):
-            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
-        with claim(run_dir) as held:
-            if not held:
-                owner = read_claim(run_dir)
-                print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
-                return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
-            if run_folder.is_done(run_dir):  # finished while this job waited in the queue
-                return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+        main, world = ddp.is_main(), ddp.world_size()
+        signalled = watch_requeue_signal() if not main else None
+        with contextlib.ExitStack() as stack:
+            # Rank 0 decides for all: a rank that returned alone would leave the others in a collective,
+            # and a second claim attempt on the same folder (rank 1 on the same node) would fail.
+            verdict = self._verdict(run_dir, stack) if main else None
+            if world > 1:
+                verdict = ddp.broadcast(("return", verdict) if verdict is not None else ("train", None))[1]
+            if verdict is not None:
+                return verdict
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             base = {"run_id": run_id, "job_id": job_id_here(), "pid": os.getpid(), "host": socket.gethostname()}
-            append_jsonl(events, {**base, "event": "start", "time": time.time(), "restart": restarts})
-            print(f"[job] {run_id}: start in {run_dir} (job {base['job_id'] or '-'}, restart {restarts})", flush=True)
-            _set_threads(self.threads)
+            log = _rank_logger(run_id, ddp.rank(), world)
+            if main:
+                append_jsonl(events, {**base, "event": "start", "time": time.time(), "restart": restarts,
+                                      "world_size": world})
+            log(f"start in {run_dir} (job {base['job_id'] or '-'}, restart {restarts})")
             status = "error"
             try:
                 summary = run(Config.from_dict(self.config), run_dir)
@@ -145,10 +215,17 @@ class RunJob(submitit.helpers.Checkpointable):
             except (SystemExit, KeyboardInterrupt):
                 status = "interrupted"  # submitit's requeue handler exits from inside the training step
                 raise
+            except Exception:
+                if signalled is not None and signalled.is_set():
+                    # rank 0 checkpointed, requeued and left, so this rank's collective broke: not a failure
+                    status = "interrupted"
+                    log("rank 0 left to requeue the job after the signal; leaving too, to resume on restart")
+                    sys.exit(-1)  # as submitit does on rank 0: no result pickle, the requeued job writes it
+                raise
             finally:
-                # every attempt leaves a start/end pair: status and tests read requeues from them
-                append_jsonl(events, {**base, "event": "end", "time": time.time(), "status": status})
-                print(f"[job] {run_id}: end ({status})", flush=True)
+                if main:  # every attempt leaves a start/end pair: status and tests read requeues from them
+                    append_jsonl(events, {**base, "event": "end", "time": time.time(), "status": status})
+                log(f"end ({status})")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # a fresh copy: the requeued job resumes from the run folder's checkpoint, not from pickled state

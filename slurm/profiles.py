@@ -7,12 +7,17 @@ A profile (and a sweep's ``resources:``, and the command line) uses short keys::
     qos: normal             # -> slurm_qos
     constraint: volta32gb   # -> slurm_constraint
     gpus: 1                 # -> gpus_per_node
-    cpus: 8                 # -> cpus_per_task (also the torch threads of each run)
+    tasks: 4                # -> tasks_per_node: processes per run, one DDP rank each (default: gpus when > 1)
+    cpus: 8                 # -> cpus_per_task (per task: also the torch threads of each rank)
     memory: 32              # -> mem_gb (GB; "512M", "16G" also accepted)
     time: 240               # -> timeout_min (minutes; "4:00:00" or "1-00:00:00" also accepted)
     setup: [module load cuda/12.1]   # -> slurm_setup (shell lines before the job starts)
     array_parallelism: 32   # -> slurm_array_parallelism (runs of one sweep at once)
     max_requeues: 10        # -> slurm_max_num_timeout (time limits / preemptions a run survives)
+
+A run of several tasks is data parallel (see slurm/job.py): with GPUs, one rank per GPU, so
+``tasks`` defaults to ``gpus`` and must equal it; without GPUs, ``tasks: 2`` gives two gloo ranks
+on the CPU. ``memory`` is for the whole run (all its tasks on the node).
 
 Any key that already is a submitit (AutoExecutor) parameter, e.g. ``slurm_exclude`` or
 ``slurm_additional_parameters``, passes through verbatim. Anything else is an error naming the
@@ -39,6 +44,7 @@ SHORT_NAMES: dict[str, str] = {
     "qos": "slurm_qos",
     "constraint": "slurm_constraint",
     "gpus": "gpus_per_node",
+    "tasks": "tasks_per_node",  # DDP ranks per run on its node
     "cpus": "cpus_per_task",
     "memory": "mem_gb",
     "time": "timeout_min",
@@ -155,4 +161,16 @@ def resolve_resources(sweep_resources: Mapping[str, Any], profile: str | None = 
     params = to_submitit(load_profile(name), f"profile {name!r}")
     params.update(to_submitit(sweep_resources, "sweep resources"))
     params.update(to_submitit(dict(overrides or {}), "command line"))
-    return name, params
+    return name, _one_rank_per_gpu(params)
+
+
+def _one_rank_per_gpu(params: dict[str, Any]) -> dict[str, Any]:
+    """With GPUs, tasks_per_node defaults to gpus_per_node and must equal it (one DDP rank per GPU)."""
+    gpus, tasks = int(params.get("gpus_per_node") or 0), params.get("tasks_per_node")
+    if gpus and tasks is None and gpus > 1:
+        params["tasks_per_node"] = gpus
+    elif gpus and tasks is not None and tasks != gpus:
+        # one process would leave GPUs idle; more processes than GPUs would share a device under NCCL
+        raise ProfileError(f"tasks={tasks} with gpus={gpus}: a data-parallel run has one rank per GPU, so tasks "
+                           f"must equal gpus (or be left out); for {tasks} ranks ask for gpus={tasks}")
+    return params

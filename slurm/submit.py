@@ -3,6 +3,7 @@
     python -m slurm.submit experiments/sweeps/demo.yaml                      # local, throttled
     python -m slurm.submit experiments/sweeps/gamma_frac.yaml --cluster slurm --profile gpu-example
     python -m slurm.submit SWEEP.yaml --cluster slurm --time 30 --array-parallelism 8 scale=smoke
+    python -m slurm.submit SWEEP.yaml --cluster slurm --tasks 2 --cpus 1   # each run: 2 DDP ranks (gloo)
 
 Every run's config is validated before anything is submitted. The runs to do go out as submitit
 job arrays (chunked by the cluster's MaxArraySize, parallelism capped) and the command returns at
@@ -92,16 +93,16 @@ def _run_jobs(todo: Sequence[RunSpec], root: Path, threads: int | None) -> list[
     return [RunJob(spec.config.to_dict(), str(root / spec.run_id), threads) for spec in todo]
 
 
-def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
-                  name: str, log: Log) -> tuple[list[Any], str]:
-    """(the jobs submitted, in the order of ``todo``; an error if sbatch refused an array, else '')."""
+def slurm_executor(subdir: Path, params: dict[str, Any], *, name: str,
+                   array_parallelism: int | None = None) -> submitit.AutoExecutor:
+    """The executor that sbatches the runs: one job per run, ``tasks_per_node`` tasks (DDP ranks) each.
+
+    ``array_parallelism`` (runs of one array at once) wins over the resources' own.
+    """
+    params = dict(params)
     cap = int(params.pop("slurm_array_parallelism", 64))
     # how many timeouts/preemptions a run may requeue after (submitit's default: 3); a constructor argument
     requeues = int(params.pop("slurm_max_num_timeout", 3))
-    chunk = max(1, max_array_size())
-    parts = _chunks(list(todo), chunk)
-    # the cap is for the whole sweep: split it between the arrays when MaxArraySize forces several
-    per_array = max(1, cap // len(parts))
     try:
         executor = submitit.AutoExecutor(folder=subdir / "%j", cluster="slurm", slurm_max_num_timeout=requeues)
     except RuntimeError as e:
@@ -109,9 +110,32 @@ def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
                           f"local test cluster: bash slurm/local-cluster.sh install && bash slurm/local-cluster.sh start"
                           ) from None
     try:
-        executor.update_parameters(name=name, slurm_array_parallelism=per_array, **params)
+        executor.update_parameters(name=name, slurm_array_parallelism=array_parallelism or cap, **params)
     except (NameError, ValueError, AssertionError) as e:
         raise SubmitError(f"submitit rejected the resources {params}: {e}") from None
+    return executor
+
+
+def refuse_multi_task(cluster: str, params: dict[str, Any]) -> None:
+    """Only SLURM starts the several processes of a data-parallel run; the local pool and debug run one."""
+    tasks, nodes = int(params.get("tasks_per_node") or 1), int(params.get("nodes") or 1)
+    if cluster != "slurm" and tasks * nodes > 1:
+        why = f"tasks={tasks}" + (f" (from gpus={params['gpus_per_node']})" if params.get("gpus_per_node") else "")
+        raise SubmitError(
+            f"--cluster {cluster}: each run asks for {tasks * nodes} processes ({why}, nodes={nodes}), a "
+            f"data-parallel run, which only --cluster slurm starts (one srun task per rank). Use --cluster slurm, "
+            f"or --tasks 1 (and at most --gpus 1) to train each run in one process on the same global batch")
+
+
+def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
+                  name: str, log: Log) -> tuple[list[Any], str]:
+    """(the jobs submitted, in the order of ``todo``; an error if sbatch refused an array, else '')."""
+    cap = int(params.get("slurm_array_parallelism", 64))
+    chunk = max(1, max_array_size())
+    parts = _chunks(list(todo), chunk)
+    # the cap is for the whole sweep: split it between the arrays when MaxArraySize forces several
+    per_array = max(1, cap // len(parts))
+    executor = slurm_executor(subdir, params, name=name, array_parallelism=per_array)
     jobs: list[Any] = []
     for i, part in enumerate(parts):
         try:
@@ -119,11 +143,11 @@ def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
         except Exception as e:  # submitit wraps sbatch's stderr in FailedJobError / FailedSubmissionError
             lines = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip()]
             already = f" ({len(jobs)} runs in earlier arrays were submitted)" if jobs else ""
-            asked = {k: params[k] for k in ("cpus_per_task", "mem_gb", "gpus_per_node", "slurm_partition",
-                                            "timeout_min", "slurm_constraint") if k in params}
+            asked = {k: params[k] for k in ("tasks_per_node", "cpus_per_task", "mem_gb", "gpus_per_node",
+                                            "slurm_partition", "timeout_min", "slurm_constraint") if k in params}
             # the arrays before it are queued: the caller records them before it raises this
             return jobs, (f"sbatch refused the job array {i + 1}/{len(parts)}{already}: {' | '.join(lines)}\n"
-                          f"  requested per run: {asked}\n  lower the request (--cpus, --mem, --gpus, --time) "
+                          f"  requested per run: {asked}\n  lower the request (--tasks, --cpus, --mem, --gpus, --time) "
                           f"or choose another --partition/--profile that has such nodes")
         log(f"[submit] array {jobs[-1].job_id.split('_')[0]}: {len(part)} runs, at most {per_array} at once")
     return jobs, ""
@@ -181,6 +205,7 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
     if cluster not in CLUSTERS:
         raise SubmitError(f"unknown cluster {cluster!r}; choose one of {list(CLUSTERS)}")
     profile_name, params = resolve_resources(sweep_resources, profile, resources)
+    refuse_multi_task(cluster, params)  # before anything is written
     # absolute: jobs may start in another working directory (a cluster's --chdir, a login node's $HOME)
     folder = SweepFolder(Path(results).resolve() / name)
     result = SubmitResult(sweep=name, folder=folder.root, cluster=cluster)
@@ -257,7 +282,7 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
 
 def resource_args(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("time", "gpus", "cpus", "partition", "account", "qos", "constraint", "array_parallelism"):
+    for key in ("time", "gpus", "tasks", "cpus", "partition", "account", "qos", "constraint", "array_parallelism"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.mem is not None:
@@ -283,7 +308,9 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     res = parser.add_argument_group("resource overrides (win over the sweep's resources and the profile)")
     res.add_argument("--time", help="minutes, or [D-]HH:MM:SS")
     res.add_argument("--gpus", type=int, help="GPUs per run")
-    res.add_argument("--cpus", type=int, help="CPUs per run (also its torch threads)")
+    res.add_argument("--tasks", type=int,
+                     help="processes per run, one DDP rank each (default: --gpus when > 1); --cluster slurm only")
+    res.add_argument("--cpus", type=int, help="CPUs per task (also its torch threads)")
     res.add_argument("--mem", help="memory per run in GB, or 512M / 16G")
     res.add_argument("--partition")
     res.add_argument("--account")
