@@ -25,6 +25,13 @@ __all__ = [
     "parameters", "rank_frequencies", "rank_frequency", "reconstruction_vs_usage", "training_curves",
     "usage_heatmap", "usage_vs_gamma", "write_report",
 ]
+# analysis.ablations (issue 8), imported on first use like write_report.
+_ABLATIONS = (
+    "CLAIMS", "ablation_tables", "claim_figures", "claim_summaries", "claim_table", "clamp_figure",
+    "entropy_weight_figure", "grid_table", "load_ablations", "read_summaries", "summaries_from_runs",
+    "vocab_figure", "write_ablations",
+)
+__all__ += _ABLATIONS
 
 
 def __getattr__(name: str) -> object:
@@ -33,4 +40,8 @@ def __getattr__(name: str) -> object:
         from analysis.report import write_report
 
         return write_report
+    if name in _ABLATIONS:
+        from analysis import ablations
+
+        return getattr(ablations, name)
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -1,0 +1,247 @@
+"""analysis.ablations on fake run folders of the four issue-8 sweeps: CSVs, claim plots, the notebook.
+
+Final metrics are simple functions of the grid point and seed (``_usage``, ``_psnr``), so every
+mean over seeds below is computed by hand from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from analysis_fixtures import write_run
+from nbclient import NotebookClient
+
+import analysis
+from analysis import ablations as ab
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO / "notebooks" / "ablations.ipynb"
+SIZES = (16, 256)
+
+
+def _usage(q: dict[str, Any], seed: int) -> float:
+    return round(0.1 * math.log2(q["codebook_size"]) / 18 + 0.01 * seed + q["entropy_loss_weight"]
+                 + 0.01 * q["diversity_gamma"] * q["frac_per_sample_entropy"], 6)
+
+
+def _psnr(q: dict[str, Any], seed: int) -> float:
+    return 20.0 + {"lfq": 1.0, "vq": -1.0, "fsq": 0.0}[q["kind"]] * math.log2(q["codebook_size"]) + seed
+
+
+def _entropy(q: dict[str, Any], seed: int) -> float:
+    ceiling = math.log(q["codebook_size"])
+    return (min(ceiling, ab.CLAMP_NATS) if q["entropy_mode"] == "reference" else ceiling) - 0.1 * seed
+
+
+def write_ablation_run(sweeps: Path, sweep: str, seed: int, status: str | None = "done", **quantizer: Any) -> Path:
+    """A fake run folder (fixture ``write_run``) with the quantizer fields the ablation sweeps vary."""
+    q = {"kind": "lfq", "codebook_size": 1024, "entropy_mode": "exact", "entropy_loss_weight": 0.1,
+         "diversity_gamma": 1.0, "frac_per_sample_entropy": 1.0, **quantizer}
+    run_id = f"{sweep}-" + "-".join(f"{v}" for v in q.values()) + f"-s{seed}"
+    run_dir = write_run(sweeps / sweep, run_id, seed=seed, steps=2, status=status, histograms=False,
+                        final_usage=_usage(q, seed), codebook_size=q["codebook_size"])
+    config = json.loads((run_dir / "config.json").read_text())
+    config["name"] = sweep
+    config["quantizer"].update(q)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    if status is not None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_psnr=_psnr(q, seed), final_usage_fraction=_usage(q, seed),
+                       final_batch_entropy=_entropy(q, seed))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def sweeps(tmp_path: Path) -> Path:
+    """All five ablation sweeps, small; entropy_weight is partial (a failed and a running run, a
+    point with no run finished)."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for kind in ("lfq", "vq", "fsq"):
+            for size in SIZES:
+                write_ablation_run(root, "ablation_vocab", seed, kind=kind, codebook_size=size)
+        write_ablation_run(root, "ablation_vocab_lfq18", seed, codebook_size=2**18)
+        for gamma in (0.5, 2.0):
+            for frac in (0.25, 1.0):
+                write_ablation_run(root, "ablation_gamma_frac", seed, diversity_gamma=gamma, frac_per_sample_entropy=frac)
+        for mode in ("exact", "reference"):
+            for size in (2**14, 2**18):
+                write_ablation_run(root, "ablation_clamp", seed, entropy_mode=mode, codebook_size=size)
+    for seed in (0, 1, 2):
+        write_ablation_run(root, "ablation_entropy_weight", seed, entropy_loss_weight=0.0)
+        # 0.1: seed 2 failed -> n = 2 of 3 runs; 0.3: only a running run -> n = 0.
+        write_ablation_run(root, "ablation_entropy_weight", seed, entropy_loss_weight=0.1,
+                           status="failed" if seed == 2 else "done")
+    write_ablation_run(root, "ablation_entropy_weight", 0, entropy_loss_weight=0.3, status=None)
+    return root
+
+
+@pytest.fixture
+def written(sweeps: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "results" / "ablations"
+    assert ab.main([str(sweeps), "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_writes_every_sweep(written: Path) -> None:
+    expected = {"ablation_vocab": ["claim1_vocab"], "ablation_vocab_lfq18": [],
+                "ablation_entropy_weight": ["claim2_entropy_weight"],
+                "ablation_gamma_frac": ["claim3_usage_heatmap", "claim3_usage_vs_gamma"], "ablation_clamp": ["claim4_clamp"]}
+    assert {p.name for p in written.iterdir()} == set(expected)
+    for sweep, stems in expected.items():
+        names = {p.name for p in (written / sweep).iterdir()}
+        assert names == {"summary.csv", "grid.csv", "command.txt", *(f"{s}.{e}" for s in stems for e in ("png", "svg"))}
+        command = (written / sweep / "command.txt").read_text()
+        assert f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results results/ablations --wait" in command
+        assert "python -m analysis.ablations" in command and str(written) in command
+        assert "analysis.report" not in command  # the header's other commands are not the sweep's
+
+
+def test_summary_has_one_row_per_run_with_parameters_and_metrics(written: Path) -> None:
+    summary = pd.read_csv(written / "ablation_vocab" / "summary.csv")
+    assert len(summary) == 3 * len(SIZES) * 2 and set(summary["status"]) == {"done"}
+    for column in ("run_id", "seed", ab.KIND, ab.SIZE, ab.MODE, "final_usage_fraction", "final_val_psnr",
+                   "final_batch_entropy", "wall_time_s"):
+        assert column in summary, column
+    weights = pd.read_csv(written / "ablation_entropy_weight" / "summary.csv")
+    assert len(weights) == 7
+    assert weights["status"].value_counts().to_dict() == {"done": 5, "failed": 1, "running": 1}
+
+
+def test_grid_means_and_n_by_hand(written: Path) -> None:
+    grid = pd.read_csv(written / "ablation_vocab" / "grid.csv")
+    row = grid[(grid[ab.KIND] == "vq") & (grid[ab.SIZE] == 256) & (grid["metric"] == "final_val_psnr")]
+    assert len(row) == 1 and row["n"].item() == 2 and row["runs"].item() == 2
+    assert row["mean"].item() == pytest.approx((20 - 8 + 0 + 20 - 8 + 1) / 2)
+    assert row["std"].item() == pytest.approx(np.std([12, 13], ddof=1))
+    assert (row["min"].item(), row["max"].item()) == (12, 13)
+    # The partial sweep: 0.1 has 3 runs of which 2 finished; 0.3 has one running run and n = 0.
+    grid = pd.read_csv(written / "ablation_entropy_weight" / "grid.csv")
+    usage = grid[grid["metric"] == "final_usage_fraction"].set_index(ab.WEIGHT)
+    assert usage.loc[0.1, ["runs", "done", "n"]].tolist() == [3, 2, 2]
+    assert usage.loc[0.3, ["runs", "done", "n"]].tolist() == [1, 0, 0] and np.isnan(usage.loc[0.3, "mean"])
+    q = {"codebook_size": 1024, "entropy_loss_weight": 0.1, "diversity_gamma": 1.0, "frac_per_sample_entropy": 1.0}
+    assert usage.loc[0.1, "mean"] == pytest.approx((_usage(q, 0) + _usage(q, 1)) / 2)
+
+
+def test_tables_from_the_csvs_alone(written: Path) -> None:
+    tables = analysis.ablation_tables(written)
+    assert list(tables) == ["vocab", "entropy_weight", "gamma_frac", "clamp"]
+    vocab = tables["vocab"].set_index(["quantizer", "K"])
+    # ablation_vocab_lfq18 joins ablation_vocab in claim 1.
+    assert vocab.loc[("lfq", 2**18), "n"] == 2 and len(vocab) == 3 * len(SIZES) + 1
+    assert vocab.loc[("lfq", 16), "final validation PSNR (dB)"] == f"{24.5:.4g} ± {np.std([24, 25], ddof=1):.2g}"
+    weights = tables["entropy_weight"].set_index("w_ent")
+    assert weights["n"].to_dict() == {0.0: 3, 0.1: 2, 0.3: 0}
+    assert weights.loc[0.3, "final usage (fraction of codebook)"] == ""
+
+
+def test_claim_of_a_renamed_sweep_by_what_varies(written: Path) -> None:
+    summary = pd.read_csv(written / "ablation_clamp" / "summary.csv")
+    assert ab.claim_of("my_clamp_study", summary) is ab.BY_NAME["clamp"]
+    assert ab.claim_of("ablation_vocab_lfq18", summary.iloc[:1]) is ab.BY_NAME["vocab"]
+    assert ab.claim_of("other", summary[summary[ab.MODE] == "exact"].iloc[:1]) is None
+
+
+def _lines(ax: mpl.axes.Axes) -> dict[str, mpl.lines.Line2D]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_claim_plots_have_the_expected_lines(written: Path) -> None:
+    claims = analysis.claim_summaries(analysis.read_summaries(written))
+    fig = analysis.vocab_figure(claims["vocab"])
+    usage, psnr = fig.axes[:2]
+    assert set(_lines(usage)) == {"lfq", "vq", "fsq"} and usage.get_xscale() == "log"
+    assert list(_lines(psnr)["lfq"].get_xdata()) == [16, 256, 2**18]
+    assert list(_lines(psnr)["vq"].get_ydata()) == pytest.approx([20 - 4 + 0.5, 20 - 8 + 0.5])
+    assert "PSNR" in psnr.get_ylabel() and "log2" in psnr.get_xlabel()
+
+    fig = analysis.entropy_weight_figure(claims["entropy_weight"])
+    line = _lines(fig.axes[0])["mean over seeds"]
+    assert list(line.get_xdata()) == [0.0, 0.1]  # 0.3 has no finished run
+    assert fig.axes[0].get_xscale() in ("linear", "symlog")
+
+    fig = analysis.clamp_figure(claims["clamp"])
+    entropy = _lines(fig.axes[1])
+    assert {"exact", "reference", "ceiling ln K"} <= set(entropy)
+    assert list(entropy["ceiling ln K"].get_ydata()) == pytest.approx([math.log(2**14), math.log(2**18)])
+    assert list(entropy["reference"].get_ydata()) == pytest.approx([math.log(2**14) - 0.05, ab.CLAMP_NATS - 0.05])
+    assert "nats" in fig.axes[1].get_ylabel()
+    cap = next(v for k, v in entropy.items() if k.startswith("reference clamp cap"))
+    assert list(cap.get_ydata()) == pytest.approx([ab.CLAMP_NATS] * 2) and "11.51" in cap.get_label()
+
+    heatmap = analysis.usage_heatmap(claims["gamma_frac"])
+    assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == ["0.5", "2"]
+
+
+def test_partial_points_are_annotated_with_n(sweeps: Path, tmp_path: Path) -> None:
+    summary = analysis.summaries_from_runs(sweeps)["ablation_entropy_weight"]
+    fig = analysis.entropy_weight_figure(summary)
+    assert "n=2" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_missing_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(FileNotFoundError, match="summary.csv"):
+        analysis.read_summaries(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert ab.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "no run folders" in capsys.readouterr().err
+    assert ab.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+
+
+def _execute(results: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    monkeypatch.setenv("LFQ_ABLATIONS_DIR", str(results))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # raises on an error cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+@pytest.mark.slow
+def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = _execute(written, monkeypatch)
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    tables = [o for o in outputs if "text/html" in o.get("data", {})]
+    assert len(figures) == 5 and len(tables) == 4  # claims 1, 2, 4: one figure each; claim 3: two
+    assert not [o for o in outputs if o.output_type == "stream" and ("skipped" in o["text"] or "no " in o["text"])]
+
+
+@pytest.mark.slow
+def test_notebook_on_the_committed_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    committed = sorted((REPO / "results" / "ablations").glob("*/summary.csv"))
+    assert committed, "results/ablations/*/summary.csv are committed: python -m analysis.ablations RUNS --out results/ablations"
+    outputs = _execute(REPO / "results" / "ablations", monkeypatch)
+    assert [o for o in outputs if "image/png" in o.get("data", {})]
+
+
+def test_committed_notebook_reads_the_committed_csvs_by_default() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "LFQ_ABLATIONS_DIR" in params[0].source and "../results/ablations" in params[0].source
+
+
+def test_a_sweep_with_no_finished_run_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = tmp_path / "runs", tmp_path / "out"
+    write_ablation_run(root, "ablation_vocab", 0, status=None, kind="vq", codebook_size=16)
+    write_ablation_run(root, "ablation_clamp", 0, status="failed", codebook_size=2**14)
+    # A figure from an earlier, fuller run of the CLI would now misrepresent the data.
+    (out / "ablation_vocab").mkdir(parents=True)
+    (out / "ablation_vocab" / "claim1_vocab.png").write_bytes(b"old")
+    assert ab.main([str(root), "--out", str(out)]) == 0
+    assert "claim1_vocab: not drawn: no finished run" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "ablation_vocab").iterdir()) == ["command.txt", "grid.csv", "summary.csv"]
+    grid = pd.read_csv(out / "ablation_vocab" / "grid.csv")
+    assert len(grid) and grid[["runs", "done", "n"]].drop_duplicates().values.tolist() == [[1, 0, 0]]
+    assert pd.read_csv(out / "ablation_clamp" / "grid.csv")["n"].eq(0).all()
+    assert analysis.ablation_tables(out)["vocab"]["n"].tolist() == [0]
