@@ -91,7 +91,15 @@ def claim(run_dir: Path) -> Iterator[bool]:
 
 def is_claimed(run_dir: Path) -> bool:
     """Whether a live process holds the run's claim (a probe: takes and drops the lock at once)."""
-    path = run_dir / LOCK_NAME
+    return lock_is_held(run_dir / LOCK_NAME)
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether a live process holds an exclusive flock on ``path``.
+
+    Probes with a shared lock, so two probes at once never mistake each other for a holder;
+    the kernel drops a dead holder's lock, so a crashed process never looks alive.
+    """
     if not path.exists():
         return False
     with open(path, "a+") as handle:

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import submitit
 
-from slurm.job import EVENTS_NAME, SWEEP_META, append_jsonl
+from slurm.job import EVENTS_NAME, SWEEP_META, append_jsonl, lock_is_held
 
 
 def machine_cpus() -> int:
@@ -168,12 +168,4 @@ class LocalPool(submitit.helpers.Checkpointable):
 
 def pool_alive(pool_lock: Path) -> bool:
     """Whether the pool that holds this lock file is still running."""
-    if not pool_lock.exists():
-        return False
-    with open(pool_lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+    return lock_is_held(pool_lock)
