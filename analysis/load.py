@@ -179,7 +179,7 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     root = Path(path)
     run_dirs, problems = find_run_dirs(root)
     rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     config_columns: dict[str, None] = {}
     for run_dir in run_dirs:
         try:
@@ -189,12 +189,13 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
         problems.extend(found)
         if row is None:
             continue
-        if row["run_id"] in seen:
-            problems.append(
-                LoadProblem(str(run_dir), "config.json", f"duplicate run_id, kept {seen[row['run_id']]}", True)
-            )
+        # The same config in two sweeps is two legitimate runs (e.g. the default point of two
+        # ablations); within one sweep a second folder with the same id is a stray copy.
+        key = (row["sweep"], row["run_id"])
+        if key in seen:
+            problems.append(LoadProblem(str(run_dir), "config.json", f"duplicate run_id, kept {seen[key]}", True))
             continue
-        seen[row["run_id"]] = row["run_dir"]
+        seen[key] = row["run_dir"]
         config_columns.update(dict.fromkeys(keys))
         rows.append(row)
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir"])

@@ -101,7 +101,7 @@ def test_cli_writes_every_sweep(written: Path) -> None:
         names = {p.name for p in (written / sweep).iterdir()}
         assert names == {"summary.csv", "grid.csv", "command.txt", *(f"{s}.{e}" for s in stems for e in ("png", "svg"))}
         command = (written / sweep / "command.txt").read_text()
-        assert f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results results/ablations --wait" in command
+        assert f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --wait" in command
         assert "python -m analysis.ablations" in command and str(written) in command
         assert "analysis.report" not in command  # the header's other commands are not the sweep's
 

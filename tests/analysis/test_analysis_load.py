@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -84,13 +85,21 @@ def test_bookkeeping_folders_are_not_searched(grid_sweep: Path) -> None:
     assert len(runs) == 8 and runs["final_usage_fraction"].max() < 0.99
 
 
-def test_duplicate_run_id_kept_once(tmp_path: Path) -> None:
+def test_duplicate_run_id_kept_once_within_a_sweep(tmp_path: Path) -> None:
     write_run(tmp_path / "a", "same")
-    write_run(tmp_path / "b", "same")
+    shutil.copytree(tmp_path / "a" / "same", tmp_path / "a" / "same-copy")  # a stray copy
     with pytest.warns(analysis.LoadWarning):
         runs = analysis.load_runs(tmp_path)
-    assert len(runs) == 1 and runs["sweep"].iloc[0] == "a"
+    assert len(runs) == 1 and runs["run_dir"].iloc[0].endswith("same")
     assert "duplicate run_id" in runs.attrs["problems"][0].reason
+
+
+def test_the_same_run_in_two_sweeps_is_two_runs(tmp_path: Path) -> None:
+    # e.g. the default grid point of two ablations: each sweep's table needs it
+    write_run(tmp_path / "a", "same")
+    write_run(tmp_path / "b", "same")
+    runs = analysis.load_runs(tmp_path)
+    assert sorted(runs["sweep"]) == ["a", "b"] and not runs.attrs["problems"]
 
 
 def test_load_one_run_folder(grid_sweep: Path) -> None:
