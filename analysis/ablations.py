@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.aggregate import FRAC, GAMMA, fmt_value, parameters, seed_stats, select, short_name
+from analysis.jsonl import write_atomic
 from analysis.load import load_runs
 from analysis.plots import usage_heatmap, usage_vs_gamma
 from analysis.style import (
@@ -292,20 +293,10 @@ def claim_figures(claim: str, summary: pd.DataFrame) -> dict[str, Callable[[], F
     }[claim]
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a hidden temp file and rename it, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_figure(fig: Figure, folder: Path, stem: str) -> None:
-    _atomic(folder / f"{stem}.png", lambda p: fig.savefig(p, dpi=DPI, format="png"))
+    write_atomic(folder / f"{stem}.png", lambda p: fig.savefig(p, dpi=DPI, format="png"))
     fig.set_layout_engine("none")  # settled by the first save; redoing it doubles the SVG's time
-    _atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg"))
+    write_atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg"))
 
 
 def sweep_commands(sweep: str, sweeps_dir: Path | None) -> list[str]:
@@ -335,10 +326,10 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
     for sweep, summary in summaries.items():
         folder = out / sweep
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic(folder / "summary.csv", lambda p, s=summary: s.to_csv(p, index=False))
-        _atomic(folder / "grid.csv", lambda p, s=summary: grid_table(s).to_csv(p, index=False))
+        write_atomic(folder / "summary.csv", lambda p, s=summary: s.to_csv(p, index=False))
+        write_atomic(folder / "grid.csv", lambda p, s=summary: grid_table(s).to_csv(p, index=False))
         text = "\n".join([*sweep_commands(sweep, sweeps_dir), "# tables and plots:", command]) + "\n"
-        _atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
+        write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
     for name, summary in claim_summaries(summaries).items():
         # A claim's figures go with its first sweep present (the vocab claim joins two sweeps).

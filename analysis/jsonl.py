@@ -122,16 +122,24 @@ def _cache_file(cache_dir: Path, path: Path, kind: str, stat: os.stat_result) ->
     return cache_dir / f"{key}-{stat.st_size}-{stat.st_mtime_ns}.pkl", key
 
 
-def _write_atomic_pickle(target: Path, obj: object) -> None:
+def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
+    """``write(temp_path)`` beside ``target``, then rename: a reader never sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pkl")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        write(Path(tmp))
         os.replace(tmp, target)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _write_atomic_pickle(target: Path, obj: object) -> None:
+    def dump(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    write_atomic(target, dump)
 
 
 def cache_lookup(path: Path, kind: str, cache_dir: Path | None) -> tuple[Any, list[str]] | None:

@@ -226,12 +226,14 @@ def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
             merged = {key(r): r for r in csv.DictReader(f)}
     merged.update({key(r): r for r in rows})
     out = sorted(merged.values(), key=lambda r: (r["device"], r["impl"], int(r["tokens"]), int(r["log2_codebook_size"])))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    from experiments.run_dir import atomic_write  # here: the child processes never need it
+
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(out)
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
     return out
 
 
@@ -273,9 +275,9 @@ def plot(rows: list[dict], path: Path, device: str, threads: int) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9)
     fig.tight_layout(rect=(0, 0.14, 1, 0.95))
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from experiments.run_dir import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), mode="wb")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

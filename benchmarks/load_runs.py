@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 import analysis
+from experiments.run_dir import atomic_write
 
 # Distinct metrics files written round-robin: parsing cost is what matters, not uniqueness.
 N_TEMPLATES = 8
@@ -90,15 +91,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 
 def write_csv_atomic(frame: pd.DataFrame, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".csv")
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda f: frame.to_csv(f, index=False))
 
 
 def main() -> None:

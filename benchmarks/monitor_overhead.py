@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.run_dir import atomic_write
 from lfq import LFQ, JsonlSink, LFQMonitor
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "monitor_overhead.csv"
@@ -99,17 +100,12 @@ def device_name(device: torch.device) -> str:
 
 
 def write_csv_atomically(rows: list[dict[str, object]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def main() -> None:
