@@ -282,6 +282,50 @@ def clamp_figure(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+PROBE_COLUMNS = ("bits", "inv_temperature", "tokens", "clamped_mass", "grad_cosine")
+
+
+@skippable
+def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
+    """Claim 4's mechanism (``python -m experiments.clamp_probe``): per inverse temperature (a
+    column), the clamped mass, and the reference's diversity gradient against the exact one
+    (cosine; norm ratio), against the tokens in the entropy batch, a line per codebook size."""
+    missing = [c for c in PROBE_COLUMNS if c not in probe]
+    require(not missing, f"not a clamp probe table: no {missing} columns")
+    require(len(probe), "the clamp probe table is empty")
+    temperatures = sorted(probe["inv_temperature"].unique(), reverse=True)
+    sizes = sorted(probe["bits"].unique())
+    tokens = sorted(probe["tokens"].unique())
+    rows = {"clamped_mass": "clamped mass (probability\non codes under 1e-5)",
+            "grad_cosine": "cosine(reference, exact)\ndiversity gradient wrt z",
+            "grad_norm_ratio": "|reference| / |exact|\ndiversity gradient norm"}
+    fig, axes = new_figure(len(rows), len(temperatures), height=9.6, sharex=True, sharey="row")
+    for col, tau in enumerate(temperatures):
+        part = probe[probe["inv_temperature"] == tau]
+        for bits, color, marker, dash in zip(sizes, colors(len(sizes)), MARKERS * 4, LINESTYLES * 8, strict=False):
+            line = part[part["bits"] == bits].sort_values("tokens")
+            for row, metric in enumerate(rows):
+                axes[row, col].plot(line["tokens"], line[metric], color=color, marker=marker, linestyle=dash,
+                                    label=f"$2^{{{bits}}}$ codes")
+        for ax in axes[:, col]:
+            ax.axvline(1 / 1e-5, color="0.35", linestyle=":", linewidth=1.2,
+                       label="1e5 tokens (one token's share = 1e-5)")
+            ax.grid(alpha=0.3)
+        axes[0, col].set_title(f"inv_temperature {tau:g}" + (" (default)" if tau == 100 else ""))
+        axes[-1, col].set_xscale("log", base=2)
+        axes[-1, col].set_xticks(tokens, [f"$2^{{{int(round(math.log2(t)))}}}$" for t in tokens])
+        axes[-1, col].set_xlabel("tokens in the entropy batch")
+    for row, text in enumerate(rows.values()):
+        axes[row, 0].set_ylabel(text)
+    axes[0, 0].set_ylim(-0.03, 1.03)
+    axes[1, 0].set_ylim(-0.03, 1.03)
+    axes[2, 0].set_yscale("log")
+    axes[2, 0].axhline(1.0, color="0.6", linewidth=0.8)
+    _legend(fig, axes, "codebook size")
+    fig.suptitle("Claim 4 mechanism: the 1e-5 clamp and the diversity gradient (random z ~ N(0, 1), one seed)")
+    return fig
+
+
 def claim_figures(claim: str, summary: pd.DataFrame) -> dict[str, Callable[[], Figure | None]]:
     """File stem -> drawing (``strict=True``: raises ``NoData`` instead of returning None)."""
     return {
@@ -293,7 +337,7 @@ def claim_figures(claim: str, summary: pd.DataFrame) -> dict[str, Callable[[], F
     }[claim]
 
 
-def _save_figure(fig: Figure, folder: Path, stem: str) -> None:
+def save_figure(fig: Figure, folder: Path, stem: str) -> None:
     write_atomic(folder / f"{stem}.png", lambda p: fig.savefig(p, dpi=DPI, format="png"))
     fig.set_layout_engine("none")  # settled by the first save; redoing it doubles the SVG's time
     write_atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg"))
@@ -344,7 +388,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
                 print(f"{home}/{stem}: not drawn: {err}", file=sys.stderr)
                 continue
             assert fig is not None  # strict=True raises instead of returning None
-            _save_figure(fig, out / home, stem)
+            save_figure(fig, out / home, stem)
             written[home] += [f"{stem}.png", f"{stem}.svg"]
     return written
 

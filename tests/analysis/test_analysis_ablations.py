@@ -21,6 +21,7 @@ from nbclient import NotebookClient
 
 import analysis
 from analysis import ablations as ab
+from experiments import clamp_probe
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "ablations.ipynb"
@@ -210,10 +211,14 @@ def _execute(results: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 @pytest.mark.slow
 def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = pd.DataFrame(clamp_probe.run_grid([6, 8], [100.0, 1.0], [64, 256], log=lambda _: None))
+    (written / "clamp_probe").mkdir()
+    probe.to_csv(written / "clamp_probe" / "probe.csv", index=False)
     outputs = _execute(written, monkeypatch)
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
-    assert len(figures) == 5 and len(tables) == 4  # claims 1, 2, 4: one figure each; claim 3: two
+    # claims 1, 2, 4 and the clamp probe: one figure each; claim 3: two
+    assert len(figures) == 6 and len(tables) == 5
     assert not [o for o in outputs if o.output_type == "stream" and ("skipped" in o["text"] or "no " in o["text"])]
 
 
@@ -221,8 +226,9 @@ def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch
 def test_notebook_on_the_committed_results(monkeypatch: pytest.MonkeyPatch) -> None:
     committed = sorted((REPO / "results" / "ablations").glob("*/summary.csv"))
     assert committed, "results/ablations/*/summary.csv are committed: python -m analysis.ablations RUNS --out results/ablations"
+    assert (REPO / "results" / "ablations" / "clamp_probe" / "probe.csv").is_file()
     outputs = _execute(REPO / "results" / "ablations", monkeypatch)
-    assert [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 6  # every claim, and the probe
 
 
 def test_committed_notebook_reads_the_committed_csvs_by_default() -> None:
