@@ -6,6 +6,8 @@ same tables and plots rebuilt from the committed ``summary.csv`` files alone (th
 Claims (``CLAIMS``): 1 ``vocab`` (LFQ/VQ/FSQ over codebook size), 2 ``entropy_weight``,
 3 ``gamma_frac``, 4 ``clamp`` (exact vs reference entropy). Statistics use finished runs;
 ``n`` is the number of seeds behind each point, so a partial sweep shows as a smaller ``n``.
+Claim 4's mechanism is measured without training by ``python -m experiments.clamp_probe``
+(``results/ablations/clamp_probe/probe.csv``), drawn by :func:`clamp_probe_figure`.
 """
 
 from __future__ import annotations
