@@ -28,7 +28,8 @@ __all__ = [
 # analysis.ablations (issue 8), imported on first use like write_report.
 _ABLATIONS = (
     "CLAIMS", "ablation_tables", "claim_figures", "claim_summaries", "claim_table", "clamp_figure", "clamp_probe_figure",
-    "entropy_weight_figure", "grid_table", "load_ablations", "read_summaries", "summaries_from_runs",
+    "clamp_probe_table",
+    "entropy_weight_figure", "grid_table", "load_ablations", "load_clamp_probe", "merge_summaries", "read_summaries", "summaries_from_runs",
     "vocab_figure", "write_ablations",
 )
 __all__ += _ABLATIONS

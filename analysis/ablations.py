@@ -2,6 +2,7 @@
 same tables and plots rebuilt from the committed ``summary.csv`` files alone (the notebook's path).
 
     python -m analysis.ablations /root/lfq-ablations --out results/ablations
+    python -m analysis.ablations /tmp/rerun --out results/ablations --merge   # fold in a few re-run runs
 
 Claims (``CLAIMS``): 1 ``vocab`` (LFQ/VQ/FSQ over codebook size), 2 ``entropy_weight``,
 3 ``gamma_frac``, 4 ``clamp`` (exact vs reference entropy). Statistics use finished runs;
@@ -287,6 +288,30 @@ def clamp_figure(summary: pd.DataFrame) -> Figure:
 PROBE_COLUMNS = ("bits", "inv_temperature", "tokens", "clamped_mass", "grad_cosine")
 
 
+def load_clamp_probe(path: PathLike) -> pd.DataFrame | None:
+    """The clamp probe's table: ``path`` itself if it is a CSV file, else ``path/clamp_probe/probe.csv``
+    or ``path/probe.csv``; None if there is none (``python -m experiments.clamp_probe`` writes it)."""
+    path = Path(path)
+    candidates = [path] if path.suffix == ".csv" else [path / "clamp_probe" / "probe.csv", path / "probe.csv"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return None
+    probe = pd.read_csv(found)
+    missing = [c for c in PROBE_COLUMNS if c not in probe]
+    require(not missing, f"{found} is not a clamp probe table: no {missing} columns")
+    return probe
+
+
+def clamp_probe_table(probe: pd.DataFrame) -> pd.DataFrame:
+    """Rows (inv_temperature, highest first; bits), columns (metric, tokens): clamped mass and the
+    reference-vs-exact diversity gradient (cosine, norm ratio), averaged over seeds if several."""
+    missing = [c for c in PROBE_COLUMNS if c not in probe]
+    require(not missing, f"not a clamp probe table: no {missing} columns")
+    table = probe.pivot_table(index=["inv_temperature", "bits"], columns="tokens",
+                              values=["clamped_mass", "grad_cosine", "grad_norm_ratio"], aggfunc="mean")
+    return table.sort_index(ascending=[False, True]).round(3)
+
+
 @skippable
 def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
     """Claim 4's mechanism (``python -m experiments.clamp_probe``): per inverse temperature (a
@@ -362,36 +387,126 @@ def sweep_commands(sweep: str, sweeps_dir: Path | None) -> list[str]:
     return [f"# sweep ({path.name}):", *(commands or ["# (no command in the header comment)"])]
 
 
-def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: Path | None = None
-                    ) -> dict[str, list[str]]:
+class WouldLoseRuns(ValueError):
+    """Writing would drop rows of an existing ``summary.csv`` whose runs are not under the runs root."""
+
+
+def _sorted(summary: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in ("sweep", *grid_columns(summary), "seed", "run_id") if c in summary]
+    return summary.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``old`` (a committed ``summary.csv``) updated by ``new`` (rows from run folders), by run id.
+
+    A run in both takes its new row, except that a finished old row is never replaced by an
+    unfinished new one (a run restarted with ``--force`` and not done yet); rows of runs only in
+    ``old`` are kept. Returns the merged summary, sorted as :func:`summarize` sorts, and one note
+    per run whose finished row was kept over an unfinished one."""
+    for frame, name in ((old, "the existing summary"), (new, "the runs")):
+        if "run_id" not in frame or frame["run_id"].isna().any():
+            raise ValueError(f"{name} has rows without a run_id: cannot merge by run; "
+                             "rewrite it from its run folders instead")
+    old = old.astype({"run_id": str})
+    new = new.astype({"run_id": str})
+    old_status = old.set_index("run_id")["status"] if "status" in old else pd.Series(dtype=object)
+    notes: list[str] = []
+    keep_old = []
+    for run_id, status in zip(new["run_id"], new.get("status", pd.Series([None] * len(new))), strict=True):
+        if old_status.get(run_id) == "done" and status != "done":
+            keep_old.append(run_id)
+            notes.append(f"{run_id}: kept the finished row; its run folder is now {status or 'not started'}")
+    fresh = new[~new["run_id"].isin(keep_old)]
+    columns = list(dict.fromkeys([*new.columns, *old.columns]))
+    kept = old[~old["run_id"].isin(fresh["run_id"])]
+    merged = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh.copy()
+    merged = merged.reindex(columns=columns)
+    for column in merged.columns:  # a NaN in an unfinished row made ints floats in one of them
+        dtypes = [f[column].dtype for f in (new, old) if column in f]
+        if any(pd.api.types.is_integer_dtype(d) for d in dtypes) and merged[column].notna().all():
+            merged[column] = merged[column].astype("int64")
+    return _sorted(merged), notes
+
+
+def _merged_or_refused(sweep: str, summary: pd.DataFrame, existing: Path, mode: str
+                       ) -> tuple[pd.DataFrame, list[str]]:
+    if mode == "replace" or not existing.is_file():
+        return summary, []
+    old = pd.read_csv(existing)
+    if mode == "merge":
+        return merge_summaries(old, summary)
+    missing = sorted(set(old.get("run_id", pd.Series(dtype=str)).astype(str)) - set(summary["run_id"].astype(str)))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WouldLoseRuns(
+            f"{existing} has {len(missing)} run(s) that are not under the runs root ({shown}); "
+            "writing would drop them. Pass --merge to keep them and update the rest by run id, "
+            "or --replace to rewrite the summary from these runs alone")
+    return summary, []
+
+
+def _command_lines(path: Path, sweep_lines: list[str], command: str, keep_old: bool) -> str:
+    """``command.txt``: how the runs were made, then every analysis command that fed the summary
+    (the earlier ones too when merging)."""
+    analysis_lines: list[str] = []
+    if keep_old and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if "# tables and plots:" in lines:
+            analysis_lines = lines[lines.index("# tables and plots:") + 1:]
+    analysis_lines = list(dict.fromkeys([*analysis_lines, command]))
+    return "\n".join([*sweep_lines, "# tables and plots:", *analysis_lines]) + "\n"
+
+
+def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: Path | None = None,
+                    mode: str = "refuse", log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Write every sweep's CSVs and ``command.txt`` and every claim's figures into ``out/<sweep>/``.
+
+    ``mode`` says what to do with an existing ``out/<sweep>/summary.csv`` (committed results whose
+    run folders may be long gone): ``"refuse"`` (default) raises :class:`WouldLoseRuns`, before
+    anything is written, if it holds runs that are not under ``root``; ``"merge"`` keeps those
+    rows and updates the others by run id (:func:`merge_summaries`), so that a few re-run or
+    finished runs can be folded into committed results; ``"replace"`` rewrites it from ``root``.
+    A claim's figures are drawn from every sweep of that claim now in ``out`` (the vocab claim
+    joins two sweeps; re-running one of them keeps the other in the plot).
     Returns ``{sweep: files written}``; a figure that cannot be drawn is reported on stderr."""
+    if mode not in ("refuse", "merge", "replace"):
+        raise ValueError(f"mode must be 'refuse', 'merge' or 'replace', not {mode!r}")
+    log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
     summaries = summaries_from_runs(root)
+    # Decide every sweep before writing any: a refusal leaves out/ exactly as it was.
+    planned = {sweep: _merged_or_refused(sweep, summary, out / sweep / "summary.csv", mode)
+               for sweep, summary in summaries.items()}
     written: dict[str, list[str]] = {}
-    for sweep, summary in summaries.items():
+    for sweep, (summary, notes) in planned.items():
+        for note in notes:
+            log(f"{sweep}: {note}")
         folder = out / sweep
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "summary.csv", lambda p, s=summary: s.to_csv(p, index=False))
         write_atomic(folder / "grid.csv", lambda p, s=summary: grid_table(s).to_csv(p, index=False))
-        text = "\n".join([*sweep_commands(sweep, sweeps_dir), "# tables and plots:", command]) + "\n"
+        text = _command_lines(folder / "command.txt", sweep_commands(sweep, sweeps_dir), command, mode == "merge")
         write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
-    for name, summary in claim_summaries(summaries).items():
+    present = {**read_summaries(out), **{s: m for s, (m, _) in planned.items()}}
+    touched = {c.name for s, m in planned.items() if (c := claim_of(s, m)) is not None}
+    for name, summary in claim_summaries(present).items():
+        if name not in touched:
+            continue
         # A claim's figures go with its first sweep present (the vocab claim joins two sweeps).
-        home = next(s for s in BY_NAME[name].sweeps + tuple(summaries) if s in summaries
-                    and claim_of(s, summaries[s]) is BY_NAME[name])
+        home = next(s for s in BY_NAME[name].sweeps + tuple(present) if s in present
+                    and claim_of(s, present[s]) is BY_NAME[name])
         for stem, draw in claim_figures(name, summary).items():
             try:
                 fig = draw()
             except NoData as err:
                 for suffix in (".png", ".svg"):  # an old figure of other data would mislead
                     (out / home / f"{stem}{suffix}").unlink(missing_ok=True)
-                print(f"{home}/{stem}: not drawn: {err}", file=sys.stderr)
+                log(f"{home}/{stem}: not drawn: {err}")
                 continue
             assert fig is not None  # strict=True raises instead of returning None
             save_figure(fig, out / home, stem)
-            written[home] += [f"{stem}.png", f"{stem}.svg"]
+            written.setdefault(home, []).extend([f"{stem}.png", f"{stem}.svg"])
     return written
 
 
@@ -401,11 +516,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs_root", type=Path, help="folder of ablation sweep folders (or one sweep folder)")
     parser.add_argument("--out", type=Path, default=Path("results/ablations"), help="default: results/ablations")
     parser.add_argument("--sweeps", type=Path, default=None, help="sweep files (default: experiments/sweeps)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--merge", action="store_const", const="merge", dest="mode",
+                          help="keep the rows of an existing summary.csv whose runs are not under RUNS_ROOT "
+                               "and update the others by run id (fold re-run or finished runs into results)")
+    existing.add_argument("--replace", action="store_const", const="replace", dest="mode",
+                          help="rewrite each summary.csv from RUNS_ROOT alone, dropping runs not found there")
+    parser.set_defaults(mode="refuse")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "analysis.ablations", *argv])
     try:
-        written = write_ablations(args.runs_root, args.out, command=command, sweeps_dir=args.sweeps)
-    except (FileNotFoundError, NoData) as err:
+        written = write_ablations(args.runs_root, args.out, command=command, sweeps_dir=args.sweeps, mode=args.mode)
+    except (FileNotFoundError, NoData, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for sweep, files in written.items():

@@ -251,3 +251,92 @@ def test_a_sweep_with_no_finished_run_yet(tmp_path: Path, capsys: pytest.Capture
     assert len(grid) and grid[["runs", "done", "n"]].drop_duplicates().values.tolist() == [[1, 0, 0]]
     assert pd.read_csv(out / "ablation_clamp" / "grid.csv")["n"].eq(0).all()
     assert analysis.ablation_tables(out)["vocab"]["n"].tolist() == [0]
+
+
+def _clamp_runs(root: Path, seeds: tuple[int, ...], **overrides: Any) -> None:
+    for seed in seeds:
+        write_ablation_run(root, "ablation_clamp", seed, codebook_size=2**14, **overrides)
+
+
+def _csv_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerunning_part_of_a_sweep_refuses_to_drop_committed_runs(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _clamp_runs(tmp_path / "first", (0, 1, 2))
+    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    before = _csv_bytes(out)
+    _clamp_runs(tmp_path / "rerun", (2,))  # the raw runs of seeds 0 and 1 are gone
+    assert ab.main([str(tmp_path / "rerun"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 run(s) that are not under the runs root" in err and "--merge" in err and "--replace" in err
+    assert _csv_bytes(out) == before  # nothing written, figures included
+    assert ab.main([str(tmp_path / "rerun"), "--out", str(out), "--replace"]) == 0
+    assert pd.read_csv(out / "ablation_clamp" / "summary.csv")["seed"].tolist() == [2]
+
+
+def test_merge_folds_new_runs_into_committed_summary_by_run_id(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _clamp_runs(tmp_path / "first", (0,))
+    _clamp_runs(tmp_path / "first", (1,), entropy_mode="reference")
+    write_ablation_run(tmp_path / "first", "ablation_clamp", 2, status=None, codebook_size=2**14)  # running
+    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    # Later, elsewhere: seed 2 finished, seed 3 is new, seed 0 was restarted (--force) and is running.
+    _clamp_runs(tmp_path / "later", (2, 3))
+    write_ablation_run(tmp_path / "later", "ablation_clamp", 0, status=None, codebook_size=2**14)
+    assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
+    assert "kept the finished row; its run folder is now running" in capsys.readouterr().err
+    merged = pd.read_csv(out / "ablation_clamp" / "summary.csv")
+
+    # The same as a summary of every run in its final state, written in one go.
+    _clamp_runs(tmp_path / "all", (0, 2, 3))
+    _clamp_runs(tmp_path / "all", (1,), entropy_mode="reference")
+    assert ab.main([str(tmp_path / "all"), "--out", str(tmp_path / "direct")]) == 0
+    direct = pd.read_csv(tmp_path / "direct" / "ablation_clamp" / "summary.csv")
+    # Values, not dtypes: both merged tables held an unfinished row, so the CSVs only saw floats.
+    pd.testing.assert_frame_equal(merged, direct, check_dtype=False)
+    assert merged["status"].tolist() == ["done"] * 4 and sorted(merged["seed"]) == [0, 1, 2, 3]
+    grid = pd.read_csv(out / "ablation_clamp" / "grid.csv")
+    assert grid.groupby("quantizer.entropy_mode")["n"].max().to_dict() == {"exact": 3, "reference": 1}
+    command = (out / "ablation_clamp" / "command.txt").read_text()
+    assert str(tmp_path / "first") in command and f"{tmp_path / 'later'} --out" in command  # both analyses
+
+
+def test_merging_one_sweep_of_a_claim_keeps_the_others_in_its_plot(written: Path, sweeps: Path, tmp_path: Path) -> None:
+    rerun = tmp_path / "rerun"
+    write_ablation_run(rerun, "ablation_vocab", 2, kind="vq", codebook_size=16)  # ablation_vocab only
+    (written / "ablation_vocab" / "claim1_vocab.png").unlink()
+    assert ab.main([str(rerun), "--out", str(written), "--merge"]) == 0
+    assert (written / "ablation_vocab" / "claim1_vocab.png").is_file()
+    claims = analysis.claim_summaries(analysis.read_summaries(written))
+    psnr = analysis.vocab_figure(claims["vocab"]).axes[1]
+    assert list(_lines(psnr)["lfq"].get_xdata()) == [16, 256, 2**18]  # 2^18 lives in ablation_vocab_lfq18
+    assert len(pd.read_csv(written / "ablation_vocab" / "summary.csv")) == 2 * 3 * len(SIZES) + 1
+
+
+def test_merge_needs_run_ids(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without a run_id"):
+        ab.merge_summaries(pd.DataFrame({"seed": [0]}), pd.DataFrame({"run_id": ["a"], "seed": [0]}))
+    with pytest.raises(ValueError, match="'refuse', 'merge' or 'replace'"):
+        ab.write_ablations(tmp_path, tmp_path / "out", command="x", mode="append")
+
+
+def test_clamp_probe_table_and_loader(tmp_path: Path) -> None:
+    rows = [dict(bits=b, inv_temperature=t, tokens=n, seed=s, clamped_mass=0.1 * b + s, grad_cosine=1 - 0.01 * n,
+                 grad_norm_ratio=t / 100) for b in (8, 10) for t in (1.0, 100.0) for n in (16, 64) for s in (0, 1)]
+    probe = pd.DataFrame(rows)
+    table = analysis.clamp_probe_table(probe)
+    assert table.index.tolist() == [(100.0, 8), (100.0, 10), (1.0, 8), (1.0, 10)]  # default temperature first
+    assert table.loc[(1.0, 10), ("clamped_mass", 64)] == pytest.approx(1.5)  # mean of seeds 0 and 1
+    assert table.loc[(100.0, 8), ("grad_cosine", 64)] == pytest.approx(0.36)
+    assert analysis.load_clamp_probe(tmp_path) is None
+    (tmp_path / "clamp_probe").mkdir()
+    probe.to_csv(tmp_path / "clamp_probe" / "probe.csv", index=False)
+    pd.testing.assert_frame_equal(analysis.load_clamp_probe(tmp_path), probe)
+    pd.testing.assert_frame_equal(analysis.load_clamp_probe(tmp_path / "clamp_probe" / "probe.csv"), probe)
+    probe.drop(columns="grad_cosine").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(analysis.NoData, match=r"bad.csv is not a clamp probe table: no \['grad_cosine'\]"):
+        analysis.load_clamp_probe(tmp_path / "bad.csv")
