@@ -302,14 +302,23 @@ def load_clamp_probe(path: PathLike) -> pd.DataFrame | None:
     return probe
 
 
+PROBE_METRICS = ("clamped_mass", "grad_cosine", "grad_norm_ratio")
+
+
 def clamp_probe_table(probe: pd.DataFrame) -> pd.DataFrame:
     """Rows (inv_temperature, highest first; bits), columns (metric, tokens): clamped mass and the
-    reference-vs-exact diversity gradient (cosine, norm ratio), averaged over seeds if several."""
+    reference-vs-exact diversity gradient (cosine, norm ratio) as ``mean ± std`` over seeds (the
+    mean alone where a point has one seed)."""
     missing = [c for c in PROBE_COLUMNS if c not in probe]
     require(not missing, f"not a clamp probe table: no {missing} columns")
-    table = probe.pivot_table(index=["inv_temperature", "bits"], columns="tokens",
-                              values=["clamped_mass", "grad_cosine", "grad_norm_ratio"], aggfunc="mean")
-    return table.sort_index(ascending=[False, True]).round(3)
+    keys = ["inv_temperature", "bits", "tokens"]
+    stats = probe.groupby(keys)[list(PROBE_METRICS)].agg(["mean", "std"])
+    cells = pd.DataFrame({m: [f"{mean:.3g}" + ("" if pd.isna(std) else f" ± {std:.2g}")
+                              for mean, std in zip(stats[(m, "mean")], stats[(m, "std")], strict=True)]
+                          for m in PROBE_METRICS}, index=stats.index)
+    table = cells.unstack("tokens")
+    table.columns.names = ["metric", "tokens"]
+    return table.sort_index(ascending=[False, True])
 
 
 @skippable
@@ -326,14 +335,21 @@ def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
     rows = {"clamped_mass": "clamped mass (probability\non codes under 1e-5)",
             "grad_cosine": "cosine(reference, exact)\ndiversity gradient wrt z",
             "grad_norm_ratio": "|reference| / |exact|\ndiversity gradient norm"}
+    seeds = probe["seed"].nunique() if "seed" in probe else 1
+    stats = probe.groupby(["inv_temperature", "bits", "tokens"])[list(rows)].agg(["mean", "min", "max"])
     fig, axes = new_figure(len(rows), len(temperatures), height=9.6, sharex=True, sharey="row")
     for col, tau in enumerate(temperatures):
-        part = probe[probe["inv_temperature"] == tau]
         for bits, color, marker, dash in zip(sizes, colors(len(sizes)), MARKERS * 4, LINESTYLES * 8, strict=False):
-            line = part[part["bits"] == bits].sort_values("tokens")
+            if (tau, bits) not in stats.index.droplevel("tokens"):
+                continue
+            line = stats.loc[(tau, bits)].sort_index()
             for row, metric in enumerate(rows):
-                axes[row, col].plot(line["tokens"], line[metric], color=color, marker=marker, linestyle=dash,
-                                    label=f"$2^{{{bits}}}$ codes")
+                ax = axes[row, col]
+                ax.plot(line.index, line[(metric, "mean")], color=color, marker=marker, linestyle=dash,
+                        label=f"$2^{{{bits}}}$ codes")
+                if seeds > 1:
+                    ax.fill_between(line.index, line[(metric, "min")], line[(metric, "max")], color=color,
+                                    alpha=BAND_ALPHA, linewidth=0)
         for ax in axes[:, col]:
             ax.axvline(1 / 1e-5, color="0.35", linestyle=":", linewidth=1.2,
                        label="1e5 tokens (one token's share = 1e-5)")
@@ -349,7 +365,8 @@ def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
     axes[2, 0].set_yscale("log")
     axes[2, 0].axhline(1.0, color="0.6", linewidth=0.8)
     _legend(fig, axes, "codebook size")
-    fig.suptitle("Claim 4 mechanism: the 1e-5 clamp and the diversity gradient (random z ~ N(0, 1), one seed)")
+    spread = f"mean of {seeds} seeds, band min-max" if seeds > 1 else "one seed"
+    fig.suptitle(f"Claim 4 mechanism: the 1e-5 clamp and the diversity gradient (random z ~ N(0, 1), {spread})")
     return fig
 
 

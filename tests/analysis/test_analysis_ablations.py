@@ -330,8 +330,15 @@ def test_clamp_probe_table_and_loader(tmp_path: Path) -> None:
     probe = pd.DataFrame(rows)
     table = analysis.clamp_probe_table(probe)
     assert table.index.tolist() == [(100.0, 8), (100.0, 10), (1.0, 8), (1.0, 10)]  # default temperature first
-    assert table.loc[(1.0, 10), ("clamped_mass", 64)] == pytest.approx(1.5)  # mean of seeds 0 and 1
-    assert table.loc[(100.0, 8), ("grad_cosine", 64)] == pytest.approx(0.36)
+    assert table.loc[(1.0, 10), ("clamped_mass", 64)] == "1.5 ± 0.71"  # seeds 0 and 1: 1.0 and 2.0
+    assert table.loc[(100.0, 8), ("grad_cosine", 64)] == "0.36 ± 0"
+    one_seed = analysis.clamp_probe_table(probe[probe["seed"] == 1])
+    assert one_seed.loc[(1.0, 10), ("clamped_mass", 16)] == "2"
+    fig = analysis.clamp_probe_figure(probe)
+    mass = fig.axes[0]
+    means = [list(line.get_ydata()) for line in mass.get_lines()[:2]]  # 2^8, 2^10 codes: 0.1 bits + mean seed
+    assert means == [pytest.approx([1.3, 1.3]), pytest.approx([1.5, 1.5])]
+    assert len(mass.collections) == 2 and "mean of 2 seeds" in fig._suptitle.get_text()  # min-max bands
     assert analysis.load_clamp_probe(tmp_path) is None
     (tmp_path / "clamp_probe").mkdir()
     probe.to_csv(tmp_path / "clamp_probe" / "probe.csv", index=False)

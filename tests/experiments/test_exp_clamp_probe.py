@@ -73,7 +73,9 @@ def test_cli_writes_the_table_command_and_figure(tmp_path, capsys):
     table = pd.read_csv(out / "probe.csv")
     grid = clamp_probe.QUICK_GRID
     assert list(table.columns) == list(clamp_probe.COLUMNS)
-    assert len(table) == len(grid["bits"]) * len(grid["inv_temperature"]) * len(grid["tokens"])
+    assert len(table) == len(grid["bits"]) * len(grid["inv_temperature"]) * len(grid["tokens"]) * 3
+    assert sorted(table["seed"].unique()) == [0, 1, 2]  # the default seeds, each its own inputs
+    assert table.groupby(["bits", "inv_temperature", "tokens"])["batch_entropy_exact"].nunique().eq(3).all()
     assert set(table["codebook_size"]) == {2**b for b in grid["bits"]}
     assert table["entropy_gap"].min() >= -1e-5  # the clamp can only lower the entropy
     assert (table["codes_in_use"] <= table[["codebook_size", "tokens"]].min(axis=1)).all()
