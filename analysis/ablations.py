@@ -445,8 +445,7 @@ def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame,
     return _sorted(merged), notes
 
 
-def _merged_or_refused(sweep: str, summary: pd.DataFrame, existing: Path, mode: str
-                       ) -> tuple[pd.DataFrame, list[str]]:
+def _merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple[pd.DataFrame, list[str]]:
     if mode == "replace" or not existing.is_file():
         return summary, []
     old = pd.read_csv(existing)
@@ -492,7 +491,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
     out = Path(out)
     summaries = summaries_from_runs(root)
     # Decide every sweep before writing any: a refusal leaves out/ exactly as it was.
-    planned = {sweep: _merged_or_refused(sweep, summary, out / sweep / "summary.csv", mode)
+    planned = {sweep: _merged_or_refused(summary, out / sweep / "summary.csv", mode)
                for sweep, summary in summaries.items()}
     written: dict[str, list[str]] = {}
     for sweep, (summary, notes) in planned.items():
