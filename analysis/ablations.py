@@ -288,6 +288,11 @@ def clamp_figure(summary: pd.DataFrame) -> Figure:
 PROBE_COLUMNS = ("bits", "inv_temperature", "tokens", "clamped_mass", "grad_cosine")
 
 
+def _require_probe(probe: pd.DataFrame, what: str = "not") -> None:
+    missing = [c for c in PROBE_COLUMNS if c not in probe]
+    require(not missing, f"{what} a clamp probe table: no {missing} columns")
+
+
 def load_clamp_probe(path: PathLike) -> pd.DataFrame | None:
     """The clamp probe's table: ``path`` itself if it is a CSV file, else ``path/clamp_probe/probe.csv``
     or ``path/probe.csv``; None if there is none (``python -m experiments.clamp_probe`` writes it)."""
@@ -297,8 +302,7 @@ def load_clamp_probe(path: PathLike) -> pd.DataFrame | None:
     if found is None:
         return None
     probe = pd.read_csv(found)
-    missing = [c for c in PROBE_COLUMNS if c not in probe]
-    require(not missing, f"{found} is not a clamp probe table: no {missing} columns")
+    _require_probe(probe, f"{found} is not")
     return probe
 
 
@@ -309,8 +313,7 @@ def clamp_probe_table(probe: pd.DataFrame) -> pd.DataFrame:
     """Rows (inv_temperature, highest first; bits), columns (metric, tokens): clamped mass and the
     reference-vs-exact diversity gradient (cosine, norm ratio) as ``mean ± std`` over seeds (the
     mean alone where a point has one seed)."""
-    missing = [c for c in PROBE_COLUMNS if c not in probe]
-    require(not missing, f"not a clamp probe table: no {missing} columns")
+    _require_probe(probe)
     keys = ["inv_temperature", "bits", "tokens"]
     stats = probe.groupby(keys)[list(PROBE_METRICS)].agg(["mean", "std"])
     cells = pd.DataFrame({m: [f"{mean:.3g}" + ("" if pd.isna(std) else f" ± {std:.2g}")
@@ -326,8 +329,7 @@ def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
     """Claim 4's mechanism (``python -m experiments.clamp_probe``): per inverse temperature (a
     column), the clamped mass, and the reference's diversity gradient against the exact one
     (cosine; norm ratio), against the tokens in the entropy batch, a line per codebook size."""
-    missing = [c for c in PROBE_COLUMNS if c not in probe]
-    require(not missing, f"not a clamp probe table: no {missing} columns")
+    _require_probe(probe)
     require(len(probe), "the clamp probe table is empty")
     temperatures = sorted(probe["inv_temperature"].unique(), reverse=True)
     sizes = sorted(probe["bits"].unique())
@@ -427,13 +429,11 @@ def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame,
     old = old.astype({"run_id": str})
     new = new.astype({"run_id": str})
     old_status = old.set_index("run_id")["status"] if "status" in old else pd.Series(dtype=object)
-    notes: list[str] = []
-    keep_old = []
-    for run_id, status in zip(new["run_id"], new.get("status", pd.Series([None] * len(new))), strict=True):
-        if old_status.get(run_id) == "done" and status != "done":
-            keep_old.append(run_id)
-            notes.append(f"{run_id}: kept the finished row; its run folder is now {status or 'not started'}")
-    fresh = new[~new["run_id"].isin(keep_old)]
+    new_status = new["status"] if "status" in new else pd.Series(None, index=new.index, dtype=object)
+    keep_old = new["run_id"].map(old_status).eq("done") & new_status.ne("done")
+    notes = [f"{run_id}: kept the finished row; its run folder is now {status if isinstance(status, str) else 'not started'}"
+             for run_id, status in zip(new.loc[keep_old, "run_id"], new_status[keep_old], strict=True)]
+    fresh = new[~keep_old]
     columns = list(dict.fromkeys([*new.columns, *old.columns]))
     kept = old[~old["run_id"].isin(fresh["run_id"])]
     merged = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh.copy()
