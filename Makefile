@@ -9,8 +9,13 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The newest vector-quantize-pytorch, for differential tests beside the pinned 1.14.12 oracle
+# (tests/upstream_vqp.py): both are the same package, so this one lives in its own folder.
+UPSTREAM_VERSION ?= 1.32.0
+UPSTREAM_DIR     := .upstream/vqp-latest
+UPSTREAM_STAMP   := $(UPSTREAM_DIR)/.installed-$(UPSTREAM_VERSION)
 
-.PHONY: demo test lint cluster clean-venv
+.PHONY: demo test lint cluster upstream clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +33,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+$(UPSTREAM_STAMP): $(STAMP)
+	rm -rf $(UPSTREAM_DIR)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(UPSTREAM_DIR) "vector-quantize-pytorch==$(UPSTREAM_VERSION)"
+	touch $@
+
+upstream: $(UPSTREAM_STAMP)
+
 # A throwaway one-node SLURM cluster for the cluster tests (Debian, as root).
 cluster:
 	bash slurm/local-cluster.sh ensure
 
-test: $(STAMP) lint cluster
+test: $(STAMP) $(UPSTREAM_STAMP) lint cluster
 	$(BIN)/python -m pytest
 
 clean-venv:
