@@ -29,12 +29,24 @@ import yaml
 
 from lfq.entropy import ENTROPY_KERNELS
 
-TASKS = ("synthetic", "patches")
+TASKS = ("images", "synthetic", "patches")
 SCALES = ("full", "smoke")
 QUANTIZER_KINDS = ("lfq", "vq", "fsq")
 RUN_ID_LENGTH = 10
 # Sections that do not change what a run computes, hence not part of its id.
 NOT_IN_RUN_ID = ("name", "logging")
+# Fields added after run ids were first published enter the id only when set away from their
+# default, so every earlier run folder keeps its id (see ``new_field``). Fields marked
+# ``in_run_id=False`` never enter it: they change where and how fast a run computes, not what.
+IMAGE_RESOLUTIONS = (16, 32, 64, 128, 256, 512)
+MODEL_PRESETS = ("tiny", "base")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def new_field(default: Any, *, in_run_id: bool = True) -> Any:
+    """A field added after the first run ids: omitted from the id while it holds ``default``."""
+    kwargs = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(metadata={"new": True, "in_run_id": in_run_id}, **kwargs)
 
 # FSQ paper (arXiv 2309.15505), Table 1: the levels it recommends for each target size.
 FSQ_PAPER_LEVELS: dict[int, tuple[int, ...]] = {
@@ -100,8 +112,18 @@ class DataConfig(_Section):
     mixture_seed: int = 0
     # patches: square RGB patches in [0, 1] cut from the images shipped with skimage/sklearn.
     patch_size: int = 16
+    # images: a folder (searched recursively; train/ + val/ if it has both), or a text file of
+    # paths; None = crops of the images that ship with scikit-image/scikit-learn (no download).
+    root: str | None = new_field(None)
+    resolution: int = new_field(64)  # images: square side in pixels, values in [-1, 1]
+    val_fraction: float = new_field(0.05)  # images without val/: share of files (by path hash) held out
 
     def validate(self) -> None:
+        _check(self.resolution in IMAGE_RESOLUTIONS, "data.resolution", self.resolution,
+               f"must be one of {list(IMAGE_RESOLUTIONS)}")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.root is None or bool(self.root.strip()), "data.root", self.root,
+               "must be a folder or a text file of image paths, or null for the shipped images")
         for name in ("batch_size", "val_size", "input_dim", "num_clusters"):
             _check(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), "must be >= 1")
         _check(self.cluster_std > 0, "data.cluster_std", self.cluster_std, "must be > 0")
@@ -115,10 +137,27 @@ class ModelConfig(_Section):
     depth: int = 2  # synthetic: hidden layers in the encoder and in the decoder
     channels: int = 32  # patches: channels of the first conv; doubled after the first downsampling
     latent_dim: int | None = None  # channels fed to the quantizer; None = its natural size (no projection)
+    # images: a MAGVIT-v2-style encoder/decoder (experiments/tokenizer.py). The preset sets the
+    # rest; any of the None fields overrides it.
+    preset: str = new_field("tiny")  # tiny (CPU minutes at 32-64 px) | base (Open-MAGVIT2's 128-px layout)
+    downsample: int = new_field(8)  # pixels per token side: 4, 8 or 16
+    base_channels: int | None = new_field(None)  # channels of the first level
+    ch_mult: tuple[int, ...] | None = new_field(None)  # channel multiplier per level (len = log2(downsample) + 1)
+    num_res_blocks: int | None = new_field(None)  # residual blocks per level
 
     def validate(self) -> None:
         for name in ("hidden_dim", "depth", "channels"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        _check_choice("model.preset", self.preset, MODEL_PRESETS)
+        _check(self.downsample in (4, 8, 16), "model.downsample", self.downsample, "must be 4, 8 or 16")
+        for name in ("base_channels", "num_res_blocks"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null")
+        if self.ch_mult is not None:
+            levels = round(math.log2(self.downsample)) + 1
+            _check(len(self.ch_mult) == levels and all(m >= 1 for m in self.ch_mult), "model.ch_mult",
+                   self.ch_mult, f"must be {levels} ints >= 1 for model.downsample={self.downsample} "
+                   f"(one per level; a level halves the resolution), or null")
         _check(self.latent_dim is None or self.latent_dim >= 1, "model.latent_dim", self.latent_dim,
                "must be >= 1 or null")
 
@@ -231,6 +270,68 @@ class LoggingConfig(_Section):
             _check(getattr(self, name) >= 1, f"logging.{name}", getattr(self, name), "must be >= 1")
 
 
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    """Reconstruction loss terms; the quantizer's own loss is always added.
+
+    Perceptual (LPIPS) and adversarial terms plug in beside these in ``experiments/losses.py``;
+    they need pretrained weights this suite cannot fetch, so none ships yet.
+    """
+
+    _prefix: ClassVar[str] = "loss."
+    l2_weight: float = new_field(1.0)  # mean squared error
+    l1_weight: float = new_field(0.0)  # mean absolute error
+
+    def validate(self) -> None:
+        for name in ("l1_weight", "l2_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "must be >= 0")
+        _check(self.l1_weight + self.l2_weight > 0, "loss.l2_weight", self.l2_weight,
+               "must be > 0 when loss.l1_weight is 0: a run needs a reconstruction loss")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    """Where and how fast a run computes (``experiments/runtime.py``).
+
+    Only ``precision`` and ``tf32`` enter the run id: they change the arithmetic on purpose.
+    ``device`` does not (a run resolved from ``auto`` keeps its id on whatever node it lands,
+    and a run started on a GPU may resume on a CPU), nor ``compile`` (the same losses within
+    float tolerance) nor the data-loader settings (the batch order is a function of seed and
+    step only).
+    """
+
+    _prefix: ClassVar[str] = "runtime."
+    device: str = new_field("auto", in_run_id=False)  # auto | cpu | cuda | cuda:N
+    precision: str = new_field("fp32")  # fp32 | bf16 | fp16 (fp16 with a gradient scaler; CUDA only)
+    compile: bool = new_field(False, in_run_id=False)  # torch.compile the model
+    tf32: bool = new_field(False)  # allow TF32 matmuls and convolutions on CUDA (no effect on a CPU)
+    num_workers: int = new_field(2, in_run_id=False)  # data-loader workers for datasets read from files
+    pin_memory: bool = new_field(True, in_run_id=False)  # pinned host batches (CUDA only)
+    prefetch_factor: int = new_field(2, in_run_id=False)  # batches each worker keeps ready
+
+    def validate(self) -> None:
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
+        _check(ok, "runtime.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check_choice("runtime.precision", self.precision, PRECISIONS)
+        _check(self.num_workers >= 0, "runtime.num_workers", self.num_workers, "must be >= 0 (0 loads in the "
+               "training process)")
+        _check(self.prefetch_factor >= 1, "runtime.prefetch_factor", self.prefetch_factor, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """Extra validation metrics; where their files live does not change a run's id."""
+
+    _prefix: ClassVar[str] = "eval."
+    # rFID: a local InceptionV3 weights file for torch-fidelity (pt_inception-2015-12-05); null: no rFID.
+    rfid_weights: str | None = new_field(None, in_run_id=False)
+
+    def validate(self) -> None:
+        _check(self.rfid_weights is None or bool(self.rfid_weights.strip()), "eval.rfid_weights",
+               self.rfid_weights, "must be a path to the Inception weights file, or null")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -239,13 +340,16 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "monitor": MonitorConfig,
     "logging": LoggingConfig,
+    "loss": LossConfig,
+    "runtime": RuntimeConfig,
+    "eval": EvalConfig,
 }
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = "default"  # the experiment's name; the default results folder is results/<name>
-    task: str = "synthetic"  # synthetic | patches
+    task: str = "images"  # images | synthetic | patches
     seed: int = 0  # model init, batch sampling and LFQ's token subsets
     scale: str = "full"  # full | smoke (shrinks the run to seconds; see resolved())
     data: DataConfig = field(default_factory=DataConfig)
@@ -255,6 +359,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "")
@@ -268,12 +375,18 @@ class Config:
             return self
         s, lg, m = self.schedule, self.logging, self.monitor
         steps = min(s.steps, 30)
+        images_data: dict[str, Any] = {}
+        images_model: dict[str, Any] = {}
+        if self.task == "images":  # a tokenizer of any preset shrinks to a few seconds on a CPU
+            images_data = {"resolution": min(self.data.resolution, 32)}
+            images_model = {"base_channels": min(self.model.base_channels or 16, 16), "num_res_blocks": 1,
+                            "ch_mult": None if self.model.ch_mult is None else tuple(min(k, 2) for k in self.model.ch_mult)}
         return dataclasses.replace(
             self,
             data=dataclasses.replace(self.data, batch_size=min(self.data.batch_size, 64),
-                                     val_size=min(self.data.val_size, 256)),
+                                     val_size=min(self.data.val_size, 256), **images_data),
             model=dataclasses.replace(self.model, hidden_dim=min(self.model.hidden_dim, 64),
-                                      channels=min(self.model.channels, 16)),
+                                      channels=min(self.model.channels, 16), **images_model),
             optim=dataclasses.replace(self.optim, warmup_steps=min(self.optim.warmup_steps, 5)),
             schedule=ScheduleConfig(steps=steps, val_every=min(s.val_every, 10),
                                     checkpoint_every=min(s.checkpoint_every, 10)),
@@ -308,8 +421,21 @@ class Config:
         d = self.resolved().to_dict()
         for key in NOT_IN_RUN_ID:
             d.pop(key)
+        for section, cls in SECTIONS.items():
+            if section in NOT_IN_RUN_ID:
+                continue
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("new") and (not f.metadata["in_run_id"] or d[section][f.name] == _default(f)):
+                    del d[section][f.name]
+            if not d[section]:
+                del d[section]
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return json.loads(json.dumps(value))
 
 
 def _section_from_dict(section: str, value: Any) -> Any:

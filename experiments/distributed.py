@@ -56,13 +56,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device() -> torch.device:
-    """Where this rank computes: its CUDA device under NCCL (the current one, which
-    :func:`init_from_env` sets from ``LOCAL_RANK``; set it yourself if you initialise the
-    group), else the CPU. One process without a group trains on the CPU, as before."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def backend() -> str | None:
+    """The process group's backend ('nccl', 'gloo'), or None without one. Where a rank computes
+    is ``experiments.runtime.resolve_device``'s business (``cuda:LOCAL_RANK`` under NCCL)."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
 def init_from_env(backend: str | None = None) -> bool:

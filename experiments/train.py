@@ -41,12 +41,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
 from experiments.config import Config, ConfigError, load_config
+from experiments.evaluation import FrechetDistance, evaluate, inception_extractor
 from experiments.run_dir import RunDir, truncate_jsonl
+from experiments.runtime import Runtime, Throughput
 from experiments.tasks import get_task
 from lfq.monitor import JsonlSink, LFQMonitor
 
-VAL_BATCH = 512
-PSNR_PEAK = 1.0  # every task's data lies in [0, 1]
+VAL_BATCH = 256
+# Columns of kind="train" rows that measure the machine, not the run: they differ between two
+# runs of one config (and across a resume), everything else is identical.
+TIMING_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
 USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
               "batch_entropy", "bit_balance_mad")
 
@@ -64,21 +68,68 @@ def lr_at(step: int, config: Config) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, val: torch.Tensor, device: torch.device | None = None) -> dict[str, float]:
-    """Mean squared error and PSNR on ``val``; data parallel, each rank takes its shard of it."""
-    model.eval()
-    shard = val.tensor_split(ddp.world_size())[ddp.rank()]
-    squared_error = 0.0
-    for i in range(0, len(shard), VAL_BATCH):
-        batch = shard[i:i + VAL_BATCH].to(device or val.device)
-        squared_error += F.mse_loss(model(batch).recon, batch, reduction="sum").item()
-    model.train()
-    if ddp.is_distributed():
-        squared_error = ddp.all_sum(torch.tensor(squared_error, dtype=torch.float64)).item()
-    mse = squared_error / val.numel()
-    psnr = 10 * math.log10(PSNR_PEAK**2 / mse) if mse > 0 else math.inf
-    return {"val_mse": mse, "val_psnr": psnr}
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, config: Config) -> torch.Tensor:
+    """The loss section's weighted terms, in float32. Perceptual and adversarial terms go here."""
+    recon, x = recon.float(), x.float()
+    loss = recon.new_zeros(())
+    if config.loss.l2_weight:
+        loss = loss + config.loss.l2_weight * F.mse_loss(recon, x)
+    if config.loss.l1_weight:
+        loss = loss + config.loss.l1_weight * F.l1_loss(recon, x)
+    return loss
+
+
+class Batches:
+    """This rank's training batches on the device, and its share of the validation set.
+
+    In-memory datasets move to the device once and draw with the run's data generator; file
+    datasets come through a DataLoader whose order is a function of the seed and the step.
+    Files that cannot be read are reported once each, on the main rank.
+    """
+
+    def __init__(self, dataset: Any, config: Config, device: torch.device, start: int, rows: slice,
+                 data_rng: torch.Generator, run_id: str):
+        self.dataset, self.config, self.device, self.rows, self.data_rng = dataset, config, device, rows, data_rng
+        self.run_id, self.unreadable = run_id, set()
+        self.from_files = hasattr(dataset, "train_loader")
+        if self.from_files:
+            from experiments.tasks.images import to_model_input
+
+            self._to_input = to_model_input
+            self._train = iter(dataset.train_loader(config, device, start, rows))
+            self._val = dataset.val_loader(config, device, ddp.rank(), ddp.world_size(), VAL_BATCH)
+        elif hasattr(dataset, "to"):
+            dataset.to(device)
+
+    def _report(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            if reason not in self.unreadable:
+                self.unreadable.add(reason)
+                print(f"[{self.run_id}] skipping an unreadable image: {reason}", flush=True)
+
+    def _from_loader(self, item: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
+        crops, bad = item
+        self._report(bad)
+        return self._to_input(crops.to(self.device, non_blocking=True))
+
+    def train(self) -> torch.Tensor:
+        if self.from_files:
+            return self._from_loader(next(self._train))
+        return self.dataset.train_batch(self.data_rng, self.config.data.batch_size)[self.rows].to(self.device)
+
+    def val(self) -> Any:
+        if self.from_files:
+            for item in self._val:
+                yield self._from_loader(item)
+            return
+        shard = self.dataset.val.tensor_split(ddp.world_size())[ddp.rank()]
+        for i in range(0, len(shard), VAL_BATCH):
+            yield shard[i:i + VAL_BATCH].to(self.device)
+
+
+def dataset_value_range(dataset: Any) -> tuple[float, float]:
+    """The range the task's data lies in (PSNR's peak is its width); [0, 1] unless the task says."""
+    return tuple(getattr(dataset, "value_range", (0.0, 1.0)))
 
 
 def _mean_usage(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -101,6 +152,11 @@ def _summary(run_id: str, config: Config, progress: dict[str, Any], status: str,
         "final_train_loss": last_train.get("loss"), "final_recon_loss": last_train.get("recon_loss"),
         "final_aux_loss": last_train.get("aux_loss"),
     }
+    for key in ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens", "val_rfid"):
+        if key in last_val:  # utilization over every validation token, and the image metrics
+            summary[f"final_{key}"] = last_val[key]
+    if progress.get("unreadable_files"):
+        summary["unreadable_files"] = progress["unreadable_files"]
     summary.update({f"final_{k}": v for k, v in _mean_usage(progress["last_quantizer"]).items()})
     return summary
 
@@ -147,11 +203,18 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     """
     config = config.resolved()
     run_id = config.run_id
-    world, main, device = ddp.world_size(), ddp.is_main(), ddp.device()
+    runtime = Runtime.resolve(config.runtime)  # RuntimeConfigError here, before the folder is touched
+    world, main, device = ddp.world_size(), ddp.is_main(), runtime.device
+    if ddp.is_distributed() and ddp.backend() == "nccl" and device.type != "cuda":
+        raise ConfigError(f"runtime.device={config.runtime.device!r} resolved to {device}, but this process group "
+                          f"uses NCCL, which needs one GPU per rank: use runtime.device=auto or cuda")
     rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
     if config.data.val_size < world:
         raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
                          f"every rank needs a validation shard")
+    task = get_task(config.task)
+    if hasattr(task, "check"):
+        task.check(config)  # e.g. a missing data.root: a ConfigError before anything is written
     rd = RunDir(run_dir)
     existing = rd.read_config()
     if existing is not None and existing.get("run_id") != run_id:
@@ -170,22 +233,26 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     progress: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "best_val_mse": None, "best_val_psnr": None,
                                 "best_val_step": None, "last_val": None, "last_train": None, "last_quantizer": []}
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
+    # On CUDA some kernels (scatter_add_ of the code counts) have no deterministic version:
+    # warn there instead of failing; the CPU path stays strict and bit-reproducible.
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    runtime.apply()
     monitor = None
     try:
         torch.manual_seed(config.seed)  # model init and LFQ's token subsets draw from the global RNG
         data_rng = torch.Generator().manual_seed(config.seed)
-        task = get_task(config.task)
         dataset = task.build_dataset(config)
         model = task.build_model(config).to(device)
         # DDP averages gradients over the ranks; the checkpoint holds the bare model's state.
         net = model if world == 1 else DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
+        net = runtime.compile(net)
         o = config.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                       weight_decay=o.weight_decay)
+        scaler = runtime.grad_scaler()
 
         metrics_sink = JsonlSink(rd.metrics)
 
@@ -201,10 +268,12 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                              dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
                              histogram_sink=JsonlSink(rd.histograms))
 
-        checkpoint = rd.load_checkpoint()
+        checkpoint = rd.load_checkpoint()  # tensors on the CPU: a GPU run resumes on a CPU and back
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the parameters' device
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
             by_rank = checkpoint.get("torch_rng_by_rank")  # LFQ's token subsets differ per rank
             torch.set_rng_state(by_rank[ddp.rank()] if by_rank and len(by_rank) == world else checkpoint["torch_rng"])
             cuda_rng = checkpoint.get("cuda_rng_by_rank")  # LFQ draws subsets on the tokens' device
@@ -221,40 +290,60 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
         ddp.barrier()  # every rank starts from the same folder
         wall_before = progress["wall_time_s"]
 
-        steps, batch_size = config.schedule.steps, config.data.batch_size
+        steps = config.schedule.steps
+        batches = Batches(dataset, config, device, progress["step"], rows, data_rng, run_id)
+        if main and hasattr(dataset, "describe"):
+            print(f"[{run_id}] data: {dataset.describe()}", flush=True)
+        fid = None
+        if config.eval.rfid_weights:
+            fid = FrechetDistance(inception_extractor(config.eval.rfid_weights), device)
+        throughput = Throughput(config.data.batch_size)
         show = _progress_printer(config, run_id, progress["step"])
         for step in range(progress["step"] + 1, steps + 1):
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             monitor.set_step(step)
-            x = dataset.train_batch(data_rng, batch_size)[rows].to(device)  # this rank's shard
-            out = net(x)
-            recon_loss = F.mse_loss(out.recon, x)
-            loss = recon_loss + out.aux_loss
-            logged = torch.stack([loss, recon_loss, out.aux_loss]).detach()
+            with throughput.waiting_for_data():
+                x = batches.train()  # this rank's shard, on the device
+            with runtime.autocast():
+                out = net(x)
+            recon_loss = reconstruction_loss(out.recon, x, config)
+            loss = recon_loss + out.aux_loss.float()
+            logged = torch.stack([loss, recon_loss, out.aux_loss.float()]).detach()
             if world > 1:  # the global batch's means; a NaN on any rank is a NaN on all
                 logged = ddp.all_sum(logged) / world
             if not torch.isfinite(logged[0]):
                 total, recon, aux = logged.tolist()
                 raise NonFiniteLoss(f"non-finite loss {total} at step {step} (recon {recon:.4g}, aux {aux:.4g})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if o.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
+            throughput.step_done()
+            if throughput.tokens_per_sample is None:
+                q = model.quantizer
+                throughput.tokens_per_sample = out.indices[0].numel() // (q.num_codebooks if q.keep_num_codebooks_dim
+                                                                           else 1)
             progress["step"] = step
 
             last = step == steps
             if step % lg.log_every == 0 or last:
                 progress["last_train"] = dict(zip(("loss", "recon_loss", "aux_loss"), logged.tolist(), strict=True))
+                runtime.synchronize()  # the interval's queued work is done: its time is its time
+                timing = throughput.row(runtime.max_memory_mb())
                 if main:
-                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"]}])
+                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"], **timing}])
             if step % config.schedule.val_every == 0 or last:
-                val = evaluate(model, dataset.val, device)
+                val = evaluate(model, batches.val(), device=device, value_range=dataset_value_range(dataset),
+                               is_image=getattr(dataset, "is_image", False), autocast=runtime.autocast(), fid=fid)
                 if main:
                     metrics_sink([{"kind": "val", "step": step, **val}])
                 progress["last_val"] = val
+                progress["unreadable_files"] = len(batches.unreadable)
                 if progress["best_val_mse"] is None or val["val_mse"] < progress["best_val_mse"]:
                     progress.update(best_val_mse=val["val_mse"], best_val_psnr=val["val_psnr"], best_val_step=step)
             progress["wall_time_s"] = wall_before + time.perf_counter() - t_start
@@ -265,6 +354,7 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                 cuda_rng = ddp.all_gather(torch.cuda.get_rng_state()) if device.type == "cuda" else None
                 if main:
                     rd.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                                         "torch_rng": torch.get_rng_state(), "torch_rng_by_rank": rng_by_rank,
                                         "cuda_rng_by_rank": cuda_rng,
                                         "data_rng": data_rng.get_state(), "monitor": monitor_state,

@@ -30,4 +30,8 @@ def get_task(name: str) -> ModuleType:
         from experiments.tasks import patches
 
         return patches
-    raise ValueError(f"task={name!r} is unknown: expected 'synthetic' or 'patches'")
+    if name == "images":
+        from experiments.tasks import images
+
+        return images
+    raise ValueError(f"task={name!r} is unknown: expected 'images', 'synthetic' or 'patches'")

@@ -78,8 +78,16 @@ class ImagePatches:
         keep = torch.linspace(0, len(val) - 1, min(config.data.val_size, len(val))).round().long()
         self.val = val[keep].float() / 255
 
+    is_image = True
+
+    def to(self, device: torch.device) -> ImagePatches:
+        """Move the patches to the device once; batches are then indexed there."""
+        self.train, self.val = self.train.to(device), self.val.to(device)
+        return self
+
     def train_batch(self, g: torch.Generator, batch_size: int) -> Tensor:
-        return self.train[torch.randint(len(self.train), (batch_size,), generator=g)].float() / 255
+        index = torch.randint(len(self.train), (batch_size,), generator=g)
+        return self.train[index.to(self.train.device)].float() / 255
 
 
 def build_dataset(config: Config) -> ImagePatches:

@@ -1,0 +1,89 @@
+"""Batches for the training loop: in memory on the device, or read from files by a DataLoader.
+
+Two kinds of dataset, one loop (``experiments.train``):
+
+- in memory (``synthetic``, ``patches``, the shipped images of ``images``): ``train_batch(g,
+  batch_size)`` draws a global batch with the run's data generator ``g``, whose state the
+  checkpoint carries. Their tensors move to the device once (``to(device)``), so a batch is an
+  index on the device, not a copy from the host.
+- read from files (``images`` with ``data.root``): a ``torch.utils.data.Dataset`` of items
+  ``(index, sample_seed)`` decoded by workers. The order is a pure function of the seed and
+  the step (:func:`step_positions`), so a resumed run sees the same batches without any
+  loader state in the checkpoint, and so does a run with another number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from experiments.config import Config
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    g = torch.Generator().manual_seed(_mix(seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers; the same on every machine and Python (no hash randomisation)."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def step_positions(step: int, batch_size: int) -> range:
+    """Positions of step ``step`` (1-based) in the endless sequence of epoch permutations."""
+    return range((step - 1) * batch_size, step * batch_size)
+
+
+def step_items(n: int, step: int, batch_size: int, seed: int) -> list[tuple[int, int]]:
+    """``(index, sample_seed)`` of every sample of the global batch of ``step``.
+
+    Epoch ``e`` is a permutation of the ``n`` items fixed by ``(seed, e)``; the global batch of
+    step ``s`` is positions ``[(s-1) B, s B)`` of their concatenation. ``sample_seed`` fixes the
+    random crop and flip of that sample at that position.
+    """
+    items, perm, perm_epoch = [], None, -1
+    for pos in step_positions(step, batch_size):
+        epoch = pos // n
+        if epoch != perm_epoch:
+            perm, perm_epoch = _epoch_permutation(n, seed, epoch), epoch
+        items.append((int(perm[pos % n]), _mix(seed, pos)))
+    return items
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """The batches of steps ``start + 1 .. steps``; each is this rank's ``rows`` of the global batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, steps: int, rows: slice):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.steps, self.rows = start, steps, rows
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start + 1, self.steps + 1):
+            yield step_items(self.n, step, self.batch_size, self.seed)[self.rows]
+
+
+def loader_kwargs(config: Config, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings from ``config.runtime``. Its own generator: creating an iterator
+    draws a seed, which must not come from the global RNG that LFQ's token subsets use."""
+    r = config.runtime
+    kwargs: dict[str, Any] = {"num_workers": r.num_workers, "pin_memory": r.pin_memory and device.type == "cuda",
+                              "generator": torch.Generator().manual_seed(0)}
+    if r.num_workers > 0:
+        kwargs.update(prefetch_factor=r.prefetch_factor, persistent_workers=True)
+    return kwargs
+
+
+def train_loader(dataset: Any, config: Config, device: torch.device, start: int, rows: slice,
+                 collate_fn: Callable[[list[Any]], Any]) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), config.data.batch_size, config.seed, start, config.schedule.steps, rows)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs(config, device))

@@ -1,0 +1,187 @@
+"""Task ``images``: a MAGVIT-v2-style tokenizer on the user's images, or on the shipped ones.
+
+    python -m experiments.train experiments/configs/images.yaml                      # shipped images
+    python -m experiments.train experiments/configs/images.yaml data.root=~/my_images
+
+With ``data.root`` the images are read from files (``experiments/image_folder.py``) by a
+DataLoader with workers, in an order fixed by the seed and the step
+(``experiments/data.py``). Without it, the images that ship with scikit-image and
+scikit-learn and the LFW faces are cut into crops at ``data.resolution``, split by source
+image, and kept on the device: a fresh machine trains with nothing downloaded.
+
+Shipped crops: every source is first scaled so that its shorter side is at most 512 px (the
+1411-px retina would otherwise be half the data), then taken at scales 1, 1/2 and 1/4 (while
+the shorter side is still >= R). Training crops lie on a grid of stride R/4 and are flipped at
+random; validation crops tile their images (stride R). A face (25 px) is scaled up to R.
+Values are in [-1, 1]; PSNR uses the peak-to-peak range 2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from experiments.config import Config, ConfigError
+from experiments.data import loader_kwargs, train_loader
+from experiments.image_folder import TrainImages, ValImages, collate, even_subset, list_images
+from experiments.quantizers import build_quantizer
+from experiments.tasks import ModelOutput
+from experiments.tasks.patches import _load_image
+from experiments.tokenizer import Decoder, Encoder, Layout
+
+# skimage.data function names or sklearn sample image file names. Never reorder: it fixes the data.
+TRAIN_IMAGES = ("astronaut", "camera", "rocket", "immunohistochemistry", "moon", "grass", "gravel", "brick",
+                "clock", "coins", "text", "colorwheel", "retina", "hubble_deep_field", "china.jpg")
+VAL_IMAGES = ("chelsea", "coffee", "flower.jpg", "page", "cell")
+LFW_TRAIN_FACES = 160  # of the 200 faces in skimage.data.lfw_subset
+MAX_SIDE = 512  # shorter side of a shipped source image before it is cut
+SCALES = (1, 2, 4)  # each source is also cut at 1/2 and 1/4 of that size
+VALUE_RANGE = (-1.0, 1.0)
+
+
+def _scaled(image: np.ndarray, shorter: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = shorter / min(h, w)
+    size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+
+
+def _grid(image: np.ndarray, size: int, stride: int) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(image, (size, size), axis=(0, 1))[::stride, ::stride]
+    return windows.reshape(-1, 3, size, size)
+
+
+def _cut(name: str, resolution: int, stride: int) -> np.ndarray:
+    image = _load_image(name)
+    image = _scaled(image, min(MAX_SIDE, min(image.shape[:2])))
+    crops = []
+    for factor in SCALES:
+        shorter = min(image.shape[:2]) // factor
+        if shorter < resolution:
+            break
+        crops.append(_grid(image if factor == 1 else _scaled(image, shorter), resolution, stride))
+    return np.concatenate(crops) if crops else np.zeros((0, 3, resolution, resolution), np.uint8)
+
+
+def _faces(resolution: int, train: bool) -> np.ndarray:
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()  # (200, 25, 25) float in [0, 1]
+    faces = faces[:LFW_TRAIN_FACES] if train else faces[LFW_TRAIN_FACES:]
+    out = [_scaled(np.repeat(np.round(f * 255).astype(np.uint8)[..., None], 3, -1), resolution) for f in faces]
+    return np.stack([o[:resolution, :resolution].transpose(2, 0, 1) for o in out])
+
+
+@functools.lru_cache(maxsize=4)
+def shipped_crops(resolution: int) -> tuple[Tensor, Tensor]:
+    """(train, val) uint8 crops of shape (N, 3, R, R); the same on every machine."""
+    train = [_cut(n, resolution, max(1, resolution // 4)) for n in TRAIN_IMAGES] + [_faces(resolution, True)]
+    val = [_cut(n, resolution, resolution) for n in VAL_IMAGES] + [_faces(resolution, False)]
+    return torch.from_numpy(np.concatenate(train)), torch.from_numpy(np.concatenate(val))
+
+
+def to_model_input(batch: Tensor) -> Tensor:
+    """uint8 (b, 3, R, R) -> float in [-1, 1]; on the device, after the (4x smaller) transfer."""
+    return batch.float().div_(127.5).sub_(1.0)
+
+
+class ShippedImages:
+    """In memory, on the device after ``to(device)``."""
+
+    value_range = VALUE_RANGE
+    is_image = True
+
+    def __init__(self, config: Config):
+        self.train, val = shipped_crops(config.data.resolution)
+        self.val_uint8 = val[even_subset(len(val), config.data.val_size)]
+
+    @property
+    def val(self) -> Tensor:
+        return to_model_input(self.val_uint8)
+
+    def to(self, device: torch.device) -> ShippedImages:
+        self.train, self.val_uint8 = self.train.to(device), self.val_uint8.to(device)
+        return self
+
+    def train_batch(self, g: torch.Generator, batch_size: int) -> Tensor:
+        index = torch.randint(len(self.train), (batch_size,), generator=g)
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        crops = self.train[index.to(self.train.device)]
+        crops = torch.where(flip.to(crops.device)[:, None, None, None], crops.flip(-1), crops)
+        return to_model_input(crops)
+
+
+class FolderImages:
+    """Read from files by DataLoaders; ``train_loader`` for one run segment, ``val_loader`` per rank."""
+
+    value_range = VALUE_RANGE
+    is_image = True
+
+    def __init__(self, config: Config):
+        listing = list_images(config.data.root, config.data.val_fraction)
+        self.listing = listing
+        val_files = tuple(listing.val[i] for i in even_subset(len(listing.val), config.data.val_size))
+        self.train_set = TrainImages(listing.train, config.data.resolution)
+        self.val_set = ValImages(val_files, config.data.resolution)
+
+    def describe(self) -> str:
+        ls = self.listing
+        extra = f", {len(ls.skipped)} listed paths are not image files" if ls.skipped else ""
+        return (f"{ls.root} ({ls.layout}): {len(ls.train)} training images, {len(self.val_set)} of "
+                f"{len(ls.val)} validation images{extra}")
+
+    def train_loader(self, config: Config, device: torch.device, start: int, rows: slice) -> DataLoader:
+        return train_loader(self.train_set, config, device, start, rows, collate)
+
+    def val_loader(self, config: Config, device: torch.device, rank: int, world: int,
+                   batch_size: int) -> DataLoader:
+        shard = list(range(len(self.val_set)))[rank::world]  # every rank a disjoint share
+        return DataLoader(Subset(self.val_set, shard), batch_size=batch_size, shuffle=False, collate_fn=collate,
+                          **loader_kwargs(config, device))
+
+
+def build_dataset(config: Config) -> ShippedImages | FolderImages:
+    return FolderImages(config) if config.data.root else ShippedImages(config)
+
+
+def check(config: Config) -> None:
+    """What can fail before a run folder is written: the data root and its split."""
+    if config.data.root:  # the shipped images are always there
+        list_images(config.data.root, config.data.val_fraction)
+    if config.data.resolution % config.model.downsample:
+        raise ConfigError(f"data.resolution={config.data.resolution} is not a multiple of model.downsample="
+                          f"{config.model.downsample}: pick a downsampling factor that divides it")
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        q = config.quantizer
+        self.quantizer = build_quantizer(q, config.model.latent_dim)
+        self.inv_temperature = q.inv_temperature
+        layout = Layout.of(config.model)
+        self.layout = layout
+        self.encoder = Encoder(layout, self.quantizer.dim)
+        self.decoder = Decoder(layout, self.quantizer.dim)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        q = self.quantizer(self.encoder(x), inv_temperature=self.inv_temperature)  # (b, d, R/f, R/f)
+        return ModelOutput(self.decoder(q.quantized), q.entropy_aux_loss, q.indices)
+
+
+def build_model(config: Config) -> nn.Module:
+    return ImageTokenizer(config)
+
+
+def tokens_per_image(config: Config) -> int:
+    return (config.data.resolution // config.model.downsample) ** 2
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
