@@ -186,6 +186,16 @@ def _progress_printer(config: Config, run_id: str, start: int) -> Callable[[int,
     return show
 
 
+def preflight(config: Config) -> tuple[Runtime, Any]:
+    """Everything that can be refused before a run folder exists: the device and precision this
+    machine can give (RuntimeConfigError), the task's data (e.g. a missing ``data.root``)."""
+    runtime = Runtime.resolve(config.runtime)
+    task = get_task(config.task)
+    if hasattr(task, "check"):
+        task.check(config)
+    return runtime, task
+
+
 def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
         num_threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` in ``run_dir`` to the end and return its summary.
@@ -203,7 +213,7 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     """
     config = config.resolved()
     run_id = config.run_id
-    runtime = Runtime.resolve(config.runtime)  # RuntimeConfigError here, before the folder is touched
+    runtime, task = preflight(config)  # a ConfigError here leaves no folder behind
     world, main, device = ddp.world_size(), ddp.is_main(), runtime.device
     if ddp.is_distributed() and ddp.backend() == "nccl" and device.type != "cuda":
         raise ConfigError(f"runtime.device={config.runtime.device!r} resolved to {device}, but this process group "
@@ -212,9 +222,6 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     if config.data.val_size < world:
         raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
                          f"every rank needs a validation shard")
-    task = get_task(config.task)
-    if hasattr(task, "check"):
-        task.check(config)  # e.g. a missing data.root: a ConfigError before anything is written
     rd = RunDir(run_dir)
     existing = rd.read_config()
     if existing is not None and existing.get("run_id") != run_id:
@@ -419,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        preflight(config.resolved())
     except ConfigError as e:
         parser.error(str(e))
     run_dir = (args.out if args.out is not None else Path("results") / config.name) / config.run_id

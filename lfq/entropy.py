@@ -222,7 +222,10 @@ def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
     probs[..., :1] = 1
     for step, bit in enumerate(range(num_bits - 1, -1, -1)):
         width = 2**step
-        torch.mul(probs[..., :width], p1[..., bit : bit + 1], out=probs[..., width : 2 * width])
+        if torch.compiler.is_compiling():  # dynamo cannot trace a non-contiguous out=: same values, one temp
+            probs[..., width : 2 * width] = probs[..., :width] * p1[..., bit : bit + 1]
+        else:
+            torch.mul(probs[..., :width], p1[..., bit : bit + 1], out=probs[..., width : 2 * width])
         probs[..., :width].mul_(p0[..., bit : bit + 1])
     return probs
 
