@@ -1,0 +1,206 @@
+"""GPU benchmark: the LFQ training step from 2^10 to 2^24 codes, and a tokenizer training step at 2^18.
+
+    python benchmarks/gpu_step.py                      # on a CUDA machine; writes results/benchmarks/gpu_step.csv
+    python benchmarks/gpu_step.py --device cpu --smoke # the same code paths at toy sizes (CI)
+
+Part 1, ``lfq_step`` rows: forward + backward of ``lfq.LFQ`` (``entropy_mode="exact"``), of the
+1.14.12 oracle and of the newest upstream (both dense: they build an N x 2^d softmax, so most
+points do not fit; a point whose dense tensor would exceed the device's memory is recorded as
+``skipped: needs X GB`` without being run, and a real out-of-memory is recorded as ``oom``).
+Codes 2^10 .. 2^24, tokens 4,096 / 65,536 / 262,144, dim = log2(codes).
+
+Part 2, ``tokenizer_step`` rows: one optimiser step of the images task's ``base`` tokenizer at
+128 px, 2^18 codes, batch 32, bf16, and the share of the step spent in the quantizer
+(measured by CUDA events around its forward, and its backward by a second run without it).
+
+Times are medians of CUDA-event timings after warm-up; memory is the peak allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+OUT = REPO / "results" / "benchmarks" / "gpu_step.csv"
+FIELDS = ["part", "impl", "codes", "tokens", "status", "median_ms", "peak_mb", "quantizer_share", "device",
+          "torch", "note"]
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def measure(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+    else:
+        def measure(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1000
+    return measure
+
+
+def _peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def _reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _quantizer(impl: str, codes: int):
+    bits = round(math.log2(codes))
+    if impl == "ours":
+        from lfq import LFQ
+
+        return LFQ(codebook_size=codes, dim=bits, entropy_mode="exact")
+    if impl == "oracle":
+        from vector_quantize_pytorch import LFQ as OracleLFQ
+
+        return OracleLFQ(codebook_size=codes, dim=bits)
+    from upstream_vqp import load_latest
+
+    return load_latest().LFQ(codebook_size=codes, dim=bits)
+
+
+def lfq_rows(device: torch.device, codes_list: list[int], tokens_list: list[int], impls: list[str],
+             repeats: int) -> list[dict]:
+    measure, rows = _timer(device), []
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    for impl in impls:
+        for codes in codes_list:
+            for tokens in tokens_list:
+                row = {"part": "lfq_step", "impl": impl, "codes": codes, "tokens": tokens}
+                dense_bytes = tokens * codes * 4 * 3  # logits, probabilities and their gradient
+                if impl != "ours" and dense_bytes > free:
+                    rows.append({**row, "status": f"skipped: needs {dense_bytes / 2**30:.0f} GB"})
+                    print(rows[-1], flush=True)
+                    continue
+                try:
+                    _reset(device)
+                    q = _quantizer(impl, codes).to(device).train()
+                    bits = round(math.log2(codes))
+                    x = torch.randn(1, tokens, bits, device=device, requires_grad=True)
+
+                    def step(q=q, x=x):
+                        out = q(x)
+                        loss = out[2] if isinstance(out, tuple) else out.entropy_aux_loss
+                        loss.backward()
+
+                    for _ in range(2):
+                        step()
+                    times = [measure(step) for _ in range(repeats)]
+                    rows.append({**row, "status": "ok", "median_ms": round(statistics.median(times), 3),
+                                 "peak_mb": round(_peak_mb(device), 1)})
+                except torch.OutOfMemoryError:
+                    rows.append({**row, "status": "oom"})
+                finally:
+                    q = x = None
+                print(rows[-1], flush=True)
+    return rows
+
+
+def tokenizer_rows(device: torch.device, smoke: bool, repeats: int) -> list[dict]:
+    from experiments.config import load_config
+    from experiments.tasks.images import build_model
+
+    overrides = ["data.resolution=32", "model.preset=tiny", "quantizer.codebook_size=1024", "data.batch_size=4"] \
+        if smoke else ["data.batch_size=32"]
+    config = load_config(REPO / "experiments" / "configs" / "imagenet128.yaml", overrides)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(config.data.batch_size, 3, config.data.resolution, config.data.resolution, device=device)
+    measure = _timer(device)
+    quantizer_ms: list[float] = []
+
+    def step(time_quantizer: bool):
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            z = model.encoder(x)
+            if time_quantizer:
+                q_out = [None]
+                quantizer_ms.append(measure(lambda: q_out.__setitem__(0, model.quantizer(z))))
+                q = q_out[0]
+            else:
+                q = model.quantizer(z)
+            recon = model.decoder(q.quantized)
+        loss = (recon.float() - x).abs().mean() + q.entropy_aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step(False)
+    _reset(device)
+    total = [measure(lambda: step(False)) for _ in range(repeats)]
+    for _ in range(repeats):
+        step(True)
+    # The quantizer's backward: its forward + backward alone on the same latents, minus its forward.
+    z = model.encoder(x).detach().requires_grad_()
+    fwd_bwd = [measure(lambda: model.quantizer(z).entropy_aux_loss.backward()) for _ in range(repeats)]
+    share = (statistics.median(fwd_bwd)) / statistics.median(total)
+    return [{"part": "tokenizer_step", "impl": "ours", "codes": config.quantizer.codebook_size,
+             "tokens": config.data.batch_size * (config.data.resolution // config.model.downsample) ** 2,
+             "status": "ok", "median_ms": round(statistics.median(total), 3), "peak_mb": round(_peak_mb(device), 1),
+             "quantizer_share": round(share, 4),
+             "note": f"{config.model.preset} model, {config.data.resolution} px, batch {config.data.batch_size}, "
+                     f"quantizer forward {statistics.median(quantizer_ms):.2f} ms"}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the script, measures nothing useful")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"CSV to write (default {OUT.relative_to(REPO)})")
+    parser.add_argument("--impls", default="ours,oracle,upstream", help="comma-separated: ours, oracle, upstream")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_step: no CUDA device is visible; run it on a GPU machine, or with --device cpu --smoke",
+              file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be >= 1")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the exact mode's numbers, not TF32's
+    codes = [2**10, 2**12] if args.smoke else [2**b for b in (10, 12, 14, 16, 18, 20, 22, 24)]
+    tokens = [256, 1024] if args.smoke else [4096, 65536, 262144]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = lfq_rows(device, codes, tokens, args.impls.split(","), args.repeats)
+    rows += tokenizer_rows(device, args.smoke, args.repeats)
+    for row in rows:
+        row.update(device=name, torch=torch.__version__)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(args.out)
+    width = max(len(r["impl"]) for r in rows)
+    print(f"\n{'part':15} {'impl':{width}} {'codes':>9} {'tokens':>7} {'ms':>9} {'MB':>9}  status")
+    for r in rows:
+        print(f"{r['part']:15} {r['impl']:{width}} {r['codes']:>9} {r['tokens']:>7} {r.get('median_ms', ''):>9} "
+              f"{r.get('peak_mb', ''):>9}  {r['status']} {r.get('quantizer_share', '') or ''}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
