@@ -319,6 +319,47 @@ class RuntimeConfig(_Section):
         _check(self.prefetch_factor >= 1, "runtime.prefetch_factor", self.prefetch_factor, "must be >= 1")
 
 
+ANNEAL_SHAPES = {"entropy": ("constant", "linear", "cosine"),
+                 "inv_temperature": ("constant", "linear", "exponential"),
+                 "commitment": ("constant", "linear", "cosine")}
+
+
+@dataclass(frozen=True)
+class AnnealConfig(_Section):
+    """Schedules of the quantizer's loss weights and inverse temperature (``experiments/schedules.py``).
+
+    ``entropy``: a multiplier of ``quantizer.entropy_loss_weight`` going from ``entropy_start``
+    at step 0 to 1 at step ``entropy_steps`` (Open-MAGVIT2's ``codebook_enlarge_ratio`` 3 over
+    2,000 steps, BSQ-ViT's 3 -> 1 ramp), then 1. ``commitment`` likewise for
+    ``quantizer.commitment_loss_weight``. ``inv_temperature`` goes from ``inv_temperature_start``
+    to ``quantizer.inv_temperature`` over ``inv_temperature_steps`` (exponential: geometric).
+    The values are a function of the step alone, so a resumed run follows them exactly.
+    """
+
+    _prefix: ClassVar[str] = "anneal."
+    entropy: str = new_field("constant")
+    entropy_start: float = new_field(1.0)
+    entropy_steps: int = new_field(0)
+    inv_temperature: str = new_field("constant")
+    inv_temperature_start: float = new_field(100.0)
+    inv_temperature_steps: int = new_field(0)
+    commitment: str = new_field("constant")
+    commitment_start: float = new_field(1.0)
+    commitment_steps: int = new_field(0)
+
+    def validate(self) -> None:
+        for name, shapes in ANNEAL_SHAPES.items():
+            shape = getattr(self, name)
+            _check_choice(f"anneal.{name}", shape, shapes)
+            start, steps = getattr(self, f"{name}_start"), getattr(self, f"{name}_steps")
+            _check(steps >= 0, f"anneal.{name}_steps", steps, "must be >= 0")
+            if shape != "constant":
+                _check(steps >= 1, f"anneal.{name}_steps", steps, f"must be >= 1 for anneal.{name}={shape!r}")
+            floor = 0.0 if name != "inv_temperature" else 1e-12
+            _check(start > floor if name == "inv_temperature" else start >= floor, f"anneal.{name}_start", start,
+                   "must be > 0" if name == "inv_temperature" else "must be >= 0")
+
+
 @dataclass(frozen=True)
 class EvalConfig(_Section):
     """Extra validation metrics; where their files live does not change a run's id."""
@@ -343,6 +384,7 @@ SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "runtime": RuntimeConfig,
     "eval": EvalConfig,
+    "anneal": AnnealConfig,
 }
 
 
@@ -362,6 +404,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "")

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
+from experiments import schedules
 from experiments.config import Config, ConfigError, load_config
 from experiments.evaluation import FrechetDistance, evaluate, inception_extractor
 from experiments.run_dir import RunDir, truncate_jsonl
@@ -310,6 +311,8 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            scheduled = schedules.values_at(step, config)
+            schedules.apply(model, scheduled)
             monitor.set_step(step)
             with throughput.waiting_for_data():
                 x = batches.train()  # this rank's shard, on the device
@@ -343,7 +346,8 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                 runtime.synchronize()  # the interval's queued work is done: its time is its time
                 timing = throughput.row(runtime.max_memory_mb())
                 if main:
-                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"], **timing}])
+                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"], **scheduled,
+                                   **timing}])
             if step % config.schedule.val_every == 0 or last:
                 val = evaluate(model, batches.val(), device=device, value_range=dataset_value_range(dataset),
                                is_image=getattr(dataset, "is_image", False), autocast=runtime.autocast(), fid=fid)
