@@ -179,6 +179,8 @@ class QuantizerConfig(_Section):
     codebook_loss_weight: float = 1.0  # vq: weight of ||sg(z) - e||^2 that moves the codes
     vq_code_dim: int | None = None  # vq: channels per code; None = ceil(log2(codebook_size)), as LFQ
     fsq_levels: tuple[int, ...] | None = None  # fsq: None = derived from codebook_size
+    vq_init: str = new_field("uniform")  # vq: uniform | random_sample | kmeans (on the first training batch)
+    vq_dead_code_threshold: float = new_field(0.0)  # vq: replace codes whose EMA count per batch falls below
 
     def validate(self) -> None:
         _check_choice("quantizer.kind", self.kind, QUANTIZER_KINDS)
@@ -198,6 +200,9 @@ class QuantizerConfig(_Section):
             _check(getattr(self, name) >= 0, f"quantizer.{name}", getattr(self, name), "must be >= 0")
         _check(self.vq_code_dim is None or self.vq_code_dim >= 1, "quantizer.vq_code_dim", self.vq_code_dim,
                "must be >= 1 or null")
+        _check_choice("quantizer.vq_init", self.vq_init, ("uniform", "random_sample", "kmeans"))
+        _check(self.vq_dead_code_threshold >= 0, "quantizer.vq_dead_code_threshold", self.vq_dead_code_threshold,
+               "must be >= 0 (0 disables dead-code replacement)")
         if self.fsq_levels is not None:
             _check(len(self.fsq_levels) >= 1 and all(level >= 2 for level in self.fsq_levels),
                    "quantizer.fsq_levels", self.fsq_levels, "must be a non-empty list of ints >= 2")

@@ -114,3 +114,74 @@ def test_fsq_nan_input_keeps_indices_valid_and_output_nan():
     out = fsq(x)
     assert out.indices.min() >= 0 and out.indices.max() < 8 * 5 * 5
     assert torch.isnan(out.quantized[0, 1]).any()  # the trainer's NaN check still fires
+
+
+@pytest.mark.parametrize("init", ["random_sample", "kmeans"])
+def test_vq_initialises_from_the_first_training_batch(init):
+    torch.manual_seed(0)
+    centres = torch.randn(4, 3) * 5
+    x = (centres[torch.randint(4, (256,))] + 0.05 * torch.randn(256, 3))[None]  # (1, 256 tokens, 3)
+    q = VectorQuantizer(codebook_size=4, code_dim=3, init=init)
+    q.eval()
+    q(x)
+    assert not q.initialised  # eval passes never initialise
+    q.train()
+    q(x)
+    assert q.initialised
+    tokens = x[0]
+    nearest = torch.cdist(q.codebook[0], tokens).min(-1).values
+    if init == "random_sample":
+        assert torch.all(nearest == 0)  # every code is a token of the batch
+    else:  # k-means refines the same random start: a lower quantization error than the start
+        torch.manual_seed(0)
+        start = VectorQuantizer(codebook_size=4, code_dim=3, init="random_sample")
+        torch.manual_seed(1)
+        start(x)
+        torch.manual_seed(1)
+        q2 = VectorQuantizer(codebook_size=4, code_dim=3, init="kmeans")
+        torch.manual_seed(1)
+        q2(x)
+
+        def error(codes):
+            return torch.cdist(tokens, codes).min(-1).values.pow(2).mean()
+
+        assert error(q2.codebook[0]) < error(start.codebook[0])
+    state = q.state_dict()
+    fresh = VectorQuantizer(codebook_size=4, code_dim=3, init=init)
+    fresh.load_state_dict(state)
+    assert fresh.initialised and torch.equal(fresh.codebook, q.codebook)
+
+
+def test_vq_replaces_dead_codes_with_batch_tokens():
+    torch.manual_seed(0)
+    q = VectorQuantizer(codebook_size=16, code_dim=2, dead_code_threshold=1.0)
+    x = torch.randn(1, 512, 2) + 10  # far from the U(-1/K, 1/K) codes: the nearest one takes every token
+    used = []
+    for _ in range(5):
+        out = q(x)
+        out.entropy_aux_loss.backward()  # replacing codes in place must not break autograd
+        used.append(len(out.indices.unique()))
+    assert used[0] == 1 and used[-1] >= 8
+    assert q.usage_ema.min() > 0
+    plain = VectorQuantizer(codebook_size=16, code_dim=2)
+    assert len(plain(x).indices.unique()) <= 2  # without replacement it stays collapsed
+
+
+def test_vq_options_train_and_resume(tmp_path):
+    from exp_helpers import read_rows, run, smoke_config, without_wall_time
+
+    config = smoke_config("quantizer.kind=vq", "quantizer.vq_init=kmeans", "quantizer.vq_dead_code_threshold=0.5")
+    reference = run(config, tmp_path / "ref")
+    assert reference["status"] == "done"
+
+    class Kill(Exception):
+        pass
+
+    def kill(step):
+        if step == 15:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run(config, tmp_path / "resumed", on_step=kill)
+    assert without_wall_time(run(config, tmp_path / "resumed")) == without_wall_time(reference)
+    assert read_rows(tmp_path / "resumed" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
