@@ -21,7 +21,7 @@ extractor is given: :func:`inception_extractor` loads the user's Inception weigh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -105,8 +105,11 @@ def inception_extractor(weights: str) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tensor], *, device: torch.device, value_range: tuple[float, float],
-             is_image: bool, autocast: Any = None, fid: FrechetDistance | None = None) -> dict[str, float]:
-    """Reconstruction and utilization over ``batches`` (this rank's share of the validation set)."""
+             is_image: bool, autocast: Callable[[], Any] | None = None,
+             fid: FrechetDistance | None = None) -> dict[str, float]:
+    """Reconstruction and utilization over ``batches`` (this rank's share of the validation set).
+
+    ``autocast``: a factory of the forward pass's autocast context (the run's precision)."""
     import contextlib
 
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -122,7 +125,7 @@ def evaluate(model: nn.Module, batches: Iterable[Tensor], *, device: torch.devic
         for batch in batches:
             if batch.shape[0] == 0:
                 continue
-            with autocast or contextlib.nullcontext():
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(batch)
             recon = out.recon.float()
             sums[0] += (recon - batch).pow(2).sum().double()

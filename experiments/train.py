@@ -350,7 +350,7 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                                    **timing}])
             if step % config.schedule.val_every == 0 or last:
                 val = evaluate(model, batches.val(), device=device, value_range=dataset_value_range(dataset),
-                               is_image=getattr(dataset, "is_image", False), autocast=runtime.autocast(), fid=fid)
+                               is_image=getattr(dataset, "is_image", False), autocast=runtime.autocast, fid=fid)
                 if main:
                     metrics_sink([{"kind": "val", "step": step, **val}])
                 progress["last_val"] = val
