@@ -29,6 +29,22 @@ in between; averaging per-rank entropies or means would be wrong.
 replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS``
 bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
 ``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
+
+``"clamped"`` is the reference's numbers at the exact kernel's cost: the batch term is
+``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample term
+is the exact one minus the clamp's effect, ``sum over {p < eps} of p log(eps / p)``,
+found per token without the 2**d vector: with the low block's sub-code probabilities
+sorted, the codes under the clamp are, for each high sub-code, a prefix (cumulative sums
+and one searchsorted). It exists to measure what the clamp does to training at codebook
+sizes the reference cannot run.
+
+``"open_magvit2"`` is Open-MAGVIT2's batch term ``-sum a log(a + 1e-5)`` (per codebook),
+with the exact per-sample term (their ``log_softmax(logits / T + eps)`` is exact: a
+constant inside a log-softmax cancels).
+
+The factorised kernels only need the bits' logits ``4 tau s z_i``, with ``s`` the
+magnitude of a code coordinate; on the sphere (BSQ) the quantizer passes the normalised
+inputs and ``s / sqrt(d)``, and everything above holds unchanged.
 """
 
 from __future__ import annotations
@@ -42,8 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 REFERENCE_LOG_CLAMP = 1e-5
+# Open-MAGVIT2 adds this inside the log of its batch entropy.
+OPEN_MAGVIT2_LOG_EPS = 1e-5
 
 # Largest exact codebook. The batch distribution is a 2**d vector per codebook; the
 # entropy and its backward hold about 8 such vectors (gram, gradient, avg, log,
@@ -68,9 +87,9 @@ class EntropyTerms(NamedTuple):
 
 
 class EntropyInputs(NamedTuple):
-    z: Tensor  # (N, c, d) pre-activation tokens, all of them (masked-out ones included)
+    z: Tensor  # (N, c, d) pre-activation tokens (on the sphere: normalised), masked-out ones included
     inv_temperature: float
-    codebook_scale: float
+    codebook_scale: float  # magnitude of a code coordinate: s, or s / sqrt(d) on the sphere
     codebook: Tensor  # (2**d, d), row j is the code of index j
     # (N,) bool, True = the token counts (mask and frac subset applied); None = all count.
     # The reference kernel needs the unselected rows: it selects after its softmax, as
@@ -333,17 +352,92 @@ def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
     return -(avg * safe.log()).sum(dim=-1)
 
 
+def clamped_entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
+    """The reference's ``-sum a log(max(a, 1e-5))`` of ``a = gram / num_tokens``, (c,)."""
+    return clamped_entropy(gram.flatten(1) / num_tokens)
+
+
+def open_magvit2_entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
+    """Open-MAGVIT2's ``-sum a log(a + 1e-5)`` of ``a = gram / num_tokens``, (c,)."""
+    avg = gram.flatten(1) / num_tokens
+    return -(avg * (avg + OPEN_MAGVIT2_LOG_EPS).log()).sum(dim=-1)
+
+
+def exact_per_token(logits: Tensor) -> Tensor:
+    """Each token's entropy over the 2**d codes, (N, c, d) logits -> (N, c)."""
+    return binary_entropy_from_logits(logits).sum(dim=-1)
+
+
+def _subcode_log_probs(logits: Tensor) -> Tensor:
+    """(M, k) bit logits -> (M, 2**k) log-probabilities of the k-bit sub-codes, index order.
+
+    Sums of log-sigmoids (all <= 0, so no cancellation), finite where the probabilities
+    themselves underflow to 0.
+    """
+    table = _bit_table(logits.shape[-1], logits)  # (2**k, k)
+    on, off = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return on @ table.T + off @ (1 - table).T
+
+
+def _clamp_effect(logits: Tensor, high_bits: int, eps: float) -> Tensor:
+    """Per token, ``sum over codes with p < eps of p log(eps / p)``, (M, d) -> (M,).
+
+    p = P_A[a] P_B[b]; for each a the codes under the clamp are the b with
+    log P_B[b] < log eps - log P_A[a], a prefix of log P_B sorted ascending, so the sum is
+    ``P_A[a] ((log eps - log P_A[a]) S1 - S2)`` with S1, S2 the prefix sums of P_B and
+    P_B log P_B. The prefix lengths are piecewise constant in the input and carry no
+    gradient; the clamp term itself is continuous (it vanishes at p = eps).
+    """
+    log_eps = math.log(eps)
+    log_a = _subcode_log_probs(logits[:, :high_bits])
+    log_b, _ = _subcode_log_probs(logits[:, high_bits:]).sort(dim=-1)
+    prob_b = log_b.exp()
+    zero = log_b.new_zeros(log_b.shape[0], 1)
+    prefix_p = torch.cat((zero, prob_b.cumsum(dim=-1)), dim=-1)
+    prefix_plogp = torch.cat((zero, (prob_b * log_b).cumsum(dim=-1)), dim=-1)
+    under = torch.searchsorted(log_b.detach().contiguous(), (log_eps - log_a).detach().contiguous())
+    s1, s2 = prefix_p.gather(-1, under), prefix_plogp.gather(-1, under)
+    return (log_a.exp() * ((log_eps - log_a) * s1 - s2)).sum(dim=-1)
+
+
+def clamped_per_token(logits: Tensor, chunk_tokens: int | None = None, eps: float = REFERENCE_LOG_CLAMP) -> Tensor:
+    """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
+
+    Exact entropy minus the clamp's effect, O(N 2**(d/2) d) work and memory; tokens in
+    chunks, each recomputed in backward (checkpointed) when there are several.
+    """
+    num_tokens, num_codebooks, num_bits = logits.shape
+    high, _ = subcode_split(num_bits)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(num_codebooks, num_bits, logits.element_size())
+
+    def chunk_effect(chunk: Tensor) -> Tensor:
+        return _clamp_effect(chunk.reshape(-1, num_bits), high, eps).reshape(chunk.shape[:2])
+
+    if num_tokens <= chunk_tokens:
+        effect = chunk_effect(logits)
+    else:
+        effect = torch.cat([checkpoint(chunk_effect, logits[start : start + chunk_tokens], use_reentrant=False)
+                            for start in range(0, num_tokens, chunk_tokens)])
+    return exact_per_token(logits) - effect
+
+
 def _factorised_terms(
-    inputs: EntropyInputs, logits: Tensor, groups: list[tuple[int, int]], chunk_tokens: int | None
+    inputs: EntropyInputs,
+    logits: Tensor,
+    groups: list[tuple[int, int]],
+    chunk_tokens: int | None,
+    per_token_fn: Callable[[Tensor], Tensor] = exact_per_token,
+    batch_fn: Callable[[Tensor, Tensor | float], Tensor] = entropy_from_gram,
 ) -> EntropyTerms:
     """Per-sample entropy and the sum over bit groups of the groups' batch entropies."""
-    per_token = binary_entropy_from_logits(logits).sum(dim=-1)  # (N, c)
+    per_token = per_token_fn(logits)  # (N, c)
     grams = [subcode_gram(logits[..., start:stop], chunk_tokens) for start, stop in groups]
     if inputs.reduce is None:
         count: Tensor | int = logits.shape[0]
-        return _terms(per_token, sum(entropy_from_gram(g, count) for g in grams))
+        return _terms(per_token, sum(batch_fn(g, count) for g in grams))
     per_sample_sum, *grams, count = reduce_sums(inputs.reduce, logits.shape[0], per_token.sum(dim=0), *grams)
-    return _terms_from_sums(per_sample_sum, sum(entropy_from_gram(g, count) for g in grams), count)
+    return _terms_from_sums(per_sample_sum, sum(batch_fn(g, count) for g in grams), count)
 
 
 def exact_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
@@ -389,22 +483,61 @@ def group_entropy(
     return _factorised_terms(inputs, bit_logits(inputs), groups, chunk_tokens)
 
 
+def _check_dense_size(inputs: EntropyInputs, mode: str) -> None:
+    num_bits = inputs.z.shape[2]
+    if num_bits > EXACT_MAX_BITS:
+        raise ValueError(
+            f"entropy_mode={mode!r} needs the 2**d batch distribution and supports up to 2**{EXACT_MAX_BITS} "
+            f"codes per codebook, got 2**{num_bits}; use entropy_mode='group' (an upper bound) or more codebooks"
+        )
+
+
+def clamped_entropy_kernel(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
+    """The reference's clamped per-sample and batch entropies from the factorisation.
+
+    Equal to ``"reference"`` up to rounding (float64: ~1e-12 relative), at about the
+    cost and memory of ``"exact"``; limited to 2**EXACT_MAX_BITS codes like it.
+    """
+    inputs = _checked_tokens(inputs)
+    _check_dense_size(inputs, "clamped")
+    num_bits = inputs.z.shape[2]
+
+    def per_token(logits: Tensor) -> Tensor:
+        return clamped_per_token(logits, chunk_tokens)
+
+    return _factorised_terms(inputs, bit_logits(inputs), [(0, num_bits)], chunk_tokens,
+                             per_token_fn=per_token, batch_fn=clamped_entropy_from_gram)
+
+
+def open_magvit2_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
+    """Open-MAGVIT2's terms: exact per-sample entropy, batch ``-sum a log(a + 1e-5)``."""
+    inputs = _checked_tokens(inputs)
+    _check_dense_size(inputs, "open_magvit2")
+    return _factorised_terms(inputs, bit_logits(inputs), [(0, inputs.z.shape[2])], chunk_tokens,
+                             batch_fn=open_magvit2_entropy_from_gram)
+
+
 ENTROPY_KERNELS: dict[str, EntropyKernel] = {
     "reference": reference_entropy,
     "exact": exact_entropy,
     "group": group_entropy,
+    "clamped": clamped_entropy_kernel,
+    "open_magvit2": open_magvit2_entropy,
 }
+# Modes whose batch term needs the 2**d vector (no fallback above 2**EXACT_MAX_BITS codes).
+DENSE_BATCH_MODES = ("reference", "clamped", "open_magvit2")
 
 
 def sample_token_subset(num_tokens: int, frac: float, device: torch.device) -> Tensor | None:
-    """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` tokens.
+    """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` rows.
 
     Draws from the default CPU generator exactly as the reference does, so a seeded run
-    picks the same tokens. Unlike the reference, at least one token is kept (the
-    reference returns NaN when ``int(num_tokens * frac) == 0``).
+    picks the same rows (tokens, or samples with a per-sample mask). The subset may be
+    empty, as in the reference; the quantizer then gives zero entropy terms where the
+    reference gives NaN (its gradients have no entropy part either).
     """
     if frac >= 1.0:
         return None
-    num_sampled = max(1, int(num_tokens * frac))
+    num_sampled = int(num_tokens * frac)
     keep = torch.randn(num_tokens).argsort(dim=-1) < num_sampled
     return keep.to(device)

@@ -20,12 +20,16 @@ from lfq import LFQ
 from lfq.entropy import (
     ENTROPY_KERNELS,
     EXACT_MAX_BITS,
+    OPEN_MAGVIT2_LOG_EPS,
     REFERENCE_LOG_CLAMP,
     EntropyInputs,
     bit_groups,
+    clamped_entropy_kernel,
+    clamped_per_token,
     entropy_from_gram,
     exact_entropy,
     group_entropy,
+    open_magvit2_entropy,
     reference_entropy,
     sample_token_subset,
     subcode_gram,
@@ -264,7 +268,123 @@ def test_exact_switches_to_group_above_the_limit_with_a_warning() -> None:
 
 
 def test_kernels_are_registered() -> None:
-    assert {"reference", "exact", "group"} <= set(ENTROPY_KERNELS)
+    assert {"reference", "exact", "group", "clamped", "open_magvit2"} <= set(ENTROPY_KERNELS)
+
+
+# ---------------------------------------------------------------- "clamped" and "open_magvit2"
+
+
+def _loss_and_grad(kernel, z: torch.Tensor, tau: float, scale: float, seed: int):
+    leaf = z.clone().requires_grad_()
+    terms = kernel(inputs_of(leaf, tau, scale))
+    weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, seed).backward()
+    return terms, leaf.grad
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_clamped_equals_reference_values_and_gradients(seed: int) -> None:
+    """In float64 the factorised clamped kernel is the reference's dense one up to rounding
+    (1e-6 relative is the requirement; it holds to ~1e-12), per codebook, gradients too."""
+    z, tau, scale = random_config(seed)
+    ours, grad = _loss_and_grad(clamped_entropy_kernel, z, tau, scale, seed)
+    ref, ref_grad = _loss_and_grad(reference_entropy, z, tau, scale, seed)
+    torch.testing.assert_close(ours.per_sample_by_codebook, ref.per_sample_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.batch_by_codebook, ref.batch_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_bits,tau,spread", [(4, 100.0, 1.0), (10, 100.0, 0.05), (12, 1.0, 1.0), (13, 10.0, 0.1)])
+def test_clamped_differs_from_exact_where_the_clamp_binds(num_bits: int, tau: float, spread: float) -> None:
+    """Where many codes sit under 1e-5 the clamped terms are below the exact ones, and equal
+    the reference's: the kernel computes the clamp, not the exact entropy."""
+    gen = torch.Generator().manual_seed(num_bits)
+    z = torch.randn(64, 2, num_bits, generator=gen, dtype=F64) * spread
+    inputs = inputs_of(z, tau, 1.0)
+    clamped, exact, ref = clamped_entropy_kernel(inputs), exact_entropy(inputs), reference_entropy(inputs)
+    gap = exact.per_sample_by_codebook - clamped.per_sample_by_codebook
+    assert (gap > 1e-9).all()
+    torch.testing.assert_close(clamped.per_sample_by_codebook, ref.per_sample_by_codebook, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(clamped.batch_by_codebook, ref.batch_by_codebook, rtol=1e-10, atol=1e-13)
+
+
+def test_clamped_float32_module_equals_reference_to_1e_6() -> None:
+    """Through LFQ (float32 inside): "clamped" is within 1e-6 relative of the float64 truth
+    and of "reference", whose own float32 rounding is the larger of the two errors."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 24) * 0.05  # 2 codebooks of 2**12, unsaturated at tau = 10
+    terms, grads = {}, {}
+    for mode in ("clamped", "reference"):
+        leaf = x.clone().requires_grad_()
+        quantizer = LFQ(dim=24, codebook_size=2**12, num_codebooks=2, entropy_mode=mode)
+        _, terms[mode] = quantizer(leaf, inv_temperature=10.0, return_loss_breakdown=True)
+        (terms[mode].per_sample_entropy - terms[mode].batch_entropy).backward()
+        grads[mode] = leaf.grad
+    truth = reference_entropy(inputs_of(x.double().reshape(-1, 2, 12), 10.0, 1.0))
+    for name in ("per_sample_entropy", "batch_entropy"):
+        value = getattr(terms["clamped"], name).item()
+        assert value == pytest.approx(getattr(truth, name).item(), rel=1e-6), name
+        assert value == pytest.approx(getattr(terms["reference"], name).item(), rel=1e-6), name
+    assert grads["reference"].abs().max() > 0
+    torch.testing.assert_close(grads["clamped"], grads["reference"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7])
+def test_clamped_chunked_equals_unchunked(chunk_tokens: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(30, 2, 9, generator=gen, dtype=F64) * 0.5
+    results = []
+    for chunk in (chunk_tokens, None):
+        leaf = z.clone().requires_grad_()
+        per_token = clamped_per_token(leaf * 8.0, chunk_tokens=chunk)
+        (per_token * torch.linspace(-1, 1, 30, dtype=F64)[:, None]).sum().backward()
+        results.append((per_token.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_clamped_caps_at_the_clamp_at_2_18() -> None:
+    """Uniform usage of 2**18 codes, a size the dense reference cannot hold in memory: every
+    probability (2**-18 = 3.8e-6) is under the clamp, so both clamped terms are
+    -log(1e-5) = 11.51 nats, where the exact ones are 18 log 2 = 12.48."""
+    z = torch.zeros(3, 1, 18, dtype=F64)
+    clamped = clamped_entropy_kernel(EntropyInputs(z, 100.0, 1.0, torch.empty(0)))
+    cap = -math.log(REFERENCE_LOG_CLAMP)
+    assert clamped.batch_entropy.item() == pytest.approx(cap, rel=1e-12)
+    assert clamped.per_sample_entropy.item() == pytest.approx(cap, rel=1e-12)
+
+
+def _dense_open_magvit2(inputs: EntropyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Open-MAGVIT2's entropy_loss, per codebook: softmax over the codes, exact per-sample
+    entropy (a constant inside log_softmax cancels), batch -sum a log(a + 1e-5)."""
+    logits = 2 * inputs.inv_temperature * torch.einsum("n c d, k d -> n c k", inputs.z, inputs.codebook)
+    log_prob = (logits + OPEN_MAGVIT2_LOG_EPS).log_softmax(dim=-1)
+    per_sample = -(logits.softmax(dim=-1) * log_prob).sum(dim=-1).mean(dim=0)
+    avg = logits.softmax(dim=-1).mean(dim=0)
+    return per_sample, -(avg * (avg + OPEN_MAGVIT2_LOG_EPS).log()).sum(dim=-1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_open_magvit2_equals_their_dense_formula(seed: int) -> None:
+    z, tau, scale = random_config(seed)
+    ours, grad = _loss_and_grad(open_magvit2_entropy, z, tau, scale, seed)
+    leaf = z.clone().requires_grad_()
+    per_sample, batch = _dense_open_magvit2(inputs_of(leaf, tau, scale))
+    weighted_loss(per_sample, batch, seed).backward()
+    torch.testing.assert_close(ours.per_sample_by_codebook, per_sample, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours.batch_by_codebook, batch, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-8, atol=1e-9)
+    # Neither the reference's number nor the exact one, unless nothing is small.
+    exact = exact_entropy(inputs_of(z, tau, scale)).batch_by_codebook
+    assert ((exact - ours.batch_by_codebook) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["clamped", "open_magvit2"])
+def test_dense_batch_modes_refuse_codebooks_above_the_limit(mode: str) -> None:
+    z = torch.zeros(2, 1, EXACT_MAX_BITS + 1)
+    with pytest.raises(ValueError, match=f"entropy_mode='{mode}'.*2\\*\\*{EXACT_MAX_BITS}"):
+        ENTROPY_KERNELS[mode](EntropyInputs(z, 1.0, 1.0, torch.empty(0)))
+    with pytest.raises(ValueError, match=f"entropy_mode='{mode}' supports up to"):
+        LFQ(codebook_size=2 ** (EXACT_MAX_BITS + 1), entropy_mode=mode)
 
 
 @pytest.mark.parametrize(
