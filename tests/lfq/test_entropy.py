@@ -399,3 +399,71 @@ def test_dense_batch_modes_refuse_codebooks_above_the_limit(mode: str) -> None:
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- on the sphere (BSQ)
+
+
+def sphere_inputs(z: torch.Tensor, tau: float, scale: float) -> EntropyInputs:
+    """What LFQ(spherical=True) hands the kernels; the dense ones use its codebook.
+
+    BSQ: u = s z / |z| per codebook, codes c = s / sqrt(d) * {-1, +1}^d, logits 2 tau u.c,
+    so the factorised kernels see bits of magnitude s / sqrt(d).
+    """
+    num_bits = z.shape[2]
+    u = torch.nn.functional.normalize(z, dim=-1) * scale
+    code = scale / math.sqrt(num_bits)
+    return EntropyInputs(u, tau, code, codebook_of(num_bits, code, z.dtype))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_spherical_exact_equals_dense_in_float64(seed: int) -> None:
+    z, tau, scale = random_config(seed)
+    z_dense = z.clone().requires_grad_()
+    z = z.requires_grad_()
+    terms = exact_entropy(sphere_inputs(z, tau, scale))
+    per_sample, batch = dense_entropy(sphere_inputs(z_dense, tau, scale))
+    torch.testing.assert_close(terms.per_sample_by_codebook, per_sample, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms.batch_by_codebook, batch, rtol=1e-9, atol=1e-9)
+    weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, seed).backward()
+    weighted_loss(per_sample, batch, seed).backward()
+    torch.testing.assert_close(z.grad, z_dense.grad, rtol=1e-8, atol=1e-9)
+    # and the clamped kernel is the clamped dense one on the sphere too
+    clamped = clamped_entropy_kernel(sphere_inputs(z.detach(), tau, scale))
+    reference = reference_entropy(sphere_inputs(z.detach(), tau, scale))
+    torch.testing.assert_close(clamped.batch_by_codebook, reference.batch_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(clamped.per_sample_by_codebook, reference.per_sample_by_codebook, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_spherical_module_matches_dense_float64(scale: float) -> None:
+    """LFQ(spherical=True) end to end (float32 inside): its default exact entropies and
+    input gradient against the dense unclamped float64 computation on the sphere."""
+    num_codebooks, num_bits, tau = 2, 7, 20.0
+    quantizer = LFQ(dim=num_codebooks * num_bits, codebook_size=2**num_bits, num_codebooks=num_codebooks,
+                    spherical=True, codebook_scale=scale)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, num_codebooks * num_bits, generator=gen).requires_grad_()
+    _, breakdown = quantizer(x, inv_temperature=tau, return_loss_breakdown=True)
+    (breakdown.per_sample_entropy - 0.7 * breakdown.batch_entropy).backward()
+
+    x64 = x.detach().double().requires_grad_()
+    per_sample, batch = dense_entropy(sphere_inputs(x64.reshape(-1, num_codebooks, num_bits), tau, scale))
+    (per_sample.mean() - 0.7 * batch.mean()).backward()
+    assert breakdown.per_sample_entropy.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert breakdown.batch_entropy.item() == pytest.approx(batch.mean().item(), rel=1e-5)
+    assert x64.grad.abs().max() > 1e-3
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_spherical_uniform_batch_reaches_log_codebook_size_at_2_20() -> None:
+    """BSQ's exact batch entropy at 2**20 codes, which neither bsq-vit (groups) nor the
+    newest upstream (dense) computes: tokens spread over all sign patterns give about
+    log 2**20 = 13.86 nats, beyond the clamp's 11.51."""
+    num_bits = 20
+    quantizer = LFQ(codebook_size=2**num_bits, spherical=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4096, num_bits, generator=gen)
+    _, breakdown = quantizer(x, inv_temperature=1.0, return_loss_breakdown=True)
+    assert breakdown.batch_entropy.item() > -math.log(REFERENCE_LOG_CLAMP) + 2
+    assert breakdown.batch_entropy.item() <= num_bits * math.log(2) + 1e-4
