@@ -45,6 +45,17 @@ CodebookStats = namedtuple(
 DEFAULT_ENTROPY_MODE = "exact"
 
 
+def reverse_bits(indices: Tensor, num_bits: int) -> Tensor:
+    """Indices with their ``num_bits`` bits in the opposite order (an involution).
+
+    Ours (and vector-quantize-pytorch's) give channel 0 the most significant bit;
+    Open-MAGVIT2 gives channel i the weight ``2**i``: ``reverse_bits`` maps one to the other.
+    """
+    shifts = torch.arange(num_bits, device=indices.device)
+    bits = (indices[..., None] >> shifts) & 1
+    return (bits << shifts.flip(0)).sum(dim=-1).to(indices.dtype)
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 2 and (n & (n - 1)) == 0
 

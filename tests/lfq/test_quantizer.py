@@ -13,7 +13,7 @@ import torch
 from vector_quantize_pytorch import LFQ as OracleLFQ
 
 import lfq
-from lfq import LFQ, LossBreakdown, Return
+from lfq import LFQ, LossBreakdown, Return, reverse_bits
 
 LFQ_DIR = Path(lfq.__file__).parent
 
@@ -290,3 +290,26 @@ print('ok', ret.indices.shape)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ok torch.Size([1, 3])" in result.stdout
+
+
+def test_open_magvit2_mapping_reproduces_their_loss_and_indices():
+    """The README's recipe for Open-MAGVIT2 users: their entropy loss
+    ``w_s * S - w_b * B`` with B = -sum a log(a + 1e-5) of the mean softmax at temperature
+    0.01 and logits 2 z.c, and their indices (channel i has weight 2**i)."""
+    torch.manual_seed(0)
+    bits, w_s, w_b = 10, 1.0, 0.5
+    ours = LFQ(dim=bits, codebook_size=2**bits, entropy_mode="open_magvit2", entropy_loss_weight=w_s,
+               diversity_gamma=w_b / w_s, commitment_loss_weight=0.0).train()
+    z = torch.randn(2, bits, 4, 4) * 0.02  # (b, d, h, w), as they take it
+    (quantized, indices, aux), terms = ours(z, return_loss_breakdown=True)  # inv_temperature 100 = 1 / 0.01
+
+    tokens = z.permute(0, 2, 3, 1).reshape(-1, bits)
+    signs = ((torch.arange(2**bits)[:, None] >> torch.arange(bits)) & 1) * 2.0 - 1.0  # their codebook order
+    probs = (2 * tokens @ signs.T / 0.01).softmax(dim=-1)
+    sample = -(probs * (2 * tokens @ signs.T / 0.01 + 1e-5).log_softmax(dim=-1)).sum(dim=-1).mean()
+    avg = probs.mean(dim=0)
+    batch = -(avg * (avg + 1e-5).log()).sum()
+    torch.testing.assert_close(aux, w_s * sample - w_b * batch, rtol=1e-5, atol=1e-6)
+    their_indices = ((tokens > 0).long() * 2 ** torch.arange(bits)).sum(dim=-1)
+    assert torch.equal(reverse_bits(indices, bits).flatten(), their_indices)
+    assert torch.equal(reverse_bits(reverse_bits(indices, bits), bits), indices)
