@@ -225,8 +225,13 @@ def launch(spec: dict, timeout_s: float, upstream: Path | None, omp_wait_policy:
 
 
 def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
-    """Merge with the existing file (same impl/size/tokens/device/threads replaced), atomically."""
-    key = lambda r: (r["impl"], str(r["log2_codebook_size"]), str(r["tokens"]), r["device"], str(r["threads"]))  # noqa: E731
+    """Merge with the existing file (same impl/size/tokens/device/threads replaced), atomically.
+
+    The device's name is part of the key: rows measured on another machine are kept beside
+    this one's, not replaced by them.
+    """
+    key = lambda r: (r["impl"], str(r["log2_codebook_size"]), str(r["tokens"]), r["device"],  # noqa: E731
+                     r["device_name"], str(r["threads"]))
     merged = {}
     if path.exists() and not fresh:
         with path.open() as f:
@@ -244,13 +249,14 @@ def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path, device: str, threads: int) -> None:
+def plot(rows: list[dict], path: Path, device: str, name: str, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["device"] == device and str(r["threads"]) == str(threads) and r["status"] == "ok"]
+    rows = [r for r in rows if r["device"] == device and r["device_name"] == name
+            and str(r["threads"]) == str(threads) and r["status"] == "ok"]
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
@@ -370,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     merged = write_csv(rows, args.out_dir / "lfq_step.csv", args.fresh)
-    plot(merged, args.out_dir / "lfq_step.png", device, threads)
+    plot(merged, args.out_dir / "lfq_step.png", device, name, threads)
     print_table(rows)
     print(f"wrote {args.out_dir / 'lfq_step.csv'} and {args.out_dir / 'lfq_step.png'}")
 
