@@ -397,48 +397,92 @@ def _subcode_log_probs(logits: Tensor) -> Tensor:
     return on @ table.T + off @ (1 - table).T
 
 
-def _clamp_effect(logits: Tensor, high_bits: int, eps: float) -> Tensor:
-    """Per token, ``sum over codes with p < eps of p log(eps / p)``, (M, d) -> (M,).
+def _top_subcodes(logits: Tensor, log_eps: float) -> tuple[Tensor, Tensor]:
+    """Indices of each row's sub-codes with probability >= eps, and a mask of them, (M, k).
 
-    p = P_A[a] P_B[b]; for each a the codes under the clamp are the b with
-    log P_B[b] < log eps - log P_A[a], a prefix of log P_B sorted ascending, so the sum is
-    ``P_A[a] ((log eps - log P_A[a]) S1 - S2)`` with S1, S2 the prefix sums of P_B and
-    P_B log P_B. The prefix lengths are piecewise constant in the input and carry no
-    gradient; the clamp term itself is continuous (it vanishes at p = eps).
+    k is the most any row has (0 when none has any). Found densely but without gradient,
+    in the logits' dtype: the choice only decides which terms are summed.
+    """
+    with torch.no_grad():
+        over = _subcode_log_probs(logits) >= log_eps
+        k = int(over.sum(dim=-1).max())
+        index = over.to(torch.uint8).topk(k, dim=-1).indices if k else over.new_zeros(over.shape[0], 0, dtype=torch.long)
+        return index, over.gather(-1, index)
+
+
+def _selected_log_probs(logits: Tensor, index: Tensor) -> Tensor:
+    """log P of the sub-codes ``index`` (M, k), from (M, bits) float64 logits, differentiable.
+
+    Few sub-codes: from their bits, (M, k, bits). Many: all 2**bits by two matrix
+    products, then gathered, which costs the same whatever k.
+    """
+    num_bits = logits.shape[-1]
+    if index.shape[1] * num_bits > 2**num_bits:
+        return _subcode_log_probs(logits).gather(-1, index)
+    bits = _bit_table(num_bits, logits)[index]  # (M, k, bits)
+    on, off = F.logsigmoid(logits)[:, None, :], F.logsigmoid(-logits)[:, None, :]
+    return (bits * on + (1 - bits) * off).sum(dim=-1)
+
+
+def _clamped_token_entropy(logits: Tensor, high_bits: int, eps: float) -> Tensor:
+    """Per token, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M, d) logits -> (M,).
+
+    With L = log eps, every code under the clamp contributes ``-p L`` and the rest
+    ``-p log p``; as the probabilities sum to 1,
+
+        H_clamped = -L + sum over codes with p >= eps of p (L - log p),
+
+    which needs only the codes at or above eps (at most 1 / eps of them, usually a few).
+    p = P_A[a] P_B[b] is at or above eps only if both factors are, so only those sub-codes
+    are kept (k per row, the most any row has); for a kept a the b with
+    log P_B[b] >= L - log P_A[a] are a suffix of the kept b sorted: suffix sums and one
+    searchsorted. The kept terms are computed in float64, whatever the input dtype: the
+    result is a small difference when nearly all mass is above eps (confident tokens),
+    and float64 keeps it to ~1e-12. The choice of terms is piecewise constant in the
+    input and carries no gradient; the clamped entropy is continuous across it.
     """
     log_eps = math.log(eps)
-    log_a = _subcode_log_probs(logits[:, :high_bits])
-    log_b, _ = _subcode_log_probs(logits[:, high_bits:]).sort(dim=-1)
-    floor = flush_floor(logits.dtype)  # no subnormals (see flush_floor)
-    prob_b = F.threshold(log_b.exp(), floor, 0.0)
-    zero = log_b.new_zeros(log_b.shape[0], 1)
-    prefix_p = torch.cat((zero, prob_b.cumsum(dim=-1)), dim=-1)
-    prefix_plogp = torch.cat((zero, (prob_b * log_b).cumsum(dim=-1)), dim=-1)
-    under = torch.searchsorted(log_b.detach().contiguous(), (log_eps - log_a).detach().contiguous())
-    s1, s2 = prefix_p.gather(-1, under), prefix_plogp.gather(-1, under)
-    return (F.threshold(log_a.exp(), floor, 0.0) * ((log_eps - log_a) * s1 - s2)).sum(dim=-1)
+    index_a, keep_a = _top_subcodes(logits[:, :high_bits], log_eps)
+    index_b, keep_b = _top_subcodes(logits[:, high_bits:], log_eps)
+    flat = logits.double()
+    clamped = flat.new_full(flat.shape[:1], -log_eps) + flat.sum(dim=-1) * 0
+    if index_a.shape[1] == 0 or index_b.shape[1] == 0:  # no code reaches eps: all are clamped
+        return clamped
+    log_a = _selected_log_probs(flat[:, :high_bits], index_a)
+    log_b = _selected_log_probs(flat[:, high_bits:], index_b)
+    weight_a = keep_a * log_a.clamp(min=log_eps).exp()
+    log_b, order = log_b.masked_fill(~keep_b, -math.inf).sort(dim=-1)  # ascending, for searchsorted
+    prob_b = keep_b.gather(-1, order) * log_b.clamp(min=log_eps).exp()
+    plogp_b = prob_b * log_b.clamp(min=log_eps)
+    zero = prob_b.new_zeros(prob_b.shape[0], 1)
+    suffix_1 = torch.cat((prob_b.flip(-1).cumsum(dim=-1).flip(-1), zero), dim=-1)
+    suffix_2 = torch.cat((plogp_b.flip(-1).cumsum(dim=-1).flip(-1), zero), dim=-1)
+    first = torch.searchsorted(log_b.detach().contiguous(), (log_eps - log_a).detach().contiguous())
+    above_1, above_2 = suffix_1.gather(-1, first), suffix_2.gather(-1, first)
+    return clamped + (weight_a * ((log_eps - log_a) * above_1 - above_2)).sum(dim=-1)
 
 
 def clamped_per_token(logits: Tensor, chunk_tokens: int | None = None, eps: float = REFERENCE_LOG_CLAMP) -> Tensor:
     """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
 
-    Exact entropy minus the clamp's effect, O(N 2**(d/2) d) work and memory; tokens in
+    O(N 2**(d/2) d) work and memory (see :func:`_clamped_token_entropy`); tokens in
     chunks, each recomputed in backward (checkpointed) when there are several.
     """
     num_tokens, num_codebooks, num_bits = logits.shape
     high, _ = subcode_split(num_bits)
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(num_codebooks, num_bits, logits.element_size())
+        # float64 inside: twice the bytes per sub-code.
+        chunk_tokens = default_chunk_tokens(num_codebooks, num_bits, 8)
 
-    def chunk_effect(chunk: Tensor) -> Tensor:
-        return _clamp_effect(chunk.reshape(-1, num_bits), high, eps).reshape(chunk.shape[:2])
+    def chunk_entropy(chunk: Tensor) -> Tensor:
+        return _clamped_token_entropy(chunk.reshape(-1, num_bits), high, eps).reshape(chunk.shape[:2])
 
     if num_tokens <= chunk_tokens:
-        effect = chunk_effect(logits)
+        per_token = chunk_entropy(logits)
     else:
-        effect = torch.cat([checkpoint(chunk_effect, logits[start : start + chunk_tokens], use_reentrant=False)
-                            for start in range(0, num_tokens, chunk_tokens)])
-    return exact_per_token(logits) - effect
+        per_token = torch.cat([checkpoint(chunk_entropy, logits[start : start + chunk_tokens], use_reentrant=False)
+                               for start in range(0, num_tokens, chunk_tokens)])
+    return per_token.to(logits.dtype)
 
 
 def _factorised_terms(
