@@ -30,13 +30,12 @@ replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS
 bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
 ``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
 
-``"clamped"`` is the reference's numbers at the exact kernel's cost: the batch term is
-``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample term
-is the exact one minus the clamp's effect, ``sum over {p < eps} of p log(eps / p)``,
-found per token without the 2**d vector: with the low block's sub-code probabilities
-sorted, the codes under the clamp are, for each high sub-code, a prefix (cumulative sums
-and one searchsorted). It exists to measure what the clamp does to training at codebook
-sizes the reference cannot run.
+``"clamped"`` is the reference's numbers with the exact kernel's memory: the batch term
+is ``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample
+term is ``-log eps + sum over codes with p >= eps of p (log eps - log p)``, found per
+token without the 2**d vector from the sub-codes at or above eps (see
+:func:`clamped_per_token`). It exists to measure what the clamp does to training at
+codebook sizes the reference cannot run.
 
 ``"open_magvit2"`` is Open-MAGVIT2's batch term ``-sum a log(a + 1e-5)`` (per codebook),
 with the exact per-sample term (their ``log_softmax(logits / T + eps)`` is exact: a
@@ -405,7 +404,7 @@ def _top_subcodes(logits: Tensor, log_eps: float) -> tuple[Tensor, Tensor]:
     """
     with torch.no_grad():
         over = _subcode_log_probs(logits) >= log_eps
-        k = int(over.sum(dim=-1).max())
+        k = int(over.sum(dim=-1).max()) if over.shape[0] else 0  # a rank may hold no tokens
         index = over.to(torch.uint8).topk(k, dim=-1).indices if k else over.new_zeros(over.shape[0], 0, dtype=torch.long)
         return index, over.gather(-1, index)
 

@@ -378,6 +378,16 @@ def test_open_magvit2_equals_their_dense_formula(seed: int) -> None:
     assert ((exact - ours.batch_by_codebook) > 0).all()
 
 
+def test_open_magvit2_at_uniform_2_18_is_neither_the_clamp_nor_the_entropy() -> None:
+    """The README's number: -log(2**-18 + 1e-5) = 11.19 nats, below both -log(1e-5) = 11.51
+    (reference) and 18 log 2 = 12.48 (exact)."""
+    z = torch.zeros(2, 1, 18, dtype=F64)
+    terms = open_magvit2_entropy(EntropyInputs(z, 100.0, 1.0, torch.empty(0)))
+    assert terms.batch_entropy.item() == pytest.approx(-math.log(2**-18 + 1e-5), rel=1e-12)
+    assert round(terms.batch_entropy.item(), 2) == 11.19
+    assert terms.per_sample_entropy.item() == pytest.approx(18 * math.log(2), rel=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["clamped", "open_magvit2"])
 def test_dense_batch_modes_refuse_codebooks_above_the_limit(mode: str) -> None:
     z = torch.zeros(2, 1, EXACT_MAX_BITS + 1)
@@ -467,3 +477,23 @@ def test_spherical_uniform_batch_reaches_log_codebook_size_at_2_20() -> None:
     _, breakdown = quantizer(x, inv_temperature=1.0, return_loss_breakdown=True)
     assert breakdown.batch_entropy.item() > -math.log(REFERENCE_LOG_CLAMP) + 2
     assert breakdown.batch_entropy.item() <= num_bits * math.log(2) + 1e-4
+
+
+def test_spherical_group_and_reference_modes() -> None:
+    """On the sphere too: "group" bounds the exact batch entropy from above (equal with one
+    group), "reference" and "clamped" agree, and all share the exact per-sample term up
+    to the clamp."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 20, generator=gen)
+    terms = {}
+    for mode in ("exact", "group", "reference", "clamped"):
+        quantizer = LFQ(dim=20, codebook_size=2**10, num_codebooks=2, spherical=True, entropy_mode=mode)
+        _, terms[mode] = quantizer(x, inv_temperature=30.0, return_loss_breakdown=True)
+    assert terms["group"].batch_entropy.item() == pytest.approx(terms["exact"].batch_entropy.item(), rel=1e-6)
+    # 10 bits fit one group; smaller groups through the kernel give an upper bound.
+    u = torch.nn.functional.normalize(x.reshape(-1, 2, 10).double(), dim=-1)
+    inputs = EntropyInputs(u, 30.0, 1 / math.sqrt(10), torch.empty(0))
+    assert (group_entropy(inputs, group_bits=3).batch_by_codebook > exact_entropy(inputs).batch_by_codebook).all()
+    assert terms["clamped"].batch_entropy.item() == pytest.approx(terms["reference"].batch_entropy.item(), rel=1e-5)
+    assert terms["clamped"].per_sample_entropy.item() == pytest.approx(
+        terms["reference"].per_sample_entropy.item(), rel=1e-5)
