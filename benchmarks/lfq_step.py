@@ -1,5 +1,6 @@
 """One LFQ training step (forward + backward with the loss): ours in each entropy mode,
-the oracle (vector-quantize-pytorch 1.14.12) and the newest vector-quantize-pytorch.
+the oracle (vector-quantize-pytorch 1.14.12) and the newest vector-quantize-pytorch, plain
+and spherical (BSQ, ``spherical=True``: the "-spherical" impls).
 
     python benchmarks/lfq_step.py            # 2^10..2^20 codes x {4096, 65536} tokens, all impls
     python benchmarks/lfq_step.py --quick    # 2^10, 2^14, 2^18 codes, 4096 tokens, 3 repeats
@@ -33,13 +34,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_DIR = REPO / ".upstream" / "vqp-latest"
 OUT_DIR = REPO / "results" / "benchmarks"
-# impl name -> (implementation, entropy mode); "ours-*" is lfq.LFQ.
+# impl name -> (implementation, entropy mode, spherical); "ours-*" is lfq.LFQ.
 IMPLS = {
-    "ours-exact": ("ours", "exact"),
-    "ours-group": ("ours", "group"),
-    "ours-reference": ("ours", "reference"),
-    "oracle": ("oracle", "reference"),
-    "upstream": ("upstream", "reference"),
+    "ours-exact": ("ours", "exact", False),
+    "ours-group": ("ours", "group", False),
+    "ours-reference": ("ours", "reference", False),
+    "oracle": ("oracle", "reference", False),
+    "upstream": ("upstream", "reference", False),
+    "ours-clamped": ("ours", "clamped", False),
+    "ours-exact-spherical": ("ours", "exact", True),
+    "ours-clamped-spherical": ("ours", "clamped", True),
+    "upstream-spherical": ("upstream", "reference", True),
 }
 COLUMNS = [
     "impl", "mode", "impl_version", "codebook_size", "log2_codebook_size", "tokens", "median_s",
@@ -69,17 +74,18 @@ def run_case(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    impl, mode = IMPLS[spec["impl"]]
+    impl, mode, spherical = IMPLS[spec["impl"]]
     num_bits = spec["log2_codebook_size"]
+    flags = dict(spherical=True) if spherical else {}
     if impl == "ours":
         from lfq import LFQ
 
-        module = LFQ(codebook_size=2**num_bits, entropy_mode=mode, **LOSS_KWARGS)
+        module = LFQ(codebook_size=2**num_bits, entropy_mode=mode, **LOSS_KWARGS, **flags)
         version = "local"
     else:  # PYTHONPATH picks the oracle (venv) or the newest upstream (.upstream/)
         from vector_quantize_pytorch import LFQ
 
-        module = LFQ(codebook_size=2**num_bits, **LOSS_KWARGS)
+        module = LFQ(codebook_size=2**num_bits, **LOSS_KWARGS, **flags)
         version = importlib.metadata.version("vector-quantize-pytorch")
     module = module.to(device).train()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -141,7 +147,7 @@ def device_name(device: str) -> str:
 
 def estimate_gb(impl: str, num_bits: int, tokens: int) -> float:
     """Rough peak memory of one step, from the kernels' working sets (see lfq.entropy)."""
-    kind, mode = IMPLS[impl]
+    _, mode, _ = IMPLS[impl]
     codes = 2**num_bits
     if mode == "reference":
         return (DENSE_COPIES * tokens * codes * 4 + 100e6) / 1e9
@@ -150,7 +156,8 @@ def estimate_gb(impl: str, num_bits: int, tokens: int) -> float:
     group = min(num_bits, GROUP_MAX_BITS) if mode == "group" else num_bits
     high, low = subcode_split(group)
     chunk = min(tokens, default_chunk_tokens(1, group, 4))
-    factors = 6 * chunk * (2**high + 2**low) * 4
+    # "clamped" adds the per-token clamp effect: about 10 sub-code-sized copies per chunk.
+    factors = (16 if mode == "clamped" else 6) * chunk * (2**high + 2**low) * 4
     return (factors + 10 * 2**group * 4 + 40 * tokens * num_bits * 4 + 50e6) / 1e9
 
 
@@ -218,8 +225,13 @@ def launch(spec: dict, timeout_s: float, upstream: Path | None, omp_wait_policy:
 
 
 def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
-    """Merge with the existing file (same impl/size/tokens/device/threads replaced), atomically."""
-    key = lambda r: (r["impl"], str(r["log2_codebook_size"]), str(r["tokens"]), r["device"], str(r["threads"]))  # noqa: E731
+    """Merge with the existing file (same impl/size/tokens/device/threads replaced), atomically.
+
+    The device's name is part of the key: rows measured on another machine are kept beside
+    this one's, not replaced by them.
+    """
+    key = lambda r: (r["impl"], str(r["log2_codebook_size"]), str(r["tokens"]), r["device"],  # noqa: E731
+                     r["device_name"], str(r["threads"]))
     merged = {}
     if path.exists() and not fresh:
         with path.open() as f:
@@ -237,23 +249,25 @@ def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path, device: str, threads: int) -> None:
+def plot(rows: list[dict], path: Path, device: str, name: str, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["device"] == device and str(r["threads"]) == str(threads) and r["status"] == "ok"]
+    rows = [r for r in rows if r["device"] == device and r["device_name"] == name
+            and str(r["threads"]) == str(threads) and r["status"] == "ok"]
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
-    colors = dict(zip(IMPLS, ["tab:green", "tab:olive", "tab:gray", "tab:red", "tab:purple"], strict=True))
+    colors = dict(zip(IMPLS, ["tab:green", "tab:olive", "tab:gray", "tab:red", "tab:purple", "tab:orange",
+                              "tab:cyan", "tab:brown", "tab:pink"], strict=True))
     series = sorted({(r["impl"], int(r["tokens"])) for r in rows})
     for impl, tokens in series:
         pts = sorted((int(r["log2_codebook_size"]), float(r["median_s"]), float(r["peak_mem_mb"]))
                      for r in rows if r["impl"] == impl and int(r["tokens"]) == tokens)
         version = next(r["impl_version"] for r in rows if r["impl"] == impl)
-        label = f"{impl} ({version}), {tokens} tokens" if impl in ("oracle", "upstream") else f"{impl}, {tokens} tokens"
+        label = f"{impl} ({version}), {tokens} tokens" if not impl.startswith("ours") else f"{impl}, {tokens} tokens"
         style = dict(color=colors[impl], ls="-" if tokens == 4096 else "--", marker="o" if tokens == 4096 else "s")
         if impl == "oracle":  # hollow and larger: the upstream points often sit on top of it
             style.update(markerfacecolor="none", markersize=11, markeredgewidth=1.5)
@@ -333,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}; torch {torch.__version__}; {threads} threads; memory budget {budget:.1f} GB; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     upstream_version, upstream_why = (None, "")
-    if "upstream" in args.impls:
+    if any(IMPLS[impl][0] == "upstream" for impl in args.impls):
         upstream_version, upstream_why = ensure_upstream(UPSTREAM_DIR)
         print(f"upstream: {upstream_version or upstream_why}", flush=True)
 
@@ -344,16 +358,16 @@ def main(argv: list[str] | None = None) -> None:
                "tokens": tokens, "device": device, "device_name": name, "torch_version": torch.__version__,
                "threads": threads, "omp_wait_policy": args.omp_wait_policy, "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "impl_version": upstream_version if impl == "upstream" else None}
+               "impl_version": upstream_version if IMPLS[impl][0] == "upstream" else None}
         need = estimate_gb(impl, num_bits, tokens)
-        if impl == "upstream" and upstream_version is None:
+        if IMPLS[impl][0] == "upstream" and upstream_version is None:
             row["status"] = upstream_why
         elif need > budget:
             row["status"] = f"skipped: would need {need:.1f} GB (budget {budget:.1f} GB)"
         else:
             spec = {"impl": impl, "log2_codebook_size": num_bits, "tokens": tokens, "repeats": args.repeats,
                     "device": device, "threads": args.threads}
-            upstream = UPSTREAM_DIR if impl == "upstream" else None
+            upstream = UPSTREAM_DIR if IMPLS[impl][0] == "upstream" else None
             row.update(launch(spec, args.timeout, upstream, args.omp_wait_policy))
         rows.append(row)
         shown = (f"{row['median_s'] * 1e3:9.1f} ms {row['peak_mem_mb']:8.0f} MB" if row["status"] == "ok"
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     merged = write_csv(rows, args.out_dir / "lfq_step.csv", args.fresh)
-    plot(merged, args.out_dir / "lfq_step.png", device, threads)
+    plot(merged, args.out_dir / "lfq_step.png", device, name, threads)
     print_table(rows)
     print(f"wrote {args.out_dir / 'lfq_step.csv'} and {args.out_dir / 'lfq_step.png'}")
 
@@ -377,9 +391,10 @@ def print_table(rows: list[dict]) -> None:
               f"{'ok' if ok else r['status']}")
     by_key = {(r["impl"], r["log2_codebook_size"], r["tokens"]): r for r in rows if r["status"] == "ok"}
     for (impl, bits, tokens), r in sorted(by_key.items()):
-        ref = by_key.get(("oracle", bits, tokens))
-        if impl == "ours-exact" and ref:
-            print(f"speed-up of ours-exact over the oracle at 2^{bits}, {tokens} tokens: "
+        other = {"ours-exact": "oracle", "ours-exact-spherical": "upstream-spherical"}.get(impl)
+        ref = by_key.get((other, bits, tokens))
+        if ref:
+            print(f"speed-up of {impl} over {other} at 2^{bits}, {tokens} tokens: "
                   f"{ref['median_s'] / r['median_s']:.0f}x")
 
 

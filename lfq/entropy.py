@@ -29,6 +29,22 @@ in between; averaging per-rank entropies or means would be wrong.
 replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS``
 bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
 ``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
+
+``"clamped"`` is the reference's numbers with the exact kernel's memory: the batch term
+is ``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample
+term is ``-log eps + sum over codes with p >= eps of p (log eps - log p)``, found per
+token without the 2**d vector from the sub-codes at or above eps (see
+:func:`clamped_per_token`). It exists to measure what the clamp does to training at
+codebook sizes the reference cannot run.
+
+``"open_magvit2"`` is Open-MAGVIT2's batch term ``-sum a log(a + 1e-5)`` (per codebook),
+with the exact per-sample term (their ``log_softmax(logits / T + eps)`` is exact: a
+constant inside a log-softmax cancels).
+
+The factorised kernels only need the bits' logits ``4 tau s z_i``, with ``s`` the
+magnitude of a code coordinate; on the sphere (BSQ) the quantizer passes the normalised
+inputs and ``s / sqrt(d)``, and everything above holds unchanged. The sub-code machinery
+(P_A, P_B, their gram, the clamped per-token sum) lives in :mod:`lfq.subcodes`.
 """
 
 from __future__ import annotations
@@ -41,9 +57,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from lfq import subcodes
+from lfq.subcodes import (  # noqa: F401  (re-exported: lfq.entropy is where callers look)
+    CHUNK_BYTES,
+    default_chunk_tokens,
+    flush_floor,
+    subcode_gram,
+    subcode_split,
+)
 
 REFERENCE_LOG_CLAMP = 1e-5
+# Open-MAGVIT2 adds this inside the log of its batch entropy.
+OPEN_MAGVIT2_LOG_EPS = 1e-5
 
 # Largest exact codebook. The batch distribution is a 2**d vector per codebook; the
 # entropy and its backward hold about 8 such vectors (gram, gradient, avg, log,
@@ -54,8 +80,6 @@ EXACT_MAX_BITS = 24
 # Group size of the "group" kernel: 2**16-code groups are cheap (N * 2**16 work each)
 # and as large as possible keeps the upper bound tight.
 GROUP_MAX_BITS = 16
-# Working memory per chunk of tokens in subcode_gram (P_A, P_B, their gradients).
-CHUNK_BYTES = 128 * 2**20
 
 
 class EntropyTerms(NamedTuple):
@@ -68,9 +92,9 @@ class EntropyTerms(NamedTuple):
 
 
 class EntropyInputs(NamedTuple):
-    z: Tensor  # (N, c, d) pre-activation tokens, all of them (masked-out ones included)
+    z: Tensor  # (N, c, d) pre-activation tokens (on the sphere: normalised), masked-out ones included
     inv_temperature: float
-    codebook_scale: float
+    codebook_scale: float  # magnitude of a code coordinate: s, or s / sqrt(d) on the sphere
     codebook: Tensor  # (2**d, d), row j is the code of index j
     # (N,) bool, True = the token counts (mask and frac subset applied); None = all count.
     # The reference kernel needs the unselected rows: it selects after its softmax, as
@@ -195,134 +219,6 @@ def binary_entropy_from_logits(logits: Tensor) -> Tensor:
     return -(torch.sigmoid(logits) * F.logsigmoid(logits) + torch.sigmoid(-logits) * F.logsigmoid(-logits))
 
 
-def subcode_split(num_bits: int) -> tuple[int, int]:
-    """(a, b): high and low block sizes. The product costs 2 N 2**d flops for any split;
-    balanced blocks minimise the N (2**a + 2**b) memory and build work."""
-    high = num_bits // 2
-    return high, num_bits - high
-
-
-def _bit_table(num_bits: int, like: Tensor) -> Tensor:
-    """(2**k, k) 0/1 matrix, row j = the bits of j, most significant first (index order)."""
-    codes = torch.arange(2**num_bits, device=like.device)
-    shifts = torch.arange(num_bits - 1, -1, -1, device=like.device)
-    return ((codes[:, None] >> shifts) & 1).to(like.dtype)
-
-
-def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
-    """(c, C, k) bit probabilities -> (c, C, 2**k) distribution over k-bit sub-codes.
-
-    Built in place in one buffer, least significant bit first: after a step the first m
-    columns hold the distribution of the bits seen so far, and the next bit doubles it
-    to ``[P * p0, P * p1]`` (that bit becomes the most significant). 2**k multiplies by a
-    per-row scalar, no exp of a large tensor and no broadcast over a size-2 axis.
-    """
-    num_bits = p1.shape[-1]
-    probs = p1.new_empty(*p1.shape[:-1], 2**num_bits)
-    probs[..., :1] = 1
-    for step, bit in enumerate(range(num_bits - 1, -1, -1)):
-        width = 2**step
-        if torch.compiler.is_compiling():  # dynamo cannot trace a non-contiguous out=: same values, one temp
-            probs[..., width : 2 * width] = probs[..., :width] * p1[..., bit : bit + 1]
-        else:
-            torch.mul(probs[..., :width], p1[..., bit : bit + 1], out=probs[..., width : 2 * width])
-        probs[..., :width].mul_(p0[..., bit : bit + 1])
-    return probs
-
-
-def _chunk_factors(logits: Tensor, high_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bit probabilities and P_A, P_B of a chunk of (C, c, d) logits, codebook axis first."""
-    logits = logits.transpose(0, 1).contiguous()  # (c, C, d)
-    p1, p0 = torch.sigmoid(logits), torch.sigmoid(-logits)  # p0 directly: 1 - p1 rounds to 0
-    prob_a = _subcode_probs(p1[..., :high_bits], p0[..., :high_bits])
-    prob_b = _subcode_probs(p1[..., high_bits:], p0[..., high_bits:])
-    return p1, p0, prob_a, prob_b
-
-
-def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> Tensor:
-    """Gradient wrt the block's logits given ``weighted = dL/dP * P`` (c, C, 2**k).
-
-    d log P(j) / d l_i = bit_i(j) - p_i, so the gradient is
-    p0_i * (sum of weighted over codes with bit i on) - p1_i * (sum over codes with it off).
-    Summing the two sets separately (rather than total - on) keeps a saturated bit's
-    tiny gradient from being the difference of two large numbers.
-    """
-    k = table.shape[1]
-    on_off = weighted @ torch.cat((table, 1 - table), dim=1)  # (c, C, 2k)
-    return p0 * on_off[..., :k] - p1 * on_off[..., k:]
-
-
-class _SubcodeGram(torch.autograd.Function):
-    """sum over tokens of P_A^T P_B, (N, c, d) logits -> (c, 2**a, 2**b).
-
-    With several chunks only the logits are saved and P_A, P_B are rebuilt chunk by
-    chunk in backward, so memory stays at one chunk's factors plus the 2**d output
-    however many tokens. With one chunk the factors are kept: that fits the same
-    budget and saves rebuilding (and re-faulting) them.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, high_bits: int, chunk_tokens: int) -> Tensor:  # type: ignore[override]
-        num_tokens = logits.shape[0]
-        gram = None
-        for start in range(0, num_tokens, chunk_tokens):
-            factors = _chunk_factors(logits[start : start + chunk_tokens], high_bits)
-            if gram is None:
-                gram = torch.bmm(factors[2].transpose(1, 2), factors[3])
-            else:
-                gram.baddbmm_(factors[2].transpose(1, 2), factors[3])
-        if num_tokens <= chunk_tokens:
-            ctx.save_for_backward(logits, *factors)
-        else:
-            ctx.save_for_backward(logits)
-        ctx.high_bits, ctx.chunk_tokens = high_bits, chunk_tokens
-        return gram
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_gram: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        logits, *saved_factors = ctx.saved_tensors
-        high, chunk = ctx.high_bits, ctx.chunk_tokens
-        table_a, table_b = _bit_table(high, logits), _bit_table(logits.shape[2] - high, logits)
-        grad_t = grad_gram.transpose(1, 2)
-        grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], chunk):
-            factors = saved_factors or _chunk_factors(logits[start : start + chunk], high)
-            p1, p0, prob_a, prob_b = factors
-            weighted_a = torch.bmm(prob_b, grad_t).mul_(prob_a)  # dL/dP_A * P_A
-            weighted_b = torch.bmm(prob_a, grad_gram).mul_(prob_b)
-            grad_a = _bit_logit_grad(weighted_a, table_a, p1[..., :high], p0[..., :high])
-            grad_b = _bit_logit_grad(weighted_b, table_b, p1[..., high:], p0[..., high:])
-            grad_logits[start : start + chunk] = torch.cat((grad_a, grad_b), dim=-1).transpose(0, 1)
-        return grad_logits, None, None
-
-
-def default_chunk_tokens(num_codebooks: int, num_bits: int, itemsize: int) -> int:
-    """Tokens per chunk so that one chunk's factors and their gradients fit CHUNK_BYTES."""
-    high, low = subcode_split(num_bits)
-    # P_A, P_B, the two product outputs, the build's last intermediates: about 6 copies.
-    per_token = 6 * num_codebooks * (2**high + 2**low) * itemsize
-    return max(256, CHUNK_BYTES // per_token)
-
-
-def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
-    """Differentiable ``sum_n P_A[n]^T P_B[n]`` per codebook, (N, c, d) -> (c, 2**a, 2**b).
-
-    Divided by the token count and flattened, it is the batch distribution over the 2**d
-    codes in index order (the high block holds the most significant bits).
-    """
-    if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(logits.shape[1], logits.shape[2], logits.element_size())
-    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
-        raise ValueError(f"chunk_tokens must be an int >= 1 (or None for automatic), got {chunk_tokens!r}")
-    high, low = subcode_split(logits.shape[2])
-    if logits.shape[0] == 0:  # no tokens on this rank: a zero sum, still in the graph
-        return logits.new_zeros(logits.shape[1], 2**high, 2**low) + logits.sum() * 0
-    return _SubcodeGram.apply(logits, high, chunk_tokens)
-
-
 def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
     """Entropy (nats) of ``gram / num_tokens`` per codebook, (c, 2**a, 2**b) -> (c,).
 
@@ -336,17 +232,43 @@ def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
     return -(avg * safe.log()).sum(dim=-1)
 
 
+def clamped_entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
+    """The reference's ``-sum a log(max(a, 1e-5))`` of ``a = gram / num_tokens``, (c,)."""
+    return clamped_entropy(gram.flatten(1) / num_tokens)
+
+
+def open_magvit2_entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
+    """Open-MAGVIT2's ``-sum a log(a + 1e-5)`` of ``a = gram / num_tokens``, (c,)."""
+    avg = gram.flatten(1) / num_tokens
+    return -(avg * (avg + OPEN_MAGVIT2_LOG_EPS).log()).sum(dim=-1)
+
+
+def exact_per_token(logits: Tensor) -> Tensor:
+    """Each token's entropy over the 2**d codes, (N, c, d) logits -> (N, c)."""
+    return binary_entropy_from_logits(logits).sum(dim=-1)
+
+
+def clamped_per_token(logits: Tensor, chunk_tokens: int | None = None, eps: float = REFERENCE_LOG_CLAMP) -> Tensor:
+    """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c)."""
+    return subcodes.clamped_per_token(logits, eps, chunk_tokens)
+
+
 def _factorised_terms(
-    inputs: EntropyInputs, logits: Tensor, groups: list[tuple[int, int]], chunk_tokens: int | None
+    inputs: EntropyInputs,
+    logits: Tensor,
+    groups: list[tuple[int, int]],
+    chunk_tokens: int | None,
+    per_token_fn: Callable[[Tensor], Tensor] = exact_per_token,
+    batch_fn: Callable[[Tensor, Tensor | float], Tensor] = entropy_from_gram,
 ) -> EntropyTerms:
     """Per-sample entropy and the sum over bit groups of the groups' batch entropies."""
-    per_token = binary_entropy_from_logits(logits).sum(dim=-1)  # (N, c)
+    per_token = per_token_fn(logits)  # (N, c)
     grams = [subcode_gram(logits[..., start:stop], chunk_tokens) for start, stop in groups]
     if inputs.reduce is None:
         count: Tensor | int = logits.shape[0]
-        return _terms(per_token, sum(entropy_from_gram(g, count) for g in grams))
+        return _terms(per_token, sum(batch_fn(g, count) for g in grams))
     per_sample_sum, *grams, count = reduce_sums(inputs.reduce, logits.shape[0], per_token.sum(dim=0), *grams)
-    return _terms_from_sums(per_sample_sum, sum(entropy_from_gram(g, count) for g in grams), count)
+    return _terms_from_sums(per_sample_sum, sum(batch_fn(g, count) for g in grams), count)
 
 
 def exact_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
@@ -392,22 +314,61 @@ def group_entropy(
     return _factorised_terms(inputs, bit_logits(inputs), groups, chunk_tokens)
 
 
+def _check_dense_size(inputs: EntropyInputs, mode: str) -> None:
+    num_bits = inputs.z.shape[2]
+    if num_bits > EXACT_MAX_BITS:
+        raise ValueError(
+            f"entropy_mode={mode!r} needs the 2**d batch distribution and supports up to 2**{EXACT_MAX_BITS} "
+            f"codes per codebook, got 2**{num_bits}; use entropy_mode='group' (an upper bound) or more codebooks"
+        )
+
+
+def clamped_entropy_kernel(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
+    """The reference's clamped per-sample and batch entropies from the factorisation.
+
+    Equal to ``"reference"`` up to rounding (float64: ~1e-12 relative), at about the
+    cost and memory of ``"exact"``; limited to 2**EXACT_MAX_BITS codes like it.
+    """
+    inputs = _checked_tokens(inputs)
+    _check_dense_size(inputs, "clamped")
+    num_bits = inputs.z.shape[2]
+
+    def per_token(logits: Tensor) -> Tensor:
+        return clamped_per_token(logits, chunk_tokens)
+
+    return _factorised_terms(inputs, bit_logits(inputs), [(0, num_bits)], chunk_tokens,
+                             per_token_fn=per_token, batch_fn=clamped_entropy_from_gram)
+
+
+def open_magvit2_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
+    """Open-MAGVIT2's terms: exact per-sample entropy, batch ``-sum a log(a + 1e-5)``."""
+    inputs = _checked_tokens(inputs)
+    _check_dense_size(inputs, "open_magvit2")
+    return _factorised_terms(inputs, bit_logits(inputs), [(0, inputs.z.shape[2])], chunk_tokens,
+                             batch_fn=open_magvit2_entropy_from_gram)
+
+
 ENTROPY_KERNELS: dict[str, EntropyKernel] = {
     "reference": reference_entropy,
     "exact": exact_entropy,
     "group": group_entropy,
+    "clamped": clamped_entropy_kernel,
+    "open_magvit2": open_magvit2_entropy,
 }
+# Modes whose batch term needs the 2**d vector (no fallback above 2**EXACT_MAX_BITS codes).
+DENSE_BATCH_MODES = ("reference", "clamped", "open_magvit2")
 
 
 def sample_token_subset(num_tokens: int, frac: float, device: torch.device) -> Tensor | None:
-    """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` tokens.
+    """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` rows.
 
     Draws from the default CPU generator exactly as the reference does, so a seeded run
-    picks the same tokens. Unlike the reference, at least one token is kept (the
-    reference returns NaN when ``int(num_tokens * frac) == 0``).
+    picks the same rows (tokens, or samples with a per-sample mask). The subset may be
+    empty, as in the reference; the quantizer then gives zero entropy terms where the
+    reference gives NaN (its gradients have no entropy part either).
     """
     if frac >= 1.0:
         return None
-    num_sampled = max(1, int(num_tokens * frac))
+    num_sampled = int(num_tokens * frac)
     keep = torch.randn(num_tokens).argsort(dim=-1) < num_sampled
     return keep.to(device)

@@ -6,7 +6,10 @@ quantized to {-s, +s}; an entropy penalty (low per-token entropy, high batch ent
 pushes the model to use the whole codebook of 2**d codes.
 
 The API, defaults and numbers are those of ``vector-quantize-pytorch`` 1.14.12 (the
-version CogVideoX vendors). What differs, and why, is listed in the README.
+version CogVideoX vendors), plus the newest upstream's behaviour flags (``spherical``
+for binary spherical quantization, BSQ, https://arxiv.org/abs/2406.07548;
+``soft_clamp_input_value``, ``channel_first``, ...). What differs, and why, is listed in
+the README.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from einops import pack, rearrange, unpack
 from torch import Tensor, nn
 
 from lfq.entropy import (
+    DENSE_BATCH_MODES,
     ENTROPY_KERNELS,
+    EXACT_MAX_BITS,
     AllReduceSum,
     EntropyInputs,
     EntropyTerms,
@@ -38,6 +43,17 @@ CodebookStats = namedtuple(
 )
 
 DEFAULT_ENTROPY_MODE = "exact"
+
+
+def reverse_bits(indices: Tensor, num_bits: int) -> Tensor:
+    """Indices with their ``num_bits`` bits in the opposite order (an involution).
+
+    Ours (and vector-quantize-pytorch's) give channel 0 the most significant bit;
+    Open-MAGVIT2 gives channel i the weight ``2**i``: ``reverse_bits`` maps one to the other.
+    """
+    shifts = torch.arange(num_bits, device=indices.device)
+    bits = (indices[..., None] >> shifts) & 1
+    return (bits << shifts.flip(0)).sum(dim=-1).to(indices.dtype)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -68,6 +84,15 @@ class LFQ(nn.Module):
         frac_per_sample_entropy: float = 1.0,  # < 1: entropies from a random subset of tokens
         entropy_mode: str = DEFAULT_ENTROPY_MODE,  # which lfq.entropy kernel computes the entropies
         distributed: bool | None = None,  # global-batch terms under torch.distributed; None = when initialised
+        # The newest upstream's flags (same names and meaning):
+        spherical: bool = False,  # BSQ: inputs and codes on the sphere of radius s, codes +-s / sqrt(d)
+        soft_clamp_input_value: float | None = None,  # v: inputs become v * tanh(x / v) before quantizing
+        channel_first: bool | None = None,  # channels on axis 1; None = for >= 4-D input only
+        force_quantization_f32: bool = True,  # accepted; quantization and entropy are always float32 here
+        experimental_softplus_entropy_loss: bool = False,  # entropy loss -> softplus(loss + offset)
+        entropy_loss_offset: float = 5.0,  # the offset of the softplus above
+        has_projections: bool | None = None,  # force (or forbid) project_in/out; None = when dim differs
+        projection_has_bias: bool = True,  # bias of project_in and project_out
     ):
         super().__init__()
 
@@ -97,11 +122,36 @@ class LFQ(nn.Module):
             raise ValueError(
                 f"entropy_mode must be one of {sorted(ENTROPY_KERNELS)}, got {entropy_mode!r}"
             )
+        for name, value in (("spherical", spherical), ("force_quantization_f32", force_quantization_f32),
+                            ("experimental_softplus_entropy_loss", experimental_softplus_entropy_loss),
+                            ("projection_has_bias", projection_has_bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        for name, value in (("channel_first", channel_first), ("has_projections", has_projections)):
+            if value not in (None, True, False):
+                raise ValueError(f"{name} must be None (automatic), True or False, got {value!r}")
+        if soft_clamp_input_value is not None and not (
+            isinstance(soft_clamp_input_value, (int, float)) and soft_clamp_input_value >= codebook_scale
+        ):
+            raise ValueError(
+                f"soft_clamp_input_value must be None or a number >= codebook_scale ({codebook_scale}), so that "
+                f"the clamped inputs can reach the codes; got {soft_clamp_input_value!r}"
+            )
 
         codebook_size = codebook_size if codebook_size is not None else 2**dim
         codebook_dim = int(log2(codebook_size))
         codebook_dims = codebook_dim * num_codebooks
         dim = dim if dim is not None else codebook_dims
+        if entropy_mode in DENSE_BATCH_MODES and entropy_mode != "reference" and codebook_dim > EXACT_MAX_BITS:
+            raise ValueError(
+                f"entropy_mode={entropy_mode!r} supports up to 2**{EXACT_MAX_BITS} codes per codebook, got "
+                f"codebook_size=2**{codebook_dim}; use 'exact' or 'group', or split into more codebooks"
+            )
+        if has_projections is False and dim != codebook_dims:
+            raise ValueError(
+                f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {codebook_dims}, "
+                f"got dim={dim}; leave has_projections None to project {dim} -> {codebook_dims}"
+            )
 
         if keep_num_codebooks_dim is None:
             keep_num_codebooks_dim = num_codebooks > 1
@@ -112,9 +162,11 @@ class LFQ(nn.Module):
                 f"(pass keep_num_codebooks_dim=True or leave it None)"
             )
 
-        self.has_projections = dim != codebook_dims
-        self.project_in = nn.Linear(dim, codebook_dims) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dims, dim) if self.has_projections else nn.Identity()
+        self.has_projections = has_projections if has_projections is not None else dim != codebook_dims
+        self.project_in = (nn.Linear(dim, codebook_dims, bias=projection_has_bias)
+                           if self.has_projections else nn.Identity())
+        self.project_out = (nn.Linear(codebook_dims, dim, bias=projection_has_bias)
+                            if self.has_projections else nn.Identity())
 
         self.dim = dim
         self.codebook_size = codebook_size
@@ -129,6 +181,12 @@ class LFQ(nn.Module):
         self.commitment_loss_weight = commitment_loss_weight
         self.entropy_mode = entropy_mode
         self.distributed = distributed
+        self.spherical = spherical
+        self.soft_clamp_input_value = soft_clamp_input_value
+        self.channel_first = channel_first
+        self.force_quantization_f32 = force_quantization_f32
+        self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
+        self.entropy_loss_offset = entropy_loss_offset
 
         # Bit i of an index is channel i, most significant first. Persistent, as in the
         # reference, so that state dicts load both ways.
@@ -143,6 +201,10 @@ class LFQ(nn.Module):
     def bits_to_codes(self, bits: Tensor) -> Tensor:
         return bits * self.codebook_scale * 2 - self.codebook_scale
 
+    def _to_sphere(self, t: Tensor) -> Tensor:
+        """BSQ: onto the sphere of radius codebook_scale, per codebook (identity when not spherical)."""
+        return F.normalize(t, dim=-1) * self.codebook_scale if self.spherical else t
+
     @property
     def dtype(self) -> torch.dtype:
         return self.codebook.dtype
@@ -156,15 +218,19 @@ class LFQ(nn.Module):
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Codes of ``indices`` (the inverse of ``forward``'s indices), channel-first for images/video."""
         is_img_or_video = indices.ndim >= (3 + int(self.keep_num_codebooks_dim))
+        transpose = self.channel_first if self.channel_first is not None else is_img_or_video
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... -> ... 1")
         bits = ((indices[..., None].int() & self.mask) != 0).to(self.dtype)
-        codes = rearrange(self.bits_to_codes(bits), "... c d -> ... (c d)")
+        codes = rearrange(self._to_sphere(self.bits_to_codes(bits)), "... c d -> ... (c d)")
         if project_out:
             codes = self.project_out(codes)
-        if is_img_or_video:
+        if transpose:
             codes = rearrange(codes, "b ... d -> b d ...")
         return codes
+
+    def _channels_on_axis_1(self, x: Tensor) -> bool:
+        return self.channel_first if self.channel_first is not None else x.ndim >= 4
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim < 3:
@@ -172,25 +238,32 @@ class LFQ(nn.Module):
                 f"LFQ expects (batch, tokens, {self.dim}) or channel-first (batch, {self.dim}, "
                 f"*spatial) input, got shape {tuple(x.shape)}"
             )
-        channels = x.shape[1] if x.ndim >= 4 else x.shape[-1]
+        channel_axis_1 = self._channels_on_axis_1(x)
+        channels = x.shape[1] if channel_axis_1 else x.shape[-1]
         if channels != self.dim:
-            where = "axis 1 (channel-first image/video)" if x.ndim >= 4 else "the last axis"
+            where = "axis 1 (channel-first)" if channel_axis_1 else "the last axis"
             raise ValueError(
                 f"expected {self.dim} channels on {where}, got {channels} in shape {tuple(x.shape)}"
             )
 
     @staticmethod
-    def _flatten_mask(mask: Tensor, batch: int, spatial: tuple[int, ...], num_tokens: int) -> Tensor:
+    def _flatten_mask(mask: Tensor, batch: int, spatial: tuple[int, ...], num_tokens: int) -> tuple[Tensor, Tensor | None]:
+        """(token mask (b, n), per-sample mask (b,) or None) from a token, spatial or per-sample mask."""
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = keep the token), got dtype {mask.dtype}")
         if tuple(mask.shape) == (batch, num_tokens):
-            return mask
+            return mask, None
         if len(spatial) > 1 and tuple(mask.shape) == (batch, *spatial):
-            return mask.reshape(batch, num_tokens)
+            return mask.reshape(batch, num_tokens), None
+        if tuple(mask.shape) == (batch,):  # one flag per sample, as 1.14.12 accepts
+            return mask[:, None].expand(batch, num_tokens), mask
         expected = f"({batch}, {num_tokens})"
         if len(spatial) > 1:
             expected += f" or {(batch, *spatial)}"
-        raise ValueError(f"mask must have shape {expected} (batch, tokens), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have shape {expected} (batch, tokens) or ({batch},) (one flag per sample), "
+            f"got {tuple(mask.shape)}"
+        )
 
     def forward(
         self,
@@ -200,8 +273,10 @@ class LFQ(nn.Module):
         mask: Tensor | None = None,
     ):
         """
-        x: (b, n, dim) tokens, or channel-first (b, dim, *spatial) images and video.
-        mask: (b, n) bool, True = the token counts in the losses (spatial shapes allowed).
+        x: (b, n, dim) tokens, or channel-first (b, dim, *spatial) images and video
+        (``channel_first`` overrides: True = (b, dim, ...) for 3-D too, False = channels last).
+        mask: bool, True = counts in the losses: (b, n) tokens (spatial shapes allowed), or
+        (b,) whole samples.
         Einstein notation: b batch, n tokens, c codebooks, d bits per codebook.
         """
         self._check_input(x)
@@ -217,19 +292,28 @@ class LFQ(nn.Module):
         return ret, breakdown
 
     def _forward_f32(self, x: Tensor, inv_temperature: float, mask: Tensor | None):
-        is_img_or_video = x.ndim >= 4
-        spatial = tuple(x.shape[2:])
-        if is_img_or_video:
+        transpose = self._channels_on_axis_1(x)
+        packed = transpose or x.ndim >= 4
+        if transpose:
+            spatial = tuple(x.shape[2:])
             x = rearrange(x, "b d ... -> b ... d")
+        else:
+            spatial = tuple(x.shape[1:-1])
+        if packed:
             x, ps = pack([x], "b * d")
+        sample_mask = None
         if mask is not None:
-            mask = self._flatten_mask(mask, x.shape[0], spatial, x.shape[1])
+            mask, sample_mask = self._flatten_mask(mask, x.shape[0], spatial, x.shape[1])
 
         x = _linear_f32(self.project_in, x)
-        z = rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks)
+        if self.soft_clamp_input_value is not None:
+            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+        # z: what is quantized and enters the losses (on the sphere, the normalised input).
+        z = self._to_sphere(rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks))
 
         codebook_value = torch.ones_like(z) * self.codebook_scale
         quantized = torch.where(z > 0, codebook_value, -codebook_value)
+        quantized = self._to_sphere(quantized)
 
         if self.training:
             x = self.activation(z)
@@ -240,17 +324,21 @@ class LFQ(nn.Module):
         indices = ((x > 0).int() * self.mask.int()).sum(dim=-1)  # (b, n, c)
 
         if self.training:
-            terms, commit_loss, commit_by_codebook = self._losses(z, quantized, inv_temperature, mask)
+            terms, commit_loss, commit_by_codebook = self._losses(z, quantized, inv_temperature, mask, sample_mask)
             entropy_aux_loss = terms.per_sample_entropy - self.diversity_gamma * terms.batch_entropy
+            if self.experimental_softplus_entropy_loss:
+                entropy_aux_loss = F.softplus(entropy_aux_loss + self.entropy_loss_offset)
         else:
             terms, commit_loss, commit_by_codebook = None, self.zero.float(), None
             entropy_aux_loss = commit_loss
 
         x = rearrange(x, "b n c d -> b n (c d)")
         x = _linear_f32(self.project_out, x)
-        if is_img_or_video:
-            x = rearrange(unpack(x, ps, "b * d")[0], "b ... d -> b d ...")
+        if packed:
+            x = unpack(x, ps, "b * d")[0]
             indices = unpack(indices, ps, "b * c")[0]
+        if transpose:
+            x = rearrange(x, "b ... d -> b d ...")
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
 
@@ -263,6 +351,10 @@ class LFQ(nn.Module):
             breakdown = LossBreakdown(terms.per_sample_entropy, terms.batch_entropy, commit_loss)
             with torch.no_grad():
                 ent_by_codebook = terms.per_sample_by_codebook - self.diversity_gamma * terms.batch_by_codebook
+                if self.experimental_softplus_entropy_loss:
+                    # The softplus acts on the mean over codebooks, so no codebook owns a share
+                    # of it: each keeps its difference from the mean, and their mean is the loss.
+                    ent_by_codebook = ent_by_codebook - ent_by_codebook.mean() + entropy_aux_loss.detach()
                 self.last_stats = CodebookStats(
                     per_sample_entropy=terms.per_sample_by_codebook.detach(),
                     batch_entropy=terms.batch_by_codebook.detach(),
@@ -286,33 +378,55 @@ class LFQ(nn.Module):
             return None
         return AllReduceSum.apply
 
-    def _losses(self, z: Tensor, quantized: Tensor, inv_temperature: float, mask: Tensor | None):
-        reduce = self._distributed_reduce()
-        tokens = rearrange(z, "b n c d -> (b n) c d")
+    def _entropy_rows(self, mask: Tensor | None, sample_mask: Tensor | None, batch: int, num_tokens: int,
+                      device: torch.device) -> Tensor | None:
+        """(b n,) bool: the tokens the entropies are computed over (None = all).
+
+        The ``frac_per_sample_entropy`` subset is drawn as 1.14.12 draws it: over the kept
+        tokens in order, or with a per-sample mask over the kept samples (whole samples are
+        kept or dropped).
+        """
         keep = None if mask is None else mask.reshape(-1)
-        num_kept = tokens.shape[0] if keep is None else int(keep.sum())
-        if num_kept == 0 and reduce is None:
-            # Every token masked out: no loss, rather than the reference's NaN. (Under
+        if self.frac_per_sample_entropy >= 1.0:
+            return keep
+        units = sample_mask if sample_mask is not None else keep
+        num_units = (batch if sample_mask is not None else batch * num_tokens) if units is None else int(units.sum())
+        subset = sample_token_subset(num_units, self.frac_per_sample_entropy, device)
+        if units is not None:
+            chosen = torch.zeros_like(units)
+            chosen[units.nonzero().squeeze(1)[subset]] = True
+            subset = chosen
+        if sample_mask is not None:
+            subset = subset[:, None].expand(batch, num_tokens).reshape(-1)
+        return subset
+
+    def _losses(self, z: Tensor, quantized: Tensor, inv_temperature: float, mask: Tensor | None,
+                sample_mask: Tensor | None):
+        reduce = self._distributed_reduce()
+        batch, num_tokens = z.shape[:2]
+        tokens = rearrange(z, "b n c d -> (b n) c d")
+        keep = self._entropy_rows(mask, sample_mask, batch, num_tokens, tokens.device)
+        num_entropy = tokens.shape[0] if keep is None else int(keep.sum())
+        if num_entropy == 0 and reduce is None:
+            # Nothing to take the entropies over (every token masked out, or a subset of
+            # int(N * frac) == 0): zero terms, where the reference returns NaN. (Under
             # torch.distributed the rank still joins the collectives, with zero sums.)
             zeros = z.new_zeros(self.num_codebooks)
             zero = z.sum() * 0
-            return EntropyTerms(zero, zero, zeros, zeros), zero, zeros
-
-        subset = sample_token_subset(num_kept, self.frac_per_sample_entropy, tokens.device)
-        if subset is not None:
-            if keep is None:
-                keep = subset
-            else:  # the subset is drawn over the kept tokens, in order, as the reference does
-                kept_positions = keep.nonzero().squeeze(1)
-                keep = torch.zeros_like(keep)
-                keep[kept_positions[subset]] = True
-        kernel = ENTROPY_KERNELS[self.entropy_mode]
-        terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(self.codebook_scale),
-                                     self._codebook_f32(), keep=keep, reduce=reduce))
+            terms = EntropyTerms(zero, zero, zeros, zeros)
+        else:
+            code = self.codebook_scale / self.codebook_dim**0.5 if self.spherical else self.codebook_scale
+            kernel = ENTROPY_KERNELS[self.entropy_mode]
+            terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(code),
+                                         self._to_sphere(self._codebook_f32()), keep=keep, reduce=reduce))
 
         commit = F.mse_loss(z, quantized.detach(), reduction="none")
         commit = commit[mask] if mask is not None else commit
+        num_kept = commit.shape[0] if mask is not None else batch * num_tokens
         if reduce is None:
+            if num_kept == 0:
+                zeros = z.new_zeros(self.num_codebooks)
+                return terms, z.sum() * 0, zeros
             with torch.no_grad():
                 commit_by_codebook = commit.reshape(-1, self.num_codebooks, self.codebook_dim).mean(dim=(0, 2))
             return terms, commit.mean(), commit_by_codebook
@@ -324,4 +438,5 @@ class LFQ(nn.Module):
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, num_codebooks={self.num_codebooks}, "
             f"entropy_mode={self.entropy_mode!r}, frac_per_sample_entropy={self.frac_per_sample_entropy}"
+            + (", spherical=True" if self.spherical else "")
         )

@@ -20,12 +20,16 @@ from lfq import LFQ
 from lfq.entropy import (
     ENTROPY_KERNELS,
     EXACT_MAX_BITS,
+    OPEN_MAGVIT2_LOG_EPS,
     REFERENCE_LOG_CLAMP,
     EntropyInputs,
     bit_groups,
+    clamped_entropy_kernel,
+    clamped_per_token,
     entropy_from_gram,
     exact_entropy,
     group_entropy,
+    open_magvit2_entropy,
     reference_entropy,
     sample_token_subset,
     subcode_gram,
@@ -264,7 +268,133 @@ def test_exact_switches_to_group_above_the_limit_with_a_warning() -> None:
 
 
 def test_kernels_are_registered() -> None:
-    assert {"reference", "exact", "group"} <= set(ENTROPY_KERNELS)
+    assert {"reference", "exact", "group", "clamped", "open_magvit2"} <= set(ENTROPY_KERNELS)
+
+
+# ---------------------------------------------------------------- "clamped" and "open_magvit2"
+
+
+def _loss_and_grad(kernel, z: torch.Tensor, tau: float, scale: float, seed: int):
+    leaf = z.clone().requires_grad_()
+    terms = kernel(inputs_of(leaf, tau, scale))
+    weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, seed).backward()
+    return terms, leaf.grad
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_clamped_equals_reference_values_and_gradients(seed: int) -> None:
+    """In float64 the factorised clamped kernel is the reference's dense one up to rounding
+    (1e-6 relative is the requirement; it holds to ~1e-12), per codebook, gradients too."""
+    z, tau, scale = random_config(seed)
+    ours, grad = _loss_and_grad(clamped_entropy_kernel, z, tau, scale, seed)
+    ref, ref_grad = _loss_and_grad(reference_entropy, z, tau, scale, seed)
+    torch.testing.assert_close(ours.per_sample_by_codebook, ref.per_sample_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.batch_by_codebook, ref.batch_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_bits,tau,spread", [(4, 100.0, 1.0), (10, 100.0, 0.05), (12, 1.0, 1.0), (13, 10.0, 0.1)])
+def test_clamped_differs_from_exact_where_the_clamp_binds(num_bits: int, tau: float, spread: float) -> None:
+    """Where many codes sit under 1e-5 the clamped terms are below the exact ones, and equal
+    the reference's: the kernel computes the clamp, not the exact entropy."""
+    gen = torch.Generator().manual_seed(num_bits)
+    z = torch.randn(64, 2, num_bits, generator=gen, dtype=F64) * spread
+    inputs = inputs_of(z, tau, 1.0)
+    clamped, exact, ref = clamped_entropy_kernel(inputs), exact_entropy(inputs), reference_entropy(inputs)
+    gap = exact.per_sample_by_codebook - clamped.per_sample_by_codebook
+    assert (gap > 1e-9).all()
+    torch.testing.assert_close(clamped.per_sample_by_codebook, ref.per_sample_by_codebook, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(clamped.batch_by_codebook, ref.batch_by_codebook, rtol=1e-10, atol=1e-13)
+
+
+def test_clamped_float32_module_equals_reference_to_1e_6() -> None:
+    """Through LFQ (float32 inside): "clamped" is within 1e-6 relative of the float64 truth
+    and of "reference", whose own float32 rounding is the larger of the two errors."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 24) * 0.05  # 2 codebooks of 2**12, unsaturated at tau = 10
+    terms, grads = {}, {}
+    for mode in ("clamped", "reference"):
+        leaf = x.clone().requires_grad_()
+        quantizer = LFQ(dim=24, codebook_size=2**12, num_codebooks=2, entropy_mode=mode)
+        _, terms[mode] = quantizer(leaf, inv_temperature=10.0, return_loss_breakdown=True)
+        (terms[mode].per_sample_entropy - terms[mode].batch_entropy).backward()
+        grads[mode] = leaf.grad
+    truth = reference_entropy(inputs_of(x.double().reshape(-1, 2, 12), 10.0, 1.0))
+    for name in ("per_sample_entropy", "batch_entropy"):
+        value = getattr(terms["clamped"], name).item()
+        assert value == pytest.approx(getattr(truth, name).item(), rel=1e-6), name
+        assert value == pytest.approx(getattr(terms["reference"], name).item(), rel=1e-6), name
+    assert grads["reference"].abs().max() > 0
+    torch.testing.assert_close(grads["clamped"], grads["reference"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7])
+def test_clamped_chunked_equals_unchunked(chunk_tokens: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(30, 2, 9, generator=gen, dtype=F64) * 0.5
+    results = []
+    for chunk in (chunk_tokens, None):
+        leaf = z.clone().requires_grad_()
+        per_token = clamped_per_token(leaf * 8.0, chunk_tokens=chunk)
+        (per_token * torch.linspace(-1, 1, 30, dtype=F64)[:, None]).sum().backward()
+        results.append((per_token.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_clamped_caps_at_the_clamp_at_2_18() -> None:
+    """Uniform usage of 2**18 codes, a size the dense reference cannot hold in memory: every
+    probability (2**-18 = 3.8e-6) is under the clamp, so both clamped terms are
+    -log(1e-5) = 11.51 nats, where the exact ones are 18 log 2 = 12.48."""
+    z = torch.zeros(3, 1, 18, dtype=F64)
+    clamped = clamped_entropy_kernel(EntropyInputs(z, 100.0, 1.0, torch.empty(0)))
+    cap = -math.log(REFERENCE_LOG_CLAMP)
+    assert clamped.batch_entropy.item() == pytest.approx(cap, rel=1e-12)
+    assert clamped.per_sample_entropy.item() == pytest.approx(cap, rel=1e-12)
+
+
+def _dense_open_magvit2(inputs: EntropyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Open-MAGVIT2's entropy_loss, per codebook: softmax over the codes, exact per-sample
+    entropy (a constant inside log_softmax cancels), batch -sum a log(a + 1e-5)."""
+    logits = 2 * inputs.inv_temperature * torch.einsum("n c d, k d -> n c k", inputs.z, inputs.codebook)
+    log_prob = (logits + OPEN_MAGVIT2_LOG_EPS).log_softmax(dim=-1)
+    per_sample = -(logits.softmax(dim=-1) * log_prob).sum(dim=-1).mean(dim=0)
+    avg = logits.softmax(dim=-1).mean(dim=0)
+    return per_sample, -(avg * (avg + OPEN_MAGVIT2_LOG_EPS).log()).sum(dim=-1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_open_magvit2_equals_their_dense_formula(seed: int) -> None:
+    z, tau, scale = random_config(seed)
+    ours, grad = _loss_and_grad(open_magvit2_entropy, z, tau, scale, seed)
+    leaf = z.clone().requires_grad_()
+    per_sample, batch = _dense_open_magvit2(inputs_of(leaf, tau, scale))
+    weighted_loss(per_sample, batch, seed).backward()
+    torch.testing.assert_close(ours.per_sample_by_codebook, per_sample, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours.batch_by_codebook, batch, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-8, atol=1e-9)
+    # Neither the reference's number nor the exact one, unless nothing is small.
+    exact = exact_entropy(inputs_of(z, tau, scale)).batch_by_codebook
+    assert ((exact - ours.batch_by_codebook) > 0).all()
+
+
+def test_open_magvit2_at_uniform_2_18_is_neither_the_clamp_nor_the_entropy() -> None:
+    """The README's number: -log(2**-18 + 1e-5) = 11.19 nats, below both -log(1e-5) = 11.51
+    (reference) and 18 log 2 = 12.48 (exact)."""
+    z = torch.zeros(2, 1, 18, dtype=F64)
+    terms = open_magvit2_entropy(EntropyInputs(z, 100.0, 1.0, torch.empty(0)))
+    assert terms.batch_entropy.item() == pytest.approx(-math.log(2**-18 + 1e-5), rel=1e-12)
+    assert round(terms.batch_entropy.item(), 2) == 11.19
+    assert terms.per_sample_entropy.item() == pytest.approx(18 * math.log(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["clamped", "open_magvit2"])
+def test_dense_batch_modes_refuse_codebooks_above_the_limit(mode: str) -> None:
+    z = torch.zeros(2, 1, EXACT_MAX_BITS + 1)
+    with pytest.raises(ValueError, match=f"entropy_mode='{mode}'.*2\\*\\*{EXACT_MAX_BITS}"):
+        ENTROPY_KERNELS[mode](EntropyInputs(z, 1.0, 1.0, torch.empty(0)))
+    with pytest.raises(ValueError, match=f"entropy_mode='{mode}' supports up to"):
+        LFQ(codebook_size=2 ** (EXACT_MAX_BITS + 1), entropy_mode=mode)
 
 
 @pytest.mark.parametrize(
@@ -279,3 +409,91 @@ def test_kernels_are_registered() -> None:
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- on the sphere (BSQ)
+
+
+def sphere_inputs(z: torch.Tensor, tau: float, scale: float) -> EntropyInputs:
+    """What LFQ(spherical=True) hands the kernels; the dense ones use its codebook.
+
+    BSQ: u = s z / |z| per codebook, codes c = s / sqrt(d) * {-1, +1}^d, logits 2 tau u.c,
+    so the factorised kernels see bits of magnitude s / sqrt(d).
+    """
+    num_bits = z.shape[2]
+    u = torch.nn.functional.normalize(z, dim=-1) * scale
+    code = scale / math.sqrt(num_bits)
+    return EntropyInputs(u, tau, code, codebook_of(num_bits, code, z.dtype))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_spherical_exact_equals_dense_in_float64(seed: int) -> None:
+    z, tau, scale = random_config(seed)
+    z_dense = z.clone().requires_grad_()
+    z = z.requires_grad_()
+    terms = exact_entropy(sphere_inputs(z, tau, scale))
+    per_sample, batch = dense_entropy(sphere_inputs(z_dense, tau, scale))
+    torch.testing.assert_close(terms.per_sample_by_codebook, per_sample, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms.batch_by_codebook, batch, rtol=1e-9, atol=1e-9)
+    weighted_loss(terms.per_sample_by_codebook, terms.batch_by_codebook, seed).backward()
+    weighted_loss(per_sample, batch, seed).backward()
+    torch.testing.assert_close(z.grad, z_dense.grad, rtol=1e-8, atol=1e-9)
+    # and the clamped kernel is the clamped dense one on the sphere too
+    clamped = clamped_entropy_kernel(sphere_inputs(z.detach(), tau, scale))
+    reference = reference_entropy(sphere_inputs(z.detach(), tau, scale))
+    torch.testing.assert_close(clamped.batch_by_codebook, reference.batch_by_codebook, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(clamped.per_sample_by_codebook, reference.per_sample_by_codebook, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_spherical_module_matches_dense_float64(scale: float) -> None:
+    """LFQ(spherical=True) end to end (float32 inside): its default exact entropies and
+    input gradient against the dense unclamped float64 computation on the sphere."""
+    num_codebooks, num_bits, tau = 2, 7, 20.0
+    quantizer = LFQ(dim=num_codebooks * num_bits, codebook_size=2**num_bits, num_codebooks=num_codebooks,
+                    spherical=True, codebook_scale=scale)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, num_codebooks * num_bits, generator=gen).requires_grad_()
+    _, breakdown = quantizer(x, inv_temperature=tau, return_loss_breakdown=True)
+    (breakdown.per_sample_entropy - 0.7 * breakdown.batch_entropy).backward()
+
+    x64 = x.detach().double().requires_grad_()
+    per_sample, batch = dense_entropy(sphere_inputs(x64.reshape(-1, num_codebooks, num_bits), tau, scale))
+    (per_sample.mean() - 0.7 * batch.mean()).backward()
+    assert breakdown.per_sample_entropy.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert breakdown.batch_entropy.item() == pytest.approx(batch.mean().item(), rel=1e-5)
+    assert x64.grad.abs().max() > 1e-3
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_spherical_uniform_batch_reaches_log_codebook_size_at_2_20() -> None:
+    """BSQ's exact batch entropy at 2**20 codes, which neither bsq-vit (groups) nor the
+    newest upstream (dense) computes: tokens spread over all sign patterns give about
+    log 2**20 = 13.86 nats, beyond the clamp's 11.51."""
+    num_bits = 20
+    quantizer = LFQ(codebook_size=2**num_bits, spherical=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4096, num_bits, generator=gen)
+    _, breakdown = quantizer(x, inv_temperature=1.0, return_loss_breakdown=True)
+    assert breakdown.batch_entropy.item() > -math.log(REFERENCE_LOG_CLAMP) + 2
+    assert breakdown.batch_entropy.item() <= num_bits * math.log(2) + 1e-4
+
+
+def test_spherical_group_and_reference_modes() -> None:
+    """On the sphere too: "group" bounds the exact batch entropy from above (equal with one
+    group), "reference" and "clamped" agree, and all share the exact per-sample term up
+    to the clamp."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 20, generator=gen)
+    terms = {}
+    for mode in ("exact", "group", "reference", "clamped"):
+        quantizer = LFQ(dim=20, codebook_size=2**10, num_codebooks=2, spherical=True, entropy_mode=mode)
+        _, terms[mode] = quantizer(x, inv_temperature=30.0, return_loss_breakdown=True)
+    assert terms["group"].batch_entropy.item() == pytest.approx(terms["exact"].batch_entropy.item(), rel=1e-6)
+    # 10 bits fit one group; smaller groups through the kernel give an upper bound.
+    u = torch.nn.functional.normalize(x.reshape(-1, 2, 10).double(), dim=-1)
+    inputs = EntropyInputs(u, 30.0, 1 / math.sqrt(10), torch.empty(0))
+    assert (group_entropy(inputs, group_bits=3).batch_by_codebook > exact_entropy(inputs).batch_by_codebook).all()
+    assert terms["clamped"].batch_entropy.item() == pytest.approx(terms["reference"].batch_entropy.item(), rel=1e-5)
+    assert terms["clamped"].per_sample_entropy.item() == pytest.approx(
+        terms["reference"].per_sample_entropy.item(), rel=1e-5)

@@ -155,3 +155,62 @@ def test_defaults_match_when_only_dim_given():
     assert ours.codebook_dim == oracle.codebook_dim == 5
     assert ours.codebook.shape == oracle.codebook.shape == (32, 5)
     assert not ours.has_projections and not ours.keep_num_codebooks_dim
+
+
+# ------------------------------------------------ masks: per-sample and the frac subset
+
+
+def _compare_with_oracle(ours: LFQ, oracle: OracleLFQ, x: torch.Tensor, mask: torch.Tensor, seed: int) -> None:
+    """Same outputs and gradients; where the oracle's subset is empty (NaN entropies), ours
+    gives zero entropy terms, and the gradients still agree (the oracle's NaN mean sends
+    no gradient)."""
+    weight = torch.randn_like(x)
+    forward_kwargs = dict(inv_temperature=2.0, mask=mask)
+    ret_o, br_o, grads_o = _run(oracle, x, weight, seed=seed, **forward_kwargs)
+    ret_u, br_u, grads_u = _run(ours, x, weight, seed=seed, **forward_kwargs)
+    assert torch.equal(ret_u.quantized, ret_o.quantized) and torch.equal(ret_u.indices, ret_o.indices)
+    empty = torch.isnan(br_o.per_sample_entropy).item()
+    if empty:
+        assert br_u.per_sample_entropy.item() == 0.0 and br_u.batch_entropy.item() == 0.0
+        torch.testing.assert_close(br_u.commitment, br_o.commitment, rtol=1e-5, atol=1e-7)
+    else:
+        for name, a, b in zip(br_o._fields, br_u, br_o, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(ret_u.entropy_aux_loss, ret_o.entropy_aux_loss, rtol=1e-5, atol=1e-7)
+    for name in grads_o:
+        torch.testing.assert_close(grads_u[name], grads_o[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, n=name: f"grad {n} (empty subset: {empty}): {m}")
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("kind", ["sequence", "image"])
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+def test_per_sample_mask_matches_oracle(frac: float, kind: str, batch: int) -> None:
+    """A (b,) mask keeps whole samples, and the frac subset is drawn over the kept samples,
+    exactly as 1.14.12 does, for every number of kept samples (with none kept the oracle's
+    commitment is NaN too; test_quantizer checks ours is 0)."""
+    seed = zlib.crc32(f"{frac}-{kind}-{batch}".encode())
+    torch.manual_seed(seed)
+    kwargs = dict(dim=8, codebook_size=16, num_codebooks=2, frac_per_sample_entropy=frac, diversity_gamma=0.7)
+    ours, oracle = _make_pair(**kwargs)
+    x = _input(kind, 8, batch=batch) * 0.3  # unsaturated bits: the entropy gradients are not ~0
+    for kept in range(1, batch + 1):
+        mask = torch.zeros(batch, dtype=torch.bool)
+        mask[torch.randperm(batch)[:kept]] = True
+        _compare_with_oracle(ours, oracle, x, mask, seed + kept)
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.1, 0.6])
+@pytest.mark.parametrize("num_tokens", [4, 9, 40])
+def test_token_mask_subset_matches_oracle_for_every_kept_count(frac: float, num_tokens: int) -> None:
+    """Token masks with frac < 1: the same subset as the reference for kept counts 1..N,
+    small (int(kept * frac) == 0: the reference's subset is empty) and large."""
+    seed = zlib.crc32(f"{frac}-{num_tokens}".encode())
+    torch.manual_seed(seed)
+    kwargs = dict(dim=5, codebook_size=8, frac_per_sample_entropy=frac, diversity_gamma=1.6)
+    ours, oracle = _make_pair(**kwargs)
+    x = torch.randn(2, num_tokens, 5) * 0.3
+    for kept in range(1, 2 * num_tokens + 1):
+        mask = torch.zeros(2 * num_tokens, dtype=torch.bool)
+        mask[torch.randperm(2 * num_tokens)[:kept]] = True
+        _compare_with_oracle(ours, oracle, x, mask.reshape(2, num_tokens), seed + kept)

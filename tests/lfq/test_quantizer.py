@@ -13,7 +13,7 @@ import torch
 from vector_quantize_pytorch import LFQ as OracleLFQ
 
 import lfq
-from lfq import LFQ, LossBreakdown, Return
+from lfq import LFQ, LossBreakdown, Return, reverse_bits
 
 LFQ_DIR = Path(lfq.__file__).parent
 
@@ -32,6 +32,11 @@ LFQ_DIR = Path(lfq.__file__).parent
         (dict(dim=4, frac_per_sample_entropy=1.5), r"frac_per_sample_entropy must be in \(0, 1\]"),
         (dict(dim=4, codebook_scale=0.0), "codebook_scale must be > 0"),
         (dict(dim=4, entropy_mode="dense"), "entropy_mode must be one of"),
+        (dict(dim=4, spherical=1), "spherical must be True or False"),
+        (dict(dim=4, channel_first="yes"), "channel_first must be None"),
+        (dict(dim=4, soft_clamp_input_value=0.5), r"soft_clamp_input_value must be None or a number >= codebook_scale \(1.0\)"),
+        (dict(dim=4, force_quantization_f32=None), "force_quantization_f32 must be True or False"),
+        (dict(dim=6, codebook_size=16, has_projections=False), "has_projections=False needs dim == .* = 4"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, message):
@@ -79,19 +84,104 @@ def test_spatial_mask_equals_flat_mask():
         assert torch.equal(a, b)
 
 
-def test_tiny_frac_keeps_one_token_instead_of_nan():
-    kwargs = dict(dim=4, frac_per_sample_entropy=0.01)
-    ours = LFQ(entropy_mode="reference", **kwargs).train()
+@pytest.mark.parametrize("mode", ["reference", "exact", "clamped"])
+def test_empty_frac_subset_gives_zero_entropy_instead_of_nan(mode):
+    kwargs = dict(dim=4, frac_per_sample_entropy=0.01, diversity_gamma=0.5)
+    ours = LFQ(entropy_mode=mode, **kwargs).train()
     oracle = OracleLFQ(**kwargs).train()
-    x = torch.randn(1, 10, 4)  # int(10 * 0.01) == 0 tokens sampled in the reference
-    torch.manual_seed(0)
-    _, oracle_terms = oracle(x, return_loss_breakdown=True)
+    x = torch.randn(1, 10, 4) * 0.1  # int(10 * 0.01) == 0 tokens sampled, as in the reference
+    results = []
+    for module in (oracle, ours):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        ret, terms = module(leaf, inv_temperature=1.0, return_loss_breakdown=True)
+        ret.entropy_aux_loss.backward()
+        results.append((ret, terms, leaf.grad))
+    (oracle_ret, oracle_terms, oracle_grad), (ret, terms, grad) = results
     assert torch.isnan(oracle_terms.per_sample_entropy)  # the defect we fix
+    assert terms.per_sample_entropy.item() == 0.0 and terms.batch_entropy.item() == 0.0
+    torch.testing.assert_close(ret.entropy_aux_loss, 0.25 * terms.commitment)
+    # The same (empty) subset as the reference: the same gradient, the commitment's alone.
+    torch.testing.assert_close(grad, oracle_grad)
+
+
+def test_all_samples_masked_by_a_per_sample_mask_gives_zero_loss():
+    quantizer = LFQ(dim=4, frac_per_sample_entropy=0.5).train()
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    ret, terms = quantizer(x, mask=torch.zeros(2, dtype=torch.bool), return_loss_breakdown=True)
+    assert ret.entropy_aux_loss.item() == 0.0 and all(t.item() == 0.0 for t in terms)
+    ret.entropy_aux_loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_per_sample_mask_equals_the_expanded_token_mask():
+    quantizer = LFQ(dim=8, codebook_size=16, num_codebooks=2).train()
+    x = torch.randn(3, 8, 2, 5)
+    keep = torch.tensor([True, False, True])
+    _, per_sample = quantizer(x, mask=keep, return_loss_breakdown=True)
+    _, tokens = quantizer(x, mask=keep[:, None, None].expand(3, 2, 5), return_loss_breakdown=True)
+    _, kept_only = quantizer(x[keep], return_loss_breakdown=True)
+    for a, b, c in zip(per_sample, tokens, kept_only, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+
+
+def test_channel_last_images_with_channel_first_false():
+    """channel_first=False takes (b, *spatial, dim) images (the newest upstream's flag, which
+    there fails on >= 4-D input): the same numbers as channel-first, indices (b, *spatial)."""
     torch.manual_seed(0)
-    ret, terms = ours(x, return_loss_breakdown=True)
-    assert torch.isfinite(ret.entropy_aux_loss)
-    # With one token the batch distribution is that token's, so the two entropies coincide.
-    torch.testing.assert_close(terms.per_sample_entropy, terms.batch_entropy)
+    first = LFQ(dim=6, codebook_size=8, num_codebooks=2).train()
+    last = LFQ(dim=6, codebook_size=8, num_codebooks=2, channel_first=False).train()
+    x = torch.randn(2, 6, 3, 4)
+    mask = torch.rand(2, 3, 4) > 0.3
+    ret_f, terms_f = first(x, mask=mask, return_loss_breakdown=True)
+    ret_l, terms_l = last(x.permute(0, 2, 3, 1), mask=mask, return_loss_breakdown=True)
+    assert ret_l.quantized.shape == (2, 3, 4, 6) and ret_l.indices.shape == (2, 3, 4, 2)
+    assert torch.equal(ret_l.quantized, ret_f.quantized.permute(0, 2, 3, 1))
+    assert torch.equal(ret_l.indices, ret_f.indices)
+    for a, b in zip(terms_f, terms_l, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(last.indices_to_codes(ret_l.indices), ret_l.quantized.detach())
+    with pytest.raises(ValueError, match="expected 6 channels on the last axis"):
+        last(x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_spherical_codes_lie_on_the_sphere(scale):
+    quantizer = LFQ(dim=10, codebook_size=2**5, num_codebooks=2, spherical=True, codebook_scale=scale).eval()
+    x = torch.randn(3, 10, 4, 4)
+    ret = quantizer(x)
+    codes = quantizer.indices_to_codes(ret.indices, project_out=False)
+    assert torch.equal(codes, ret.quantized)
+    per_codebook = codes.permute(0, 2, 3, 1).reshape(-1, 2, 5)
+    torch.testing.assert_close(per_codebook.norm(dim=-1), torch.full((48, 2), scale))
+    torch.testing.assert_close(per_codebook.abs(), torch.full_like(per_codebook, scale / 5**0.5))
+    assert quantizer.spherical and "spherical=True" in repr(quantizer)
+
+
+def test_softplus_entropy_loss_and_its_per_codebook_stats():
+    torch.manual_seed(0)
+    plain = LFQ(dim=8, codebook_size=16, num_codebooks=2).train()
+    soft = LFQ(dim=8, codebook_size=16, num_codebooks=2, experimental_softplus_entropy_loss=True,
+               entropy_loss_offset=3.0).train()
+    x = torch.randn(2, 7, 8)
+    ret_p, terms = plain(x, return_loss_breakdown=True)
+    ret_s, terms_s = soft(x, return_loss_breakdown=True)
+    entropy = terms.per_sample_entropy - terms.batch_entropy
+    expected = torch.nn.functional.softplus(entropy + 3.0) * 0.1 + terms.commitment * 0.25
+    torch.testing.assert_close(ret_s.entropy_aux_loss, expected)
+    assert all(torch.equal(a, b) for a, b in zip(terms, terms_s, strict=True))  # breakdown unchanged
+    torch.testing.assert_close(soft.last_stats.aux_loss.mean(), ret_s.entropy_aux_loss.detach())
+    spread = plain.last_stats.aux_loss - plain.last_stats.aux_loss.mean()
+    torch.testing.assert_close(soft.last_stats.aux_loss - soft.last_stats.aux_loss.mean(), spread)
+
+
+def test_projection_flags():
+    forced = LFQ(dim=4, has_projections=True, projection_has_bias=False)
+    assert isinstance(forced.project_in, torch.nn.Linear) and forced.project_in.bias is None
+    assert forced.project_out.bias is None and forced.has_projections
+    ret = forced.train()(torch.randn(2, 3, 4))
+    assert ret.quantized.shape == (2, 3, 4)
 
 
 def test_all_tokens_masked_gives_zero_loss_not_nan():
@@ -200,3 +290,26 @@ print('ok', ret.indices.shape)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ok torch.Size([1, 3])" in result.stdout
+
+
+def test_open_magvit2_mapping_reproduces_their_loss_and_indices():
+    """The README's recipe for Open-MAGVIT2 users: their entropy loss
+    ``w_s * S - w_b * B`` with B = -sum a log(a + 1e-5) of the mean softmax at temperature
+    0.01 and logits 2 z.c, and their indices (channel i has weight 2**i)."""
+    torch.manual_seed(0)
+    bits, w_s, w_b = 10, 1.0, 0.5
+    ours = LFQ(dim=bits, codebook_size=2**bits, entropy_mode="open_magvit2", entropy_loss_weight=w_s,
+               diversity_gamma=w_b / w_s, commitment_loss_weight=0.0).train()
+    z = torch.randn(2, bits, 4, 4) * 0.02  # (b, d, h, w), as they take it
+    (quantized, indices, aux), terms = ours(z, return_loss_breakdown=True)  # inv_temperature 100 = 1 / 0.01
+
+    tokens = z.permute(0, 2, 3, 1).reshape(-1, bits)
+    signs = ((torch.arange(2**bits)[:, None] >> torch.arange(bits)) & 1) * 2.0 - 1.0  # their codebook order
+    probs = (2 * tokens @ signs.T / 0.01).softmax(dim=-1)
+    sample = -(probs * (2 * tokens @ signs.T / 0.01 + 1e-5).log_softmax(dim=-1)).sum(dim=-1).mean()
+    avg = probs.mean(dim=0)
+    batch = -(avg * (avg + 1e-5).log()).sum()
+    torch.testing.assert_close(aux, w_s * sample - w_b * batch, rtol=1e-5, atol=1e-6)
+    their_indices = ((tokens > 0).long() * 2 ** torch.arange(bits)).sum(dim=-1)
+    assert torch.equal(reverse_bits(indices, bits).flatten(), their_indices)
+    assert torch.equal(reverse_bits(reverse_bits(indices, bits), bits), indices)
