@@ -31,7 +31,7 @@ from lfq.entropy import ENTROPY_KERNELS
 
 TASKS = ("images", "synthetic", "patches")
 SCALES = ("full", "smoke")
-QUANTIZER_KINDS = ("lfq", "vq", "fsq")
+QUANTIZER_KINDS = ("lfq", "bsq", "vq", "fsq")  # bsq: LFQ on the sphere (spherical=True)
 RUN_ID_LENGTH = 10
 # Sections that do not change what a run computes, hence not part of its id.
 NOT_IN_RUN_ID = ("name", "logging")
@@ -165,10 +165,10 @@ class ModelConfig(_Section):
 @dataclass(frozen=True)
 class QuantizerConfig(_Section):
     _prefix: ClassVar[str] = "quantizer."
-    kind: str = "lfq"  # lfq | vq | fsq
+    kind: str = "lfq"  # lfq | bsq (binary spherical, arXiv 2406.07548) | vq | fsq
     codebook_size: int = 256  # codes per codebook (lfq: a power of two)
     num_codebooks: int = 1
-    # lfq only; the names and defaults are lfq.LFQ's.
+    # lfq and bsq; the names and defaults are lfq.LFQ's.
     entropy_mode: str = "reference"
     entropy_loss_weight: float = 0.1
     diversity_gamma: float = 1.0
@@ -184,9 +184,9 @@ class QuantizerConfig(_Section):
 
     def validate(self) -> None:
         _check_choice("quantizer.kind", self.kind, QUANTIZER_KINDS)
-        if self.kind == "lfq":
+        if self.kind in ("lfq", "bsq"):
             _check(_is_power_of_two(self.codebook_size), "quantizer.codebook_size", self.codebook_size,
-                   f"must be a power of two >= 2 for kind='lfq' (nearest: "
+                   f"must be a power of two >= 2 for kind={self.kind!r} (nearest: "
                    f"{2 ** max(1, round(math.log2(max(self.codebook_size, 1))))})")
         else:
             _check(self.codebook_size >= 2, "quantizer.codebook_size", self.codebook_size, "must be >= 2")

@@ -1,6 +1,7 @@
 """The quantizer bottleneck of every task, chosen by ``config.quantizer.kind``.
 
-``lfq``: :class:`lfq.LFQ`. ``vq`` and ``fsq`` are the baselines the ablations compare it with.
+``lfq``: :class:`lfq.LFQ`; ``bsq``: the same on the sphere (``spherical=True``, BSQ, arXiv
+2406.07548, with exact entropies). ``vq`` and ``fsq`` are the baselines the ablations compare it with.
 Both follow the protocol :mod:`lfq.monitor` watches, so code usage is measured the same way for
 all three: attributes ``dim``, ``codebook_size``, ``num_codebooks``, ``keep_num_codebooks_dim`` and
 ``last_stats`` (``lfq.CodebookStats`` of per-codebook detached tensors after a training forward,
@@ -22,8 +23,9 @@ from lfq import LFQ, CodebookStats, Return
 
 def build_quantizer(cfg: QuantizerConfig, latent_dim: int | None = None) -> nn.Module:
     """The quantizer of ``cfg``; ``latent_dim`` (None = its natural size) is its input channels."""
-    if cfg.kind == "lfq":
+    if cfg.kind in ("lfq", "bsq"):
         return LFQ(
+            spherical=cfg.kind == "bsq",
             dim=latent_dim,
             codebook_size=cfg.codebook_size,
             num_codebooks=cfg.num_codebooks,
@@ -48,7 +50,7 @@ def build_quantizer(cfg: QuantizerConfig, latent_dim: int | None = None) -> nn.M
         )
     if cfg.kind == "fsq":
         return FSQ(dim=latent_dim, levels=cfg.resolved_fsq_levels(), num_codebooks=cfg.num_codebooks)
-    raise ValueError(f"quantizer.kind={cfg.kind!r} is unknown: expected lfq, vq or fsq")
+    raise ValueError(f"quantizer.kind={cfg.kind!r} is unknown: expected lfq, bsq, vq or fsq")
 
 
 class _TokenQuantizer(nn.Module):

@@ -123,7 +123,7 @@ def test_smoke_shrinks_and_is_idempotent():
         (["optim.lr=fast"], r"optim\.lr='fast' has the wrong type str: expected float"),
         (["quantizer.fsq_levels=8"], r"quantizer\.fsq_levels=8 has the wrong type int: expected list of int"),
         (["quantizer.entropy_mode=magic"], r"quantizer\.entropy_mode='magic' .*one of"),
-        (["quantizer.kind=pq"], r"quantizer\.kind='pq' .*'lfq', 'vq', 'fsq'"),
+        (["quantizer.kind=pq"], r"quantizer\.kind='pq' .*'lfq', 'bsq', 'vq', 'fsq'"),
         (["schedule.steps=0"], r"schedule\.steps=0 .*>= 1"),
         (["optim.lr=inf"], r"optim\.lr=inf .*finite"),
         (["quantizer=lfq"], r"names a whole section"),

@@ -13,7 +13,7 @@ from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer
 from lfq import LFQ
 from lfq.monitor import LFQMonitor, MemorySink
 
-KINDS = ["lfq", "vq", "fsq"]
+KINDS = ["lfq", "bsq", "vq", "fsq"]
 
 
 def make(kind: str, num_codebooks: int = 1, latent_dim: int | None = None, size: int = 64):
@@ -104,7 +104,7 @@ def test_the_monitor_watches_every_kind(kind):
     assert {(r["step"], r["codebook"]) for r in rows} == {(s, c) for s in range(1, 4) for c in range(2)}
     assert all(1 <= r["codes_used"] <= r["codebook_size"] for r in rows)
     assert all(math.isfinite(r["commitment"]) for r in rows)
-    assert isinstance(model.quantizer, LFQ) == (kind == "lfq")
+    assert isinstance(model.quantizer, LFQ) == (kind in ("lfq", "bsq"))
 
 
 def test_fsq_nan_input_keeps_indices_valid_and_output_nan():
@@ -185,3 +185,14 @@ def test_vq_options_train_and_resume(tmp_path):
         run(config, tmp_path / "resumed", on_step=kill)
     assert without_wall_time(run(config, tmp_path / "resumed")) == without_wall_time(reference)
     assert read_rows(tmp_path / "resumed" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
+
+
+def test_bsq_is_lfq_on_the_sphere_and_trains(tmp_path):
+    from exp_helpers import run, smoke_config
+
+    q = make("bsq", size=256)
+    assert isinstance(q, LFQ) and q.spherical and not make("lfq").spherical
+    out = q(torch.randn(3, 7, q.dim) * 5)
+    torch.testing.assert_close(out.quantized.norm(dim=-1), torch.ones(3, 7))  # codes +-1/sqrt(d): unit norm
+    summary = run(smoke_config("quantizer.kind=bsq", "quantizer.entropy_mode=exact"), tmp_path)
+    assert summary["status"] == "done" and summary["final_codes_used"] >= 1
