@@ -40,8 +40,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
+from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
-from experiments.run_dir import RunDir, truncate_jsonl
+from experiments.resources import check_resources
+from experiments.run_dir import (
+    RunDir,
+    RunDirError,
+    claimed,
+    prepare_run_folder,
+    restart,
+    run_status,
+    truncate_jsonl,
+)
 from experiments.tasks import get_task
 from lfq.monitor import JsonlSink, LFQMonitor
 
@@ -134,6 +144,10 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
         num_threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` in ``run_dir`` to the end and return its summary.
 
+    Holds the run's claim (``experiments.run_dir.claimed``, rank 0) throughout: RunClaimed if
+    another process trains this folder. CorruptRun if a file it would resume from (or a DONE
+    folder's summary) cannot be trusted; nothing is written then.
+
     Resumes from ``checkpoint.pt`` if the folder has one; returns the existing summary without
     doing anything if it has ``DONE``. A NaN or inf loss ends the run with status 'failed'
     (returned, not raised); any exception is recorded as 'failed' in ``summary.json`` and then
@@ -145,6 +159,14 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     second thread buys little, parallel runs that each take every core run an order of
     magnitude slower, and a fixed count keeps float reductions the same on every machine.
     """
+    if run_status(run_dir) == "done":  # read-only: a finished folder is not even claimed
+        return _run(config, run_dir, on_step=on_step, num_threads=num_threads)
+    with claimed(run_dir, ddp.is_main(), ddp.broadcast):
+        return _run(config, run_dir, on_step=on_step, num_threads=num_threads)
+
+
+def _run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
+         num_threads: int | None = None) -> dict[str, Any]:
     config = config.resolved()
     run_id = config.run_id
     world, main, device = ddp.world_size(), ddp.is_main(), ddp.device()
@@ -157,8 +179,12 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     if existing is not None and existing.get("run_id") != run_id:
         raise ConfigError(f"{rd.path} holds run {existing.get('run_id')!r}, not {run_id!r}: "
                           f"use a fresh folder (the default is <out>/<run_id>)")
-    if rd.is_done():
-        return rd.read_summary() or {}
+    done = rd.finished_summary()  # CorruptRun for a DONE folder that is not whole
+    if done is not None:
+        return done
+    checkpoint = rd.load_checkpoint(run_id)  # weights_only; CorruptRun names the file and --restart
+    if checkpoint is not None:  # every row up to its step, or CorruptRun naming the gap
+        rd.verify_logs(checkpoint, {"train": config.logging.log_every, "val": config.schedule.val_every})
     if main:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(config.to_dict(), run_id)
@@ -201,7 +227,6 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                              dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
                              histogram_sink=JsonlSink(rd.histograms))
 
-        checkpoint = rd.load_checkpoint()
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -305,15 +330,16 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m experiments.train",
         description="Train one config in its run folder DIR/<run_id>.\n"
                     "Resumes from the folder's checkpoint.pt if there is one; does nothing if the\n"
                     "folder is DONE. Writes config.json, metrics.jsonl, histograms.jsonl,\n"
-                    "checkpoint.pt, summary.json, then DONE.",
+                    "checkpoint.pt, summary.json, then DONE. One process per run folder at a time.",
         epilog="example:\n  python -m experiments.train experiments/configs/synthetic.yaml "
                "quantizer.diversity_gamma=2 scale=smoke --out results/try\n\n"
-               "exit status: 0 done, 1 failed (see summary.json), 2 bad config or arguments",
+               "exit status: 0 done, 1 failed (see summary.json), 2 bad config or arguments, a corrupt\n"
+               "run folder (start it over with --restart) or a folder another process is training",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/synthetic.yaml")
@@ -326,12 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch intra-op threads (default 1: the models are small; see run())")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the run folder, train nothing")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the run over: its folder (e.g. a corrupt checkpoint) is moved to "
+                             "DIR/_sweep/trash/ first, never deleted")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    run_dir = (args.out if args.out is not None else Path("results") / config.name) / config.run_id
+        check_resources(config)  # a run that cannot fit is refused before its folder exists
+        run_dir = prepare_run_folder(args.out, config)
+    except (ConfigError, RunDirError) as e:
+        return fail(e)
     if args.dry_run:
         import json
 
@@ -339,9 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run folder: {run_dir}")
         return 0
     with ddp.process_group():  # data parallel under torchrun (RANK, WORLD_SIZE, ... set); else a no-op
-        if ddp.is_main():
-            print(f"run folder: {run_dir}", flush=True)
-        summary = run(config, run_dir, num_threads=args.threads)
+        try:
+            if args.restart and ddp.is_main():
+                moved = restart(run_dir)
+                if moved is not None:
+                    print(f"[restart] moved {run_dir} to {moved}", flush=True)
+            ddp.barrier()
+            if ddp.is_main():
+                print(f"run folder: {run_dir}", flush=True)
+            summary = run(config, run_dir, num_threads=args.threads)
+        except RunDirError as e:  # claimed by another process, or corrupt: nothing was written
+            return fail(e)
         keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
         if ddp.is_main():
             print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
@@ -349,4 +389,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))
