@@ -107,9 +107,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values([c for c in ("sweep", *params, "seed") if c in table]).reset_index(drop=True)
 
 
-def summaries_from_runs(root: PathLike) -> dict[str, pd.DataFrame]:
-    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep)."""
-    runs = load_runs(root, warn=False)
+def summaries_from_runs(root: PathLike, log: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep).
+
+    Run folders that cannot be read are left out, each named with its reason through ``log``
+    (default: a LoadWarning); corrupt runs stay in, with status ``corrupt`` and the reason."""
+    runs = load_runs(root, warn=log is None)
+    for problem in runs.attrs.get("problems", ()) if log is not None else ():
+        log(f"{'skipped' if problem.skipped else 'repaired'} {problem.run_dir}: {problem.reason}")
     require(len(runs), f"no run folders under {root}")
     return {str(sweep): summarize(part) for sweep, part in runs.groupby("sweep", sort=True)}
 
@@ -489,7 +494,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
         raise ValueError(f"mode must be 'refuse', 'merge' or 'replace', not {mode!r}")
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
-    summaries = summaries_from_runs(root)
+    summaries = summaries_from_runs(root, log)
     # Decide every sweep before writing any: a refusal leaves out/ exactly as it was.
     planned = {sweep: _merged_or_refused(summary, out / sweep / "summary.csv", mode)
                for sweep, summary in summaries.items()}
@@ -505,7 +510,11 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
         write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
     present = {**read_summaries(out), **{s: m for s, (m, _) in planned.items()}}
-    touched = {c.name for s, m in planned.items() if (c := claim_of(s, m)) is not None}
+    touched = {c.name for s, (m, _) in planned.items() if (c := claim_of(s, m)) is not None}
+    for sweep, (m, _) in planned.items():
+        if claim_of(sweep, m) is None:
+            log(f"{sweep}: tests no claim (its name is no ablation sweep's and no claim's parameter "
+                f"varies): summary.csv and grid.csv only, no claim figure")
     for name, summary in claim_summaries(present).items():
         if name not in touched:
             continue

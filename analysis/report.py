@@ -155,13 +155,16 @@ def render(results: Path, folder: Path, *, cache: bool | str = True) -> tuple[li
     """Write the figures and ``report.md`` of ``results`` into ``folder``; returns the figure
     names written and the (name, reason) of those skipped."""
     runs = load_runs(results, warn=False)
-    metrics = load_metrics(runs, cache=cache, warn=False)
-    hist = load_histograms(runs, cache=cache, warn=False)
+    # corrupt runs (DONE but not whole) are listed in the tables, never drawn: their files cannot be trusted
+    drawn = runs[runs["status"] != "corrupt"]
+    drawn.attrs.update(runs.attrs)
+    metrics = load_metrics(drawn, cache=cache, warn=False)
+    hist = load_histograms(drawn, cache=cache, warn=False)
     problems = [*runs.attrs.get("problems", ()), *metrics.attrs.get("problems", ()), *hist.attrs.get("problems", ())]
     written, skipped, sections = [], [], []
-    for item in plan(runs, metrics, hist):
+    for item in plan(drawn, metrics, hist):
         try:
-            fig = item.draw() if len(runs) else None
+            fig = item.draw() if len(drawn) else None
             if fig is None:
                 raise NoData("no runs")
         except NoData as err:

@@ -113,7 +113,7 @@ def finished(run_dir: Path | str) -> tuple[str, str]:
       ``config.json`` holding a JSON object with a ``run_id``;
     - ``corrupt``: ``DONE`` but one of those files missing or unreadable (the reason names it);
       such a run is never skipped as finished: ``--restart`` / ``--resubmit`` start it over;
-    - ``failed``: no ``DONE``, a summary with status ``failed`` (the reason is the trainer's);
+    - ``failed``: a summary with status ``failed`` (the reason is the trainer's);
     - ``started``: a config and no end yet (running, killed, or waiting for a requeue);
     - ``missing``: nothing of the run.
 
@@ -122,6 +122,8 @@ def finished(run_dir: Path | str) -> tuple[str, str]:
     """
     run_dir = Path(run_dir)
     summary, summary_err = _read_object(run_dir / SUMMARY)
+    if summary is not None and summary.get("status") == "failed":  # with or without DONE: the trainer's verdict
+        return "failed", str(summary.get("reason") or "")
     if (run_dir / DONE).exists():
         config, config_err = _read_object(run_dir / CONFIG)
         if config is None:
@@ -133,8 +135,6 @@ def finished(run_dir: Path | str) -> tuple[str, str]:
         if summary.get("status") != "done":
             return "corrupt", f"DONE but {SUMMARY} says status {summary.get('status')!r}"
         return "done", ""
-    if summary is not None and summary.get("status") == "failed":
-        return "failed", str(summary.get("reason") or "")
     if (run_dir / CONFIG).exists():
         return "started", ""
     return "missing", ""

@@ -130,18 +130,25 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def _verdict(self, run_dir: Path, stack: contextlib.ExitStack) -> dict[str, Any] | None:
         """On rank 0: None to train (the claim then stays held in ``stack``), else the result to return."""
-        from experiments import run_dir as run_folder
-
         run_id = run_dir.name
-        if run_folder.is_done(run_dir):
-            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+
+        def finished() -> dict[str, Any] | None:
+            state, why = run_folder.finished(run_dir)
+            if state == "done":
+                return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+            if state == "corrupt":  # never trained over: slurm.submit sets such a folder aside first
+                print(f"[job] {run_id}: run folder is corrupt ({why}); not touching it", flush=True)
+                return {"run_id": run_id, "status": "corrupt", "reason": why}
+            return None
+
+        verdict = finished()
+        if verdict is not None:
+            return verdict
         if not stack.enter_context(claim(run_dir)):
             owner = read_claim(run_dir)
             print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
             return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
-        if run_folder.is_done(run_dir):  # finished while this job waited in the queue
-            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
-        return None
+        return finished()  # finished while this job waited in the queue
 
     def _run(self) -> dict[str, Any]:
         from experiments import distributed as ddp  # lazily: the job pickle stays small and import-free

@@ -58,23 +58,29 @@ def test_statuses_running_failed_incomplete(tmp_path: Path) -> None:
     assert runs.loc["no_marker", "status"] == "incomplete"
 
 
-def test_damaged_folders_are_reported_and_skipped(grid_sweep: Path) -> None:
+def test_damaged_folders_are_reported_as_corrupt_or_skipped(grid_sweep: Path) -> None:
     bad_config = write_run(grid_sweep, "bad_config")
     (bad_config / "config.json").write_text('{"name": "synthetic", "quant')
     bad_summary = write_run(grid_sweep, "bad_summary")
     (bad_summary / "summary.json").write_text("[1, 2]")
     no_config = write_run(grid_sweep, "no_config")
     (no_config / "config.json").unlink()
+    unfinished = write_run(grid_sweep, "unfinished_bad_config", status=None)
+    (unfinished / "config.json").write_bytes(b"\xff\xfe not utf-8")
 
-    with pytest.warns(analysis.LoadWarning, match="skipped 3 run folder"):
+    with pytest.warns(analysis.LoadWarning, match="skipped 1 run folder"):
         runs = analysis.load_runs(grid_sweep)
-    assert len(runs) == 8
-    problems = {Path(p.run_dir).name: p for p in runs.attrs["problems"]}
-    assert set(problems) == {"bad_config", "bad_summary", "no_config"}
-    assert all(p.skipped for p in problems.values())
-    assert "unreadable config.json" in problems["bad_config"].reason
-    assert "expected a JSON object" in problems["bad_summary"].reason
-    assert problems["no_config"].reason.startswith("no config.json (has metrics.jsonl")
+    # DONE but not whole: a row with status corrupt and the reason, never silently dropped
+    assert len(runs) == 8 + 3
+    corrupt = runs[runs["status"] == "corrupt"].set_index("run_id")["reason"]
+    assert set(corrupt.index) == {"bad_config", "bad_summary", "no_config"}
+    assert corrupt["bad_config"].startswith("DONE but config.json is unreadable (JSONDecodeError")
+    assert corrupt["bad_summary"] == "DONE but summary.json holds a JSON list, not an object"
+    assert corrupt["no_config"] == "DONE but no config.json"
+    # no DONE and no readable config: nothing to report it by, so skipped and listed
+    (problem,) = runs.attrs["problems"]
+    assert Path(problem.run_dir).name == "unfinished_bad_config" and problem.skipped
+    assert "config.json is unreadable (UnicodeDecodeError" in problem.reason
 
 
 def test_bookkeeping_folders_are_not_searched(grid_sweep: Path) -> None:

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from slurm_helpers import wait_until, write_sweep
+from slurm_helpers import held_by_another_process, wait_until, write_sweep
 
 from experiments import run_dir as run_folder
 from experiments.config import load_config
@@ -115,10 +115,13 @@ def test_a_claimed_run_is_not_started_twice(tmp_path: Path) -> None:
     config = load_config({"task": "synthetic"}, ["scale=smoke"])
     run_dir = tmp_path / "sweep" / config.run_id
     job = RunJob(config.to_dict(), str(run_dir), threads=1)
-    with claim(run_dir) as held:  # as a job running this run elsewhere would hold it
-        assert held and is_claimed(run_dir)
-        assert job()["status"] == "skipped"
+    with held_by_another_process(run_dir) as pid:  # as a job running this run elsewhere would hold it
+        assert is_claimed(run_dir)
+        skipped = job()
+        assert skipped["status"] == "skipped" and f"'pid': {pid}" in skipped["reason"]
         assert not (run_dir / "config.json").exists()  # the trainer never started
+        with claim(run_dir) as held:
+            assert not held  # the same lock the trainer takes
     assert not is_claimed(run_dir)  # released with the holder
     assert job()["status"] == "done" and run_folder.is_done(run_dir)
     # checkpoint() hands back a fresh job holding only the config and the folder
