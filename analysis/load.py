@@ -19,7 +19,16 @@ from typing import Any
 import pandas as pd
 
 from analysis import columns as cols
-from analysis.jsonl import LoadProblem, cache_lookup, parse_and_cache_safely, read_last_row, resolve_cache
+from analysis.jsonl import (
+    LoadProblem,
+    cache_lookup,
+    parse_and_cache_safely,
+    read_last_row,
+    read_set_cache,
+    resolve_cache,
+    set_cache_file,
+    write_set_cache,
+)
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
 STATUSES = ("done", "failed", "running", "incomplete", "corrupt")
@@ -297,11 +306,26 @@ def load_metrics(
     ``cache``: True (default folder, see ``LFQ_ANALYSIS_CACHE``), False, or a folder.
     ``workers``: processes parsing uncached files (default: up to 8 when 64 or more miss).
     """
-    parts, ids, problems, root = _per_run(source, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
-    if kinds is not None:
-        wanted = list(kinds)
-        parts = [cols.keep_rows(p, "kind", wanted) for p in parts]
-    metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
+    runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
+    root = Path(source) if not isinstance(source, pd.DataFrame) else Path(
+        os.path.commonpath(runs["run_dir"].tolist() or ["."]))
+    cache_dir = resolve_cache(cache)
+    # A whole load that was made before from the same files is one memory-mapped read (warm path).
+    target = set_cache_file(cache_dir, "metrics", [(str(r), Path(d) / "metrics.jsonl")
+                                                   for r, d in zip(runs["run_id"], runs["run_dir"], strict=True)],
+                            str(root.resolve())) if cache_dir is not None else None
+    hit = read_set_cache(target) if target is not None else None
+    if hit is not None:
+        metrics, problems = hit
+    else:
+        parts, ids, problems, _ = _per_run(runs, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
+        metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
+        if target is not None and parts:
+            write_set_cache(target, metrics, problems)
+    if kinds is not None and "kind" in metrics:
+        metrics = metrics[metrics["kind"].isin(list(kinds))].reset_index(drop=True)
+    if not isinstance(source, pd.DataFrame):
+        problems = [*runs.attrs.get("problems", ()), *problems]
     metrics.attrs["problems"] = tuple(problems)
     if warn:
         _report([p for p in problems if p.file == "metrics.jsonl"], root, "load_metrics")

@@ -161,6 +161,40 @@ def run_status(run_dir: Path | str) -> str:
     return finished(run_dir)[0]
 
 
+COMPACT_METRICS = "metrics.parquet"
+COMPACT_SOURCE_KEY = b"lfq.source_bytes"
+
+
+def compact_metrics(run_dir: Path | str) -> Path | None:
+    """``metrics.jsonl`` once more as ``metrics.parquet`` (atomically), for fast columnar reads of a finished run.
+
+    The JSON log stays the record; the Parquet file carries the JSON file's size in its metadata
+    (``lfq.source_bytes``), and a reader takes it only while the sizes agree. Columns are the union of
+    the rows' keys in first-seen order, missing values null. Returns None (and writes nothing) when
+    pyarrow is absent or the rows do not fit one type per column: readers then parse the JSON.
+    """
+    source = Path(run_dir) / METRICS
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    if not source.exists():
+        return None
+    size = source.stat().st_size
+    rows = read_jsonl(source)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    table = table.replace_schema_metadata({COMPACT_SOURCE_KEY: str(size).encode()})
+    target = Path(run_dir) / COMPACT_METRICS
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]  # kind, layer, mode: few values
+    atomic_write(target, lambda f: pq.write_table(table, f, use_dictionary=strings), mode="wb")
+    return target
+
+
 # --- names and places ------------------------------------------------------------------------------------
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
@@ -486,6 +520,8 @@ class RunDir:
         atomic_write_json(self.summary, summary)
 
     def mark_done(self) -> None:
+        """Compact the metrics log to Parquet, then write DONE (last: a folder with it is complete)."""
+        compact_metrics(self.path)
         atomic_write(self.done, lambda f: None)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
