@@ -13,7 +13,6 @@ Claim 4's mechanism is measured without training by ``python -m experiments.clam
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -30,6 +29,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.aggregate import FRAC, GAMMA, fmt_value, parameters, seed_stats, select, short_name
+from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
 from analysis.load import load_runs
 from analysis.plots import usage_heatmap, usage_vs_gamma
@@ -537,7 +537,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m analysis.ablations", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m analysis.ablations", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_root", type=Path, help="folder of ablation sweep folders (or one sweep folder)")
     parser.add_argument("--out", type=Path, default=Path("results/ablations"), help="default: results/ablations")
     parser.add_argument("--sweeps", type=Path, default=None, help="sweep files (default: experiments/sweeps)")
@@ -550,15 +550,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.set_defaults(mode="refuse")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "analysis.ablations", *argv])
+    if not args.runs_root.is_dir():
+        what = "is a file" if args.runs_root.exists() else "does not exist"
+        return fail(f"RUNS_ROOT {args.runs_root} {what}: give a folder of sweep folders (or one sweep folder)")
+    if args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out} is a file; give the folder of the ablation tables (default results/ablations)")
     try:
         written = write_ablations(args.runs_root, args.out, command=command, sweeps_dir=args.sweeps, mode=args.mode)
     except (FileNotFoundError, NoData, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
+    except OSError as err:  # e.g. --out not writable
+        return fail(f"cannot write under {args.out}: {err.strerror or err}; choose another --out")
     for sweep, files in written.items():
         print(f"{args.out / sweep}: {', '.join(files)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -15,7 +15,6 @@ workers) is the work done, which unlike wall time does not grow when the machine
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ import random
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -32,7 +32,8 @@ import pandas as pd
 import pyarrow as pa
 
 import analysis
-from experiments.run_dir import COMPACT_METRICS, atomic_write, compact_metrics
+from experiments.cli import OneLineParser, fail, guarded
+from experiments.run_dir import COMPACT_METRICS, RunDirError, atomic_write, check_writable, compact_metrics
 
 # Distinct metrics files written round-robin: parsing cost is what matters, not uniqueness.
 N_TEMPLATES = 8
@@ -103,14 +104,23 @@ def write_csv_atomic(frame: pd.DataFrame, target: Path) -> None:
     atomic_write(target, lambda f: frame.to_csv(f, index=False))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python benchmarks/load_runs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each warm measurement (median)")
     parser.add_argument("--cold-repeats", type=int, default=1, help="timed repeats of the cold load (each parses everything)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/load_runs.csv"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("runs", "steps", "repeats", "cold_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out}: give a .csv file path, e.g. results/benchmarks/load_runs.csv")
+    try:  # before minutes of work: the table must be writable
+        check_writable(args.out.parent, "--out")
+    except RunDirError as e:
+        return fail(e)
 
     work = Path(tempfile.mkdtemp(prefix="lfq-load-bench-"))
     try:
@@ -171,7 +181,8 @@ def main() -> None:
     print(table.drop(columns=["python", "pandas"]).to_string(index=False, float_format="%.2f"))
     write_csv_atomic(table, args.out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main))

@@ -129,6 +129,20 @@ def refuse_multi_task(cluster: str, params: dict[str, Any]) -> None:
             f"or --tasks 1 (and at most --gpus 1) to train each run in one process on the same global batch")
 
 
+def refuse_local_overreach(cluster: str, params: dict[str, Any]) -> None:
+    """--cluster local runs on this machine: a request larger than it is refused before anything is written."""
+    if cluster != "local":
+        return
+    cpus = int(params.get("cpus_per_task", 1))
+    if cpus > machine_cpus():
+        raise SubmitError(f"--cluster local: each run asks for {cpus} cpus but this machine has {machine_cpus()}; "
+                          f"lower --cpus (or the profile's 'cpus')")
+    mem = params.get("mem_gb")
+    if mem and mem > machine_mem_gb():
+        raise SubmitError(f"--cluster local: each run asks for {mem:g} GB but this machine has {machine_mem_gb():.1f} GB; "
+                          f"lower --mem (or the profile's 'memory')")
+
+
 def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
                   name: str, log: Log) -> tuple[list[Any], str]:
     """(the jobs submitted, in the order of ``todo``; an error if sbatch refused an array, else '')."""
@@ -157,14 +171,7 @@ def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
 
 def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
                   log: Log) -> tuple[Any, int]:
-    cpus = int(params.get("cpus_per_task", 1))
-    if cpus > machine_cpus():
-        raise SubmitError(f"--cluster local: each run asks for {cpus} cpus but this machine has {machine_cpus()}; "
-                          f"lower --cpus (or the profile's 'cpus')")
-    mem = params.get("mem_gb")
-    if mem and mem > machine_mem_gb():
-        raise SubmitError(f"--cluster local: each run asks for {mem:g} GB but this machine has {machine_mem_gb():.1f} GB; "
-                          f"lower --mem (or the profile's 'memory')")
+    cpus, mem = int(params.get("cpus_per_task", 1)), params.get("mem_gb")
     workers = pool_size(len(todo), cpus, params.get("slurm_array_parallelism"), mem)
     executor = submitit.AutoExecutor(folder=subdir, cluster="local")
     # trap: Ctrl-C on `submit --wait` only stops the waiting; the sweep is stopped by `kill <pool pid>`.
@@ -230,10 +237,11 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
         raise SubmitError(f"unknown cluster {cluster!r}; choose one of {list(CLUSTERS)}")
     profile_name, params = resolve_resources(sweep_resources, profile, resources)
     refuse_multi_task(cluster, params)  # before anything is written
+    refuse_local_overreach(cluster, params)
     # absolute: jobs may start in another working directory (a cluster's --chdir, a login node's $HOME)
-    folder = SweepFolder(check_results_root(results, write=not dry_run) / name)
     for spec in runs:  # refused before anything is written: a run that cannot fit never reaches a queue
         check_resources(spec.config, *_memory_limit(cluster, params))
+    folder = SweepFolder(check_results_root(results, write=not dry_run) / name)
     result = SubmitResult(sweep=name, folder=folder.root, cluster=cluster)
 
     # a dry run only reads: it takes no lock and creates nothing
