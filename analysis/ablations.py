@@ -13,7 +13,6 @@ Claim 4's mechanism is measured without training by ``python -m experiments.clam
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -396,9 +395,8 @@ def save_figure(fig: Figure, folder: Path, stem: str) -> None:
 
 def sweep_commands(sweep: str, sweeps_dir: Path | None) -> list[str]:
     """The ``python -m ...`` lines of the sweep file's header comment (how its runs were made)."""
-    if sweeps_dir is None:
-        spec = importlib.util.find_spec("experiments")  # locates the package without importing it
-        sweeps_dir = Path(spec.origin).parent / "sweeps" if spec and spec.origin else None
+    if sweeps_dir is None:  # the sweep files of this checkout, read as files (analysis imports no other package)
+        sweeps_dir = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
     path = sweeps_dir / f"{sweep}.yaml" if sweeps_dir else None
     if path is None or not path.is_file():
         return [f"# no sweep file {sweep}.yaml found in {sweeps_dir}"]
@@ -538,7 +536,9 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(prog="python -m analysis.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_root", type=Path, help="folder of ablation sweep folders (or one sweep folder)")
+    parser.add_argument("runs_root", type=Path, nargs="?", help="folder of ablation sweep folders (or one sweep folder)")
+    parser.add_argument("--probe", type=Path, metavar="DIR",
+                        help="instead: draw claim4_probe.png/.svg from DIR/probe.csv (python -m experiments.clamp_probe)")
     parser.add_argument("--out", type=Path, default=Path("results/ablations"), help="default: results/ablations")
     parser.add_argument("--sweeps", type=Path, default=None, help="sweep files (default: experiments/sweeps)")
     existing = parser.add_mutually_exclusive_group()
@@ -550,6 +550,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.set_defaults(mode="refuse")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "analysis.ablations", *argv])
+    if (args.runs_root is None) == (args.probe is None):
+        parser.error("give RUNS_ROOT or --probe DIR (one of them)")
+    if args.probe is not None:
+        probe = load_clamp_probe(args.probe) if args.probe.is_dir() else None
+        if probe is None:
+            return fail(f"--probe {args.probe}: no probe.csv there; write it with python -m experiments.clamp_probe "
+                        f"--out {args.probe}")
+        save_figure(clamp_probe_figure(probe), args.probe, "claim4_probe")
+        print(f"{args.probe}: claim4_probe.png, claim4_probe.svg")
+        return 0
     if not args.runs_root.is_dir():
         what = "is a file" if args.runs_root.exists() else "does not exist"
         return fail(f"RUNS_ROOT {args.runs_root} {what}: give a folder of sweep folders (or one sweep folder)")

@@ -176,7 +176,7 @@ def _run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] 
                          f"every rank needs a validation shard")
     rd = RunDir(run_dir)
     existing = rd.read_config()
-    if existing is not None and existing.get("run_id") != run_id:
+    if existing is not None and existing.get("run_id", run_id) != run_id:  # no run_id: corrupt (below)
         raise ConfigError(f"{rd.path} holds run {existing.get('run_id')!r}, not {run_id!r}: "
                           f"use a fresh folder (the default is <out>/<run_id>)")
     done = rd.finished_summary()  # CorruptRun for a DONE folder that is not whole
