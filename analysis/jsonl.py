@@ -195,7 +195,7 @@ def read_set_cache(target: Path) -> tuple[pd.DataFrame, list[LoadProblem]] | Non
     try:
         table = feather.read_table(str(target), memory_map=True)
         problems = [LoadProblem(**p) for p in json.loads((table.schema.metadata or {})[b"lfq.problems"])]
-        return table.to_pandas(), problems
+        return table.to_pandas(split_blocks=True), problems  # no 2-D block copy of every column
     except FileNotFoundError:
         return None
     except Exception:  # damaged: rebuilt, never trusted

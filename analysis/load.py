@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -248,8 +248,8 @@ def _per_run(
 ) -> tuple[list[cols.Columns], list[str], list[LoadProblem], Path]:
     """Each run's ``filename`` as columns (from the cache when unchanged), its run id, and problems.
 
-    Files not in the cache are parsed in a process pool when there are many: JSON parsing is
-    the whole cost of a cold load and it is CPU-bound.
+    Files not in the cache are parsed in a thread pool when there are many (``workers=None``:
+    Arrow's readers release the GIL), or in ``workers`` processes when given.
     """
     runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
     root = Path(source) if not isinstance(source, pd.DataFrame) else Path(os.path.commonpath(runs["run_dir"].tolist() or ["."]))
@@ -269,7 +269,13 @@ def _per_run(
         else:
             found[i] = hit
     n_workers = _workers(len(misses), workers)
-    if n_workers > 1:
+    if n_workers > 1 and workers is None:
+        # Threads by default: Arrow's Parquet and JSON readers release the GIL, and nothing is pickled back.
+        with ThreadPoolExecutor(n_workers) as threads:
+            args = [(p, kind, build, cache_dir) for _, p in misses]
+            found.update(zip([i for i, _ in misses], threads.map(lambda a: parse_and_cache_safely(*a), args),
+                             strict=True))
+    elif n_workers > 1:  # workers=N: processes, for logs only the stdlib parser can read (GIL-bound)
         with ProcessPoolExecutor(n_workers) as pool:
             results = pool.map(parse_and_cache_safely, *zip(*[(p, kind, build, cache_dir) for _, p in misses], strict=True),
                                chunksize=max(1, len(misses) // (4 * n_workers)))
@@ -304,7 +310,7 @@ def load_metrics(
     ``source``: a results folder, or a runs frame from :func:`load_runs` (only its runs are
     read). ``kinds``: keep only these row kinds (``"quantizer"``, ``"train"``, ``"val"``).
     ``cache``: True (default folder, see ``LFQ_ANALYSIS_CACHE``), False, or a folder.
-    ``workers``: processes parsing uncached files (default: up to 8 when 64 or more miss).
+    ``workers``: processes parsing uncached files (default None: up to 8 threads when 64 or more miss).
     """
     runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
     root = Path(source) if not isinstance(source, pd.DataFrame) else Path(

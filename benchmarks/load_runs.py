@@ -157,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
 
         pool = min(8, os.cpu_count() or 1)  # what load_metrics uses by default for this many files
         measure("load_runs", "n/a", lambda: timed(analysis.load_runs, results))
-        measure("load_runs + load_metrics, finished runs (metrics.parquet)", "cold",
+        measure("load_runs + load_metrics, finished runs (metrics.parquet), 1 thread", "cold",
                 lambda: runs_then_metrics(workers=1))
+        measure(f"load_runs + load_metrics, finished runs (metrics.parquet), {pool} threads (default)", "cold",
+                runs_then_metrics)
         measure("load_runs + load_metrics, finished runs (metrics.parquet)", "warm", runs_then_metrics)
         without_compaction()
-        measure("load_runs + load_metrics, JSON only, 1 process", "cold", lambda: runs_then_metrics(workers=1))
+        measure("load_runs + load_metrics, JSON only, 1 thread", "cold", lambda: runs_then_metrics(workers=1))
+        measure(f"load_runs + load_metrics, JSON only, {pool} threads (default)", "cold", runs_then_metrics)
         measure(f"load_runs + load_metrics, JSON only, {pool} processes", "cold",
                 lambda: runs_then_metrics(workers=pool))
         measure("load_runs + load_metrics, JSON only", "warm", runs_then_metrics)

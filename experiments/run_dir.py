@@ -170,7 +170,8 @@ def compact_metrics(run_dir: Path | str) -> Path | None:
 
     The JSON log stays the record; the Parquet file carries the JSON file's size in its metadata
     (``lfq.source_bytes``), and a reader takes it only while the sizes agree. Columns are the union of
-    the rows' keys in first-seen order, missing values null. Returns None (and writes nothing) when
+    the rows' keys in first-seen order; a number missing from a row is NaN (as pandas reads the JSON),
+    a string missing is null. Returns None (and writes nothing) when
     pyarrow is absent or the rows do not fit one type per column: readers then parse the JSON.
     """
     source = Path(run_dir) / METRICS
@@ -188,6 +189,9 @@ def compact_metrics(run_dir: Path | str) -> Path | None:
         table = pa.table({k: [r.get(k) for r in rows] for k in keys})
     except (pa.ArrowException, TypeError, ValueError):
         return None
+    for i, field in enumerate(table.schema):  # a number missing from some rows is NaN, as pandas reads it
+        if (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)) and table.column(i).null_count:
+            table = table.set_column(i, field.name, table.column(i).cast(pa.float64()).fill_null(float("nan")))
     table = table.replace_schema_metadata({COMPACT_SOURCE_KEY: str(size).encode()})
     target = Path(run_dir) / COMPACT_METRICS
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]  # kind, layer, mode: few values

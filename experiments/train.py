@@ -372,11 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with ddp.process_group():  # data parallel under torchrun (RANK, WORLD_SIZE, ... set); else a no-op
         try:
+            refused = None
             if args.restart and ddp.is_main():
-                moved = restart(run_dir)
-                if moved is not None:
-                    print(f"[restart] moved {run_dir} to {moved}", flush=True)
-            ddp.barrier()
+                try:
+                    moved = restart(run_dir)
+                    if moved is not None:
+                        print(f"[restart] moved {run_dir} to {moved}", flush=True)
+                except RunDirError as e:
+                    refused = str(e)
+            refused = ddp.broadcast(refused)  # every rank stops, or none
+            if refused:
+                return fail(refused)
             if ddp.is_main():
                 print(f"run folder: {run_dir}", flush=True)
             summary = run(config, run_dir, num_threads=args.threads)
