@@ -140,6 +140,16 @@ def _progress_printer(config: Config, run_id: str, start: int) -> Callable[[int,
     return show
 
 
+def _shard_rows(config: Config) -> slice:
+    """This rank's rows of the global batch; ValueError unless the world size fits the config."""
+    world = ddp.world_size()
+    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
+    if config.data.val_size < world:
+        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
+                         f"every rank needs a validation shard")
+    return rows
+
+
 def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
         num_threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` in ``run_dir`` to the end and return its summary.
@@ -159,6 +169,7 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     second thread buys little, parallel runs that each take every core run an order of
     magnitude slower, and a fixed count keeps float reductions the same on every machine.
     """
+    _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the claim
     if run_status(run_dir) == "done":  # read-only: a finished folder is not even claimed
         return _run(config, run_dir, on_step=on_step, num_threads=num_threads)
     with claimed(run_dir, ddp.is_main(), ddp.broadcast):
@@ -170,10 +181,7 @@ def _run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] 
     config = config.resolved()
     run_id = config.run_id
     world, main, device = ddp.world_size(), ddp.is_main(), ddp.device()
-    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
-    if config.data.val_size < world:
-        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
-                         f"every rank needs a validation shard")
+    rows = _shard_rows(config)
     rd = RunDir(run_dir)
     existing = rd.read_config()
     if existing is not None and existing.get("run_id", run_id) != run_id:  # no run_id: corrupt (below)

@@ -2,12 +2,12 @@
 
 Layout of ``results/<sweep>/``::
 
-    <run_id>/                 run folders (experiments.run_dir), plus .lock/.claim (slurm.job)
+    <run_id>/                 run folders (experiments.run_dir), with their claim .lock/.claim
     _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
     _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time
     _sweep/events.jsonl       start/end of each job attempt (slurm.job) and local exits (slurm.local)
     _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
-    _sweep/trash/             run folders set aside by ``submit --force``
+    _sweep/trash/             run folders set aside by ``submit --force``, ``train --restart``, a corrupt resubmission
 
 A run's state comes from its folder first (DONE, summary.json, a held claim) and from the
 scheduler second (squeue and sacct; the local pool's lock), because only the folder survives a
