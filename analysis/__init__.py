@@ -1,11 +1,12 @@
 """Run folders -> DataFrames -> figures and reports (docs/ARCHITECTURE.md). Reads files only.
 
     runs = analysis.load_runs("results/gamma_frac")        # one row per run
+    runs = analysis.where(runs, ["quantizer.codebook_size=1024"])  # pick runs (also: report --where)
     metrics = analysis.load_metrics(runs)                   # tidy per-step rows
     analysis.usage_heatmap(runs)                            # a Figure (None if data is missing)
 """
 
-from analysis.aggregate import FRAC, GAMMA, curves, grid_summary, parameters
+from analysis.aggregate import FRAC, GAMMA, WhereError, curves, grid_summary, parameters, where
 from analysis.jsonl import LoadProblem
 from analysis.load import LoadWarning, find_run_dirs, load_histograms, load_metrics, load_runs
 from analysis.plots import (
@@ -23,7 +24,7 @@ __all__ = [
     "FRAC", "GAMMA", "LoadProblem", "LoadWarning", "NoData", "NoDataWarning",
     "curves", "find_run_dirs", "grid_summary", "layers", "load_histograms", "load_metrics", "load_runs",
     "parameters", "rank_frequencies", "rank_frequency", "reconstruction_vs_usage", "training_curves",
-    "usage_heatmap", "usage_vs_gamma", "write_report",
+    "usage_heatmap", "usage_vs_gamma", "where", "WhereError", "write_report",
 ]
 # analysis.ablations (issue 8), imported on first use like write_report.
 _ABLATIONS = (

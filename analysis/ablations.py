@@ -13,8 +13,6 @@ Claim 4's mechanism is measured without training by ``python -m experiments.clam
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
 import os
 import re
@@ -30,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.aggregate import FRAC, GAMMA, fmt_value, parameters, seed_stats, select, short_name
+from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
 from analysis.load import load_runs
 from analysis.plots import usage_heatmap, usage_vs_gamma
@@ -107,9 +106,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values([c for c in ("sweep", *params, "seed") if c in table]).reset_index(drop=True)
 
 
-def summaries_from_runs(root: PathLike) -> dict[str, pd.DataFrame]:
-    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep)."""
-    runs = load_runs(root, warn=False)
+def summaries_from_runs(root: PathLike, log: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep).
+
+    Run folders that cannot be read are left out, each named with its reason through ``log``
+    (default: a LoadWarning); corrupt runs stay in, with status ``corrupt`` and the reason."""
+    runs = load_runs(root, warn=log is None)
+    for problem in runs.attrs.get("problems", ()) if log is not None else ():
+        log(f"{'skipped' if problem.skipped else 'repaired'} {problem.run_dir}: {problem.reason}")
     require(len(runs), f"no run folders under {root}")
     return {str(sweep): summarize(part) for sweep, part in runs.groupby("sweep", sort=True)}
 
@@ -391,9 +395,8 @@ def save_figure(fig: Figure, folder: Path, stem: str) -> None:
 
 def sweep_commands(sweep: str, sweeps_dir: Path | None) -> list[str]:
     """The ``python -m ...`` lines of the sweep file's header comment (how its runs were made)."""
-    if sweeps_dir is None:
-        spec = importlib.util.find_spec("experiments")  # locates the package without importing it
-        sweeps_dir = Path(spec.origin).parent / "sweeps" if spec and spec.origin else None
+    if sweeps_dir is None:  # the sweep files of this checkout, read as files (analysis imports no other package)
+        sweeps_dir = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
     path = sweeps_dir / f"{sweep}.yaml" if sweeps_dir else None
     if path is None or not path.is_file():
         return [f"# no sweep file {sweep}.yaml found in {sweeps_dir}"]
@@ -489,7 +492,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
         raise ValueError(f"mode must be 'refuse', 'merge' or 'replace', not {mode!r}")
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
-    summaries = summaries_from_runs(root)
+    summaries = summaries_from_runs(root, log)
     # Decide every sweep before writing any: a refusal leaves out/ exactly as it was.
     planned = {sweep: _merged_or_refused(summary, out / sweep / "summary.csv", mode)
                for sweep, summary in summaries.items()}
@@ -505,7 +508,11 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
         write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
     present = {**read_summaries(out), **{s: m for s, (m, _) in planned.items()}}
-    touched = {c.name for s, m in planned.items() if (c := claim_of(s, m)) is not None}
+    touched = {c.name for s, (m, _) in planned.items() if (c := claim_of(s, m)) is not None}
+    for sweep, (m, _) in planned.items():
+        if claim_of(sweep, m) is None:
+            log(f"{sweep}: tests no claim (its name is no ablation sweep's and no claim's parameter "
+                f"varies): summary.csv and grid.csv only, no claim figure")
     for name, summary in claim_summaries(present).items():
         if name not in touched:
             continue
@@ -528,8 +535,10 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m analysis.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_root", type=Path, help="folder of ablation sweep folders (or one sweep folder)")
+    parser = OneLineParser(prog="python -m analysis.ablations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_root", type=Path, nargs="?", help="folder of ablation sweep folders (or one sweep folder)")
+    parser.add_argument("--probe", type=Path, metavar="DIR",
+                        help="instead: draw claim4_probe.png/.svg from DIR/probe.csv (python -m experiments.clamp_probe)")
     parser.add_argument("--out", type=Path, default=Path("results/ablations"), help="default: results/ablations")
     parser.add_argument("--sweeps", type=Path, default=None, help="sweep files (default: experiments/sweeps)")
     existing = parser.add_mutually_exclusive_group()
@@ -541,15 +550,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.set_defaults(mode="refuse")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "analysis.ablations", *argv])
+    if (args.runs_root is None) == (args.probe is None):
+        parser.error("give RUNS_ROOT or --probe DIR (one of them)")
+    if args.probe is not None:
+        probe = load_clamp_probe(args.probe) if args.probe.is_dir() else None
+        if probe is None:
+            return fail(f"--probe {args.probe}: no probe.csv there; write it with python -m experiments.clamp_probe "
+                        f"--out {args.probe}")
+        save_figure(clamp_probe_figure(probe), args.probe, "claim4_probe")
+        print(f"{args.probe}: claim4_probe.png, claim4_probe.svg")
+        return 0
+    if not args.runs_root.is_dir():
+        what = "is a file" if args.runs_root.exists() else "does not exist"
+        return fail(f"RUNS_ROOT {args.runs_root} {what}: give a folder of sweep folders (or one sweep folder)")
+    if args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out} is a file; give the folder of the ablation tables (default results/ablations)")
     try:
         written = write_ablations(args.runs_root, args.out, command=command, sweeps_dir=args.sweeps, mode=args.mode)
     except (FileNotFoundError, NoData, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
+    except OSError as err:  # e.g. --out not writable
+        return fail(f"cannot write under {args.out}: {err.strerror or err}; choose another --out")
     for sweep, files in written.items():
         print(f"{args.out / sweep}: {', '.join(files)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -7,9 +7,12 @@ change results, like logging cadence). Statistics over seeds: mean, sample stand
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+import yaml
 
 GAMMA = "quantizer.diversity_gamma"
 FRAC = "quantizer.frac_per_sample_entropy"
@@ -156,3 +159,51 @@ def curves(
     if "layer" in frame:
         frame["layer"] = frame["layer"].astype(str)
     return seed_stats(frame, keys, metric)
+
+
+class WhereError(ValueError):
+    """A ``key=value`` run filter names no column, cannot be parsed, or matches no run."""
+
+
+def where(runs: pd.DataFrame, conditions: Iterable[str] | Mapping[str, object]) -> pd.DataFrame:
+    """The runs whose columns equal every condition: ``["quantizer.codebook_size=1024", "name=demo"]``
+    or ``{"quantizer.codebook_size": 1024}``. Values in strings are read as YAML scalars (``1e-3``,
+    ``true``, ``[8, 5]``); numbers compare as numbers (1024 == 1024.0). Keeps ``attrs``.
+    WhereError if a key is no column, or if the conditions leave no run (naming the values there are)."""
+    items = list(conditions.items()) if isinstance(conditions, Mapping) else [_split(c) for c in conditions]
+    picked = runs
+    for key, value in items:
+        if key not in runs.columns:
+            near = difflib.get_close_matches(key, [str(c) for c in runs.columns], n=3)
+            hint = f"; did you mean {' or '.join(near)}?" if near else f"; columns: {', '.join(map(str, runs.columns[:12]))}"
+            raise WhereError(f"--where {key}=...: the runs have no column {key!r}{hint}")
+        mask = _equals(picked[key], value)
+        if not mask.any():
+            seen = sorted({fmt_value(v) for v in picked[key].dropna().tolist()})[:10]
+            raise WhereError(f"--where {key}={fmt_value(value)} matches none of the {len(picked)} runs left; "
+                             f"{key} has: {', '.join(seen) or 'no values'}")
+        picked = picked[mask]
+    picked = picked.copy()
+    picked.attrs.update(runs.attrs)
+    return picked
+
+
+def _split(condition: str) -> tuple[str, object]:
+    key, sep, raw = str(condition).partition("=")
+    if not sep or not key.strip():
+        raise WhereError(f"--where {condition!r} must look like KEY=VALUE, e.g. quantizer.codebook_size=1024")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise WhereError(f"--where {condition!r}: cannot read the value ({' '.join(str(err).split())})") from None
+    return key.strip(), value
+
+
+def _equals(column: pd.Series, value: object) -> pd.Series:
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(value, bool) or value is None:
+        return column.map(lambda v: v is value or v == value)
+    if isinstance(value, (int, float)) and pd.api.types.is_numeric_dtype(column.dtype):
+        return pd.Series(np.isclose(column.astype(float), float(value), rtol=1e-12, atol=0.0), index=column.index)
+    return column.map(lambda v: v == value or fmt_value(v) == fmt_value(value))

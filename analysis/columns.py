@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 # A column: a numpy array, or (codes, categories) for a string column.
 Column = np.ndarray | tuple[np.ndarray, list[str]]
@@ -37,6 +38,49 @@ def from_frame(frame: pd.DataFrame) -> Columns:
             cat = pd.Categorical(series.astype(object).where(series.notna(), None))
             columns[name] = (cat.codes.astype(np.int32), [str(c) for c in cat.categories])
     return columns
+
+
+def from_arrow(table: pa.Table) -> Columns:
+    """The same columns as :func:`from_frame` of the table's rows, straight from Arrow (no Python objects)."""
+    columns: Columns = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        kind = column.type
+        if pa.types.is_dictionary(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            encoded = column.combine_chunks()
+            if not pa.types.is_dictionary(encoded.type):
+                encoded = encoded.dictionary_encode()
+            # sorted categories, as pandas.Categorical makes them: the frame does not depend on the reader
+            dictionary = [str(c) for c in encoded.dictionary.to_pylist()]
+            order = np.argsort(np.array(dictionary, dtype=object), kind="stable")
+            remap = np.empty(len(dictionary) + 1, dtype=np.int32)
+            remap[order] = np.arange(len(dictionary), dtype=np.int32)
+            remap[-1] = -1
+            codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+            columns[name] = (remap[codes], [dictionary[i] for i in order])
+        elif pa.types.is_null(kind):
+            columns[name] = np.full(len(column), np.nan)
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            if column.null_count:  # as pandas does: a number column with gaps is float with NaN
+                columns[name] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
+            else:
+                columns[name] = column.to_numpy()
+        else:  # lists, structs: not metrics; as strings, like from_frame does with objects
+            columns.update(from_frame(pd.DataFrame({name: column.to_pandas()})))
+    return columns
+
+
+def to_arrow(columns: Columns) -> pa.Table:
+    """Columns as an Arrow table (strings as dictionary arrays), for the cache; :func:`from_arrow` inverts it."""
+    arrays, names = [], []
+    for name, column in columns.items():
+        if isinstance(column, tuple):
+            codes, categories = column
+            indices = pa.array(codes, type=pa.int32(), mask=codes < 0)
+            arrays.append(pa.DictionaryArray.from_arrays(indices, pa.array(categories, type=pa.string())))
+        else:
+            arrays.append(pa.array(column))
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def metrics_columns(rows: list[dict[str, Any]]) -> Columns:
@@ -83,7 +127,8 @@ def concat(parts: Sequence[Columns], run_ids: Sequence[str], lead: Sequence[str]
         else:
             arrays = [x if x is not None else np.full(n, np.nan) for x, n in zip(pieces, lengths, strict=True)]
             columns[name] = np.concatenate(arrays) if arrays else np.zeros(0)
-    frame = pd.DataFrame(columns, index=pd.RangeIndex(sum(lengths)))
+    # copy=False: one block per column instead of copying every float into one 2-D block (0.8 s at 2M rows)
+    frame = pd.DataFrame(columns, index=pd.RangeIndex(sum(lengths)), copy=False)
     first = [c for c in ("run_id", *lead) if c in frame]
     return frame[first + [c for c in frame if c not in first]]
 

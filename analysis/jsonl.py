@@ -1,29 +1,40 @@
-"""JSON-lines files -> DataFrames, tolerant of what a killed writer leaves behind, with a cache.
+"""JSON-lines files -> columns, tolerant of what a killed writer leaves behind, with a cache.
 
-Parsing is the cost of loading a sweep (the stdlib parser reads ~60 MB/s), so each parsed file
-is pickled under a cache folder keyed on the file's absolute path, size and mtime: a second
-load of an unchanged run is a pickle read. A file that changed (a run still appending) is
-parsed again. The cache lives outside the run folders by default, because results may be
+Parsing is the cost of loading a sweep. A metrics file is read by Arrow's columnar JSON reader
+(C++, no Python object per value); a file it cannot take (a torn last line, a bad line in the
+middle, ``Infinity``) falls back to the stdlib parser, which repairs and notes. A finished run's
+``metrics.parquet`` (written once by the trainer, see docs/ARCHITECTURE.md) is read instead of its
+JSON when it is in step with it. Each parsed file is stored under a cache folder as an Arrow IPC
+file keyed on the file's absolute path, size and mtime: a second load of an unchanged run maps
+that file. Nothing read back can run code (no pickle). A file that changed (a run still
+appending) is parsed again. The cache lives outside the run folders, because results may be
 read-only and ``analysis`` only reads them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.json as arrow_json
+import pyarrow.parquet as pq
 
-# Bump when the parsed frame's layout changes, so stale pickles are never read back.
-CACHE_FORMAT = 2
-T = TypeVar("T")
+from analysis import columns as cols
+
+# Bump when the parsed columns' layout changes, so stale cache files are never read back.
+CACHE_FORMAT = 3
+CACHE_SUFFIX = ".arrow"
+COMPACT_SOURCE_KEY = b"lfq.source_bytes"  # metrics.parquet's size of the metrics.jsonl it holds
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,36 @@ def read_last_row(path: Path, tail_bytes: int = 16384) -> dict[str, Any] | None:
     return None
 
 
+def read_compacted(path: Path) -> pa.Table | None:
+    """``metrics.parquet`` beside ``path`` (a ``metrics.jsonl``) if it holds exactly that file's rows
+    (its recorded source size is the JSON file's size), else None."""
+    compact = path.with_suffix(".parquet")
+    try:
+        handle = pq.ParquetFile(compact)  # not pq.read_table: the dataset layer costs more than the read
+        meta = handle.schema_arrow.metadata or {}
+        if int(meta.get(COMPACT_SOURCE_KEY, b"-1")) != path.stat().st_size:
+            return None
+        return handle.read(use_threads=False)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def read_jsonl_arrow(path: Path) -> pa.Table | None:
+    """The file by Arrow's JSON reader, or None where it cannot read it as written (then parse_jsonl)."""
+    data = path.read_bytes()
+    if not data.endswith(b"\n") or b"Infinity" in data:  # a torn last line; inf, which JSON lacks
+        return None
+    # json.dumps writes NaN for a NaN metric, which is not JSON: as null it reads back as NaN
+    data = data.replace(b": NaN", b": null")
+    try:
+        return arrow_json.read_json(io.BytesIO(data), read_options=arrow_json.ReadOptions(use_threads=False))
+    except (pa.ArrowException, ValueError):
+        return None
+
+
 def _cache_file(cache_dir: Path, path: Path, kind: str, stat: os.stat_result) -> tuple[Path, str]:
-    key = hashlib.sha1(f"{CACHE_FORMAT}|{pd.__version__}|{kind}|{path.resolve()}".encode()).hexdigest()
-    return cache_dir / f"{key}-{stat.st_size}-{stat.st_mtime_ns}.pkl", key
+    key = hashlib.sha1(f"{CACHE_FORMAT}|{pa.__version__}|{kind}|{path.resolve()}".encode()).hexdigest()
+    return cache_dir / f"{key}-{stat.st_size}-{stat.st_mtime_ns}{CACHE_SUFFIX}", key
 
 
 def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
@@ -134,56 +172,113 @@ def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _write_atomic_pickle(target: Path, obj: object) -> None:
-    def dump(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-    write_atomic(target, dump)
+Parsed = tuple[cols.Columns, list[str]]
 
 
-def cache_lookup(path: Path, kind: str, cache_dir: Path | None) -> tuple[Any, list[str]] | None:
-    """The cached ``(table, notes)`` of ``path`` if the file is unchanged since it was cached,
+def set_cache_file(cache_dir: Path, kind: str, files: list[tuple[str, Path]], scope: str) -> Path:
+    """The cache file of one whole load: keyed on every file's run id, path, size and mtime, so
+    that any change to any of them (or another set of runs) misses it. ``scope`` (the folder
+    loaded) names it: each scope keeps only its newest set entry."""
+    parts = [CACHE_FORMAT, pa.__version__, pd.__version__, kind]
+    for run_id, path in files:
+        try:
+            stat = path.stat()
+            parts.append((run_id, str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            parts.append((run_id, str(path), None, None))
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()
+    where = hashlib.sha1(f"{kind}|{scope}".encode()).hexdigest()[:16]
+    return cache_dir / f"set-{where}-{key}{CACHE_SUFFIX}"
+
+
+def read_set_cache(target: Path) -> tuple[pd.DataFrame, list[LoadProblem]] | None:
+    try:
+        table = feather.read_table(str(target), memory_map=True)
+        problems = [LoadProblem(**p) for p in json.loads((table.schema.metadata or {})[b"lfq.problems"])]
+        return table.to_pandas(split_blocks=True), problems  # no 2-D block copy of every column
+    except FileNotFoundError:
+        return None
+    except Exception:  # damaged: rebuilt, never trusted
+        target.unlink(missing_ok=True)
+        return None
+
+
+def write_set_cache(target: Path, frame: pd.DataFrame, problems: list[LoadProblem]) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), b"lfq.problems": json.dumps([vars(p) for p in problems]).encode()}
+    # one set entry per scope is kept: the newest load's (older ones are of files that changed since)
+    for old in target.parent.glob(target.name.rsplit("-", 1)[0] + "-*" + CACHE_SUFFIX):
+        old.unlink(missing_ok=True)
+    try:
+        write_atomic(target, lambda tmp: feather.write_feather(table.replace_schema_metadata(meta), str(tmp),
+                                                               compression="uncompressed"))
+    except OSError:
+        pass  # an unwritable cache only costs speed
+
+
+def _write_cache(target: Path, parsed: Parsed) -> None:
+    columns, notes = parsed
+    table = cols.to_arrow(columns)
+    table = table.replace_schema_metadata({b"lfq.notes": json.dumps(notes).encode()})
+    write_atomic(target, lambda tmp: feather.write_feather(table, str(tmp), compression="uncompressed"))
+
+
+def cache_lookup(path: Path, kind: str, cache_dir: Path | None) -> Parsed | None:
+    """The cached ``(columns, notes)`` of ``path`` if the file is unchanged since it was cached,
     else None; ``FileNotFoundError`` if there is no such file."""
     stat = path.stat()  # raises FileNotFoundError for a run without this file
     if cache_dir is None:
         return None
     target, _ = _cache_file(cache_dir, path, kind, stat)
     try:
-        with target.open("rb") as f:
-            table, notes = pickle.load(f)
-        return table, notes
+        table = feather.read_table(str(target), memory_map=True)  # zero-copy: no read of the columns it maps
+        notes = json.loads((table.schema.metadata or {})[b"lfq.notes"])
+        return cols.from_arrow(table), [str(n) for n in notes]
     except FileNotFoundError:
         return None
-    except Exception:  # a damaged cache entry is rebuilt, never trusted
+    except Exception:  # a damaged cache entry is rebuilt, never trusted (and it is data: it cannot run code)
         target.unlink(missing_ok=True)
         return None
 
 
-def parse_and_cache(
-    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], T], cache_dir: Path | None
-) -> tuple[T, list[str]]:
-    """``build(rows)`` of ``parse_jsonl(path)`` and its notes, stored in the cache."""
-    stat = path.stat()  # before reading: a file still growing must not be cached as complete
+def parse(path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns]) -> tuple[Parsed, bool]:
+    """``(columns, notes)`` of one file, and whether it came from a Parquet compaction (no need to cache
+    it then): metrics from ``metrics.parquet`` or Arrow's reader when they can, else ``build(rows)`` of
+    :func:`parse_jsonl` (which repairs and notes)."""
+    if kind == "metrics":
+        table = read_compacted(path)
+        if table is not None:
+            return (cols.from_arrow(table), []), True
+        table = read_jsonl_arrow(path)
+        if table is not None:
+            return (cols.from_arrow(table), []), False
     rows, notes = parse_jsonl(path)
-    table = build(rows)
-    if cache_dir is not None:
+    return (build(rows), notes), False
+
+
+def parse_and_cache(
+    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns], cache_dir: Path | None
+) -> Parsed:
+    """:func:`parse`, stored in the cache."""
+    stat = path.stat()  # before reading: a file still growing must not be cached as complete
+    parsed, compacted = parse(path, kind, build)
+    if cache_dir is not None and not compacted:
         target, key = _cache_file(cache_dir, path, kind, stat)
         # Entries for older versions of this file are dead weight: drop them.
-        for old in target.parent.glob(f"{key}-*.pkl"):
+        for old in target.parent.glob(f"{key}-*"):
             old.unlink(missing_ok=True)
         try:
-            _write_atomic_pickle(target, (table, notes))
+            _write_cache(target, parsed)
         except OSError:
             pass  # an unwritable cache only costs speed
-    return table, notes
+    return parsed
 
 
 def parse_and_cache_safely(
-    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], T], cache_dir: Path | None
-) -> tuple[T, list[str]] | str:
+    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns], cache_dir: Path | None
+) -> Parsed | str:
     """:func:`parse_and_cache`, or the error as text (for process pool workers)."""
     try:
         return parse_and_cache(path, kind, build, cache_dir)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as err:
         return f"unreadable: {err}"

@@ -12,17 +12,26 @@ import os
 import time
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from analysis import columns as cols
-from analysis.jsonl import LoadProblem, cache_lookup, parse_and_cache_safely, read_last_row, resolve_cache
+from analysis.jsonl import (
+    LoadProblem,
+    cache_lookup,
+    parse_and_cache_safely,
+    read_last_row,
+    read_set_cache,
+    resolve_cache,
+    set_cache_file,
+    write_set_cache,
+)
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
-STATUSES = ("done", "failed", "running", "incomplete")
+STATUSES = ("done", "failed", "running", "incomplete", "corrupt")
 # Leading columns of the metrics frame; every other column is a metric.
 ID_COLUMNS = ("run_id", "step", "kind", "layer", "codebook", "mode")
 
@@ -54,7 +63,7 @@ def find_run_dirs(root: PathLike) -> tuple[list[Path], list[LoadProblem]]:
             problems.append(LoadProblem(str(folder), "", f"cannot list folder: {err}", True))
             continue
         names = {e.name for e in entries}
-        if "config.json" in names:
+        if "config.json" in names or "DONE" in names:  # DONE without a config: a corrupt run, reported as one
             runs.append(folder)
             continue  # a run folder holds no nested runs
         present = [m for m in RUN_MARKERS if m in names]
@@ -82,39 +91,50 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+def _read_object(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object in ``path``, or None and why not (missing, unreadable, not an object)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None, f"no {path.name}"
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"{path.name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
     if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-    return data
+        return None, f"{path.name} holds a JSON {type(data).__name__}, not an object"
+    return data, ""
 
 
 def _run_row(
     run_dir: Path, root: Path, stale_after_s: float | None
 ) -> tuple[dict[str, Any] | None, list[str], list[LoadProblem]]:
     """The runs-frame row of one folder, its config's column names, and what was wrong."""
-    try:
-        config = _read_json(run_dir / "config.json")
-    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
-        return None, [], [LoadProblem(str(run_dir), "config.json", f"unreadable config.json: {err}", True)]
-    summary: dict[str, Any] = {}
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        try:
-            summary = _read_json(summary_path)
-        except (OSError, ValueError) as err:
-            return None, [], [LoadProblem(str(run_dir), "summary.json", f"unreadable summary.json: {err}", True)]
-
     done_marker = (run_dir / "DONE").exists()
     metrics_path = run_dir / "metrics.jsonl"
-    reason = summary.get("reason")
-    if summary:
-        status = summary.get("status")
-        if status == "done" and not done_marker:
-            status, reason = "incomplete", "summary.json says done but there is no DONE marker"
-        elif status not in ("done", "failed"):
-            status, reason = "incomplete", f"summary.json has unknown status {status!r}"
-    else:
+    config, config_err = _read_object(run_dir / "config.json")
+    summary, summary_err = _read_object(run_dir / "summary.json")
+    if config is None and not done_marker:
+        return None, [], [LoadProblem(str(run_dir), "config.json", config_err, True)]
+    config = config or {}
+    # The definition of a finished run (docs/ARCHITECTURE.md; experiments.run_dir.finished applies the
+    # same rules to the same files, tests/test_dependencies.py checks that they agree):
+    # done = DONE + a summary.json object saying done + a config.json object with a run_id.
+    reason = (summary or {}).get("reason")
+    if summary is not None and summary.get("status") == "failed":
+        status = "failed"
+    elif done_marker:
+        if config_err or not config.get("run_id"):
+            status, reason = "corrupt", f"DONE but {config_err or 'config.json has no run_id'}"
+        elif summary is None:
+            status, reason = "corrupt", f"DONE but {summary_err}"
+        elif summary.get("status") != "done":
+            status, reason = "corrupt", f"DONE but summary.json says status {summary.get('status')!r}"
+        else:
+            status = "done"
+    elif summary is not None:
+        status = "incomplete"
+        reason = ("summary.json says done but there is no DONE marker" if summary.get("status") == "done"
+                  else f"summary.json has unknown status {summary.get('status')!r}")
+    elif summary_err.startswith("no "):
         # No summary: still writing, or killed and not (yet) requeued. Only the age of the
         # last write tells them apart.
         newest = max(p.stat().st_mtime for p in (run_dir / "config.json", metrics_path) if p.exists())
@@ -123,6 +143,9 @@ def _run_row(
             status = "running"
         else:
             status, reason = "incomplete", f"no summary.json and no write for {age / 3600:.1f} h"
+    else:  # being rewritten never shows: summary.json is written atomically
+        status, reason = "incomplete", summary_err
+    summary = summary or {}
 
     if run_dir == root:  # pointed at one run folder
         sweep = root.parent.name
@@ -225,8 +248,8 @@ def _per_run(
 ) -> tuple[list[cols.Columns], list[str], list[LoadProblem], Path]:
     """Each run's ``filename`` as columns (from the cache when unchanged), its run id, and problems.
 
-    Files not in the cache are parsed in a process pool when there are many: JSON parsing is
-    the whole cost of a cold load and it is CPU-bound.
+    Files not in the cache are parsed in a thread pool when there are many (``workers=None``:
+    Arrow's readers release the GIL), or in ``workers`` processes when given.
     """
     runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
     root = Path(source) if not isinstance(source, pd.DataFrame) else Path(os.path.commonpath(runs["run_dir"].tolist() or ["."]))
@@ -246,7 +269,13 @@ def _per_run(
         else:
             found[i] = hit
     n_workers = _workers(len(misses), workers)
-    if n_workers > 1:
+    if n_workers > 1 and workers is None:
+        # Threads by default: Arrow's Parquet and JSON readers release the GIL, and nothing is pickled back.
+        with ThreadPoolExecutor(n_workers) as threads:
+            args = [(p, kind, build, cache_dir) for _, p in misses]
+            found.update(zip([i for i, _ in misses], threads.map(lambda a: parse_and_cache_safely(*a), args),
+                             strict=True))
+    elif n_workers > 1:  # workers=N: processes, for logs only the stdlib parser can read (GIL-bound)
         with ProcessPoolExecutor(n_workers) as pool:
             results = pool.map(parse_and_cache_safely, *zip(*[(p, kind, build, cache_dir) for _, p in misses], strict=True),
                                chunksize=max(1, len(misses) // (4 * n_workers)))
@@ -281,13 +310,28 @@ def load_metrics(
     ``source``: a results folder, or a runs frame from :func:`load_runs` (only its runs are
     read). ``kinds``: keep only these row kinds (``"quantizer"``, ``"train"``, ``"val"``).
     ``cache``: True (default folder, see ``LFQ_ANALYSIS_CACHE``), False, or a folder.
-    ``workers``: processes parsing uncached files (default: up to 8 when 64 or more miss).
+    ``workers``: processes parsing uncached files (default None: up to 8 threads when 64 or more miss).
     """
-    parts, ids, problems, root = _per_run(source, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
-    if kinds is not None:
-        wanted = list(kinds)
-        parts = [cols.keep_rows(p, "kind", wanted) for p in parts]
-    metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
+    runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
+    root = Path(source) if not isinstance(source, pd.DataFrame) else Path(
+        os.path.commonpath(runs["run_dir"].tolist() or ["."]))
+    cache_dir = resolve_cache(cache)
+    # A whole load that was made before from the same files is one memory-mapped read (warm path).
+    target = set_cache_file(cache_dir, "metrics", [(str(r), Path(d) / "metrics.jsonl")
+                                                   for r, d in zip(runs["run_id"], runs["run_dir"], strict=True)],
+                            str(root.resolve())) if cache_dir is not None else None
+    hit = read_set_cache(target) if target is not None else None
+    if hit is not None:
+        metrics, problems = hit
+    else:
+        parts, ids, problems, _ = _per_run(runs, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
+        metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
+        if target is not None and parts:
+            write_set_cache(target, metrics, problems)
+    if kinds is not None and "kind" in metrics:
+        metrics = metrics[metrics["kind"].isin(list(kinds))].reset_index(drop=True)
+    if not isinstance(source, pd.DataFrame):
+        problems = [*runs.attrs.get("problems", ()), *problems]
     metrics.attrs["problems"] = tuple(problems)
     if warn:
         _report([p for p in problems if p.file == "metrics.jsonl"], root, "load_metrics")

@@ -51,7 +51,8 @@ def _grid_columns(runs: pd.DataFrame, x: str, y: str) -> None:
         require(column in runs.columns, f"no config column {column!r} in these runs")
     others = [p for p in parameters(select(runs)) if p not in (x, y)]
     shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
-    require(not others, f"other parameters vary too ({shown}); select one value of each, or report one sweep folder")
+    require(not others, f"other parameters vary too ({shown}); pick one value of each with --where KEY=VALUE "
+            f"(analysis.where(runs, [...]) in Python), or report one sweep folder")
 
 
 def _codebook_size(runs: pd.DataFrame) -> float | None:

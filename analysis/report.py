@@ -10,13 +10,12 @@ its target and swapped in, so a reader never sees half a report.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +23,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.aggregate import grid_summary, parameters
+from analysis.aggregate import WhereError, grid_summary, parameters
+from analysis.aggregate import where as pick
+from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import LoadProblem
 from analysis.load import STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
@@ -151,17 +152,24 @@ def _problems_table(problems: Sequence[LoadProblem], root: Path) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["folder", "file", "action", "problem"])
 
 
-def render(results: Path, folder: Path, *, cache: bool | str = True) -> tuple[list[str], list[tuple[str, str]]]:
+def render(results: Path, folder: Path, *, cache: bool | str = True,
+           where: Sequence[str] | Mapping[str, object] = ()) -> tuple[list[str], list[tuple[str, str]]]:
     """Write the figures and ``report.md`` of ``results`` into ``folder``; returns the figure
-    names written and the (name, reason) of those skipped."""
+    names written and the (name, reason) of those skipped. ``where``: keep only the runs that
+    match (:func:`analysis.aggregate.where`)."""
     runs = load_runs(results, warn=False)
-    metrics = load_metrics(runs, cache=cache, warn=False)
-    hist = load_histograms(runs, cache=cache, warn=False)
+    if where:
+        runs = pick(runs, where)
+    # corrupt runs (DONE but not whole) are listed in the tables, never drawn: their files cannot be trusted
+    drawn = runs[runs["status"] != "corrupt"]
+    drawn.attrs.update(runs.attrs)
+    metrics = load_metrics(drawn, cache=cache, warn=False)
+    hist = load_histograms(drawn, cache=cache, warn=False)
     problems = [*runs.attrs.get("problems", ()), *metrics.attrs.get("problems", ()), *hist.attrs.get("problems", ())]
     written, skipped, sections = [], [], []
-    for item in plan(runs, metrics, hist):
+    for item in plan(drawn, metrics, hist):
         try:
-            fig = item.draw() if len(runs) else None
+            fig = item.draw() if len(drawn) else None
             if fig is None:
                 raise NoData("no runs")
         except NoData as err:
@@ -174,7 +182,9 @@ def render(results: Path, folder: Path, *, cache: bool | str = True) -> tuple[li
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         f"# Utilization report: {results.name}\n",
-        f"Results folder `{results}`, read {stamp}. Grid statistics use finished (`done`) runs; "
+        f"Results folder `{results}`, read {stamp}"
+        + (f", runs picked with {', '.join(f'`{c}`' for c in _conditions(where))}" if where else "")
+        + ". Grid statistics use finished (`done`) runs; "
         "std is the sample standard deviation over seeds; bands are min-max over seeds.\n",
         "## Runs by status\n", markdown_table(status_table(runs)) + "\n",
     ]
@@ -204,20 +214,39 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _conditions(where: Sequence[str] | Mapping[str, object]) -> list[str]:
+    return [f"{k}={v}" for k, v in where.items()] if isinstance(where, Mapping) else [str(c) for c in where]
+
+
 def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                 cache: bool | str = True) -> Path:
-    """Write the report of ``results`` into ``out`` (default ``results/report``); returns ``out``."""
-    results = Path(results).resolve()
+                 cache: bool | str = True, where: Sequence[str] | Mapping[str, object] = (),
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Write the report of ``results`` into ``out`` (default ``results/report``); returns ``out``.
+
+    ``where``: only the runs matching every ``key=value`` (e.g. ``["quantizer.codebook_size=1024"]``).
+    ``log``: told which figures were skipped and why (the CLI prints them). Errors (a missing or
+    non-folder ``results``, an ``out`` that cannot be written, a ``where`` that matches nothing)
+    are raised before anything is written."""
+    results_in = Path(results)
+    results = results_in.resolve()
     if not results.is_dir():
-        raise FileNotFoundError(f"results folder {results} does not exist")
+        what = "is a file, not a folder of run folders" if results.exists() else "does not exist"
+        raise FileNotFoundError(f"results folder {results_in} {what}")
     out = Path(out).resolve() if out is not None else results / "report"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder for the report")
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
         raise FileExistsError(f"{out} exists and is not a report folder (no report.md); refusing to replace it")
+    _check_writable(out.parent)
+    if where:  # a filter that matches nothing is refused before any folder is made
+        pick(load_runs(results, warn=False), where)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Hidden, so that a load of the results folder never mistakes it for anything.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        render(results, tmp, cache=cache)
+        _, skipped = render(results, tmp, cache=cache, where=where)
+        for name, reason in skipped if log is not None else ():
+            log(f"skipped {name}: {reason}")
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a report is meant to be read
         _swap_in(tmp, out)
     except BaseException:
@@ -226,21 +255,36 @@ def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | 
     return out
 
 
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileExistsError(f"cannot write the report under {folder}: {probe} is a file")
+    try:  # a real try: root passes os.access() on read-only mounts
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-probe-"))
+    except OSError as err:
+        raise PermissionError(f"cannot write the report under {folder} ({err.strerror}); choose another --out") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a sweep folder (or any folder of run folders)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS/report)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="only the runs whose column KEY equals VALUE, e.g. quantizer.codebook_size=1024 "
+                             "or name=demo (repeatable: all must hold)")
     parser.add_argument("--no-cache", action="store_true", help="parse every metrics file again")
     args = parser.parse_args(argv)
     try:
-        out = write_report(args.results, args.out, cache=not args.no_cache)
-    except (FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        out = write_report(args.results, args.out, cache=not args.no_cache, where=args.where,
+                           log=lambda line: print(line, file=sys.stderr))
+    except (FileNotFoundError, FileExistsError, PermissionError, WhereError) as err:
+        return fail(err)
     figures = sorted(p.stem for p in out.glob("*.png"))
     print(f"wrote {out / 'report.md'} and {len(figures)} figure(s) as PNG and SVG: {', '.join(figures) or 'none'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

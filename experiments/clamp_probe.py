@@ -18,6 +18,7 @@ of tokens on codes holding at most ``1e-5 N`` of them.
 
     python -m experiments.clamp_probe                     # full grid, seeds 0 1 2 (~8 min on one thread)
     python -m experiments.clamp_probe --quick --out /tmp/probe
+    python -m analysis.ablations --probe /tmp/probe          # its figure, claim4_probe.png/.svg
 """
 
 from __future__ import annotations
@@ -121,8 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd  # the CLI's dependencies; probe_case needs torch only
 
-    from analysis.ablations import clamp_probe_figure, save_figure
-    from analysis.jsonl import write_atomic
+    from experiments.run_dir import atomic_write
 
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else FULL_GRID
@@ -133,13 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values(["inv_temperature", "bits", "tokens", "seed"],
                                                                 ascending=[False, True, True, True])
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "probe.csv", lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    atomic_write(args.out / "probe.csv", lambda f: table.to_csv(f, index=False, float_format="%.6g"))
     command = shlex.join(["python", "-m", "experiments.clamp_probe", *argv])
     note = f"{command}\n# torch {torch.__version__}, {args.threads} thread(s)\n"
-    write_atomic(args.out / "command.txt", lambda p: p.write_text(note, encoding="utf-8"))
-    save_figure(clamp_probe_figure(table), args.out, "claim4_probe")
+    atomic_write(args.out / "command.txt", lambda f: f.write(note))
     print(table.drop(columns=["eps", "codebook_size"]).to_string(index=False))
-    print(f"wrote {args.out}/probe.csv, command.txt, claim4_probe.png/.svg")
+    # the figure is analysis's (experiments imports lfq only; analysis reads the CSV)
+    print(f"wrote {args.out}/probe.csv, command.txt; draw it with: python -m analysis.ablations --probe {args.out}")
     return 0
 
 

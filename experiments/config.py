@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from experiments.run_dir import name_problem
 from lfq.entropy import ENTROPY_KERNELS
 
 TASKS = ("images", "synthetic", "patches")
@@ -415,7 +416,7 @@ class Config:
         _coerce_fields(self, "")
         _check_choice("task", self.task, TASKS)
         _check_choice("scale", self.scale, SCALES)
-        _check(bool(self.name) and "/" not in self.name, "name", self.name, "must be non-empty, without '/'")
+        _check(not name_problem(self.name), "name", self.name, name_problem(self.name))  # a folder of results/
 
     def resolved(self) -> Config:
         """The config that actually runs: at scale 'smoke', every size shrunk to a run of seconds."""
@@ -583,11 +584,14 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any], overrides: Sequenc
     else:
         path = Path(path_or_dict)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} " + ("is a folder, not a YAML file" if path.is_dir()
+                                                             else "does not exist"))
         try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{path}: not valid YAML (or not UTF-8): {' '.join(str(e).split())}") from None
+        if d is None:  # an empty file would silently train every default
+            raise ConfigError(f"{path} is empty; give at least the keys that differ from the defaults, e.g. task: synthetic")
     if not isinstance(d, Mapping):
         raise ConfigError(f"{path_or_dict}: a config must be a YAML mapping, got {type(d).__name__}")
     return Config.from_dict(_merge_overrides(d, overrides))

@@ -133,9 +133,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({e})") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path}: not valid YAML (or not UTF-8): {' '.join(str(e).split())}") from None
     return sweep_from_dict(data, source=str(path), sweep_dir=path.resolve().parent)
 
 

@@ -41,9 +41,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
 from experiments import schedules
+from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
 from experiments.evaluation import FrechetDistance, evaluate, inception_extractor
-from experiments.run_dir import RunDir, truncate_jsonl
+from experiments.resources import check_resources
+from experiments.run_dir import (
+    RunDir,
+    RunDirError,
+    claimed,
+    prepare_run_folder,
+    restart,
+    run_status,
+    truncate_jsonl,
+)
 from experiments.runtime import Runtime, Throughput
 from experiments.tasks import get_task
 from lfq.monitor import JsonlSink, LFQMonitor
@@ -197,9 +207,23 @@ def preflight(config: Config) -> tuple[Runtime, Any]:
     return runtime, task
 
 
+def _shard_rows(config: Config) -> slice:
+    """This rank's rows of the global batch; ValueError unless the world size fits the config."""
+    world = ddp.world_size()
+    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
+    if config.data.val_size < world:
+        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
+                         f"every rank needs a validation shard")
+    return rows
+
+
 def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
         num_threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` in ``run_dir`` to the end and return its summary.
+
+    Holds the run's claim (``experiments.run_dir.claimed``, rank 0) throughout: RunClaimed if
+    another process trains this folder. CorruptRun if a file it would resume from (or a DONE
+    folder's summary) cannot be trusted; nothing is written then.
 
     Resumes from ``checkpoint.pt`` if the folder has one; returns the existing summary without
     doing anything if it has ``DONE``. A NaN or inf loss ends the run with status 'failed'
@@ -212,24 +236,35 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     second thread buys little, parallel runs that each take every core run an order of
     magnitude slower, and a fixed count keeps float reductions the same on every machine.
     """
+    _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the claim
+    if run_status(run_dir) == "done":  # read-only: a finished folder is not even claimed
+        return _run(config, run_dir, None, on_step=on_step, num_threads=num_threads)
+    prepared = preflight(config.resolved())  # a ConfigError here leaves no folder behind
+    with claimed(run_dir, ddp.is_main(), ddp.broadcast):
+        return _run(config, run_dir, prepared, on_step=on_step, num_threads=num_threads)
+
+
+def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | None, *,
+         on_step: Callable[[int], None] | None = None, num_threads: int | None = None) -> dict[str, Any]:
     config = config.resolved()
     run_id = config.run_id
-    runtime, task = preflight(config)  # a ConfigError here leaves no folder behind
+    runtime, task = prepared if prepared is not None else preflight(config)
     world, main, device = ddp.world_size(), ddp.is_main(), runtime.device
     if ddp.is_distributed() and ddp.backend() == "nccl" and device.type != "cuda":
         raise ConfigError(f"runtime.device={config.runtime.device!r} resolved to {device}, but this process group "
                           f"uses NCCL, which needs one GPU per rank: use runtime.device=auto or cuda")
-    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
-    if config.data.val_size < world:
-        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
-                         f"every rank needs a validation shard")
+    rows = _shard_rows(config)
     rd = RunDir(run_dir)
     existing = rd.read_config()
-    if existing is not None and existing.get("run_id") != run_id:
+    if existing is not None and existing.get("run_id", run_id) != run_id:  # no run_id: corrupt (below)
         raise ConfigError(f"{rd.path} holds run {existing.get('run_id')!r}, not {run_id!r}: "
                           f"use a fresh folder (the default is <out>/<run_id>)")
-    if rd.is_done():
-        return rd.read_summary() or {}
+    done = rd.finished_summary()  # CorruptRun for a DONE folder that is not whole
+    if done is not None:
+        return done
+    checkpoint = rd.load_checkpoint(run_id)  # weights_only; CorruptRun names the file and --restart
+    if checkpoint is not None:  # every row up to its step, or CorruptRun naming the gap
+        rd.verify_logs(checkpoint, {"train": config.logging.log_every, "val": config.schedule.val_every})
     if main:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(config.to_dict(), run_id)
@@ -276,7 +311,6 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                              dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
                              histogram_sink=JsonlSink(rd.histograms))
 
-        checkpoint = rd.load_checkpoint()  # tensors on the CPU: a GPU run resumes on a CPU and back
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the parameters' device
@@ -406,15 +440,16 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m experiments.train",
         description="Train one config in its run folder DIR/<run_id>.\n"
                     "Resumes from the folder's checkpoint.pt if there is one; does nothing if the\n"
                     "folder is DONE. Writes config.json, metrics.jsonl, histograms.jsonl,\n"
-                    "checkpoint.pt, summary.json, then DONE.",
+                    "checkpoint.pt, summary.json, then DONE. One process per run folder at a time.",
         epilog="example:\n  python -m experiments.train experiments/configs/synthetic.yaml "
                "quantizer.diversity_gamma=2 scale=smoke --out results/try\n\n"
-               "exit status: 0 done, 1 failed (see summary.json), 2 bad config or arguments",
+               "exit status: 0 done, 1 failed (see summary.json), 2 bad config or arguments, a corrupt\n"
+               "run folder (start it over with --restart) or a folder another process is training",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/synthetic.yaml")
@@ -427,13 +462,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch intra-op threads (default 1: the models are small; see run())")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the run folder, train nothing")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the run over: its folder (e.g. a corrupt checkpoint) is moved to "
+                             "DIR/_sweep/trash/ first, never deleted")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
     try:
         config = load_config(args.config, args.overrides)
         preflight(config.resolved())
-    except ConfigError as e:
-        parser.error(str(e))
-    run_dir = (args.out if args.out is not None else Path("results") / config.name) / config.run_id
+        check_resources(config)  # a run that cannot fit is refused before its folder exists
+        run_dir = prepare_run_folder(args.out, config)
+    except (ConfigError, RunDirError) as e:
+        return fail(e)
     if args.dry_run:
         import json
 
@@ -441,9 +482,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run folder: {run_dir}")
         return 0
     with ddp.process_group():  # data parallel under torchrun (RANK, WORLD_SIZE, ... set); else a no-op
-        if ddp.is_main():
-            print(f"run folder: {run_dir}", flush=True)
-        summary = run(config, run_dir, num_threads=args.threads)
+        try:
+            refused = None
+            if args.restart and ddp.is_main():
+                try:
+                    moved = restart(run_dir)
+                    if moved is not None:
+                        print(f"[restart] moved {run_dir} to {moved}", flush=True)
+                except RunDirError as e:
+                    refused = str(e)
+            refused = ddp.broadcast(refused)  # every rank stops, or none
+            if refused:
+                return fail(refused)
+            if ddp.is_main():
+                print(f"run folder: {run_dir}", flush=True)
+            summary = run(config, run_dir, num_threads=args.threads)
+        except RunDirError as e:  # claimed by another process, or corrupt: nothing was written
+            return fail(e)
         keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
         if ddp.is_main():
             print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
@@ -451,4 +506,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -5,10 +5,11 @@ trainer is imported when the job starts. On a timeout or preemption signal submi
 ``checkpoint()``, which hands back a fresh copy of the job; the requeued job calls
 ``experiments.train.run`` again, which resumes from the folder's ``checkpoint.pt``.
 
-The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held while the run trains. The
-kernel drops it when the process dies, however it dies (scancel, OOM kill, node reboot), so a
-stale claim cannot block a resubmission; a second job that finds it held returns at once
-(status ``skipped``). ``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
+The claim is ``experiments.run_dir.claim``: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held
+while the run trains, the same one ``python -m experiments.train`` takes. The kernel drops it when
+the process dies, however it dies (scancel, OOM kill, node reboot), so a stale claim cannot block a
+resubmission; a second job that finds it held returns at once (status ``skipped``).
+``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
 
 A job of several tasks (``tasks_per_node`` > 1, e.g. one per GPU) is one data-parallel run: every
 task joins the ``torch.distributed`` group (submitit's ``TorchDistributedEnvironment``, gloo on
@@ -24,7 +25,6 @@ again, and each resumes from the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -34,15 +34,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import submitit
 
-LOCK_NAME = ".lock"
-CLAIM_NAME = ".claim"
+from experiments import run_dir as run_folder
+from experiments.run_dir import CLAIM_NAME, LOCK_NAME, is_claimed, lock_is_held, read_claim  # noqa: F401 - re-exported
+
 SWEEP_META = "_sweep"  # the sweep's own folder, next to its run folders
 EVENTS_NAME = "events.jsonl"
-CLAIM_TRIES = 10
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -65,56 +65,9 @@ def job_id_here() -> str:
 
 @contextlib.contextmanager
 def claim(run_dir: Path) -> Iterator[bool]:
-    """Yields True while this process holds the run's claim, False if someone else holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
-    try:
-        # a few tries: slurm.status probes the lock by taking it for a few microseconds, while a real
-        # holder keeps it for the whole run
-        for attempt in range(CLAIM_TRIES):
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == CLAIM_TRIES - 1:
-                    yield False
-                    return
-                time.sleep(0.1)
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id_here(), "since": time.time()}
-        tmp = run_dir / f"{CLAIM_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, run_dir / CLAIM_NAME)
-        yield True
-    finally:
-        handle.close()  # releases the flock
-
-
-def is_claimed(run_dir: Path) -> bool:
-    """Whether a live process holds the run's claim (a probe: takes and drops the lock at once)."""
-    return lock_is_held(run_dir / LOCK_NAME)
-
-
-def lock_is_held(path: Path) -> bool:
-    """Whether a live process holds an exclusive flock on ``path``.
-
-    Probes with a shared lock, so two probes at once never mistake each other for a holder;
-    the kernel drops a dead holder's lock, so a crashed process never looks alive.
-    """
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def read_claim(run_dir: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((run_dir / CLAIM_NAME).read_text())
-    return {}
+    """The run's claim (``experiments.run_dir.claim``, which the trainer takes too), naming this job."""
+    with run_folder.claim(run_dir, info={"job_id": job_id_here()}) as held:
+        yield held
 
 
 def tasks_here() -> int:
@@ -177,18 +130,25 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def _verdict(self, run_dir: Path, stack: contextlib.ExitStack) -> dict[str, Any] | None:
         """On rank 0: None to train (the claim then stays held in ``stack``), else the result to return."""
-        from experiments import run_dir as run_folder
-
         run_id = run_dir.name
-        if run_folder.is_done(run_dir):
-            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+
+        def finished() -> dict[str, Any] | None:
+            state, why = run_folder.finished(run_dir)
+            if state == "done":
+                return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+            if state == "corrupt":  # never trained over: slurm.submit sets such a folder aside first
+                print(f"[job] {run_id}: run folder is corrupt ({why}); not touching it", flush=True)
+                return {"run_id": run_id, "status": "corrupt", "reason": why}
+            return None
+
+        verdict = finished()
+        if verdict is not None:
+            return verdict
         if not stack.enter_context(claim(run_dir)):
             owner = read_claim(run_dir)
             print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
             return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
-        if run_folder.is_done(run_dir):  # finished while this job waited in the queue
-            return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
-        return None
+        return finished()  # finished while this job waited in the queue
 
     def _run(self) -> dict[str, Any]:
         from experiments import distributed as ddp  # lazily: the job pickle stays small and import-free

@@ -2,12 +2,12 @@
 
 Layout of ``results/<sweep>/``::
 
-    <run_id>/                 run folders (experiments.run_dir), plus .lock/.claim (slurm.job)
+    <run_id>/                 run folders (experiments.run_dir), with their claim .lock/.claim
     _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
     _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time
     _sweep/events.jsonl       start/end of each job attempt (slurm.job) and local exits (slurm.local)
     _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
-    _sweep/trash/             run folders set aside by ``submit --force``
+    _sweep/trash/             run folders set aside by ``submit --force``, ``train --restart``, a corrupt resubmission
 
 A run's state comes from its folder first (DONE, summary.json, a held claim) and from the
 scheduler second (squeue and sacct; the local pool's lock), because only the folder survives a
@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,18 @@ from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import read_job_id
 
 from experiments import run_dir as run_folder
-from slurm.job import EVENTS_NAME, SWEEP_META, is_claimed, read_claim
+from experiments.run_dir import is_claimed, read_claim
+from slurm.job import EVENTS_NAME, SWEEP_META
 from slurm.local import pool_alive
 
-STATES = ("pending", "running", "done", "failed", "cancelled", "missing")
-RESUBMITTABLE = ("failed", "cancelled", "missing")
+STATES = ("pending", "running", "done", "failed", "cancelled", "corrupt", "missing")
+# corrupt: DONE but its summary or config is missing or unreadable (experiments.run_dir.finished);
+# a resubmission sets its folder aside first (slurm.submit), so nothing is lost
+RESUBMITTABLE = ("failed", "cancelled", "corrupt", "missing")
 SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "CONFIGURING"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 SLURM_CANCELLED = {"CANCELLED", "REVOKED"}
+Log = Callable[[str], None]
 JUST_SUBMITTED_S = 60  # a job younger than this that no scheduler command lists yet is still in flight
 
 
@@ -188,8 +192,9 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
     if summary.get("status") == "failed":  # the trainer's reason, then its traceback's last lines
         failed_reason = "\n".join(x for x in (str(summary.get("reason", "")).strip(),
                                                str(summary.get("error", "")).strip()) if x)
-    if run_folder.is_done(run_dir):
-        return ("failed", failed_reason) if failed_reason else ("done", f"step {summary.get('step', '?')}")
+    folder_state, why = run_folder.finished(run_dir)
+    if folder_state == "done":
+        return ("done", f"step {summary.get('step', '?')}")
     if is_claimed(run_dir):
         claim = read_claim(run_dir)
         return ("running", f"pid {claim.get('pid')} on {claim.get('host')}")
@@ -204,6 +209,8 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
             pool_alive(Path(rec.get("pool_lock", "/nonexistent")))
             or _controller_alive(rec.get("job_id", ""), rec.get("time", 0))):
         return ("pending", f"waiting in the local pool (pid {_read_pid(rec.get('pool_lock', ''))})")
+    if folder_state == "corrupt":
+        return ("corrupt", why)
     if failed_reason:
         return ("failed", failed_reason)
     if not rec:
@@ -263,3 +270,32 @@ def summarise(states: Iterable[RunState]) -> dict[str, int]:
 
 def dump_record(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True)
+
+
+def wait_for(folder: SweepFolder, run_ids: Sequence[str], poll_s: float = 5.0, timeout_s: float | None = None,
+             log: Log = print) -> dict[str, int]:
+    """Poll until none of ``run_ids`` is pending or running; returns the final state counts."""
+    start, last = time.monotonic(), ""
+    try:
+        return _wait(folder, run_ids, poll_s, timeout_s, log, start, last)
+    except KeyboardInterrupt:
+        # local pools ignore Ctrl-C and SLURM jobs never see it: only the waiting stops
+        log(f"[wait] stopped waiting; the runs go on. Follow: python -m slurm.status {folder.root}  "
+            f"(a local sweep stops with `kill <pool pid>`, shown there)")
+        raise SystemExit(130) from None
+
+
+def _wait(folder: SweepFolder, run_ids: Sequence[str], poll_s: float, timeout_s: float | None, log: Log,
+          start: float, last: str) -> dict[str, int]:
+    while True:
+        counts = summarise(run_states(folder, run_ids))
+        line = ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k])
+        if line != last:
+            log(f"[wait] {time.strftime('%H:%M:%S')} {folder.root.name}: {line}")
+            last = line
+        if counts["pending"] + counts["running"] == 0:
+            return counts
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"sweep {folder.root} still has {counts['pending']} pending and "
+                               f"{counts['running']} running runs after {timeout_s:.0f} s")
+        time.sleep(poll_s)

@@ -8,22 +8,25 @@
 States: pending (queued), running, done, failed (with the last lines of its error), cancelled
 (scancel, or a local pool that was stopped), missing (never submitted). They come from the run
 folders first (DONE, summary.json, the run's claim) and from SLURM (squeue/sacct) or the local
-pool second. ``--resubmit`` submits exactly the failed, cancelled and missing runs.
+pool second; corrupt (DONE, but its summary.json or config.json is missing or unreadable: the one
+definition of a finished run is ``experiments.run_dir.finished``). ``--resubmit`` submits exactly
+the failed, cancelled, corrupt and missing runs (a corrupt folder is moved to ``_sweep/trash/`` first).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError
 from experiments.sweep import RunSpec, SweepError, expand, load_sweep
 from slurm.profiles import ProfileError
-from slurm.state import RESUBMITTABLE, STATES, RunState, SweepFolder, run_states, summarise
+from slurm.state import RESUBMITTABLE, STATES, RunState, SweepFolder, run_states, summarise, wait_for  # noqa: F401
 from slurm.submit import SubmitError, add_submit_options, resource_args, submit_runs
 
 Log = Callable[[str], None]
@@ -32,6 +35,12 @@ Log = Callable[[str], None]
 def resolve(target: Path, results: Path, overrides: Sequence[str]
             ) -> tuple[SweepFolder, list[RunSpec] | None, dict[str, Any]]:
     """The sweep folder, the sweep file's runs (None for a folder) and the sweep's resources."""
+    if not target.exists():
+        if target.suffix in (".yaml", ".yml"):
+            raise SubmitError(f"sweep file {target} does not exist; see experiments/sweeps/ for the sweep files")
+        near = difflib.get_close_matches(target.name, [p.name for p in _folders(target.parent)], n=1)
+        hint = f" (did you mean {target.parent / near[0]}?)" if near else ""
+        raise SubmitError(f"{target} does not exist{hint}: give a sweep folder (results/<sweep>) or a sweep file")
     if target.is_dir():
         if overrides:
             raise SubmitError("key=value overrides only make sense with a sweep file, not a sweep folder")
@@ -39,6 +48,13 @@ def resolve(target: Path, results: Path, overrides: Sequence[str]
         return folder, None, folder.read_sweep().get("resources", {})
     sweep = load_sweep(target)
     return SweepFolder(results / sweep.name), expand(sweep, overrides), dict(sweep.resources)
+
+
+def _folders(parent: Path) -> list[Path]:
+    try:
+        return [p for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    except OSError:
+        return []
 
 
 def known_runs(folder: SweepFolder, specs: list[RunSpec] | None) -> list[RunSpec]:
@@ -66,37 +82,8 @@ def table(states: Sequence[RunState], specs: Sequence[RunSpec], lines: int = 5) 
     return text + ("\n" + "\n".join(errors) if errors else "")
 
 
-def wait_for(folder: SweepFolder, run_ids: Sequence[str], poll_s: float = 5.0, timeout_s: float | None = None,
-             log: Log = print) -> dict[str, int]:
-    """Poll until none of ``run_ids`` is pending or running; returns the final state counts."""
-    start, last = time.monotonic(), ""
-    try:
-        return _wait(folder, run_ids, poll_s, timeout_s, log, start, last)
-    except KeyboardInterrupt:
-        # local pools ignore Ctrl-C and SLURM jobs never see it: only the waiting stops
-        log(f"[wait] stopped waiting; the runs go on. Follow: python -m slurm.status {folder.root}  "
-            f"(a local sweep stops with `kill <pool pid>`, shown there)")
-        raise SystemExit(130) from None
-
-
-def _wait(folder: SweepFolder, run_ids: Sequence[str], poll_s: float, timeout_s: float | None, log: Log,
-          start: float, last: str) -> dict[str, int]:
-    while True:
-        counts = summarise(run_states(folder, run_ids))
-        line = ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k])
-        if line != last:
-            log(f"[wait] {time.strftime('%H:%M:%S')} {folder.root.name}: {line}")
-            last = line
-        if counts["pending"] + counts["running"] == 0:
-            return counts
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"sweep {folder.root} still has {counts['pending']} pending and "
-                               f"{counts['running']} running runs after {timeout_s:.0f} s")
-        time.sleep(poll_s)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slurm.status", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m slurm.status", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("target", type=Path, help="a sweep folder (results/<sweep>) or a sweep file")
@@ -127,10 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             counts = wait_for(folder, [r.run_id for r in runs])
             return 0 if counts["failed"] + counts["cancelled"] + counts["missing"] == 0 else 1
     except (SweepError, ConfigError, ProfileError, SubmitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

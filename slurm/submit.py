@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -32,12 +31,15 @@ from typing import Any
 import submitit
 import yaml
 
+from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import ConfigError
+from experiments.resources import check_resources
+from experiments.run_dir import RunDirError, check_writable, set_aside
 from experiments.sweep import RunSpec, Sweep, SweepError, expand, load_sweep
 from slurm.job import RunJob
 from slurm.local import LocalPool, machine_cpus, machine_mem_gb, pool_size
 from slurm.profiles import ProfileError, resolve_resources
-from slurm.state import SweepFolder, dump_record, run_states
+from slurm.state import SweepFolder, dump_record, run_states, wait_for
 
 CLUSTERS = ("local", "debug", "slurm")
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default
@@ -127,6 +129,20 @@ def refuse_multi_task(cluster: str, params: dict[str, Any]) -> None:
             f"or --tasks 1 (and at most --gpus 1) to train each run in one process on the same global batch")
 
 
+def refuse_local_overreach(cluster: str, params: dict[str, Any]) -> None:
+    """--cluster local runs on this machine: a request larger than it is refused before anything is written."""
+    if cluster != "local":
+        return
+    cpus = int(params.get("cpus_per_task", 1))
+    if cpus > machine_cpus():
+        raise SubmitError(f"--cluster local: each run asks for {cpus} cpus but this machine has {machine_cpus()}; "
+                          f"lower --cpus (or the profile's 'cpus')")
+    mem = params.get("mem_gb")
+    if mem and mem > machine_mem_gb():
+        raise SubmitError(f"--cluster local: each run asks for {mem:g} GB but this machine has {machine_mem_gb():.1f} GB; "
+                          f"lower --mem (or the profile's 'memory')")
+
+
 def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
                   name: str, log: Log) -> tuple[list[Any], str]:
     """(the jobs submitted, in the order of ``todo``; an error if sbatch refused an array, else '')."""
@@ -155,14 +171,7 @@ def _submit_slurm(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
 
 def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, params: dict[str, Any],
                   log: Log) -> tuple[Any, int]:
-    cpus = int(params.get("cpus_per_task", 1))
-    if cpus > machine_cpus():
-        raise SubmitError(f"--cluster local: each run asks for {cpus} cpus but this machine has {machine_cpus()}; "
-                          f"lower --cpus (or the profile's 'cpus')")
-    mem = params.get("mem_gb")
-    if mem and mem > machine_mem_gb():
-        raise SubmitError(f"--cluster local: each run asks for {mem:g} GB but this machine has {machine_mem_gb():.1f} GB; "
-                          f"lower --mem (or the profile's 'memory')")
+    cpus, mem = int(params.get("cpus_per_task", 1)), params.get("mem_gb")
     workers = pool_size(len(todo), cpus, params.get("slurm_array_parallelism"), mem)
     executor = submitit.AutoExecutor(folder=subdir, cluster="local")
     # trap: Ctrl-C on `submit --wait` only stops the waiting; the sweep is stopped by `kill <pool pid>`.
@@ -176,6 +185,28 @@ def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
     log(f"[submit] local pool (pid {job.job_id}): {len(todo)} runs, {workers} at a time, {cpus} cpu(s) each "
         f"(machine: {machine_cpus()} cpus); log {job.paths.stdout}")
     return job, workers
+
+
+def check_results_root(results: str | Path, write: bool = True) -> Path:
+    """The results root, resolved; SubmitError if it is a file (or, to write, cannot be created)."""
+    root = Path(results)
+    if root.exists() and not root.is_dir():
+        raise SubmitError(f"--results {root} is a file, not a folder; give the folder that holds the sweep folders")
+    if write:
+        try:
+            check_writable(root, "--results")
+        except RunDirError as e:
+            raise SubmitError(str(e)) from None
+    return root.resolve()
+
+
+def _memory_limit(cluster: str, params: dict[str, Any]) -> tuple[int | None, str]:
+    """What a run may use: the requested memory if any, else this machine's (local, debug) or no limit."""
+    if params.get("mem_gb"):
+        return int(float(params["mem_gb"]) * 2**30), f"the requested --mem {params['mem_gb']:g} GB"
+    if cluster == "slurm":
+        return 2**62, "the cluster"  # its nodes are unknown here; sbatch refuses what none has
+    return None, "this machine"
 
 
 def submit_sweep(sweep: Sweep | str | Path, *, cluster: str = "local", results: str | Path = "results",
@@ -206,13 +237,18 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
         raise SubmitError(f"unknown cluster {cluster!r}; choose one of {list(CLUSTERS)}")
     profile_name, params = resolve_resources(sweep_resources, profile, resources)
     refuse_multi_task(cluster, params)  # before anything is written
+    refuse_local_overreach(cluster, params)
     # absolute: jobs may start in another working directory (a cluster's --chdir, a login node's $HOME)
-    folder = SweepFolder(Path(results).resolve() / name)
+    for spec in runs:  # refused before anything is written: a run that cannot fit never reaches a queue
+        check_resources(spec.config, *_memory_limit(cluster, params))
+    folder = SweepFolder(check_results_root(results, write=not dry_run) / name)
     result = SubmitResult(sweep=name, folder=folder.root, cluster=cluster)
 
-    with sweep_lock(folder):
+    # a dry run only reads: it takes no lock and creates nothing
+    with sweep_lock(folder) if not dry_run else contextlib.nullcontext():
         states = {s.run_id: s for s in run_states(folder, [r.run_id for r in runs])}
         todo: list[RunSpec] = []
+        corrupt: list[RunSpec] = []
         for spec in runs:
             state = states[spec.run_id].state
             if state in ("pending", "running"):
@@ -221,6 +257,10 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
                 result.done.append(spec.run_id)
             else:
                 todo.append(spec)
+                if state == "corrupt":
+                    corrupt.append(spec)
+                    log(f"[submit] {spec.run_id} is corrupt ({states[spec.run_id].detail}): its folder goes to "
+                        f"{folder.meta / 'trash'}/ and the run starts over")
         log(f"[submit] sweep {name!r}: {len(runs)} runs ({len(result.done)} done, {len(result.in_flight)} "
             f"queued or running, {len(todo)} to submit) -> {folder.root} [cluster {cluster}, profile "
             f"{profile_name}: {params}]")
@@ -235,11 +275,10 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
             log("[submit] nothing to submit")
             return result
         stamp = _stamp()
-        if force:  # start from scratch, keeping the old folders aside rather than deleting results
-            for spec in todo:
-                old = folder.root / spec.run_id
-                if old.exists():
-                    shutil.move(str(old), str(folder.meta / "trash" / f"{spec.run_id}-{stamp}"))
+        # start from scratch, keeping the old folders aside rather than deleting results
+        for spec in todo if force else corrupt:
+            if (folder.root / spec.run_id).exists():
+                set_aside(folder.root / spec.run_id)
         subdir = folder.submissions / stamp  # fresh: SLURM job ids restart at 1 on a new cluster
         result.submission_dir = subdir
         now = time.time()
@@ -330,7 +369,7 @@ def split_overrides(only: list[str] | None, overrides: list[str]) -> tuple[list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("sweep", type=Path, help="sweep file, e.g. experiments/sweeps/demo.yaml")
@@ -348,15 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               dry_run=args.dry_run, force=args.force, only=only, profile=args.profile,
                               resources=resource_args(args))
     except (SweepError, ConfigError, ProfileError, SubmitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.wait and not args.dry_run and args.cluster != "debug":
-        from slurm.status import wait_for
-
         counts = wait_for(SweepFolder(result.folder), [*result.submitted, *result.in_flight, *result.done])
         return 0 if counts["failed"] + counts["cancelled"] + counts["missing"] == 0 else 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -347,3 +347,16 @@ def test_clamp_probe_table_and_loader(tmp_path: Path) -> None:
     probe.drop(columns="grad_cosine").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(analysis.NoData, match=r"bad.csv is not a clamp probe table: no \['grad_cosine'\]"):
         analysis.load_clamp_probe(tmp_path / "bad.csv")
+
+
+def test_a_sweep_folder_that_tests_no_claim_is_summarised_not_a_crash(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "runs" / "mine", "a", seed=0)
+    write_run(tmp_path / "runs" / "mine", "b", seed=1)
+    broken = write_run(tmp_path / "runs" / "mine", "c", seed=2)
+    (broken / "config.json").unlink()
+    (broken / "DONE").unlink()
+    assert ab.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "mine: tests no claim" in err
+    assert f"skipped {broken}: no config.json" in err  # a dropped folder is named, never silent
+    assert len(pd.read_csv(tmp_path / "out" / "mine" / "summary.csv")) == 2

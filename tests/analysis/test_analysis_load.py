@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
 import pytest
 from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
@@ -58,23 +62,29 @@ def test_statuses_running_failed_incomplete(tmp_path: Path) -> None:
     assert runs.loc["no_marker", "status"] == "incomplete"
 
 
-def test_damaged_folders_are_reported_and_skipped(grid_sweep: Path) -> None:
+def test_damaged_folders_are_reported_as_corrupt_or_skipped(grid_sweep: Path) -> None:
     bad_config = write_run(grid_sweep, "bad_config")
     (bad_config / "config.json").write_text('{"name": "synthetic", "quant')
     bad_summary = write_run(grid_sweep, "bad_summary")
     (bad_summary / "summary.json").write_text("[1, 2]")
     no_config = write_run(grid_sweep, "no_config")
     (no_config / "config.json").unlink()
+    unfinished = write_run(grid_sweep, "unfinished_bad_config", status=None)
+    (unfinished / "config.json").write_bytes(b"\xff\xfe not utf-8")
 
-    with pytest.warns(analysis.LoadWarning, match="skipped 3 run folder"):
+    with pytest.warns(analysis.LoadWarning, match="skipped 1 run folder"):
         runs = analysis.load_runs(grid_sweep)
-    assert len(runs) == 8
-    problems = {Path(p.run_dir).name: p for p in runs.attrs["problems"]}
-    assert set(problems) == {"bad_config", "bad_summary", "no_config"}
-    assert all(p.skipped for p in problems.values())
-    assert "unreadable config.json" in problems["bad_config"].reason
-    assert "expected a JSON object" in problems["bad_summary"].reason
-    assert problems["no_config"].reason.startswith("no config.json (has metrics.jsonl")
+    # DONE but not whole: a row with status corrupt and the reason, never silently dropped
+    assert len(runs) == 8 + 3
+    corrupt = runs[runs["status"] == "corrupt"].set_index("run_id")["reason"]
+    assert set(corrupt.index) == {"bad_config", "bad_summary", "no_config"}
+    assert corrupt["bad_config"].startswith("DONE but config.json is unreadable (JSONDecodeError")
+    assert corrupt["bad_summary"] == "DONE but summary.json holds a JSON list, not an object"
+    assert corrupt["no_config"] == "DONE but no config.json"
+    # no DONE and no readable config: nothing to report it by, so skipped and listed
+    (problem,) = runs.attrs["problems"]
+    assert Path(problem.run_dir).name == "unfinished_bad_config" and problem.skipped
+    assert "config.json is unreadable (UnicodeDecodeError" in problem.reason
 
 
 def test_bookkeeping_folders_are_not_searched(grid_sweep: Path) -> None:
@@ -166,31 +176,77 @@ def test_cache_is_used_and_invalidated_by_a_change(tmp_path: Path) -> None:
     run = write_run(tmp_path / "results", "r")
     cache = tmp_path / "my-cache"
     first = analysis.load_metrics(tmp_path / "results", cache=cache)
-    entries = list(cache.glob("*.pkl"))
-    assert len(entries) == 1
+    entries = per_run_entries(cache)
+    assert len(entries) == 1 and not list(cache.glob("*.pkl"))
+    assert len(list(cache.glob("set-*.arrow"))) == 1  # the whole load, for the next identical one
+    for entry in cache.glob("set-*.arrow"):  # without it the next load reads the per-run entries
+        entry.unlink()
     # A cache hit does not parse: change the entry's columns and see the change come back.
-    table, notes = pd.read_pickle(entries[0])
-    table["loss"] = np.full(len(table["loss"]), -1.0)
-    pd.to_pickle((table, notes), entries[0])
+    table = feather.read_table(entries[0])
+    i = table.column_names.index("loss")
+    table = table.set_column(i, "loss", pa.array(np.full(len(table), -1.0))).replace_schema_metadata(
+        table.schema.metadata)
+    feather.write_feather(table, str(entries[0]), compression="uncompressed")
     assert (analysis.load_metrics(tmp_path / "results", cache=cache)["loss"] == -1.0).all()
     # Appending changes size and mtime: parsed again, the stale entry replaced.
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 99, "kind": "val", "val_mse": 0.5}) + "\n")
     again = analysis.load_metrics(tmp_path / "results", cache=cache)
     assert len(again) == len(first) + 1 and again["step"].max() == 99
-    assert len(list(cache.glob("*.pkl"))) == 1
+    assert len(per_run_entries(cache)) == 1 and len(list(cache.glob("set-*.arrow"))) == 1
 
 
-def test_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+def per_run_entries(cache: Path) -> list[Path]:
+    return [p for p in cache.glob("*.arrow") if not p.name.startswith("set-")]
+
+
+@pytest.mark.parametrize("which", ["per-run", "set"])
+@pytest.mark.parametrize("planted", [b"not an arrow file", pickle.dumps(RuntimeError("boom"))])
+def test_damaged_or_planted_cache_entry_is_rebuilt_never_executed(tmp_path: Path, planted: bytes, which: str) -> None:
     write_run(tmp_path / "results", "r")
     cache = tmp_path / "cache2"
     first = analysis.load_metrics(tmp_path / "results", cache=cache)
-    (entry,) = cache.glob("*.pkl")
-    entry.write_bytes(b"not a pickle")
+    (entry,) = per_run_entries(cache) if which == "per-run" else cache.glob("set-*.arrow")
+    entry.write_bytes(planted)
+    if which == "per-run":  # else the whole-load entry answers and the planted file is never opened
+        for whole in cache.glob("set-*.arrow"):
+            whole.unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = analysis.load_metrics(tmp_path / "results", cache=cache)
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_no_module_of_analysis_reads_pickles() -> None:
+    for path in Path(analysis.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "read_pickle" not in text, path
+
+
+def test_the_arrow_reader_and_the_repairing_parser_give_the_same_frame(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "a", "r", steps=7)
+    fast = analysis.load_metrics(tmp_path / "a", cache=False)
+    # a torn last line sends the same file through the stdlib parser, which drops that line
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "ki')
+    slow = analysis.load_metrics(tmp_path / "a", cache=False, warn=False)
+    pd.testing.assert_frame_equal(fast, slow)
+
+
+def test_a_compacted_log_in_step_with_its_json_is_read_instead(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "a", "r", steps=7)
+    frame = analysis.load_metrics(tmp_path / "a", cache=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    size = (run / "metrics.jsonl").stat().st_size
+    pq.write_table(table.replace_schema_metadata({b"lfq.source_bytes": str(size).encode()}), run / "metrics.parquet")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().replace('"train"', '"TRAIN"'))
+    # the same size: the Parquet file is taken (the JSON was altered behind its back, as a test of which is read)
+    pd.testing.assert_frame_equal(analysis.load_metrics(tmp_path / "a", cache=False), frame)
+    with (run / "metrics.jsonl").open("a") as f:  # out of step: the JSON is read
+        f.write(json.dumps({"step": 99, "kind": "val", "val_mse": 0.5}) + "\n")
+    assert analysis.load_metrics(tmp_path / "a", cache=False)["step"].max() == 99
 
 
 def test_load_histograms_one_row_per_code(grid_sweep: Path) -> None:
@@ -207,4 +263,4 @@ def test_process_pool_gives_the_same_frame(grid_sweep: Path, tmp_path: Path) -> 
     serial = analysis.load_metrics(grid_sweep, cache=False, workers=1)
     pooled = analysis.load_metrics(grid_sweep, cache=tmp_path / "pool-cache", workers=2)
     pd.testing.assert_frame_equal(serial, pooled)
-    assert len(list((tmp_path / "pool-cache").glob("*.pkl"))) == 8  # the workers filled the cache
+    assert len(per_run_entries(tmp_path / "pool-cache")) == 8  # the workers filled the cache

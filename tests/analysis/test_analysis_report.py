@@ -41,7 +41,7 @@ def test_report_writes_every_figure_and_the_tables(grid_report: tuple[Path, Path
         assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     text = (out / "report.md").read_text()
     status = dict(_table(text, "Runs by status"))
-    assert status == {"done": "8", "failed": "0", "running": "0", "incomplete": "0", "total": "8"}
+    assert status == {"done": "8", "failed": "0", "running": "0", "incomplete": "0", "corrupt": "0", "total": "8"}
     grid = _table(text, "Grid points")
     assert len(grid) == 4  # 2 gammas x 2 fracs
     assert all("±" in row[4] for row in grid)  # mean ± std of final usage over 2 seeds
@@ -66,8 +66,10 @@ def test_report_on_a_running_sweep_with_a_damaged_folder(tmp_path: Path) -> None
     assert dict(_table(text, "Runs by status"))["running"] == "1"
     runs = {row[0]: row for row in _table(text, "Runs")}
     assert runs["running"][2] == "running" and runs["running"][3] == "2/3"
+    assert runs["broken"][2] == "corrupt"  # DONE but an unreadable config: listed, with its reason
+    assert "DONE but config.json is unreadable" in runs["broken"][-1]
+    assert dict(_table(text, "Runs by status"))["corrupt"] == "1"
     problems = _table(text, "Run folders with problems")
-    assert ["broken", "config.json", "skipped"] == problems[0][:3]
     assert any(row[:3] == ["running", "metrics.jsonl", "repaired"] for row in problems)
     skipped = text.split("## Figures skipped\n", 1)[1]
     assert re.search(r"`rank_frequency`: no histogram snapshots", skipped)
@@ -106,3 +108,36 @@ def test_report_of_an_empty_folder(tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert dict(_table(text, "Runs by status"))["total"] == "0"
     assert "No figure could be drawn yet." in text
+
+
+def test_where_picks_runs_and_the_terminal_names_the_skipped_figures(tmp_path: Path, capsys) -> None:
+    # the README's old trap: smoke runs of another example mixed into the demo's folder
+    sweep = make_grid_sweep(tmp_path / "mixed")
+    for seed in (0, 1):
+        write_run(sweep, f"smoke{seed}", seed=seed, codebook_size=64)
+    assert main([str(sweep), "--out", str(tmp_path / "all"), "--no-cache"]) == 0
+    err = capsys.readouterr().err
+    for stem in ("usage_heatmap", "usage_vs_gamma"):
+        assert re.search(rf"^skipped {stem}: other parameters vary too \(quantizer.codebook_size\); "
+                         r"pick one value of each with --where KEY=VALUE", err, re.MULTILINE), err
+    assert not (tmp_path / "all" / "usage_heatmap.png").exists()
+
+    assert main([str(sweep), "--out", str(tmp_path / "picked"), "--no-cache",
+                 "--where", "quantizer.codebook_size=16", "--where", "name=synthetic"]) == 0
+    assert "skipped usage" not in capsys.readouterr().err
+    text = (tmp_path / "picked" / "report.md").read_text()
+    assert "runs picked with `quantizer.codebook_size=16`, `name=synthetic`" in text
+    assert dict(_table(text, "Runs by status"))["total"] == "8"
+    for stem in ("usage_heatmap", "usage_vs_gamma"):
+        assert (tmp_path / "picked" / f"{stem}.png").exists()
+
+    # the Python API: the same filter on a runs frame, and in write_report
+    import analysis
+
+    runs = analysis.load_runs(sweep)
+    assert len(analysis.where(runs, {"quantizer.codebook_size": 16})) == 8
+    assert len(analysis.where(runs, ["quantizer.codebook_size=64.0"])) == 2  # numbers compare as numbers
+    with pytest.raises(analysis.WhereError, match="quantizer.codebook_size has: 16, 64"):
+        analysis.where(runs, ["quantizer.codebook_size=1024"])
+    out = write_report(sweep, tmp_path / "api", cache=False, where={"quantizer.codebook_size": 64})
+    assert dict(_table((out / "report.md").read_text(), "Runs by status"))["total"] == "2"

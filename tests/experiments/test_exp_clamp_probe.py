@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis import ablations
 from experiments import clamp_probe
 from lfq import LFQ
 from lfq.entropy import EntropyInputs, exact_entropy, reference_entropy
@@ -80,7 +81,10 @@ def test_cli_writes_the_table_command_and_figure(tmp_path, capsys):
     assert table["entropy_gap"].min() >= -1e-5  # the clamp can only lower the entropy
     assert (table["codes_in_use"] <= table[["codebook_size", "tokens"]].min(axis=1)).all()
     assert "python -m experiments.clamp_probe --quick --out" in (out / "command.txt").read_text()
-    assert (out / "claim4_probe.png").stat().st_size > 10_000
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
     printed = capsys.readouterr().out
     assert printed.count("[clamp_probe]") == len(table)
+    assert f"python -m analysis.ablations --probe {out}" in printed
+    # the figure is drawn by analysis from the CSV alone (experiments never imports analysis)
+    assert ablations.main(["--probe", str(out)]) == 0
+    assert (out / "claim4_probe.png").stat().st_size > 10_000

@@ -37,7 +37,8 @@ def test_a_run_writes_the_documented_folder(tmp_path):
     summary = run(config, tmp_path)
     rd = RunDir(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
-                                                     "checkpoint.pt", "summary.json", "DONE"}
+                                                     "checkpoint.pt", "summary.json", "DONE", "metrics.parquet",
+                                                     ".lock", ".claim"}  # the run's claim (run_dir.claim)
     assert rd.read_config()["run_id"] == config.run_id == summary["run_id"]
     assert SUMMARY_KEYS <= set(summary) and summary["status"] == "done" and summary["step"] == 30
     assert summary == rd.read_summary()

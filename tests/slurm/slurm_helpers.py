@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,19 @@ def sacct_state(job_id: str) -> str:
     out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State", "-j", job_id],
                          capture_output=True, text=True, timeout=30).stdout.split()
     return out[-1] if out else ""
+
+
+@contextlib.contextmanager
+def held_by_another_process(run_dir: Path) -> Iterator[int]:
+    """The run's claim held by a child process (a claim is re-entrant within one process); yields its pid."""
+    code = ("import sys\nfrom experiments.run_dir import claim\n"
+            "with claim(sys.argv[1]) as held:\n    print(held, flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "True"
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from slurm_helpers import wait_until, write_sweep
+from slurm_helpers import held_by_another_process, wait_until, write_sweep
 
 from experiments import run_dir as run_folder
 from experiments.config import load_config
@@ -115,10 +118,13 @@ def test_a_claimed_run_is_not_started_twice(tmp_path: Path) -> None:
     config = load_config({"task": "synthetic"}, ["scale=smoke"])
     run_dir = tmp_path / "sweep" / config.run_id
     job = RunJob(config.to_dict(), str(run_dir), threads=1)
-    with claim(run_dir) as held:  # as a job running this run elsewhere would hold it
-        assert held and is_claimed(run_dir)
-        assert job()["status"] == "skipped"
+    with held_by_another_process(run_dir) as pid:  # as a job running this run elsewhere would hold it
+        assert is_claimed(run_dir)
+        skipped = job()
+        assert skipped["status"] == "skipped" and f"'pid': {pid}" in skipped["reason"]
         assert not (run_dir / "config.json").exists()  # the trainer never started
+        with claim(run_dir) as held:
+            assert not held  # the same lock the trainer takes
     assert not is_claimed(run_dir)  # released with the holder
     assert job()["status"] == "done" and run_folder.is_done(run_dir)
     # checkpoint() hands back a fresh job holding only the config and the folder
@@ -140,3 +146,52 @@ def test_force_reruns_a_done_run_from_scratch_and_keeps_the_old_folder(tmp_path:
     same = ("final_val_mse", "final_usage_fraction", "step")  # the rerun is the same pure function of its config
     assert [run_folder.read_summary(old)[k] for k in same] == [run_folder.read_summary(first.folder / run_id)[k]
                                                                  for k in same]
+
+
+@pytest.mark.parametrize("damage", ["summary.json", "config.json"])
+def test_a_done_run_with_a_missing_file_is_corrupt_and_resubmit_restarts_it(tmp_path: Path, damage: str,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    sweep = write_sweep(tmp_path, "corrupt")
+    results = tmp_path / "results"
+    (run_id,) = submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"]).submitted
+    folder = results / "corrupt"
+    (folder / run_id / damage).unlink()  # DONE stays: the marker alone used to count as done
+    (state,) = run_states(SweepFolder(folder), [run_id])
+    assert state.state == "corrupt" and state.detail == f"DONE but no {damage}"
+    capsys.readouterr()
+    assert status_main([str(folder), "--resubmit", "--cluster", "debug"]) == 0
+    out = capsys.readouterr().out
+    assert "1 corrupt (of 1)" in out and f"{run_id} is corrupt (DONE but no {damage})" in out
+    assert run_folder.finished(folder / run_id) == ("done", "")
+    (aside,) = (folder / "_sweep" / "trash").iterdir()  # the old folder is kept, not deleted
+    assert aside.name.startswith(run_id) and (aside / "DONE").exists() and not (aside / damage).exists()
+
+
+def test_a_job_never_trains_over_a_corrupt_folder(tmp_path: Path) -> None:
+    config = load_config({"task": "synthetic"}, ["scale=smoke"])
+    run_dir = tmp_path / "sweep" / config.run_id
+    job = RunJob(config.to_dict(), str(run_dir), threads=1)
+    assert job()["status"] == "done"
+    (run_dir / "summary.json").write_text("{torn")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    result = job()
+    assert result["status"] == "corrupt" and "summary.json is unreadable" in result["reason"]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_dry_run_writes_nothing_and_status_ends_quietly_in_a_pipe(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, "piped", grid={"quantizer.diversity_gamma": [0.5, 1.0, 2.0]})
+    results = tmp_path / "results"
+    submit_sweep(sweep, results=results, overrides=["scale=smoke"], dry_run=True)
+    assert not results.exists()  # no sweep folder, no _sweep/submit.lock
+    submit_sweep(sweep, cluster="debug", results=results, overrides=["scale=smoke"])
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(f"{shlex.quote(sys.executable)} -m slurm.status {shlex.quote(str(results / 'piped'))} | head -1",
+                         shell=True, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("run") and out.stderr == ""
+    # a reader that has gone before the first write (| head on a long table): no BrokenPipeError
+    proc = subprocess.Popen([sys.executable, "-m", "slurm.status", str(results / "piped")], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and b"Error" not in proc.stderr.read()

@@ -1,0 +1,80 @@
+"""Up-front memory estimates of a config: refuse a run that cannot fit before anything is written.
+
+Validation accepts ``quantizer.codebook_size=2**40`` or ``data.batch_size=10**11`` (they are
+valid numbers); the run would then die allocating, minutes in, after writing its folder. The
+estimate below counts only tensors whose size follows from the config alone (the quantizer's
+codebook, the monitor's per-code counters, one batch and its activations, the validation set), so
+it is a lower bound: a run it refuses cannot fit, a run it accepts may still not.
+
+    check_resources(config)              # ResourceError (a ConfigError) naming the estimate
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from experiments.config import Config, ConfigError
+
+FLOAT = 4  # bytes: every tensor of the model is float32
+COUNT = 8  # bytes: the monitor's code counters are int64
+MONITOR_TENSORS = 4 * 2  # last_used, histogram, since_snapshot, step counts; train and eval mode
+HEADROOM = 0.9  # share of the memory a run may plan to take
+
+
+class ResourceError(ConfigError):
+    """The config needs more memory than there is; the message gives the estimate and what to lower."""
+
+
+def machine_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate(config: Config) -> dict[str, int]:
+    """Bytes that the named parts of the run certainly need (a lower bound; see the module docstring)."""
+    config = config.resolved()
+    q, d, m = config.quantizer, config.data, config.model
+    codes, books = q.codebook_size, q.num_codebooks
+    bits = max(1, math.ceil(math.log2(codes)))
+    parts: dict[str, int] = {}
+    if q.kind == "lfq":
+        parts["quantizer.codebook_size: the LFQ codebook buffer"] = codes * bits * FLOAT
+    elif q.kind == "vq":
+        code_dim = q.vq_code_dim or bits
+        parts["quantizer.codebook_size: the VQ codebook, its gradient and AdamW state"] = 4 * books * codes * code_dim * FLOAT
+    parts["quantizer.codebook_size: the monitor's per-code counters"] = MONITOR_TENSORS * books * codes * COUNT
+    if config.task == "patches":
+        sample = 3 * d.patch_size**2
+        activations = d.batch_size * (sample + m.channels * sample // 4) * FLOAT
+        tokens = d.batch_size * max(1, (d.patch_size // 4) ** 2)
+    else:
+        sample = d.input_dim
+        activations = d.batch_size * (sample + 2 * m.depth * m.hidden_dim) * FLOAT
+        tokens = d.batch_size
+    parts["data.batch_size: one batch and its activations"] = activations
+    parts["data.val_size: the validation set"] = d.val_size * sample * FLOAT
+    if q.kind == "lfq" and q.entropy_mode == "reference":  # the dense tokens x codes softmax
+        parts["quantizer.codebook_size x data.batch_size: the reference entropy's dense softmax"] = tokens * codes * FLOAT
+    return parts
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1000 or unit == "EB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def check_resources(config: Config, available: int | None = None, where: str = "this machine") -> dict[str, int]:
+    """The estimate, or ResourceError if it exceeds ``available`` bytes (default: this machine's memory)."""
+    parts = estimate(config)
+    available = machine_memory_bytes() if available is None else available
+    total = sum(parts.values())
+    if total > HEADROOM * available:
+        biggest = max(parts, key=parts.__getitem__)
+        fields, what = biggest.split(": ", 1)
+        raise ResourceError(
+            f"this run needs at least {_size(total)} of memory but {where} has {_size(available)}: "
+            f"{what} alone takes {_size(parts[biggest])}; lower {fields.replace(' x ', ' or ')}")
+    return parts
