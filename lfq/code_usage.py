@@ -19,58 +19,56 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lfq.quantizer import LFQ
+from lfq.adapters import Adapter, BinaryLatent, adapter_for
+from lfq.latent_stats import LATENT_FIELDS, gram_entropy, latent_sums, weighted_gram
 
 MODES = ("train", "eval")
 LOSS_FIELDS = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss")
 STAT_FIELDS = LOSS_FIELDS + (
     "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
+    "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
 )
 RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
+# Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
+BIT_FREQUENCY, BIT_ENTROPY = "bit_frequency_", "bit_entropy_"
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
 
-# (step, layer, mode, codebook_size, counts): a histogram snapshot waiting for the next flush.
-Snapshot = tuple[int, str, str, int, Tensor]
+# (step, layer, mode, codebook_size, bits, counts): a histogram snapshot waiting for the next flush.
+Snapshot = tuple[int, str, str, int, "int | None", Tensor]
 
 
 def is_quantizer(module: nn.Module) -> bool:
-    """An ``lfq.LFQ``, or a module that duck-types the quantizer protocol (module docstring)."""
-    if isinstance(module, LFQ):
-        return True
-    # getattr with a default: nn.Module.__getattr__ raises for missing attributes.
-    size = getattr(module, "codebook_size", None)
-    books = getattr(module, "num_codebooks", None)
-    keep = getattr(module, "keep_num_codebooks_dim", None)
-    return (
-        isinstance(size, int) and not isinstance(size, bool)
-        and isinstance(books, int) and not isinstance(books, bool)
-        and isinstance(keep, bool)
-        and hasattr(module, "last_stats")
-    )
+    """A module the monitor watches by itself (``lfq.adapters.adapter_for``)."""
+    return adapter_for(module) is not None
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     name: str  # the module path, or lfq.monitor.ROOT_LAYER for the model itself
     module: nn.Module
+    adapter: Adapter
     codebook_size: int
     num_codebooks: int
-    keep_num_codebooks_dim: bool
-    bits: int | None  # bits per index, for bit balance; None: indices are not bit strings
+    bits: int | None  # bits per index, for the bit statistics; None: indices are not bit strings
 
     @classmethod
-    def describe(cls, name: str, module: nn.Module) -> LayerSpec:
-        """The spec of a module that ``is_quantizer``; ValueError if the monitor cannot watch it."""
-        size, books = int(module.codebook_size), int(module.num_codebooks)
+    def describe(cls, name: str, module: nn.Module, adapter: Adapter | None = None) -> LayerSpec:
+        """The spec of a watched module; ValueError if the monitor cannot watch it."""
+        adapter = adapter if adapter is not None else adapter_for(module)
+        if adapter is None:
+            raise ValueError(f"{name}: {type(module).__name__} is not a quantizer the monitor knows; pass an adapter")
+        size, books = int(adapter.codebook_size), int(adapter.num_codebooks)
         if size < 1 or books < 1:
             raise ValueError(f"{name}: codebook_size and num_codebooks must be >= 1, got {size} and {books}")
-        if books > 1 and not module.keep_num_codebooks_dim:
+        if books > 1 and getattr(adapter, "keep_num_codebooks_dim", True) is False:
             raise ValueError(
                 f"{name}: num_codebooks={books} with keep_num_codebooks_dim=False leaves no codebook "
                 f"axis on the indices; the monitor needs keep_num_codebooks_dim=True"
             )
-        bits = int(module.codebook_dim) if isinstance(module, LFQ) else None
-        return cls(name, module, size, books, bool(module.keep_num_codebooks_dim), bits)
+        bits = adapter.bits
+        if bits is not None and 2**bits != size:
+            raise ValueError(f"{name}: an adapter with bits={bits} needs codebook_size = 2**bits, got {size}")
+        return cls(name, module, adapter, size, books, bits)
 
 
 @dataclass
@@ -78,13 +76,19 @@ class StepCounts:
     """What one (layer, mode) accumulated during the current step, on the layer's device.
 
     ``counts`` (c, K) sums kept tokens over the step's passes; ``loss_sum`` (4, c) sums each
-    of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it.
+    of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it. On diagnostic steps
+    ``latent`` (len(LATENT_FIELDS), c) sums the binary latent's statistics over
+    ``latent_passes`` passes, and ``gram`` (c, 2**a, 2**b) its batch distribution's sum when the
+    quantizer reports no entropies (``lfq.latent_stats``).
     """
 
     counts: Tensor
     loss_sum: Tensor
     loss_passes: list[int] = field(default_factory=lambda: [0] * len(LOSS_FIELDS))
     forward_passes: int = 0
+    latent: Tensor | None = None
+    gram: Tensor | None = None
+    latent_passes: int = 0
 
     @classmethod
     def zeros(cls, spec: LayerSpec, device: torch.device) -> StepCounts:
@@ -100,6 +104,17 @@ class StepCounts:
         self.loss_sum.zero_()
         self.loss_passes = [0] * len(LOSS_FIELDS)
         self.forward_passes = 0
+        self.latent, self.gram, self.latent_passes = None, None, 0
+
+    def add_latent(self, latent: BinaryLatent, weight: Tensor, with_gram: bool) -> None:
+        """Accumulate a pass's latent statistics (``weight`` (N,): 1 = kept token, 0 = masked)."""
+        sums = latent_sums(latent, weight)
+        self.latent = sums if self.latent is None else self.latent.add_(sums)
+        if with_gram:
+            gram = weighted_gram(latent, weight)
+            if gram is not None:
+                self.gram = gram if self.gram is None else self.gram.add_(gram)
+        self.latent_passes += 1
 
 
 @dataclass
@@ -112,18 +127,29 @@ class ClosedStep:
     mode: str
     loss_passes: list[int]
     forward_passes: int
+    latent_passes: int
     sums: Tensor
 
 
 def _bit_tables(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(2**h, h) and (2**l, l) 0/1 tables of the bits of the high h and low l = bits - h bits."""
+    """(2**h, h) and (2**l, l) 0/1 tables of the high h and low l = bits - h bits, MSB first."""
     high = bits // 2
 
     def table(n: int) -> Tensor:
-        return ((torch.arange(2**n, device=device)[:, None] >> torch.arange(n, device=device)) & 1).float()
+        shifts = torch.arange(n - 1, -1, -1, device=device)
+        return ((torch.arange(2**n, device=device)[:, None] >> shifts) & 1).float()
 
     with torch.inference_mode(False):
         return table(high), table(bits - high)
+
+
+def scatter_counts(counts: Tensor, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
+    """Add ``weight`` (tokens, c) at ``idx`` (tokens, c) into ``counts`` (c, K), in place."""
+    flat = idx
+    if spec.num_codebooks > 1:
+        flat = idx + torch.arange(spec.num_codebooks, device=idx.device) * spec.codebook_size
+    # scatter_add_, not bincount: CUDA bincount reads the largest index back to the host.
+    counts.view(-1).scatter_add_(0, flat.reshape(-1), weight.reshape(-1))
 
 
 @dataclass
@@ -138,10 +164,14 @@ class CodeUsage:
     step: StepCounts
     bit_tables: tuple[Tensor, Tensor] | None  # bits of the high and low halves of an index
 
+    bit_last_set: Tensor | None = None  # (c, d) int64: the last step each bit was 1 in some kept token
+    bit_last_clear: Tensor | None = None  # (c, d) int64: ... was 0 in some kept token
+
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
         shape = (spec.num_codebooks, spec.codebook_size)
         with torch.inference_mode(False):
+            bit_shape = (spec.num_codebooks, spec.bits or 0)
             return cls(
                 first_step=first_step,
                 last_used=torch.full(shape, NEVER, dtype=torch.long, device=device),
@@ -150,6 +180,8 @@ class CodeUsage:
                 touched_since_snapshot=False,
                 step=StepCounts.zeros(spec, device),
                 bit_tables=None if spec.bits is None else _bit_tables(spec.bits, device),
+                bit_last_set=None if spec.bits is None else torch.full(bit_shape, NEVER, dtype=torch.long, device=device),
+                bit_last_clear=None if spec.bits is None else torch.full(bit_shape, NEVER, dtype=torch.long, device=device),
             )
 
     @property
@@ -158,8 +190,8 @@ class CodeUsage:
 
     def to(self, device: torch.device) -> None:
         """Move every tensor (state loaded on the CPU, or a model moved between steps)."""
-        for obj, names in ((self, ("last_used", "histogram", "since_snapshot")),
-                           (self.step, ("counts", "loss_sum"))):
+        for obj, names in ((self, ("last_used", "histogram", "since_snapshot", "bit_last_set", "bit_last_clear")),
+                           (self.step, ("counts", "loss_sum", "latent", "gram"))):
             for name in names:
                 value = getattr(obj, name)
                 if value is not None:
@@ -169,11 +201,7 @@ class CodeUsage:
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
         """Count ``idx`` (tokens, c) weighted by ``weight`` (tokens, c): 1 = kept, 0 = masked."""
-        flat = idx
-        if spec.num_codebooks > 1:
-            flat = idx + torch.arange(spec.num_codebooks, device=idx.device) * spec.codebook_size
-        # scatter_add_, not bincount: CUDA bincount reads the largest index back to the host.
-        self.step.counts.view(-1).scatter_add_(0, flat.reshape(-1), weight.reshape(-1))
+        scatter_counts(self.step.counts, spec, idx, weight)
         self.step.forward_passes += 1
         self.touched_since_snapshot = True
 
@@ -185,10 +213,11 @@ class CodeUsage:
         counts into the state and returns None.
 
         Only device ops, few of them, none reading back: everything that divides or takes a
-        log of a sum is left to the host at flush time (``step_records``). The sums,
-        each per codebook: loss_sum (4), codes used, tokens, sum of n log n over the codes'
-        counts n, codes used in the window, dead codes, and tokens with each bit set (high
-        bits first, then low).
+        log of a sum is left to the host at flush time (``step_records``). The sums, each per
+        codebook (``SUM_LAYOUT``): loss_sum (4), codes used, tokens, sum of n log n over the
+        codes' counts n, codes used in the window, dead codes, the latent sums
+        (``LATENT_FIELDS``), the batch entropy of the latent's batch distribution, dead bits,
+        and tokens with each bit set (most significant first).
         """
         acc = self.step
         counts = acc.counts
@@ -197,23 +226,8 @@ class CodeUsage:
             self.since_snapshot.add_(counts)
         used = counts > 0
         self.last_used.masked_fill_(used, step)
-        if not summarize:
-            acc.reset()
-            return None
-
         as_float = counts.float()
-        parts = [
-            acc.loss_sum.t(),
-            used.sum(-1, keepdim=True),
-            as_float.sum(-1, keepdim=True),
-            torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
-            (self.last_used > step - usage_window).sum(-1, keepdim=True),
-        ]
-        threshold = step - dead_after
-        if threshold >= self.first_step - 1:  # never-used codes count as last used at first_step - 1
-            parts.append((self.last_used <= threshold).sum(-1, keepdim=True))
-        else:
-            parts.append(torch.zeros_like(parts[1]))
+        bit_set = None
         if self.bit_tables is not None:
             # Tokens with each bit set, from the histogram: split an index into its high and
             # low bits and sum the counts over the other half (O(K)), then weight the ~sqrt(K)
@@ -221,9 +235,40 @@ class CodeUsage:
             # under torch.use_deterministic_algorithms without CUBLAS_WORKSPACE_CONFIG.
             high_table, low_table = self.bit_tables
             by_halves = as_float.view(spec.num_codebooks, high_table.shape[0], low_table.shape[0])
-            parts += [(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
-                      (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)]
-        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, torch.cat(parts, dim=-1).float())
+            bit_set = torch.cat([(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
+                                 (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)], dim=-1)  # (c, d)
+            tokens = as_float.sum(-1, keepdim=True)
+            self.bit_last_set.masked_fill_(bit_set > 0, step)
+            self.bit_last_clear.masked_fill_(bit_set < tokens, step)
+        if not summarize:
+            acc.reset()
+            return None
+
+        books = spec.num_codebooks
+        threshold = step - dead_after
+        dead_counted = threshold >= self.first_step - 1  # never-used codes count as last used at first_step - 1
+        parts = [
+            acc.loss_sum.t(),
+            used.sum(-1, keepdim=True),
+            as_float.sum(-1, keepdim=True),
+            torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
+            (self.last_used > step - usage_window).sum(-1, keepdim=True),
+            (self.last_used <= threshold).sum(-1, keepdim=True) if dead_counted else torch.zeros_like(used[:, :1]),
+        ]
+        if acc.latent is not None:
+            parts.append(acc.latent.t())
+            parts.append(gram_entropy(acc.gram, acc.latent[0]).unsqueeze(-1) if acc.gram is not None
+                         else counts.new_full((books, 1), math.nan, dtype=torch.float32))
+        else:
+            parts.append(as_float.new_zeros(books, len(LATENT_FIELDS) + 1))
+        if bit_set is not None:
+            stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
+            parts.append(stuck.sum(-1, keepdim=True) if dead_counted else torch.zeros_like(used[:, :1]))
+            parts.append(bit_set)
+        else:
+            parts.append(as_float.new_zeros(books, 1))
+        sums = torch.cat([p.float() for p in parts], dim=-1)
+        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums)
         acc.reset()
         return closed
 
@@ -243,6 +288,8 @@ class CodeUsage:
             "histogram": self.histogram.cpu().clone(),
             "since_snapshot": None if self.since_snapshot is None else self.since_snapshot.cpu().clone(),
             "touched_since_snapshot": self.touched_since_snapshot,
+            "bit_last_set": None if self.bit_last_set is None else self.bit_last_set.cpu().clone(),
+            "bit_last_clear": None if self.bit_last_clear is None else self.bit_last_clear.cpu().clone(),
         }
 
     @classmethod
@@ -259,6 +306,9 @@ class CodeUsage:
         if usage.since_snapshot is not None and saved["since_snapshot"] is not None:
             usage.since_snapshot.copy_(saved["since_snapshot"])
         usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
+        for name in ("bit_last_set", "bit_last_clear"):  # absent from states saved before dead bits
+            if getattr(usage, name) is not None and saved.get(name) is not None:
+                getattr(usage, name).copy_(saved[name])
         return usage
 
 
@@ -295,24 +345,44 @@ def _to_host(tensors: list[Tensor]) -> list[list[float]]:
     return out
 
 
+def _binary_entropy(q: float) -> float:
+    return -sum(x * math.log(x) for x in (q, 1.0 - q) if x > 0)
+
+
 def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
-    losses, (used, tokens, n_log_n, in_window, dead), bit_set = sums[:4], sums[4:9], sums[9:]
+    losses, (used, tokens, n_log_n, in_window, dead) = sums[:4], sums[4:9]
+    (latent_tokens, per_sample_sum, saturated, abs_z, commitment), latent_batch = sums[9:14], sums[14]
+    dead_bits, bit_set = sums[15], sums[16:]
+    spec = closed.spec
     stats: dict[str, float | int] = {
         name: total / passes if passes else math.nan
         for name, total, passes in zip(LOSS_FIELDS, losses, closed.loss_passes, strict=True)
     }
+    latent = closed.latent_passes > 0 and latent_tokens > 0
+    token_bits = latent_tokens * (spec.bits or 1)
+    if latent and not spec.adapter.reports_losses:  # computed here from the latent, exactly
+        stats["per_sample_entropy"] = per_sample_sum / latent_tokens
+        stats["batch_entropy"] = latent_batch
+        stats["commitment"] = commitment / token_bits
     # Entropy of the histogram n_k / T: log T - sum(n_k log n_k) / T.
     stats["codes_used"] = int(used)
     stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
-    stats["usage_fraction"] = in_window / closed.spec.codebook_size
+    stats["usage_fraction"] = in_window / spec.codebook_size
     stats["dead_codes"] = int(dead)
-    if bit_set and tokens > 0:
-        stats["bit_balance_mad"] = sum(abs(n / tokens - 0.5) for n in bit_set) / len(bit_set)
-    else:
-        stats["bit_balance_mad"] = math.nan
+    frequencies = [n / tokens for n in bit_set] if bit_set and tokens > 0 else [math.nan] * len(bit_set)
+    entropies = [_binary_entropy(q) if tokens > 0 else math.nan for q in frequencies]
+    stats["bit_balance_mad"] = sum(abs(q - 0.5) for q in frequencies) / len(bit_set) if bit_set else math.nan
     stats["tokens"] = int(tokens)
     stats["forward_passes"] = closed.forward_passes
+    stats["bit_entropy"] = sum(entropies) / len(entropies) if bit_set else math.nan
+    stats["dead_bits"] = int(dead_bits) if bit_set else math.nan
+    stats["saturated_fraction"] = saturated / token_bits if latent else math.nan
+    stats["mean_abs_z"] = abs_z / token_bits if latent else math.nan
+    for i, q in enumerate(frequencies):
+        stats[f"{BIT_FREQUENCY}{i}"] = q
+    for i, h in enumerate(entropies):
+        stats[f"{BIT_ENTROPY}{i}"] = h
     return stats
 
 
@@ -331,15 +401,41 @@ def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
     return records
 
 
-def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
-    """Sparse histogram rows: the used codes and their counts, per codebook."""
+def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """The usage of one evaluation pass per (layer, codebook); one transfer per device."""
+    names = list(counts)
+    values = _to_host([torch.stack([(c > 0).sum(-1).float(), c.sum(-1).float(),
+                                    torch.special.xlogy(c.float(), c.float()).sum(-1)]) for c in counts.values()])
     records: list[dict[str, Any]] = []
-    for step, name, mode, size, counts in snapshots:
+    for name, flat in zip(names, values, strict=True):
+        spec = layers[name]
+        books = spec.num_codebooks
+        for codebook in range(books):
+            used, tokens, n_log_n = flat[codebook], flat[books + codebook], flat[2 * books + codebook]
+            records.append({
+                "kind": "evaluation", "layer": name, "codebook": codebook, "codebook_size": spec.codebook_size,
+                "tokens": int(tokens), "codes_used": int(used), "usage_fraction": used / spec.codebook_size,
+                "perplexity": math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan,
+            })
+    return records
+
+
+def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
+    """Sparse histogram rows: the used codes and their counts, per codebook; for binary codes
+    also ``bit_frequencies``, the fraction of these tokens with each bit set (MSB first)."""
+    records: list[dict[str, Any]] = []
+    for step, name, mode, size, bits, counts in snapshots:
         counts = counts.cpu()
         for codebook in range(counts.shape[0]):
             codes = counts[codebook].nonzero().flatten()
-            records.append({
+            used = counts[codebook, codes]
+            record = {
                 "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
-                "codes": codes.tolist(), "counts": counts[codebook, codes].tolist(),
-            })
+                "codes": codes.tolist(), "counts": used.tolist(),
+            }
+            if bits is not None:
+                total = int(used.sum())
+                set_bits = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * used[:, None]
+                record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
+            records.append(record)
     return records

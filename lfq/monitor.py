@@ -79,14 +79,16 @@ step and calling ``load_state_dict`` then yields the same records as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lfq.adapters import Adapter, ProtocolAdapter, check_indices
 from lfq.code_usage import (
     LOSS_FIELDS,
     MODES,
@@ -97,13 +99,16 @@ from lfq.code_usage import (
     Snapshot,
     StepCounts,
     all_reduce_counts,
+    evaluation_records,
     is_quantizer,
+    scatter_counts,
     snapshot_records,
     step_records,
 )
 from lfq.sinks import JsonlSink, MemorySink, Sink
 
-__all__ = ["LFQMonitor", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS", "is_quantizer"]
+__all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
+           "is_quantizer"]
 
 ROOT_LAYER = "<root>"  # the name of the model itself when it is a quantizer (its path is "")
 STATE_VERSION = 1
@@ -115,12 +120,24 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _indices_of(output: Any) -> Tensor | None:
-    if hasattr(output, "indices"):
-        return output.indices
-    if isinstance(output, (tuple, list)) and output and hasattr(output[0], "indices"):
-        return output[0].indices
-    return None
+class Evaluation:
+    """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
+    dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
+    ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
+    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
+    over every rank's tokens."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.counts: dict[str, Tensor] = {}
+
+    def usage_fraction(self, layer: str | None = None) -> float:
+        """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
+        values = [r["usage_fraction"] for r in self.records if layer is None or r["layer"] == layer]
+        if not values:
+            raise ValueError(f"no evaluation records{'' if layer is None else f' for layer {layer!r}'}: "
+                             f"did the block run the model?")
+        return sum(values) / len(values)
 
 
 class LFQMonitor:
@@ -135,6 +152,8 @@ class LFQMonitor:
         histogram_every: int = 500,  # steps between histogram snapshots (with histogram_sink)
         histogram_sink: Sink | None = None,  # receives the sparse histogram snapshots
         distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
+        diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
+        adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -155,16 +174,37 @@ class LFQMonitor:
             raise ValueError(f"distributed must be None (automatic), True or False, got {distributed!r}")
         self.distributed = distributed
         self._world()  # distributed=True without a process group: fail here, not at the first step
+        self.diagnostics_every = self.log_every if diagnostics_every is None else _positive_int(
+            "diagnostics_every", diagnostics_every)
+        adapters = dict(adapters or {})
+        for key, adapter in adapters.items():
+            if not (isinstance(key, (str, type)) and isinstance(adapter, Adapter)):
+                raise ValueError(
+                    f"adapters maps a module path (str) or a module class to an lfq.adapters.Adapter (e.g. "
+                    f"BinaryAdapter(codebook_size=...)), got {key!r}: {type(adapter).__name__}"
+                )
+        paths = {path or ROOT_LAYER for path, _ in model.named_modules()}
+        unknown = sorted(k for k in adapters if isinstance(k, str) and k not in paths)
+        if unknown:
+            raise ValueError(f"adapters name modules {unknown} that {type(model).__name__} does not have; "
+                             f"module paths are those of model.named_modules() ({ROOT_LAYER!r} for the model)")
 
+        self._model = model
         self._layers: dict[str, LayerSpec] = {}
         for path, module in model.named_modules():
-            if is_quantizer(module):
-                self._layers[path or ROOT_LAYER] = LayerSpec.describe(path or ROOT_LAYER, module)
+            name = path or ROOT_LAYER
+            adapter = adapters.get(name) or next(
+                (a for k, a in adapters.items() if isinstance(k, type) and isinstance(module, k)), None)
+            if adapter is not None or is_quantizer(module):
+                self._layers[name] = LayerSpec.describe(name, module, adapter)
         if not self._layers:
             raise ValueError(
-                f"found no quantizer in {type(model).__name__}: expected an lfq.LFQ submodule, or one "
-                f"with int codebook_size, int num_codebooks, bool keep_num_codebooks_dim and last_stats"
+                f"found no quantizer in {type(model).__name__}: expected an lfq.LFQ or vector-quantize-pytorch "
+                f"LFQ/FSQ/VectorQuantize submodule, one with int codebook_size, int num_codebooks, bool "
+                f"keep_num_codebooks_dim and last_stats, or pass adapters={{path: lfq.BinaryAdapter(...)}}"
             )
+        self._captured: dict[str, Tensor | None] = {}
+        self._evaluation: Evaluation | None = None
 
         self._usage: dict[str, dict[str, CodeUsage]] = {name: {} for name in self._layers}
         self._last_stats_seen: dict[str, Any] = {}
@@ -178,6 +218,9 @@ class LFQMonitor:
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for spec in self._layers.values():
             self._handles.append(spec.module.register_forward_hook(self._make_hook(spec), with_kwargs=True))
+            source = spec.adapter.latent_module(spec.module)
+            if source is not None:
+                self._handles.append(source.register_forward_hook(self._make_capture(spec.name)))
 
     # ------------------------------------------------------------------ public API
 
@@ -215,6 +258,45 @@ class LFQMonitor:
             self.sink(step_records(closed))
         if snapshots and self.histogram_sink is not None:
             self.histogram_sink(snapshot_records(snapshots))
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[Evaluation]:
+        """Count every token the watched layers see inside the block (any mode), over all ranks;
+        on exit the returned :class:`Evaluation` holds the usage of the whole pass. Passes still
+        make their usual per-step records. Under torch.distributed every rank enters and leaves
+        the block together (one all_reduce on exit)."""
+        if self._evaluation is not None:
+            raise RuntimeError("LFQMonitor.evaluating() blocks do not nest; leave the open one first")
+        evaluation = self._evaluation = Evaluation()
+        for name, spec in self._layers.items():
+            device = next(iter(list(spec.module.buffers()) + list(spec.module.parameters())), torch.zeros(())).device
+            with torch.inference_mode(False):
+                evaluation.counts[name] = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long,
+                                                      device=device)
+        try:
+            yield evaluation
+        finally:
+            self._evaluation = None
+        if self._world() > 1:
+            all_reduce_counts(list(evaluation.counts.values()))
+        evaluation.records = evaluation_records(self._layers, evaluation.counts)
+
+    def evaluate(self, loader: Iterable[Any], forward: Callable[[Any], Any] | None = None) -> Evaluation:
+        """Run the model in eval mode without gradients over ``loader`` and return the usage of the
+        whole pass (see :meth:`evaluating`). ``forward(batch)`` runs one batch; the default calls
+        the model on the batch, or on its first element when the batch is a tuple or list."""
+        model = self._model
+        run = forward if forward is not None else (
+            lambda batch: model(batch[0] if isinstance(batch, (tuple, list)) else batch))
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.evaluating() as evaluation:
+                for batch in loader:
+                    run(batch)
+        finally:
+            model.train(training)
+        return evaluation
 
     def histogram(self, layer: str, mode: str | None = None) -> Tensor:
         """Cumulative code counts (num_codebooks, codebook_size) of ``layer``, on the CPU, the
@@ -307,45 +389,68 @@ class LFQMonitor:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             # inference_mode(False): tensors created here must stay writable after an
             # inference-mode validation pass; no_grad: nothing here is differentiated.
-            with torch.inference_mode(False), torch.no_grad():
-                self._observe(spec, args, kwargs, output)
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._observe(spec, args, kwargs, output)
+            finally:
+                self._captured.pop(spec.name, None)
 
         return hook
 
+    def _make_capture(self, name: str) -> Callable[..., None]:
+        def capture(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                self._captured[name] = output
+
+        return capture
+
+    def _diagnostic_step(self) -> bool:
+        return self._step % self.diagnostics_every == 0
+
     def _observe(self, spec: LayerSpec, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        indices = _indices_of(output)
+        adapter = spec.adapter
+        indices = adapter.indices(spec.module, args, kwargs, output)
         if not isinstance(indices, Tensor):
-            raise ValueError(
-                f"{spec.name}: the forward output has no .indices tensor (nor output[0].indices); got "
-                f"{type(output).__name__}. The monitor needs quantizers to return their indices"
-            )
-        books = spec.num_codebooks
-        if spec.keep_num_codebooks_dim and (indices.ndim < 1 or indices.shape[-1] != books):
-            raise ValueError(
-                f"{spec.name}: with keep_num_codebooks_dim the indices' last axis must be the "
-                f"{books} codebooks, got indices of shape {tuple(indices.shape)}"
-            )
-        idx = indices.reshape(-1, books).long()  # (tokens, c); image/video axes flattened
-        mask = kwargs.get("mask", args[3] if len(args) > 3 else None)
+            raise ValueError(f"{spec.name}: the adapter's indices must be a tensor, got {type(indices).__name__}")
+        idx = check_indices(spec.name, adapter, indices)  # (tokens, c); image/video axes flattened
+        mask = adapter.mask(spec.module, args, kwargs)
+        per_index = idx.shape[0] // max(1, getattr(adapter, "tokens_per_index", 1))
         if mask is None:
             weight = torch.ones((), dtype=torch.long, device=idx.device).expand_as(idx)
-        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() == idx.shape[0]:
-            weight = mask.reshape(-1, 1).to(device=idx.device, dtype=torch.long).expand_as(idx)
+        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (idx.shape[0], per_index):
+            keep = mask.reshape(-1).to(device=idx.device)
+            if keep.numel() != idx.shape[0]:  # VectorQuantize's shared heads: one mask entry per position
+                keep = keep.repeat_interleave(idx.shape[0] // keep.numel())
+            weight = keep.to(torch.long).reshape(-1, 1).expand_as(idx)
         else:
             raise ValueError(
                 f"{spec.name}: mask must be a bool tensor with one entry per token ({idx.shape[0]} for "
                 f"indices of shape {tuple(indices.shape)}), got {getattr(mask, 'dtype', type(mask).__name__)} "
                 f"of shape {tuple(getattr(mask, 'shape', ()))}"
             )
+        if not isinstance(adapter, ProtocolAdapter):  # foreign quantizers mark dropped tokens with -1
+            valid = idx >= 0
+            weight, idx = weight * valid, idx.clamp(min=0)
 
         mode = "train" if spec.module.training else "eval"
         usage = self._usage_of(spec, mode, idx.device)
         usage.add_tokens(spec, idx, weight)
-        if mode == "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
-            self._add_losses(spec, usage.step)
+        if self._evaluation is not None:
+            scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
+        if mode != "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
+            return
+        self._add_losses(spec, usage.step, adapter.losses(spec.module, output))
+        if spec.bits is not None and self._diagnostic_step():
+            latent = adapter.latent(spec.module, args, kwargs, self._captured.get(spec.name))
+            if latent is not None:
+                if latent.z.shape[0] != idx.shape[0] or latent.z.shape[1:] != (spec.num_codebooks, spec.bits):
+                    raise ValueError(
+                        f"{spec.name}: the latent has shape {tuple(latent.z.shape)}, expected ({idx.shape[0]}, "
+                        f"{spec.num_codebooks}, {spec.bits}): one row per index token, codebooks, bits"
+                    )
+                usage.step.add_latent(latent, weight[:, 0], with_gram=not adapter.reports_losses)
 
-    def _add_losses(self, spec: LayerSpec, acc: StepCounts) -> None:
-        stats = getattr(spec.module, "last_stats", None)
+    def _add_losses(self, spec: LayerSpec, acc: StepCounts, stats: Any) -> None:
         # An object already counted is stale: a quantizer that did not refresh last_stats.
         if stats is None or stats is self._last_stats_seen.get(spec.name):
             return
@@ -395,6 +500,9 @@ class LFQMonitor:
             return
         if self._world() > 1:
             all_reduce_counts([usage.step.counts for _, _, usage in active])
+            latents = [t for _, _, usage in active for t in (usage.step.latent, usage.step.gram) if t is not None]
+            if latents:  # diagnostic steps: the latent sums of the global batch (float, apart from the counts)
+                all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
         for spec, mode, usage in active:
             closed = usage.close(spec, mode, step, self.usage_window, self.dead_after, summarize=summarize)
@@ -406,4 +514,4 @@ class LFQMonitor:
                 for mode, usage in self._usage[name].items():
                     counts = usage.take_snapshot()
                     if counts is not None:
-                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, counts))
+                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))
