@@ -260,11 +260,12 @@ class LFQMonitor:
             self.histogram_sink(snapshot_records(snapshots))
 
     @contextlib.contextmanager
-    def evaluating(self) -> Iterator[Evaluation]:
+    def evaluating(self, log: bool = False) -> Iterator[Evaluation]:
         """Count every token the watched layers see inside the block (any mode), over all ranks;
         on exit the returned :class:`Evaluation` holds the usage of the whole pass. Passes still
-        make their usual per-step records. Under torch.distributed every rank enters and leaves
-        the block together (one all_reduce on exit)."""
+        make their usual per-step records. ``log``: also send the records, with ``step`` = the
+        monitor's current step, to the sink (rank 0). Under torch.distributed every rank enters
+        and leaves the block together (one all_reduce on exit)."""
         if self._evaluation is not None:
             raise RuntimeError("LFQMonitor.evaluating() blocks do not nest; leave the open one first")
         evaluation = self._evaluation = Evaluation()
@@ -280,8 +281,11 @@ class LFQMonitor:
         if self._world() > 1:
             all_reduce_counts(list(evaluation.counts.values()))
         evaluation.records = evaluation_records(self._layers, evaluation.counts)
+        if log and self._is_main():
+            self.sink([{"step": self._step, **r} for r in evaluation.records])
 
-    def evaluate(self, loader: Iterable[Any], forward: Callable[[Any], Any] | None = None) -> Evaluation:
+    def evaluate(self, loader: Iterable[Any], forward: Callable[[Any], Any] | None = None,
+                 log: bool = False) -> Evaluation:
         """Run the model in eval mode without gradients over ``loader`` and return the usage of the
         whole pass (see :meth:`evaluating`). ``forward(batch)`` runs one batch; the default calls
         the model on the batch, or on its first element when the batch is a tuple or list."""
@@ -291,7 +295,7 @@ class LFQMonitor:
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), self.evaluating() as evaluation:
+            with torch.no_grad(), self.evaluating(log=log) as evaluation:
                 for batch in loader:
                     run(batch)
         finally:
