@@ -55,7 +55,8 @@ class LFQMonitorCallback(pl.Callback):
         self.monitor: LFQMonitor | None = None
         self.last_evaluation: Evaluation | None = None
         self._trainer: Any = None
-        self._pending_state: dict[str, Any] | None = None
+        self._pending_state: dict[str, Any] | None = None  # from a checkpoint, loaded at setup
+        self._final_state: dict[str, Any] | None = None  # after fit, for a checkpoint saved then
         self._evaluating: Any = None
         self._sinks: dict[int, Sink] = {}
 
@@ -120,11 +121,14 @@ class LFQMonitorCallback(pl.Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.monitor is not None and stage == "fit":
+            self._final_state = self.monitor.state_dict()  # flushes
             self.monitor.detach()
             self.monitor = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
+        if self.monitor is None:
+            return {} if self._final_state is None else {"monitor": self._final_state}
+        return {"monitor": self.monitor.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = state_dict.get("monitor")
