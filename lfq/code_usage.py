@@ -32,6 +32,13 @@ RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") 
 # Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
 BIT_FREQUENCY, BIT_ENTROPY = "bit_frequency_", "bit_entropy_"
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
+# Small codebooks (c * K codes up to this) close their steps in batches: a closed step is only
+# stashed (a few ops), and its statistics are computed with the next ones at the next flush or
+# snapshot, or every BATCH_MAX_STEPS steps, over a (steps, c, K) stack. At small codebooks the
+# fixed cost of each op is the whole cost, so ~25 ops per step become ~25 per batch. Larger
+# codebooks close every step at once (their ops cost bandwidth, and a stack would cost memory).
+BATCH_MAX_CODES = 2**14
+BATCH_MAX_STEPS = 64
 
 # (step, layer, mode, codebook_size, bits, counts): a histogram snapshot waiting for the next flush.
 Snapshot = tuple[int, str, str, int, "int | None", Tensor]
@@ -108,7 +115,7 @@ class StepCounts:
 
     def add_latent(self, latent: BinaryLatent, weight: Tensor, with_gram: bool) -> None:
         """Accumulate a pass's latent statistics (``weight`` (N,): 1 = kept token, 0 = masked)."""
-        sums = latent_sums(latent, weight)
+        sums = latent_sums(latent, weight, entropies=with_gram)
         self.latent = sums if self.latent is None else self.latent.add_(sums)
         if with_gram:
             gram = weighted_gram(latent, weight)
@@ -166,6 +173,8 @@ class CodeUsage:
 
     bit_last_set: Tensor | None = None  # (c, d) int64: the last step each bit was 1 in some kept token
     bit_last_clear: Tensor | None = None  # (c, d) int64: ... was 0 in some kept token
+    _full_table: Tensor | None = None  # (K, d) bits of every index, built on first use (CPU)
+    pending: list[tuple[int, Tensor, StepCounts]] = field(default_factory=list)  # stashed closed steps
 
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
@@ -198,6 +207,12 @@ class CodeUsage:
                     setattr(obj, name, value.to(device))
         if self.bit_tables is not None:
             self.bit_tables = (self.bit_tables[0].to(device), self.bit_tables[1].to(device))
+        self._full_table = None
+        for _, _, acc in self.pending:
+            for name in ("counts", "loss_sum", "latent", "gram"):
+                if getattr(acc, name) is not None:
+                    setattr(acc, name, getattr(acc, name).to(device))
+        self.pending = [(step, marker.to(device), acc) for step, marker, acc in self.pending]
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
         """Count ``idx`` (tokens, c) weighted by ``weight`` (tokens, c): 1 = kept, 0 = masked."""
@@ -206,7 +221,83 @@ class CodeUsage:
         self.touched_since_snapshot = True
 
     def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
-              summarize: bool = True) -> ClosedStep | None:
+              summarize: bool = True) -> list[ClosedStep]:
+        """Close the current step: small codebooks stash it (``BATCH_MAX_CODES``) and return the
+        steps settled now (usually none); others fold it into the state at once."""
+        if spec.num_codebooks * spec.codebook_size <= BATCH_MAX_CODES:
+            with torch.inference_mode(False):
+                marker = torch.full((1,), step, dtype=torch.long, device=self.device)
+            self.pending.append((step, marker, self.step))
+            self.step = StepCounts.zeros(spec, self.device)
+            if len(self.pending) >= BATCH_MAX_STEPS:
+                return self.settle(spec, mode, usage_window, dead_after, summarize)
+            return []
+        closed = self._close_now(spec, mode, step, usage_window, dead_after, summarize)
+        return [] if closed is None else [closed]
+
+    def settle(self, spec: LayerSpec, mode: str, usage_window: int, dead_after: int,
+               summarize: bool = True) -> list[ClosedStep]:
+        """Fold every stashed step into the state, in one batch; their ClosedSteps (none when
+        ``summarize`` is False). The same numbers as closing each step at once."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        steps = [p[0] for p in pending]
+        books = spec.num_codebooks
+        at = torch.cat([p[1] for p in pending]).view(-1, 1, 1)  # (T, 1, 1) the steps, on the device
+        counts = torch.stack([p[2].counts for p in pending])  # (T, c, K)
+        self.histogram.add_(counts.sum(0))
+        if self.since_snapshot is not None:
+            self.since_snapshot.add_(counts.sum(0))
+        used = counts > 0
+        # Last use as of each step: the running max over the batch of the steps that used a code.
+        last_used = torch.maximum(torch.where(used, at, NEVER).cummax(0).values, self.last_used)
+        self.last_used.copy_(last_used[-1])
+        as_float = counts.float()
+        tokens = as_float.sum(-1, keepdim=True)  # (T, c, 1)
+        bit_set = None
+        if self.bit_tables is not None:
+            bit_set = self._bit_counts(spec, as_float.view(-1, spec.codebook_size)).view(len(steps), books, -1)
+            last_set = torch.maximum(torch.where(bit_set > 0, at, NEVER).cummax(0).values, self.bit_last_set)
+            last_clear = torch.maximum(torch.where(bit_set < tokens, at, NEVER).cummax(0).values, self.bit_last_clear)
+            self.bit_last_set.copy_(last_set[-1])
+            self.bit_last_clear.copy_(last_clear[-1])
+        if not summarize:
+            return []
+
+        # Steps are increasing, so those too early to count dead codes are a prefix.
+        early = sum(s - dead_after < self.first_step - 1 for s in steps)
+        dead = (last_used <= at - dead_after).sum(-1, keepdim=True)
+        dead[:early] = 0
+        parts = [
+            torch.stack([p[2].loss_sum.t() for p in pending]),
+            used.sum(-1, keepdim=True),
+            tokens,
+            torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
+            (last_used > at - usage_window).sum(-1, keepdim=True),
+            dead,
+            torch.stack([self._latent_part(p[2]) for p in pending]),
+        ]
+        if bit_set is not None:
+            stuck = (torch.minimum(last_set, last_clear) <= at - dead_after).sum(-1, keepdim=True)
+            stuck[:early] = 0
+            parts += [stuck, bit_set]
+        else:
+            parts.append(as_float.new_zeros(len(steps), books, 1))
+        sums = torch.cat(parts, dim=-1)
+        return [ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums[t])
+                for t, (step, _, acc) in enumerate(pending)]
+
+    def _latent_part(self, acc: StepCounts) -> Tensor:
+        """(c, len(LATENT_FIELDS) + 1): the latent sums and the latent's batch entropy, or zeros."""
+        if acc.latent is None:
+            return self._zeros(len(LATENT_FIELDS) + 1)
+        batch = gram_entropy(acc.gram, acc.latent[0]).unsqueeze(-1) if acc.gram is not None \
+            else self._zeros(1).fill_(math.nan)
+        return torch.cat([acc.latent.t(), batch], dim=-1)
+
+    def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
+                   summarize: bool = True) -> ClosedStep | None:
         """Fold the step's counts into the state and keep its raw sums for the next flush.
 
         ``summarize=False`` (ranks other than 0, whose records go nowhere) only folds the
@@ -226,54 +317,67 @@ class CodeUsage:
             self.since_snapshot.add_(counts)
         used = counts > 0
         self.last_used.masked_fill_(used, step)
+        if not summarize and self.bit_tables is None:
+            acc.reset()
+            return None
         as_float = counts.float()
+        tokens = as_float.sum(-1, keepdim=True)
         bit_set = None
         if self.bit_tables is not None:
-            # Tokens with each bit set, from the histogram: split an index into its high and
-            # low bits and sum the counts over the other half (O(K)), then weight the ~sqrt(K)
-            # half-counts by their bits. Multiply-and-sum, not matmul: cuBLAS refuses to run
-            # under torch.use_deterministic_algorithms without CUBLAS_WORKSPACE_CONFIG.
-            high_table, low_table = self.bit_tables
-            by_halves = as_float.view(spec.num_codebooks, high_table.shape[0], low_table.shape[0])
-            bit_set = torch.cat([(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
-                                 (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)], dim=-1)  # (c, d)
-            tokens = as_float.sum(-1, keepdim=True)
+            bit_set = self._bit_counts(spec, as_float)  # (c, d)
             self.bit_last_set.masked_fill_(bit_set > 0, step)
             self.bit_last_clear.masked_fill_(bit_set < tokens, step)
         if not summarize:
             acc.reset()
             return None
 
-        books = spec.num_codebooks
+        # Few ops, each over (c, K) at most: at small codebooks each op's fixed cost is the cost.
         threshold = step - dead_after
         dead_counted = threshold >= self.first_step - 1  # never-used codes count as last used at first_step - 1
         parts = [
             acc.loss_sum.t(),
             used.sum(-1, keepdim=True),
-            as_float.sum(-1, keepdim=True),
+            tokens,
             torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
             (self.last_used > step - usage_window).sum(-1, keepdim=True),
-            (self.last_used <= threshold).sum(-1, keepdim=True) if dead_counted else torch.zeros_like(used[:, :1]),
+            (self.last_used <= threshold).sum(-1, keepdim=True) if dead_counted else self._zeros(1),
         ]
-        if acc.latent is not None:
-            parts.append(acc.latent.t())
-            parts.append(gram_entropy(acc.gram, acc.latent[0]).unsqueeze(-1) if acc.gram is not None
-                         else counts.new_full((books, 1), math.nan, dtype=torch.float32))
-        else:
-            parts.append(as_float.new_zeros(books, len(LATENT_FIELDS) + 1))
+        parts.append(self._latent_part(acc))
         if bit_set is not None:
             stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
-            parts.append(stuck.sum(-1, keepdim=True) if dead_counted else torch.zeros_like(used[:, :1]))
-            parts.append(bit_set)
+            parts += [stuck.sum(-1, keepdim=True) if dead_counted else self._zeros(1), bit_set]
         else:
-            parts.append(as_float.new_zeros(books, 1))
-        sums = torch.cat([p.float() for p in parts], dim=-1)
-        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums)
+            parts.append(self._zeros(1))
+        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes,
+                            torch.cat(parts, dim=-1))
         acc.reset()
         return closed
 
+    def _zeros(self, width: int) -> Tensor:
+        """(c, width) float zeros: a new tensor (it is kept until the flush), cheap to make."""
+        return self.step.loss_sum.new_zeros(self.step.loss_sum.shape[1], width)
+
+    def _bit_counts(self, spec: LayerSpec, as_float: Tensor) -> Tensor:
+        """Tokens with each bit set, (c, d), from the step's code counts (c, K)."""
+        high_table, low_table = self.bit_tables
+        if as_float.device.type == "cpu" and spec.codebook_size <= 2**16:
+            # One matrix product with the (K, d) bit table (at most 4 MiB): fewest ops.
+            if self._full_table is None or self._full_table.device != as_float.device:
+                index_bits = torch.cat([high_table.repeat_interleave(low_table.shape[0], 0),
+                                        low_table.repeat(high_table.shape[0], 1)], dim=1)
+                self._full_table = index_bits
+            return as_float @ self._full_table
+        # Split an index into its high and low bits and sum the counts over the other half
+        # (O(K)), then weight the ~sqrt(K) half-counts by their bits. Multiply-and-sum, not
+        # matmul: cuBLAS refuses to run under torch.use_deterministic_algorithms without
+        # CUBLAS_WORKSPACE_CONFIG.
+        by_halves = as_float.view(spec.num_codebooks, high_table.shape[0], low_table.shape[0])
+        return torch.cat([(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
+                          (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)], dim=-1)
+
     def take_snapshot(self) -> Tensor | None:
-        """The counts since the previous snapshot (None if untouched), and start a new one."""
+        """The counts since the previous snapshot (None if untouched), and start a new one.
+        Call ``settle`` first: stashed steps are not in it yet."""
         if self.since_snapshot is None or not self.touched_since_snapshot:
             return None
         counts = self.since_snapshot
@@ -282,6 +386,8 @@ class CodeUsage:
         return counts
 
     def state(self) -> dict[str, Any]:
+        if self.pending:
+            raise RuntimeError("CodeUsage.state() with stashed steps: settle them first (LFQMonitor.flush does)")
         return {
             "first_step": self.first_step,
             "last_used": self.last_used.cpu().clone(),

@@ -32,12 +32,13 @@ LATENT_FIELDS = ("latent_tokens", "per_sample_sum", "saturated_sum", "abs_z_sum"
 GRAM_BYTES = 64 * 2**20  # working memory per chunk of tokens in weighted_gram
 
 
-def latent_sums(latent: BinaryLatent, weight: Tensor) -> Tensor:
-    """(len(LATENT_FIELDS), c) float32 sums over the tokens weighted by ``weight`` (N,)."""
+def latent_sums(latent: BinaryLatent, weight: Tensor, entropies: bool = True) -> Tensor:
+    """(len(LATENT_FIELDS), c) float32 sums over the tokens weighted by ``weight`` (N,);
+    ``entropies=False`` leaves the per-sample entropy sum at 0 (for quantizers that report it)."""
     z = latent.z
     w = weight.to(dtype=z.dtype).reshape(-1, 1)  # (N, 1)
     logits = z * latent.logit_scale
-    per_token = binary_entropy_from_logits(logits).sum(-1)  # (N, c)
+    per_token = binary_entropy_from_logits(logits).sum(-1) if entropies else z.new_zeros(z.shape[:2])  # (N, c)
     saturated = (logits.abs() > SATURATION_LOGIT).sum(-1).to(z.dtype)
     magnitude = z.abs()
     commitment = (magnitude - latent.code_magnitude).square().sum(-1)  # |z - sign(z) m| = ||z| - m|

@@ -249,6 +249,10 @@ class LFQMonitor:
     def flush(self) -> None:
         """Close the current step and send every pending record and snapshot to the sinks."""
         self._close_step()
+        self._settle()
+        layer_order = {name: i for i, name in enumerate(self._layers)}
+        # Step-major, as they closed (batched layers settle later than the others).
+        self._pending_steps.sort(key=lambda c: (c.step, layer_order[c.spec.name], MODES.index(c.mode)))
         closed, self._pending_steps = self._pending_steps, []
         snapshots, self._pending_snapshots = self._pending_snapshots, []
         self._closed_unflushed = 0
@@ -313,7 +317,7 @@ class LFQMonitor:
         total = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long)
         for m, usage in self._usage[layer].items():
             if mode is None or m == mode:
-                total += (usage.histogram + usage.step.counts).cpu()
+                total += (usage.histogram + usage.step.counts + sum(p[2].counts for p in usage.pending)).cpu()
         return total
 
     def _world(self) -> int:
@@ -495,6 +499,13 @@ class LFQMonitor:
         if self._closed_unflushed >= self.log_every:
             self.flush()
 
+    def _settle(self) -> None:
+        """Fold every stashed step (``lfq.code_usage.BATCH_MAX_CODES``) into the state."""
+        summarize = self._is_main()
+        for name, spec in self._layers.items():
+            for mode, usage in self._usage[name].items():
+                self._pending_steps += usage.settle(spec, mode, self.usage_window, self.dead_after, summarize)
+
     def _close_step(self) -> None:
         """Turn the current step's counts into one pending ClosedStep per active (layer, mode)."""
         step = self._step
@@ -509,11 +520,11 @@ class LFQMonitor:
                 all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
         for spec, mode, usage in active:
-            closed = usage.close(spec, mode, step, self.usage_window, self.dead_after, summarize=summarize)
-            if closed is not None:
-                self._pending_steps.append(closed)
+            self._pending_steps += usage.close(spec, mode, step, self.usage_window, self.dead_after,
+                                               summarize=summarize)
         self._closed_unflushed += 1
         if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
+            self._settle()
             for name, spec in self._layers.items():
                 for mode, usage in self._usage[name].items():
                     counts = usage.take_snapshot()

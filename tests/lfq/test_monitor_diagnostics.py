@@ -4,8 +4,10 @@ their cadence, evaluation passes, and no host transfer between flushes."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from test_monitor import _HostTransfers, tokens_for
@@ -139,3 +141,43 @@ def test_no_host_transfer_between_flushes_with_diagnostics(monkeypatch):
     theirs = [r for r in sink.records if r["layer"] == "theirs"]
     assert len(theirs) == 4 and all(math.isfinite(r["batch_entropy"]) for r in theirs)
     assert all(len(r["bit_frequencies"]) == (4 if r["layer"] == "ours" else 6) for r in hist.records)
+
+
+def _mixed_run(monkeypatch, batch_max_codes: int, batch_max_steps: int):
+    import lfq.code_usage
+
+    monkeypatch.setattr(lfq.code_usage, "BATCH_MAX_CODES", batch_max_codes)
+    monkeypatch.setattr(lfq.code_usage, "BATCH_MAX_STEPS", batch_max_steps)
+    generator = torch.Generator().manual_seed(7)
+    model = nn.ModuleDict({"a": LFQ(dim=6, codebook_size=8, num_codebooks=2), "b": LFQ(dim=4)})
+    sink, hist, state = MemorySink(), MemorySink(), None
+    with LFQMonitor(model, sink, log_every=5, usage_window=3, dead_after=4, histogram_every=4, histogram_sink=hist,
+                    diagnostics_every=2) as mon:
+        for step in [0, 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13]:  # gaps: windows count steps, not passes
+            mon.set_step(step)
+            model.train(step % 5 != 3)
+            x = torch.randn(2, 9, 6, generator=generator) * (0.2 + step / 10)
+            model["a"](x, mask=torch.rand(2, 9, generator=generator) > 0.3)
+            xb = x[..., :4].clone()
+            if step >= 5:  # bit 0 stuck at 1 from here: a dead bit once dead_after steps pass
+                xb[..., 0] = xb[..., 0].abs()
+            model["b"](xb)
+            if step % 4 == 1:
+                model.eval()
+                model["b"](x[..., :4].flip(1))
+            if step == 9:
+                state = mon.state_dict()
+        histogram = mon.histogram("a")
+    return pd.DataFrame.from_records(sink.records), hist.records, histogram, state
+
+
+def test_batched_and_per_step_closing_give_the_same_records(monkeypatch):
+    batched = _mixed_run(monkeypatch, 2**14, 3)  # batches of at most 3 steps, and at each flush
+    per_step = _mixed_run(monkeypatch, 0, 3)
+    pd.testing.assert_frame_equal(batched[0], per_step[0])
+    assert batched[0]["dead_bits"].max() > 0 and batched[0]["dead_codes"].max() > 0
+    assert len(batched[1]) > 0 and json.dumps(batched[1]) == json.dumps(per_step[1])  # NaN-safe equality
+    assert torch.equal(batched[2], per_step[2])
+    for key in ("last_used", "histogram", "bit_last_set", "bit_last_clear"):
+        for layer in ("a", "b"):
+            assert torch.equal(batched[3]["usage"][layer]["train"][key], per_step[3]["usage"][layer]["train"][key])
