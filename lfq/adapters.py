@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -308,7 +309,8 @@ def check_indices(name: str, adapter: Adapter, indices: Tensor) -> Tensor:
         )
     if tokens_per_index > 1 and (indices.ndim < 1 or indices.shape[-1] != tokens_per_index):
         raise ValueError(f"{name}: expected {tokens_per_index} heads on the indices' last axis, got {tuple(indices.shape)}")
-    return indices.reshape(-1, books).long()
+    flat = indices.reshape(-1, books)
+    return flat if flat.dtype == torch.int64 else flat.long()
 
 
 __all__ = ["Adapter", "BinaryAdapter", "BinaryLatent", "LFQAdapter", "UpstreamLFQAdapter", "IndicesAdapter",

@@ -6,15 +6,42 @@
         loss = train_step(model)
     mon.detach()                    # flushes, then removes every hook
 
-Which modules are watched: every submodule of ``model`` (the model itself included) that is
-an ``lfq.LFQ`` or duck-types the quantizer protocol: int ``codebook_size``, int
-``num_codebooks``, bool ``keep_num_codebooks_dim`` and a ``last_stats`` attribute (``None`` or
-a namedtuple of per-codebook tensors ``per_sample_entropy``, ``batch_entropy``,
-``commitment``, ``aux_loss``; missing or ``None`` fields are logged as NaN). A layer is named
-by its path in ``model.named_modules()``; the model itself, which has the empty path, is
-named ``"<root>"``. Indices are read from the forward output (``out.indices``, or
-``out[0].indices`` when the caller asked for the loss breakdown), the optional bool ``mask``
-(True = keep) from the forward call's ``mask`` keyword or 4th positional argument.
+Which modules are watched: every submodule of ``model`` (the model itself included) that
+``lfq.adapters.adapter_for`` recognises: an ``lfq.LFQ``; the newest vector-quantize-pytorch
+``LFQ`` (plain or ``spherical``; a ``ResidualLFQ`` is watched per inner layer), ``FSQ`` or
+``VectorQuantize``; or a module that duck-types the quantizer protocol: int ``codebook_size``,
+int ``num_codebooks``, bool ``keep_num_codebooks_dim`` and a ``last_stats`` attribute (``None``
+or a namedtuple of per-codebook tensors ``per_sample_entropy``, ``batch_entropy``,
+``commitment``, ``aux_loss``; missing or ``None`` fields are logged as NaN). Anything else is
+watched through ``adapters={path or class: adapter}``, usually an ``lfq.BinaryAdapter`` (a
+binary quantizer in a few arguments: codebook size, inverse temperature, codebook scale, where
+the latent is, how to read the indices). A layer is named by its path in
+``model.named_modules()``; the model itself, which has the empty path, is named ``"<root>"``.
+Indices are read from the forward output (``out.indices``, ``out[0].indices`` with a loss
+breakdown, or ``out[1]`` of a tuple); negative indices (masked or dropped tokens of foreign
+quantizers) are not counted. The optional bool ``mask`` (True = keep) comes from the forward
+call's ``mask`` keyword (or lfq.LFQ's 4th positional argument).
+
+Diagnostics. For binary quantizers the monitor reads the latent z (the values whose signs are
+the bits; for ``lfq.LFQ`` and the upstream LFQ from a forward hook on ``project_in``, then the
+module's own soft clamp, rotation and spherical normalisation) and the inverse temperature tau
+(the forward's ``inv_temperature``, default 100) on diagnostic steps, ``step %
+diagnostics_every == 0`` (default ``log_every``), in training mode, with ``P(bit i = +) =
+sigmoid(4 tau m z_i)`` for codes ``{-m, +m}^d`` (``lfq.adapters``). It computes
+``saturated_fraction`` and ``mean_abs_z`` from it, and, for quantizers that do not report them
+(all but ``lfq.LFQ`` and the protocol), the exact ``per_sample_entropy``, ``batch_entropy`` (of
+the step's batch distribution over all 2**d codes, every pass and rank of the step together,
+through the factorisation of ``lfq.entropy``; NaN above 2**24 codes) and ``commitment``. On
+other steps those columns are NaN for such quantizers. Code counts and bit statistics come
+from the indices on every step.
+
+Evaluation. ``with monitor.evaluating() as ev: ...`` counts every token the watched layers see
+in the block, over all ranks, and on exit ``ev.records`` holds one record per (layer,
+codebook): ``kind="evaluation"``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used
+at least once in the whole pass / codebook size) and ``perplexity``; ``ev.usage_fraction()``
+is their mean. ``monitor.evaluate(loader)`` runs the model in eval mode without gradients over
+``loader`` inside such a block; ``log=True`` also sends the records to the sink with the
+current ``step``.
 
 Steps. ``set_step(s)`` says which step the following forward passes belong to (steps never
 decrease). If it is never called, every training-mode forward pass of ``model`` itself
@@ -26,10 +53,15 @@ one begins or on ``flush()`` (passes of the same step after a flush make a secon
 it); once ``log_every`` steps are closed, their records go to the sink.
 
 Cost. Per forward pass one ``scatter_add_`` into a (num_codebooks, codebook_size) count
-tensor; per closed step about 15 O(codebook_size) device ops, none reading back (about
-0.15 ms on one CPU core at 2^10 codes, 2 ms at 2^18; microseconds on a GPU); per flush one
-device-to-host transfer per device, plus one per histogram snapshot it carries. Under
-torch.distributed, one all_reduce of the counts per closed step (below).
+tensor. Per closed step, codebooks of up to ``lfq.code_usage.BATCH_MAX_CODES`` codes (c * K)
+only stash the step's counts; their statistics are computed for up to 64 steps at once at the
+next flush or snapshot, the same numbers with ~25 device ops per batch instead of per step.
+Larger codebooks take about 25 O(codebook_size) device ops per step (2 ms at 2^18 on one CPU
+core; microseconds on a GPU). None reads back. On diagnostic steps, a few O(tokens * bits) ops
+on the latent, and for foreign binary quantizers the batch distribution (2 * tokens * 2**d
+flops). Per flush one device-to-host transfer per device, plus one per histogram snapshot it
+carries. Under torch.distributed, one all_reduce of the counts per closed step (below), and one
+of the latent sums on diagnostic steps.
 
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
@@ -47,15 +79,26 @@ Columns, one row per (step, layer, codebook, mode):
 - ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
   used counts as last used just before the layer's first monitored step ``s0``, so it is
   dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
-- ``bit_balance_mad``: for ``lfq.LFQ`` layers, per bit the fraction of kept tokens with the
+- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
   bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
-  bit); NaN for other quantizers, whose indices need not be bit strings.
+  bit); NaN for other quantizers, whose indices need not be bit strings;
+- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
+  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
+  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
+- ``dead_bits``: bits that kept one value in every kept token of the steps
+  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
+- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
+  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
+  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
+  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
+  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
 
 Histograms: ``histogram(layer)`` is the cumulative (num_codebooks, codebook_size) count
 tensor. With a ``histogram_sink``, after every step ``s`` with ``(s + 1) % histogram_every
 == 0`` the counts since the previous snapshot go there, at the next flush, as sparse rows
 ``{step, layer, codebook, codebook_size, mode, codes, counts}`` (layers not run since the
-previous snapshot are left out).
+previous snapshot are left out), with ``bit_frequencies`` (per bit, MSB first, the fraction of
+those tokens with the bit set) for binary quantizers.
 
 Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
 rank (opt out with ``distributed=False``), the records describe the global batch: when a step
@@ -99,12 +142,10 @@ from lfq.code_usage import (
     Snapshot,
     StepCounts,
     all_reduce_counts,
-    evaluation_records,
     is_quantizer,
     scatter_counts,
-    snapshot_records,
-    step_records,
 )
+from lfq.records import evaluation_records, snapshot_records, step_records
 from lfq.sinks import JsonlSink, MemorySink, Sink
 
 __all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
@@ -204,6 +245,7 @@ class LFQMonitor:
                 f"keep_num_codebooks_dim and last_stats, or pass adapters={{path: lfq.BinaryAdapter(...)}}"
             )
         self._captured: dict[str, Tensor | None] = {}
+        self._ones: dict[torch.device, Tensor] = {}
         self._evaluation: Evaluation | None = None
 
         self._usage: dict[str, dict[str, CodeUsage]] = {name: {} for name in self._layers}
@@ -412,6 +454,14 @@ class LFQMonitor:
 
         return capture
 
+    def _one(self, device: torch.device) -> Tensor:
+        """A cached int64 scalar 1 on ``device``: the weight of every token when there is no mask."""
+        one = self._ones.get(device)
+        if one is None:
+            with torch.inference_mode(False):
+                one = self._ones[device] = torch.ones((), dtype=torch.long, device=device)
+        return one
+
     def _diagnostic_step(self) -> bool:
         return self._step % self.diagnostics_every == 0
 
@@ -424,7 +474,7 @@ class LFQMonitor:
         mask = adapter.mask(spec.module, args, kwargs)
         per_index = idx.shape[0] // max(1, getattr(adapter, "tokens_per_index", 1))
         if mask is None:
-            weight = torch.ones((), dtype=torch.long, device=idx.device).expand_as(idx)
+            weight = self._one(idx.device).expand_as(idx)
         elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (idx.shape[0], per_index):
             keep = mask.reshape(-1).to(device=idx.device)
             if keep.numel() != idx.shape[0]:  # VectorQuantize's shared heads: one mask entry per position
