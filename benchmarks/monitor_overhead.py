@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--merge", action="store_true", help="keep the --out rows of setups not run now")
     args = parser.parse_args()
     if min(args.steps, args.repeats, args.foreign_steps, args.foreign_repeats) < 1:
         raise ValueError("--steps, --repeats, --foreign-steps and --foreign-repeats must be >= 1")
@@ -238,13 +239,18 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     for name in args.setups:
         rows += run_setup(name, args, device, clock)
+    if args.merge and args.out.exists():
+        with open(args.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r.get("setup") not in args.setups]
+        rows = [r for r in kept if set(r) == set(rows[0])] + rows
     write_csv_atomically(rows, args.out)
 
     print(f"{'setup':<15}{'config':<14}{'cpu ms/step':>12}{'cpu overhead':>14}{'wall overhead':>15}"
           f"{'in-monitor cpu':>16}")
     for row in rows:
-        print(f"{row['setup']:<15}{row['config']:<14}{row['median_cpu_step_ms']:>12.2f}{row['cpu_overhead_pct']:>13.2f}%"
-              f"{row['overhead_pct']:>14.2f}%{row['hook_cpu_pct']:>15.3f}%")
+        print(f"{row['setup']:<15}{row['config']:<14}{float(row['median_cpu_step_ms']):>12.2f}"
+              f"{float(row['cpu_overhead_pct']):>13.2f}%{float(row['overhead_pct']):>14.2f}%"
+              f"{float(row['hook_cpu_pct']):>15.3f}%")
     print(f"device: {rows[0]['device']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; wrote {args.out}")
 
 

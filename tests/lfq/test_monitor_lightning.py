@@ -106,3 +106,21 @@ def test_callback_state_resumes_from_the_trainer_checkpoint(tmp_path: Path):
     # last-used steps of steps 2 and 3 (a fresh monitor would report 0 there).
     pd.testing.assert_frame_equal(pd.DataFrame(resumed_rows[:5]), pd.DataFrame(straight_rows[:5]))
     assert straight_rows[4]["dead_codes"] > 0
+
+
+@pytest.mark.slow
+def test_callback_under_ddp_reports_the_global_batch(tmp_path: Path):
+    """Two gloo processes (ddp_spawn): rank 0 alone writes, and its records count both ranks' tokens."""
+    torch.manual_seed(2)
+    callback = LFQMonitorCallback(log_every=2, sink=JsonlSink(tmp_path / "metrics.jsonl"))
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False, callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer.fit(Tokenizer(), loader(32, 0), loader(12, 1))
+    records = _jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "quantizer" and r["mode"] == "train"]
+    assert [r["step"] for r in train] == [0, 1, 2, 3]
+    assert all(r["tokens"] == 2 * 4 * TOKENS for r in train)  # batches of 4 on each of 2 ranks
+    (evaluation,) = [r for r in records if r.get("kind") == "evaluation"]
+    assert evaluation["tokens"] == 12 * TOKENS  # every validation token, split over the ranks
