@@ -475,15 +475,18 @@ class LFQMonitor:
         per_index = idx.shape[0] // max(1, getattr(adapter, "tokens_per_index", 1))
         if mask is None:
             weight = self._one(idx.device).expand_as(idx)
-        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (idx.shape[0], per_index):
+        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (
+                idx.shape[0], per_index, samples := (indices.shape[0] if indices.ndim else 0)):
+            # One entry per token; per position (VectorQuantize's shared heads); or per sample,
+            # (b,), keeping or dropping all of a sample's tokens.
             keep = mask.reshape(-1).to(device=idx.device)
-            if keep.numel() != idx.shape[0]:  # VectorQuantize's shared heads: one mask entry per position
+            if keep.numel() != idx.shape[0] and samples and idx.shape[0] % keep.numel() == 0:
                 keep = keep.repeat_interleave(idx.shape[0] // keep.numel())
             weight = keep.to(torch.long).reshape(-1, 1).expand_as(idx)
         else:
             raise ValueError(
                 f"{spec.name}: mask must be a bool tensor with one entry per token ({idx.shape[0]} for "
-                f"indices of shape {tuple(indices.shape)}), got {getattr(mask, 'dtype', type(mask).__name__)} "
+                f"indices of shape {tuple(indices.shape)}) or per sample, got {getattr(mask, 'dtype', type(mask).__name__)} "
                 f"of shape {tuple(getattr(mask, 'shape', ()))}"
             )
         if not isinstance(adapter, ProtocolAdapter):  # foreign quantizers mark dropped tokens with -1

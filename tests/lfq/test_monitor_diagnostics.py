@@ -181,3 +181,14 @@ def test_batched_and_per_step_closing_give_the_same_records(monkeypatch):
     for key in ("last_used", "histogram", "bit_last_set", "bit_last_clear"):
         for layer in ("a", "b"):
             assert torch.equal(batched[3]["usage"][layer]["train"][key], per_step[3]["usage"][layer]["train"][key])
+
+
+def test_per_sample_masks_keep_or_drop_whole_samples():
+    from test_monitor import FakeVQ, one_hot_tokens
+
+    vq, sink = FakeVQ(codebook_size=5), MemorySink()
+    x = torch.cat([one_hot_tokens([0, 1, 2], 5), one_hot_tokens([3, 3, 4], 5)])  # (2 samples, 3 tokens, 5)
+    with LFQMonitor(vq, sink) as mon:
+        vq(x, mask=torch.tensor([False, True]))
+        assert mon.histogram("<root>").tolist() == [[0, 0, 0, 2, 1]]
+    assert sink.records[0]["tokens"] == 3
