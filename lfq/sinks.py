@@ -1,9 +1,12 @@
 """Where the monitor's records go.
 
 A sink is any callable that takes a list of flat dict records. ``MemorySink`` keeps them in
-memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file, the only file I/O
-in ``lfq``. Non-finite floats are written as the JSON extensions ``NaN``/``Infinity``, which
-``pandas.read_json(path, lines=True)`` and Python's ``json`` read back as floats.
+memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file. Non-finite floats
+are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
+lines=True)`` and Python's ``json`` read back as floats. ``TensorBoardSink`` and ``WandbSink``
+write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
+``wandb`` when constructed (optional extras), so ``lfq`` imports with torch and einops alone.
+``Tee`` sends the same records to several sinks. Scalars are named by :func:`scalar_tags`.
 """
 
 from __future__ import annotations
