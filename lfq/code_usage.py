@@ -173,7 +173,10 @@ class CodeUsage:
     bit_last_set: Tensor | None = None  # (c, d) int64: the last step each bit was 1 in some kept token
     bit_last_clear: Tensor | None = None  # (c, d) int64: ... was 0 in some kept token
     _full_table: Tensor | None = None  # (K, d) bits of every index, built on first use (CPU)
-    pending: list[tuple[int, Tensor, StepCounts]] = field(default_factory=list)  # stashed closed steps
+    pending: list[tuple[int, StepCounts]] = field(default_factory=list)  # stashed closed steps
+    # Batched closing: BATCH_MAX_STEPS rows of counts (T, c, K) and loss sums (T, 4, c) that the
+    # steps of a batch accumulate into, so that closing a step allocates nothing.
+    _rows: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
@@ -207,11 +210,12 @@ class CodeUsage:
         if self.bit_tables is not None:
             self.bit_tables = (self.bit_tables[0].to(device), self.bit_tables[1].to(device))
         self._full_table = None
-        for _, _, acc in self.pending:
+        for _, acc in self.pending:  # now copies apart from the rows: settle stacks them anyway
             for name in ("counts", "loss_sum", "latent", "gram"):
                 if getattr(acc, name) is not None:
                     setattr(acc, name, getattr(acc, name).to(device))
-        self.pending = [(step, marker.to(device), acc) for step, marker, acc in self.pending]
+        if self._rows is not None:
+            self._rows = (self._rows[0].to(device), self._rows[1].to(device))
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
         """Count ``idx`` (tokens, c) weighted by ``weight`` (tokens, c): 1 = kept, 0 = masked."""
@@ -224,12 +228,10 @@ class CodeUsage:
         """Close the current step: small codebooks stash it (``BATCH_MAX_CODES``) and return the
         steps settled now (usually none); others fold it into the state at once."""
         if spec.num_codebooks * spec.codebook_size <= BATCH_MAX_CODES:
-            with torch.inference_mode(False):
-                marker = torch.full((1,), step, dtype=torch.long, device=self.device)
-            self.pending.append((step, marker, self.step))
-            self.step = StepCounts.zeros(spec, self.device)
+            self.pending.append((step, self.step))
             if len(self.pending) >= BATCH_MAX_STEPS:
                 return self.settle(spec, mode, usage_window, dead_after, summarize)
+            self.step = self._row(spec, len(self.pending))
             return []
         closed = self._close_now(spec, mode, step, usage_window, dead_after, summarize)
         return [] if closed is None else [closed]
@@ -243,8 +245,17 @@ class CodeUsage:
         pending, self.pending = self.pending, []
         steps = [p[0] for p in pending]
         books = spec.num_codebooks
-        at = torch.cat([p[1] for p in pending]).view(-1, 1, 1)  # (T, 1, 1) the steps, on the device
-        counts = torch.stack([p[2].counts for p in pending])  # (T, c, K)
+        at = torch.tensor(steps, dtype=torch.long)
+        # Pinned and non_blocking: a copy from pageable memory would wait for the stream.
+        at = (at.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
+              else at.to(self.device)).view(-1, 1, 1)  # (T, 1, 1)
+        counts = torch.stack([acc.counts for _, acc in pending])  # (T, c, K), a copy
+        losses = torch.stack([acc.loss_sum.t() for _, acc in pending])
+        latents = torch.stack([self._latent_part(acc) for _, acc in pending])
+        if self._rows is not None:  # every row is stacked (or empty): start the next batch at row 0
+            for rows in self._rows:
+                rows.zero_()
+            self.step = self._row(spec, 0)
         self.histogram.add_(counts.sum(0))
         if self.since_snapshot is not None:
             self.since_snapshot.add_(counts.sum(0))
@@ -269,13 +280,13 @@ class CodeUsage:
         dead = (last_used <= at - dead_after).sum(-1, keepdim=True)
         dead[:early] = 0
         parts = [
-            torch.stack([p[2].loss_sum.t() for p in pending]),
+            losses,
             used.sum(-1, keepdim=True),
             tokens,
             torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
             (last_used > at - usage_window).sum(-1, keepdim=True),
             dead,
-            torch.stack([self._latent_part(p[2]) for p in pending]),
+            latents,
         ]
         if bit_set is not None:
             stuck = (torch.minimum(last_set, last_clear) <= at - dead_after).sum(-1, keepdim=True)
@@ -285,7 +296,16 @@ class CodeUsage:
             parts.append(as_float.new_zeros(len(steps), books, 1))
         sums = torch.cat(parts, dim=-1)
         return [ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums[t])
-                for t, (step, _, acc) in enumerate(pending)]
+                for t, (step, acc) in enumerate(pending)]
+
+    def _row(self, spec: LayerSpec, index: int) -> StepCounts:
+        """Empty StepCounts on row ``index`` of the batch buffers (allocated on first use)."""
+        if self._rows is None:
+            books, size = spec.num_codebooks, spec.codebook_size
+            with torch.inference_mode(False):
+                self._rows = (torch.zeros(BATCH_MAX_STEPS, books, size, dtype=torch.long, device=self.device),
+                              torch.zeros(BATCH_MAX_STEPS, len(LOSS_FIELDS), books, device=self.device))
+        return StepCounts(counts=self._rows[0][index], loss_sum=self._rows[1][index])
 
     def _latent_part(self, acc: StepCounts) -> Tensor:
         """(c, len(LATENT_FIELDS) + 1): the latent sums and the latent's batch entropy, or zeros."""

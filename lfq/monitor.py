@@ -359,7 +359,7 @@ class LFQMonitor:
         total = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long)
         for m, usage in self._usage[layer].items():
             if mode is None or m == mode:
-                total += (usage.histogram + usage.step.counts + sum(p[2].counts for p in usage.pending)).cpu()
+                total += (usage.histogram + usage.step.counts + sum(acc.counts for _, acc in usage.pending)).cpu()
         return total
 
     def _world(self) -> int:
