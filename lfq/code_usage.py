@@ -224,10 +224,11 @@ class CodeUsage:
         self.touched_since_snapshot = True
 
     def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
-              summarize: bool = True) -> list[ClosedStep]:
-        """Close the current step: small codebooks stash it (``BATCH_MAX_CODES``) and return the
-        steps settled now (usually none); others fold it into the state at once."""
-        if spec.num_codebooks * spec.codebook_size <= BATCH_MAX_CODES:
+              summarize: bool = True, batched: bool = True) -> list[ClosedStep]:
+        """Close the current step: small codebooks stash it (``BATCH_MAX_CODES``; ``batched``
+        False: never) and return the steps settled now (usually none); others fold it into the
+        state at once."""
+        if batched and spec.num_codebooks * spec.codebook_size <= BATCH_MAX_CODES:
             self.pending.append((step, self.step))
             if len(self.pending) >= BATCH_MAX_STEPS:
                 return self.settle(spec, mode, usage_window, dead_after, summarize)
@@ -252,9 +253,10 @@ class CodeUsage:
         counts = torch.stack([acc.counts for _, acc in pending])  # (T, c, K), a copy
         losses = torch.stack([acc.loss_sum.t() for _, acc in pending])
         latents = torch.stack([self._latent_part(acc) for _, acc in pending])
-        if self._rows is not None:  # every row is stacked (or empty): start the next batch at row 0
+        if self._rows is not None:  # rows up to the open step's are stacked (or empty): start again at row 0
+            used_rows = min(len(pending) + 1, BATCH_MAX_STEPS)
             for rows in self._rows:
-                rows.zero_()
+                rows[:used_rows].zero_()
             self.step = self._row(spec, 0)
         self.histogram.add_(counts.sum(0))
         if self.since_snapshot is not None:

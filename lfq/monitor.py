@@ -573,8 +573,9 @@ class LFQMonitor:
                 all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
         for spec, mode, usage in active:
+            # Batches pay off only when flushes are a few steps apart.
             self._pending_steps += usage.close(spec, mode, step, self.usage_window, self.dead_after,
-                                               summarize=summarize)
+                                               summarize=summarize, batched=self.log_every >= 4)
         self._closed_unflushed += 1
         if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
             self._settle()
