@@ -1,15 +1,21 @@
-"""Overhead of LFQMonitor on the training step of a small conv autoencoder with an LFQ bottleneck.
+"""Overhead of LFQMonitor on the training step of a small conv autoencoder with an LFQ bottleneck:
+our lfq.LFQ (which reports its entropies) and the newest vector-quantize-pytorch LFQ (whose
+entropies, commitment and saturation the monitor computes from the latent itself).
 
-    .venv/bin/python benchmarks/monitor_overhead.py            # CPU, ~2 minutes
+    .venv/bin/python benchmarks/monitor_overhead.py                      # every setup, CPU, ~15 minutes
+    .venv/bin/python benchmarks/monitor_overhead.py --setups ours-2^10   # one setup
     .venv/bin/python benchmarks/monitor_overhead.py --device cuda
 
-Times trials of ``--steps`` training steps (forward, MSE + LFQ aux loss, backward, Adam)
-without a monitor, with ``log_every=50`` and with ``log_every=1``, writing records to a
-JSON-lines file as a run would. The configurations are interleaved, rotating their order
-each repeat, so that load from other processes hits all of them alike; the overhead is the
-median over repeats of (trial time / the same repeat's no-monitor trial time) - 1, in wall
-time and in this process's CPU time (steadier when other processes load the machine).
-Target: <= 3 % at log_every=50. Writes results/benchmarks/monitor_overhead.csv atomically.
+Per setup, times trials of ``--steps`` training steps (forward, MSE + aux loss, backward, Adam)
+without a monitor, with ``log_every=50`` and (ours only) ``log_every=1``, writing records to a
+JSON-lines file as a run would. The configurations are interleaved, rotating their order each
+repeat, so that load from other processes hits all of them alike; the overhead is the median
+over repeats of (trial time / the same repeat's no-monitor trial time) - 1, in wall time and in
+this process's CPU time (steadier when other processes load the machine). A third, direct
+measure: the CPU time spent inside the monitor's hooks and flushes, per step, as a share of the
+no-monitor step (``hook_cpu_pct``); it does not see cache effects on the model's own work.
+Target: <= 3 % at log_every=50 (ours at 2^10; the newest upstream at 2^14, 2^18 reported).
+Writes results/benchmarks/monitor_overhead.csv atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,24 +34,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.run_dir import atomic_write
-from lfq import LFQ, JsonlSink, LFQMonitor
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from experiments.run_dir import atomic_write  # noqa: E402
+from lfq import LFQ, JsonlSink, LFQMonitor  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "monitor_overhead.csv"
-CONFIGS: dict[str, int | None] = {"none": None, "log_every=50": 50, "log_every=1": 1}
+OUT = REPO / "results" / "benchmarks" / "monitor_overhead.csv"
+UPSTREAM_DIR = REPO / ".upstream" / "vqp-latest"
+# setup -> (quantizer, bits, batch of 32x32 images (64 tokens each), configs)
+SETUPS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
+    "ours-2^10": ("ours", 10, 32, ("none", "log_every=50", "log_every=1")),
+    "upstream-2^14": ("upstream", 14, 8, ("none", "log_every=50")),
+    "upstream-2^18": ("upstream", 18, 2, ("none", "log_every=50")),
+}
+LOG_EVERY = {"none": None, "log_every=50": 50, "log_every=1": 1}
+
+
+def upstream_lfq():
+    """The newest upstream's LFQ class, from .upstream/vqp-latest (``make upstream``)."""
+    if not (UPSTREAM_DIR / "vector_quantize_pytorch").is_dir():
+        raise SystemExit(f"the newest vector-quantize-pytorch is not in {UPSTREAM_DIR}: run `make upstream`")
+    sys.path.insert(0, str(UPSTREAM_DIR))
+    from vector_quantize_pytorch import LFQ as UpstreamLFQ
+
+    return UpstreamLFQ
 
 
 class ConvAutoencoder(nn.Module):
-    """32x32 RGB -> 8x8 grid of 10-bit LFQ codes (1024-code codebook) -> 32x32 RGB."""
+    """32x32 RGB -> 8x8 grid of ``bits``-bit LFQ codes -> 32x32 RGB."""
 
-    def __init__(self, bits: int = 10, width: int = 32) -> None:
+    def __init__(self, bits: int = 10, width: int = 32, quantizer: str = "ours") -> None:
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(3, width, 4, 2, 1), nn.GELU(),
             nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GELU(),
             nn.Conv2d(2 * width, bits, 1),
         )
-        self.quantizer = LFQ(dim=bits, codebook_size=2**bits)
+        if quantizer == "ours":
+            self.quantizer = LFQ(dim=bits, codebook_size=2**bits)
+        else:
+            self.quantizer = upstream_lfq()(dim=bits, codebook_size=2**bits, commitment_loss_weight=0.25)
         self.decoder = nn.Sequential(
             nn.Conv2d(bits, 2 * width, 1), nn.GELU(),
             nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.GELU(),
@@ -56,16 +85,39 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(quantized), aux_loss
 
 
+class HookClock:
+    """CPU seconds spent inside the monitor's hooks, step closing and flushes."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.depth = 0
+        for name in ("_observe", "_close_step", "flush", "_on_model_forward"):
+            setattr(LFQMonitor, name, self._timed(getattr(LFQMonitor, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            self.depth += 1
+            start = time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0:  # nested calls (flush -> _close_step) counted once
+                    self.seconds += time.process_time() - start
+
+        return timed
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor],
-               steps: int, log_every: int | None, log_dir: Path) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds per training step over ``steps`` steps, the monitor's
-    final flush included. CPU time is what this process used, so it is less sensitive to other
-    processes on a shared machine (but does not see time spent waiting on fsync)."""
+               steps: int, log_every: int | None, log_dir: Path, clock: HookClock) -> tuple[float, float, float]:
+    """Wall-clock, process CPU and in-monitor CPU seconds per training step over ``steps`` steps,
+    the monitor's final flush included. CPU time is what this process used, so it is less
+    sensitive to other processes on a shared machine (but does not see time spent waiting on fsync)."""
     monitor = None
     if log_every is not None:
         path = log_dir / f"metrics_{log_every}.jsonl"
@@ -73,6 +125,7 @@ def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
         monitor = LFQMonitor(model, JsonlSink(path), log_every=log_every)
     device = batches[0].device
     _sync(device)
+    clock.seconds = 0.0
     start, start_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         x = batches[step % len(batches)]
@@ -84,7 +137,7 @@ def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     if monitor is not None:
         monitor.detach()
     _sync(device)
-    return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps, clock.seconds / steps
 
 
 def device_name(device: torch.device) -> str:
@@ -108,70 +161,97 @@ def write_csv_atomically(rows: list[dict[str, object]], path: Path) -> None:
     atomic_write(path, write)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="training steps per trial")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved trials per configuration")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    if args.steps < 1 or args.repeats < 1:
-        raise ValueError(f"--steps and --repeats must be >= 1, got {args.steps} and {args.repeats}")
-
-    torch.set_num_threads(args.threads)
+def run_setup(name: str, args: argparse.Namespace, device: torch.device, clock: HookClock) -> list[dict[str, object]]:
+    quantizer, bits, batch, configs = SETUPS[name]
+    steps = args.steps if quantizer == "ours" else args.foreign_steps
+    repeats = args.repeats if quantizer == "ours" else args.foreign_repeats
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    model = ConvAutoencoder().to(device)
+    model = ConvAutoencoder(bits, quantizer=quantizer).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = [torch.rand(args.batch, 3, 32, 32, device=device) for _ in range(4)]
+    batches = [torch.rand(batch, 3, 32, 32, device=device) for _ in range(4)]
     load_before = os.getloadavg()[0]
-
-    seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    cpu_seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    wall: dict[str, list[float]] = {c: [] for c in configs}
+    cpu: dict[str, list[float]] = {c: [] for c in configs}
+    hooks: dict[str, list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as log_dir:
-        for log_every in CONFIGS.values():  # warm-up: allocator, kernels, file system
-            time_trial(model, optimizer, batches, max(10, args.steps // 5), log_every, Path(log_dir))
-        names = list(CONFIGS)
-        for repeat in range(args.repeats):
-            order = names[repeat % len(names):] + names[: repeat % len(names)]
-            for name in order:
-                wall, cpu = time_trial(model, optimizer, batches, args.steps, CONFIGS[name], Path(log_dir))
-                seconds[name].append(wall)
-                cpu_seconds[name].append(cpu)
+        for config in configs:  # warm-up: allocator, kernels, file system
+            time_trial(model, optimizer, batches, max(2, steps // 5), LOG_EVERY[config], Path(log_dir), clock)
+        for repeat in range(repeats):
+            order = list(configs[repeat % len(configs):] + configs[: repeat % len(configs)])
+            for config in order:
+                w, c, h = time_trial(model, optimizer, batches, steps, LOG_EVERY[config], Path(log_dir), clock)
+                wall[config].append(w)
+                cpu[config].append(c)
+                hooks[config].append(h)
+            print(f"  {name} repeat {repeat + 1}/{repeats}: " + ", ".join(
+                f"{c} {1e3 * cpu[c][-1]:.1f} ms cpu" for c in configs), flush=True)
     load_after = os.getloadavg()[0]
 
-    def overhead_pct(times: dict[str, list[float]], name: str) -> float:
-        ratios = [t / b for t, b in zip(times[name], times["none"], strict=True)]
+    def overhead_pct(times: dict[str, list[float]], config: str) -> float:
+        ratios = [t / b for t, b in zip(times[config], times["none"], strict=True)]
         return round(100 * (statistics.median(ratios) - 1), 2)
 
-    rows: list[dict[str, object]] = []
-    for name, log_every in CONFIGS.items():
+    rows = []
+    for config in configs:
+        hook_pct = [h / b for h, b in zip(hooks[config], cpu["none"], strict=True)]
         rows.append({
-            "config": name,
-            "log_every": "" if log_every is None else log_every,
-            "median_step_ms": round(1e3 * statistics.median(seconds[name]), 3),
-            "min_step_ms": round(1e3 * min(seconds[name]), 3),
-            "overhead_pct": overhead_pct(seconds, name),
-            "median_cpu_step_ms": round(1e3 * statistics.median(cpu_seconds[name]), 3),
-            "cpu_overhead_pct": overhead_pct(cpu_seconds, name),
-            "steps_per_trial": args.steps,
-            "repeats": args.repeats,
-            "batch": args.batch,
-            "codebook_size": model.quantizer.codebook_size,
+            "setup": name,
+            "quantizer": "lfq.LFQ" if quantizer == "ours" else "vector-quantize-pytorch LFQ (newest)",
+            "codebook_size": 2**bits,
+            "tokens_per_step": batch * 64,
+            "config": config,
+            "log_every": LOG_EVERY[config] or "",
+            "median_step_ms": round(1e3 * statistics.median(wall[config]), 3),
+            "overhead_pct": overhead_pct(wall, config),
+            "median_cpu_step_ms": round(1e3 * statistics.median(cpu[config]), 3),
+            "cpu_overhead_pct": overhead_pct(cpu, config),
+            "hook_cpu_ms_per_step": round(1e3 * statistics.median(hooks[config]), 4),
+            "hook_cpu_pct": round(100 * statistics.median(hook_pct), 3),
+            "steps_per_trial": steps,
+            "repeats": repeats,
             "device": device_name(device),
             "torch": torch.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "load_avg_1m_before": round(load_before, 2),
             "load_avg_1m_after": round(load_after, 2),
         })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--steps", type=int, default=100, help="training steps per trial (ours)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved trials per configuration (ours)")
+    parser.add_argument("--foreign-steps", type=int, default=50, help="steps per trial, newest upstream (slow)")
+    parser.add_argument("--foreign-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--merge", action="store_true", help="keep the --out rows of setups not run now")
+    args = parser.parse_args()
+    if min(args.steps, args.repeats, args.foreign_steps, args.foreign_repeats) < 1:
+        raise ValueError("--steps, --repeats, --foreign-steps and --foreign-repeats must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = HookClock()
+    rows: list[dict[str, object]] = []
+    for name in args.setups:
+        rows += run_setup(name, args, device, clock)
+    if args.merge and args.out.exists():
+        with open(args.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r.get("setup") not in args.setups]
+        rows = [r for r in kept if set(r) == set(rows[0])] + rows
     write_csv_atomically(rows, args.out)
 
-    print(f"{'config':<14}{'wall ms/step':>14}{'overhead':>10}{'cpu ms/step':>13}{'cpu overhead':>14}")
+    print(f"{'setup':<15}{'config':<14}{'cpu ms/step':>12}{'cpu overhead':>14}{'wall overhead':>15}"
+          f"{'in-monitor cpu':>16}")
     for row in rows:
-        print(f"{row['config']:<14}{row['median_step_ms']:>14.3f}{row['overhead_pct']:>9.2f}%"
-              f"{row['median_cpu_step_ms']:>13.3f}{row['cpu_overhead_pct']:>13.2f}%")
-    print(f"device: {rows[0]['device']}; load average {load_before:.2f} -> {load_after:.2f}; wrote {args.out}")
+        print(f"{row['setup']:<15}{row['config']:<14}{float(row['median_cpu_step_ms']):>12.2f}"
+              f"{float(row['cpu_overhead_pct']):>13.2f}%{float(row['overhead_pct']):>14.2f}%"
+              f"{float(row['hook_cpu_pct']):>15.3f}%")
+    print(f"device: {rows[0]['device']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Lookup-Free Quantization (MAGVIT-v2, arXiv 2310.05737) with exact, fast entropy terms.
 
-Importable with torch and einops alone; no file I/O.
+Importable with torch and einops alone: the TensorBoard and wandb sinks import their packages
+when constructed (``pip install lfq-suite[tensorboard]`` / ``[wandb]``).
 """
 
+from lfq.adapters import Adapter, BinaryAdapter
 from lfq.entropy import ENTROPY_KERNELS, EntropyTerms
-from lfq.monitor import LFQMonitor
+from lfq.monitor import Evaluation, LFQMonitor
 from lfq.quantizer import LFQ, CodebookStats, LossBreakdown, Return, reverse_bits
-from lfq.sinks import JsonlSink, MemorySink
+from lfq.sinks import JsonlSink, MemorySink, Tee, TensorBoardSink, WandbSink
 
 __all__ = [
     "LFQ", "Return", "LossBreakdown", "CodebookStats", "EntropyTerms", "ENTROPY_KERNELS", "reverse_bits",
-    "LFQMonitor", "MemorySink", "JsonlSink",
+    "LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "TensorBoardSink", "WandbSink", "Tee",
+    "Adapter", "BinaryAdapter",
 ]

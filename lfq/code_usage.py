@@ -4,9 +4,8 @@
 watched (``is_quantizer``, ``LayerSpec``) and the numbers: what a step accumulates
 (``StepCounts``) and its sum over data-parallel ranks (``all_reduce_counts``), the state
 that outlives a step (``CodeUsage``: last-used steps, histograms), the per-step statistics
-computed from them with device ops only, and the conversion of a flush's row tensors into
-flat records. The definitions of the columns
-are in the ``lfq.monitor`` docstring.
+computed from them with device ops only. ``lfq.records`` turns a flush's row tensors into flat
+records. The definitions of the columns are in the ``lfq.monitor`` docstring.
 """
 
 from __future__ import annotations
@@ -19,58 +18,63 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lfq.quantizer import LFQ
+from lfq.adapters import Adapter, BinaryLatent, adapter_for
+from lfq.latent_stats import LATENT_FIELDS, gram_entropy, latent_sums, weighted_gram
 
 MODES = ("train", "eval")
 LOSS_FIELDS = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss")
 STAT_FIELDS = LOSS_FIELDS + (
     "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
+    "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
 )
 RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
+# Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
+BIT_FREQUENCY, BIT_ENTROPY = "bit_frequency_", "bit_entropy_"
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
+# Small codebooks (c * K codes up to this) close their steps in batches: a closed step is only
+# stashed (a few ops), and its statistics are computed with the next ones at the next flush or
+# snapshot, or every BATCH_MAX_STEPS steps, over a (steps, c, K) stack. At small codebooks the
+# fixed cost of each op is the whole cost, so ~25 ops per step become ~25 per batch. Larger
+# codebooks close every step at once (their ops cost bandwidth, and a stack would cost memory).
+BATCH_MAX_CODES = 2**14
+BATCH_MAX_STEPS = 64
 
-# (step, layer, mode, codebook_size, counts): a histogram snapshot waiting for the next flush.
-Snapshot = tuple[int, str, str, int, Tensor]
+# (step, layer, mode, codebook_size, bits, counts): a histogram snapshot waiting for the next flush.
+Snapshot = tuple[int, str, str, int, "int | None", Tensor]
 
 
 def is_quantizer(module: nn.Module) -> bool:
-    """An ``lfq.LFQ``, or a module that duck-types the quantizer protocol (module docstring)."""
-    if isinstance(module, LFQ):
-        return True
-    # getattr with a default: nn.Module.__getattr__ raises for missing attributes.
-    size = getattr(module, "codebook_size", None)
-    books = getattr(module, "num_codebooks", None)
-    keep = getattr(module, "keep_num_codebooks_dim", None)
-    return (
-        isinstance(size, int) and not isinstance(size, bool)
-        and isinstance(books, int) and not isinstance(books, bool)
-        and isinstance(keep, bool)
-        and hasattr(module, "last_stats")
-    )
+    """A module the monitor watches by itself (``lfq.adapters.adapter_for``)."""
+    return adapter_for(module) is not None
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     name: str  # the module path, or lfq.monitor.ROOT_LAYER for the model itself
     module: nn.Module
+    adapter: Adapter
     codebook_size: int
     num_codebooks: int
-    keep_num_codebooks_dim: bool
-    bits: int | None  # bits per index, for bit balance; None: indices are not bit strings
+    bits: int | None  # bits per index, for the bit statistics; None: indices are not bit strings
 
     @classmethod
-    def describe(cls, name: str, module: nn.Module) -> LayerSpec:
-        """The spec of a module that ``is_quantizer``; ValueError if the monitor cannot watch it."""
-        size, books = int(module.codebook_size), int(module.num_codebooks)
+    def describe(cls, name: str, module: nn.Module, adapter: Adapter | None = None) -> LayerSpec:
+        """The spec of a watched module; ValueError if the monitor cannot watch it."""
+        adapter = adapter if adapter is not None else adapter_for(module)
+        if adapter is None:
+            raise ValueError(f"{name}: {type(module).__name__} is not a quantizer the monitor knows; pass an adapter")
+        size, books = int(adapter.codebook_size), int(adapter.num_codebooks)
         if size < 1 or books < 1:
             raise ValueError(f"{name}: codebook_size and num_codebooks must be >= 1, got {size} and {books}")
-        if books > 1 and not module.keep_num_codebooks_dim:
+        if books > 1 and getattr(adapter, "keep_num_codebooks_dim", True) is False:
             raise ValueError(
                 f"{name}: num_codebooks={books} with keep_num_codebooks_dim=False leaves no codebook "
                 f"axis on the indices; the monitor needs keep_num_codebooks_dim=True"
             )
-        bits = int(module.codebook_dim) if isinstance(module, LFQ) else None
-        return cls(name, module, size, books, bool(module.keep_num_codebooks_dim), bits)
+        bits = adapter.bits
+        if bits is not None and 2**bits != size:
+            raise ValueError(f"{name}: an adapter with bits={bits} needs codebook_size = 2**bits, got {size}")
+        return cls(name, module, adapter, size, books, bits)
 
 
 @dataclass
@@ -78,13 +82,19 @@ class StepCounts:
     """What one (layer, mode) accumulated during the current step, on the layer's device.
 
     ``counts`` (c, K) sums kept tokens over the step's passes; ``loss_sum`` (4, c) sums each
-    of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it.
+    of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it. On diagnostic steps
+    ``latent`` (len(LATENT_FIELDS), c) sums the binary latent's statistics over
+    ``latent_passes`` passes, and ``gram`` (c, 2**a, 2**b) its batch distribution's sum when the
+    quantizer reports no entropies (``lfq.latent_stats``).
     """
 
     counts: Tensor
     loss_sum: Tensor
     loss_passes: list[int] = field(default_factory=lambda: [0] * len(LOSS_FIELDS))
     forward_passes: int = 0
+    latent: Tensor | None = None
+    gram: Tensor | None = None
+    latent_passes: int = 0
 
     @classmethod
     def zeros(cls, spec: LayerSpec, device: torch.device) -> StepCounts:
@@ -100,6 +110,17 @@ class StepCounts:
         self.loss_sum.zero_()
         self.loss_passes = [0] * len(LOSS_FIELDS)
         self.forward_passes = 0
+        self.latent, self.gram, self.latent_passes = None, None, 0
+
+    def add_latent(self, latent: BinaryLatent, weight: Tensor, with_gram: bool) -> None:
+        """Accumulate a pass's latent statistics (``weight`` (N,): 1 = kept token, 0 = masked)."""
+        sums = latent_sums(latent, weight, entropies=with_gram)
+        self.latent = sums if self.latent is None else self.latent.add_(sums)
+        if with_gram:
+            gram = weighted_gram(latent, weight)
+            if gram is not None:
+                self.gram = gram if self.gram is None else self.gram.add_(gram)
+        self.latent_passes += 1
 
 
 @dataclass
@@ -112,18 +133,29 @@ class ClosedStep:
     mode: str
     loss_passes: list[int]
     forward_passes: int
+    latent_passes: int
     sums: Tensor
 
 
 def _bit_tables(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(2**h, h) and (2**l, l) 0/1 tables of the bits of the high h and low l = bits - h bits."""
+    """(2**h, h) and (2**l, l) 0/1 tables of the high h and low l = bits - h bits, MSB first."""
     high = bits // 2
 
     def table(n: int) -> Tensor:
-        return ((torch.arange(2**n, device=device)[:, None] >> torch.arange(n, device=device)) & 1).float()
+        shifts = torch.arange(n - 1, -1, -1, device=device)
+        return ((torch.arange(2**n, device=device)[:, None] >> shifts) & 1).float()
 
     with torch.inference_mode(False):
         return table(high), table(bits - high)
+
+
+def scatter_counts(counts: Tensor, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
+    """Add ``weight`` (tokens, c) at ``idx`` (tokens, c) into ``counts`` (c, K), in place."""
+    flat = idx
+    if spec.num_codebooks > 1:
+        flat = idx + torch.arange(spec.num_codebooks, device=idx.device) * spec.codebook_size
+    # scatter_add_, not bincount: CUDA bincount reads the largest index back to the host.
+    counts.view(-1).scatter_add_(0, flat.reshape(-1), weight.reshape(-1))
 
 
 @dataclass
@@ -138,10 +170,19 @@ class CodeUsage:
     step: StepCounts
     bit_tables: tuple[Tensor, Tensor] | None  # bits of the high and low halves of an index
 
+    bit_last_set: Tensor | None = None  # (c, d) int64: the last step each bit was 1 in some kept token
+    bit_last_clear: Tensor | None = None  # (c, d) int64: ... was 0 in some kept token
+    _full_table: Tensor | None = None  # (K, d) bits of every index, built on first use (CPU)
+    pending: list[tuple[int, StepCounts]] = field(default_factory=list)  # stashed closed steps
+    # Batched closing: BATCH_MAX_STEPS rows of counts (T, c, K) and loss sums (T, 4, c) that the
+    # steps of a batch accumulate into, so that closing a step allocates nothing.
+    _rows: tuple[Tensor, Tensor] | None = None
+
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
         shape = (spec.num_codebooks, spec.codebook_size)
         with torch.inference_mode(False):
+            bit_shape = (spec.num_codebooks, spec.bits or 0)
             return cls(
                 first_step=first_step,
                 last_used=torch.full(shape, NEVER, dtype=torch.long, device=device),
@@ -150,6 +191,8 @@ class CodeUsage:
                 touched_since_snapshot=False,
                 step=StepCounts.zeros(spec, device),
                 bit_tables=None if spec.bits is None else _bit_tables(spec.bits, device),
+                bit_last_set=None if spec.bits is None else torch.full(bit_shape, NEVER, dtype=torch.long, device=device),
+                bit_last_clear=None if spec.bits is None else torch.full(bit_shape, NEVER, dtype=torch.long, device=device),
             )
 
     @property
@@ -158,37 +201,135 @@ class CodeUsage:
 
     def to(self, device: torch.device) -> None:
         """Move every tensor (state loaded on the CPU, or a model moved between steps)."""
-        for obj, names in ((self, ("last_used", "histogram", "since_snapshot")),
-                           (self.step, ("counts", "loss_sum"))):
+        for obj, names in ((self, ("last_used", "histogram", "since_snapshot", "bit_last_set", "bit_last_clear")),
+                           (self.step, ("counts", "loss_sum", "latent", "gram"))):
             for name in names:
                 value = getattr(obj, name)
                 if value is not None:
                     setattr(obj, name, value.to(device))
         if self.bit_tables is not None:
             self.bit_tables = (self.bit_tables[0].to(device), self.bit_tables[1].to(device))
+        self._full_table = None
+        for _, acc in self.pending:  # now copies apart from the rows: settle stacks them anyway
+            for name in ("counts", "loss_sum", "latent", "gram"):
+                if getattr(acc, name) is not None:
+                    setattr(acc, name, getattr(acc, name).to(device))
+        if self._rows is not None:
+            self._rows = (self._rows[0].to(device), self._rows[1].to(device))
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
         """Count ``idx`` (tokens, c) weighted by ``weight`` (tokens, c): 1 = kept, 0 = masked."""
-        flat = idx
-        if spec.num_codebooks > 1:
-            flat = idx + torch.arange(spec.num_codebooks, device=idx.device) * spec.codebook_size
-        # scatter_add_, not bincount: CUDA bincount reads the largest index back to the host.
-        self.step.counts.view(-1).scatter_add_(0, flat.reshape(-1), weight.reshape(-1))
+        scatter_counts(self.step.counts, spec, idx, weight)
         self.step.forward_passes += 1
         self.touched_since_snapshot = True
 
     def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
-              summarize: bool = True) -> ClosedStep | None:
+              summarize: bool = True, batched: bool = True) -> list[ClosedStep]:
+        """Close the current step: small codebooks stash it (``BATCH_MAX_CODES``; ``batched``
+        False: never) and return the steps settled now (usually none); others fold it into the
+        state at once."""
+        if batched and spec.num_codebooks * spec.codebook_size <= BATCH_MAX_CODES:
+            self.pending.append((step, self.step))
+            if len(self.pending) >= BATCH_MAX_STEPS:
+                return self.settle(spec, mode, usage_window, dead_after, summarize)
+            self.step = self._row(spec, len(self.pending))
+            return []
+        closed = self._close_now(spec, mode, step, usage_window, dead_after, summarize)
+        return [] if closed is None else [closed]
+
+    def settle(self, spec: LayerSpec, mode: str, usage_window: int, dead_after: int,
+               summarize: bool = True) -> list[ClosedStep]:
+        """Fold every stashed step into the state, in one batch; their ClosedSteps (none when
+        ``summarize`` is False). The same numbers as closing each step at once."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        steps = [p[0] for p in pending]
+        books = spec.num_codebooks
+        at = torch.tensor(steps, dtype=torch.long)
+        # Pinned and non_blocking: a copy from pageable memory would wait for the stream.
+        at = (at.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
+              else at.to(self.device)).view(-1, 1, 1)  # (T, 1, 1)
+        counts = torch.stack([acc.counts for _, acc in pending])  # (T, c, K), a copy
+        losses = torch.stack([acc.loss_sum.t() for _, acc in pending])
+        latents = torch.stack([self._latent_part(acc) for _, acc in pending])
+        if self._rows is not None:  # rows up to the open step's are stacked (or empty): start again at row 0
+            used_rows = min(len(pending) + 1, BATCH_MAX_STEPS)
+            for rows in self._rows:
+                rows[:used_rows].zero_()
+            self.step = self._row(spec, 0)
+        self.histogram.add_(counts.sum(0))
+        if self.since_snapshot is not None:
+            self.since_snapshot.add_(counts.sum(0))
+        used = counts > 0
+        # Last use as of each step: the running max over the batch of the steps that used a code.
+        last_used = torch.maximum(torch.where(used, at, NEVER).cummax(0).values, self.last_used)
+        self.last_used.copy_(last_used[-1])
+        as_float = counts.float()
+        tokens = as_float.sum(-1, keepdim=True)  # (T, c, 1)
+        bit_set = None
+        if self.bit_tables is not None:
+            bit_set = self._bit_counts(spec, as_float.view(-1, spec.codebook_size)).view(len(steps), books, -1)
+            last_set = torch.maximum(torch.where(bit_set > 0, at, NEVER).cummax(0).values, self.bit_last_set)
+            last_clear = torch.maximum(torch.where(bit_set < tokens, at, NEVER).cummax(0).values, self.bit_last_clear)
+            self.bit_last_set.copy_(last_set[-1])
+            self.bit_last_clear.copy_(last_clear[-1])
+        if not summarize:
+            return []
+
+        # Steps are increasing, so those too early to count dead codes are a prefix.
+        early = sum(s - dead_after < self.first_step - 1 for s in steps)
+        dead = (last_used <= at - dead_after).sum(-1, keepdim=True)
+        dead[:early] = 0
+        parts = [
+            losses,
+            used.sum(-1, keepdim=True),
+            tokens,
+            torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
+            (last_used > at - usage_window).sum(-1, keepdim=True),
+            dead,
+            latents,
+        ]
+        if bit_set is not None:
+            stuck = (torch.minimum(last_set, last_clear) <= at - dead_after).sum(-1, keepdim=True)
+            stuck[:early] = 0
+            parts += [stuck, bit_set]
+        else:
+            parts.append(as_float.new_zeros(len(steps), books, 1))
+        sums = torch.cat(parts, dim=-1)
+        return [ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums[t])
+                for t, (step, acc) in enumerate(pending)]
+
+    def _row(self, spec: LayerSpec, index: int) -> StepCounts:
+        """Empty StepCounts on row ``index`` of the batch buffers (allocated on first use)."""
+        if self._rows is None:
+            books, size = spec.num_codebooks, spec.codebook_size
+            with torch.inference_mode(False):
+                self._rows = (torch.zeros(BATCH_MAX_STEPS, books, size, dtype=torch.long, device=self.device),
+                              torch.zeros(BATCH_MAX_STEPS, len(LOSS_FIELDS), books, device=self.device))
+        return StepCounts(counts=self._rows[0][index], loss_sum=self._rows[1][index])
+
+    def _latent_part(self, acc: StepCounts) -> Tensor:
+        """(c, len(LATENT_FIELDS) + 1): the latent sums and the latent's batch entropy, or zeros."""
+        if acc.latent is None:
+            return self._zeros(len(LATENT_FIELDS) + 1)
+        batch = gram_entropy(acc.gram, acc.latent[0]).unsqueeze(-1) if acc.gram is not None \
+            else self._zeros(1).fill_(math.nan)
+        return torch.cat([acc.latent.t(), batch], dim=-1)
+
+    def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
+                   summarize: bool = True) -> ClosedStep | None:
         """Fold the step's counts into the state and keep its raw sums for the next flush.
 
         ``summarize=False`` (ranks other than 0, whose records go nowhere) only folds the
         counts into the state and returns None.
 
         Only device ops, few of them, none reading back: everything that divides or takes a
-        log of a sum is left to the host at flush time (``step_records``). The sums,
-        each per codebook: loss_sum (4), codes used, tokens, sum of n log n over the codes'
-        counts n, codes used in the window, dead codes, and tokens with each bit set (high
-        bits first, then low).
+        log of a sum is left to the host at flush time (``step_records``). The sums, each per
+        codebook (``SUM_LAYOUT``): loss_sum (4), codes used, tokens, sum of n log n over the
+        codes' counts n, codes used in the window, dead codes, the latent sums
+        (``LATENT_FIELDS``), the batch entropy of the latent's batch distribution, dead bits,
+        and tokens with each bit set (most significant first).
         """
         acc = self.step
         counts = acc.counts
@@ -197,38 +338,67 @@ class CodeUsage:
             self.since_snapshot.add_(counts)
         used = counts > 0
         self.last_used.masked_fill_(used, step)
+        if not summarize and self.bit_tables is None:
+            acc.reset()
+            return None
+        as_float = counts.float()
+        tokens = as_float.sum(-1, keepdim=True)
+        bit_set = None
+        if self.bit_tables is not None:
+            bit_set = self._bit_counts(spec, as_float)  # (c, d)
+            self.bit_last_set.masked_fill_(bit_set > 0, step)
+            self.bit_last_clear.masked_fill_(bit_set < tokens, step)
         if not summarize:
             acc.reset()
             return None
 
-        as_float = counts.float()
+        # Few ops, each over (c, K) at most: at small codebooks each op's fixed cost is the cost.
+        threshold = step - dead_after
+        dead_counted = threshold >= self.first_step - 1  # never-used codes count as last used at first_step - 1
         parts = [
             acc.loss_sum.t(),
             used.sum(-1, keepdim=True),
-            as_float.sum(-1, keepdim=True),
+            tokens,
             torch.special.xlogy(as_float, as_float).sum(-1, keepdim=True),
             (self.last_used > step - usage_window).sum(-1, keepdim=True),
+            (self.last_used <= threshold).sum(-1, keepdim=True) if dead_counted else self._zeros(1),
         ]
-        threshold = step - dead_after
-        if threshold >= self.first_step - 1:  # never-used codes count as last used at first_step - 1
-            parts.append((self.last_used <= threshold).sum(-1, keepdim=True))
+        parts.append(self._latent_part(acc))
+        if bit_set is not None:
+            stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
+            parts += [stuck.sum(-1, keepdim=True) if dead_counted else self._zeros(1), bit_set]
         else:
-            parts.append(torch.zeros_like(parts[1]))
-        if self.bit_tables is not None:
-            # Tokens with each bit set, from the histogram: split an index into its high and
-            # low bits and sum the counts over the other half (O(K)), then weight the ~sqrt(K)
-            # half-counts by their bits. Multiply-and-sum, not matmul: cuBLAS refuses to run
-            # under torch.use_deterministic_algorithms without CUBLAS_WORKSPACE_CONFIG.
-            high_table, low_table = self.bit_tables
-            by_halves = as_float.view(spec.num_codebooks, high_table.shape[0], low_table.shape[0])
-            parts += [(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
-                      (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)]
-        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, torch.cat(parts, dim=-1).float())
+            parts.append(self._zeros(1))
+        closed = ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes,
+                            torch.cat(parts, dim=-1))
         acc.reset()
         return closed
 
+    def _zeros(self, width: int) -> Tensor:
+        """(c, width) float zeros: a new tensor (it is kept until the flush), cheap to make."""
+        return self.step.loss_sum.new_zeros(self.step.loss_sum.shape[1], width)
+
+    def _bit_counts(self, spec: LayerSpec, as_float: Tensor) -> Tensor:
+        """Tokens with each bit set, (c, d), from the step's code counts (c, K)."""
+        high_table, low_table = self.bit_tables
+        if as_float.device.type == "cpu" and spec.codebook_size <= 2**16:
+            # One matrix product with the (K, d) bit table (at most 4 MiB): fewest ops.
+            if self._full_table is None or self._full_table.device != as_float.device:
+                index_bits = torch.cat([high_table.repeat_interleave(low_table.shape[0], 0),
+                                        low_table.repeat(high_table.shape[0], 1)], dim=1)
+                self._full_table = index_bits
+            return as_float @ self._full_table
+        # Split an index into its high and low bits and sum the counts over the other half
+        # (O(K)), then weight the ~sqrt(K) half-counts by their bits. Multiply-and-sum, not
+        # matmul: cuBLAS refuses to run under torch.use_deterministic_algorithms without
+        # CUBLAS_WORKSPACE_CONFIG.
+        by_halves = as_float.view(spec.num_codebooks, high_table.shape[0], low_table.shape[0])
+        return torch.cat([(by_halves.sum(2).unsqueeze(-1) * high_table).sum(1),
+                          (by_halves.sum(1).unsqueeze(-1) * low_table).sum(1)], dim=-1)
+
     def take_snapshot(self) -> Tensor | None:
-        """The counts since the previous snapshot (None if untouched), and start a new one."""
+        """The counts since the previous snapshot (None if untouched), and start a new one.
+        Call ``settle`` first: stashed steps are not in it yet."""
         if self.since_snapshot is None or not self.touched_since_snapshot:
             return None
         counts = self.since_snapshot
@@ -237,12 +407,16 @@ class CodeUsage:
         return counts
 
     def state(self) -> dict[str, Any]:
+        if self.pending:
+            raise RuntimeError("CodeUsage.state() with stashed steps: settle them first (LFQMonitor.flush does)")
         return {
             "first_step": self.first_step,
             "last_used": self.last_used.cpu().clone(),
             "histogram": self.histogram.cpu().clone(),
             "since_snapshot": None if self.since_snapshot is None else self.since_snapshot.cpu().clone(),
             "touched_since_snapshot": self.touched_since_snapshot,
+            "bit_last_set": None if self.bit_last_set is None else self.bit_last_set.cpu().clone(),
+            "bit_last_clear": None if self.bit_last_clear is None else self.bit_last_clear.cpu().clone(),
         }
 
     @classmethod
@@ -259,6 +433,9 @@ class CodeUsage:
         if usage.since_snapshot is not None and saved["since_snapshot"] is not None:
             usage.since_snapshot.copy_(saved["since_snapshot"])
         usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
+        for name in ("bit_last_set", "bit_last_clear"):  # absent from states saved before dead bits
+            if getattr(usage, name) is not None and saved.get(name) is not None:
+                getattr(usage, name).copy_(saved[name])
         return usage
 
 
@@ -278,68 +455,3 @@ def all_reduce_counts(counts: list[Tensor]) -> None:
         dist.all_reduce(flat)
         for c, reduced in zip(group, flat.split([c.numel() for c in group]), strict=True):
             c.copy_(reduced.view_as(c))
-
-
-def _to_host(tensors: list[Tensor]) -> list[list[float]]:
-    """Flatten and concatenate per device: one transfer per device for a whole flush."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    out: list[list[float]] = [[] for _ in tensors]
-    for positions in by_device.values():
-        values = torch.cat([tensors[i].reshape(-1) for i in positions]).tolist()
-        start = 0
-        for i in positions:
-            out[i] = values[start:start + tensors[i].numel()]
-            start += tensors[i].numel()
-    return out
-
-
-def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
-    """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
-    losses, (used, tokens, n_log_n, in_window, dead), bit_set = sums[:4], sums[4:9], sums[9:]
-    stats: dict[str, float | int] = {
-        name: total / passes if passes else math.nan
-        for name, total, passes in zip(LOSS_FIELDS, losses, closed.loss_passes, strict=True)
-    }
-    # Entropy of the histogram n_k / T: log T - sum(n_k log n_k) / T.
-    stats["codes_used"] = int(used)
-    stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
-    stats["usage_fraction"] = in_window / closed.spec.codebook_size
-    stats["dead_codes"] = int(dead)
-    if bit_set and tokens > 0:
-        stats["bit_balance_mad"] = sum(abs(n / tokens - 0.5) for n in bit_set) / len(bit_set)
-    else:
-        stats["bit_balance_mad"] = math.nan
-    stats["tokens"] = int(tokens)
-    stats["forward_passes"] = closed.forward_passes
-    return stats
-
-
-def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
-    """Flat records, one per (step, layer, mode, codebook), columns in ``RECORD_COLUMNS`` order."""
-    records: list[dict[str, Any]] = []
-    for closed, values in zip(closed_steps, _to_host([c.sums for c in closed_steps]), strict=True):
-        width = len(values) // closed.spec.num_codebooks
-        for codebook in range(closed.spec.num_codebooks):
-            record: dict[str, Any] = {
-                "step": closed.step, "layer": closed.spec.name, "codebook": codebook, "kind": "quantizer",
-                "mode": closed.mode, "codebook_size": closed.spec.codebook_size,
-            }
-            record.update(_stats(closed, values[codebook * width:(codebook + 1) * width]))
-            records.append(record)
-    return records
-
-
-def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
-    """Sparse histogram rows: the used codes and their counts, per codebook."""
-    records: list[dict[str, Any]] = []
-    for step, name, mode, size, counts in snapshots:
-        counts = counts.cpu()
-        for codebook in range(counts.shape[0]):
-            codes = counts[codebook].nonzero().flatten()
-            records.append({
-                "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
-                "codes": codes.tolist(), "counts": counts[codebook, codes].tolist(),
-            })
-    return records

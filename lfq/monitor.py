@@ -6,15 +6,42 @@
         loss = train_step(model)
     mon.detach()                    # flushes, then removes every hook
 
-Which modules are watched: every submodule of ``model`` (the model itself included) that is
-an ``lfq.LFQ`` or duck-types the quantizer protocol: int ``codebook_size``, int
-``num_codebooks``, bool ``keep_num_codebooks_dim`` and a ``last_stats`` attribute (``None`` or
-a namedtuple of per-codebook tensors ``per_sample_entropy``, ``batch_entropy``,
-``commitment``, ``aux_loss``; missing or ``None`` fields are logged as NaN). A layer is named
-by its path in ``model.named_modules()``; the model itself, which has the empty path, is
-named ``"<root>"``. Indices are read from the forward output (``out.indices``, or
-``out[0].indices`` when the caller asked for the loss breakdown), the optional bool ``mask``
-(True = keep) from the forward call's ``mask`` keyword or 4th positional argument.
+Which modules are watched: every submodule of ``model`` (the model itself included) that
+``lfq.adapters.adapter_for`` recognises: an ``lfq.LFQ``; the newest vector-quantize-pytorch
+``LFQ`` (plain or ``spherical``; a ``ResidualLFQ`` is watched per inner layer), ``FSQ`` or
+``VectorQuantize``; or a module that duck-types the quantizer protocol: int ``codebook_size``,
+int ``num_codebooks``, bool ``keep_num_codebooks_dim`` and a ``last_stats`` attribute (``None``
+or a namedtuple of per-codebook tensors ``per_sample_entropy``, ``batch_entropy``,
+``commitment``, ``aux_loss``; missing or ``None`` fields are logged as NaN). Anything else is
+watched through ``adapters={path or class: adapter}``, usually an ``lfq.BinaryAdapter`` (a
+binary quantizer in a few arguments: codebook size, inverse temperature, codebook scale, where
+the latent is, how to read the indices). A layer is named by its path in
+``model.named_modules()``; the model itself, which has the empty path, is named ``"<root>"``.
+Indices are read from the forward output (``out.indices``, ``out[0].indices`` with a loss
+breakdown, or ``out[1]`` of a tuple); negative indices (masked or dropped tokens of foreign
+quantizers) are not counted. The optional bool ``mask`` (True = keep) comes from the forward
+call's ``mask`` keyword (or lfq.LFQ's 4th positional argument).
+
+Diagnostics. For binary quantizers the monitor reads the latent z (the values whose signs are
+the bits; for ``lfq.LFQ`` and the upstream LFQ from a forward hook on ``project_in``, then the
+module's own soft clamp, rotation and spherical normalisation) and the inverse temperature tau
+(the forward's ``inv_temperature``, default 100) on diagnostic steps, ``step %
+diagnostics_every == 0`` (default ``log_every``), in training mode, with ``P(bit i = +) =
+sigmoid(4 tau m z_i)`` for codes ``{-m, +m}^d`` (``lfq.adapters``). It computes
+``saturated_fraction`` and ``mean_abs_z`` from it, and, for quantizers that do not report them
+(all but ``lfq.LFQ`` and the protocol), the exact ``per_sample_entropy``, ``batch_entropy`` (of
+the step's batch distribution over all 2**d codes, every pass and rank of the step together,
+through the factorisation of ``lfq.entropy``; NaN above 2**24 codes) and ``commitment``. On
+other steps those columns are NaN for such quantizers. Code counts and bit statistics come
+from the indices on every step.
+
+Evaluation. ``with monitor.evaluating() as ev: ...`` counts every token the watched layers see
+in the block, over all ranks, and on exit ``ev.records`` holds one record per (layer,
+codebook): ``kind="evaluation"``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used
+at least once in the whole pass / codebook size) and ``perplexity``; ``ev.usage_fraction()``
+is their mean. ``monitor.evaluate(loader)`` runs the model in eval mode without gradients over
+``loader`` inside such a block; ``log=True`` also sends the records to the sink with the
+current ``step``.
 
 Steps. ``set_step(s)`` says which step the following forward passes belong to (steps never
 decrease). If it is never called, every training-mode forward pass of ``model`` itself
@@ -26,10 +53,15 @@ one begins or on ``flush()`` (passes of the same step after a flush make a secon
 it); once ``log_every`` steps are closed, their records go to the sink.
 
 Cost. Per forward pass one ``scatter_add_`` into a (num_codebooks, codebook_size) count
-tensor; per closed step about 15 O(codebook_size) device ops, none reading back (about
-0.15 ms on one CPU core at 2^10 codes, 2 ms at 2^18; microseconds on a GPU); per flush one
-device-to-host transfer per device, plus one per histogram snapshot it carries. Under
-torch.distributed, one all_reduce of the counts per closed step (below).
+tensor. Per closed step, codebooks of up to ``lfq.code_usage.BATCH_MAX_CODES`` codes (c * K)
+only stash the step's counts; their statistics are computed for up to 64 steps at once at the
+next flush or snapshot, the same numbers with ~25 device ops per batch instead of per step.
+Larger codebooks take about 25 O(codebook_size) device ops per step (2 ms at 2^18 on one CPU
+core; microseconds on a GPU). None reads back. On diagnostic steps, a few O(tokens * bits) ops
+on the latent, and for foreign binary quantizers the batch distribution (2 * tokens * 2**d
+flops). Per flush one device-to-host transfer per device, plus one per histogram snapshot it
+carries. Under torch.distributed, one all_reduce of the counts per closed step (below), and one
+of the latent sums on diagnostic steps.
 
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
@@ -47,15 +79,26 @@ Columns, one row per (step, layer, codebook, mode):
 - ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
   used counts as last used just before the layer's first monitored step ``s0``, so it is
   dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
-- ``bit_balance_mad``: for ``lfq.LFQ`` layers, per bit the fraction of kept tokens with the
+- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
   bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
-  bit); NaN for other quantizers, whose indices need not be bit strings.
+  bit); NaN for other quantizers, whose indices need not be bit strings;
+- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
+  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
+  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
+- ``dead_bits``: bits that kept one value in every kept token of the steps
+  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
+- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
+  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
+  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
+  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
+  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
 
 Histograms: ``histogram(layer)`` is the cumulative (num_codebooks, codebook_size) count
 tensor. With a ``histogram_sink``, after every step ``s`` with ``(s + 1) % histogram_every
 == 0`` the counts since the previous snapshot go there, at the next flush, as sparse rows
 ``{step, layer, codebook, codebook_size, mode, codes, counts}`` (layers not run since the
-previous snapshot are left out).
+previous snapshot are left out), with ``bit_frequencies`` (per bit, MSB first, the fraction of
+those tokens with the bit set) for binary quantizers.
 
 Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
 rank (opt out with ``distributed=False``), the records describe the global batch: when a step
@@ -79,14 +122,16 @@ step and calling ``load_state_dict`` then yields the same records as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lfq.adapters import Adapter, ProtocolAdapter, check_indices
 from lfq.code_usage import (
     LOSS_FIELDS,
     MODES,
@@ -98,12 +143,13 @@ from lfq.code_usage import (
     StepCounts,
     all_reduce_counts,
     is_quantizer,
-    snapshot_records,
-    step_records,
+    scatter_counts,
 )
+from lfq.records import evaluation_records, snapshot_records, step_records
 from lfq.sinks import JsonlSink, MemorySink, Sink
 
-__all__ = ["LFQMonitor", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS", "is_quantizer"]
+__all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
+           "is_quantizer"]
 
 ROOT_LAYER = "<root>"  # the name of the model itself when it is a quantizer (its path is "")
 STATE_VERSION = 1
@@ -115,12 +161,24 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _indices_of(output: Any) -> Tensor | None:
-    if hasattr(output, "indices"):
-        return output.indices
-    if isinstance(output, (tuple, list)) and output and hasattr(output[0], "indices"):
-        return output[0].indices
-    return None
+class Evaluation:
+    """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
+    dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
+    ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
+    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
+    over every rank's tokens."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.counts: dict[str, Tensor] = {}
+
+    def usage_fraction(self, layer: str | None = None) -> float:
+        """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
+        values = [r["usage_fraction"] for r in self.records if layer is None or r["layer"] == layer]
+        if not values:
+            raise ValueError(f"no evaluation records{'' if layer is None else f' for layer {layer!r}'}: "
+                             f"did the block run the model?")
+        return sum(values) / len(values)
 
 
 class LFQMonitor:
@@ -135,6 +193,8 @@ class LFQMonitor:
         histogram_every: int = 500,  # steps between histogram snapshots (with histogram_sink)
         histogram_sink: Sink | None = None,  # receives the sparse histogram snapshots
         distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
+        diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
+        adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -155,16 +215,38 @@ class LFQMonitor:
             raise ValueError(f"distributed must be None (automatic), True or False, got {distributed!r}")
         self.distributed = distributed
         self._world()  # distributed=True without a process group: fail here, not at the first step
+        self.diagnostics_every = self.log_every if diagnostics_every is None else _positive_int(
+            "diagnostics_every", diagnostics_every)
+        adapters = dict(adapters or {})
+        for key, adapter in adapters.items():
+            if not (isinstance(key, (str, type)) and isinstance(adapter, Adapter)):
+                raise ValueError(
+                    f"adapters maps a module path (str) or a module class to an lfq.adapters.Adapter (e.g. "
+                    f"BinaryAdapter(codebook_size=...)), got {key!r}: {type(adapter).__name__}"
+                )
+        paths = {path or ROOT_LAYER for path, _ in model.named_modules()}
+        unknown = sorted(k for k in adapters if isinstance(k, str) and k not in paths)
+        if unknown:
+            raise ValueError(f"adapters name modules {unknown} that {type(model).__name__} does not have; "
+                             f"module paths are those of model.named_modules() ({ROOT_LAYER!r} for the model)")
 
+        self._model = model
         self._layers: dict[str, LayerSpec] = {}
         for path, module in model.named_modules():
-            if is_quantizer(module):
-                self._layers[path or ROOT_LAYER] = LayerSpec.describe(path or ROOT_LAYER, module)
+            name = path or ROOT_LAYER
+            adapter = adapters.get(name) or next(
+                (a for k, a in adapters.items() if isinstance(k, type) and isinstance(module, k)), None)
+            if adapter is not None or is_quantizer(module):
+                self._layers[name] = LayerSpec.describe(name, module, adapter)
         if not self._layers:
             raise ValueError(
-                f"found no quantizer in {type(model).__name__}: expected an lfq.LFQ submodule, or one "
-                f"with int codebook_size, int num_codebooks, bool keep_num_codebooks_dim and last_stats"
+                f"found no quantizer in {type(model).__name__}: expected an lfq.LFQ or vector-quantize-pytorch "
+                f"LFQ/FSQ/VectorQuantize submodule, one with int codebook_size, int num_codebooks, bool "
+                f"keep_num_codebooks_dim and last_stats, or pass adapters={{path: lfq.BinaryAdapter(...)}}"
             )
+        self._captured: dict[str, Tensor | None] = {}
+        self._ones: dict[torch.device, Tensor] = {}
+        self._evaluation: Evaluation | None = None
 
         self._usage: dict[str, dict[str, CodeUsage]] = {name: {} for name in self._layers}
         self._last_stats_seen: dict[str, Any] = {}
@@ -178,6 +260,9 @@ class LFQMonitor:
         self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
         for spec in self._layers.values():
             self._handles.append(spec.module.register_forward_hook(self._make_hook(spec), with_kwargs=True))
+            source = spec.adapter.latent_module(spec.module)
+            if source is not None:
+                self._handles.append(source.register_forward_hook(self._make_capture(spec.name)))
 
     # ------------------------------------------------------------------ public API
 
@@ -206,6 +291,10 @@ class LFQMonitor:
     def flush(self) -> None:
         """Close the current step and send every pending record and snapshot to the sinks."""
         self._close_step()
+        self._settle()
+        layer_order = {name: i for i, name in enumerate(self._layers)}
+        # Step-major, as they closed (batched layers settle later than the others).
+        self._pending_steps.sort(key=lambda c: (c.step, layer_order[c.spec.name], MODES.index(c.mode)))
         closed, self._pending_steps = self._pending_steps, []
         snapshots, self._pending_snapshots = self._pending_snapshots, []
         self._closed_unflushed = 0
@@ -215,6 +304,49 @@ class LFQMonitor:
             self.sink(step_records(closed))
         if snapshots and self.histogram_sink is not None:
             self.histogram_sink(snapshot_records(snapshots))
+
+    @contextlib.contextmanager
+    def evaluating(self, log: bool = False) -> Iterator[Evaluation]:
+        """Count every token the watched layers see inside the block (any mode), over all ranks;
+        on exit the returned :class:`Evaluation` holds the usage of the whole pass. Passes still
+        make their usual per-step records. ``log``: also send the records, with ``step`` = the
+        monitor's current step, to the sink (rank 0). Under torch.distributed every rank enters
+        and leaves the block together (one all_reduce on exit)."""
+        if self._evaluation is not None:
+            raise RuntimeError("LFQMonitor.evaluating() blocks do not nest; leave the open one first")
+        evaluation = self._evaluation = Evaluation()
+        for name, spec in self._layers.items():
+            device = next(iter(list(spec.module.buffers()) + list(spec.module.parameters())), torch.zeros(())).device
+            with torch.inference_mode(False):
+                evaluation.counts[name] = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long,
+                                                      device=device)
+        try:
+            yield evaluation
+        finally:
+            self._evaluation = None
+        if self._world() > 1:
+            all_reduce_counts(list(evaluation.counts.values()))
+        evaluation.records = evaluation_records(self._layers, evaluation.counts)
+        if log and self._is_main():
+            self.sink([{"step": self._step, **r} for r in evaluation.records])
+
+    def evaluate(self, loader: Iterable[Any], forward: Callable[[Any], Any] | None = None,
+                 log: bool = False) -> Evaluation:
+        """Run the model in eval mode without gradients over ``loader`` and return the usage of the
+        whole pass (see :meth:`evaluating`). ``forward(batch)`` runs one batch; the default calls
+        the model on the batch, or on its first element when the batch is a tuple or list."""
+        model = self._model
+        run = forward if forward is not None else (
+            lambda batch: model(batch[0] if isinstance(batch, (tuple, list)) else batch))
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.evaluating(log=log) as evaluation:
+                for batch in loader:
+                    run(batch)
+        finally:
+            model.train(training)
+        return evaluation
 
     def histogram(self, layer: str, mode: str | None = None) -> Tensor:
         """Cumulative code counts (num_codebooks, codebook_size) of ``layer``, on the CPU, the
@@ -227,7 +359,7 @@ class LFQMonitor:
         total = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long)
         for m, usage in self._usage[layer].items():
             if mode is None or m == mode:
-                total += (usage.histogram + usage.step.counts).cpu()
+                total += (usage.histogram + usage.step.counts + sum(acc.counts for _, acc in usage.pending)).cpu()
         return total
 
     def _world(self) -> int:
@@ -307,45 +439,79 @@ class LFQMonitor:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             # inference_mode(False): tensors created here must stay writable after an
             # inference-mode validation pass; no_grad: nothing here is differentiated.
-            with torch.inference_mode(False), torch.no_grad():
-                self._observe(spec, args, kwargs, output)
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._observe(spec, args, kwargs, output)
+            finally:
+                self._captured.pop(spec.name, None)
 
         return hook
 
+    def _make_capture(self, name: str) -> Callable[..., None]:
+        def capture(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                self._captured[name] = output
+
+        return capture
+
+    def _one(self, device: torch.device) -> Tensor:
+        """A cached int64 scalar 1 on ``device``: the weight of every token when there is no mask."""
+        one = self._ones.get(device)
+        if one is None:
+            with torch.inference_mode(False):
+                one = self._ones[device] = torch.ones((), dtype=torch.long, device=device)
+        return one
+
+    def _diagnostic_step(self) -> bool:
+        return self._step % self.diagnostics_every == 0
+
     def _observe(self, spec: LayerSpec, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        indices = _indices_of(output)
+        adapter = spec.adapter
+        indices = adapter.indices(spec.module, args, kwargs, output)
         if not isinstance(indices, Tensor):
-            raise ValueError(
-                f"{spec.name}: the forward output has no .indices tensor (nor output[0].indices); got "
-                f"{type(output).__name__}. The monitor needs quantizers to return their indices"
-            )
-        books = spec.num_codebooks
-        if spec.keep_num_codebooks_dim and (indices.ndim < 1 or indices.shape[-1] != books):
-            raise ValueError(
-                f"{spec.name}: with keep_num_codebooks_dim the indices' last axis must be the "
-                f"{books} codebooks, got indices of shape {tuple(indices.shape)}"
-            )
-        idx = indices.reshape(-1, books).long()  # (tokens, c); image/video axes flattened
-        mask = kwargs.get("mask", args[3] if len(args) > 3 else None)
+            raise ValueError(f"{spec.name}: the adapter's indices must be a tensor, got {type(indices).__name__}")
+        idx = check_indices(spec.name, adapter, indices)  # (tokens, c); image/video axes flattened
+        mask = adapter.mask(spec.module, args, kwargs)
+        per_index = idx.shape[0] // max(1, getattr(adapter, "tokens_per_index", 1))
         if mask is None:
-            weight = torch.ones((), dtype=torch.long, device=idx.device).expand_as(idx)
-        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() == idx.shape[0]:
-            weight = mask.reshape(-1, 1).to(device=idx.device, dtype=torch.long).expand_as(idx)
+            weight = self._one(idx.device).expand_as(idx)
+        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (
+                idx.shape[0], per_index, samples := (indices.shape[0] if indices.ndim else 0)):
+            # One entry per token; per position (VectorQuantize's shared heads); or per sample,
+            # (b,), keeping or dropping all of a sample's tokens.
+            keep = mask.reshape(-1).to(device=idx.device)
+            if keep.numel() != idx.shape[0] and samples and idx.shape[0] % keep.numel() == 0:
+                keep = keep.repeat_interleave(idx.shape[0] // keep.numel())
+            weight = keep.to(torch.long).reshape(-1, 1).expand_as(idx)
         else:
             raise ValueError(
                 f"{spec.name}: mask must be a bool tensor with one entry per token ({idx.shape[0]} for "
-                f"indices of shape {tuple(indices.shape)}), got {getattr(mask, 'dtype', type(mask).__name__)} "
+                f"indices of shape {tuple(indices.shape)}) or per sample, got {getattr(mask, 'dtype', type(mask).__name__)} "
                 f"of shape {tuple(getattr(mask, 'shape', ()))}"
             )
+        if not isinstance(adapter, ProtocolAdapter):  # foreign quantizers mark dropped tokens with -1
+            valid = idx >= 0
+            weight, idx = weight * valid, idx.clamp(min=0)
 
         mode = "train" if spec.module.training else "eval"
         usage = self._usage_of(spec, mode, idx.device)
         usage.add_tokens(spec, idx, weight)
-        if mode == "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
-            self._add_losses(spec, usage.step)
+        if self._evaluation is not None:
+            scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
+        if mode != "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
+            return
+        self._add_losses(spec, usage.step, adapter.losses(spec.module, output))
+        if spec.bits is not None and self._diagnostic_step():
+            latent = adapter.latent(spec.module, args, kwargs, self._captured.get(spec.name))
+            if latent is not None:
+                if latent.z.shape[0] != idx.shape[0] or latent.z.shape[1:] != (spec.num_codebooks, spec.bits):
+                    raise ValueError(
+                        f"{spec.name}: the latent has shape {tuple(latent.z.shape)}, expected ({idx.shape[0]}, "
+                        f"{spec.num_codebooks}, {spec.bits}): one row per index token, codebooks, bits"
+                    )
+                usage.step.add_latent(latent, weight[:, 0], with_gram=not adapter.reports_losses)
 
-    def _add_losses(self, spec: LayerSpec, acc: StepCounts) -> None:
-        stats = getattr(spec.module, "last_stats", None)
+    def _add_losses(self, spec: LayerSpec, acc: StepCounts, stats: Any) -> None:
         # An object already counted is stale: a quantizer that did not refresh last_stats.
         if stats is None or stats is self._last_stats_seen.get(spec.name):
             return
@@ -386,6 +552,13 @@ class LFQMonitor:
         if self._closed_unflushed >= self.log_every:
             self.flush()
 
+    def _settle(self) -> None:
+        """Fold every stashed step (``lfq.code_usage.BATCH_MAX_CODES``) into the state."""
+        summarize = self._is_main()
+        for name, spec in self._layers.items():
+            for mode, usage in self._usage[name].items():
+                self._pending_steps += usage.settle(spec, mode, self.usage_window, self.dead_after, summarize)
+
     def _close_step(self) -> None:
         """Turn the current step's counts into one pending ClosedStep per active (layer, mode)."""
         step = self._step
@@ -395,15 +568,19 @@ class LFQMonitor:
             return
         if self._world() > 1:
             all_reduce_counts([usage.step.counts for _, _, usage in active])
+            latents = [t for _, _, usage in active for t in (usage.step.latent, usage.step.gram) if t is not None]
+            if latents:  # diagnostic steps: the latent sums of the global batch (float, apart from the counts)
+                all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
         for spec, mode, usage in active:
-            closed = usage.close(spec, mode, step, self.usage_window, self.dead_after, summarize=summarize)
-            if closed is not None:
-                self._pending_steps.append(closed)
+            # Batches pay off only when flushes are a few steps apart.
+            self._pending_steps += usage.close(spec, mode, step, self.usage_window, self.dead_after,
+                                               summarize=summarize, batched=self.log_every >= 4)
         self._closed_unflushed += 1
         if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
+            self._settle()
             for name, spec in self._layers.items():
                 for mode, usage in self._usage[name].items():
                     counts = usage.take_snapshot()
                     if counts is not None:
-                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, counts))
+                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))

@@ -1,9 +1,12 @@
 """Where the monitor's records go.
 
 A sink is any callable that takes a list of flat dict records. ``MemorySink`` keeps them in
-memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file, the only file I/O
-in ``lfq``. Non-finite floats are written as the JSON extensions ``NaN``/``Infinity``, which
-``pandas.read_json(path, lines=True)`` and Python's ``json`` read back as floats.
+memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file. Non-finite floats
+are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
+lines=True)`` and Python's ``json`` read back as floats. ``TensorBoardSink`` and ``WandbSink``
+write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
+``wandb`` when constructed (optional extras), so ``lfq`` imports with torch and einops alone.
+``Tee`` sends the same records to several sinks. Scalars are named by :func:`scalar_tags`.
 """
 
 from __future__ import annotations
@@ -65,3 +68,186 @@ class JsonlSink:
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
+
+
+class Tee:
+    """Sends every batch of records to each of ``sinks`` in turn (e.g. JSON lines and TensorBoard)."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        bad = [s for s in sinks if not callable(s)]
+        if not sinks or bad:
+            raise ValueError(f"Tee needs one or more sinks (callables taking a list of records), got {sinks!r}")
+        self.sinks = sinks
+
+    def __call__(self, records: list[Record]) -> None:
+        for sink in self.sinks:
+            sink(records)
+
+
+# Columns that identify a record rather than measure something; never logged as scalars.
+ID_FIELDS = frozenset({"step", "layer", "codebook", "kind", "mode", "codebook_size"})
+PER_BIT_PREFIXES = ("bit_frequency_", "bit_entropy_")  # per-bit columns: drawn as an image instead
+STEP_TAG = "lfq/step"  # the x axis of WandbSink's charts
+
+
+def scalar_tags(record: Record) -> dict[str, float]:
+    """The scalars of one monitor record under grouped tags: ``lfq.<layer>.codebook<c>/<column>``
+    for training rows, ``lfq_eval.`` for eval-mode rows, ``lfq_evaluation.`` for the records of
+    ``LFQMonitor.evaluate``. Per-bit columns are left out (TensorBoardSink and WandbSink draw
+    them as an image); so are histogram snapshots (``codes``/``counts``) and non-numbers."""
+    if "codes" in record:
+        return {}
+    kind, mode = record.get("kind", "quantizer"), record.get("mode", "train")
+    prefix = {"evaluation": "lfq_evaluation"}.get(kind, "lfq" if mode == "train" else "lfq_eval")
+    group = f"{prefix}.{record.get('layer', '')}.codebook{record.get('codebook', 0)}" if "layer" in record \
+        else f"{prefix}.{kind}"
+    return {
+        f"{group}/{name}": float(value) for name, value in record.items()
+        if name not in ID_FIELDS and not name.startswith(PER_BIT_PREFIXES)
+        and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def histogram_buckets(record: Record, max_buckets: int = 64) -> tuple[list[float], list[float]]:
+    """(right edges, counts) of a histogram snapshot's code indices in at most ``max_buckets``
+    equal-width buckets over [0, codebook_size)."""
+    size = int(record["codebook_size"])
+    width = max(1, -(-size // max_buckets))
+    counts = [0.0] * (-(-size // width))
+    for code, count in zip(record["codes"], record["counts"], strict=True):
+        counts[code // width] += count
+    edges = [float(min(size, (i + 1) * width)) for i in range(len(counts))]
+    return edges, counts
+
+
+def bit_image(snapshots: list[Record], pixels: int = 8) -> list[list[float]]:
+    """Rows = codebooks, columns = bits (MSB first) of the snapshots' ``bit_frequencies``, each
+    value repeated ``pixels`` x ``pixels``: grey level = fraction of tokens with the bit set."""
+    rows = sorted(snapshots, key=lambda r: r["codebook"])
+    image: list[list[float]] = []
+    for row in rows:
+        line = [q if q == q else 0.0 for q in row["bit_frequencies"] for _ in range(pixels)]
+        image.extend([line] * pixels)
+    return image
+
+
+def _snapshot_groups(records: list[Record]) -> dict[tuple[int, str, str], list[Record]]:
+    groups: dict[tuple[int, str, str], list[Record]] = {}
+    for record in records:
+        if "codes" in record:
+            groups.setdefault((record["step"], record["layer"], record.get("mode", "train")), []).append(record)
+    return groups
+
+
+def _snapshot_prefix(layer: str, mode: str) -> str:
+    return f"{'lfq' if mode == 'train' else 'lfq_eval'}.{layer}"
+
+
+class TensorBoardSink:
+    """Writes monitor records to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``;
+    needs the ``tensorboard`` package: ``pip install lfq-suite[tensorboard]``).
+
+    Use it as both ``sink`` and ``histogram_sink``. Scalars go under :func:`scalar_tags` at the
+    record's step; a histogram snapshot becomes a histogram of code indices
+    (``lfq.<layer>.codebook<c>/codes``) and, for binary codes, an image of the per-bit usage
+    (``lfq.<layer>/bit_frequencies``: codebooks x bits). ``writer``: an existing
+    ``SummaryWriter`` to write with instead (e.g. Lightning's ``TensorBoardLogger.experiment``).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None) -> None:
+        if (log_dir is None) == (writer is None):
+            raise ValueError("TensorBoardSink needs exactly one of log_dir (a folder) or writer (a SummaryWriter)")
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("TensorBoardSink needs the tensorboard package: pip install lfq-suite[tensorboard]"
+                                  ) from err
+            writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = writer
+
+    def __call__(self, records: list[Record]) -> None:
+        for record in records:
+            for tag, value in scalar_tags(record).items():
+                self.writer.add_scalar(tag, value, global_step=record.get("step", 0))
+        for (step, layer, mode), snapshots in _snapshot_groups(records).items():
+            prefix = _snapshot_prefix(layer, mode)
+            for snap in snapshots:
+                total = float(sum(snap["counts"]))
+                if total == 0:
+                    continue
+                edges, counts = histogram_buckets(snap)
+                codes = snap["codes"]
+                self.writer.add_histogram_raw(
+                    f"{prefix}.codebook{snap['codebook']}/codes", min=float(min(codes)), max=float(max(codes)),
+                    num=total, sum=float(sum(c * n for c, n in zip(codes, snap["counts"], strict=True))),
+                    sum_squares=float(sum(c * c * n for c, n in zip(codes, snap["counts"], strict=True))),
+                    bucket_limits=edges, bucket_counts=counts, global_step=step)
+            if all("bit_frequencies" in s for s in snapshots):
+                import numpy as np
+
+                image = np.asarray(bit_image(snapshots), dtype=np.float32)
+                self.writer.add_image(f"{prefix}/bit_frequencies", image, global_step=step, dataformats="HW")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Logs monitor records to a Weights & Biases run (``run``; None = the current ``wandb.run``;
+    needs ``pip install lfq-suite[wandb]``).
+
+    The monitor sends a flush's records some steps late, so they are logged against their own x
+    axis ``lfq/step`` (``define_metric``), one ``run.log`` per step: scalars under
+    :func:`scalar_tags`, histogram snapshots as ``wandb.Histogram`` of code indices and, for
+    binary codes, a ``wandb.Image`` of the per-bit usage. Do not pass ``step=`` to your own
+    ``run.log`` calls with this sink (wandb drops rows logged at a step below the run's).
+    """
+
+    def __init__(self, run: Any = None) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ImportError("WandbSink needs the wandb package: pip install lfq-suite[wandb]") from err
+        self._wandb = wandb
+        self._run = run
+        self._defined: set[int] = set()
+
+    @property
+    def run(self) -> Any:
+        run = self._run if self._run is not None else self._wandb.run
+        if run is None:
+            raise RuntimeError("WandbSink(run=None) logs to the current wandb.run, but none is active: call "
+                               "wandb.init() first or pass the run")
+        if id(run) not in self._defined:
+            run.define_metric(STEP_TAG)
+            for prefix in ("lfq.*", "lfq_eval.*", "lfq_evaluation.*"):
+                run.define_metric(prefix, step_metric=STEP_TAG)
+            self._defined.add(id(run))
+        return run
+
+    def __call__(self, records: list[Record]) -> None:
+        if not records:
+            return
+        run, wandb = self.run, self._wandb
+        by_step: dict[int, dict[str, Any]] = {}
+        for record in records:
+            tags = scalar_tags(record)
+            if tags:
+                by_step.setdefault(int(record.get("step", 0)), {}).update(tags)
+        for (step, layer, mode), snapshots in _snapshot_groups(records).items():
+            prefix, row = _snapshot_prefix(layer, mode), by_step.setdefault(int(step), {})
+            for snap in snapshots:
+                if sum(snap["counts"]) == 0:
+                    continue
+                edges, counts = histogram_buckets(snap)
+                row[f"{prefix}.codebook{snap['codebook']}/codes"] = wandb.Histogram(
+                    np_histogram=(counts, [0.0] + edges))
+            if all("bit_frequencies" in s for s in snapshots):
+                import numpy as np
+
+                image = (np.asarray(bit_image(snapshots)) * 255).astype(np.uint8)
+                row[f"{prefix}/bit_frequencies"] = wandb.Image(image, caption="rows: codebooks; columns: bits, MSB first")
+        for step in sorted(by_step):
+            run.log({STEP_TAG: step, **by_step[step]})

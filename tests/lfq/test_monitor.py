@@ -131,7 +131,8 @@ def test_detach_removes_every_hook():
 
     sink = MemorySink()
     mon = LFQMonitor(model, sink)
-    assert hooks() == 3 + 2  # 2 forward hooks (+ their with_kwargs flags) and the model's pre-hook
+    # 2 forward hooks (+ their with_kwargs flags), 2 on the layers' project_in (the latent), the model's pre-hook
+    assert hooks() == 3 + 2 + 2
     model(tokens_for([1], 3), tokens_for([1], 2))
     mon.detach()
     assert hooks() == 0
@@ -335,8 +336,11 @@ def test_histogram_snapshots_are_sparse_counts_since_the_previous_one():
             lfq(tokens_for(codes, 3))
         assert mon.histogram(ROOT_LAYER).tolist() == [[0, 2, 3, 0, 0, 1, 0, 0]]
     assert hist.records == [
-        {"step": 1, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [1, 5], "counts": [2, 1]},
-        {"step": 3, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [2], "counts": [3]},
+        # codes 001, 001, 101 (MSB first): bit 0 set in 1 of 3 tokens, bit 1 never, bit 2 always
+        {"step": 1, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [1, 5], "counts": [2, 1],
+         "bit_frequencies": [1 / 3, 0.0, 1.0]},
+        {"step": 3, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [2], "counts": [3],
+         "bit_frequencies": [0.0, 1.0, 0.0]},
     ]
 
 

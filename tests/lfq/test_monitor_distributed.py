@@ -143,3 +143,56 @@ def test_distributed_true_needs_a_process_group():
         LFQMonitor(TwoLayers(), MemorySink(), distributed=True)
     with pytest.raises(ValueError, match="distributed must be None"):
         LFQMonitor(TwoLayers(), MemorySink(), distributed="yes")
+
+
+LATENT = ("per_sample_entropy", "batch_entropy", "commitment", "saturated_fraction", "mean_abs_z")
+
+
+def _upstream_model() -> nn.Module:
+    from upstream_vqp import load_latest
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, 8), load_latest().LFQ(dim=8, codebook_size=16, num_codebooks=2))
+
+
+def _drive_upstream(model: nn.Module, monitor: LFQMonitor, rank: int | None) -> None:
+    for step in range(3):
+        monitor.set_step(step)
+        batches = _batches(step)
+        x = torch.cat([b[0] for b in batches]) if rank is None else batches[rank][0]
+        # No mask: the upstream's own masked batch entropy has a rank-dependent shape under DDP
+        # (its (b n) merge runs after masking), so its all_reduce fails. Ranks still hold
+        # different token counts (batches of 3 and 5).
+        model[1](model[0](x), inv_temperature=2.0)
+    monitor.flush()
+
+
+def _upstream_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, sink = _upstream_model(), MemorySink()
+        monitor = LFQMonitor(model, sink, log_every=2, diagnostics_every=1)
+        _drive_upstream(model, monitor, rank)
+        monitor.detach()
+        torch.save(sink.records, Path(out_dir) / f"upstream{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_latent_diagnostics_of_a_foreign_lfq_cover_the_global_batch(tmp_path):
+    """The entropies, commitment and saturation the monitor computes itself are those of the
+    concatenated batch: sums and token counts reduced over the ranks, never per-rank means."""
+    mp.spawn(_upstream_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "upstream0.pt", weights_only=False)
+    assert torch.load(tmp_path / "upstream1.pt", weights_only=False) == []
+    model, sink = _upstream_model(), MemorySink()
+    monitor = LFQMonitor(model, sink, log_every=2, diagnostics_every=1)
+    _drive_upstream(model, monitor, None)
+    want = sink.records
+    assert len(got) == len(want) == 3 * 2
+    for a, b in zip(got, want, strict=True):
+        assert (a["step"], a["codebook"], a["tokens"], a["codes_used"]) == (b["step"], b["codebook"], b["tokens"], b["codes_used"])
+        for key in LATENT:
+            assert math.isfinite(b[key]) and a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)

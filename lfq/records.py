@@ -1,0 +1,127 @@
+"""Flat records from what ``lfq.code_usage`` left on the device: one transfer per device per flush.
+
+``step_records`` (``metrics.jsonl`` rows), ``snapshot_records`` (``histograms.jsonl`` rows) and
+``evaluation_records`` (``LFQMonitor.evaluating``); the columns are defined in the
+``lfq.monitor`` docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lfq.code_usage import BIT_ENTROPY, BIT_FREQUENCY, LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
+
+
+def _to_host(tensors: list[Tensor]) -> list[list[float]]:
+    """Flatten and concatenate per device: one transfer per device for a whole flush."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[list[float]] = [[] for _ in tensors]
+    for positions in by_device.values():
+        values = torch.cat([tensors[i].reshape(-1) for i in positions]).tolist()
+        start = 0
+        for i in positions:
+            out[i] = values[start:start + tensors[i].numel()]
+            start += tensors[i].numel()
+    return out
+
+
+def _binary_entropy(q: float) -> float:
+    return -sum(x * math.log(x) for x in (q, 1.0 - q) if x > 0)
+
+
+def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
+    """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
+    losses, (used, tokens, n_log_n, in_window, dead) = sums[:4], sums[4:9]
+    (latent_tokens, per_sample_sum, saturated, abs_z, commitment), latent_batch = sums[9:14], sums[14]
+    dead_bits, bit_set = sums[15], sums[16:]
+    spec = closed.spec
+    stats: dict[str, float | int] = {
+        name: total / passes if passes else math.nan
+        for name, total, passes in zip(LOSS_FIELDS, losses, closed.loss_passes, strict=True)
+    }
+    latent = closed.latent_passes > 0 and latent_tokens > 0
+    token_bits = latent_tokens * (spec.bits or 1)
+    if latent and not spec.adapter.reports_losses:  # computed here from the latent, exactly
+        stats["per_sample_entropy"] = per_sample_sum / latent_tokens
+        stats["batch_entropy"] = latent_batch
+        stats["commitment"] = commitment / token_bits
+    # Entropy of the histogram n_k / T: log T - sum(n_k log n_k) / T.
+    stats["codes_used"] = int(used)
+    stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
+    stats["usage_fraction"] = in_window / spec.codebook_size
+    stats["dead_codes"] = int(dead)
+    frequencies = [n / tokens for n in bit_set] if bit_set and tokens > 0 else [math.nan] * len(bit_set)
+    entropies = [_binary_entropy(q) if tokens > 0 else math.nan for q in frequencies]
+    stats["bit_balance_mad"] = sum(abs(q - 0.5) for q in frequencies) / len(bit_set) if bit_set else math.nan
+    stats["tokens"] = int(tokens)
+    stats["forward_passes"] = closed.forward_passes
+    stats["bit_entropy"] = sum(entropies) / len(entropies) if bit_set else math.nan
+    stats["dead_bits"] = int(dead_bits) if bit_set else math.nan
+    stats["saturated_fraction"] = saturated / token_bits if latent else math.nan
+    stats["mean_abs_z"] = abs_z / token_bits if latent else math.nan
+    for i, q in enumerate(frequencies):
+        stats[f"{BIT_FREQUENCY}{i}"] = q
+    for i, h in enumerate(entropies):
+        stats[f"{BIT_ENTROPY}{i}"] = h
+    return stats
+
+
+def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
+    """Flat records, one per (step, layer, mode, codebook), columns in ``RECORD_COLUMNS`` order."""
+    records: list[dict[str, Any]] = []
+    for closed, values in zip(closed_steps, _to_host([c.sums for c in closed_steps]), strict=True):
+        width = len(values) // closed.spec.num_codebooks
+        for codebook in range(closed.spec.num_codebooks):
+            record: dict[str, Any] = {
+                "step": closed.step, "layer": closed.spec.name, "codebook": codebook, "kind": "quantizer",
+                "mode": closed.mode, "codebook_size": closed.spec.codebook_size,
+            }
+            record.update(_stats(closed, values[codebook * width:(codebook + 1) * width]))
+            records.append(record)
+    return records
+
+
+def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """The usage of one evaluation pass per (layer, codebook); one transfer per device."""
+    names = list(counts)
+    values = _to_host([torch.stack([(c > 0).sum(-1).float(), c.sum(-1).float(),
+                                    torch.special.xlogy(c.float(), c.float()).sum(-1)]) for c in counts.values()])
+    records: list[dict[str, Any]] = []
+    for name, flat in zip(names, values, strict=True):
+        spec = layers[name]
+        books = spec.num_codebooks
+        for codebook in range(books):
+            used, tokens, n_log_n = flat[codebook], flat[books + codebook], flat[2 * books + codebook]
+            records.append({
+                "kind": "evaluation", "layer": name, "codebook": codebook, "codebook_size": spec.codebook_size,
+                "tokens": int(tokens), "codes_used": int(used), "usage_fraction": used / spec.codebook_size,
+                "perplexity": math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan,
+            })
+    return records
+
+
+def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
+    """Sparse histogram rows: the used codes and their counts, per codebook; for binary codes
+    also ``bit_frequencies``, the fraction of these tokens with each bit set (MSB first)."""
+    records: list[dict[str, Any]] = []
+    for step, name, mode, size, bits, counts in snapshots:
+        counts = counts.cpu()
+        for codebook in range(counts.shape[0]):
+            codes = counts[codebook].nonzero().flatten()
+            used = counts[codebook, codes]
+            record = {
+                "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
+                "codes": codes.tolist(), "counts": used.tolist(),
+            }
+            if bits is not None:
+                total = int(used.sum())
+                set_bits = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * used[:, None]
+                record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
+            records.append(record)
+    return records
