@@ -42,12 +42,17 @@ def config_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def parameters(runs: pd.DataFrame) -> list[str]:
-    """Config columns that vary across ``runs`` and can change results (the seed excluded)."""
+    """Config columns that vary across ``runs`` and can change results (the seed excluded).
+
+    A key that some ``config.json`` files lack and the others hold with one value does not
+    vary: the files without it were written before the field existed, and a field added later
+    keeps the earlier behaviour at its default (``experiments.config.new_field``), which is
+    what the newer files record."""
     varying = []
     for column in config_columns(runs):
         if column.startswith(_NOT_PARAMETERS) or column in _NOT_PARAMETERS:
             continue
-        if runs[column].astype(str).nunique(dropna=False) > 1:
+        if runs[column].astype(str).nunique(dropna=False) > 1 and runs[column].astype(str)[runs[column].notna()].nunique() != 1:
             varying.append(column)
     return varying
 

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from analysis.aggregate import WhereError, grid_summary, parameters
 from analysis.aggregate import where as pick
 from analysis.cli import OneLineParser, fail, guarded
+from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
 from analysis.jsonl import LoadProblem
 from analysis.load import STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
@@ -39,10 +40,29 @@ from analysis.plots import (
 from analysis.style import DPI, NoData, label
 
 RUN_METRICS = (
+    "final_val_usage_fraction", "final_val_codes_used", "final_val_perplexity", "final_val_tokens",
     "final_usage_fraction", "final_perplexity", "final_codes_used", "final_dead_codes",
-    "final_val_mse", "final_val_psnr", "best_val_psnr", "final_train_loss", "wall_time_s",
+    "final_val_mse", "final_val_psnr", "final_val_ssim", "best_val_psnr", "final_train_loss", "wall_time_s",
 )
-GRID_METRICS = ("final_usage_fraction", "final_perplexity", "final_val_mse", "final_val_psnr")
+GRID_METRICS = ("final_val_usage_fraction", "final_usage_fraction", "final_perplexity", "final_val_mse",
+                "final_val_psnr", "final_val_ssim")
+THROUGHPUT = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
+
+
+def usage_metric(runs: pd.DataFrame) -> str:
+    """The utilization figures show: over every validation token where runs report it (what papers
+    compare), else the training window's."""
+    val = "final_val_usage_fraction"
+    return val if val in runs and runs[val].notna().any() else "final_usage_fraction"
+
+
+def throughput_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the median over its logged intervals of the throughput columns of train rows."""
+    if "kind" not in metrics or "step_time_s" not in metrics:
+        return pd.DataFrame()
+    train = metrics[metrics["kind"] == "train"]
+    cols = [c for c in THROUGHPUT if c in train]
+    return train.groupby("run_id")[cols].median().reset_index() if len(train) else pd.DataFrame()
 
 
 @dataclass(frozen=True)
@@ -106,16 +126,23 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[Plot]:
     """The figures of a report, in reading order."""
+    usage = usage_metric(runs)
+    over = ("over every validation token (the histogram of all validation tokens' codes)"
+            if usage == "final_val_usage_fraction" else "in the last training usage window")
+    panels = ((usage, "final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
+              else ("final_usage_fraction", "final_perplexity"))
     plots = [
         Plot("usage_heatmap", "Final codebook usage over diversity_gamma x frac_per_sample_entropy",
-             "Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
-             "codebook used in the last usage window), annotated mean ± sample std and the number of seeds. "
+             f"Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
+             f"codebook used {over}), annotated mean ± sample std and the number of seeds. "
              "Brighter cells use more of the codebook.",
-             lambda: usage_heatmap(runs, strict=True)),
+             lambda: usage_heatmap(runs, metric=usage, strict=True)),
         Plot("usage_vs_gamma", "Usage and perplexity against diversity_gamma",
              "One line per frac_per_sample_entropy: the mean over seeds, with a min-max band over seeds. "
-             "The dashed line in the perplexity panel is the codebook size (every code used equally often).",
-             lambda: usage_vs_gamma(runs, strict=True)),
+             + ("Validation usage first, the training window's usage beside it as a second view. "
+                if usage == "final_val_usage_fraction" else "")
+             + "The dashed line in the perplexity panel is the codebook size (every code used equally often).",
+             lambda: usage_vs_gamma(runs, metrics=panels, strict=True)),
     ]
     for layer in layers(metrics) or [None]:
         stem = "training_curves" if len(layers(metrics)) <= 1 else f"training_curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer or '')}"
@@ -132,10 +159,20 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
              "a few codes take most tokens; where a line ends, the remaining codes were unused.",
              lambda: rank_frequency(hist, runs, strict=True)),
         Plot("reconstruction_vs_usage", "Reconstruction against utilization",
-             "One point per finished run: final validation MSE and PSNR against final usage fraction. "
+             f"One point per finished run: final validation MSE and PSNR against final usage fraction {over}. "
              "Colour and marker are the grid point.",
-             lambda: reconstruction_vs_usage(runs, strict=True)),
+             lambda: reconstruction_vs_usage(runs, x=usage, strict=True)),
     ]
+    if "bit_frequency_0" in metrics and "run_id" in metrics and metrics["run_id"].nunique() == 1:
+        plots += [
+            Plot("bit_usage", "Per-bit usage over training",
+                 "Share of tokens with each bit set, per logged step (0.5 = balanced; 0 or 1 = a dead bit).",
+                 lambda: bit_usage_heatmap(metrics, strict=True)),
+            Plot("saturation_and_usage", "Saturation and usage over training",
+                 "Share of token-bits whose entropy gradient is below 1e-4 of its maximum (there the entropy "
+                 "loss does nothing), with the usage fraction on the same steps.",
+                 lambda: saturation_and_usage(metrics, strict=True)),
+        ]
     return plots
 
 
@@ -195,6 +232,11 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
         parts += ["## Figures skipped\n", *(f"- `{name}`: {reason}" for name, reason in skipped), ""]
     if len(runs):
         parts += ["## Runs\n", markdown_table(run_table(runs)) + "\n"]
+        speed = throughput_table(metrics)
+        if len(speed):
+            parts += ["## Throughput\n", "Per run, the median over its logged intervals of the training rows' "
+                      "step time, samples and tokens per second, time waiting for data, and peak memory (MB: CUDA "
+                      "max allocated, or the process's peak RSS on a CPU).\n", markdown_table(speed) + "\n"]
     if problems:
         parts += ["## Run folders with problems\n", markdown_table(_problems_table(problems, results)) + "\n"]
     (folder / "report.md").write_text("\n".join(parts), encoding="utf-8")

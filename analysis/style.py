@@ -46,7 +46,14 @@ RC: dict[str, Any] = {
 }
 
 METRIC_LABELS = {
-    "final_usage_fraction": "final usage (fraction of codebook)",
+    "final_usage_fraction": "final training-window usage (fraction of codebook)",
+    "final_val_usage_fraction": "final validation usage (fraction of codebook, every val token)",
+    "final_val_perplexity": "final validation perplexity (codes)",
+    "final_val_codes_used": "final validation codes used (codes)",
+    "final_val_ssim": "final validation SSIM",
+    "final_val_rfid": "final validation rFID",
+    "samples_per_s": "throughput (samples/s)",
+    "step_time_s": "step time (s)",
     "final_perplexity": "final perplexity (codes)",
     "final_codes_used": "final codes used (codes)",
     "final_dead_codes": "final dead codes (codes)",
