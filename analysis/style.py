@@ -46,8 +46,8 @@ RC: dict[str, Any] = {
 }
 
 METRIC_LABELS = {
-    "final_usage_fraction": "final training-window usage (fraction of codebook)",
-    "final_val_usage_fraction": "final validation usage (fraction of codebook, every val token)",
+    "final_usage_fraction": "final usage (fraction of codebook)",
+    "final_val_usage_fraction": "final val usage (fraction, all val tokens)",
     "final_val_perplexity": "final validation perplexity (codes)",
     "final_val_codes_used": "final validation codes used (codes)",
     "final_val_ssim": "final validation SSIM",

@@ -270,10 +270,13 @@ class LoggingConfig(_Section):
     log_every: int = 50  # steps between metrics rows (monitor and training loss)
     print_every: int = 100  # steps between progress lines when stderr is not a terminal
     histogram_every: int = 500  # steps between code histogram snapshots
+    diagnostics_every: int | None = None  # steps between saturation / mean |z| rows; null = log_every
 
     def validate(self) -> None:
         for name in ("log_every", "print_every", "histogram_every"):
             _check(getattr(self, name) >= 1, f"logging.{name}", getattr(self, name), "must be >= 1")
+        _check(self.diagnostics_every is None or self.diagnostics_every >= 1, "logging.diagnostics_every",
+               self.diagnostics_every, "must be >= 1 or null (= logging.log_every)")
 
 
 @dataclass(frozen=True)

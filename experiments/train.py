@@ -309,7 +309,7 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
         lg = config.logging
         monitor = LFQMonitor(model, sink=sink, log_every=lg.log_every, usage_window=config.monitor.usage_window,
                              dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
-                             histogram_sink=JsonlSink(rd.histograms))
+                             histogram_sink=JsonlSink(rd.histograms), diagnostics_every=lg.diagnostics_every)
 
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
