@@ -158,6 +158,27 @@ def _error_tail(record: dict[str, Any], exit_event: dict[str, Any] | None) -> st
     return ""
 
 
+def latest_rate(run_dir: Path, tail_bytes: int = 65536) -> str:
+    """'step 400, 3.2 steps/s; ' from the last training row that carries a step time (read from
+    the log's tail only: a long run's metrics.jsonl can be large); '' when there is none yet."""
+    path = run_dir / run_folder.METRICS
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - tail_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if '"kind": "train"' not in line or "step_time_s" not in line:
+            continue
+        try:
+            row = json.loads(line)
+            return f"step {row['step']}, {1 / row['step_time_s']:.3g} steps/s; "
+        except (ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    return ""
+
+
 def _progress(run_dir: Path) -> str:
     config = run_folder.read_json(run_dir / run_folder.CONFIG)
     if config is None:
@@ -197,7 +218,7 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
         return ("done", f"step {summary.get('step', '?')}")
     if is_claimed(run_dir):
         claim = read_claim(run_dir)
-        return ("running", f"pid {claim.get('pid')} on {claim.get('host')}")
+        return ("running", f"{latest_rate(run_dir)}pid {claim.get('pid')} on {claim.get('host')}")
     cluster = rec.get("cluster", "")
     # a resubmitted run waits in the queue with its old failed summary: the queue wins
     if cluster == "slurm" and code in SLURM_PENDING | SLURM_RUNNING:
