@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -22,7 +23,16 @@ SLURM_TASK_5 = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTA
                 "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu-node[07-08]", "SLURM_NTASKS_PER_NODE": "4"}
 
 
-def test_two_nodes_of_four_gpus(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """submitit's export() writes os.environ directly: put it back, or later tests see WORLD_SIZE=8."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_two_nodes_of_four_gpus(monkeypatch, restored_environ):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in SLURM_TASK_5.items():
