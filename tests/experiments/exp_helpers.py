@@ -33,3 +33,16 @@ def run(config: Config, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
     """``train.run`` on one thread: six test processes share two cores here, and torch's spinning
     threads make every run ten times slower when oversubscribed."""
     return train.run(config, run_dir, num_threads=1, **kwargs)
+
+
+class Kill(Exception):
+    """Raised by :func:`kill_at` to stop a run mid-way, as a crash or a preemption would."""
+
+
+def kill_at(step: int):
+    """An ``on_step`` that kills the run right after ``step``."""
+    def on_step(s: int) -> None:
+        if s == step:
+            raise Kill(f"killed at step {s}")
+
+    return on_step

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from exp_helpers import read_rows, run, smoke_config, without_wall_time
+from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 
 from experiments import distributed as ddp
 from experiments.distributed import free_port
@@ -38,18 +38,6 @@ SPAWN_TIMEOUT_S = 90
 KILL_AT = 13
 POISON_CALL = 7  # the 7th training batch: step 7
 INTEGER_COLUMNS = ("codes_used", "tokens", "dead_codes", "usage_fraction", "perplexity", "bit_balance_mad")
-
-
-class Kill(Exception):
-    pass
-
-
-def _kill_at(step: int):
-    def on_step(s: int) -> None:
-        if s == step:
-            raise Kill(f"killed at step {s}")
-
-    return on_step
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -65,7 +53,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         result["full"] = run(config, root / "full")
         result["full_s"] = time.perf_counter() - t0
         try:
-            run(config, root / "resumed", on_step=_kill_at(KILL_AT))
+            run(config, root / "resumed", on_step=kill_at(KILL_AT))
         except Kill:
             result["killed"] = True
         result["checkpoint_step_after_kill"] = torch.load(

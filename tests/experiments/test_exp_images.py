@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from exp_helpers import REPO, read_rows, run, without_wall_time
+from exp_helpers import REPO, Kill, kill_at, read_rows, run, without_wall_time
 from PIL import Image
 
 from experiments import distributed as ddp
@@ -193,15 +193,8 @@ def test_run_on_a_folder_reports_unreadable_files_once_and_resumes_identically(t
     assert val["val_tokens"] > 0 and 0 < val["val_usage_fraction"] <= 1 and -1 <= val["val_ssim"] <= 1
     assert reference["final_val_codes_used"] == val["val_codes_used"]
 
-    class Kill(Exception):
-        pass
-
-    def kill(step):
-        if step == 7:
-            raise Kill
-
     with pytest.raises(Kill):
-        run(config, tmp_path / "resumed", on_step=kill)
+        run(config, tmp_path / "resumed", on_step=kill_at(7))
     resumed = run(config, tmp_path / "resumed")
     assert without_wall_time(resumed) == without_wall_time(reference)
     assert read_rows(tmp_path / "resumed" / "metrics.jsonl") == rows

@@ -168,21 +168,14 @@ def test_vq_replaces_dead_codes_with_batch_tokens():
 
 
 def test_vq_options_train_and_resume(tmp_path):
-    from exp_helpers import read_rows, run, smoke_config, without_wall_time
+    from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 
     config = smoke_config("quantizer.kind=vq", "quantizer.vq_init=kmeans", "quantizer.vq_dead_code_threshold=0.5")
     reference = run(config, tmp_path / "ref")
     assert reference["status"] == "done"
 
-    class Kill(Exception):
-        pass
-
-    def kill(step):
-        if step == 15:
-            raise Kill
-
     with pytest.raises(Kill):
-        run(config, tmp_path / "resumed", on_step=kill)
+        run(config, tmp_path / "resumed", on_step=kill_at(15))
     assert without_wall_time(run(config, tmp_path / "resumed")) == without_wall_time(reference)
     assert read_rows(tmp_path / "resumed" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from exp_helpers import read_rows, run, smoke_config, without_wall_time
+from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 
 from experiments.config import ConfigError
 from experiments.schedules import ramp, values_at
@@ -47,15 +47,8 @@ def test_annealed_run_logs_its_values_and_resumes_exactly(tmp_path):
     assert rows[0]["commitment_weight"] < rows[-1]["commitment_weight"] == pytest.approx(0.25)
     assert reference["final_train_loss"] != run(smoke_config(), tmp_path / "plain")["final_train_loss"]
 
-    class Kill(Exception):
-        pass
-
-    def kill(step):
-        if step == 12:
-            raise Kill
-
     with pytest.raises(Kill):
-        run(config, tmp_path / "resumed", on_step=kill)
+        run(config, tmp_path / "resumed", on_step=kill_at(12))
     assert without_wall_time(run(config, tmp_path / "resumed")) == without_wall_time(reference)
     assert read_rows(tmp_path / "resumed" / "metrics.jsonl") == read_rows(tmp_path / "ref" / "metrics.jsonl")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from exp_helpers import PATCHES_YAML, read_rows, run, smoke_config, without_wall_time
+from exp_helpers import PATCHES_YAML, Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 
 from experiments import train
 from experiments.config import ConfigError, load_config
@@ -18,18 +18,6 @@ from experiments.tasks import synthetic
 SUMMARY_KEYS = {"run_id", "status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr",
                 "best_val_mse", "best_val_psnr", "final_usage_fraction", "final_perplexity",
                 "final_codes_used", "final_dead_codes", "final_train_loss"}
-
-
-class Kill(Exception):
-    """Stands in for the process dying between steps."""
-
-
-def kill_at(step: int):
-    def on_step(s: int) -> None:
-        if s == step:
-            raise Kill(f"killed at step {s}")
-
-    return on_step
 
 
 def test_a_run_writes_the_documented_folder(tmp_path):
