@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 Record = dict[str, Any]
 Sink = Callable[[list[Record]], None]
 
@@ -184,9 +186,7 @@ class TensorBoardSink:
                     sum_squares=float(sum(c * c * n for c, n in zip(codes, snap["counts"], strict=True))),
                     bucket_limits=edges, bucket_counts=counts, global_step=step)
             if all("bit_frequencies" in s for s in snapshots):
-                import numpy as np
-
-                image = np.asarray(bit_image(snapshots), dtype=np.float32)
+                image = torch.tensor(bit_image(snapshots), dtype=torch.float32)
                 self.writer.add_image(f"{prefix}/bit_frequencies", image, global_step=step, dataformats="HW")
         self.writer.flush()
 
@@ -245,9 +245,7 @@ class WandbSink:
                 row[f"{prefix}.codebook{snap['codebook']}/codes"] = wandb.Histogram(
                     np_histogram=(counts, [0.0] + edges))
             if all("bit_frequencies" in s for s in snapshots):
-                import numpy as np
-
-                image = (np.asarray(bit_image(snapshots)) * 255).astype(np.uint8)
+                image = (torch.tensor(bit_image(snapshots)) * 255).to(torch.uint8).numpy()
                 row[f"{prefix}/bit_frequencies"] = wandb.Image(image, caption="rows: codebooks; columns: bits, MSB first")
         for step in sorted(by_step):
             run.log({STEP_TAG: step, **by_step[step]})
