@@ -1,0 +1,225 @@
+"""Where LFQ collapses and what keeps it from collapsing (issue 15): the regime sweep's tables and figures.
+
+The regime sweep (``experiments/sweeps/recipe_regime.yaml``) trains the images tokenizer over
+inverse temperature x entropy-weight schedule x ``diversity_gamma`` at several codebook sizes
+and seeds. From its run folders this module builds
+
+- :func:`regime_curves`: one row per run and diagnostic step (usage, saturated share of
+  token-bits, per-sample and batch entropy, mean |z|, dead bits), the data of "why";
+- :func:`regime_figure`: validation usage and PSNR against the inverse temperature, one panel
+  per codebook size, every seed a marker, every series its own colour, line style and offset;
+- :func:`collapse_figure`: usage and saturation over training, per inverse temperature, seeds
+  thin and their median bold.
+
+Both figures read the committed CSVs too (the notebook rebuilds them without run folders).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import LINESTYLES, MARKERS, colors, new_figure, require, skippable
+
+SIZE = "quantizer.codebook_size"
+TAU = "quantizer.inv_temperature"
+SCHEDULE = "anneal.entropy"
+GAMMA = "quantizer.diversity_gamma"
+SERIES = (SCHEDULE, GAMMA)
+CURVE_METRICS = ("usage_fraction", "saturated_fraction", "per_sample_entropy", "batch_entropy", "mean_abs_z",
+                 "dead_bits")
+# the issue's targets for validation usage, by codebook size
+TARGETS = {1024: 0.95, 16384: 0.80}
+REFERENCE = {TAU: 100.0, SCHEDULE: "constant", GAMMA: 1.0}
+
+
+def regime_curves(metrics: pd.DataFrame, runs: pd.DataFrame, *, layer: str | None = None,
+                  mode: str = "train") -> pd.DataFrame:
+    """One row per run and diagnostic step: the run's keys (sweep, size, temperature, schedule,
+    gamma, seed) and the monitor's curves at the steps where ``saturated_fraction`` was logged.
+
+    ``metrics``/``runs``: from ``analysis.load.load_metrics`` / ``load_runs``. ``layer``: the
+    quantizer layer (default: the only one; an error names them when there are several)."""
+    require("saturated_fraction" in metrics.columns, "no saturated_fraction column: runs without the diagnostics")
+    rows = metrics[(metrics["kind"] == "quantizer") & metrics["saturated_fraction"].notna()]
+    if "mode" in rows:
+        rows = rows[rows["mode"] == mode]
+    layers = sorted(rows["layer"].dropna().unique()) if "layer" in rows else []
+    if layer is None and len(layers) > 1:
+        raise ValueError(f"the runs log {len(layers)} quantizer layers ({', '.join(layers)}); pass layer=")
+    if layer is not None:
+        require(layer in layers, f"no layer {layer!r}; the runs log {', '.join(layers) or 'none'}")
+        rows = rows[rows["layer"] == layer]
+    require(len(rows), "no diagnostic rows (saturated_fraction is NaN everywhere)")
+    keys = [c for c in ("run_id", "sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS) if c in runs.columns]
+    columns = ["run_id", "step", *[m for m in CURVE_METRICS if m in rows.columns]]
+    out = rows[columns].merge(runs[keys], on="run_id", how="inner")
+    return out.sort_values([*[k for k in keys if k != "run_id"], "run_id", "step"]).reset_index(drop=True)
+
+
+def _series(frame: pd.DataFrame) -> list[tuple[object, ...]]:
+    present = [c for c in SERIES if c in frame.columns]
+    return sorted({tuple(row) for row in frame[present].itertuples(index=False)}, key=lambda t: tuple(map(str, t)))
+
+
+def _series_label(values: tuple[object, ...], frame: pd.DataFrame) -> str:
+    present = [c for c in SERIES if c in frame.columns]
+    names = {SCHEDULE: "entropy weight ", GAMMA: "gamma="}
+    return ", ".join(f"{names[c]}{v:g}" if isinstance(v, float) else f"{names[c]}{v}"
+                     for c, v in zip(present, values, strict=True))
+
+
+FIXED_KEYS = ("quantizer.kind", "quantizer.entropy_mode", "quantizer.entropy_loss_weight",
+              "quantizer.commitment_loss_weight", "model.preset", "data.resolution", "model.downsample",
+              "data.batch_size", "schedule.steps", "anneal.entropy_start", "anneal.entropy_steps")
+
+
+def held_fixed(frame: pd.DataFrame, keys: Sequence[str] = (SIZE, TAU, SCHEDULE, GAMMA, *FIXED_KEYS),
+               width: int = 115) -> str:
+    """"held fixed: ..." for those of ``keys`` that take one value in ``frame``."""
+    fixed = []
+    for column in keys:
+        if column in frame and frame[column].nunique(dropna=False) == 1:
+            value = frame[column].iloc[0]
+            fixed.append(f"{column.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{column.split('.')[-1]}={value}")
+    return textwrap.fill("held fixed: " + (", ".join(fixed) if fixed else "nothing else recorded"), width=width)
+
+
+def _offset_x(x: np.ndarray, index: int, count: int, spread: float = 0.08) -> np.ndarray:
+    """x shifted by a per-series factor on a log axis, so series at the same x stay apart."""
+    shift = (index - (count - 1) / 2) * spread
+    return x * 10.0**shift
+
+
+@skippable
+def regime_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usage_fraction", "final_val_psnr")
+                  ) -> Figure:
+    """Validation usage (and PSNR) against the inverse temperature: one column per codebook size,
+    one row per metric; each (schedule, gamma) series its own colour, line style, marker and
+    horizontal offset; every seed a small marker, the mean over seeds a line. Targets dashed."""
+    done = summary[summary["status"] == "done"] if "status" in summary else summary
+    require(len(done) and TAU in done and SIZE in done, "no finished runs with an inverse temperature")
+    sizes = sorted(done[SIZE].unique())
+    series = _series(done)
+    palette = colors(len(series))
+    fig, axes = new_figure(len(metrics), len(sizes), height=3.6 * len(metrics) + 0.8, sharex=True)
+    for col, size in enumerate(sizes):
+        part = done[done[SIZE] == size]
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            require(metric in part, f"no column {metric}")
+            for i, key in enumerate(series):
+                mask = np.ones(len(part), dtype=bool)
+                for c, v in zip([c for c in SERIES if c in part], key, strict=True):
+                    mask &= (part[c] == v).to_numpy()
+                runs = part[mask]
+                if not len(runs):
+                    continue
+                scale = 100.0 if metric.endswith("usage_fraction") else 1.0
+                style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
+                x = _offset_x(runs[TAU].to_numpy(float), i, len(series))
+                ax.scatter(x, runs[metric] * scale, s=22, alpha=0.55, color=palette[i],
+                           marker=MARKERS[i % len(MARKERS)], linewidths=0)
+                mean = runs.groupby(TAU)[metric].mean() * scale
+                ax.plot(_offset_x(mean.index.to_numpy(float), i, len(series)), mean.to_numpy(),
+                        linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=6, markerfacecolor="white",
+                        label=_series_label(key, part)
+                        if row == 0 and col == 0 else None, **style)
+            if metric.endswith("usage_fraction") and int(size) in TARGETS:
+                ax.axhline(100 * TARGETS[int(size)], color="0.4", linestyle=(0, (4, 3)), linewidth=1.2)
+                ax.annotate(f"target {100 * TARGETS[int(size)]:.0f} %", (0.01, 100 * TARGETS[int(size)]),
+                            xycoords=("axes fraction", "data"), va="bottom", fontsize=10, color="0.3")
+            ax.set_xscale("log")
+            taus = sorted(part[TAU].unique())
+            ax.set_xticks(taus, [f"{t:g}" for t in taus])
+            ax.minorticks_off()
+            ax.set_ylabel("val usage (% of codebook)" if metric.endswith("usage_fraction")
+                          else "val PSNR (dB)" if metric.endswith("psnr") else metric.replace("_", " "))
+            if row == 0:
+                tokens = int(part["final_val_tokens"].max()) if "final_val_tokens" in part else None
+                per_code = f", {tokens / size:.0f} val tokens per code" if tokens else ""
+                ax.set_title(f"2^{int(np.log2(size))} codes{per_code}")
+            if row == len(metrics) - 1:
+                ax.set_xlabel("inverse temperature (log; series offset sideways)")
+    seeds = done.groupby([c for c in (SIZE, TAU, *SERIES) if c in done]).size()
+    fig.legend(loc="outside lower center", ncols=min(2, len(series)),
+               title=f"line: mean over seeds ({seeds.min()}-{seeds.max()} per point); small markers: one seed each")
+    fig.suptitle("Validation usage and PSNR against the inverse temperature\n" + held_fixed(done, FIXED_KEYS), fontsize=13)
+    return fig
+
+
+@skippable
+def collapse_figure(curves: pd.DataFrame, *, schedule: str = "constant", gamma: float = 1.0) -> Figure:
+    """Usage (top) and the saturated share of token-bits (bottom) over training, one column per
+    codebook size, one colour and line style per inverse temperature; seeds thin, median bold.
+    Shows when usage stops growing and whether the entropy loss still has a gradient then."""
+    part = curves
+    if SCHEDULE in part:
+        part = part[part[SCHEDULE] == schedule]
+    if GAMMA in part:
+        part = part[part[GAMMA] == gamma]
+    require(len(part), f"no curves with entropy schedule {schedule!r} and gamma {gamma:g}")
+    sizes = sorted(part[SIZE].unique())
+    taus = sorted(part[TAU].unique())
+    palette = colors(len(taus))
+    rows = (("usage_fraction", "train usage (fraction)"),
+            ("saturated_fraction", "saturated bits (fraction)"))
+    fig, axes = new_figure(len(rows), len(sizes), height=7.6, sharex=True)
+    for col, size in enumerate(sizes):
+        for row, (metric, text) in enumerate(rows):
+            ax = axes[row, col]
+            for i, tau in enumerate(taus):
+                runs = part[(part[SIZE] == size) & (part[TAU] == tau)]
+                if not len(runs):
+                    continue
+                style = dict(color=palette[i], linestyle=LINESTYLES[i % len(LINESTYLES)])
+                for _, run in runs.groupby("run_id"):
+                    ax.plot(run["step"], run[metric], linewidth=0.8, alpha=0.45, **style)
+                median = runs.groupby("step")[metric].median()
+                seeds = runs["run_id"].nunique()
+                ax.plot(median.index, median.to_numpy(), linewidth=2.4, marker=MARKERS[i % len(MARKERS)],
+                        markevery=max(1, len(median) // 6),
+                        label=f"inverse temperature {tau:g} (median of {seeds})" if row == 0 and col == 0 else None,
+                        **style)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(text)
+            if row == 0:
+                ax.set_title(f"2^{int(np.log2(size))} codes")
+            if row == len(rows) - 1:
+                ax.set_xlabel("step")
+    fig.legend(loc="outside lower center", ncols=len(taus), title="thin: one seed each; bold: median over seeds")
+    fig.suptitle("Usage and saturation over training\n" + held_fixed(part, (SCHEDULE, GAMMA, *FIXED_KEYS)), fontsize=13)
+    return fig
+
+
+SUMMARY_METRICS = ("final_val_usage_fraction", "final_val_codes_used", "final_val_tokens", "final_val_perplexity",
+                   "final_val_psnr", "final_val_ssim", "final_usage_fraction", "final_per_sample_entropy",
+                   "final_batch_entropy", "wall_time_s")
+
+
+def regime_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: id, sweep, status, the swept keys, seed, what was held fixed, final metrics."""
+    columns = ["run_id", "sweep", "status", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS, *SUMMARY_METRICS]
+    table = runs[[c for c in columns if c in runs.columns]]
+    order = [c for c in ("sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed") if c in table]
+    return table.sort_values(order).reset_index(drop=True)
+
+
+def regime_table(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usage_fraction", "final_val_psnr",
+                                                                  "final_val_ssim", "final_val_perplexity")
+                 ) -> pd.DataFrame:
+    """Mean, std, min and n over seeds per (size, temperature, schedule, gamma), reference row marked."""
+    done = summary[summary["status"] == "done"] if "status" in summary else summary
+    keys = [c for c in (SIZE, TAU, SCHEDULE, GAMMA) if c in done]
+    present = [m for m in metrics if m in done]
+    grouped = done.groupby(keys, dropna=False)[present]
+    table = grouped.agg(["mean", "std", "min"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table["n_seeds"] = grouped.size()
+    table = table.reset_index()
+    table["reference_defaults"] = np.logical_and.reduce([table[k] == v for k, v in REFERENCE.items() if k in table])
+    return table

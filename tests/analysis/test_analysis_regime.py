@@ -1,0 +1,106 @@
+"""The regime sweep's tables and figures (analysis.regime), on hand-made frames."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import regime
+from analysis.regime import GAMMA, SCHEDULE, SIZE, TAU
+
+
+def _summary() -> pd.DataFrame:
+    rows = []
+    for size, tau, schedule, gamma, seed in itertools.product((1024, 16384), (1.0, 10.0, 100.0),
+                                                              ("constant", "linear"), (1.0, 2.0), (0, 1, 2)):
+        # every series lands on the same usage at tau >= 10: the figure must still show them apart
+        usage = 1.0 if tau >= 10 else 0.5 + 0.1 * seed
+        rows.append({"run_id": f"{size}-{tau}-{schedule}-{gamma}-{seed}", "sweep": "recipe_regime", "status": "done",
+                     SIZE: size, TAU: tau, SCHEDULE: schedule, GAMMA: gamma, "seed": seed,
+                     "data.resolution": 32, "schedule.steps": 900,
+                     "final_val_usage_fraction": usage, "final_val_psnr": 20.0 + np.log10(tau) + 0.1 * seed,
+                     "final_val_ssim": 0.5, "final_val_perplexity": 100.0, "final_val_tokens": 81408})
+    return pd.DataFrame(rows)
+
+
+def test_table_means_over_seeds_and_marks_the_reference() -> None:
+    table = regime.regime_table(_summary())
+    assert len(table) == 2 * 3 * 2 * 2 and set(table["n_seeds"]) == {3}
+    low = table[(table[TAU] == 1.0)]
+    assert np.allclose(low["final_val_usage_fraction_mean"], 0.6) and np.allclose(low["final_val_usage_fraction_min"], 0.5)
+    ref = table[table["reference_defaults"]]
+    assert len(ref) == 2 and set(ref[TAU]) == {100.0} and set(ref[SCHEDULE]) == {"constant"} and set(ref[GAMMA]) == {1.0}
+
+
+def test_failed_runs_are_left_out_of_the_table() -> None:
+    summary = _summary()
+    summary.loc[0, "status"] = "failed"
+    table = regime.regime_table(summary)
+    assert table["n_seeds"].min() == 2
+
+
+def test_regime_figure_keeps_coincident_series_apart() -> None:
+    fig = regime.regime_figure(_summary(), strict=True)
+    ax = fig.axes[0]  # usage at 2^10: all four series at 100 % for tau 10 and 100
+    lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert len(lines) == 4
+    styles = {(line.get_linestyle(), line.get_marker(), line.get_color()) for line in lines}
+    assert len(styles) == 4, "each series needs its own line style, marker and colour"
+    xs_at_10 = [float(np.asarray(line.get_xdata())[1]) for line in lines]
+    assert len(set(np.round(xs_at_10, 6))) == 4, "series at the same temperature must be offset"
+    assert all(7 < x < 14 for x in xs_at_10)
+    assert "held fixed" in fig._suptitle.get_text() and "resolution=32" in fig._suptitle.get_text()
+    # every seed is a marker: 3 temperatures x 3 seeds per series and panel
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 4 * 3 * 3
+
+
+def test_regime_figure_draws_the_targets() -> None:
+    fig = regime.regime_figure(_summary(), strict=True)
+    targets = {round(float(line.get_ydata()[0]), 3) for ax in fig.axes for line in ax.get_lines()
+               if line.get_color() == "0.4"}  # the target lines' grey
+    assert {95.0, 80.0} <= targets
+
+
+def _curves() -> pd.DataFrame:
+    rows = []
+    for tau, seed in itertools.product((1.0, 10.0, 100.0), (0, 1, 2)):
+        for step in range(50, 901, 50):
+            rows.append({"run_id": f"{tau}-{seed}", SIZE: 16384, TAU: tau, SCHEDULE: "constant", GAMMA: 1.0,
+                         "seed": seed, "step": step, "usage_fraction": min(1.0, step / 900 + 0.01 * seed),
+                         "saturated_fraction": 0.97 if tau == 100 else 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_collapse_figure_draws_each_seed_thin_and_the_median_bold() -> None:
+    fig = regime.collapse_figure(_curves(), strict=True)
+    ax = fig.axes[0]
+    thin = [line for line in ax.get_lines() if line.get_linewidth() < 1]
+    bold = [line for line in ax.get_lines() if line.get_linewidth() > 2]
+    assert len(thin) == 9 and len(bold) == 3
+    assert len({(line.get_linestyle(), line.get_marker()) for line in bold}) == 3
+    median_10 = [line for line in bold if "inverse temperature 10 " in str(line.get_label())][0]
+    assert np.allclose(median_10.get_ydata(), np.minimum(1.0, np.arange(50, 901, 50) / 900 + 0.01))
+
+
+def test_collapse_figure_names_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="no curves with entropy schedule 'cosine'"):
+        regime.collapse_figure(_curves(), schedule="cosine", strict=True)
+
+
+def test_curves_from_metrics_keep_diagnostic_steps_only_and_refuse_ambiguous_layers() -> None:
+    runs = pd.DataFrame([{"run_id": "a", "sweep": "s", SIZE: 1024, TAU: 10.0, SCHEDULE: "constant", GAMMA: 1.0,
+                          "seed": 0}])
+    metrics = pd.DataFrame([
+        {"run_id": "a", "kind": "quantizer", "layer": "q", "mode": "train", "step": s,
+         "usage_fraction": 0.5, "saturated_fraction": 0.2 if s % 50 == 0 else np.nan} for s in range(1, 101)]
+        + [{"run_id": "a", "kind": "train", "layer": None, "mode": None, "step": 50, "usage_fraction": np.nan,
+            "saturated_fraction": np.nan}])
+    curves = regime.regime_curves(metrics, runs)
+    assert curves["step"].tolist() == [50, 100] and (curves[TAU] == 10.0).all()
+    two = pd.concat([metrics, metrics.assign(layer="other")])
+    with pytest.raises(ValueError, match="2 quantizer layers"):
+        regime.regime_curves(two, runs)
+    assert len(regime.regime_curves(two, runs, layer="other")) == 2
