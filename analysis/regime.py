@@ -16,14 +16,20 @@ Both figures read the committed CSVs too (the notebook rebuilds them without run
 
 from __future__ import annotations
 
+import shlex
+import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.style import LINESTYLES, MARKERS, colors, new_figure, require, skippable
+from analysis.ablations import save_figure
+from analysis.cli import OneLineParser, fail, guarded
+from analysis.jsonl import write_atomic
+from analysis.style import LINESTYLES, MARKERS, NoData, colors, new_figure, require, skippable
 
 SIZE = "quantizer.codebook_size"
 TAU = "quantizer.inv_temperature"
@@ -223,3 +229,49 @@ def regime_table(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usa
     table = table.reset_index()
     table["reference_defaults"] = np.logical_and.reduce([table[k] == v for k, v in REFERENCE.items() if k in table])
     return table
+
+
+def write_regime(runs_root: Path, out: Path, *, command: str) -> list[str]:
+    """From the run folders under ``runs_root``: ``summary.csv`` (one row per run), ``table.csv``
+    (over seeds), ``curves.csv`` (diagnostic steps), ``regime.png/.svg``, ``collapse.png/.svg``
+    and ``command.txt`` in ``out``, each written atomically. Returns the names written."""
+    from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
+
+    runs = load_runs(runs_root)
+    require(len(runs), f"no run folders under {runs_root}")
+    require(TAU in runs, f"the runs under {runs_root} have no {TAU} column: not a regime sweep")
+    summary = regime_summary(runs)
+    done = runs[runs["status"] == "done"]
+    curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done)
+    written = []
+    for name, frame in (("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)):
+        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
+        written.append(name)
+    for stem, fig in (("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))):
+        save_figure(fig, out, stem)
+        written += [f"{stem}.png", f"{stem}.svg"]
+    write_atomic(out / "command.txt", lambda p: p.write_text(command + "\n", encoding="utf-8"))
+    return [*written, "command.txt"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = OneLineParser(prog="python -m analysis.regime", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_root", type=Path, help="the regime sweep's folder (e.g. RESULTS/recipe_regime)")
+    parser.add_argument("--out", type=Path, default=Path("results/recipe"), help="default: results/recipe")
+    args = parser.parse_args(argv)
+    if not args.runs_root.is_dir():
+        what = "is a file" if args.runs_root.exists() else "does not exist"
+        return fail(f"RUNS_ROOT {args.runs_root} {what}: give the regime sweep's folder")
+    if args.out.exists() and not args.out.is_dir():
+        return fail(f"--out {args.out} is a file; give a folder (default results/recipe)")
+    try:
+        written = write_regime(args.runs_root, args.out, command=shlex.join(["python", "-m", "analysis.regime", *argv]))
+    except (NoData, ValueError) as err:
+        return fail(err)
+    print(f"{args.out}: {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))

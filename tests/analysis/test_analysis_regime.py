@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from analysis_fixtures import write_run
 
 from analysis import regime
 from analysis.regime import GAMMA, SCHEDULE, SIZE, TAU
@@ -104,3 +107,43 @@ def test_curves_from_metrics_keep_diagnostic_steps_only_and_refuse_ambiguous_lay
     with pytest.raises(ValueError, match="2 quantizer layers"):
         regime.regime_curves(two, runs)
     assert len(regime.regime_curves(two, runs, layer="other")) == 2
+
+
+def _regime_sweep(root: Path) -> Path:
+    """Run folders of a 2-temperature x 2-seed regime sweep, with diagnostics every other step."""
+    sweep = root / "recipe_regime"
+    for tau, seed in itertools.product((10.0, 100.0), (0, 1)):
+        run_dir = write_run(sweep, f"t{int(tau)}s{seed}", seed=seed, steps=6, final_usage=0.9 if tau == 10 else 0.7)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"]["inv_temperature"] = tau
+        (run_dir / "config.json").write_text(json.dumps(config))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if row["kind"] == "quantizer" and row["step"] % 2 == 0:
+                row["saturated_fraction"] = 0.97 if tau == 100 else 0.5
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=0.9 if tau == 10 else 0.7, final_val_tokens=4096)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return sweep
+
+
+def test_cli_writes_tables_curves_figures_and_command(tmp_path: Path) -> None:
+    sweep = _regime_sweep(tmp_path / "runs")
+    out = tmp_path / "recipe"
+    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["run_id"]) == ["t100s0", "t100s1", "t10s0", "t10s1"]
+    table = pd.read_csv(out / "table.csv")
+    assert table.set_index(TAU)["final_val_usage_fraction_mean"].to_dict() == {10.0: 0.9, 100.0: 0.7}
+    curves = pd.read_csv(out / "curves.csv")
+    assert sorted(set(curves["step"])) == [0, 2, 4] and len(curves) == 4 * 3
+    assert {"regime.png", "collapse.png", "regime.svg", "collapse.svg"} <= {p.name for p in out.iterdir()}
+    assert (out / "command.txt").read_text().startswith("python -m analysis.regime ")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_cli_refuses_a_missing_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert regime.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
