@@ -231,6 +231,22 @@ def regime_table(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usa
     return table
 
 
+def read_regime(folder: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(summary, curves)`` from ``folder``: its committed ``summary.csv`` and ``curves.csv`` when
+    there, else computed from the run folders under it."""
+    folder = Path(folder)
+    if (folder / "summary.csv").is_file():
+        curves = folder / "curves.csv"
+        return pd.read_csv(folder / "summary.csv"), pd.read_csv(curves) if curves.is_file() else pd.DataFrame()
+    from analysis.load import load_metrics, load_runs
+
+    runs = load_runs(folder)
+    require(len(runs), f"no summary.csv and no run folders under {folder}")
+    done = runs[runs["status"] == "done"]
+    curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done) if len(done) else pd.DataFrame()
+    return regime_summary(runs), curves
+
+
 def write_regime(runs_root: Path, out: Path, *, command: str) -> list[str]:
     """From the run folders under ``runs_root``: ``summary.csv`` (one row per run), ``table.csv``
     (over seeds), ``curves.csv`` (diagnostic steps), ``regime.png/.svg``, ``collapse.png/.svg``
@@ -250,7 +266,10 @@ def write_regime(runs_root: Path, out: Path, *, command: str) -> list[str]:
     for stem, fig in (("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))):
         save_figure(fig, out, stem)
         written += [f"{stem}.png", f"{stem}.svg"]
-    write_atomic(out / "command.txt", lambda p: p.write_text(command + "\n", encoding="utf-8"))
+    made = [f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results RUNS {SIZE}={int(size)} --wait"
+            for sweep in sorted(summary["sweep"].dropna().unique()) for size in sorted(summary[SIZE].unique())]
+    text = "# the runs (one submit per codebook size):\n" + "\n".join(made) + "\n# these tables and figures:\n" + command
+    write_atomic(out / "command.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return [*written, "command.txt"]
 
 

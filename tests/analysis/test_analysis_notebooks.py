@@ -24,7 +24,9 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 GAMMAS = (0.0, 2.0)
 FRACS = (0.25, 1.0)
 # Figures each notebook must show (image/png outputs) on a complete sweep.
-MIN_FIGURES = {"utilization.ipynb": 3, "training_dynamics.ipynb": 2}
+MIN_FIGURES = {"utilization.ipynb": 3, "training_dynamics.ipynb": 2, "recipe.ipynb": 2}
+# Notebooks about one committed study read its committed CSVs (the smoke sweep has no regime grid).
+COMMITTED_DATA = {"recipe.ipynb": REPO / "results" / "recipe"}
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +88,7 @@ def test_real_run_folders_load(smoke_sweep: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes_and_draws(path: Path, smoke_sweep: Path, monkeypatch: pytest.MonkeyPatch,
                                      tmp_path: Path) -> None:
-    monkeypatch.setenv("LFQ_RESULTS_DIR", str(smoke_sweep))
+    monkeypatch.setenv("LFQ_RESULTS_DIR", str(COMMITTED_DATA.get(path.name, smoke_sweep)))
     monkeypatch.setenv("LFQ_ANALYSIS_CACHE", str(tmp_path / "cache"))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",

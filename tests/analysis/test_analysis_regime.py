@@ -139,7 +139,10 @@ def test_cli_writes_tables_curves_figures_and_command(tmp_path: Path) -> None:
     curves = pd.read_csv(out / "curves.csv")
     assert sorted(set(curves["step"])) == [0, 2, 4] and len(curves) == 4 * 3
     assert {"regime.png", "collapse.png", "regime.svg", "collapse.svg"} <= {p.name for p in out.iterdir()}
-    assert (out / "command.txt").read_text().startswith("python -m analysis.regime ")
+    command = (out / "command.txt").read_text().splitlines()
+    assert command[-1].startswith("python -m analysis.regime ") and str(sweep) in command[-1]
+    assert "python -m slurm.submit experiments/sweeps/recipe_regime.yaml --results RUNS " \
+           "quantizer.codebook_size=16 --wait" in command
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
@@ -147,3 +150,13 @@ def test_cli_refuses_a_missing_folder_in_one_line(tmp_path: Path, capsys: pytest
     assert regime.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err
+
+
+def test_read_regime_gives_the_same_tables_from_csvs_and_from_run_folders(tmp_path: Path) -> None:
+    sweep = _regime_sweep(tmp_path / "runs")
+    assert regime.main([str(sweep), "--out", str(tmp_path / "recipe")]) == 0
+    from_csv, curves_csv = regime.read_regime(tmp_path / "recipe")
+    from_runs, curves_runs = regime.read_regime(sweep)
+    assert sorted(from_csv["run_id"]) == sorted(from_runs["run_id"])
+    pd.testing.assert_frame_equal(regime.regime_table(from_csv), regime.regime_table(from_runs), check_dtype=False)
+    assert len(curves_csv) == len(curves_runs) == 12
