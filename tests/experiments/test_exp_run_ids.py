@@ -10,9 +10,9 @@ import hashlib
 import json
 
 import pytest
+from run_id_fixture import FIXTURE, REPO, _key, config_json, shipped_inputs
 
 from experiments.config import Config, load_config
-from run_id_fixture import FIXTURE, REPO, _key, config_json, shipped_inputs
 
 PINNED = json.loads(FIXTURE.read_text(encoding="utf-8"))
 
