@@ -268,7 +268,7 @@ def quantizer_config(fields: Mapping[str, Any], strict: bool = True) -> Quantize
             kwargs[key] = value
         elif key not in every:
             raise ConfigError(unknown_key(f"quantizer.{key}", [f"quantizer.{n}" for n in every]))
-        elif json.loads(json.dumps(value)) != default_of(every[key]):
+        elif json.loads(json.dumps(value, default=repr)) != default_of(every[key]):
             if strict and not issubclass(QUANTIZERS[DEFAULT_KIND].config, owner[key]):
                 lfq = "" if cls is QUANTIZERS[DEFAULT_KIND].config else \
                     f", plus kind {_kinds_of(QUANTIZERS[DEFAULT_KIND].config)}'s (inert, from a base written for it)"
