@@ -1,266 +1,287 @@
-"""The quantizer bottleneck of every task, chosen by ``config.quantizer.kind``.
+"""The quantizer kinds: for each, a config class, a builder and one entry in ``QUANTIZERS``.
+
+``QUANTIZERS`` is the one list: ``quantizer.kind`` is validated against it, a config's
+``quantizer`` section is built by its kind's class, and :func:`build_quantizer` calls its kind's
+builder. A new kind is added here alone: its config class (a subclass of
+:class:`QuantizerConfig`, its own fields given with ``new_field`` so that no older run id
+changes), its builder and its line in ``QUANTIZERS``.
 
 ``lfq``: :class:`lfq.LFQ`; ``bsq``: the same on the sphere (``spherical=True``, BSQ, arXiv
-2406.07548, with exact entropies). ``vq`` and ``fsq`` are the baselines the ablations compare it with.
-Both follow the protocol :mod:`lfq.monitor` watches, so code usage is measured the same way for
-all three: attributes ``dim``, ``codebook_size``, ``num_codebooks``, ``keep_num_codebooks_dim`` and
-``last_stats`` (``lfq.CodebookStats`` of per-codebook detached tensors after a training forward,
-``None`` in eval), and a forward ``(x, inv_temperature=...)`` returning ``lfq.Return``. Inputs are
-``(b, n, dim)`` tokens or channel-first ``(b, dim, *spatial)`` feature maps, as for LFQ.
+2406.07548, with exact entropies). ``vq`` and ``fsq`` are the baselines the ablations compare it
+with (``experiments/baselines.py``). A kind's module follows the protocol :mod:`lfq.monitor`
+watches (see ``experiments.baselines``), so code usage is measured the same way for every kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import torch
-from einops import pack, rearrange, unpack
-from torch import Tensor, nn
+from torch import nn
 
-from experiments.config import QuantizerConfig
-from lfq import LFQ, CodebookStats, Return
+from experiments.baselines import FSQ, VectorQuantizer
+from experiments.sections import (
+    ConfigError,
+    Section,
+    check,
+    check_choice,
+    coerce_fields,
+    default_of,
+    is_power_of_two,
+    new_field,
+    unknown_key,
+)
+from lfq import LFQ
+from lfq.entropy import ENTROPY_KERNELS
+
+# FSQ paper (arXiv 2309.15505), Table 1: the levels it recommends for each target size.
+FSQ_PAPER_LEVELS: dict[int, tuple[int, ...]] = {
+    2**8: (8, 6, 5), 2**10: (8, 5, 5, 5), 2**12: (7, 5, 5, 5, 5), 2**14: (8, 8, 8, 6, 5), 2**16: (8, 8, 8, 5, 5, 5),
+}
+
+
+@dataclass(frozen=True)
+class QuantizerConfig(Section):
+    """The fields of every kind: the training loop reads them whatever the kind (the tasks pass
+    ``inv_temperature`` to every quantizer, ``experiments.schedules`` scales both loss weights
+    and logs them). A kind's class adds its own fields; :func:`quantizer_config` picks the class.
+
+    ``carried``: fields of another kind that this config holds inert, kept in its run id. New
+    input may carry only the default kind's (LFQ's) fields, which every shipped config writes and
+    which a sweep over ``quantizer.kind`` passes to every kind; a config written before the split
+    (config.json, a job record) may carry any, as the flat config of then accepted them.
+    """
+
+    _prefix: ClassVar[str] = "quantizer."
+    kind: str = "lfq"  # a key of QUANTIZERS: lfq | bsq (binary spherical, arXiv 2406.07548) | vq | fsq
+    codebook_size: int = 256  # codes per codebook (lfq, bsq: a power of two)
+    num_codebooks: int = 1
+    entropy_loss_weight: float = 0.1  # lfq, bsq
+    inv_temperature: float = 100.0  # lfq, bsq; the end point of anneal.inv_temperature
+    commitment_loss_weight: float = 0.25  # lfq, bsq and vq
+    carried: tuple[tuple[str, Any], ...] = field(default=(), metadata={"carried": True})
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, self._prefix, skip=("carried",))
+        object.__setattr__(self, "carried", _checked_carried(self))
+        self.validate()
+
+    def validate(self) -> None:
+        check_choice("quantizer.kind", self.kind, list(QUANTIZERS))
+        wanted = QUANTIZERS[self.kind].config
+        check(type(self) is wanted, "quantizer.kind", self.kind, f"is configured by {wanted.__name__}, not "
+              f"{type(self).__name__}: build it with experiments.quantizers.quantizer_config")
+        check(self.codebook_size >= 2, "quantizer.codebook_size", self.codebook_size, "must be >= 2")
+        check(self.num_codebooks >= 1, "quantizer.num_codebooks", self.num_codebooks, "must be >= 1")
+        check(self.inv_temperature > 0, "quantizer.inv_temperature", self.inv_temperature, "must be > 0")
+        for name in ("entropy_loss_weight", "commitment_loss_weight"):
+            check(getattr(self, name) >= 0, f"quantizer.{name}", getattr(self, name), "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LFQConfig(QuantizerConfig):
+    """lfq and bsq; the names and defaults are lfq.LFQ's."""
+
+    entropy_mode: str = "reference"
+    diversity_gamma: float = 1.0
+    frac_per_sample_entropy: float = 1.0
+    codebook_scale: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(is_power_of_two(self.codebook_size), "quantizer.codebook_size", self.codebook_size,
+              f"must be a power of two >= 2 for kind={self.kind!r} (nearest: "
+              f"{2 ** max(1, round(math.log2(max(self.codebook_size, 1))))})")
+        check_choice("quantizer.entropy_mode", self.entropy_mode, sorted(ENTROPY_KERNELS))
+        check(0.0 < self.frac_per_sample_entropy <= 1.0, "quantizer.frac_per_sample_entropy",
+              self.frac_per_sample_entropy, "must be in (0, 1]")
+        check(self.codebook_scale > 0, "quantizer.codebook_scale", self.codebook_scale, "must be > 0")
+
+
+@dataclass(frozen=True)
+class VQConfig(QuantizerConfig):
+    kind: str = "vq"
+    codebook_loss_weight: float = 1.0  # weight of ||sg(z) - e||^2 that moves the codes
+    vq_code_dim: int | None = None  # channels per code; None = ceil(log2(codebook_size)), as LFQ
+    vq_init: str = new_field("uniform")  # uniform | random_sample | kmeans (on the first training batch)
+    vq_dead_code_threshold: float = new_field(0.0)  # replace codes whose EMA count per batch falls below
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.codebook_loss_weight >= 0, "quantizer.codebook_loss_weight", self.codebook_loss_weight,
+              "must be >= 0")
+        check(self.vq_code_dim is None or self.vq_code_dim >= 1, "quantizer.vq_code_dim", self.vq_code_dim,
+              "must be >= 1 or null")
+        check_choice("quantizer.vq_init", self.vq_init, VectorQuantizer.INITS)
+        check(self.vq_dead_code_threshold >= 0, "quantizer.vq_dead_code_threshold", self.vq_dead_code_threshold,
+              "must be >= 0 (0 disables dead-code replacement)")
+
+
+@dataclass(frozen=True)
+class FSQConfig(QuantizerConfig):
+    kind: str = "fsq"
+    fsq_levels: tuple[int, ...] | None = None  # None = derived from codebook_size (default_fsq_levels)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fsq_levels is not None:
+            check(len(self.fsq_levels) >= 1 and all(level >= 2 for level in self.fsq_levels),
+                  "quantizer.fsq_levels", self.fsq_levels, "must be a non-empty list of ints >= 2")
+        else:
+            default_fsq_levels(self.codebook_size)
+
+    def resolved_fsq_levels(self) -> tuple[int, ...]:
+        return self.fsq_levels if self.fsq_levels is not None else default_fsq_levels(self.codebook_size)
+
+
+def default_fsq_levels(codebook_size: int) -> tuple[int, ...]:
+    """The paper's levels for its sizes; otherwise levels of 8, 4, 2 whose product is the size."""
+    if codebook_size in FSQ_PAPER_LEVELS:
+        return FSQ_PAPER_LEVELS[codebook_size]
+    bits = round(math.log2(codebook_size))
+    if 2**bits != codebook_size:
+        raise ConfigError(
+            f"quantizer.codebook_size={codebook_size!r} is invalid for kind='fsq' without "
+            f"quantizer.fsq_levels: give a power of two or explicit quantizer.fsq_levels"
+        )
+    levels = [8] * (bits // 3) + {0: [], 1: [2], 2: [4]}[bits % 3]
+    return tuple(sorted(levels, reverse=True))
+
+
+def build_lfq(cfg: LFQConfig, latent_dim: int | None) -> nn.Module:
+    return LFQ(
+        spherical=cfg.kind == "bsq",
+        dim=latent_dim,
+        codebook_size=cfg.codebook_size,
+        num_codebooks=cfg.num_codebooks,
+        keep_num_codebooks_dim=cfg.num_codebooks > 1,
+        entropy_loss_weight=cfg.entropy_loss_weight,
+        commitment_loss_weight=cfg.commitment_loss_weight,
+        diversity_gamma=cfg.diversity_gamma,
+        frac_per_sample_entropy=cfg.frac_per_sample_entropy,
+        codebook_scale=cfg.codebook_scale,
+        entropy_mode=cfg.entropy_mode,
+    )
+
+
+def build_vq(cfg: VQConfig, latent_dim: int | None) -> nn.Module:
+    return VectorQuantizer(
+        dim=latent_dim,
+        codebook_size=cfg.codebook_size,
+        code_dim=cfg.vq_code_dim or math.ceil(math.log2(cfg.codebook_size)),
+        num_codebooks=cfg.num_codebooks,
+        commitment_loss_weight=cfg.commitment_loss_weight,
+        codebook_loss_weight=cfg.codebook_loss_weight,
+        init=cfg.vq_init,
+        dead_code_threshold=cfg.vq_dead_code_threshold,
+    )
+
+
+def build_fsq(cfg: FSQConfig, latent_dim: int | None) -> nn.Module:
+    return FSQ(dim=latent_dim, levels=cfg.resolved_fsq_levels(), num_codebooks=cfg.num_codebooks)
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type[QuantizerConfig]  # the class of its config section
+    build: Callable[[Any, int | None], nn.Module]  # (its config, latent_dim or None) -> the module
+
+
+QUANTIZERS: dict[str, Kind] = {
+    "lfq": Kind(LFQConfig, build_lfq),
+    "bsq": Kind(LFQConfig, build_lfq),  # LFQ on the sphere
+    "vq": Kind(VQConfig, build_vq),
+    "fsq": Kind(FSQConfig, build_fsq),
+}
+DEFAULT_KIND = QuantizerConfig.kind  # its fields are the ones other kinds may carry
 
 
 def build_quantizer(cfg: QuantizerConfig, latent_dim: int | None = None) -> nn.Module:
     """The quantizer of ``cfg``; ``latent_dim`` (None = its natural size) is its input channels."""
-    if cfg.kind in ("lfq", "bsq"):
-        return LFQ(
-            spherical=cfg.kind == "bsq",
-            dim=latent_dim,
-            codebook_size=cfg.codebook_size,
-            num_codebooks=cfg.num_codebooks,
-            keep_num_codebooks_dim=cfg.num_codebooks > 1,
-            entropy_loss_weight=cfg.entropy_loss_weight,
-            commitment_loss_weight=cfg.commitment_loss_weight,
-            diversity_gamma=cfg.diversity_gamma,
-            frac_per_sample_entropy=cfg.frac_per_sample_entropy,
-            codebook_scale=cfg.codebook_scale,
-            entropy_mode=cfg.entropy_mode,
-        )
-    if cfg.kind == "vq":
-        return VectorQuantizer(
-            dim=latent_dim,
-            codebook_size=cfg.codebook_size,
-            code_dim=cfg.vq_code_dim or math.ceil(math.log2(cfg.codebook_size)),
-            num_codebooks=cfg.num_codebooks,
-            commitment_loss_weight=cfg.commitment_loss_weight,
-            codebook_loss_weight=cfg.codebook_loss_weight,
-            init=cfg.vq_init,
-            dead_code_threshold=cfg.vq_dead_code_threshold,
-        )
-    if cfg.kind == "fsq":
-        return FSQ(dim=latent_dim, levels=cfg.resolved_fsq_levels(), num_codebooks=cfg.num_codebooks)
-    raise ValueError(f"quantizer.kind={cfg.kind!r} is unknown: expected lfq, bsq, vq or fsq")
+    return QUANTIZERS[cfg.kind].build(cfg, latent_dim)
 
 
-class _TokenQuantizer(nn.Module):
-    """Shared plumbing: optional projections, channel-first inputs, codebook axis of the indices."""
-
-    def __init__(self, *, dim: int | None, codebook_dims: int, num_codebooks: int):
-        super().__init__()
-        self.dim = dim if dim is not None else codebook_dims
-        self.num_codebooks = num_codebooks
-        self.keep_num_codebooks_dim = num_codebooks > 1
-        projected = self.dim != codebook_dims
-        self.project_in = nn.Linear(self.dim, codebook_dims) if projected else nn.Identity()
-        self.project_out = nn.Linear(codebook_dims, self.dim) if projected else nn.Identity()
-        self.last_stats: CodebookStats | None = None
-
-    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z: (b, n, c, d) -> quantized (b, n, c, d), indices (b, n, c), aux loss (scalar)."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, inv_temperature: float | None = None) -> Return:
-        # inv_temperature is LFQ's; accepted so that the tasks call every quantizer alike.
-        channel_first = x.ndim >= 4
-        if channel_first:
-            x = rearrange(x, "b d ... -> b ... d")
-            x, ps = pack([x], "b * d")
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected (batch, tokens, {self.dim}) or (batch, {self.dim}, *spatial), "
-                             f"got {tuple(x.shape)}")
-        z = rearrange(self.project_in(x), "b n (c d) -> b n c d", c=self.num_codebooks)
-        quantized, indices, aux_loss = self.quantize_tokens(z)
-        out = self.project_out(rearrange(quantized, "b n c d -> b n (c d)"))
-        if channel_first:
-            out = rearrange(unpack(out, ps, "b * d")[0], "b ... d -> b d ...")
-            indices = unpack(indices, ps, "b * c")[0]
-        if not self.keep_num_codebooks_dim:
-            indices = indices[..., 0]
-        return Return(out, indices, aux_loss)
+def _own(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("carried")}
 
 
-class VectorQuantizer(_TokenQuantizer):
-    """Nearest-neighbour vector quantization with a learned codebook (VQ-VAE, arXiv 1711.00937).
+@functools.cache
+def _all_fields() -> tuple[dict[str, dataclasses.Field], dict[str, type]]:
+    """Every field a quantizer section has (the union over kinds) and the class that declares it."""
+    fields: dict[str, dataclasses.Field] = {}
+    owner: dict[str, type] = {}
+    for kind in QUANTIZERS.values():
+        for name, f in _own(kind.config).items():
+            if name in fields and name != "kind" and (default_of(f), f.metadata) != (default_of(fields[name]), fields[name].metadata):
+                raise TypeError(f"quantizer.{name} is declared by {owner[name].__name__} and {kind.config.__name__} "
+                                f"with different defaults: one field, one default")
+            if name not in fields:
+                fields[name] = f
+                owner[name] = next(c for c in reversed(kind.config.__mro__) if name in getattr(c, "__annotations__", {}))
+    return fields, owner
 
-    loss = codebook_loss_weight * ||sg(z) - e||^2 + commitment_loss_weight * ||z - sg(e)||^2,
-    gradients pass the quantizer straight through. By default the plain baseline whose codebook
-    collapse LFQ is meant to avoid; two options give it the usual fair chance:
 
-    - ``init``: ``"uniform"`` (VQ-VAE's U(-1/K, 1/K)), ``"random_sample"`` (the codes are
-      tokens of the first training batch, as vector-quantize-pytorch's ``kmeans_init`` starts),
-      or ``"kmeans"`` (10 Lloyd iterations on the first training batch from that start);
-    - ``dead_code_threshold`` > 0: an exponential moving average (decay 0.99) of every code's
-      count per batch; after each training pass the codes whose average fell below it are
-      replaced by random tokens of the batch (vector-quantize-pytorch's
-      ``threshold_ema_dead_code``), and their average reset to the threshold.
+def quantizer_fields() -> list[dataclasses.Field]:
+    """The fields of the quantizer section as config.json and the run id hold it: every kind's."""
+    return list(_all_fields()[0].values())
 
-    Under torch.distributed, counts are summed over the ranks before either decision and rank
-    0's new codes are broadcast, so every rank keeps the same codebook.
+
+def _kinds_of(cls: type) -> str:
+    return ", ".join(repr(k) for k, q in QUANTIZERS.items() if issubclass(q.config, cls))
+
+
+def _checked_carried(config: QuantizerConfig) -> tuple[tuple[str, Any], ...]:
+    """``config.carried`` validated by the classes that own its fields, sorted by name."""
+    fields, owner = _all_fields()
+    own = _own(type(config))
+    out = []
+    for name, value in config.carried:
+        check(name in fields and name not in own, "quantizer.carried", name,
+              f"holds the fields of other kinds than {config.kind!r} only")
+        out.append((name, getattr(owner[name](**{name: value}), name)))  # the owner's checks and types
+    return tuple(sorted(out))
+
+
+def quantizer_config(fields: Mapping[str, Any], strict: bool = True) -> QuantizerConfig:
+    """The config of ``fields['kind']`` (default lfq) from a quantizer section.
+
+    A field of another kind at its default is dropped (config.json lists every kind's fields).
+    Away from it, the default kind's fields are carried (a base written for LFQ under a sweep
+    over kinds); ``strict`` (new input) refuses any other kind's, ``strict=False`` (a config this
+    code wrote before, e.g. config.json) carries them too, so the run keeps its id.
     """
-
-    INITS = ("uniform", "random_sample", "kmeans")
-    EMA_DECAY = 0.99
-    KMEANS_ITERS = 10
-
-    def __init__(self, *, dim: int | None = None, codebook_size: int, code_dim: int, num_codebooks: int = 1,
-                 commitment_loss_weight: float = 0.25, codebook_loss_weight: float = 1.0, init: str = "uniform",
-                 dead_code_threshold: float = 0.0):
-        super().__init__(dim=dim, codebook_dims=code_dim * num_codebooks, num_codebooks=num_codebooks)
-        if init not in self.INITS:
-            raise ValueError(f"init={init!r} is unknown: expected one of {list(self.INITS)}")
-        if dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold={dead_code_threshold} must be >= 0 (0 disables replacement)")
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
-        self.commitment_loss_weight = commitment_loss_weight
-        self.codebook_loss_weight = codebook_loss_weight
-        self.init, self.dead_code_threshold = init, dead_code_threshold
-        # The VQ-VAE reference initialisation, U(-1/K, 1/K).
-        bound = 1.0 / codebook_size
-        self.codebook = nn.Parameter(torch.empty(num_codebooks, codebook_size, code_dim).uniform_(-bound, bound))
-        # In the state dict, so a resumed run neither re-initialises nor forgets the averages.
-        self.register_buffer("initialised", torch.tensor(init == "uniform"))
-        self.register_buffer("usage_ema", torch.full((num_codebooks, codebook_size), float(dead_code_threshold)))
-
-    @torch.no_grad()
-    def _sample_tokens(self, z: Tensor, k: int) -> Tensor:
-        """(c, k, d) tokens of the batch drawn at random (with replacement when it has fewer than k)."""
-        flat = z.detach().reshape(-1, self.num_codebooks, self.code_dim).transpose(0, 1)  # (c, N, d)
-        n = flat.shape[1]
-        pick = torch.randperm(n, device=z.device)[:k] if n >= k else torch.randint(n, (k,), device=z.device)
-        return flat[:, pick].float()
-
-    @torch.no_grad()
-    def _initialise(self, z: Tensor) -> None:
-        codes = self._sample_tokens(z, self.codebook_size)
-        if self.init == "kmeans":
-            flat = z.detach().reshape(-1, self.num_codebooks, self.code_dim).transpose(0, 1).float()
-            for _ in range(self.KMEANS_ITERS):
-                assign = torch.cdist(flat, codes).argmin(-1)  # (c, N)
-                sums = torch.zeros_like(codes).scatter_add_(1, assign[..., None].expand_as(flat), flat)
-                counts = torch.zeros(codes.shape[:2], device=z.device).scatter_add_(
-                    1, assign, torch.ones_like(assign, dtype=torch.float32))
-                codes = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], codes)
-        _broadcast(codes)
-        self.codebook.copy_(codes.to(self.codebook.dtype))
-        self.initialised.fill_(True)
-
-    @torch.no_grad()
-    def _replace_dead(self, z: Tensor, indices: Tensor) -> None:
-        counts = torch.zeros(self.num_codebooks, self.codebook_size, device=z.device)
-        for c in range(self.num_codebooks):
-            counts[c].scatter_add_(0, indices[..., c].reshape(-1), torch.ones(indices[..., c].numel(),
-                                                                             device=z.device))
-        counts = _all_sum(counts)
-        self.usage_ema.mul_(self.EMA_DECAY).add_(counts, alpha=1 - self.EMA_DECAY)
-        dead = self.usage_ema < self.dead_code_threshold  # (c, K)
-        if not bool(dead.any()):
-            return
-        fresh = self._sample_tokens(z, self.codebook_size)
-        _broadcast(fresh)
-        self.codebook.copy_(torch.where(dead[..., None], fresh.to(self.codebook.dtype), self.codebook))
-        self.usage_ema.masked_fill_(dead, self.dead_code_threshold)
-
-    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.training and not bool(self.initialised):
-            self._initialise(z)
-        # The search needs no gradient: building the (tokens x codes) distances in the graph
-        # kept several copies alive for backward (2.7 s a step at 2^16 codes on a CPU).
-        # ||z||^2 is the same for every code, so it does not change the argmin.
-        with torch.no_grad():
-            score = torch.einsum("b n c d, c k d -> b n c k", z, self.codebook).mul_(-2)
-            score.add_(self.codebook.pow(2).sum(-1)[None, None])
-            indices = score.argmin(dim=-1)  # (b, n, c)
-            del score
-        codes = torch.stack([self.codebook[c][indices[..., c]] for c in range(self.num_codebooks)], dim=2)
-        quantized = z + (codes - z).detach()
-        if not self.training:
-            self.last_stats = None
-            return quantized, indices, z.new_zeros(())
-        if self.dead_code_threshold > 0:  # after this pass's codes are taken: the loss uses them
-            self._replace_dead(z, indices)
-        commit = (z - codes.detach()).pow(2).mean(dim=(0, 1, 3))  # (c,)
-        codebook = (z.detach() - codes).pow(2).mean(dim=(0, 1, 3))
-        aux_by_codebook = self.commitment_loss_weight * commit + self.codebook_loss_weight * codebook
-        self.last_stats = CodebookStats(
-            per_sample_entropy=None, batch_entropy=None, commitment=commit.detach(), aux_loss=aux_by_codebook.detach()
-        )
-        return quantized, indices, aux_by_codebook.mean()
+    kind = fields.get("kind", DEFAULT_KIND)
+    check(isinstance(kind, str), "quantizer.kind", kind, f"must be one of {list(QUANTIZERS)}")
+    check_choice("quantizer.kind", kind, list(QUANTIZERS))
+    cls = QUANTIZERS[kind].config
+    own = _own(cls)
+    every, owner = _all_fields()
+    kwargs: dict[str, Any] = {}
+    carried: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in own:
+            kwargs[key] = value
+        elif key not in every:
+            raise ConfigError(unknown_key(f"quantizer.{key}", [f"quantizer.{n}" for n in every]))
+        elif json.loads(json.dumps(value, default=repr)) != default_of(every[key]):
+            if strict and not issubclass(QUANTIZERS[DEFAULT_KIND].config, owner[key]):
+                lfq = "" if cls is QUANTIZERS[DEFAULT_KIND].config else \
+                    f", plus kind {_kinds_of(QUANTIZERS[DEFAULT_KIND].config)}'s (inert, from a base written for it)"
+                raise ConfigError(
+                    f"quantizer.{key}={value!r} is a field of kind {_kinds_of(owner[key])}, not of kind={kind!r}: it "
+                    f"takes {', '.join(f'quantizer.{n}' for n in own)}{lfq}; other kinds' fields only at their defaults")
+            carried[key] = value
+    return cls(**kwargs, carried=tuple(carried.items()))
 
 
-def _all_sum(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _broadcast(t: Tensor) -> None:
-    """Rank 0's values on every rank, in place (a no-op in one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(t, src=0)
-
-
-class FSQ(_TokenQuantizer):
-    """Finite Scalar Quantization (Mentzer et al., arXiv 2309.15505).
-
-    Channel i is bounded by a shifted tanh to ``levels[i]`` values, rounded (straight-through)
-    and scaled to [-1, 1]. A code's index is its digits in mixed radix ``levels``, first channel
-    least significant, as in the paper's code. There is no auxiliary loss;
-    ``last_stats.commitment`` reports the rounding error, for comparison with the others.
-    """
-
-    def __init__(self, *, dim: int | None = None, levels: tuple[int, ...], num_codebooks: int = 1, eps: float = 1e-3):
-        super().__init__(dim=dim, codebook_dims=len(levels) * num_codebooks, num_codebooks=num_codebooks)
-        self.levels = tuple(levels)
-        self.codebook_size = math.prod(self.levels)
-        self.eps = eps
-        levels_t = torch.tensor(self.levels, dtype=torch.float32)
-        self.register_buffer("_levels", levels_t, persistent=False)
-        self.register_buffer("_basis", torch.cumprod(torch.tensor([1, *self.levels[:-1]]), 0), persistent=False)
-
-    def bound(self, z: Tensor) -> Tensor:
-        half_l = (self._levels - 1) * (1 + self.eps) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)  # even levels sit between integers
-        shift = torch.atanh(offset / half_l)
-        return torch.tanh(z + shift) * half_l - offset
-
-    def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        bounded = self.bound(z)
-        rounded = bounded + (bounded.round() - bounded).detach()
-        half_width = self._levels // 2
-        quantized = rounded / half_width
-        # A NaN input casts to a huge negative digit; clamping keeps the indices valid for the
-        # monitor's histograms while `quantized` stays NaN, so the trainer still sees a NaN loss.
-        digits = (rounded.detach() + half_width).long().clamp_(min=0).minimum(self._levels.long() - 1)
-        indices = (digits * self._basis).sum(dim=-1)
-        if self.training:
-            error = ((bounded - bounded.round()) / half_width).pow(2).mean(dim=(0, 1, 3)).detach()
-            self.last_stats = CodebookStats(
-                per_sample_entropy=None, batch_entropy=None, commitment=error, aux_loss=torch.zeros_like(error)
-            )
-        else:
-            self.last_stats = None
-        return quantized, indices, z.new_zeros(())
-
-    def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """(..., c) or (...) indices -> (..., c * len(levels)) codes in [-1, 1], before project_out."""
-        if not self.keep_num_codebooks_dim:
-            indices = indices[..., None]
-        digits = (indices[..., None] // self._basis) % self._levels.long()
-        codes = (digits - self._levels // 2) / (self._levels // 2)
-        return rearrange(codes, "... c d -> ... (c d)")
+def quantizer_dict(config: QuantizerConfig) -> dict[str, Any]:
+    """The section as config.json and the run id hold it: every kind's fields, other kinds' at their defaults."""
+    out = {name: default_of(f) for name, f in _all_fields()[0].items()}
+    out.update({name: getattr(config, name) for name in _own(type(config))})
+    out.update(config.carried)
+    return json.loads(json.dumps(out))

@@ -104,9 +104,7 @@ class Batches:
         self.run_id, self.unreadable = run_id, set()
         self.from_files = hasattr(dataset, "train_loader")
         if self.from_files:
-            from experiments.tasks.images import to_model_input
-
-            self._to_input = to_model_input
+            self._to_input = dataset.to_model_input
             self._train = iter(dataset.train_loader(config, device, start, rows))
             self._val = dataset.val_loader(config, device, ddp.rank(), ddp.world_size(), VAL_BATCH)
         elif hasattr(dataset, "to"):

@@ -1,15 +1,28 @@
 """Training tasks: each module builds a dataset and an autoencoder with a quantizer bottleneck.
 
-A task module provides ``build_dataset(config) -> Dataset`` and ``build_model(config) -> nn.Module``.
-A dataset has ``val`` (a fixed tensor of validation examples in [0, 1]) and
-``train_batch(generator, batch_size)``; a model maps a batch to ``ModelOutput``. The training
-loop shared by all tasks is :func:`experiments.train.run`.
+``TASKS`` is the one list: ``task`` is validated against it, :func:`get_task` imports the
+module it names, and ``Config.resolved`` asks its ``smoke`` for the task's own sizes at
+``scale=smoke``. A new task is its module in this folder plus its line in ``TASKS``.
+
+A task module provides ``build_dataset(config) -> Dataset`` and ``build_model(config) -> nn.Module``,
+and may provide ``check(config)`` (what can be refused before a run folder is written, e.g. a
+missing ``data.root``). A dataset has ``val`` (a fixed tensor of validation examples in [0, 1]) and
+``train_batch(generator, batch_size)``, or ``train_loader``/``val_loader``/``to_model_input`` when it
+is read from files; a model maps a batch to ``ModelOutput``. The training loop shared by all tasks
+is :func:`experiments.train.run`.
+
+The entries name their modules rather than import them: the config lists the tasks without
+importing any (the patches and images tasks pull in scikit-image), and the task modules, which
+import the config, are not imported back by it.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -20,18 +33,35 @@ class ModelOutput(NamedTuple):
     indices: Tensor  # code indices, for inspection
 
 
+@dataclass(frozen=True)
+class Task:
+    module: str  # dotted name of the module with build_dataset, build_model (and check)
+    # At scale=smoke, beyond the shrinking every task gets (Config.resolved): config -> {section: {field: value}}.
+    smoke: Callable[[Any], dict[str, dict[str, Any]]] | None = None
+
+
+def _images_smoke(config: Any) -> dict[str, dict[str, Any]]:
+    """A tokenizer of any preset shrinks to a few seconds on a CPU."""
+    m = config.model
+    return {"data": {"resolution": min(config.data.resolution, 32)},
+            "model": {"base_channels": min(m.base_channels or 16, 16), "num_res_blocks": 1,
+                      "ch_mult": None if m.ch_mult is None else tuple(min(k, 2) for k in m.ch_mult)}}
+
+
+TASKS: dict[str, Task] = {
+    "images": Task("experiments.tasks.images", smoke=_images_smoke),  # a MAGVIT-v2-style tokenizer on images
+    "synthetic": Task("experiments.tasks.synthetic"),  # an MLP on a Gaussian mixture: seconds
+    "patches": Task("experiments.tasks.patches"),  # a small conv tokenizer on shipped image patches
+}
+
+
 def get_task(name: str) -> ModuleType:
-    # Imported lazily: the patches task pulls in scikit-image, which the synthetic task never needs.
-    if name == "synthetic":
-        from experiments.tasks import synthetic
-
-        return synthetic
-    if name == "patches":
-        from experiments.tasks import patches
-
-        return patches
-    if name == "images":
-        from experiments.tasks import images
-
-        return images
-    raise ValueError(f"task={name!r} is unknown: expected 'images', 'synthetic' or 'patches'")
+    """The module of task ``name``, imported now (only the task that runs pays for its imports)."""
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is unknown: expected one of {list(TASKS)}")
+    module = importlib.import_module(TASKS[name].module)
+    missing = [f for f in ("build_dataset", "build_model") if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"task {name!r}: {TASKS[name].module} has no {' or '.join(missing)}; a task module "
+                        f"defines build_dataset(config) and build_model(config)")
+    return module

@@ -121,6 +121,7 @@ class FolderImages:
 
     value_range = VALUE_RANGE
     is_image = True
+    to_model_input = staticmethod(to_model_input)  # the loaders' uint8 batches -> the model's input
 
     def __init__(self, config: Config):
         listing = list_images(config.data.root, config.data.val_fraction)

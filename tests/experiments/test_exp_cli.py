@@ -50,3 +50,10 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     assert f"run folder: {tmp_path / smoke_config().run_id}" in out
     assert '"steps": 30' in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_kinds_field_fails_in_one_line_before_any_work(tmp_path, capsys):
+    assert main([str(SYNTHETIC_YAML), "quantizer.vq_init=kmeans", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: quantizer.vq_init='kmeans' is a field of kind 'vq', not of kind='lfq'")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []

@@ -12,11 +12,10 @@ from exp_helpers import PATCHES_YAML, SYNTHETIC_YAML
 from experiments.config import (
     Config,
     ConfigError,
-    QuantizerConfig,
     apply_overrides,
-    default_fsq_levels,
     load_config,
 )
+from experiments.quantizers import LFQConfig, default_fsq_levels
 
 
 @pytest.mark.parametrize("path", [SYNTHETIC_YAML, PATCHES_YAML])
@@ -37,14 +36,14 @@ def test_round_trip_keeps_tuples_and_nones():
 
 
 def test_overrides_are_yaml_scalars():
-    config = load_config(SYNTHETIC_YAML, ["quantizer.codebook_size=512", "optim.lr=1e-3", "seed=7",
-                                          "quantizer.fsq_levels=[8, 6]", "model.latent_dim=null"])
+    config = load_config(SYNTHETIC_YAML, ["quantizer.kind=fsq", "quantizer.codebook_size=512", "optim.lr=1e-3",
+                                          "seed=7", "quantizer.fsq_levels=[8, 6]", "model.latent_dim=null"])
     assert config.quantizer.codebook_size == 512
     assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
     assert config.seed == 7
     assert config.quantizer.fsq_levels == (8, 6)
     assert config.model.latent_dim is None
-    assert apply_overrides(load_config(SYNTHETIC_YAML), ["quantizer.codebook_size=512", "optim.lr=1e-3",
+    assert apply_overrides(load_config(SYNTHETIC_YAML), ["quantizer.kind=fsq", "quantizer.codebook_size=512", "optim.lr=1e-3",
                                                          "seed=7", "quantizer.fsq_levels=[8, 6]"]) == config
 
 
@@ -121,7 +120,8 @@ def test_smoke_shrinks_and_is_idempotent():
         (["seed=true"], r"seed=True has the wrong type bool: expected int"),
         (["data.batch_size=1.5"], r"data\.batch_size=1\.5 has the wrong type float: expected int"),
         (["optim.lr=fast"], r"optim\.lr='fast' has the wrong type str: expected float"),
-        (["quantizer.fsq_levels=8"], r"quantizer\.fsq_levels=8 has the wrong type int: expected list of int"),
+        (["quantizer.kind=fsq", "quantizer.fsq_levels=8"],
+         r"quantizer\.fsq_levels=8 has the wrong type int: expected list of int"),
         (["quantizer.entropy_mode=magic"], r"quantizer\.entropy_mode='magic' .*one of"),
         (["quantizer.kind=pq"], r"quantizer\.kind='pq' .*'lfq', 'bsq', 'vq', 'fsq'"),
         (["schedule.steps=0"], r"schedule\.steps=0 .*>= 1"),
@@ -138,9 +138,9 @@ def test_bad_input_names_field_value_and_what_is_allowed(overrides, expected):
 def test_config_error_is_a_value_error_and_raised_at_construction():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(ConfigError, match="quantizer.codebook_size"):
-        QuantizerConfig(codebook_size=1000)
+        LFQConfig(codebook_size=1000)
     with pytest.raises(ConfigError, match="quantizer.frac_per_sample_entropy"):
-        dataclasses.replace(QuantizerConfig(), frac_per_sample_entropy=0.0)
+        dataclasses.replace(LFQConfig(), frac_per_sample_entropy=0.0)
     with pytest.raises(ConfigError, match="task"):
         Config(task="nope")
 

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from experiments.config import QuantizerConfig
-from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer
+from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer, quantizer_config
 from lfq import LFQ
 from lfq.monitor import LFQMonitor, MemorySink
 
@@ -18,7 +17,8 @@ KINDS = ["lfq", "bsq", "vq", "fsq"]
 
 def make(kind: str, num_codebooks: int = 1, latent_dim: int | None = None, size: int = 64):
     torch.manual_seed(0)
-    return build_quantizer(QuantizerConfig(kind=kind, codebook_size=size, num_codebooks=num_codebooks), latent_dim)
+    return build_quantizer(quantizer_config({"kind": kind, "codebook_size": size, "num_codebooks": num_codebooks}),
+                           latent_dim)
 
 
 @pytest.mark.parametrize("kind", KINDS)
