@@ -115,7 +115,7 @@ def test_summary_has_one_row_per_run_with_parameters_and_metrics(written: Path) 
         assert column in summary, column
     weights = pd.read_csv(written / "ablation_entropy_weight" / "summary.csv")
     assert len(weights) == 7
-    assert weights["status"].value_counts().to_dict() == {"done": 5, "failed": 1, "running": 1}
+    assert weights["status"].value_counts().to_dict() == {"done": 5, "failed": 1, "started": 1}
 
 
 def test_grid_means_and_n_by_hand(written: Path) -> None:
@@ -288,7 +288,7 @@ def test_merge_folds_new_runs_into_committed_summary_by_run_id(tmp_path: Path,
     _clamp_runs(tmp_path / "later", (2, 3))
     write_ablation_run(tmp_path / "later", "ablation_clamp", 0, status=None, codebook_size=2**14)
     assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
-    assert "kept the finished row; its run folder is now running" in capsys.readouterr().err
+    assert "kept the finished row; its run folder is now started" in capsys.readouterr().err
     merged = pd.read_csv(out / "ablation_clamp" / "summary.csv")
 
     # The same as a summary of every run in its final state, written in one go.

@@ -41,7 +41,7 @@ def test_report_writes_every_figure_and_the_tables(grid_report: tuple[Path, Path
         assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     text = (out / "report.md").read_text()
     status = dict(_table(text, "Runs by status"))
-    assert status == {"done": "8", "failed": "0", "running": "0", "incomplete": "0", "corrupt": "0", "total": "8"}
+    assert status == {"done": "8", "failed": "0", "started": "0", "corrupt": "0", "total": "8"}
     grid = _table(text, "Grid points")
     assert len(grid) == 4  # 2 gammas x 2 fracs
     assert all("±" in row[4] for row in grid)  # mean ± std of final usage over 2 seeds
@@ -63,9 +63,9 @@ def test_report_on_a_running_sweep_with_a_damaged_folder(tmp_path: Path) -> None
 
     out = write_report(sweep, tmp_path / "out")
     text = (out / "report.md").read_text()
-    assert dict(_table(text, "Runs by status"))["running"] == "1"
+    assert dict(_table(text, "Runs by status"))["started"] == "1"
     runs = {row[0]: row for row in _table(text, "Runs")}
-    assert runs["running"][2] == "running" and runs["running"][3] == "2/3"
+    assert runs["running"][2] == "started" and runs["running"][3] == "2/3"
     assert runs["broken"][2] == "corrupt"  # DONE but an unreadable config: listed, with its reason
     assert "DONE but config.json is unreadable" in runs["broken"][-1]
     assert dict(_table(text, "Runs by status"))["corrupt"] == "1"
