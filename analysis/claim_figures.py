@@ -144,14 +144,16 @@ def clamp_probe_figure(probe: pd.DataFrame) -> Figure:
     stats = probe.groupby(["inv_temperature", "bits", "tokens"])[list(rows)].agg(["mean", "min", "max"])
     fig, axes = new_figure(len(rows), len(temperatures), height=9.6, sharex=True, sharey="row")
     for col, tau in enumerate(temperatures):
-        for bits, color, (dash, marker) in zip(sizes, colors(len(sizes)), series_styles(len(sizes)), strict=True):
+        styles = zip(sizes, colors(len(sizes)), series_styles(len(sizes)), strict=True)
+        for i, (bits, color, (dash, marker)) in enumerate(styles):
             if (tau, bits) not in stats.index.droplevel("tokens"):
                 continue
             line = stats.loc[(tau, bits)].sort_index()
             for row, metric in enumerate(rows):
                 ax = axes[row, col]
-                ax.plot(line.index, line[(metric, "mean")], color=color, marker=marker, linestyle=dash,
-                        label=f"$2^{{{bits}}}$ codes")
+                # Small codebooks sit on one another at 0 and 1: wider filled markers below, hollow above.
+                ax.plot(line.index, line[(metric, "mean")], color=color, marker=marker, linestyle=dash, zorder=2 + i,
+                        markerfacecolor="none" if i else color, label=f"$2^{{{bits}}}$ codes", **layered(i, len(sizes)))
                 if seeds > 1:
                     ax.fill_between(line.index, line[(metric, "min")], line[(metric, "max")], color=color,
                                     alpha=BAND_ALPHA, linewidth=0)

@@ -155,8 +155,8 @@ def usage_vs_gamma(
     # One legend for both panels, outside them: the lines are the same frac values in each.
     figure_legend(fig, axes, short_name(hue) if hue == FRAC else hue)
     what = " and ".join(label(m).split(" (")[0] for m in present)
-    fig.suptitle(f"{title(what)} against {x.rsplit('.', 1)[-1]} (line: mean over seeds, whiskers: min-max over "
-                 "seeds; lines offset sideways so equal ones stay visible)")
+    fig.suptitle(f"{title(what)} against {x.rsplit('.', 1)[-1]}\n(line: mean over seeds, whiskers: min-max over "
+                 "seeds; lines a little aside, so that equal ones stay visible)")
     return fig
 
 
