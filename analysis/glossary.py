@@ -114,7 +114,15 @@ def _shown(value: object) -> str:
 def held_fixed_line(runs: pd.DataFrame) -> str:
     """The caption line: ``Held fixed (all N runs shown): task=..., quantizer....; and M more (table).``"""
     fixed = held_fixed(runs)
-    first = [k for k in fixed if k.startswith(CAPTION_FIRST)]
+    kind = fixed.get("quantizer.kind")
+    # Another quantizer kind's fields (vq_init for LFQ runs) stay in the table, out of the caption.
+    other = tuple(f"quantizer.{k}_" for k in ("vq", "fsq", "lfq") if kind is not None and k != kind)
+
+    def rank(key: str) -> int:
+        return next(i for i, prefix in enumerate(CAPTION_FIRST) if key.startswith(prefix))
+
+    first = sorted((k for k in fixed if k.startswith(CAPTION_FIRST) and not (other and k.startswith(other))),
+                   key=rank)
     named = ", ".join(f"`{k}={_shown(fixed[k])}`" for k in first) or "nothing of note"
     rest = len(fixed) - len(first)
     more = f"; and {rest} more, listed under *Settings held fixed*" if rest else ""

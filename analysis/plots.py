@@ -378,9 +378,13 @@ def reconstruction_vs_usage(
         # Runs with (nearly) equal results would hide behind one another: spread sideways.
         points = done[done[y].notna()]
         points = points.assign(order=points["group"].map(order)).sort_values(["order", "run_id"])
-        xs = spread_coincident(points[x].to_numpy(float), points[y].to_numpy(float), ylog=ax.get_yscale() == "log")
-        for group, (color, _, marker) in styles.items():
+        # Markers (s=70) are ~2.2 % of a panel wide: closer points overlap, so they are spread that far apart.
+        xs = spread_coincident(points[x].to_numpy(float), points[y].to_numpy(float), ylog=ax.get_yscale() == "log",
+                               tol=0.022, step=0.024)
+        for group, (color, dash, marker) in styles.items():
             mask = (points["group"] == group).to_numpy()
+            if len(by) == 2:  # no line here to carry the second parameter: its marker does
+                marker = MARKERS[LINESTYLES.index(dash) % len(MARKERS)]
             ax.scatter(xs[mask], points.loc[mask, y], color=color, marker=marker, s=70, label=group, alpha=0.85,
                        edgecolor="white", linewidth=0.6)
         ax.set_xlabel(label(x))

@@ -163,7 +163,8 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
         Plot("reconstruction_vs_usage", "Reconstruction against utilization",
              f"One point per finished run: final validation MSE and PSNR against final usage fraction {over}. "
              "Colour and marker are the grid point. Points that would lie on one another are spread sideways, "
-             "about 1 % of the axis apart, so every run shows (their x is exact at the centre of the group).",
+             "about 2 % of the axis (a marker's width) apart, so every run shows (their x is exact at the centre of "
+             "the group).",
              lambda: reconstruction_vs_usage(runs, x=usage, strict=True), finished),
     ]
     if "bit_frequency_0" in metrics and "run_id" in metrics and metrics["run_id"].nunique() == 1:

@@ -216,7 +216,7 @@ def dodge(x: Sequence[float] | np.ndarray, i: int, n: int, *, log: bool, width: 
 
 
 def spread_coincident(x: np.ndarray, y: np.ndarray, *, xlog: bool = False, ylog: bool = False,
-                      tol: float = 0.015, step: float = 0.012) -> np.ndarray:
+                      tol: float = 0.022, step: float = 0.024) -> np.ndarray:
     """x positions for a scatter in which points closer than ``tol`` of the axes' spans (in both
     directions) are spread sideways by ``step`` each, centred on their true x: every run keeps a
     visible marker. Points that stand alone keep their x."""

@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
-from analysis.load import STATUS_MEANINGS, STATUSES
-
 import analysis
 from analysis.jsonl import parse_jsonl
+from analysis.load import STATUS_MEANINGS, STATUSES
 
 STEPS = 5  # write_run's default: per step 1 quantizer row per layer + 1 train row, val on even steps
 ROWS_PER_RUN = STEPS * 2 + 3

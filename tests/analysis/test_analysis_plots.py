@@ -167,6 +167,13 @@ def test_reconstruction_vs_usage_spreads_coincident_points_so_each_run_shows(tmp
         assert np.diff(np.sort(together[:, 0])).min() > 3  # pixels apart: distinct markers
         assert points[np.isclose(points[:, 0], 0.5, atol=0.05), 0].mean() == pytest.approx(0.5)  # centred
         assert 0.9 in points[:, 0]  # a lone point stays where it is
+    # two parameters vary: colour is the first, the marker the second (a scatter has no line style)
+    runs = analysis.load_runs(tmp_path)
+    for frac in (0.25, 1.0):
+        write_run(tmp_path, f"f{frac}", gamma=0.5, frac=frac, seed=3, final_usage=0.3 + frac / 10)
+    ax = _check_figure(analysis.reconstruction_vs_usage(analysis.load_runs(tmp_path))).axes[0]
+    looks = {(tuple(c.get_facecolor()[0]), c.get_paths()[0].vertices.round(3).tobytes()) for c in ax.collections}
+    assert len(looks) == len(ax.collections) == len(runs["quantizer.diversity_gamma"].unique()) + 1
 
 
 def test_usage_vs_gamma_keeps_equal_lines_visible(tmp_path: Path) -> None:
