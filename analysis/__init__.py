@@ -26,24 +26,24 @@ __all__ = [
     "parameters", "rank_frequencies", "rank_frequency", "reconstruction_vs_usage", "training_curves",
     "usage_heatmap", "usage_vs_gamma", "where", "WhereError", "write_report",
 ]
-# analysis.ablations (issue 8), imported on first use like write_report.
-_ABLATIONS = (
-    "CLAIMS", "ablation_tables", "claim_figures", "claim_summaries", "claim_table", "clamp_figure", "clamp_probe_figure",
-    "clamp_probe_table",
-    "entropy_weight_figure", "grid_table", "load_ablations", "load_clamp_probe", "merge_summaries", "read_summaries", "summaries_from_runs",
-    "vocab_figure", "write_ablations",
-)
-__all__ += _ABLATIONS
+# The ablations (issue 8), imported on first use like write_report: name -> module.
+_LAZY = {
+    "write_report": "report",
+    **dict.fromkeys(("CLAIMS", "claim_summaries", "load_ablations", "load_clamp_probe", "read_summaries",
+                     "summaries_from_runs"), "claims"),
+    **dict.fromkeys(("ablation_tables", "claim_table", "clamp_probe_table", "grid_table"), "tables"),
+    **dict.fromkeys(("claim_figures", "clamp_figure", "clamp_probe_figure", "entropy_weight_figure", "vocab_figure"),
+                    "claim_figures"),
+    "merge_summaries": "merge",
+    "write_ablations": "ablations",
+}
+__all__ += [n for n in _LAZY if n not in __all__]
 
 
 def __getattr__(name: str) -> object:
     # Imported on first use, so that ``python -m analysis.report`` does not import itself twice.
-    if name == "write_report":
-        from analysis.report import write_report
+    if name in _LAZY:
+        import importlib
 
-        return write_report
-    if name in _ABLATIONS:
-        from analysis import ablations
-
-        return getattr(ablations, name)
+        return getattr(importlib.import_module(f"analysis.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

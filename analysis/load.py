@@ -31,7 +31,16 @@ from analysis.jsonl import (
 )
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
-STATUSES = ("done", "failed", "running", "incomplete", "corrupt")
+# What a folder says, in the words of experiments.run_dir.RUN_STATES (docs/ARCHITECTURE.md; a folder
+# that load_runs finds is never "missing"). Whether a started run's process is alive the files
+# cannot say: ``last_write_age_s`` is the age of its newest write, for a reader to judge.
+STATUSES = ("done", "failed", "started", "corrupt")
+STATUS_MEANINGS = {
+    "done": "DONE, a summary.json saying done and a config.json with a run_id: finished",
+    "failed": "a summary.json saying failed (the trainer's reason)",
+    "started": "a config.json and no end yet: running, killed, or waiting for a requeue (see last_write_age_s)",
+    "corrupt": "DONE but a summary.json or config.json missing or unreadable (the reason names it)",
+}
 # Leading columns of the metrics frame; every other column is a metric.
 ID_COLUMNS = ("run_id", "step", "kind", "layer", "codebook", "mode")
 
@@ -104,12 +113,24 @@ def _read_object(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
+def _last_write_age(run_dir: Path) -> float | None:
+    """Seconds since the newest of the run's written files changed (None when none is there)."""
+    times = []
+    for name in ("config.json", "metrics.jsonl", "summary.json", "DONE"):
+        try:
+            times.append((run_dir / name).stat().st_mtime)
+        except OSError:
+            continue
+    return round(max(0.0, time.time() - max(times)), 1) if times else None
+
+
 def _run_row(
     run_dir: Path, root: Path, stale_after_s: float | None
 ) -> tuple[dict[str, Any] | None, list[str], list[LoadProblem]]:
     """The runs-frame row of one folder, its config's column names, and what was wrong."""
     done_marker = (run_dir / "DONE").exists()
     metrics_path = run_dir / "metrics.jsonl"
+    age = _last_write_age(run_dir)
     config, config_err = _read_object(run_dir / "config.json")
     summary, summary_err = _read_object(run_dir / "summary.json")
     if config is None and not done_marker:
@@ -130,21 +151,15 @@ def _run_row(
             status, reason = "corrupt", f"DONE but summary.json says status {summary.get('status')!r}"
         else:
             status = "done"
-    elif summary is not None:
-        status = "incomplete"
-        reason = ("summary.json says done but there is no DONE marker" if summary.get("status") == "done"
-                  else f"summary.json has unknown status {summary.get('status')!r}")
-    elif summary_err.startswith("no "):
-        # No summary: still writing, or killed and not (yet) requeued. Only the age of the
-        # last write tells them apart.
-        newest = max(p.stat().st_mtime for p in (run_dir / "config.json", metrics_path) if p.exists())
-        age = time.time() - newest
-        if stale_after_s is None or age <= stale_after_s:
-            status = "running"
-        else:
-            status, reason = "incomplete", f"no summary.json and no write for {age / 3600:.1f} h"
-    else:  # being rewritten never shows: summary.json is written atomically
-        status, reason = "incomplete", summary_err
+    else:  # no end yet; summary.json is written atomically, so being rewritten never shows
+        status = "started"
+        if summary is not None:
+            reason = ("summary.json says done but there is no DONE marker" if summary.get("status") == "done"
+                      else f"summary.json has unknown status {summary.get('status')!r}")
+        elif not summary_err.startswith("no "):
+            reason = summary_err
+        elif stale_after_s is not None and age > stale_after_s:
+            reason = f"no summary.json and no write for {age / 3600:.1f} h"
     summary = summary or {}
 
     if run_dir == root:  # pointed at one run folder
@@ -159,6 +174,7 @@ def _run_row(
         "status": status,
         "reason": reason or None,  # the trainer writes "" for a run that had nothing to report
         "run_dir": str(run_dir),
+        "last_write_age_s": age,
     }
     flat = flatten(config)
     flat.pop("run_id", None)
@@ -191,10 +207,12 @@ def _report(problems: list[LoadProblem], root: Path, what: str) -> None:
 def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: bool = True) -> pd.DataFrame:
     """One row per run folder under ``path``.
 
-    Columns: ``run_id``, ``sweep``, ``status`` (done/failed/running/incomplete), ``reason``,
-    ``run_dir``, the config flattened to dotted names (``quantizer.diversity_gamma``) and the
-    summary's keys (``final_usage_fraction``, ...). A run without ``summary.json`` is
-    ``running`` if it wrote something in the last ``stale_after_s`` seconds, else ``incomplete``.
+    Columns: ``run_id``, ``sweep``, ``status`` (one of :data:`STATUSES`, the words of
+    ``experiments.run_dir.RUN_STATES``: done/failed/started/corrupt), ``reason``, ``run_dir``,
+    ``last_write_age_s`` (seconds since the newest write of its config, metrics, summary or DONE),
+    the config flattened to dotted names (``quantizer.diversity_gamma``) and the summary's keys
+    (``final_usage_fraction``, ...). Files cannot say whether a ``started`` run is still running;
+    one with no write for more than ``stale_after_s`` seconds gets that as its ``reason``.
     Unreadable folders are skipped and listed in ``attrs["problems"]`` (``LoadProblem`` s).
     Two folders with the same run id hold the same config, so only the first is kept.
     ``attrs["config_columns"]`` names the columns that came from ``config.json``.
@@ -221,7 +239,8 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
         seen[key] = row["run_dir"]
         config_columns.update(dict.fromkeys(keys))
         rows.append(row)
-    runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir"])
+    runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir",
+                                                         "last_write_age_s"])
     runs.attrs["problems"] = tuple(problems)
     # Which columns came from config.json, so that analysis can tell parameters from results.
     runs.attrs["config_columns"] = tuple(config_columns)

@@ -31,12 +31,18 @@ from analysis.style import (
     LINESTYLES,
     MARKERS,
     colors,
+    dodge,
+    figure_legend,
     label,
+    layered,
     new_figure,
     require,
+    series_styles,
     set_log_if_wide,
     set_parameter_axis,
+    set_scale_for_zeros,
     skippable,
+    spread_coincident,
     text_color_on,
     title,
 )
@@ -115,18 +121,25 @@ def usage_vs_gamma(
     x: str = GAMMA,
     hue: str = FRAC,
 ) -> Figure:
-    """One panel per metric against ``x``; a line (mean over seeds) per ``hue`` value, min-max band."""
+    """One panel per metric against ``x``; a line (mean over seeds) per ``hue`` value with min-max
+    whiskers over seeds. Each line has its own colour, line style and marker, is drawn thinner than
+    the one before and a little to the side of it, so that equal results stay two visible lines."""
     _grid_columns(runs, x, hue)
     present = [m for m in metrics if m in runs.columns and select(runs)[m].notna().any()]
     require(present, f"no finished run has any of {list(metrics)}")
     fig, axes = new_figure(1, len(present), height=5.2)
     for ax, metric in zip(axes[0], present, strict=True):
         table = grid_summary(_finished(runs, metric), metric, by=[hue, x])
-        hues = sorted(table[hue].unique())
-        for (value, part), color, marker in zip(table.groupby(hue, sort=True), colors(len(hues)), MARKERS * 4, strict=False):
-            ax.plot(part[x], part["mean"], color=color, marker=marker, label=fmt_value(value))
-            ax.fill_between(part[x], part["min"], part["max"], color=color, alpha=BAND_ALPHA, linewidth=0)
+        groups = list(table.groupby(hue, sort=True))
         set_parameter_axis(ax, table[x].tolist())
+        xlog = ax.get_xscale() != "linear"
+        for i, ((value, part), color, (dash, marker)) in enumerate(
+                zip(groups, colors(len(groups)), series_styles(len(groups)), strict=True)):
+            xs = dodge(part[x], i, len(groups), log=xlog)
+            ax.plot(xs, part["mean"], color=color, marker=marker, linestyle=dash, label=fmt_value(value),
+                    markerfacecolor="none" if i else color, zorder=2 + i, **layered(i, len(groups)))
+            # Whiskers, not shaded bands: overlapping bands blend into a colour of neither line.
+            ax.vlines(xs, part["min"], part["max"], color=color, linewidth=1.4, alpha=0.8, zorder=2 + i)
         size = _codebook_size(runs)
         if metric.endswith("perplexity") and size:
             # Perplexity runs from 1 (one code) to K (all codes equally): log shows both ends.
@@ -139,14 +152,11 @@ def usage_vs_gamma(
         ax.set_xlabel("diversity_gamma" if x == GAMMA else x)
         ax.set_ylabel(label(metric))
         ax.set_title(title(label(metric)))
-    handles = {}
-    for ax in axes[0]:
-        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     # One legend for both panels, outside them: the lines are the same frac values in each.
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center",
-               title=short_name(hue) if hue == FRAC else hue)
+    figure_legend(fig, axes, short_name(hue) if hue == FRAC else hue)
     what = " and ".join(label(m).split(" (")[0] for m in present)
-    fig.suptitle(f"{title(what)} against {x.rsplit('.', 1)[-1]} (line: mean over seeds, band: min-max over seeds)")
+    fig.suptitle(f"{title(what)} against {x.rsplit('.', 1)[-1]}\n(line: mean over seeds, whiskers: min-max over "
+                 "seeds; lines a little aside, so that equal ones stay visible)")
     return fig
 
 
@@ -166,21 +176,26 @@ def _ordered(values: Sequence[object]) -> list[object]:
         return sorted(values, key=str)
 
 
-def _styles(groups: pd.DataFrame, by: list[str]) -> dict[str, tuple[object, str]]:
-    """Colour by the first parameter's value, line style by the second's, so a grid of
-    4 x 3 stays readable; with other shapes, one colour per group."""
+def _styles(groups: pd.DataFrame, by: list[str]) -> dict[str, tuple[object, str, str]]:
+    """(colour, line style, marker) per group, each (line style, marker) pair distinct. Colour and
+    marker by the first parameter's value, line style by the second's, so a grid of 4 x 3 stays
+    readable; with other shapes, one colour per group and :func:`series_styles`."""
     labels = groups["group"].tolist()
     if len(by) in (1, 2) and groups[by[0]].nunique() <= 8 and (len(by) == 1 or groups[by[1]].nunique() <= len(LINESTYLES)):
         first = _ordered(list(groups[by[0]].unique()))
         palette = dict(zip(first, colors(len(first)), strict=True))
-        second = _ordered(list(groups[by[1]].unique())) if len(by) == 2 else [None]
-        dashes = dict(zip(second, LINESTYLES, strict=False))
-        return {
-            g: (palette[row[by[0]]], dashes[row[by[1]]] if len(by) == 2 else "-")
-            for g, (_, row) in zip(labels, groups.iterrows(), strict=True)
-        }
+        marks = dict(zip(first, MARKERS, strict=False))
+        if len(by) == 1:  # one parameter: line styles turn with it too
+            dashes = {v: style[0] for v, style in zip(first, series_styles(len(first)), strict=True)}
+            return {g: (palette[row[by[0]]], dashes[row[by[0]]], marks[row[by[0]]])
+                    for g, (_, row) in zip(labels, groups.iterrows(), strict=True)}
+        second = dict(zip(_ordered(list(groups[by[1]].unique())), LINESTYLES, strict=False))
+        return {g: (palette[row[by[0]]], second[row[by[1]]], marks[row[by[0]]])
+                for g, (_, row) in zip(labels, groups.iterrows(), strict=True)}
     palette = colors(len(labels))
-    return {g: (palette[i], LINESTYLES[(i // 8) % len(LINESTYLES)]) for i, g in enumerate(labels)}
+    pairs = series_styles(len(labels)) if len(labels) <= 32 else [
+        (LINESTYLES[(i // 8) % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i in range(len(labels))]
+    return {g: (palette[i], *pairs[i]) for i, g in enumerate(labels)}
 
 
 @skippable
@@ -205,7 +220,6 @@ def training_curves(
     rows = metrics[metrics["layer"].astype(str).eq(layer)]
     by = parameters(runs) + (["seed"] if per_run else [])
     fig, axes = new_figure(2, 2, height=8.6, sharex=True)
-    handles: dict[str, object] = {}
     drawn = 0
     for ax, metric in zip(axes.flat, names, strict=False):
         stats = curves(rows, runs, metric, mode=mode, by=by)
@@ -218,20 +232,32 @@ def training_curves(
         styles = _styles(stats.drop_duplicates("group")[[*by, "group"]], by)
         # Many overlapping bands turn into a mud of colour: fainter bands when there are many.
         alpha = BAND_ALPHA if len(styles) <= 4 else BAND_ALPHA / 2
-        for group, part in stats.groupby("group", sort=False):
-            color, dash = styles[group]
-            (line,) = ax.plot(part["step"], part["mean"], color=color, linestyle=dash, label=group)
+        count = stats["group"].nunique()
+        for i, (group, part) in enumerate(stats.groupby("group", sort=False)):
+            color, dash, marker = styles[group]
+            # A few markers per line, at steps that differ between lines, so equal curves stay apart.
+            every = max(1, len(part) // 6)
+            ax.plot(part["step"], part["mean"], color=color, linestyle=dash, marker=marker, label=group,
+                    markevery=(i * every // max(1, count), every), markerfacecolor="none" if i else color,
+                    zorder=2 + i, **layered(i, count))
             if not per_run and (part["n"] > 1).any():
                 ax.fill_between(part["step"], part["min"], part["max"], color=color, alpha=alpha, linewidth=0)
-            handles.setdefault(group, line)
         if metric == "commitment":
             set_log_if_wide(ax, stats["mean"].to_numpy(float))
-        if metric in ("usage_fraction", "per_sample_entropy", "batch_entropy"):
+        # A series that sits near 0 most of the time (the per-sample entropy once assignments are
+        # confident) is a flat line on a linear axis: log, or symlog when it reaches 0.
+        scale = set_scale_for_zeros(ax, stats["mean"].to_numpy(float)) if metric != "commitment" else "linear"
+        if scale == "symlog":
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{title(label(metric))} (symlog: linear near 0)")
+        elif scale == "log":
+            ax.set_title(f"{title(label(metric))} (log scale)")
+        elif metric in ("usage_fraction", "per_sample_entropy", "batch_entropy"):
             ax.set_ylim(bottom=0)
         size = _codebook_size(runs)
         if metric == "batch_entropy" and size:
             ceiling = math.log(size)
-            ax.set_title(f"{title(label(metric))}, ceiling ln K = {ceiling:.2f}")
+            ax.set_title(f"{ax.get_title()}, ceiling ln K = {ceiling:.2f}")
             # Drawn only when the curves come near it; far above them it squashes them flat.
             if stats["max"].max() > 0.4 * ceiling:
                 ax.axhline(ceiling, color="0.35", linestyle="--", linewidth=1.2)
@@ -239,7 +265,7 @@ def training_curves(
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     how = "run" if per_run else "grid point\n(line: mean over seeds,\nband: min-max)"
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", title=how)
+    figure_legend(fig, axes, how)
     fig.suptitle(f"Training dynamics of quantizer layer {layer!r} ({mode} steps)")
     return fig
 
@@ -272,9 +298,10 @@ def rank_frequencies(hist: pd.DataFrame, snapshot: str = "last") -> pd.DataFrame
 
 @skippable
 def rank_frequency(hist: pd.DataFrame, runs: pd.DataFrame, *, snapshot: str = "last") -> Figure:
-    """Code rank against frequency (log-log), one panel per layer, one line per grid point
-    (mean over seeds and codebooks; unused codes count as frequency 0). The dashed line is a
-    uniform codebook, 1/K."""
+    """Code rank against frequency (log-log), one panel per layer: a thin line per run and
+    codebook (each seed's own distribution), and per grid point a bold line, the lower median over
+    them at each rank (a run that used fewer codes counts 0 there, so the median ends where
+    half the runs have run out of codes). The dashed line is a uniform codebook, 1/K."""
     require(len(hist), "no histogram snapshots (histograms.jsonl) in these runs")
     freq = rank_frequencies(hist, snapshot)
     require(len(freq), "histogram snapshots hold no counts")
@@ -293,18 +320,28 @@ def rank_frequency(hist: pd.DataFrame, runs: pd.DataFrame, *, snapshot: str = "l
     for ax, layer in zip(axes.flat, layer_names, strict=False):
         part = freq[freq["layer"].astype(str) == layer]
         size = int(part["codebook_size"].max())
-        for group in styles:
+        for i, group in enumerate(styles):
             rows = part[part["group"] == group]
             if rows.empty:
                 continue
-            n_dists = rows[["run_id", "codebook"]].drop_duplicates().shape[0]
-            mean = np.bincount(rows["rank"].to_numpy() - 1, weights=rows["frequency"].to_numpy(), minlength=size) / n_dists
-            ranks = np.flatnonzero(mean > 0) + 1
-            color, dash = styles[group]
-            # Markers keep a run that used one or a few codes visible (a line needs two points).
-            marker = "o" if len(ranks) <= 32 else None
-            ax.plot(ranks, mean[ranks - 1], color=color, linestyle=dash, marker=marker, markersize=5,
-                    label=f"{group} ({len(ranks)})" if len(layer_names) == 1 else group)
+            color, dash, marker = styles[group]
+            dists = []
+            for _, one in rows.groupby(["run_id", "codebook"], sort=True, observed=True):
+                dist = np.zeros(size)
+                dist[one["rank"].to_numpy() - 1] = one["frequency"].to_numpy()
+                used = int((dist > 0).sum())
+                # A seed's own curve, thin; markers keep a run that used one code visible.
+                ax.plot(np.arange(1, used + 1), dist[:used], color=color, linestyle="-", linewidth=0.9, alpha=0.55,
+                        marker="." if used <= 32 else None, markersize=4, label="_nolegend_")
+                dists.append(dist)
+            # The lower median: at an even count the smaller middle value, so that every point is some
+            # run's own (the mean of a 16-code and a 32-code seed is a curve neither has).
+            median = np.quantile(np.vstack(dists), 0.5, axis=0, method="lower")
+            ranks = np.flatnonzero(median > 0) + 1
+            counts = ", ".join(str(int((d > 0).sum())) for d in dists)
+            ax.plot(ranks, median[ranks - 1], color=color, linestyle=dash, marker=marker if len(ranks) <= 32 else None,
+                    markersize=6, linewidth=2.6, zorder=3 + i,
+                    label=f"{group} (codes: {counts})" if len(layer_names) == 1 else group)
         ax.axhline(1.0 / size, color="0.35", linestyle="--", linewidth=1.2, label=f"uniform: 1/K, K={size}")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -314,13 +351,10 @@ def rank_frequency(hist: pd.DataFrame, runs: pd.DataFrame, *, snapshot: str = "l
         ax.set_title(f"Layer {layer!r}")
     for ax in list(axes.flat)[len(layer_names):]:
         ax.set_visible(False)
-    handles: dict[str, object] = {}
-    for ax in axes.flat:
-        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center",
-               title="grid point (codes drawn)" if len(layer_names) == 1 else "grid point")
+    figure_legend(fig, axes, "grid point, bold: median\n(codes used by each run)" if len(layer_names) == 1
+                  else "grid point, bold: median")
     which = "last snapshot (final window)" if snapshot == "last" else "all snapshots summed"
-    fig.suptitle(f"Code rank-frequency, {which}; mean over seeds and codebooks")
+    fig.suptitle(f"Code rank-frequency, {which}; thin: one line per run (seed), bold: median over them")
     return fig
 
 
@@ -337,19 +371,26 @@ def reconstruction_vs_usage(
     done = done.assign(group=done["run_id"].map(run_labels(done, by)))
     styles = _styles(done.drop_duplicates("group").sort_values(by or ["group"])[[*by, "group"]], by)
     fig, axes = new_figure(1, len(present), height=5.2)
+    order = {g: i for i, g in enumerate(styles)}
     for ax, y in zip(axes[0], present, strict=True):
-        for group, (color, dash) in styles.items():
-            part = done[done["group"] == group]
-            # The line style _styles picks for the second parameter becomes a marker here.
-            marker = MARKERS[LINESTYLES.index(dash) % len(MARKERS)]
-            ax.scatter(part[x], part[y], color=color, marker=marker, s=70, label=group, alpha=0.85,
-                       edgecolor="white", linewidth=0.6)
         if "mse" in y:
             set_log_if_wide(ax, done[y].to_numpy(float), decades=1.0)
+        # Runs with (nearly) equal results would hide behind one another: spread sideways.
+        points = done[done[y].notna()]
+        points = points.assign(order=points["group"].map(order)).sort_values(["order", "run_id"])
+        # Markers (s=70) are ~2.2 % of a panel wide: closer points overlap, so they are spread that far apart.
+        xs = spread_coincident(points[x].to_numpy(float), points[y].to_numpy(float), ylog=ax.get_yscale() == "log",
+                               tol=0.022, step=0.024)
+        for group, (color, dash, marker) in styles.items():
+            mask = (points["group"] == group).to_numpy()
+            if len(by) == 2:  # no line here to carry the second parameter: its marker does
+                marker = MARKERS[LINESTYLES.index(dash) % len(MARKERS)]
+            ax.scatter(xs[mask], points.loc[mask, y], color=color, marker=marker, s=70, label=group, alpha=0.85,
+                       edgecolor="white", linewidth=0.6)
         ax.set_xlabel(label(x))
         ax.set_ylabel(label(y))
         ax.set_title(f"{title(label(y))} against usage")
-    handles, labels_ = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels_, loc="outside right center", title="grid point")
-    fig.suptitle(f"Reconstruction against codebook utilization ({len(done)} finished runs, one point each)")
+    figure_legend(fig, axes[:, :1], "grid point")
+    fig.suptitle(f"Reconstruction against codebook utilization ({len(done)} finished runs, one point each; "
+                 "coinciding points spread sideways)")
     return fig

@@ -23,12 +23,13 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.aggregate import WhereError, grid_summary, parameters
+from analysis.aggregate import WhereError, parameters, select
 from analysis.aggregate import where as pick
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
-from analysis.jsonl import LoadProblem
-from analysis.load import STATUSES, load_histograms, load_metrics, load_runs
+from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
+from analysis.jsonl import LoadProblem, write_atomic
+from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
     layers,
     rank_frequency,
@@ -37,7 +38,9 @@ from analysis.plots import (
     usage_heatmap,
     usage_vs_gamma,
 )
-from analysis.style import DPI, NoData, label
+from analysis.style import NoData, save_figure
+from analysis.tables import grid_table as tidy_grid_table
+from analysis.tables import readable_table
 
 RUN_METRICS = (
     "final_val_usage_fraction", "final_val_codes_used", "final_val_perplexity", "final_val_tokens",
@@ -71,6 +74,7 @@ class Plot:
     title: str
     caption: str  # what a reader sees
     draw: Callable[[], Figure | None]
+    shows: pd.DataFrame  # the runs it draws: its caption says what was held fixed in them
 
 
 def _fmt(value: object) -> str:
@@ -92,32 +96,21 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def status_table(runs: pd.DataFrame) -> pd.DataFrame:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
-    rows = [(s, int(counts.get(s, 0))) for s in STATUSES] + [("total", len(runs))]
-    return pd.DataFrame(rows, columns=["status", "runs"])
+    rows = [(s, int(counts.get(s, 0)), STATUS_MEANINGS[s]) for s in STATUSES] + [("total", len(runs), "")]
+    return pd.DataFrame(rows, columns=["status", "runs", "meaning"])
 
 
 def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point: its parameters, runs done of all, and mean ± std over seeds."""
-    by = parameters(runs)
-    keys = by or ["sweep"]
-    table = runs.groupby(keys, dropna=False, sort=True).agg(
-        runs=("run_id", "size"), done=("status", lambda s: int((s == "done").sum()))
-    ).reset_index()
-    for metric in GRID_METRICS:
-        if metric not in runs or not runs.loc[runs["status"] == "done", metric].notna().any():
-            continue
-        stats = grid_summary(runs, metric, by=keys).set_index(keys)
-        cells = [
-            f"{m:.4g} ± {s:.2g}" if pd.notna(s) else (f"{m:.4g}" if pd.notna(m) else "")
-            for m, s in zip(stats["mean"], stats["std"], strict=True)
-        ]
-        table = table.merge(pd.DataFrame({label(metric): cells}, index=stats.index).reset_index(), on=keys, how="left")
-    return table
+    return readable_table(tidy_grid_table(runs, GRID_METRICS, by=parameters(runs)), GRID_METRICS)
 
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     columns = ["run_id", "sweep", "status", "step", *parameters(runs), "seed"]
-    columns += [m for m in RUN_METRICS if m in runs] + ["reason"]
+    columns += [m for m in RUN_METRICS if m in runs]
+    if (runs["status"] == "started").any():  # how long each has been quiet: the files cannot say if it runs
+        columns.append("last_write_age_s")
+    columns.append("reason")
     table = runs[[c for c in columns if c in runs]].copy()
     if "schedule.steps" in runs and "step" in table:
         table["step"] = [f"{_fmt(s)}/{_fmt(t)}" for s, t in zip(runs["step"], runs["schedule.steps"], strict=True)]
@@ -131,56 +124,60 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
             if usage == "final_val_usage_fraction" else "in the last training usage window")
     panels = ((usage, "final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
               else ("final_usage_fraction", "final_perplexity"))
+    finished = select(runs)
     plots = [
         Plot("usage_heatmap", "Final codebook usage over diversity_gamma x frac_per_sample_entropy",
              f"Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
              f"codebook used {over}), annotated mean ± sample std and the number of seeds. "
              "Brighter cells use more of the codebook.",
-             lambda: usage_heatmap(runs, metric=usage, strict=True)),
+             lambda: usage_heatmap(runs, metric=usage, strict=True), finished),
         Plot("usage_vs_gamma", "Usage and perplexity against diversity_gamma",
-             "One line per frac_per_sample_entropy: the mean over seeds, with a min-max band over seeds. "
+             "One line per frac_per_sample_entropy: the mean over seeds, with min-max whiskers over seeds. Each "
+             "line has its own colour, line style and marker, is drawn thinner than the one before and a few % of "
+             "the axis to the side, so that lines with equal values stay visible as two. "
              + ("Validation usage first, the training window's usage beside it as a second view. "
                 if usage == "final_val_usage_fraction" else "")
              + "The dashed line in the perplexity panel is the codebook size (every code used equally often).",
-             lambda: usage_vs_gamma(runs, metrics=panels, strict=True)),
+             lambda: usage_vs_gamma(runs, metrics=panels, strict=True), finished),
     ]
     for layer in layers(metrics) or [None]:
         stem = "training_curves" if len(layers(metrics)) <= 1 else f"training_curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer or '')}"
         plots.append(Plot(
             stem, f"Training dynamics{f' of layer `{layer}`' if layer else ''}",
             "Per-sample entropy (low = confident assignments), batch entropy (high = codes spread over the "
-            "codebook; its ceiling ln K is in the panel title), commitment loss and usage fraction per training step; one line "
-            "per grid point (mean over seeds, min-max band). Running runs are included up to their last step.",
-            lambda layer=layer: training_curves(metrics, runs, layer=layer, strict=True)))
+            "codebook; its ceiling ln K is in the panel title), commitment loss and usage fraction per training "
+            "step; one line per grid point (mean over seeds, min-max band), each with its own line style and "
+            "markers. A panel whose values sit near 0 most of the time is drawn on a log axis, or symlog "
+            "(linear near 0) when it reaches 0; its title says so. Started runs (not finished) are included "
+            "up to their last step.",
+            lambda layer=layer: training_curves(metrics, runs, layer=layer, strict=True), runs))
     plots += [
         Plot("rank_frequency", "Code rank-frequency",
-             "Codes sorted from most to least used in the last histogram snapshot, with their share of the "
-             "assignments, log-log. A flat line at 1/K (dashed) is a uniformly used codebook; a steep drop means "
-             "a few codes take most tokens; where a line ends, the remaining codes were unused.",
-             lambda: rank_frequency(hist, runs, strict=True)),
+             "Per run (seed) and codebook, a thin line: its codes sorted from most to least used in the last "
+             "histogram snapshot, with their share of the assignments, log-log; where a thin line ends, that "
+             "run's remaining codes were unused. The bold line of each grid point is the median over its runs at "
+             "each rank (a run counts 0 past its last code); the legend gives each run's number of codes used. "
+             "A flat line at 1/K (dashed) is a uniformly used codebook; a steep drop means a few codes take most "
+             "tokens.",
+             lambda: rank_frequency(hist, runs, strict=True), runs),
         Plot("reconstruction_vs_usage", "Reconstruction against utilization",
              f"One point per finished run: final validation MSE and PSNR against final usage fraction {over}. "
-             "Colour and marker are the grid point.",
-             lambda: reconstruction_vs_usage(runs, x=usage, strict=True)),
+             "Colour and marker are the grid point. Points that would lie on one another are spread sideways, "
+             "about 2 % of the axis (a marker's width) apart, so every run shows (their x is exact at the centre of "
+             "the group).",
+             lambda: reconstruction_vs_usage(runs, x=usage, strict=True), finished),
     ]
     if "bit_frequency_0" in metrics and "run_id" in metrics and metrics["run_id"].nunique() == 1:
         plots += [
             Plot("bit_usage", "Per-bit usage over training",
                  "Share of tokens with each bit set, per logged step (0.5 = balanced; 0 or 1 = a dead bit).",
-                 lambda: bit_usage_heatmap(metrics, strict=True)),
+                 lambda: bit_usage_heatmap(metrics, strict=True), runs),
             Plot("saturation_and_usage", "Saturation and usage over training",
                  "Share of token-bits whose entropy gradient is below 1e-4 of its maximum (there the entropy "
                  "loss does nothing), with the usage fraction on the same steps.",
-                 lambda: saturation_and_usage(metrics, strict=True)),
+                 lambda: saturation_and_usage(metrics, strict=True), runs),
         ]
     return plots
-
-
-def _save(fig: Figure, folder: Path, stem: str) -> None:
-    fig.savefig(folder / f"{stem}.png", dpi=DPI)
-    # The layout is settled by the first save; redoing it for the SVG would double the time.
-    fig.set_layout_engine("none")
-    fig.savefig(folder / f"{stem}.svg")
 
 
 def _problems_table(problems: Sequence[LoadProblem], root: Path) -> pd.DataFrame:
@@ -212,36 +209,48 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
         except NoData as err:
             skipped.append((item.name, str(err)))
             continue
-        _save(fig, folder, item.name)
+        save_figure(fig, folder, item.name)
         written.append(item.name)
-        sections.append(f"### {item.title}\n\n{item.caption}\n\n![{item.title}]({item.name}.png)\n\n"
-                        f"[SVG]({item.name}.svg)\n")
+        sections.append(f"### {item.title}\n\n{item.caption}\n\n{held_fixed_line(item.shows)}\n\n"
+                        f"![{item.title}]({item.name}.png)\n\n[SVG]({item.name}.svg)\n")
+    printed: list[str] = []  # every column a table prints, for the definitions section
+
+    def table(frame: pd.DataFrame) -> str:
+        printed.extend(map(str, frame.columns))
+        return markdown_table(frame) + "\n"
+
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         f"# Utilization report: {results.name}\n",
         f"Results folder `{results}`, read {stamp}"
         + (f", runs picked with {', '.join(f'`{c}`' for c in _conditions(where))}" if where else "")
-        + ". Grid statistics use finished (`done`) runs; "
-        "std is the sample standard deviation over seeds; bands are min-max over seeds.\n",
-        "## Runs by status\n", markdown_table(status_table(runs)) + "\n",
+        + ". Grid statistics use finished (`done`) runs; std is the sample standard deviation over seeds; "
+        "whiskers and bands are min-max over seeds. Every column is defined under *Columns* at the end.\n",
+        "## Runs by status\n", table(status_table(runs)),
     ]
     if len(runs):
-        parts += ["## Grid points\n", markdown_table(grid_table(runs)) + "\n"]
+        parts += ["## Grid points\n", table(grid_table(runs))]
     parts += ["## Figures\n", *(sections or ["No figure could be drawn yet.\n"])]
     if skipped:
         parts += ["## Figures skipped\n", *(f"- `{name}`: {reason}" for name, reason in skipped), ""]
     if len(runs):
-        parts += ["## Runs\n", markdown_table(run_table(runs)) + "\n"]
+        parts += ["## Runs\n", table(run_table(runs))]
         speed = throughput_table(metrics)
         if len(speed):
             parts += ["## Throughput\n", "Per run, the median over its logged intervals of the training rows' "
-                      "step time, samples and tokens per second, time waiting for data, and peak memory (MB: CUDA "
-                      "max allocated, or the process's peak RSS on a CPU).\n", markdown_table(speed) + "\n"]
+                      "step time, samples and tokens per second, time waiting for data, and peak memory.\n",
+                      table(speed)]
+        fixed = held_fixed_table(drawn if len(drawn) else runs)
+        if len(fixed):
+            parts += ["## Settings held fixed\n", f"Config fields with one value in all {len(drawn) or len(runs)} "
+                      "runs drawn (run id, name, seed and logging cadence left out).\n", table(fixed)]
     if problems:
-        parts += ["## Run folders with problems\n", markdown_table(_problems_table(problems, results)) + "\n"]
-    (folder / "report.md").write_text("\n".join(parts), encoding="utf-8")
+        parts += ["## Run folders with problems\n", table(_problems_table(problems, results))]
+    parts.append(definitions_section(printed, runs))
+    text = "\n".join(parts)
+    write_atomic(folder / "report.md", lambda p: p.write_text(text, encoding="utf-8"))
     if len(runs):
-        run_table(runs).to_csv(folder / "runs.csv", index=False)
+        write_atomic(folder / "runs.csv", lambda p: run_table(runs).to_csv(p, index=False))
     return written, skipped
 
 

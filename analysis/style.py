@@ -12,12 +12,15 @@ import io
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec
 
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from analysis.jsonl import write_atomic
 
 # 12.8 in x 100 dpi = 1280 px: a page at 1280 px shows the figure at 1:1, text unscaled.
 WIDTH_IN = 12.8
@@ -180,3 +183,112 @@ def text_color_on(rgba: Sequence[float]) -> str:
     """Black or white, whichever reads better on a cell of colour ``rgba``."""
     r, g, b = rgba[:3]
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+# --- shared by every figure module: series styles, offsets, legends, scales, saving ----------------------
+
+
+def series_styles(n: int) -> list[tuple[str, str]]:
+    """``n`` (line style, marker) pairs, all distinct for up to 32 series: two series with equal
+    values still show as two (a dashed line over a solid one, a square around a circle)."""
+    return [(LINESTYLES[(i + i // len(MARKERS)) % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i in range(n)]
+
+
+def layered(i: int, n: int) -> dict[str, float]:
+    """Line width and marker size of the ``i``-th of ``n`` series: the first widest, so that a
+    later series drawn exactly over it leaves its edges visible."""
+    shrink = 0.0 if n <= 1 else i / (n - 1)
+    return {"linewidth": 3.0 - 1.6 * shrink, "markersize": 10.0 - 4.5 * shrink}
+
+
+def dodge(x: Sequence[float] | np.ndarray, i: int, n: int, *, log: bool, width: float = 0.025) -> np.ndarray:
+    """``x`` moved sideways for the ``i``-th of ``n`` series drawn at the same x values, by up to
+    ``width`` of a decade (log axis) or of the values' span (linear), so equal points stand apart."""
+    arr = np.asarray(x, dtype=float)
+    if n <= 1 or arr.size == 0:
+        return arr
+    shift = (i - (n - 1) / 2) * width / max(1, n - 1) * 2
+    if log:
+        return arr * 10.0 ** shift
+    finite = arr[np.isfinite(arr)]
+    span = float(finite.max() - finite.min()) if finite.size > 1 else 0.0
+    return arr + shift * (span or max(abs(float(finite.max())) if finite.size else 1.0, 1.0))
+
+
+def spread_coincident(x: np.ndarray, y: np.ndarray, *, xlog: bool = False, ylog: bool = False,
+                      tol: float = 0.022, step: float = 0.024) -> np.ndarray:
+    """x positions for a scatter in which points closer than ``tol`` of the axes' spans (in both
+    directions) are spread sideways by ``step`` each, centred on their true x: every run keeps a
+    visible marker. Points that stand alone keep their x."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    fx = np.log10(np.where(x > 0, x, np.nan)) if xlog else x
+    fy = np.log10(np.where(y > 0, y, np.nan)) if ylog else y
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        finite = v[np.isfinite(v)]
+        span = float(finite.max() - finite.min()) if finite.size > 1 else 0.0
+        return (v - (finite.min() if finite.size else 0.0)) / (span or 1.0)
+
+    ux, uy = unit(fx), unit(fy)
+    cluster = list(range(len(x)))  # union-find over points within tol of one another
+
+    def root(i: int) -> int:
+        while cluster[i] != i:
+            cluster[i] = cluster[cluster[i]]
+            i = cluster[i]
+        return i
+
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            if abs(ux[i] - ux[j]) <= tol and abs(uy[i] - uy[j]) <= tol:
+                cluster[root(j)] = root(i)
+    out = fx.copy()
+    members: dict[int, list[int]] = {}
+    for i in range(len(x)):
+        members.setdefault(root(i), []).append(i)
+    finite = fx[np.isfinite(fx)]
+    span = float(finite.max() - finite.min()) if finite.size > 1 else 0.0
+    scale = span or max(abs(float(finite.max())) if finite.size else 1.0, 1e-12)
+    for group in members.values():
+        for k, i in enumerate(group):
+            out[i] = fx[i] + (k - (len(group) - 1) / 2) * step * scale
+    return 10.0 ** out if xlog else out
+
+
+def figure_legend(fig: Figure, axes: np.ndarray | Sequence[Axes], legend_title: str = "", **kwargs: Any) -> None:
+    """One legend for all panels, outside them on the right: every label once (the first
+    handle drawn with it), in the order first drawn."""
+    handles: dict[str, Any] = {}
+    for ax in np.asarray(axes, dtype=object).flat:
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(text, handle)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", title=legend_title,
+               **kwargs)
+
+
+def set_scale_for_zeros(ax: Axes, values: Sequence[float] | np.ndarray, axis: str = "y") -> str:
+    """Log, or symlog when zeros are among them, for ``values`` that spend most of their time
+    near 0 (the median under 5 % of the maximum), where a linear axis draws them as a flat line
+    at 0; returns the scale set (``"linear"`` when left alone)."""
+    arr = np.abs(np.asarray(values, dtype=float))
+    arr = arr[np.isfinite(arr)]
+    if arr.size < 3 or arr.max() <= 0 or np.median(arr) >= 0.05 * arr.max():
+        return "linear"
+    set_scale = ax.set_yscale if axis == "y" else ax.set_xscale
+    positive = arr[arr > 0]
+    if positive.size == arr.size:
+        set_scale("log")
+        return "log"
+    # Linear below the smallest values that are not 0, logarithmic above: 1e-4 and 1e-2 apart.
+    set_scale("symlog", linthresh=max(float(np.quantile(positive, 0.1)), float(arr.max()) * 1e-6))
+    return "symlog"
+
+
+def save_figure(fig: Figure, folder: Path, stem: str) -> list[str]:
+    """``folder/stem.png`` (at DPI) and ``.svg``, each written atomically; returns their names."""
+    write_atomic(folder / f"{stem}.png", lambda p: fig.savefig(p, dpi=DPI, format="png"))
+    # The layout is settled by the first save; redoing it for the SVG would double the time.
+    fig.set_layout_engine("none")
+    write_atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg"))
+    return [f"{stem}.png", f"{stem}.svg"]

@@ -3,9 +3,10 @@
 1. Imports: ``lfq`` uses torch, einops and the standard library only; ``experiments`` imports
    ``lfq``; ``slurm`` imports ``experiments``; ``analysis`` imports none of them (it reads files);
    no module imports, even lazily inside a function, a module that imports it back.
-2. The one definition of a finished run: ``experiments.run_dir.finished`` and ``analysis.load``
-   read the same files the same way (analysis may not import run_dir, so they are two codes of
-   one rule, and this test is what keeps them one rule).
+2. The one definition of a finished run and one vocabulary for what a folder holds:
+   ``experiments.run_dir.finished`` and ``analysis.load`` read the same files the same way and say
+   the same word of each folder (analysis may not import run_dir, so they are two codes of one rule,
+   and this test is what keeps them one rule).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import analysis
-from experiments.run_dir import finished
+from analysis.load import STATUSES
+from experiments.run_dir import RUN_STATES, finished
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lfq", "experiments", "slurm", "analysis")
@@ -150,8 +152,9 @@ FOLDERS = [
     ("failed", {"config.json": CONFIG, "summary.json": {"status": "failed", "reason": "nan"}}, "failed", "failed"),
     ("failed-with-done", {"config.json": CONFIG, "summary.json": {"status": "failed", "reason": "nan"}, "DONE": ""},
      "failed", "failed"),
-    ("started", {"config.json": CONFIG}, "started", "running"),
-    ("done-summary-no-marker", {"config.json": CONFIG, "summary.json": DONE_SUMMARY}, "started", "incomplete"),
+    ("started", {"config.json": CONFIG}, "started", "started"),
+    ("done-summary-no-marker", {"config.json": CONFIG, "summary.json": DONE_SUMMARY}, "started", "started"),
+    ("torn-summary-no-marker", {"config.json": CONFIG, "summary.json": '{"status": "fa'}, "started", "started"),
 ]
 
 
@@ -174,5 +177,11 @@ def test_run_dir_and_analysis_agree_on_what_a_finished_run_is(tmp_path: Path) ->
         assert runs.loc[str(folder), "status"] == status, name
         if state == "corrupt":  # both name the same reason
             assert why and runs.loc[str(folder), "reason"].split(" (")[0] == why.split(" (")[0], name
-        # the one rule: done in one is done in the other, and so is corrupt
-        assert (got_state == "done") == (status == "done") and (got_state == "corrupt") == (status == "corrupt")
+        # one vocabulary: analysis says of every folder the word run_dir says
+        assert runs.loc[str(folder), "status"] == got_state, name
+
+
+def test_analysis_status_words_are_run_folder_states() -> None:
+    # analysis names what a folder holds with experiments.run_dir's words; a folder it finds is never missing
+    assert set(STATUSES) <= set(RUN_STATES)
+    assert set(STATUSES) == set(RUN_STATES) - {"missing"}  # and every other word can come out of a folder

@@ -20,6 +20,7 @@ from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
 import analysis
 from analysis.jsonl import parse_jsonl
+from analysis.load import STATUS_MEANINGS, STATUSES
 
 STEPS = 5  # write_run's default: per step 1 quantizer row per layer + 1 train row, val on even steps
 ROWS_PER_RUN = STEPS * 2 + 3
@@ -40,7 +41,7 @@ def test_load_runs_one_row_per_run_with_flattened_config_and_summary(grid_sweep:
     assert set(analysis.load_runs(grid_sweep.parent)["sweep"]) == {"gamma_frac"}
 
 
-def test_statuses_running_failed_incomplete(tmp_path: Path) -> None:
+def test_statuses_are_the_run_folder_words_and_the_age_of_the_last_write_is_a_column(tmp_path: Path) -> None:
     write_run(tmp_path, "done")
     write_run(tmp_path, "failed", status="failed")
     write_run(tmp_path, "running", status=None, steps=4)
@@ -52,14 +53,19 @@ def test_statuses_running_failed_incomplete(tmp_path: Path) -> None:
     (no_marker / "DONE").unlink()
 
     runs = analysis.load_runs(tmp_path).set_index("run_id")
+    assert set(runs["status"]) <= set(STATUSES)
     assert runs.loc["done", "status"] == "done"
     assert runs.loc["failed", "status"] == "failed"
     assert runs.loc["failed", "reason"] == "loss is nan"
-    assert runs.loc["running", "status"] == "running"
+    # The files cannot tell a live process from a killed one: both are "started", told apart by age.
+    assert runs.loc["running", "status"] == runs.loc["stale", "status"] == "started"
     assert runs.loc["running", "step"] == 3  # read from the last row of metrics.jsonl
-    assert runs.loc["stale", "status"] == "incomplete"
+    assert runs.loc["running", "last_write_age_s"] < 600 and pd.isna(runs.loc["running", "reason"])
+    assert runs.loc["stale", "last_write_age_s"] == pytest.approx(3 * 3600, abs=600)
     assert "no write for 3.0 h" in runs.loc["stale", "reason"]
-    assert runs.loc["no_marker", "status"] == "incomplete"
+    assert runs.loc["no_marker", "status"] == "started"
+    assert runs.loc["no_marker", "reason"] == "summary.json says done but there is no DONE marker"
+    assert set(STATUS_MEANINGS) == set(STATUSES)
 
 
 def test_damaged_folders_are_reported_as_corrupt_or_skipped(grid_sweep: Path) -> None:

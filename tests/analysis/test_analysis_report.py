@@ -13,6 +13,13 @@ from analysis.report import main, write_report
 FIGURES = ("usage_heatmap", "usage_vs_gamma", "training_curves", "rank_frequency", "reconstruction_vs_usage")
 
 
+def _header(markdown: str, heading: str) -> list[str]:
+    """The header cells of the markdown table under ``## heading``."""
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    line = next(line for line in section.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
+
+
 def _table(markdown: str, heading: str) -> list[list[str]]:
     """The body rows of the markdown table under ``## heading``."""
     section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
@@ -40,8 +47,8 @@ def test_report_writes_every_figure_and_the_tables(grid_report: tuple[Path, Path
         assert (out / f"{stem}.png").stat().st_size > 10_000
         assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     text = (out / "report.md").read_text()
-    status = dict(_table(text, "Runs by status"))
-    assert status == {"done": "8", "failed": "0", "running": "0", "incomplete": "0", "corrupt": "0", "total": "8"}
+    status = {row[0]: row[1] for row in _table(text, "Runs by status")}
+    assert status == {"done": "8", "failed": "0", "started": "0", "corrupt": "0", "total": "8"}
     grid = _table(text, "Grid points")
     assert len(grid) == 4  # 2 gammas x 2 fracs
     assert all("±" in row[4] for row in grid)  # mean ± std of final usage over 2 seeds
@@ -49,6 +56,39 @@ def test_report_writes_every_figure_and_the_tables(grid_report: tuple[Path, Path
     for stem in FIGURES:
         assert f"]({stem}.png)" in text
     assert "Figures skipped" not in text and (out / "runs.csv").exists()
+
+
+def test_every_figure_caption_says_what_was_held_fixed(grid_report: tuple[Path, Path]) -> None:
+    _, out = grid_report
+    text = (out / "report.md").read_text()
+    figures = text.split("## Figures\n", 1)[1].split("\n## ", 1)[0].split("### ")[1:]
+    assert len(figures) == len(FIGURES)
+    for section in figures:
+        line = next(li for li in section.splitlines() if li.startswith("Held fixed"))
+        # the grid's own axes vary, so they are not held fixed; what every run shares is
+        assert "`task=synthetic`" in line and "`quantizer.codebook_size=16`" in line, section[:40]
+        assert "diversity_gamma" not in line and "frac_per_sample_entropy" not in line
+        assert "8 runs shown" in line
+    fixed = dict(_table(text, "Settings held fixed"))
+    assert fixed["quantizer.kind"] == "lfq" and fixed["model.hidden"] == "[32, 32]"
+    assert "seed" not in fixed and "quantizer.diversity_gamma" not in fixed
+
+
+def test_report_defines_every_column_it_prints_once(grid_report: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = grid_report
+    sweep = make_grid_sweep(tmp_path)  # with a started and a failed run: more columns and tables
+    write_run(sweep, "started", gamma=2.0, status=None, histograms=False)
+    write_run(sweep, "failed", gamma=2.0, seed=1, status="failed", histograms=False)
+    for text in ((out / "report.md").read_text(), (write_report(sweep, tmp_path / "r") / "report.md").read_text()):
+        definitions = text.split("## Columns\n", 1)[1]
+        defined = re.findall(r"^- `([^`]+)`: \S", definitions, flags=re.M)
+        assert len(defined) == len(set(defined))  # once each
+        headings = re.findall(r"^## (.+)$", text.split("## Columns\n", 1)[0], flags=re.M)
+        printed = {cell for h in headings if h not in ("Figures", "Figures skipped") for cell in _header(text, h)}
+        assert printed and printed <= set(defined), printed - set(defined)
+    assert "last logged training step alone" in definitions  # final_codes_used is not the window's usage
+    assert re.search(r"`final_usage_fraction`: share of the codebook used at least once in the training usage "
+                     r"window", definitions)
 
 
 def test_report_on_a_running_sweep_with_a_damaged_folder(tmp_path: Path) -> None:
@@ -63,12 +103,16 @@ def test_report_on_a_running_sweep_with_a_damaged_folder(tmp_path: Path) -> None
 
     out = write_report(sweep, tmp_path / "out")
     text = (out / "report.md").read_text()
-    assert dict(_table(text, "Runs by status"))["running"] == "1"
+    status = {row[0]: row[1] for row in _table(text, "Runs by status")}
+    assert status["started"] == "1"
     runs = {row[0]: row for row in _table(text, "Runs")}
-    assert runs["running"][2] == "running" and runs["running"][3] == "2/3"
+    assert runs["running"][2] == "started" and runs["running"][3] == "2/3"
+    # a started run's quiet time is a column, not a status word
+    header = _header(text, "Runs")
+    assert float(runs["running"][header.index("last_write_age_s")]) < 600
     assert runs["broken"][2] == "corrupt"  # DONE but an unreadable config: listed, with its reason
     assert "DONE but config.json is unreadable" in runs["broken"][-1]
-    assert dict(_table(text, "Runs by status"))["corrupt"] == "1"
+    assert status["corrupt"] == "1"
     problems = _table(text, "Run folders with problems")
     assert any(row[:3] == ["running", "metrics.jsonl", "repaired"] for row in problems)
     skipped = text.split("## Figures skipped\n", 1)[1]
@@ -106,7 +150,7 @@ def test_cli_prints_where_it_wrote(tiny_sweep: Path, capsys: pytest.CaptureFixtu
 def test_report_of_an_empty_folder(tmp_path: Path) -> None:
     out = write_report(tmp_path)
     text = (out / "report.md").read_text()
-    assert dict(_table(text, "Runs by status"))["total"] == "0"
+    assert {row[0]: row[1] for row in _table(text, "Runs by status")}["total"] == "0"
     assert "No figure could be drawn yet." in text
 
 
@@ -127,7 +171,7 @@ def test_where_picks_runs_and_the_terminal_names_the_skipped_figures(tmp_path: P
     assert "skipped usage" not in capsys.readouterr().err
     text = (tmp_path / "picked" / "report.md").read_text()
     assert "runs picked with `quantizer.codebook_size=16`, `name=synthetic`" in text
-    assert dict(_table(text, "Runs by status"))["total"] == "8"
+    assert {row[0]: row[1] for row in _table(text, "Runs by status")}["total"] == "8"
     for stem in ("usage_heatmap", "usage_vs_gamma"):
         assert (tmp_path / "picked" / f"{stem}.png").exists()
 
@@ -140,4 +184,4 @@ def test_where_picks_runs_and_the_terminal_names_the_skipped_figures(tmp_path: P
     with pytest.raises(analysis.WhereError, match="quantizer.codebook_size has: 16, 64"):
         analysis.where(runs, ["quantizer.codebook_size=1024"])
     out = write_report(sweep, tmp_path / "api", cache=False, where={"quantizer.codebook_size": 64})
-    assert dict(_table((out / "report.md").read_text(), "Runs by status"))["total"] == "2"
+    assert {r[0]: r[1] for r in _table((out / "report.md").read_text(), "Runs by status")}["total"] == "2"

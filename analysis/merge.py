@@ -1,0 +1,71 @@
+"""Folding run folders into committed ``summary.csv`` files by run id, or refusing to drop runs.
+
+The committed summaries of ``results/ablations/`` outlive their run folders: a re-run of a few
+runs must update those rows and keep the rest (``--merge``), and a plain rewrite must refuse to
+drop rows whose runs are not under the runs root (:class:`WouldLoseRuns`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.claims import grid_columns
+
+
+class WouldLoseRuns(ValueError):
+    """Writing would drop rows of an existing ``summary.csv`` whose runs are not under the runs root."""
+
+
+def _sorted(summary: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in ("sweep", *grid_columns(summary), "seed", "run_id") if c in summary]
+    return summary.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``old`` (a committed ``summary.csv``) updated by ``new`` (rows from run folders), by run id.
+
+    A run in both takes its new row, except that a finished old row is never replaced by an
+    unfinished new one (a run restarted with ``--force`` and not done yet); rows of runs only in
+    ``old`` are kept. Returns the merged summary, sorted as :func:`summarize` sorts, and one note
+    per run whose finished row was kept over an unfinished one."""
+    for frame, name in ((old, "the existing summary"), (new, "the runs")):
+        if "run_id" not in frame or frame["run_id"].isna().any():
+            raise ValueError(f"{name} has rows without a run_id: cannot merge by run; "
+                             "rewrite it from its run folders instead")
+    old = old.astype({"run_id": str})
+    new = new.astype({"run_id": str})
+    old_status = old.set_index("run_id")["status"] if "status" in old else pd.Series(dtype=object)
+    new_status = new["status"] if "status" in new else pd.Series(None, index=new.index, dtype=object)
+    keep_old = new["run_id"].map(old_status).eq("done") & new_status.ne("done")
+    notes = [f"{run_id}: kept the finished row; its run folder is now {status if isinstance(status, str) else 'not started'}"
+             for run_id, status in zip(new.loc[keep_old, "run_id"], new_status[keep_old], strict=True)]
+    fresh = new[~keep_old]
+    columns = list(dict.fromkeys([*new.columns, *old.columns]))
+    kept = old[~old["run_id"].isin(fresh["run_id"])]
+    merged = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh.copy()
+    merged = merged.reindex(columns=columns)
+    for column in merged.columns:  # a NaN in an unfinished row made ints floats in one of them
+        dtypes = [f[column].dtype for f in (new, old) if column in f]
+        if any(pd.api.types.is_integer_dtype(d) for d in dtypes) and merged[column].notna().all():
+            merged[column] = merged[column].astype("int64")
+    return _sorted(merged), notes
+
+
+def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple[pd.DataFrame, list[str]]:
+    """What to write over ``existing`` (a ``summary.csv``, maybe absent) for ``mode`` ``"replace"``,
+    ``"merge"`` or ``"refuse"`` (:class:`WouldLoseRuns` if it holds runs ``summary`` lacks), and notes."""
+    if mode == "replace" or not existing.is_file():
+        return summary, []
+    old = pd.read_csv(existing)
+    if mode == "merge":
+        return merge_summaries(old, summary)
+    missing = sorted(set(old.get("run_id", pd.Series(dtype=str)).astype(str)) - set(summary["run_id"].astype(str)))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WouldLoseRuns(
+            f"{existing} has {len(missing)} run(s) that are not under the runs root ({shown}); "
+            "writing would drop them. Pass --merge to keep them and update the rest by run id, "
+            "or --replace to rewrite the summary from these runs alone")
+    return summary, []
