@@ -26,10 +26,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.ablations import save_figure
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
-from analysis.style import LINESTYLES, MARKERS, NoData, colors, new_figure, require, skippable
+from analysis.style import LINESTYLES, MARKERS, NoData, colors, new_figure, require, save_figure, skippable
 
 SIZE = "quantizer.codebook_size"
 TAU = "quantizer.inv_temperature"
