@@ -63,6 +63,7 @@ class Training:
         self.run_id, self.device = config.run_id, runtime.device
         self.world, self.main = ddp.world_size(), ddp.is_main()
         self.state = TrainState()
+        self.batches: Batches | None = None  # train() makes them: where the checkpoint's step says
         torch.manual_seed(config.seed)  # model init and LFQ's token subsets draw from the global RNG
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.dataset = task.build_dataset(config)
@@ -75,16 +76,18 @@ class Training:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
         self.scaler = runtime.grad_scaler()
-        self.metrics = JsonlSink(rd.metrics)
+        self.metrics = metrics = JsonlSink(rd.metrics)
+        state = self.state  # one object for the whole attempt: restore() loads the checkpoint's into it
+
+        def sink(rows: list[dict[str, Any]]) -> None:  # a closure, not a bound method: no cycle through the monitor
+            metrics(rows)
+            state.note_quantizer_rows(rows)  # the summary's final utilization: the last step the monitor reported
+
         lg = config.logging
-        self.monitor = LFQMonitor(self.model, sink=self._monitor_rows, log_every=lg.log_every,
+        self.monitor = LFQMonitor(self.model, sink=sink, log_every=lg.log_every,
                                   usage_window=config.monitor.usage_window, dead_after=config.monitor.dead_after,
                                   histogram_every=lg.histogram_every, histogram_sink=JsonlSink(rd.histograms),
                                   diagnostics_every=lg.diagnostics_every)
-
-    def _monitor_rows(self, rows: list[dict[str, Any]]) -> None:
-        self.metrics(rows)
-        self.state.note_quantizer_rows(rows)  # the summary's final utilization: the last step the monitor reported
 
     def restore(self, checkpoint: dict[str, Any] | None) -> None:
         """Model, optimiser, RNGs, monitor and state from ``checkpoint``; the logs cut back to its step."""
@@ -101,7 +104,7 @@ class Training:
                 torch.cuda.set_rng_state(cuda_rng[ddp.rank()])
             self.data_rng.set_state(checkpoint["data_rng"])
             self.monitor.load_state_dict(checkpoint["monitor"])
-            self.state = TrainState.from_dict(checkpoint["progress"])
+            self.state.load(checkpoint["progress"])
             if self.main:
                 print(f"[{self.run_id}] resuming from the checkpoint of step {self.state.step}", flush=True)
         if self.main:  # rows past the checkpoint (or all rows, with none) will be written again from here
@@ -225,6 +228,9 @@ class Training:
         return ddp.broadcast(summary)
 
     def close(self) -> None:
+        """The monitor's hooks off the model, and the data loader's workers stopped (they hold a copy
+        of the claim's lock while they live), even while a traceback still refers to this attempt."""
         # Under DDP no flush here: an erroring rank must not enter a collective the others may
         # never join (the rows it drops are past the checkpoint and rewritten on resume).
         self.monitor.detach(flush=self.world == 1)
+        self.batches = None

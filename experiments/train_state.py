@@ -51,6 +51,12 @@ class TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def load(self, data: dict[str, Any]) -> None:
+        """Take every field from a checkpoint's ``"progress"`` (in place: the monitor's sink holds this object)."""
+        loaded = TrainState.from_dict(data)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
     def note_quantizer_rows(self, rows: list[Row]) -> None:
         """Keep the training-mode monitor rows of the latest step among ``rows`` (the summary's final usage)."""
         train_rows = [r for r in rows if r.get("kind", "quantizer") == "quantizer" and r.get("mode") == "train"]
