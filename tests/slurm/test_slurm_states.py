@@ -45,7 +45,7 @@ SLURM = {"cluster": "slurm", "job_id": "12", "time": 100.0}
     (SLURM, "RUNNING", None, "running"),
     (SLURM, "CANCELLED", None, "cancelled"),
     (SLURM, "TIMEOUT", None, "failed"),
-    ({**SLURM, "time": time.time()}, "", None, "pending"),  # just submitted, no scheduler lists it yet
+    ({**SLURM, "time": "now"}, "", None, "pending"),  # just submitted, no scheduler lists it yet
     (LOCAL, "", None, "cancelled"),  # the pool ended before the run started
     (LOCAL, "", {"exitcode": -15, "time": 200.0}, "cancelled"),
     (LOCAL, "", {"exitcode": 1, "time": 200.0}, "failed"),
@@ -53,6 +53,8 @@ SLURM = {"cluster": "slurm", "job_id": "12", "time": 100.0}
 def test_a_started_folder_becomes_what_its_record_says(tmp_path: Path, record: dict, sched: str,
                                                          exit_event: dict | None, want: str) -> None:
     run_dir = _started(tmp_path)
+    if record.get("time") == "now":
+        record = {**record, "time": time.time()}
     state, _ = _classify(run_dir, {}, record, sched, exit_event)
     assert state == want and state in STARTED_BECOMES
 
