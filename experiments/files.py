@@ -21,10 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lfq.jsonl import append_jsonl, encode_line  # noqa: F401 - the one appender, re-exported for slurm
+from lfq.jsonl import append_jsonl  # the one appender, re-exported for slurm
 
-__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "encode_line", "read_json", "read_jsonl",
-           "truncate_jsonl"]
+__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "truncate_jsonl"]
 
 
 def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w") -> None:

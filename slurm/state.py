@@ -49,7 +49,7 @@ STARTED_BECOMES = {
     "running": "its claim is held, or SLURM runs it",
     "pending": "SLURM has it queued (or it was submitted under a minute ago), or the local pool is alive",
     "cancelled": "SLURM cancelled it, the local pool ended before it, or a signal killed it",
-    "failed": "its job ended without DONE (or with a failed summary)",
+    "failed": "its job ended (or its scheduler forgot it) without DONE",
     "missing": "this sweep folder never submitted it",
 }
 _SHOWN_IN = ("pending", "running", "done", "failed", "cancelled", "corrupt", "missing")  # the order of tables
