@@ -4,6 +4,9 @@
 - :mod:`experiments.quantizers`: the bottlenecks compared: ``lfq.LFQ``, a VQ and an FSQ baseline.
 - :mod:`experiments.tasks`: ``synthetic`` (MLP on a Gaussian mixture) and ``patches`` (conv tokenizer
   on natural-image patches shipped with scikit-image and scikit-learn).
-- :mod:`experiments.train`: the shared training loop, ``run(config, run_dir)``, and the CLI.
-- :mod:`experiments.run_dir`: the run folder (atomic writes, resume, status).
+- :mod:`experiments.train`: ``run(config, run_dir)`` and the CLI; the shared training loop is
+  :mod:`experiments.loop`, what a run has reached :mod:`experiments.train_state`.
+- :mod:`experiments.run_dir`: the run folder (resume, status, claims), with :mod:`experiments.files`
+  (the atomic writer, JSON and JSON-lines I/O), :mod:`experiments.folder_state` (RUN_STATES) and
+  :mod:`experiments.claims` beside it.
 """

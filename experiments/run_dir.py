@@ -4,162 +4,59 @@ Layout and contents are specified in docs/ARCHITECTURE.md. Every file except the
 JSON-lines logs is written atomically (a temp file in the same folder, then ``os.replace``),
 so a run killed at any instant leaves either the old or the new version, never half of one.
 ``DONE`` is written last; a folder with it is never run again.
+
+This module is the run folder's one entry point; its jobs live beside it and every public name is
+importable from here: ``experiments.files`` (atomic writes, JSON and JSON-lines I/O),
+``experiments.folder_state`` (file names, RUN_STATES, ``finished``, the errors),
+``experiments.claims`` (one process per run folder). Here: the Parquet copy of the metrics,
+names and places, setting a run aside, resume verification, and :class:`RunDir`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-HISTOGRAMS = "histograms.jsonl"
-CHECKPOINT = "checkpoint.pt"
-SUMMARY = "summary.json"
-DONE = "DONE"
-RUN_STATES = ("done", "corrupt", "failed", "started", "missing")
-
-
-def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    # allow_nan: a NaN metric is data (JSON extension NaN), which json and pandas read back.
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"))
-
-
-def read_json(path: Path | str) -> Any | None:
-    """The parsed file, or None when it is missing or unreadable (e.g. written by an older crash)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """All complete rows; a partial last line (the process died mid-write) is skipped."""
-    rows = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def truncate_jsonl(path: Path | str, max_step: int) -> int:
-    """Keep only the rows with ``step <= max_step`` (atomically); returns how many were dropped.
-
-    On resume, rows written after the checkpoint will be written again by the resumed run.
-    """
-    path = Path(path)
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= max_step:
-            kept.append(line + "\n")
-        else:
-            dropped += 1
-    if dropped:
-        atomic_write(path, lambda f: f.writelines(kept))
-    return dropped
-
-
-def read_summary(run_dir: Path | str) -> dict[str, Any] | None:
-    return read_json(Path(run_dir) / SUMMARY)
-
-
-def is_done(run_dir: Path | str) -> bool:
-    """Whether the folder has its DONE marker (see :func:`finished` for whether it is whole)."""
-    return (Path(run_dir) / DONE).exists()
-
-
-def finished(run_dir: Path | str) -> tuple[str, str]:
-    """``(state, reason)`` of a run folder, read from its files alone; THE definition of a finished run.
-
-    - ``done``: ``DONE``, a ``summary.json`` holding a JSON object whose status is ``done``, and a
-      ``config.json`` holding a JSON object with a ``run_id``;
-    - ``corrupt``: ``DONE`` but one of those files missing or unreadable (the reason names it);
-      such a run is never skipped as finished: ``--restart`` / ``--resubmit`` start it over;
-    - ``failed``: a summary with status ``failed`` (the reason is the trainer's);
-    - ``started``: a config and no end yet (running, killed, or waiting for a requeue);
-    - ``missing``: nothing of the run.
-
-    analysis.load applies the same rules to the same files (it may not import this package):
-    docs/ARCHITECTURE.md states them, tests/test_dependencies.py checks both agree.
-    """
-    run_dir = Path(run_dir)
-    summary, summary_err = _read_object(run_dir / SUMMARY)
-    if summary is not None and summary.get("status") == "failed":  # with or without DONE: the trainer's verdict
-        return "failed", str(summary.get("reason") or "")
-    if (run_dir / DONE).exists():
-        config, config_err = _read_object(run_dir / CONFIG)
-        if config is None:
-            return "corrupt", f"DONE but {config_err}"
-        if not config.get("run_id"):
-            return "corrupt", f"DONE but {CONFIG} has no run_id"
-        if summary is None:
-            return "corrupt", f"DONE but {summary_err}"
-        if summary.get("status") != "done":
-            return "corrupt", f"DONE but {SUMMARY} says status {summary.get('status')!r}"
-        return "done", ""
-    if (run_dir / CONFIG).exists():
-        return "started", ""
-    return "missing", ""
-
-
-def _read_object(path: Path) -> tuple[dict[str, Any] | None, str]:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        return None, f"no {path.name}"
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None, f"{path.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-    if not isinstance(data, dict):
-        return None, f"{path.name} holds a JSON {type(data).__name__}, not an object"
-    return data, ""
-
-
-def run_status(run_dir: Path | str) -> str:
-    """What the folder alone says: one of RUN_STATES (see :func:`finished`).
-
-    'started' covers running, killed and queued-for-requeue alike; telling those apart needs
-    the scheduler, which is slurm's job, not this module's.
-    """
-    return finished(run_dir)[0]
-
+from experiments.claims import (  # noqa: F401 - re-exported
+    CLAIM_NAME,
+    CLAIM_TRIES,
+    LOCK_NAME,
+    claim,
+    claimed,
+    describe_claim,
+    is_claimed,
+    lock_is_held,
+    read_claim,
+)
+from experiments.files import (  # noqa: F401 - re-exported
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    read_json,
+    read_jsonl,
+    truncate_jsonl,
+)
+from experiments.folder_state import (  # noqa: F401 - re-exported
+    CHECKPOINT,
+    CONFIG,
+    DONE,
+    HISTOGRAMS,
+    METRICS,
+    RUN_STATES,
+    SUMMARY,
+    CorruptRun,
+    RunClaimed,
+    RunDirError,
+    finished,
+    is_done,
+    read_summary,
+    run_status,
+)
 
 COMPACT_METRICS = "metrics.parquet"
 COMPACT_SOURCE_KEY = b"lfq.source_bytes"
@@ -246,121 +143,6 @@ def check_writable(folder: Path | str, what: str) -> Path:
         raise RunDirError(f"{what} {folder}: cannot create anything in {probe} ({e.strerror}); choose another "
                           f"folder (or fix its permissions)") from None
     return folder
-
-
-class RunDirError(ValueError):
-    """A run folder cannot be used as asked; the message says why and what to do."""
-
-
-class RunClaimed(RunDirError):
-    """Another live process holds the run's claim."""
-
-
-class CorruptRun(RunDirError):
-    """A file the run needs to resume (or to count as finished) cannot be trusted."""
-
-
-# --- the claim: one process per run folder -----------------------------------------------------------------
-
-LOCK_NAME = ".lock"
-CLAIM_NAME = ".claim"
-CLAIM_TRIES = 10
-_HELD: dict[str, int] = {}  # resolved run folder -> depth of the claims this process holds on it
-
-
-@contextlib.contextmanager
-def claim(run_dir: Path | str, tries: int = CLAIM_TRIES, info: dict[str, Any] | None = None) -> Iterator[bool]:
-    """Yields True while this process holds the run's claim, False if another process holds it.
-
-    The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``; the kernel drops it when the
-    process dies, however it dies, so a stale claim never blocks anyone. ``<run_dir>/.claim`` says
-    who holds it. Re-entrant within one process (a sweep job claims, then the trainer does).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key = str(run_dir.resolve())
-    if _HELD.get(key):
-        _HELD[key] += 1
-        try:
-            yield True
-        finally:
-            _HELD[key] -= 1
-        return
-    handle: IO[str] = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
-    try:
-        # a few tries: slurm.status probes the lock by taking it for a few microseconds, while a real
-        # holder keeps it for the whole run
-        for attempt in range(tries):
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == tries - 1:
-                    yield False
-                    return
-                time.sleep(0.1)
-        atomic_write_json(run_dir / CLAIM_NAME, {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "",
-                                                 "since": time.time(), **(info or {})})
-        _HELD[key] = 1
-        try:
-            yield True
-        finally:
-            _HELD.pop(key, None)
-    finally:
-        handle.close()  # releases the flock
-
-
-def lock_is_held(path: Path | str) -> bool:
-    """Whether a live process holds an exclusive flock on ``path``.
-
-    Probes with a shared lock, so two probes at once never mistake each other for a holder;
-    the kernel drops a dead holder's lock, so a crashed process never looks alive.
-    """
-    path = Path(path)
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def is_claimed(run_dir: Path | str) -> bool:
-    """Whether a live process (this one included) holds the run's claim."""
-    return bool(_HELD.get(str(Path(run_dir).resolve()))) or lock_is_held(Path(run_dir) / LOCK_NAME)
-
-
-def read_claim(run_dir: Path | str) -> dict[str, Any]:
-    data = read_json(Path(run_dir) / CLAIM_NAME)
-    return data if isinstance(data, dict) else {}
-
-
-def describe_claim(run_dir: Path | str) -> str:
-    owner = read_claim(run_dir)
-    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-    if owner.get("job_id"):
-        who += f" (job {owner['job_id']})"
-    return who
-
-
-@contextlib.contextmanager
-def claimed(run_dir: Path | str, main: bool = True,
-            broadcast: Callable[[Any], Any] = lambda x: x) -> Iterator[None]:
-    """Hold the run's claim for the block, or raise RunClaimed saying who holds it.
-
-    Under data parallel only rank 0 (``main``) takes it; ``broadcast`` hands its verdict to every
-    rank, so that all of them train or all raise.
-    """
-    with contextlib.ExitStack() as stack:
-        held = stack.enter_context(claim(run_dir)) if main else None
-        verdict = broadcast(("claimed", "") if held or not main else ("busy", describe_claim(run_dir)))
-        if verdict[0] == "busy":
-            raise RunClaimed(f"{run_dir} is being trained by {verdict[1]}: not starting it twice; wait for it, "
-                             f"or stop that process first")
-        yield
 
 
 # --- setting a run aside ---------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 
 A run is a pure function of its (resolved) config: the same config and seed give the same
 metrics, and a run killed at any point and started again ends with the same summary as one
-that was never interrupted (only ``wall_time_s`` differs). The loop below is shared by every
-task; a task (``experiments/tasks/``) only builds the dataset and the model.
+that was never interrupted (only ``wall_time_s`` differs). The loop (``experiments.loop``) is
+shared by every task; a task (``experiments/tasks/``) only builds the dataset and the model.
 
 Data parallel (inside an initialised process group of W > 1 ranks; ``experiments.distributed``):
 - every rank draws the whole global batch of ``data.batch_size`` from the same data RNG and
@@ -26,24 +26,21 @@ Data parallel (inside an initialised process group of W > 1 ranks; ``experiments
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
-from experiments import schedules
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
-from experiments.evaluation import FrechetDistance, evaluate, inception_extractor
+from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss  # noqa: F401 - lr_at, ... re-exported
 from experiments.resources import check_resources
 from experiments.run_dir import (
     RunDir,
@@ -52,147 +49,14 @@ from experiments.run_dir import (
     prepare_run_folder,
     restart,
     run_status,
-    truncate_jsonl,
 )
-from experiments.runtime import Runtime, Throughput
+from experiments.runtime import Runtime
 from experiments.tasks import get_task
-from lfq.monitor import JsonlSink, LFQMonitor
+from experiments.train_state import USAGE_KEYS, TrainState  # noqa: F401 - USAGE_KEYS re-exported
 
-VAL_BATCH = 256
 # Columns of kind="train" rows that measure the machine, not the run: they differ between two
 # runs of one config (and across a resume), everything else is identical.
 TIMING_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
-USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
-              "batch_entropy", "bit_balance_mad")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def lr_at(step: int, config: Config) -> float:
-    """Linear warmup to ``optim.lr``, then cosine decay to ``optim.min_lr`` at the last step."""
-    o, steps = config.optim, config.schedule.steps
-    if step <= o.warmup_steps:
-        return o.lr * step / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, config: Config) -> torch.Tensor:
-    """The loss section's weighted terms, in float32. Perceptual and adversarial terms go here."""
-    recon, x = recon.float(), x.float()
-    loss = recon.new_zeros(())
-    if config.loss.l2_weight:
-        loss = loss + config.loss.l2_weight * F.mse_loss(recon, x)
-    if config.loss.l1_weight:
-        loss = loss + config.loss.l1_weight * F.l1_loss(recon, x)
-    return loss
-
-
-class Batches:
-    """This rank's training batches on the device, and its share of the validation set.
-
-    In-memory datasets move to the device once and draw with the run's data generator; file
-    datasets come through a DataLoader whose order is a function of the seed and the step.
-    Files that cannot be read are reported once each, on the main rank.
-    """
-
-    def __init__(self, dataset: Any, config: Config, device: torch.device, start: int, rows: slice,
-                 data_rng: torch.Generator, run_id: str):
-        self.dataset, self.config, self.device, self.rows, self.data_rng = dataset, config, device, rows, data_rng
-        self.run_id, self.unreadable = run_id, set()
-        self.from_files = hasattr(dataset, "train_loader")
-        if self.from_files:
-            self._to_input = dataset.to_model_input
-            self._train = iter(dataset.train_loader(config, device, start, rows))
-            self._val = dataset.val_loader(config, device, ddp.rank(), ddp.world_size(), VAL_BATCH)
-        elif hasattr(dataset, "to"):
-            dataset.to(device)
-
-    def _report(self, reasons: list[str]) -> None:
-        for reason in reasons:
-            if reason not in self.unreadable:
-                self.unreadable.add(reason)
-                print(f"[{self.run_id}] skipping an unreadable image: {reason}", flush=True)
-
-    def _from_loader(self, item: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
-        crops, bad = item
-        self._report(bad)
-        return self._to_input(crops.to(self.device, non_blocking=True))
-
-    def train(self) -> torch.Tensor:
-        if self.from_files:
-            return self._from_loader(next(self._train))
-        return self.dataset.train_batch(self.data_rng, self.config.data.batch_size)[self.rows].to(self.device)
-
-    def val(self) -> Any:
-        if self.from_files:
-            for item in self._val:
-                yield self._from_loader(item)
-            return
-        shard = self.dataset.val.tensor_split(ddp.world_size())[ddp.rank()]
-        for i in range(0, len(shard), VAL_BATCH):
-            yield shard[i:i + VAL_BATCH].to(self.device)
-
-
-def dataset_value_range(dataset: Any) -> tuple[float, float]:
-    """The range the task's data lies in (PSNR's peak is its width); [0, 1] unless the task says."""
-    return tuple(getattr(dataset, "value_range", (0.0, 1.0)))
-
-
-def _mean_usage(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean over layers and codebooks of the latest training-mode monitor rows."""
-    out: dict[str, float | None] = {}
-    for key in USAGE_KEYS:
-        values = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
-        out[key] = sum(values) / len(values) if values else None
-    return out
-
-
-def _summary(run_id: str, config: Config, progress: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
-    last_val, last_train = progress["last_val"] or {}, progress["last_train"] or {}
-    summary = {
-        "run_id": run_id, "name": config.name, "task": config.task, "status": status, "reason": reason,
-        "step": progress["step"], "steps": config.schedule.steps, "wall_time_s": round(progress["wall_time_s"], 3),
-        "final_val_mse": last_val.get("val_mse"), "final_val_psnr": last_val.get("val_psnr"),
-        "best_val_mse": progress["best_val_mse"], "best_val_psnr": progress["best_val_psnr"],
-        "best_val_step": progress["best_val_step"],
-        "final_train_loss": last_train.get("loss"), "final_recon_loss": last_train.get("recon_loss"),
-        "final_aux_loss": last_train.get("aux_loss"),
-    }
-    for key in ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens", "val_rfid"):
-        if key in last_val:  # utilization over every validation token, and the image metrics
-            summary[f"final_{key}"] = last_val[key]
-    if progress.get("unreadable_files"):
-        summary["unreadable_files"] = progress["unreadable_files"]
-    summary.update({f"final_{k}": v for k, v in _mean_usage(progress["last_quantizer"]).items()})
-    return summary
-
-
-def _progress_printer(config: Config, run_id: str, start: int) -> Callable[[int, float, float], None]:
-    """tqdm on a terminal; otherwise a plain line every ``logging.print_every`` steps (batch logs)."""
-    steps = config.schedule.steps
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=run_id, dynamic_ncols=True)
-
-        def show(step: int, loss: float, lr: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", refresh=False)
-            if step == steps:
-                bar.close()
-
-        return show
-    t0 = time.perf_counter()
-
-    def show(step: int, loss: float, lr: float) -> None:
-        if step % config.logging.print_every == 0 or step == steps:
-            rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-            print(f"[{run_id}] step {step}/{steps} loss {loss:.5g} lr {lr:.3g} ({rate:.1f} steps/s)", flush=True)
-
-    return show
 
 
 def preflight(config: Config) -> tuple[Runtime, Any]:
@@ -244,195 +108,93 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
 
 def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | None, *,
          on_step: Callable[[int], None] | None = None, num_threads: int | None = None) -> dict[str, Any]:
+    """One attempt at the run, in order: check the folder, build, restore, train, finish.
+
+    A NaN or inf loss ends it as 'failed' (returned); any other exception is recorded as 'failed'
+    in ``summary.json`` (rank 0) and propagates.
+    """
     config = config.resolved()
-    run_id = config.run_id
     runtime, task = prepared if prepared is not None else preflight(config)
-    world, main, device = ddp.world_size(), ddp.is_main(), runtime.device
+    rows = _check_world(config, runtime.device)
+    rd = RunDir(run_dir)
+    finished, checkpoint = _open_folder(config, rd)
+    if finished is not None:
+        return finished
+    _start_folder(config, rd, runtime.device)
+
+    t_start = time.perf_counter()  # the attempt's wall time counts its setup too
+    training: Training | None = None
+    with _reproducible(runtime.device, num_threads):
+        runtime.apply()
+        try:
+            training = Training(config, task, runtime, rd, rows)
+            training.restore(checkpoint)
+            training.train(t_start, on_step)
+            return training.finish()
+        except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
+            return training.fail(str(e))
+        except Exception as e:
+            if ddp.is_main():
+                state = training.state if training is not None else TrainState()
+                summary = state.summary(config.run_id, config, "failed", f"{type(e).__name__}: {e}")
+                summary["error"] = "".join(traceback.format_exception(e)[-8:])
+                rd.write_summary(summary)
+            raise
+        finally:
+            if training is not None:
+                training.close()
+
+
+def _check_world(config: Config, device: torch.device) -> slice:
+    """This rank's rows of the global batch; ConfigError for NCCL without a GPU per rank."""
     if ddp.is_distributed() and ddp.backend() == "nccl" and device.type != "cuda":
         raise ConfigError(f"runtime.device={config.runtime.device!r} resolved to {device}, but this process group "
                           f"uses NCCL, which needs one GPU per rank: use runtime.device=auto or cuda")
-    rows = _shard_rows(config)
-    rd = RunDir(run_dir)
+    return _shard_rows(config)
+
+
+def _open_folder(config: Config, rd: RunDir) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the summary of a finished run, None) or (None, the checkpoint to resume from, None to start afresh).
+
+    Reads only: ConfigError if the folder holds another run, CorruptRun if what it would resume
+    from (or a DONE folder) cannot be trusted.
+    """
+    run_id = config.run_id
     existing = rd.read_config()
     if existing is not None and existing.get("run_id", run_id) != run_id:  # no run_id: corrupt (below)
         raise ConfigError(f"{rd.path} holds run {existing.get('run_id')!r}, not {run_id!r}: "
                           f"use a fresh folder (the default is <out>/<run_id>)")
     done = rd.finished_summary()  # CorruptRun for a DONE folder that is not whole
     if done is not None:
-        return done
+        return done, None
     checkpoint = rd.load_checkpoint(run_id)  # weights_only; CorruptRun names the file and --restart
     if checkpoint is not None:  # every row up to its step, or CorruptRun naming the gap
         rd.verify_logs(checkpoint, {"train": config.logging.log_every, "val": config.schedule.val_every})
-    if main:
+    return None, checkpoint
+
+
+def _start_folder(config: Config, rd: RunDir, device: torch.device) -> None:
+    """The first writes of an attempt (rank 0): ``config.json``, and no stale summary."""
+    if ddp.is_main():
         rd.path.mkdir(parents=True, exist_ok=True)
-        rd.write_config(config.to_dict(), run_id)
+        rd.write_config(config.to_dict(), config.run_id)
         rd.summary.unlink(missing_ok=True)  # a stale 'failed' from an earlier attempt; rewritten at the end
     if device.type == "cuda":  # deterministic cuBLAS; must be set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-    t_start = time.perf_counter()
-    progress: dict[str, Any] = {"step": 0, "wall_time_s": 0.0, "best_val_mse": None, "best_val_psnr": None,
-                                "best_val_step": None, "last_val": None, "last_train": None, "last_quantizer": []}
+
+@contextlib.contextmanager
+def _reproducible(device: torch.device, num_threads: int | None) -> Iterator[None]:
+    """Deterministic algorithms and ``num_threads`` intra-op threads for the block; the caller's settings after."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     # On CUDA some kernels (scatter_add_ of the code counts) have no deterministic version:
     # warn there instead of failing; the CPU path stays strict and bit-reproducible.
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    runtime.apply()
-    monitor = None
     try:
-        torch.manual_seed(config.seed)  # model init and LFQ's token subsets draw from the global RNG
-        data_rng = torch.Generator().manual_seed(config.seed)
-        dataset = task.build_dataset(config)
-        model = task.build_model(config).to(device)
-        # DDP averages gradients over the ranks; the checkpoint holds the bare model's state.
-        net = model if world == 1 else DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-        net = runtime.compile(net)
-        o = config.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      weight_decay=o.weight_decay)
-        scaler = runtime.grad_scaler()
-
-        metrics_sink = JsonlSink(rd.metrics)
-
-        def sink(rows: list[dict[str, Any]]) -> None:
-            metrics_sink(rows)
-            train_rows = [r for r in rows if r.get("kind", "quantizer") == "quantizer" and r.get("mode") == "train"]
-            if train_rows:  # the summary's final utilization: the last step the monitor reported
-                last = max(r["step"] for r in train_rows)
-                progress["last_quantizer"] = [r for r in train_rows if r["step"] == last]
-
-        lg = config.logging
-        monitor = LFQMonitor(model, sink=sink, log_every=lg.log_every, usage_window=config.monitor.usage_window,
-                             dead_after=config.monitor.dead_after, histogram_every=lg.histogram_every,
-                             histogram_sink=JsonlSink(rd.histograms), diagnostics_every=lg.diagnostics_every)
-
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the parameters' device
-            if checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            by_rank = checkpoint.get("torch_rng_by_rank")  # LFQ's token subsets differ per rank
-            torch.set_rng_state(by_rank[ddp.rank()] if by_rank and len(by_rank) == world else checkpoint["torch_rng"])
-            cuda_rng = checkpoint.get("cuda_rng_by_rank")  # LFQ draws subsets on the tokens' device
-            if device.type == "cuda" and cuda_rng and len(cuda_rng) == world:
-                torch.cuda.set_rng_state(cuda_rng[ddp.rank()])
-            data_rng.set_state(checkpoint["data_rng"])
-            monitor.load_state_dict(checkpoint["monitor"])
-            progress = checkpoint["progress"]
-            if main:
-                print(f"[{run_id}] resuming from the checkpoint of step {progress['step']}", flush=True)
-        if main:  # rows past the checkpoint (or all rows, with none) will be written again from here
-            truncate_jsonl(rd.metrics, progress["step"])
-            truncate_jsonl(rd.histograms, progress["step"])
-        ddp.barrier()  # every rank starts from the same folder
-        wall_before = progress["wall_time_s"]
-
-        steps = config.schedule.steps
-        batches = Batches(dataset, config, device, progress["step"], rows, data_rng, run_id)
-        if main and hasattr(dataset, "describe"):
-            print(f"[{run_id}] data: {dataset.describe()}", flush=True)
-        fid = None
-        if config.eval.rfid_weights:
-            fid = FrechetDistance(inception_extractor(config.eval.rfid_weights), device)
-        throughput = Throughput(config.data.batch_size)
-        show = _progress_printer(config, run_id, progress["step"])
-        for step in range(progress["step"] + 1, steps + 1):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scheduled = schedules.values_at(step, config)
-            schedules.apply(model, scheduled)
-            monitor.set_step(step)
-            with throughput.waiting_for_data():
-                x = batches.train()  # this rank's shard, on the device
-            with runtime.autocast():
-                out = net(x)
-            recon_loss = reconstruction_loss(out.recon, x, config)
-            loss = recon_loss + out.aux_loss.float()
-            logged = torch.stack([loss, recon_loss, out.aux_loss.float()]).detach()
-            if world > 1:  # the global batch's means; a NaN on any rank is a NaN on all
-                logged = ddp.all_sum(logged) / world
-            if not torch.isfinite(logged[0]):
-                total, recon, aux = logged.tolist()
-                raise NonFiniteLoss(f"non-finite loss {total} at step {step} (recon {recon:.4g}, aux {aux:.4g})")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if o.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            throughput.step_done()
-            if throughput.tokens_per_sample is None:
-                q = model.quantizer
-                throughput.tokens_per_sample = out.indices[0].numel() // (q.num_codebooks if q.keep_num_codebooks_dim
-                                                                           else 1)
-            progress["step"] = step
-
-            last = step == steps
-            if step % lg.log_every == 0 or last:
-                progress["last_train"] = dict(zip(("loss", "recon_loss", "aux_loss"), logged.tolist(), strict=True))
-                runtime.synchronize()  # the interval's queued work is done: its time is its time
-                timing = throughput.row(runtime.max_memory_mb())
-                if main:
-                    metrics_sink([{"kind": "train", "step": step, "lr": lr, **progress["last_train"], **scheduled,
-                                   **timing}])
-            if step % config.schedule.val_every == 0 or last:
-                val = evaluate(model, batches.val(), device=device, value_range=dataset_value_range(dataset),
-                               is_image=getattr(dataset, "is_image", False), autocast=runtime.autocast, fid=fid)
-                if main:
-                    metrics_sink([{"kind": "val", "step": step, **val}])
-                progress["last_val"] = val
-                progress["unreadable_files"] = len(batches.unreadable)
-                if progress["best_val_mse"] is None or val["val_mse"] < progress["best_val_mse"]:
-                    progress.update(best_val_mse=val["val_mse"], best_val_psnr=val["val_psnr"], best_val_step=step)
-            progress["wall_time_s"] = wall_before + time.perf_counter() - t_start
-            if step % config.schedule.checkpoint_every == 0 or last:
-                monitor.flush()  # rows up to this step are on disk before the checkpoint says so
-                monitor_state = monitor.state_dict()  # on every rank: its flush joins the collective
-                rng_by_rank = ddp.all_gather(torch.get_rng_state()) if world > 1 else None
-                cuda_rng = ddp.all_gather(torch.cuda.get_rng_state()) if device.type == "cuda" else None
-                if main:
-                    rd.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                        "torch_rng": torch.get_rng_state(), "torch_rng_by_rank": rng_by_rank,
-                                        "cuda_rng_by_rank": cuda_rng,
-                                        "data_rng": data_rng.get_state(), "monitor": monitor_state,
-                                        "progress": progress, "run_id": run_id, "step": step})
-                ddp.barrier()  # no rank moves on (or dies) before the checkpoint exists
-            if main:
-                show(step, float(logged[0]), lr)
-            if on_step is not None:
-                on_step(step)
-
-        summary = None
-        if main:
-            summary = _summary(run_id, config, progress, "done", "")
-            rd.write_summary(summary)
-            rd.mark_done()  # last: a folder with DONE is complete
-        return ddp.broadcast(summary)  # rank 0's: the others' wall times and monitor rows differ
-    except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
-        if monitor is not None:
-            monitor.flush()
-        summary = None
-        if main:
-            summary = _summary(run_id, config, progress, "failed", str(e))
-            rd.write_summary(summary)
-        return ddp.broadcast(summary)
-    except Exception as e:
-        if main:
-            summary = _summary(run_id, config, progress, "failed", f"{type(e).__name__}: {e}")
-            summary["error"] = "".join(traceback.format_exception(e)[-8:])
-            rd.write_summary(summary)
-        raise
+        yield
     finally:
-        if monitor is not None:
-            # Under DDP no flush here: an erroring rank must not enter a collective the others may
-            # never join (the rows it drops are past the checkpoint and rewritten on resume).
-            monitor.detach(flush=world == 1)
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
 

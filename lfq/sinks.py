@@ -1,9 +1,9 @@
 """Where the monitor's records go.
 
 A sink is any callable that takes a list of flat dict records. ``MemorySink`` keeps them in
-memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file. Non-finite floats
-are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
-lines=True)`` and Python's ``json`` read back as floats. ``TensorBoardSink`` and ``WandbSink``
+memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file (``lfq.jsonl``: non-finite
+floats are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
+lines=True)`` and Python's ``json`` read back as floats). ``TensorBoardSink`` and ``WandbSink``
 write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
 ``wandb`` when constructed (optional extras), so ``lfq`` imports with torch and einops alone.
 ``Tee`` sends the same records to several sinks. Scalars are named by :func:`scalar_tags`.
@@ -11,13 +11,14 @@ write to TensorBoard event files and a Weights & Biases run; they import ``tenso
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lfq.jsonl import append_jsonl
 
 Record = dict[str, Any]
 Sink = Callable[[list[Record]], None]
@@ -42,7 +43,7 @@ class MemorySink:
 
 
 class JsonlSink:
-    """Appends one JSON object per record to ``path``.
+    """Appends one JSON object per record to ``path`` (``lfq.jsonl.append_jsonl``, the one appender).
 
     Every batch is written with a single ``write``, flushed and fsynced before returning, so
     a killed process loses at most the records the monitor had not yet flushed (and at worst
@@ -58,15 +59,8 @@ class JsonlSink:
         self.path = path
 
     def __call__(self, records: list[Record]) -> None:
-        if not records:
-            return
-        # allow_nan: NaN marks "not reported" (eval-mode losses); pandas reads it as NaN.
-        text = "".join(json.dumps(record, allow_nan=True) + "\n" for record in records)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        # NaN marks "not reported" (eval-mode losses); pandas reads it as NaN.
+        append_jsonl(self.path, records)
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"

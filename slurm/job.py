@@ -39,21 +39,11 @@ from typing import Any
 import submitit
 
 from experiments import run_dir as run_folder
+from experiments.files import append_jsonl
 from experiments.run_dir import CLAIM_NAME, LOCK_NAME, is_claimed, lock_is_held, read_claim  # noqa: F401 - re-exported
 
 SWEEP_META = "_sweep"  # the sweep's own folder, next to its run folders
 EVENTS_NAME = "events.jsonl"
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One line in one write(): O_APPEND keeps concurrent writers' lines whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 def job_id_here() -> str:
@@ -172,8 +162,8 @@ class RunJob(submitit.helpers.Checkpointable):
             base = {"run_id": run_id, "job_id": job_id_here(), "pid": os.getpid(), "host": socket.gethostname()}
             log = _rank_logger(run_id, ddp.rank(), world)
             if main:
-                append_jsonl(events, {**base, "event": "start", "time": time.time(), "restart": restarts,
-                                      "world_size": world})
+                append_jsonl(events, [{**base, "event": "start", "time": time.time(), "restart": restarts,
+                                       "world_size": world}], sort_keys=True)
             log(f"start in {run_dir} (job {base['job_id'] or '-'}, restart {restarts})")
             status = "error"
             try:
@@ -192,7 +182,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 raise
             finally:
                 if main:  # every attempt leaves a start/end pair: status and tests read requeues from them
-                    append_jsonl(events, {**base, "event": "end", "time": time.time(), "status": status})
+                    append_jsonl(events, [{**base, "event": "end", "time": time.time(), "status": status}],
+                                 sort_keys=True)
                 log(f"end ({status})")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -36,7 +36,8 @@ from typing import IO, Any
 
 import submitit
 
-from slurm.job import EVENTS_NAME, SWEEP_META, append_jsonl, lock_is_held
+from experiments.files import append_jsonl
+from slurm.job import EVENTS_NAME, SWEEP_META, lock_is_held
 
 
 def machine_cpus() -> int:
@@ -113,7 +114,8 @@ class LocalPool(submitit.helpers.Checkpointable):
                     self._live.discard(proc)
         # a negative code is a signal: the run was killed from outside (status shows it as cancelled)
         append_jsonl(Path(run_dir).parent / SWEEP_META / EVENTS_NAME,
-                     {"run_id": run_id, "event": "exit", "exitcode": code, "time": time.time(), "log": str(log_path)})
+                     [{"run_id": run_id, "event": "exit", "exitcode": code, "time": time.time(), "log": str(log_path)}],
+                     sort_keys=True)
         print(f"[pool] end {run_id}: exit code {code} (log {log_path})", flush=True)
         return code
 

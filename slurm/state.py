@@ -29,13 +29,31 @@ from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import read_job_id
 
 from experiments import run_dir as run_folder
-from experiments.run_dir import is_claimed, read_claim
+from experiments.run_dir import RUN_STATES, is_claimed, read_claim
 from slurm.job import EVENTS_NAME, SWEEP_META
 from slurm.local import pool_alive
 
-STATES = ("pending", "running", "done", "failed", "cancelled", "corrupt", "missing")
-# corrupt: DONE but its summary or config is missing or unreadable (experiments.run_dir.finished);
-# a resubmission sets its folder aside first (slurm.submit), so nothing is lost
+# The words only the scheduler (SLURM, the local pool) or a live claim can say; everything else a
+# run's state says comes from its folder (experiments.run_dir.RUN_STATES, experiments.run_dir.finished).
+SCHEDULER_STATES = {
+    "pending": "queued: SLURM has not started it, it was just submitted, or it waits in the local pool",
+    "running": "a live process holds the run's claim, or SLURM says it runs",
+    "cancelled": "stopped from outside before it ended: scancel, a stopped local pool, a signal",
+}
+# The folder's words a sweep shows as they are. corrupt: DONE but its summary or config is missing or
+# unreadable; a resubmission sets its folder aside first (slurm.submit), so nothing is lost.
+FOLDER_STATES = tuple(s for s in RUN_STATES if s != "started")
+# The folder's "started" (a config.json and no end yet) is never shown: the scheduler says which of
+# these it is (see _classify).
+STARTED_BECOMES = {
+    "running": "its claim is held, or SLURM runs it",
+    "pending": "SLURM has it queued (or it was submitted under a minute ago), or the local pool is alive",
+    "cancelled": "SLURM cancelled it, the local pool ended before it, or a signal killed it",
+    "failed": "its job ended (or its scheduler forgot it) without DONE",
+    "missing": "this sweep folder never submitted it",
+}
+_SHOWN_IN = ("pending", "running", "done", "failed", "cancelled", "corrupt", "missing")  # the order of tables
+STATES = tuple(sorted((*SCHEDULER_STATES, *FOLDER_STATES), key=_SHOWN_IN.index))
 RESUBMITTABLE = ("failed", "cancelled", "corrupt", "missing")
 SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "CONFIGURING"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -234,6 +252,8 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
         return ("corrupt", why)
     if failed_reason:
         return ("failed", failed_reason)
+    # What is left is a folder that says "started" (or "missing", or "failed" without a reason) and a job
+    # that is neither queued nor running: its record says which of STARTED_BECOMES it is.
     if not rec:
         return ("missing", _progress(run_dir) or "never submitted")
     if cluster == "slurm":
@@ -287,10 +307,6 @@ def summarise(states: Iterable[RunState]) -> dict[str, int]:
     for s in states:
         counts[s.state] += 1
     return counts
-
-
-def dump_record(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True)
 
 
 def wait_for(folder: SweepFolder, run_ids: Sequence[str], poll_s: float = 5.0, timeout_s: float | None = None,

@@ -33,13 +33,14 @@ import yaml
 
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import ConfigError
+from experiments.files import append_jsonl
 from experiments.resources import check_resources
 from experiments.run_dir import RunDirError, check_writable, set_aside
 from experiments.sweep import RunSpec, Sweep, SweepError, expand, load_sweep
 from slurm.job import RunJob
 from slurm.local import LocalPool, machine_cpus, machine_mem_gb, pool_size
 from slurm.profiles import ProfileError, resolve_resources
-from slurm.state import SweepFolder, dump_record, run_states, wait_for
+from slurm.state import SweepFolder, run_states, wait_for
 
 CLUSTERS = ("local", "debug", "slurm")
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default
@@ -302,8 +303,7 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
             records = [{"run_id": spec.run_id, "cluster": cluster, "job_id": job.job_id, "folder": str(subdir),
                         "time": now} for spec, job in zip(todo, jobs, strict=True)]
         if records:  # recorded before debug runs, so status sees them
-            with open(folder.jobs_jsonl, "a") as f:
-                f.writelines(dump_record(r) + "\n" for r in records)
+            append_jsonl(folder.jobs_jsonl, records, sort_keys=True)
         result.submitted = [spec.run_id for spec in todo]
         result.job_ids = {r["run_id"]: r["job_id"] for r in records}
         if error:

@@ -14,6 +14,7 @@ from experiments import train
 from experiments.config import ConfigError, load_config
 from experiments.run_dir import RunDir, run_status
 from experiments.tasks import synthetic
+from experiments.train_state import TrainState
 
 SUMMARY_KEYS = {"run_id", "status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr",
                 "best_val_mse", "best_val_psnr", "final_usage_fraction", "final_perplexity",
@@ -150,6 +151,25 @@ def test_a_folder_of_another_run_is_refused(tmp_path):
     (tmp_path / "DONE").unlink()
     with pytest.raises(ConfigError, match="holds run"):
         run(smoke_config("schedule.steps=6"), tmp_path)
+
+
+def test_train_state_goes_through_a_checkpoint_as_plain_data_and_reads_older_ones(tmp_path):
+    state = TrainState(step=7, wall_time_s=1.5, best_val_mse=0.1, best_val_psnr=10.0, best_val_step=5,
+                       last_val={"val_mse": 0.2, "val_psnr": 7.0}, last_train={"loss": 1.0, "recon_loss": 0.9,
+                                                                               "aux_loss": 0.1},
+                       last_quantizer=[{"step": 7, "usage_fraction": 0.5}], unreadable_files=2)
+    torch.save({"progress": state.to_dict()}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["progress"]  # plain containers only
+    assert TrainState.from_dict(loaded) == state
+    target = TrainState()
+    keep = target
+    target.load(loaded)  # in place: the monitor's sink holds the object
+    assert target is keep and target == state
+    older = {k: v for k, v in loaded.items() if k != "unreadable_files"}  # a checkpoint from before the field
+    assert TrainState.from_dict(older).unreadable_files == 0
+    summary = TrainState.from_dict(older).summary("r", smoke_config().resolved(), "done", "")
+    assert "unreadable_files" not in summary and summary["step"] == 7 and summary["final_usage_fraction"] == 0.5
+    assert summary["best_val_step"] == 5 and summary["final_val_mse"] == 0.2 and summary["final_train_loss"] == 1.0
 
 
 def test_lr_warms_up_then_decays_to_min_lr():

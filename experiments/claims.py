@@ -1,0 +1,120 @@
+"""The claim: one process per run folder, an exclusive ``flock`` the kernel drops with its holder.
+
+``<run_dir>/.lock`` carries the lock, ``<run_dir>/.claim`` says who holds it (``{host, pid,
+job_id, since}``). The trainer (``experiments.train.run``) and a sweep job (``slurm.job``) take the
+same claim; ``slurm.state`` probes it. ``experiments.run_dir`` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from experiments.files import atomic_write_json, read_json
+from experiments.folder_state import RunClaimed
+
+LOCK_NAME = ".lock"
+CLAIM_NAME = ".claim"
+CLAIM_TRIES = 10
+_HELD: dict[str, int] = {}  # resolved run folder -> depth of the claims this process holds on it
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path | str, tries: int = CLAIM_TRIES, info: dict[str, Any] | None = None) -> Iterator[bool]:
+    """Yields True while this process holds the run's claim, False if another process holds it.
+
+    The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``; the kernel drops it when the
+    process dies, however it dies, so a stale claim never blocks anyone. ``<run_dir>/.claim`` says
+    who holds it. Re-entrant within one process (a sweep job claims, then the trainer does).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield True
+        finally:
+            _HELD[key] -= 1
+        return
+    handle: IO[str] = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        # a few tries: slurm.status probes the lock by taking it for a few microseconds, while a real
+        # holder keeps it for the whole run
+        for attempt in range(tries):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == tries - 1:
+                    yield False
+                    return
+                time.sleep(0.1)
+        atomic_write_json(run_dir / CLAIM_NAME, {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "",
+                                                 "since": time.time(), **(info or {})})
+        _HELD[key] = 1
+        try:
+            yield True
+        finally:
+            _HELD.pop(key, None)
+    finally:
+        handle.close()  # releases the flock
+
+
+def lock_is_held(path: Path | str) -> bool:
+    """Whether a live process holds an exclusive flock on ``path``.
+
+    Probes with a shared lock, so two probes at once never mistake each other for a holder;
+    the kernel drops a dead holder's lock, so a crashed process never looks alive.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def is_claimed(run_dir: Path | str) -> bool:
+    """Whether a live process (this one included) holds the run's claim."""
+    return bool(_HELD.get(str(Path(run_dir).resolve()))) or lock_is_held(Path(run_dir) / LOCK_NAME)
+
+
+def read_claim(run_dir: Path | str) -> dict[str, Any]:
+    data = read_json(Path(run_dir) / CLAIM_NAME)
+    return data if isinstance(data, dict) else {}
+
+
+def describe_claim(run_dir: Path | str) -> str:
+    owner = read_claim(run_dir)
+    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+    if owner.get("job_id"):
+        who += f" (job {owner['job_id']})"
+    return who
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path | str, main: bool = True,
+            broadcast: Callable[[Any], Any] = lambda x: x) -> Iterator[None]:
+    """Hold the run's claim for the block, or raise RunClaimed saying who holds it.
+
+    Under data parallel only rank 0 (``main``) takes it; ``broadcast`` hands its verdict to every
+    rank, so that all of them train or all raise.
+    """
+    with contextlib.ExitStack() as stack:
+        held = stack.enter_context(claim(run_dir)) if main else None
+        verdict = broadcast(("claimed", "") if held or not main else ("busy", describe_claim(run_dir)))
+        if verdict[0] == "busy":
+            raise RunClaimed(f"{run_dir} is being trained by {verdict[1]}: not starting it twice; wait for it, "
+                             f"or stop that process first")
+        yield

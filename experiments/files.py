@@ -1,0 +1,94 @@
+"""How the run folder's and the sweep folder's files are written and read back.
+
+- JSON files (``config.json``, ``summary.json``, ``.claim``, a sweep's ``runs.json``) and every other
+  file that is rewritten whole go through :func:`atomic_write`: a temp file in the same folder,
+  fsynced, then ``os.replace``d over the target, so a process killed at any instant leaves either
+  the old or the new version, never half of one. This is the one atomic writer of the
+  lfq -> experiments -> slurm chain (lfq writes nothing but appends).
+- JSON-lines logs grow through :func:`append_jsonl`, ``lfq.jsonl``'s appender (re-exported here so
+  that ``slurm``, which may import ``experiments`` only, uses the same one), and are cut back
+  atomically by :func:`truncate_jsonl`.
+
+Reading parses JSON only; nothing read from a file can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lfq.jsonl import append_jsonl  # the one appender, re-exported for slurm
+
+__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "truncate_jsonl"]
+
+
+def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    # allow_nan: a NaN metric is data (JSON extension NaN), which json and pandas read back.
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"))
+
+
+def read_json(path: Path | str) -> Any | None:
+    """The parsed file, or None when it is missing or unreadable (e.g. written by an older crash)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """All complete rows; a partial last line (the process died mid-write) is skipped."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_jsonl(path: Path | str, max_step: int) -> int:
+    """Keep only the rows with ``step <= max_step`` (atomically); returns how many were dropped.
+
+    On resume, rows written after the checkpoint will be written again by the resumed run.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= max_step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda f: f.writelines(kept))
+    return dropped
