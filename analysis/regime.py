@@ -246,28 +246,46 @@ def read_regime(folder: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return regime_summary(runs), curves
 
 
-def write_regime(runs_root: Path, out: Path, *, command: str) -> list[str]:
-    """From the run folders under ``runs_root``: ``summary.csv`` (one row per run), ``table.csv``
-    (over seeds), ``curves.csv`` (diagnostic steps), ``regime.png/.svg``, ``collapse.png/.svg``
-    and ``command.txt`` in ``out``, each written atomically. Returns the names written."""
-    from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
+def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime"
+                 ) -> list[str]:
+    """From the run folders under ``runs_roots``, into ``out``, each file written atomically:
 
-    runs = load_runs(runs_root)
-    require(len(runs), f"no run folders under {runs_root}")
-    require(TAU in runs, f"the runs under {runs_root} have no {TAU} column: not a regime sweep")
-    summary = regime_summary(runs)
-    done = runs[runs["status"] == "done"]
+    - the regime sweep's (``regime_sweep``; all the runs when none is in that sweep):
+      ``summary.csv`` (one row per run), ``table.csv`` (over seeds), ``curves.csv`` (diagnostic
+      steps), ``regime.png/.svg`` and ``collapse.png/.svg``;
+    - when the runs hold more than one quantizer kind (claim 1 on this task, both regimes):
+      ``quantizers_summary.csv``, ``quantizers_table.csv`` and ``quantizers.png/.svg``;
+    - ``command.txt``. Returns the names written."""
+    from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
+    from analysis.quantizers import KIND, quantizers_figure, quantizers_summary, quantizers_table
+
+    parts = [load_runs(root) for root in runs_roots]
+    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    regime_runs = runs[runs["sweep"] == regime_sweep] if (runs["sweep"] == regime_sweep).any() else runs
+    require(TAU in regime_runs, f"the runs have no {TAU} column: not a regime sweep")
+    summary = regime_summary(regime_runs)
+    done = regime_runs[regime_runs["status"] == "done"]
     curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done)
     written = []
-    for name, frame in (("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)):
+    tables = [("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)]
+    figures = [("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))]
+    if KIND in runs and runs[KIND].nunique() > 1:
+        compared = quantizers_summary(runs)
+        fixed = held_fixed(compared, [k for k in FIXED_KEYS if k not in (KIND, "quantizer.entropy_mode")])
+        tables += [("quantizers_summary.csv", compared), ("quantizers_table.csv", quantizers_table(compared))]
+        figures.append(("quantizers", quantizers_figure(compared, held_fixed=fixed[len("held fixed: "):].replace(
+            "\n", " "), strict=True)))
+    for name, frame in tables:
         write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
         written.append(name)
-    for stem, fig in (("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))):
-        save_figure(fig, out, stem)
-        written += [f"{stem}.png", f"{stem}.svg"]
-    made = [f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results RUNS {SIZE}={int(size)} --wait"
-            for sweep in sorted(summary["sweep"].dropna().unique()) for size in sorted(summary[SIZE].unique())]
-    text = "# the runs (one submit per codebook size):\n" + "\n".join(made) + "\n# these tables and figures:\n" + command
+    for stem, fig in figures:
+        written += save_figure(fig, out, stem)
+    made = [f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results RUNS" +
+            (f" {SIZE}={int(size)}" if sweep == regime_sweep else "") + " --wait"
+            for sweep in sorted(runs["sweep"].dropna().unique())
+            for size in (sorted(summary[SIZE].unique()) if sweep == regime_sweep else [None])]
+    text = "# the runs:\n" + "\n".join(made) + "\n# these tables and figures:\n" + command
     write_atomic(out / "command.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return [*written, "command.txt"]
 
@@ -275,16 +293,21 @@ def write_regime(runs_root: Path, out: Path, *, command: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(prog="python -m analysis.regime", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_root", type=Path, help="the regime sweep's folder (e.g. RESULTS/recipe_regime)")
+    parser.add_argument("runs_roots", type=Path, nargs="+", metavar="RUNS",
+                        help="the regime sweep's folder (e.g. RESULTS/recipe_regime), then any sweep folders to "
+                             "compare quantizers with (RESULTS/quantizers_images RESULTS/vq_fair_images)")
     parser.add_argument("--out", type=Path, default=Path("results/recipe"), help="default: results/recipe")
+    parser.add_argument("--regime-sweep", default="recipe_regime", help="the regime sweep's name (default: recipe_regime)")
     args = parser.parse_args(argv)
-    if not args.runs_root.is_dir():
-        what = "is a file" if args.runs_root.exists() else "does not exist"
-        return fail(f"RUNS_ROOT {args.runs_root} {what}: give the regime sweep's folder")
+    for root in args.runs_roots:
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            return fail(f"RUNS {root} {what}: give sweep folders (the regime sweep's first)")
     if args.out.exists() and not args.out.is_dir():
         return fail(f"--out {args.out} is a file; give a folder (default results/recipe)")
     try:
-        written = write_regime(args.runs_root, args.out, command=shlex.join(["python", "-m", "analysis.regime", *argv]))
+        written = write_regime(args.runs_roots, args.out, regime_sweep=args.regime_sweep,
+                               command=shlex.join(["python", "-m", "analysis.regime", *argv]))
     except (NoData, ValueError) as err:
         return fail(err)
     print(f"{args.out}: {', '.join(written)}")

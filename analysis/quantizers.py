@@ -1,0 +1,117 @@
+"""Claim 1 on the images task, in both regimes: LFQ, BSQ, FSQ and VQ over codebook size.
+
+The runs come from several sweeps (``recipe_regime`` gives LFQ at the reference's and the
+recipe's inverse temperature, ``quantizers_images`` BSQ, FSQ and plain VQ, ``vq_fair_images``
+VQ with k-means / random-sample initialisation and dead-code replacement). Each run gets a
+*series*: the quantizer and what distinguishes it (LFQ's and BSQ's inverse temperature, VQ's
+initialisation and dead-code threshold). Regime runs away from the constant entropy weight
+and gamma 1 are not part of this comparison and get no series.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import LINESTYLES, MARKERS, colors, dodge, new_figure, require, skippable
+
+KIND = "quantizer.kind"
+SIZE = "quantizer.codebook_size"
+TAU = "quantizer.inv_temperature"
+SCHEDULE = "anneal.entropy"
+GAMMA = "quantizer.diversity_gamma"
+VQ_INIT = "quantizer.vq_init"
+VQ_DEAD = "quantizer.vq_dead_code_threshold"
+METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
+KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
+
+
+def _value(run: pd.Series, column: str, default: object) -> object:
+    value = run.get(column, default)
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def series_of(run: pd.Series) -> str | None:
+    """The comparison's name for one run (a row of ``load_runs``), or None if it is not part of it."""
+    kind = str(_value(run, KIND, "lfq"))
+    if kind in ("lfq", "bsq"):
+        if _value(run, SCHEDULE, "constant") != "constant" or float(_value(run, GAMMA, 1.0)) != 1.0:
+            return None
+        tau = float(_value(run, TAU, 100.0))
+        return f"{kind.upper()} inv. temp. {tau:g}" + (" (reference)" if tau == 100.0 and kind == "lfq" else "")
+    if kind == "vq":
+        init, dead = str(_value(run, VQ_INIT, "uniform")), float(_value(run, VQ_DEAD, 0.0))
+        return "VQ" + ("" if init == "uniform" else f" {init.replace('_', '-')} init") + (
+            f" + dead-code {dead:g}" if dead > 0 else "")
+    return kind.upper()
+
+
+def quantizers_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of the comparison, run ids unique (a run found in two sweeps counts once)."""
+    require(len(runs), "no runs")
+    table = runs.copy()
+    table["series"] = [series_of(row) for _, row in table.iterrows()]
+    table = table[table["series"].notna()]
+    columns = ["run_id", "sweep", "status", "series", KIND, SIZE, TAU, VQ_INIT, VQ_DEAD, "seed", *METRICS,
+               "final_val_tokens", "wall_time_s"]
+    table = table[[c for c in columns if c in table]].drop_duplicates("run_id")
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    table = table.assign(_k=table[KIND].map(rank) if KIND in table else 0)
+    return table.sort_values(["_k", "series", SIZE, "seed"]).drop(columns="_k").reset_index(drop=True)
+
+
+def quantizers_table(summary: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Mean, std, min and n over seeds per (series, codebook size), finished runs only."""
+    done = summary[summary["status"] == "done"]
+    present = [m for m in metrics if m in done]
+    grouped = done.groupby(["series", SIZE], sort=False)[present]
+    table = grouped.agg(["mean", "std", "min"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table["n_seeds"] = grouped.size()
+    return table.reset_index()
+
+
+@skippable
+def quantizers_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usage_fraction", "final_val_psnr"),
+                      held_fixed: str = "") -> Figure:
+    """Validation usage and PSNR against codebook size, one line per series (mean over seeds,
+    own colour, line style and marker, dodged sideways), every seed a small marker."""
+    done = summary[summary["status"] == "done"]
+    require(len(done), "no finished runs to compare")
+    series = list(dict.fromkeys(done["series"]))
+    palette = colors(len(series))
+    fig, axes = new_figure(1, len(metrics), height=6.0)
+    for col, metric in enumerate(metrics):
+        ax = axes[0, col]
+        require(metric in done, f"no column {metric}")
+        scale = 100.0 if metric.endswith("usage_fraction") else 1.0
+        for i, name in enumerate(series):
+            runs = done[done["series"] == name]
+            style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
+            ax.scatter(dodge(runs[SIZE].to_numpy(float), i, len(series), log=True, width=0.12),
+                       runs[metric] * scale, s=20, alpha=0.5, linewidths=0, **style)
+            mean = runs.groupby(SIZE)[metric].mean() * scale
+            n = runs.groupby(SIZE).size()
+            ax.plot(dodge(mean.index.to_numpy(float), i, len(series), log=True, width=0.12), mean.to_numpy(),
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], markerfacecolor="white", markersize=7,
+                    label=f"{name} (n={n.min()}-{n.max()})" if n.min() != n.max() else f"{name} (n={n.min()})",
+                    **style)
+        sizes = sorted(done[SIZE].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"2^{int(np.log2(s))}" for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("codebook size (log2; series dodged sideways)")
+        ax.set_ylabel("val usage (% of codebook)" if scale == 100 else
+                      "val PSNR (dB)" if metric.endswith("psnr") else metric.replace("_", " "))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3,
+               title="line: mean over seeds (n seeds); small markers: one seed each")
+    tokens = int(done["final_val_tokens"].max()) if "final_val_tokens" in done else None
+    title = "Quantizers on the images task: validation usage and PSNR against codebook size"
+    note = (f"held fixed: {held_fixed}" if held_fixed else "") + (f"; {tokens:,} validation tokens" if tokens else "")
+    fig.suptitle(title + ("\n" + textwrap.fill(note, 115) if note else ""), fontsize=13)
+    return fig
