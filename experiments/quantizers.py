@@ -186,16 +186,36 @@ def build_fsq(cfg: FSQConfig, latent_dim: int | None) -> nn.Module:
     return FSQ(dim=latent_dim, levels=cfg.resolved_fsq_levels(), num_codebooks=cfg.num_codebooks)
 
 
+def lfq_memory(cfg: LFQConfig, tokens: int) -> dict[str, int]:
+    """Bytes LFQ/BSQ certainly need (experiments.resources): the codebook buffer, and the dense
+    tokens x codes softmax of the reference entropy."""
+    bits = max(1, math.ceil(math.log2(cfg.codebook_size)))
+    parts = {"quantizer.codebook_size: the LFQ codebook buffer": cfg.codebook_size * bits * 4}
+    if cfg.entropy_mode == "reference":
+        parts["quantizer.codebook_size x data.batch_size: the reference entropy's dense softmax"] = (
+            tokens * cfg.codebook_size * cfg.num_codebooks * 4)
+    return parts
+
+
+def vq_memory(cfg: VQConfig, tokens: int) -> dict[str, int]:
+    """The VQ codebook, its gradient and AdamW's two moments, float32."""
+    dim = cfg.vq_code_dim or max(1, math.ceil(math.log2(cfg.codebook_size)))
+    return {"quantizer.codebook_size: the VQ codebook, its gradient and AdamW state":
+            4 * cfg.num_codebooks * cfg.codebook_size * dim * 4}
+
+
 @dataclass(frozen=True)
 class Kind:
     config: type[QuantizerConfig]  # the class of its config section
     build: Callable[[Any, int | None], nn.Module]  # (its config, latent_dim or None) -> the module
+    # (its config, tokens per batch) -> {"field: what": bytes it certainly needs}; None: nothing that scales
+    memory: Callable[[Any, int], dict[str, int]] | None = None
 
 
 QUANTIZERS: dict[str, Kind] = {
-    "lfq": Kind(LFQConfig, build_lfq),
-    "bsq": Kind(LFQConfig, build_lfq),  # LFQ on the sphere
-    "vq": Kind(VQConfig, build_vq),
+    "lfq": Kind(LFQConfig, build_lfq, lfq_memory),
+    "bsq": Kind(LFQConfig, build_lfq, lfq_memory),  # LFQ on the sphere
+    "vq": Kind(VQConfig, build_vq, vq_memory),
     "fsq": Kind(FSQConfig, build_fsq),
 }
 DEFAULT_KIND = QuantizerConfig.kind  # its fields are the ones other kinds may carry

@@ -11,7 +11,6 @@ it is a lower bound: a run it refuses cannot fit, a run it accepts may still not
 
 from __future__ import annotations
 
-import math
 import os
 
 from experiments.config import Config, ConfigError
@@ -31,30 +30,22 @@ def machine_memory_bytes() -> int:
 
 
 def estimate(config: Config) -> dict[str, int]:
-    """Bytes that the named parts of the run certainly need (a lower bound; see the module docstring)."""
+    """Bytes that the named parts of the run certainly need (a lower bound; see the module docstring).
+
+    The task's module says what its data takes (``memory(config) -> (parts, tokens per batch)``),
+    the quantizer kind's registry entry what its module takes; the monitor's counters are the
+    same for every kind."""
+    from experiments.quantizers import QUANTIZERS
+    from experiments.tasks import get_task
+
     config = config.resolved()
-    q, d, m = config.quantizer, config.data, config.model
-    codes, books = q.codebook_size, q.num_codebooks
-    bits = max(1, math.ceil(math.log2(codes)))
-    parts: dict[str, int] = {}
-    if q.kind == "lfq":
-        parts["quantizer.codebook_size: the LFQ codebook buffer"] = codes * bits * FLOAT
-    elif q.kind == "vq":
-        code_dim = q.vq_code_dim or bits
-        parts["quantizer.codebook_size: the VQ codebook, its gradient and AdamW state"] = 4 * books * codes * code_dim * FLOAT
-    parts["quantizer.codebook_size: the monitor's per-code counters"] = MONITOR_TENSORS * books * codes * COUNT
-    if config.task == "patches":
-        sample = 3 * d.patch_size**2
-        activations = d.batch_size * (sample + m.channels * sample // 4) * FLOAT
-        tokens = d.batch_size * max(1, (d.patch_size // 4) ** 2)
-    else:
-        sample = d.input_dim
-        activations = d.batch_size * (sample + 2 * m.depth * m.hidden_dim) * FLOAT
-        tokens = d.batch_size
-    parts["data.batch_size: one batch and its activations"] = activations
-    parts["data.val_size: the validation set"] = d.val_size * sample * FLOAT
-    if q.kind == "lfq" and q.entropy_mode == "reference":  # the dense tokens x codes softmax
-        parts["quantizer.codebook_size x data.batch_size: the reference entropy's dense softmax"] = tokens * codes * FLOAT
+    q = config.quantizer
+    task = get_task(config.task)
+    parts, tokens = task.memory(config) if hasattr(task, "memory") else ({}, config.data.batch_size)
+    kind = QUANTIZERS[q.kind]
+    parts = {**(kind.memory(q, tokens) if kind.memory else {}), **parts}
+    parts["quantizer.codebook_size: the monitor's per-code counters"] = MONITOR_TENSORS * q.num_codebooks * \
+        q.codebook_size * COUNT
     return parts
 
 

@@ -186,3 +186,12 @@ def tokens_per_image(config: Config) -> int:
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+def memory(config: Config) -> tuple[dict[str, int], int]:
+    """Bytes a run certainly needs for its data (see experiments.resources), and tokens per batch:
+    a float32 batch and its reconstruction. (Not the validation crops: ``data.val_size`` is a
+    cap, and how many images there are is only known once they are listed.)"""
+    d = config.data
+    sample = 3 * d.resolution**2
+    return ({"data.batch_size: one batch and its reconstruction": 2 * d.batch_size * sample * 4},
+            d.batch_size * tokens_per_image(config))

@@ -123,3 +123,12 @@ class ConvAutoencoder(nn.Module):
 
 def build_model(config: Config) -> nn.Module:
     return ConvAutoencoder(config)
+
+
+def memory(config: Config) -> tuple[dict[str, int], int]:
+    """Bytes a run certainly needs for its data (see experiments.resources), and tokens per batch."""
+    d, m = config.data, config.model
+    sample = 3 * d.patch_size**2
+    activations = d.batch_size * (sample + m.channels * sample // 4) * 4
+    return {"data.batch_size: one batch and its activations": activations,
+            "data.val_size: the validation set": d.val_size * sample * 4}, d.batch_size * max(1, (d.patch_size // 4) ** 2)

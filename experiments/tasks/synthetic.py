@@ -65,3 +65,11 @@ class MLPAutoencoder(nn.Module):
 
 def build_model(config: Config) -> nn.Module:
     return MLPAutoencoder(config)
+
+
+def memory(config: Config) -> tuple[dict[str, int], int]:
+    """Bytes a run certainly needs for its data (see experiments.resources), and tokens per batch."""
+    d, m = config.data, config.model
+    activations = d.batch_size * (d.input_dim + 2 * m.depth * m.hidden_dim) * 4
+    return {"data.batch_size: one batch and its activations": activations,
+            "data.val_size: the validation set": d.val_size * d.input_dim * 4}, d.batch_size
