@@ -132,12 +132,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lfq.adapters import Adapter, ProtocolAdapter, check_indices
-from lfq.code_usage import (
+from lfq.code_usage import RECORD_COLUMNS, CodeUsage
+from lfq.records import evaluation_records, snapshot_records, step_records
+from lfq.sinks import JsonlSink, MemorySink, Sink
+from lfq.step_counts import (
     LOSS_FIELDS,
     MODES,
-    RECORD_COLUMNS,
     ClosedStep,
-    CodeUsage,
     LayerSpec,
     Snapshot,
     StepCounts,
@@ -145,8 +146,6 @@ from lfq.code_usage import (
     is_quantizer,
     scatter_counts,
 )
-from lfq.records import evaluation_records, snapshot_records, step_records
-from lfq.sinks import JsonlSink, MemorySink, Sink
 
 __all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
            "is_quantizer"]

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lfq.code_usage import BIT_ENTROPY, BIT_FREQUENCY, LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
+from lfq.code_usage import BIT_ENTROPY, BIT_FREQUENCY
+from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
 
 
 def _to_host(tensors: list[Tensor]) -> list[list[float]]:
