@@ -4,8 +4,8 @@
 watched (``is_quantizer``, ``LayerSpec``), what a step accumulates (``StepCounts``) and its sum
 over data-parallel ranks (``all_reduce_counts``). This module owns the state that outlives a
 step (``CodeUsage``: last-used steps, histograms) and the per-step statistics computed from
-them with device ops only. ``lfq.records`` turns a flush's row tensors into flat records. The
-definitions of the columns are in the ``lfq.monitor`` docstring.
+them with device ops only. ``lfq.records`` turns a flush's row tensors into flat records and
+defines their columns.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lfq.latent_stats import LATENT_FIELDS, gram_entropy
+from lfq.records import BIT_ENTROPY, BIT_FREQUENCY, RECORD_COLUMNS, STAT_FIELDS  # noqa: F401  (re-exported)
 from lfq.step_counts import (  # noqa: F401  (re-exported: importable from lfq.code_usage as before)
     LOSS_FIELDS,
     MODES,
@@ -30,13 +31,6 @@ from lfq.step_counts import (  # noqa: F401  (re-exported: importable from lfq.c
     scatter_counts,
 )
 
-STAT_FIELDS = LOSS_FIELDS + (
-    "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
-    "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
-)
-RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
-# Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
-BIT_FREQUENCY, BIT_ENTROPY = "bit_frequency_", "bit_entropy_"
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
 # Small codebooks (c * K codes up to this) close their steps in batches: a closed step is only
 # stashed (a few ops), and its statistics are computed with the next ones at the next flush or

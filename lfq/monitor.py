@@ -66,39 +66,11 @@ of the latent sums on diagnostic steps.
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
 
-Columns, one row per (step, layer, codebook, mode):
-- ``per_sample_entropy``, ``batch_entropy``, ``commitment``, ``aux_loss``: from
-  ``last_stats``, NaN in eval mode or when the quantizer does not report them (a
-  ``last_stats`` object already counted, i.e. not refreshed by the pass, is ignored);
-- ``codes_used``: distinct codes among this step's kept tokens; ``tokens``: kept tokens;
-  ``forward_passes``: passes accumulated into the step;
-- ``perplexity``: exp of the entropy of this step's code histogram (K for uniform use of K
-  codes; NaN when no token was kept);
-- ``usage_fraction``: fraction of the codebook used at least once in the steps
-  ``(s - usage_window, s]`` (step numbers, not forward passes);
-- ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
-  used counts as last used just before the layer's first monitored step ``s0``, so it is
-  dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
-- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
-  bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
-  bit); NaN for other quantizers, whose indices need not be bit strings;
-- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
-  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
-  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
-- ``dead_bits``: bits that kept one value in every kept token of the steps
-  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
-- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
-  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
-  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
-  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
-  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
-
-Histograms: ``histogram(layer)`` is the cumulative (num_codebooks, codebook_size) count
-tensor. With a ``histogram_sink``, after every step ``s`` with ``(s + 1) % histogram_every
-== 0`` the counts since the previous snapshot go there, at the next flush, as sparse rows
-``{step, layer, codebook, codebook_size, mode, codes, counts}`` (layers not run since the
-previous snapshot are left out), with ``bit_frequencies`` (per bit, MSB first, the fraction of
-those tokens with the bit set) for binary quantizers.
+Records. Each closed step makes one record per (layer, codebook, mode) for the ``sink``; with
+a ``histogram_sink``, every ``histogram_every`` steps the counts since the previous snapshot
+go there as sparse rows. Their columns, the format ``analysis`` reads, are defined in the
+``lfq.records`` docstring. ``histogram(layer)`` is the cumulative (num_codebooks,
+codebook_size) count tensor.
 
 Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
 rank (opt out with ``distributed=False``), the records describe the global batch: when a step
@@ -132,8 +104,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lfq.adapters import Adapter, ProtocolAdapter, check_indices
-from lfq.code_usage import RECORD_COLUMNS, CodeUsage
-from lfq.records import evaluation_records, snapshot_records, step_records
+from lfq.code_usage import CodeUsage
+from lfq.records import RECORD_COLUMNS, evaluation_records, snapshot_records, step_records
 from lfq.sinks import JsonlSink, MemorySink, Sink
 from lfq.step_counts import (
     LOSS_FIELDS,
