@@ -40,7 +40,8 @@ at the next flush, as sparse rows ``{step, layer, codebook, codebook_size, mode,
 counts}`` (layers not run since the previous snapshot are left out), with ``bit_frequencies``
 (per bit, MSB first, the fraction of those tokens with the bit set) for binary quantizers.
 
-Evaluation records (``evaluation_records``): see ``lfq.monitor.Evaluation``.
+Evaluation records (``evaluation_records``), one per (layer, codebook) of an evaluation pass, make
+up the ``Evaluation`` that ``LFQMonitor.evaluating()`` returns (its docstring has their columns).
 """
 
 from __future__ import annotations
@@ -171,3 +172,23 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
             records.append(record)
     return records
+
+
+class Evaluation:
+    """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
+    dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
+    ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
+    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
+    over every rank's tokens."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.counts: dict[str, Tensor] = {}
+
+    def usage_fraction(self, layer: str | None = None) -> float:
+        """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
+        values = [r["usage_fraction"] for r in self.records if layer is None or r["layer"] == layer]
+        if not values:
+            raise ValueError(f"no evaluation records{'' if layer is None else f' for layer {layer!r}'}: "
+                             f"did the block run the model?")
+        return sum(values) / len(values)
