@@ -66,39 +66,11 @@ of the latent sums on diagnostic steps.
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
 
-Columns, one row per (step, layer, codebook, mode):
-- ``per_sample_entropy``, ``batch_entropy``, ``commitment``, ``aux_loss``: from
-  ``last_stats``, NaN in eval mode or when the quantizer does not report them (a
-  ``last_stats`` object already counted, i.e. not refreshed by the pass, is ignored);
-- ``codes_used``: distinct codes among this step's kept tokens; ``tokens``: kept tokens;
-  ``forward_passes``: passes accumulated into the step;
-- ``perplexity``: exp of the entropy of this step's code histogram (K for uniform use of K
-  codes; NaN when no token was kept);
-- ``usage_fraction``: fraction of the codebook used at least once in the steps
-  ``(s - usage_window, s]`` (step numbers, not forward passes);
-- ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
-  used counts as last used just before the layer's first monitored step ``s0``, so it is
-  dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
-- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
-  bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
-  bit); NaN for other quantizers, whose indices need not be bit strings;
-- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
-  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
-  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
-- ``dead_bits``: bits that kept one value in every kept token of the steps
-  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
-- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
-  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
-  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
-  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
-  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
-
-Histograms: ``histogram(layer)`` is the cumulative (num_codebooks, codebook_size) count
-tensor. With a ``histogram_sink``, after every step ``s`` with ``(s + 1) % histogram_every
-== 0`` the counts since the previous snapshot go there, at the next flush, as sparse rows
-``{step, layer, codebook, codebook_size, mode, codes, counts}`` (layers not run since the
-previous snapshot are left out), with ``bit_frequencies`` (per bit, MSB first, the fraction of
-those tokens with the bit set) for binary quantizers.
+Records. Each closed step makes one record per (layer, codebook, mode) for the ``sink``; with
+a ``histogram_sink``, every ``histogram_every`` steps the counts since the previous snapshot
+go there as sparse rows. Their columns, the format ``analysis`` reads, are defined in the
+``lfq.records`` docstring. ``histogram(layer)`` is the cumulative (num_codebooks,
+codebook_size) count tensor.
 
 Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
 rank (opt out with ``distributed=False``), the records describe the global batch: when a step
@@ -128,25 +100,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lfq.adapters import Adapter, ProtocolAdapter, check_indices
-from lfq.code_usage import (
-    LOSS_FIELDS,
+from lfq.adapters import Adapter
+from lfq.code_usage import CodeUsage
+from lfq.monitor_hooks import MonitorHooks
+from lfq.records import RECORD_COLUMNS, Evaluation, evaluation_records, snapshot_records, step_records
+from lfq.sinks import JsonlSink, MemorySink, Sink
+from lfq.step_counts import (
     MODES,
-    RECORD_COLUMNS,
     ClosedStep,
-    CodeUsage,
     LayerSpec,
     Snapshot,
     StepCounts,
     all_reduce_counts,
     is_quantizer,
-    scatter_counts,
 )
-from lfq.records import evaluation_records, snapshot_records, step_records
-from lfq.sinks import JsonlSink, MemorySink, Sink
 
 __all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
            "is_quantizer"]
@@ -161,27 +130,7 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-class Evaluation:
-    """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
-    dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
-    ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
-    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
-    over every rank's tokens."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.counts: dict[str, Tensor] = {}
-
-    def usage_fraction(self, layer: str | None = None) -> float:
-        """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
-        values = [r["usage_fraction"] for r in self.records if layer is None or r["layer"] == layer]
-        if not values:
-            raise ValueError(f"no evaluation records{'' if layer is None else f' for layer {layer!r}'}: "
-                             f"did the block run the model?")
-        return sum(values) / len(values)
-
-
-class LFQMonitor:
+class LFQMonitor(MonitorHooks):
     def __init__(
         self,
         model: nn.Module,
@@ -362,20 +311,6 @@ class LFQMonitor:
                 total += (usage.histogram + usage.step.counts + sum(acc.counts for _, acc in usage.pending)).cpu()
         return total
 
-    def _world(self) -> int:
-        """Ranks whose counts make up a step: the process group's size, or 1 (opted out / none)."""
-        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
-            if self.distributed is True:
-                raise RuntimeError(
-                    "LFQMonitor(distributed=True) needs an initialised torch.distributed process group; "
-                    "pass distributed=None to use one only when it exists"
-                )
-            return 1
-        return dist.get_world_size()
-
-    def _is_main(self) -> bool:
-        return self._world() == 1 or dist.get_rank() == 0
-
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume; flushes first (see the module docstring)."""
         self.flush()
@@ -427,160 +362,3 @@ class LFQMonitor:
 
     def __exit__(self, *exc_info: object) -> None:
         self.detach()
-
-    # ------------------------------------------------------------------ hooks
-
-    def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module.training and not self._explicit_steps:
-            step, self._auto_next = self._auto_next, self._auto_next + 1
-            self._begin_step(step)
-
-    def _make_hook(self, spec: LayerSpec) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            # inference_mode(False): tensors created here must stay writable after an
-            # inference-mode validation pass; no_grad: nothing here is differentiated.
-            try:
-                with torch.inference_mode(False), torch.no_grad():
-                    self._observe(spec, args, kwargs, output)
-            finally:
-                self._captured.pop(spec.name, None)
-
-        return hook
-
-    def _make_capture(self, name: str) -> Callable[..., None]:
-        def capture(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, Tensor):
-                self._captured[name] = output
-
-        return capture
-
-    def _one(self, device: torch.device) -> Tensor:
-        """A cached int64 scalar 1 on ``device``: the weight of every token when there is no mask."""
-        one = self._ones.get(device)
-        if one is None:
-            with torch.inference_mode(False):
-                one = self._ones[device] = torch.ones((), dtype=torch.long, device=device)
-        return one
-
-    def _diagnostic_step(self) -> bool:
-        return self._step % self.diagnostics_every == 0
-
-    def _observe(self, spec: LayerSpec, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        adapter = spec.adapter
-        indices = adapter.indices(spec.module, args, kwargs, output)
-        if not isinstance(indices, Tensor):
-            raise ValueError(f"{spec.name}: the adapter's indices must be a tensor, got {type(indices).__name__}")
-        idx = check_indices(spec.name, adapter, indices)  # (tokens, c); image/video axes flattened
-        mask = adapter.mask(spec.module, args, kwargs)
-        per_index = idx.shape[0] // max(1, getattr(adapter, "tokens_per_index", 1))
-        if mask is None:
-            weight = self._one(idx.device).expand_as(idx)
-        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() in (
-                idx.shape[0], per_index, samples := (indices.shape[0] if indices.ndim else 0)):
-            # One entry per token; per position (VectorQuantize's shared heads); or per sample,
-            # (b,), keeping or dropping all of a sample's tokens.
-            keep = mask.reshape(-1).to(device=idx.device)
-            if keep.numel() != idx.shape[0] and samples and idx.shape[0] % keep.numel() == 0:
-                keep = keep.repeat_interleave(idx.shape[0] // keep.numel())
-            weight = keep.to(torch.long).reshape(-1, 1).expand_as(idx)
-        else:
-            raise ValueError(
-                f"{spec.name}: mask must be a bool tensor with one entry per token ({idx.shape[0]} for "
-                f"indices of shape {tuple(indices.shape)}) or per sample, got {getattr(mask, 'dtype', type(mask).__name__)} "
-                f"of shape {tuple(getattr(mask, 'shape', ()))}"
-            )
-        if not isinstance(adapter, ProtocolAdapter):  # foreign quantizers mark dropped tokens with -1
-            valid = idx >= 0
-            weight, idx = weight * valid, idx.clamp(min=0)
-
-        mode = "train" if spec.module.training else "eval"
-        usage = self._usage_of(spec, mode, idx.device)
-        usage.add_tokens(spec, idx, weight)
-        if self._evaluation is not None:
-            scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
-        if mode != "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
-            return
-        self._add_losses(spec, usage.step, adapter.losses(spec.module, output))
-        if spec.bits is not None and self._diagnostic_step():
-            latent = adapter.latent(spec.module, args, kwargs, self._captured.get(spec.name))
-            if latent is not None:
-                if latent.z.shape[0] != idx.shape[0] or latent.z.shape[1:] != (spec.num_codebooks, spec.bits):
-                    raise ValueError(
-                        f"{spec.name}: the latent has shape {tuple(latent.z.shape)}, expected ({idx.shape[0]}, "
-                        f"{spec.num_codebooks}, {spec.bits}): one row per index token, codebooks, bits"
-                    )
-                usage.step.add_latent(latent, weight[:, 0], with_gram=not adapter.reports_losses)
-
-    def _add_losses(self, spec: LayerSpec, acc: StepCounts, stats: Any) -> None:
-        # An object already counted is stale: a quantizer that did not refresh last_stats.
-        if stats is None or stats is self._last_stats_seen.get(spec.name):
-            return
-        self._last_stats_seen[spec.name] = stats
-        values = [getattr(stats, name, None) for name in LOSS_FIELDS]
-        books, device = spec.num_codebooks, acc.loss_sum.device
-        if all(isinstance(v, Tensor) and v.shape == (books,) and v.device == device for v in values):
-            acc.loss_sum.add_(torch.stack(values))  # the usual case, as LFQ reports them: one op
-            acc.loss_passes = [n + 1 for n in acc.loss_passes]
-            return
-        for i, (name, value) in enumerate(zip(LOSS_FIELDS, values, strict=True)):
-            if value is None:
-                continue
-            value = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
-            if value.numel() not in (1, books):
-                raise ValueError(
-                    f"{spec.name}: last_stats.{name} must hold one value per codebook ({books}), "
-                    f"got shape {tuple(value.shape)}"
-                )
-            acc.loss_sum[i].add_(value.reshape(-1).expand(books))
-            acc.loss_passes[i] += 1
-
-    # ------------------------------------------------------------------ steps
-
-    def _usage_of(self, spec: LayerSpec, mode: str, device: torch.device) -> CodeUsage:
-        usage = self._usage[spec.name].get(mode)
-        if usage is None:
-            snapshots = self.histogram_sink is not None
-            usage = self._usage[spec.name][mode] = CodeUsage.new(spec, device, self._step, snapshots)
-        elif usage.device != device:
-            usage.to(device)
-        return usage
-
-    def _begin_step(self, step: int) -> None:
-        if step != self._step:
-            self._close_step()
-            self._step = step
-        if self._closed_unflushed >= self.log_every:
-            self.flush()
-
-    def _settle(self) -> None:
-        """Fold every stashed step (``lfq.code_usage.BATCH_MAX_CODES``) into the state."""
-        summarize = self._is_main()
-        for name, spec in self._layers.items():
-            for mode, usage in self._usage[name].items():
-                self._pending_steps += usage.settle(spec, mode, self.usage_window, self.dead_after, summarize)
-
-    def _close_step(self) -> None:
-        """Turn the current step's counts into one pending ClosedStep per active (layer, mode)."""
-        step = self._step
-        active = [(spec, mode, usage) for name, spec in self._layers.items() for mode in MODES
-                  if (usage := self._usage[name].get(mode)) is not None and usage.step.forward_passes > 0]
-        if not active:
-            return
-        if self._world() > 1:
-            all_reduce_counts([usage.step.counts for _, _, usage in active])
-            latents = [t for _, _, usage in active for t in (usage.step.latent, usage.step.gram) if t is not None]
-            if latents:  # diagnostic steps: the latent sums of the global batch (float, apart from the counts)
-                all_reduce_counts(latents)
-        summarize = self._is_main()  # only rank 0's records reach a sink
-        for spec, mode, usage in active:
-            # Batches pay off only when flushes are a few steps apart.
-            self._pending_steps += usage.close(spec, mode, step, self.usage_window, self.dead_after,
-                                               summarize=summarize, batched=self.log_every >= 4)
-        self._closed_unflushed += 1
-        if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
-            self._settle()
-            for name, spec in self._layers.items():
-                for mode, usage in self._usage[name].items():
-                    counts = usage.take_snapshot()
-                    if counts is not None:
-                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))

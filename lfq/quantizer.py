@@ -18,7 +18,6 @@ from collections import namedtuple
 from math import ceil, log2
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import pack, rearrange, unpack
 from torch import Tensor, nn
@@ -27,11 +26,16 @@ from lfq.entropy import (
     DENSE_BATCH_MODES,
     ENTROPY_KERNELS,
     EXACT_MAX_BITS,
-    AllReduceSum,
     EntropyInputs,
     EntropyTerms,
-    reduce_sums,
-    sample_token_subset,
+)
+from lfq.quantizer_parts import (
+    commitment_loss,
+    distributed_reduce,
+    entropy_rows,
+    is_power_of_two,
+    linear_f32,
+    reverse_bits,  # noqa: F401  (re-exported: importable from lfq.quantizer as before)
 )
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
@@ -43,29 +47,6 @@ CodebookStats = namedtuple(
 )
 
 DEFAULT_ENTROPY_MODE = "exact"
-
-
-def reverse_bits(indices: Tensor, num_bits: int) -> Tensor:
-    """Indices with their ``num_bits`` bits in the opposite order (an involution).
-
-    Ours (and vector-quantize-pytorch's) give channel 0 the most significant bit;
-    Open-MAGVIT2 gives channel i the weight ``2**i``: ``reverse_bits`` maps one to the other.
-    """
-    shifts = torch.arange(num_bits, device=indices.device)
-    bits = (indices[..., None] >> shifts) & 1
-    return (bits << shifts.flip(0)).sum(dim=-1).to(indices.dtype)
-
-
-def _is_power_of_two(n: int) -> bool:
-    return n >= 2 and (n & (n - 1)) == 0
-
-
-def _linear_f32(layer: nn.Module, x: Tensor) -> Tensor:
-    """Apply a projection in float32 whatever dtype the module was cast to."""
-    if isinstance(layer, nn.Linear):
-        bias = None if layer.bias is None else layer.bias.float()
-        return F.linear(x, layer.weight.float(), bias)
-    return layer(x)
 
 
 class LFQ(nn.Module):
@@ -99,7 +80,7 @@ class LFQ(nn.Module):
         if dim is None and codebook_size is None:
             raise ValueError("LFQ needs dim or codebook_size (or both); got neither")
         if codebook_size is not None and not (
-            isinstance(codebook_size, int) and _is_power_of_two(codebook_size)
+            isinstance(codebook_size, int) and is_power_of_two(codebook_size)
         ):
             suggestion = 2 ** max(1, ceil(log2(codebook_size))) if isinstance(codebook_size, (int, float)) and codebook_size > 0 else 2
             raise ValueError(
@@ -305,7 +286,7 @@ class LFQ(nn.Module):
         if mask is not None:
             mask, sample_mask = self._flatten_mask(mask, x.shape[0], spatial, x.shape[1])
 
-        x = _linear_f32(self.project_in, x)
+        x = linear_f32(self.project_in, x)
         if self.soft_clamp_input_value is not None:
             x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
         # z: what is quantized and enters the losses (on the sphere, the normalised input).
@@ -333,7 +314,7 @@ class LFQ(nn.Module):
             entropy_aux_loss = commit_loss
 
         x = rearrange(x, "b n c d -> b n (c d)")
-        x = _linear_f32(self.project_out, x)
+        x = linear_f32(self.project_out, x)
         if packed:
             x = unpack(x, ps, "b * d")[0]
             indices = unpack(indices, ps, "b * c")[0]
@@ -364,48 +345,12 @@ class LFQ(nn.Module):
                 )
         return x, indices, aux_loss, breakdown
 
-    def _distributed_reduce(self):
-        """The all-reduce that makes the loss terms global, or None for this process only."""
-        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
-            if self.distributed is True:
-                raise RuntimeError(
-                    "LFQ(distributed=True) needs an initialised torch.distributed process group "
-                    "(torch.distributed.init_process_group); pass distributed=None to use one only "
-                    "when it exists"
-                )
-            return None
-        if dist.get_world_size() == 1:
-            return None
-        return AllReduceSum.apply
-
-    def _entropy_rows(self, mask: Tensor | None, sample_mask: Tensor | None, batch: int, num_tokens: int,
-                      device: torch.device) -> Tensor | None:
-        """(b n,) bool: the tokens the entropies are computed over (None = all).
-
-        The ``frac_per_sample_entropy`` subset is drawn as 1.14.12 draws it: over the kept
-        tokens in order, or with a per-sample mask over the kept samples (whole samples are
-        kept or dropped).
-        """
-        keep = None if mask is None else mask.reshape(-1)
-        if self.frac_per_sample_entropy >= 1.0:
-            return keep
-        units = sample_mask if sample_mask is not None else keep
-        num_units = (batch if sample_mask is not None else batch * num_tokens) if units is None else int(units.sum())
-        subset = sample_token_subset(num_units, self.frac_per_sample_entropy, device)
-        if units is not None:
-            chosen = torch.zeros_like(units)
-            chosen[units.nonzero().squeeze(1)[subset]] = True
-            subset = chosen
-        if sample_mask is not None:
-            subset = subset[:, None].expand(batch, num_tokens).reshape(-1)
-        return subset
-
     def _losses(self, z: Tensor, quantized: Tensor, inv_temperature: float, mask: Tensor | None,
                 sample_mask: Tensor | None):
-        reduce = self._distributed_reduce()
+        reduce = distributed_reduce(self.distributed)
         batch, num_tokens = z.shape[:2]
         tokens = rearrange(z, "b n c d -> (b n) c d")
-        keep = self._entropy_rows(mask, sample_mask, batch, num_tokens, tokens.device)
+        keep = entropy_rows(self.frac_per_sample_entropy, mask, sample_mask, batch, num_tokens, tokens.device)
         num_entropy = tokens.shape[0] if keep is None else int(keep.sum())
         if num_entropy == 0 and reduce is None:
             # Nothing to take the entropies over (every token masked out, or a subset of
@@ -420,19 +365,9 @@ class LFQ(nn.Module):
             terms = kernel(EntropyInputs(tokens, float(inv_temperature), float(code),
                                          self._to_sphere(self._codebook_f32()), keep=keep, reduce=reduce))
 
-        commit = F.mse_loss(z, quantized.detach(), reduction="none")
-        commit = commit[mask] if mask is not None else commit
-        num_kept = commit.shape[0] if mask is not None else batch * num_tokens
-        if reduce is None:
-            if num_kept == 0:
-                zeros = z.new_zeros(self.num_codebooks)
-                return terms, z.sum() * 0, zeros
-            with torch.no_grad():
-                commit_by_codebook = commit.reshape(-1, self.num_codebooks, self.codebook_dim).mean(dim=(0, 2))
-            return terms, commit.mean(), commit_by_codebook
-        sums, count = reduce_sums(reduce, num_kept, commit.reshape(-1, self.num_codebooks, self.codebook_dim).sum(dim=(0, 2)))
-        commit_by_codebook = sums / (count * self.codebook_dim)
-        return terms, commit_by_codebook.mean(), commit_by_codebook.detach()
+        commit, commit_by_codebook = commitment_loss(z, quantized, mask, reduce, self.num_codebooks,
+                                                     self.codebook_dim)
+        return terms, commit, commit_by_codebook
 
     def extra_repr(self) -> str:
         return (

@@ -1,8 +1,47 @@
-"""Flat records from what ``lfq.code_usage`` left on the device: one transfer per device per flush.
+"""The records ``lfq.monitor`` writes, from what ``lfq.code_usage`` left on the device.
 
 ``step_records`` (``metrics.jsonl`` rows), ``snapshot_records`` (``histograms.jsonl`` rows) and
-``evaluation_records`` (``LFQMonitor.evaluating``); the columns are defined in the
-``lfq.monitor`` docstring.
+``evaluation_records`` (``LFQMonitor.evaluating``), with one device-to-host transfer per device
+per flush. Their format, defined here, is the contract ``analysis`` reads. ``usage_window``,
+``dead_after``, ``histogram_every`` and the diagnostic steps are ``LFQMonitor``'s.
+
+Step records (``step_records``), one row per (step, layer, codebook, mode), columns in
+``RECORD_COLUMNS`` order and the per-bit ones last: ``step`` (s below), ``layer``, ``codebook``,
+``kind="quantizer"``, ``mode``, ``codebook_size``, then
+- ``per_sample_entropy``, ``batch_entropy``, ``commitment``, ``aux_loss``: from
+  ``last_stats``, NaN in eval mode or when the quantizer does not report them (a
+  ``last_stats`` object already counted, i.e. not refreshed by the pass, is ignored);
+- ``codes_used``: distinct codes among this step's kept tokens; ``tokens``: kept tokens;
+  ``forward_passes``: passes accumulated into the step;
+- ``perplexity``: exp of the entropy of this step's code histogram (K for uniform use of K
+  codes; NaN when no token was kept);
+- ``usage_fraction``: fraction of the codebook used at least once in the steps
+  ``(s - usage_window, s]`` (step numbers, not forward passes);
+- ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
+  used counts as last used just before the layer's first monitored step ``s0``, so it is
+  dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
+- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
+  bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
+  bit); NaN for other quantizers, whose indices need not be bit strings;
+- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
+  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
+  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
+- ``dead_bits``: bits that kept one value in every kept token of the steps
+  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
+- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
+  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
+  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
+  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
+  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
+
+Histogram rows (``snapshot_records``): with ``LFQMonitor(histogram_sink=...)``, after every step
+``s`` with ``(s + 1) % histogram_every == 0`` the counts since the previous snapshot go there,
+at the next flush, as sparse rows ``{step, layer, codebook, codebook_size, mode, codes,
+counts}`` (layers not run since the previous snapshot are left out), with ``bit_frequencies``
+(per bit, MSB first, the fraction of those tokens with the bit set) for binary quantizers.
+
+Evaluation records (``evaluation_records``), one per (layer, codebook) of an evaluation pass, make
+up the ``Evaluation`` that ``LFQMonitor.evaluating()`` returns (its docstring has their columns).
 """
 
 from __future__ import annotations
@@ -13,7 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lfq.code_usage import BIT_ENTROPY, BIT_FREQUENCY, LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
+from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
+
+STAT_FIELDS = LOSS_FIELDS + (
+    "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
+    "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
+)
+RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
+# Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
+BIT_FREQUENCY, BIT_ENTROPY = "bit_frequency_", "bit_entropy_"
 
 
 def _to_host(tensors: list[Tensor]) -> list[list[float]]:
@@ -125,3 +172,23 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
             records.append(record)
     return records
+
+
+class Evaluation:
+    """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
+    dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
+    ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
+    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
+    over every rank's tokens."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.counts: dict[str, Tensor] = {}
+
+    def usage_fraction(self, layer: str | None = None) -> float:
+        """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
+        values = [r["usage_fraction"] for r in self.records if layer is None or r["layer"] == layer]
+        if not values:
+            raise ValueError(f"no evaluation records{'' if layer is None else f' for layer {layer!r}'}: "
+                             f"did the block run the model?")
+        return sum(values) / len(values)
