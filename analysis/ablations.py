@@ -12,7 +12,7 @@ tables :mod:`analysis.tables`, the figures :mod:`analysis.claim_figures`.
 
 from __future__ import annotations
 
-import re
+import json
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -36,39 +36,50 @@ from analysis.merge import WouldLoseRuns, merged_or_refused
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table
 
-__all__ = ["WouldLoseRuns", "draw_claims", "main", "sweep_commands", "write_ablations"]
+__all__ = ["WouldLoseRuns", "draw_claims", "main", "submit_commands", "write_ablations"]
 
 
-def sweep_commands(sweep: str, sweeps_dir: Path | None) -> list[str]:
-    """The ``python -m ...`` lines of the sweep file's header comment (how its runs were made)."""
-    if sweeps_dir is None:  # the sweep files of this checkout, read as files (analysis imports no other package)
-        sweeps_dir = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
-    path = sweeps_dir / f"{sweep}.yaml" if sweeps_dir else None
-    if path is None or not path.is_file():
-        return [f"# no sweep file {sweep}.yaml found in {sweeps_dir}"]
-    header = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    commands = [m.group(1) for m in (re.match(r"#\s+(python -m slurm\.submit .*)$", h) for h in header) if m]
-    return [f"# sweep ({path.name}):", *(commands or ["# (no command in the header comment)"])]
+def submit_commands(sweep_folder: Path, run_ids: Sequence[str] | None = None) -> list[str]:
+    """How the runs were made: the ``slurm.submit`` command lines recorded with each run in
+    ``<sweep>/_sweep/jobs.jsonl`` (the file slurm writes; read as data), first use first, limited
+    to ``run_ids`` when given. Runs submitted before commands were recorded are said so."""
+    path = sweep_folder / "_sweep" / "jobs.jsonl"
+    wanted = None if run_ids is None else set(run_ids)
+    commands: dict[str, None] = {}
+    unrecorded = 0
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line: the appender's readers skip it too
+        if not isinstance(record, dict) or (wanted is not None and record.get("run_id") not in wanted):
+            continue
+        if isinstance(record.get("command"), str):
+            commands[record["command"]] = None
+        else:
+            unrecorded += 1
+    lines = [f"# the runs ({sweep_folder.name}/_sweep/jobs.jsonl):", *commands]
+    if unrecorded or not commands:
+        lines.append(f"# {unrecorded or 'all'} submission(s) recorded no command (made before slurm.submit recorded "
+                     f"it, or not through it): see experiments/sweeps/{sweep_folder.name}.yaml")
+    return lines
 
 
-def _command_lines(path: Path, sweep_lines: list[str], command: str, keep_old: bool) -> str:
+def _command_lines(path: Path, run_lines: list[str], command: str, keep_old: bool) -> str:
     """``command.txt``: how the runs were made, then every analysis command that fed the summary
-    (the earlier ones too when merging)."""
+    (when merging, the earlier file's lines of both kinds too)."""
+    old_runs: list[str] = []
     analysis_lines: list[str] = []
     if keep_old and path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
-        if "# tables and plots:" in lines:
-            analysis_lines = lines[lines.index("# tables and plots:") + 1:]
+        cut = lines.index("# tables and plots:") if "# tables and plots:" in lines else len(lines)
+        old_runs, analysis_lines = lines[:cut], lines[cut + 1:]
+    run_lines = list(dict.fromkeys([*old_runs, *run_lines]))
     analysis_lines = list(dict.fromkeys([*analysis_lines, command]))
-    return "\n".join([*sweep_lines, "# tables and plots:", *analysis_lines]) + "\n"
+    return "\n".join([*run_lines, "# tables and plots:", *analysis_lines]) + "\n"
 
 
-def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: Path | None = None,
-                    mode: str = "refuse", log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+def write_ablations(root: PathLike, out: PathLike, *, command: str, mode: str = "refuse", log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Write every sweep's CSVs and ``command.txt`` and every claim's figures into ``out/<sweep>/``.
 
     ``mode`` says what to do with an existing ``out/<sweep>/summary.csv`` (committed results whose
@@ -95,7 +106,9 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, sweeps_dir: 
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "summary.csv", lambda p, s=summary: s.to_csv(p, index=False))
         write_atomic(folder / "grid.csv", lambda p, s=summary: grid_table(s).to_csv(p, index=False))
-        text = _command_lines(folder / "command.txt", sweep_commands(sweep, sweeps_dir), command, mode == "merge")
+        sweep_folder = Path(root) / sweep if (Path(root) / sweep).is_dir() else Path(root)
+        made = submit_commands(sweep_folder, summaries[sweep]["run_id"].astype(str).tolist())
+        text = _command_lines(folder / "command.txt", made, command, mode == "merge")
         write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
     present = {**read_summaries(out), **{s: m for s, (m, _) in planned.items()}}
@@ -145,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe", type=Path, metavar="DIR",
                         help="instead: draw claim4_probe.png/.svg from DIR/probe.csv (python -m experiments.clamp_probe)")
     parser.add_argument("--out", type=Path, default=Path("results/ablations"), help="default: results/ablations")
-    parser.add_argument("--sweeps", type=Path, default=None, help="sweep files (default: experiments/sweeps)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--merge", action="store_const", const="merge", dest="mode",
                           help="keep the rows of an existing summary.csv whose runs are not under RUNS_ROOT "
@@ -186,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         return fail(f"--out {args.out} is a file; give the folder of the ablation tables (default results/ablations)")
     try:
-        written = write_ablations(args.runs_root, args.out, command=command, sweeps_dir=args.sweeps, mode=args.mode)
+        written = write_ablations(args.runs_root, args.out, command=command, mode=args.mode)
     except (FileNotFoundError, NoData, ValueError) as err:
         return fail(err)
     except OSError as err:  # e.g. --out not writable

@@ -256,6 +256,7 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     - when the runs hold more than one quantizer kind (claim 1 on this task, both regimes):
       ``quantizers_summary.csv``, ``quantizers_table.csv`` and ``quantizers.png/.svg``;
     - ``command.txt``. Returns the names written."""
+    from analysis.ablations import submit_commands
     from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
     from analysis.quantizers import KIND, quantizers_figure, quantizers_summary, quantizers_table
 
@@ -281,11 +282,8 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
         written.append(name)
     for stem, fig in figures:
         written += save_figure(fig, out, stem)
-    made = [f"python -m slurm.submit experiments/sweeps/{sweep}.yaml --results RUNS" +
-            (f" {SIZE}={int(size)}" if sweep == regime_sweep else "") + " --wait"
-            for sweep in sorted(runs["sweep"].dropna().unique())
-            for size in (sorted(summary[SIZE].unique()) if sweep == regime_sweep else [None])]
-    text = "# the runs:\n" + "\n".join(made) + "\n# these tables and figures:\n" + command
+    made = [line for root in runs_roots for line in submit_commands(root)]
+    text = "\n".join(made) + "\n# these tables and figures:\n" + command
     write_atomic(out / "command.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return [*written, "command.txt"]
 

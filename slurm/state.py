@@ -4,7 +4,8 @@ Layout of ``results/<sweep>/``::
 
     <run_id>/                 run folders (experiments.run_dir), with their claim .lock/.claim
     _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
-    _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time
+    _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time,
+                              command (the slurm.submit command line that submitted it)
     _sweep/events.jsonl       start/end of each job attempt (slurm.job) and local exits (slurm.local)
     _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
     _sweep/trash/             run folders set aside by ``submit --force``, ``train --restart``, a corrupt resubmission

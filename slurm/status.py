@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resubmit", action="store_true", help="submit the failed, cancelled and missing runs")
     parser.add_argument("--lines", type=int, default=5, help="error lines shown per failed run")
     add_submit_options(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_intermixed_args(argv)
     try:
         folder, specs, sweep_resources = resolve(args.target, args.results, args.overrides)
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 submit_runs(folder.root.name, todo, sweep_resources, cluster=args.cluster,
                             results=folder.root.parent, overrides=args.overrides, profile=args.profile,
-                            resources=resource_args(args))
+                            resources=resource_args(args), command=shlex.join(["python", "-m", "slurm.status", *argv]))
         if args.wait:
             counts = wait_for(folder, [r.run_id for r in runs])
             return 0 if counts["failed"] + counts["cancelled"] + counts["missing"] == 0 else 1

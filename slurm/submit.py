@@ -213,7 +213,8 @@ def _memory_limit(cluster: str, params: dict[str, Any]) -> tuple[int | None, str
 def submit_sweep(sweep: Sweep | str | Path, *, cluster: str = "local", results: str | Path = "results",
                  overrides: Sequence[str] = (), dry_run: bool = False, force: bool = False,
                  only: Sequence[str] | None = None, profile: str | None = None,
-                 resources: dict[str, Any] | None = None, log: Log = print) -> SubmitResult:
+                 resources: dict[str, Any] | None = None, log: Log = print, command: str | None = None
+                 ) -> SubmitResult:
     """Validate every run of the sweep, then submit the ones that are neither DONE nor in flight."""
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
@@ -226,14 +227,15 @@ def submit_sweep(sweep: Sweep | str | Path, *, cluster: str = "local", results: 
                               f"(with overrides {list(overrides)}); its runs: {sorted(known)}")
         runs = [r for r in runs if r.run_id in set(only)]
     return submit_runs(sweep.name, runs, sweep.resources, cluster=cluster, results=results, overrides=overrides,
-                       dry_run=dry_run, force=force, profile=profile, resources=resources, log=log)
+                       dry_run=dry_run, force=force, profile=profile, resources=resources, log=log, command=command)
 
 
 def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, Any], *, cluster: str = "local",
                 results: str | Path = "results", overrides: Sequence[str] = (), dry_run: bool = False,
                 force: bool = False, profile: str | None = None, resources: dict[str, Any] | None = None,
-                log: Log = print) -> SubmitResult:
-    """Submit those of ``runs`` (validated configs of sweep ``name``) that are neither DONE nor in flight."""
+                log: Log = print, command: str | None = None) -> SubmitResult:
+    """Submit those of ``runs`` (validated configs of sweep ``name``) that are neither DONE nor in flight.
+    ``command``: the command line that asked for them, recorded with each run in ``_sweep/jobs.jsonl``."""
     if cluster not in CLUSTERS:
         raise SubmitError(f"unknown cluster {cluster!r}; choose one of {list(CLUSTERS)}")
     profile_name, params = resolve_resources(sweep_resources, profile, resources)
@@ -303,6 +305,8 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
             records = [{"run_id": spec.run_id, "cluster": cluster, "job_id": job.job_id, "folder": str(subdir),
                         "time": now} for spec, job in zip(todo, jobs, strict=True)]
         if records:  # recorded before debug runs, so status sees them
+            if command is not None:  # how the run was made, for analysis (it reads this file, not the sweep file)
+                records = [{**r, "command": command} for r in records]
             append_jsonl(folder.jobs_jsonl, records, sort_keys=True)
         result.submitted = [spec.run_id for spec in todo]
         result.job_ids = {r["run_id"]: r["job_id"] for r in records}
@@ -380,12 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start the selected runs from scratch, DONE ones included (old folders go to _sweep/trash)")
     parser.add_argument("--only", nargs="+", metavar="RUN_ID", help="submit only these runs")
     add_submit_options(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_intermixed_args(argv)
     only, overrides = split_overrides(args.only, args.overrides)
     try:
         result = submit_sweep(args.sweep, cluster=args.cluster, results=args.results, overrides=overrides,
                               dry_run=args.dry_run, force=args.force, only=only, profile=args.profile,
-                              resources=resource_args(args))
+                              resources=resource_args(args),
+                              command=shlex.join(["python", "-m", "slurm.submit", *argv]))
     except (SweepError, ConfigError, ProfileError, SubmitError) as e:
         return fail(e)
     if args.wait and not args.dry_run and args.cluster != "debug":

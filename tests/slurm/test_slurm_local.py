@@ -19,6 +19,7 @@ from slurm.job import RunJob, claim, is_claimed
 from slurm.local import machine_cpus, machine_mem_gb, pool_size
 from slurm.state import SweepFolder, run_states
 from slurm.status import main as status_main
+from slurm.submit import main as submit_main
 from slurm.submit import submit_sweep
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,19 @@ def test_debug_runs_in_process_and_status_shows_the_failure(tmp_path: Path,
     assert status_main([str(r.folder), "--resubmit", "--cluster", "debug"]) == 0
     records = run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
     assert [rec["run_id"] for rec in records[jobs_before:]] == [bad]
+    assert "command" not in records[0]  # submitted through the API: no command line to record
+    assert records[-1]["command"] == shlex.join(["python", "-m", "slurm.status", str(r.folder), "--resubmit",
+                                                 "--cluster", "debug"])
     assert json.loads((r.folder / bad / "summary.json").read_text())["status"] == "failed"
+
+
+def test_submit_records_its_command_line_with_each_run(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, "recorded", seeds=[0, 1])
+    argv = [str(sweep), "--cluster", "debug", "--results", str(tmp_path / "results"), "scale=smoke"]
+    assert submit_main(argv) == 0
+    records = run_folder.read_jsonl(tmp_path / "results" / "recorded" / "_sweep" / "jobs.jsonl")
+    assert len(records) == 2
+    assert {rec["command"] for rec in records} == {shlex.join(["python", "-m", "slurm.submit", *argv])}
 
 
 def test_killing_the_local_pool_cancels_its_runs_and_resubmit_finishes_them(tmp_path: Path,
