@@ -28,6 +28,9 @@ VQ_INIT = "quantizer.vq_init"
 VQ_DEAD = "quantizer.vq_dead_code_threshold"
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
 KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
+# the settings the comparison holds fixed, kept in its summary so that its caption can say so
+FIXED = ("quantizer.entropy_loss_weight", "quantizer.commitment_loss_weight", "model.preset", "data.resolution",
+         "model.downsample", "data.batch_size", "schedule.steps")
 
 
 def _value(run: pd.Series, column: str, default: object) -> object:
@@ -57,7 +60,7 @@ def quantizers_summary(runs: pd.DataFrame) -> pd.DataFrame:
     table["series"] = [series_of(row) for _, row in table.iterrows()]
     table = table[table["series"].notna()]
     columns = ["run_id", "sweep", "status", "series", KIND, SIZE, TAU, VQ_INIT, VQ_DEAD, "seed", *METRICS,
-               "final_val_tokens", "wall_time_s"]
+               "final_val_tokens", "wall_time_s", *FIXED]
     table = table[[c for c in columns if c in table]].drop_duplicates("run_id")
     rank = {k: i for i, k in enumerate(KIND_ORDER)}
     table = table.assign(_k=table[KIND].map(rank) if KIND in table else 0)
