@@ -28,7 +28,17 @@ from matplotlib.figure import Figure
 
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
-from analysis.style import LINESTYLES, MARKERS, NoData, colors, new_figure, require, save_figure, skippable
+from analysis.style import (
+    LINESTYLES,
+    MARKERS,
+    NoData,
+    colors,
+    dodge,
+    new_figure,
+    require,
+    save_figure,
+    skippable,
+)
 
 SIZE = "quantizer.codebook_size"
 TAU = "quantizer.inv_temperature"
@@ -40,6 +50,7 @@ CURVE_METRICS = ("usage_fraction", "saturated_fraction", "per_sample_entropy", "
 # the issue's targets for validation usage, by codebook size
 TARGETS = {1024: 0.95, 16384: 0.80}
 REFERENCE = {TAU: 100.0, SCHEDULE: "constant", GAMMA: 1.0}
+OFFSET = 0.12  # decades between the outermost series at one temperature and its true x
 
 
 def regime_curves(metrics: pd.DataFrame, runs: pd.DataFrame, *, layer: str | None = None,
@@ -94,12 +105,6 @@ def held_fixed(frame: pd.DataFrame, keys: Sequence[str] = (SIZE, TAU, SCHEDULE, 
     return textwrap.fill("held fixed: " + (", ".join(fixed) if fixed else "nothing else recorded"), width=width)
 
 
-def _offset_x(x: np.ndarray, index: int, count: int, spread: float = 0.08) -> np.ndarray:
-    """x shifted by a per-series factor on a log axis, so series at the same x stay apart."""
-    shift = (index - (count - 1) / 2) * spread
-    return x * 10.0**shift
-
-
 @skippable
 def regime_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_usage_fraction", "final_val_psnr")
                   ) -> Figure:
@@ -126,11 +131,11 @@ def regime_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_us
                     continue
                 scale = 100.0 if metric.endswith("usage_fraction") else 1.0
                 style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
-                x = _offset_x(runs[TAU].to_numpy(float), i, len(series))
+                x = dodge(runs[TAU].to_numpy(float), i, len(series), log=True, width=OFFSET)
                 ax.scatter(x, runs[metric] * scale, s=22, alpha=0.55, color=palette[i],
                            marker=MARKERS[i % len(MARKERS)], linewidths=0)
                 mean = runs.groupby(TAU)[metric].mean() * scale
-                ax.plot(_offset_x(mean.index.to_numpy(float), i, len(series)), mean.to_numpy(),
+                ax.plot(dodge(mean.index.to_numpy(float), i, len(series), log=True, width=OFFSET), mean.to_numpy(),
                         linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=6, markerfacecolor="white",
                         label=_series_label(key, part)
                         if row == 0 and col == 0 else None, **style)
