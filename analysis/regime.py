@@ -260,10 +260,14 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
       steps), ``regime.png/.svg`` and ``collapse.png/.svg``;
     - when the runs hold more than one quantizer kind (claim 1 on this task, both regimes):
       ``quantizers_summary.csv``, ``quantizers_table.csv`` and ``quantizers.png/.svg``;
+    - for claims 2 and 3 on this task (:mod:`analysis.image_claims`), where the runs vary the
+      claim's setting: ``<claim>_summary.csv``, ``<claim>_table.csv``, ``<claim>.png/.svg``;
     - ``command.txt``. Returns the names written."""
     from analysis.ablations import submit_commands
     from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
     from analysis.quantizers import KIND, quantizers_figure, quantizers_summary, quantizers_table
+    from analysis.image_claims import FIXED as IMAGES_FIXED
+    from analysis.image_claims import IMAGES_CLAIMS, claim_figure, claim_summary, claim_table
 
     parts = [load_runs(root) for root in runs_roots]
     runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
@@ -282,6 +286,15 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
         tables += [("quantizers_summary.csv", compared), ("quantizers_table.csv", quantizers_table(compared))]
         figures.append(("quantizers", quantizers_figure(compared, held_fixed=fixed[len("held fixed: "):].replace(
             "\n", " "), strict=True)))
+    for claim in IMAGES_CLAIMS:
+        try:
+            picked = claim_summary(runs, claim)
+        except NoData:  # none of the runs has the claim's settings
+            continue
+        if picked[picked["status"] == "done"][claim.x].nunique() > 1:
+            fixed = held_fixed(picked, IMAGES_FIXED)[len("held fixed: "):].replace("\n", " ")
+            tables += [(f"{claim.name}_summary.csv", picked), (f"{claim.name}_table.csv", claim_table(picked, claim))]
+            figures.append((claim.name, claim_figure(picked, claim, held_fixed="held fixed: " + fixed, strict=True)))
     for name, frame in tables:
         write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
         written.append(name)

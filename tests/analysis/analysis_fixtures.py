@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -104,4 +105,23 @@ def make_grid_sweep(parent: Path) -> Path:
             for seed in SEEDS:
                 write_run(sweep, f"g{gamma}-f{frac}-s{seed}", gamma=gamma, frac=frac, seed=seed,
                           final_usage=grid_usage(gamma, frac, seed))
+    return sweep
+
+
+def write_regime_sweep(root: Path) -> Path:
+    """Run folders of a 2-temperature x 2-seed regime sweep, with diagnostics every other step."""
+    sweep = root / "recipe_regime"
+    for tau, seed in itertools.product((10.0, 100.0), (0, 1)):
+        run_dir = write_run(sweep, f"t{int(tau)}s{seed}", seed=seed, steps=6, final_usage=0.9 if tau == 10 else 0.7)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"]["inv_temperature"] = tau
+        (run_dir / "config.json").write_text(json.dumps(config))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if row["kind"] == "quantizer" and row["step"] % 2 == 0:
+                row["saturated_fraction"] = 0.97 if tau == 100 else 0.5
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=0.9 if tau == 10 else 0.7, final_val_tokens=4096)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
     return sweep

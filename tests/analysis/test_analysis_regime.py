@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_fixtures import write_run
+from analysis_fixtures import write_regime_sweep, write_run
 
 from analysis import regime
 from analysis.regime import GAMMA, SCHEDULE, SIZE, TAU
@@ -109,27 +109,8 @@ def test_curves_from_metrics_keep_diagnostic_steps_only_and_refuse_ambiguous_lay
     assert len(regime.regime_curves(two, runs, layer="other")) == 2
 
 
-def _regime_sweep(root: Path) -> Path:
-    """Run folders of a 2-temperature x 2-seed regime sweep, with diagnostics every other step."""
-    sweep = root / "recipe_regime"
-    for tau, seed in itertools.product((10.0, 100.0), (0, 1)):
-        run_dir = write_run(sweep, f"t{int(tau)}s{seed}", seed=seed, steps=6, final_usage=0.9 if tau == 10 else 0.7)
-        config = json.loads((run_dir / "config.json").read_text())
-        config["quantizer"]["inv_temperature"] = tau
-        (run_dir / "config.json").write_text(json.dumps(config))
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        for row in rows:
-            if row["kind"] == "quantizer" and row["step"] % 2 == 0:
-                row["saturated_fraction"] = 0.97 if tau == 100 else 0.5
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary.update(final_val_usage_fraction=0.9 if tau == 10 else 0.7, final_val_tokens=4096)
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    return sweep
-
-
 def test_cli_writes_tables_curves_figures_and_command(tmp_path: Path) -> None:
-    sweep = _regime_sweep(tmp_path / "runs")
+    sweep = write_regime_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
     assert regime.main([str(sweep), "--out", str(out)]) == 0
     summary = pd.read_csv(out / "summary.csv")
@@ -152,7 +133,7 @@ def test_cli_refuses_a_missing_folder_in_one_line(tmp_path: Path, capsys: pytest
 
 
 def test_read_regime_gives_the_same_tables_from_csvs_and_from_run_folders(tmp_path: Path) -> None:
-    sweep = _regime_sweep(tmp_path / "runs")
+    sweep = write_regime_sweep(tmp_path / "runs")
     assert regime.main([str(sweep), "--out", str(tmp_path / "recipe")]) == 0
     from_csv, curves_csv = regime.read_regime(tmp_path / "recipe")
     from_runs, curves_runs = regime.read_regime(sweep)
@@ -162,7 +143,7 @@ def test_read_regime_gives_the_same_tables_from_csvs_and_from_run_folders(tmp_pa
 
 
 def test_cli_compares_quantizers_when_given_their_sweeps(tmp_path: Path) -> None:
-    regime_sweep = _regime_sweep(tmp_path / "runs")
+    regime_sweep = write_regime_sweep(tmp_path / "runs")
     other = tmp_path / "runs" / "quantizers_images"
     for seed in (0, 1):
         run_dir = write_run(other, f"fsq{seed}", seed=seed, steps=6)

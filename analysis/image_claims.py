@@ -1,0 +1,162 @@
+"""Claims 2 and 3 on the images task, in both regimes (issue 15, step 4).
+
+- ``entropy_weight``: "a larger entropy weight gives higher utilization and worse
+  reconstruction; without it utilization drops": ``entropy_loss_weight`` on x, one series per
+  inverse temperature (10: the recipe; 100: the reference's default).
+- ``gamma_frac``: "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps
+  utilization": ``diversity_gamma`` on x, one series per (inverse temperature, frac).
+
+The runs come from several sweeps (``entropy_weight_images``, ``gamma_frac_images``, and
+``recipe_regime``, whose 2^14-code runs at the constant weight are the same configs with the same
+run ids), so runs are picked by their settings, not by their sweep, and a run listed by two
+sweeps counts once. Figures read the committed CSVs too (``notebooks/recipe.ipynb``).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import LINESTYLES, MARKERS, colors, dodge, new_figure, require, skippable
+
+KIND = "quantizer.kind"
+SIZE = "quantizer.codebook_size"
+TAU = "quantizer.inv_temperature"
+SCHEDULE = "anneal.entropy"
+GAMMA = "quantizer.diversity_gamma"
+FRAC = "quantizer.frac_per_sample_entropy"
+WEIGHT = "quantizer.entropy_loss_weight"
+METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
+FIXED = ("quantizer.commitment_loss_weight", "quantizer.entropy_mode", "model.preset", "data.resolution",
+         "model.downsample", "data.batch_size", "schedule.steps")
+# a config's value where a run's table has none (older runs, or a key the sweep never set)
+DEFAULTS = {KIND: "lfq", SCHEDULE: "constant", GAMMA: 1.0, FRAC: 1.0, WEIGHT: 0.1, TAU: 100.0}
+REGIMES = {10.0: "recipe", 100.0: "reference"}
+
+
+@dataclass(frozen=True)
+class ImagesClaim:
+    name: str
+    x: str  # the swept setting
+    series: tuple[str, ...]  # what tells the lines apart
+    select: Mapping[str, tuple[object, ...]]  # the settings a run must have to be part of the claim
+    statement: str
+
+
+IMAGES_CLAIMS = (
+    ImagesClaim("entropy_weight", WEIGHT, (TAU,),
+                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
+                 TAU: (10.0, 100.0)},
+                "A larger entropy weight gives higher utilization and worse reconstruction; "
+                "without it utilization drops."),
+    ImagesClaim("gamma_frac", GAMMA, (TAU, FRAC),
+                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0)},
+                "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps utilization."),
+)
+BY_NAME = {c.name: c for c in IMAGES_CLAIMS}
+
+
+def _value(run: pd.Series, column: str) -> object:
+    value = run.get(column, DEFAULTS.get(column))
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return DEFAULTS.get(column)
+    return value
+
+
+def _matches(value: object, allowed: tuple[object, ...]) -> bool:
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return any(isinstance(a, (int, float)) and np.isclose(float(value), float(a)) for a in allowed)
+    return value in allowed
+
+
+def series_name(claim: ImagesClaim, run: pd.Series) -> str:
+    """``inv. temp. 10 (recipe)``, ``inv. temp. 100 (reference), frac 0.25``, ..."""
+    tau = float(_value(run, TAU))
+    parts = [f"inv. temp. {tau:g}" + (f" ({REGIMES[tau]})" if tau in REGIMES else "")]
+    parts += [f"{c.split('.')[-1].replace('frac_per_sample_entropy', 'frac')} {float(_value(run, c)):g}"
+              for c in claim.series if c != TAU]
+    return ", ".join(parts)
+
+
+def claim_summary(runs: pd.DataFrame, claim: ImagesClaim | str) -> pd.DataFrame:
+    """One row per run of ``claim`` (picked by its settings; run ids unique), with its series."""
+    claim = BY_NAME[claim] if isinstance(claim, str) else claim
+    require(len(runs), "no runs")
+    keep = [all(_matches(_value(row, c), allowed) for c, allowed in claim.select.items()) for _, row in runs.iterrows()]
+    table = runs[keep].copy()
+    require(len(table), f"no runs with the settings of claim {claim.name!r} "
+                        f"({', '.join(f'{c.split(chr(46))[-1]} in {list(v)}' for c, v in claim.select.items())})")
+    settings = list(dict.fromkeys([claim.x, *claim.series, *claim.select]))
+    for column in settings:  # defaults filled in, so that the CSV states every setting the claim holds
+        table[column] = [_value(row, column) for _, row in table.iterrows()]
+    table["series"] = [series_name(claim, row) for _, row in table.iterrows()]
+    columns = ["run_id", "sweep", "status", "series", *settings, "seed", *METRICS,
+               "final_val_tokens", "wall_time_s", *FIXED]
+    table = table[[c for c in dict.fromkeys(columns) if c in table]].drop_duplicates("run_id")
+    return table.sort_values([*claim.series, claim.x, "seed"]).reset_index(drop=True)
+
+
+def claim_table(summary: pd.DataFrame, claim: ImagesClaim | str, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Mean, std, min and n over seeds per (series, x), finished runs only."""
+    claim = BY_NAME[claim] if isinstance(claim, str) else claim
+    done = summary[summary["status"] == "done"]
+    present = [m for m in metrics if m in done]
+    grouped = done.groupby(["series", claim.x], sort=False)[present]
+    table = grouped.agg(["mean", "std", "min"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table["n_seeds"] = grouped.size()
+    return table.reset_index()
+
+
+@skippable
+def claim_figure(summary: pd.DataFrame, claim: ImagesClaim | str,
+                 metrics: Sequence[str] = ("final_val_usage_fraction", "final_val_psnr"), held_fixed: str = ""
+                 ) -> Figure:
+    """Validation usage and PSNR against the claim's setting (its values evenly spaced), one line
+    per series (mean over seeds; own colour, line style and marker; dodged sideways), every seed
+    a small marker."""
+    claim = BY_NAME[claim] if isinstance(claim, str) else claim
+    done = summary[summary["status"] == "done"]
+    require(len(done), f"no finished runs of claim {claim.name!r}")
+    series = list(dict.fromkeys(done["series"]))
+    values = sorted(done[claim.x].astype(float).unique())
+    position = {v: i for i, v in enumerate(values)}
+    palette = colors(len(series))
+    fig, axes = new_figure(1, len(metrics), height=6.0)
+    for col, metric in enumerate(metrics):
+        ax = axes[0, col]
+        require(metric in done, f"no column {metric}")
+        scale = 100.0 if metric.endswith("usage_fraction") else 1.0
+        for i, name in enumerate(series):
+            runs = done[done["series"] == name]
+            x = runs[claim.x].astype(float).map(position).to_numpy(float)
+            style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
+            ax.scatter(dodge(x, i, len(series), log=False, width=0.06), runs[metric] * scale, s=20, alpha=0.5,
+                       linewidths=0, **style)
+            grouped = runs.assign(_x=x).groupby("_x")[metric]
+            mean, n = grouped.mean() * scale, grouped.size()
+            label = f"{name} (n={n.min()})" if n.min() == n.max() else f"{name} (n={n.min()}-{n.max()})"
+            ax.plot(dodge(mean.index.to_numpy(float), i, len(series), log=False, width=0.06), mean.to_numpy(),
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], markerfacecolor="white", markersize=7, label=label,
+                    **style)
+        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set_xlim(-0.4, len(values) - 0.6)
+        ax.set_xlabel(f"{claim.x.split('.')[-1]} (evenly spaced; series dodged sideways)")
+        ax.set_ylabel("val usage (% of codebook)" if scale == 100 else
+                      "val PSNR (dB)" if metric.endswith("psnr") else metric.replace("_", " "))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(series)),
+               title="line: mean over seeds (n seeds); small markers: one seed each")
+    tokens = int(done["final_val_tokens"].max()) if "final_val_tokens" in done else None
+    sizes = sorted(done[SIZE].unique()) if SIZE in done else []
+    note = "; ".join(p for p in (
+        f"2^{int(np.log2(sizes[0]))} codes" if len(sizes) == 1 else "",
+        f"{tokens:,} validation tokens" if tokens else "", held_fixed) if p)
+    title = f"Claim {claim.name.replace('_', ' ')} on the images task: \u201c{claim.statement}\u201d"
+    fig.suptitle(textwrap.fill(title, 110) + ("\n" + textwrap.fill(note, 115) if note else ""), fontsize=12)
+    return fig

@@ -1,0 +1,106 @@
+"""Claims 2 and 3 on the images task (analysis.image_claims): which runs, series, tables, figures."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import image_claims as ic
+from analysis import regime
+from analysis_fixtures import write_regime_sweep, write_run
+
+
+def _runs() -> pd.DataFrame:
+    rows = []
+    for weight, tau, gamma, frac, seed in itertools.product((0.0, 0.1, 0.3), (10.0, 100.0), (1.0, 2.0), (0.25, 1.0),
+                                                             (0, 1, 2)):
+        rows.append({"run_id": f"w{weight}t{tau}g{gamma}f{frac}s{seed}", "sweep": "s", "status": "done",
+                     ic.KIND: "lfq", ic.SIZE: 16384, ic.TAU: tau, ic.SCHEDULE: "constant", ic.GAMMA: gamma,
+                     ic.FRAC: frac, ic.WEIGHT: weight, "seed": seed,
+                     "final_val_usage_fraction": 0.5 + weight + (0.1 if tau == 10 else 0.0),
+                     "final_val_psnr": 20.0 - 10 * weight + seed, "final_val_ssim": 0.5,
+                     "final_val_perplexity": 100.0, "final_val_tokens": 81408})
+    rows.append({**rows[0], "run_id": "annealed", ic.SCHEDULE: "linear"})  # a regime run outside both claims
+    rows.append({**rows[0], "run_id": "small", ic.SIZE: 1024})
+    rows.append({**rows[0], "run_id": "tau1", ic.TAU: 1.0})
+    rows.append({**rows[1], "sweep": "other"})  # one run listed by two sweeps
+    return pd.DataFrame(rows)
+
+
+def test_each_claim_picks_its_runs_by_their_settings_once_each() -> None:
+    runs = _runs()
+    weight = ic.claim_summary(runs, "entropy_weight")
+    assert weight["run_id"].is_unique and len(weight) == 3 * 2 * 3  # gamma 1, frac 1 only
+    assert set(weight["series"]) == {"inv. temp. 10 (recipe)", "inv. temp. 100 (reference)"}
+    gamma = ic.claim_summary(runs, "gamma_frac")
+    assert gamma["run_id"].is_unique and len(gamma) == 2 * 2 * 2 * 3  # weight 0.1 only
+    assert set(gamma["series"]) == {"inv. temp. 10 (recipe), frac 0.25", "inv. temp. 10 (recipe), frac 1",
+                                    "inv. temp. 100 (reference), frac 0.25", "inv. temp. 100 (reference), frac 1"}
+    assert not {"annealed", "small", "tau1"} & (set(weight["run_id"]) | set(gamma["run_id"]))
+
+
+def test_missing_settings_read_as_the_config_defaults() -> None:
+    runs = _runs().drop(columns=[ic.FRAC, ic.SCHEDULE])  # runs from before those keys were recorded
+    summary = ic.claim_summary(runs, "entropy_weight")
+    # the frac 0.25 runs now read as frac 1, the annealed run as constant; the duplicate id counts once
+    assert len(summary) == 3 * 2 * 3 * 2 + 1
+    assert (summary[ic.FRAC] == 1.0).all()
+
+
+def test_table_is_over_seeds_of_finished_runs() -> None:
+    runs = _runs()
+    runs.loc[runs["run_id"] == "w0.3t10.0g1.0f1.0s2", "status"] = "failed"
+    table = ic.claim_table(ic.claim_summary(runs, "entropy_weight"), "entropy_weight").set_index(["series", ic.WEIGHT])
+    assert table.loc[("inv. temp. 10 (recipe)", 0.3), "n_seeds"] == 2
+    assert table.loc[("inv. temp. 10 (recipe)", 0.3), "final_val_psnr_mean"] == pytest.approx(17.5)
+    assert table.loc[("inv. temp. 100 (reference)", 0.0), "final_val_usage_fraction_mean"] == pytest.approx(0.5)
+
+
+def test_claim_with_no_runs_says_which_settings_it_needs() -> None:
+    with pytest.raises(ValueError, match="no runs with the settings of claim 'gamma_frac'.*codebook_size in"):
+        ic.claim_summary(_runs().assign(**{ic.SIZE: 1024}), "gamma_frac")
+
+
+def test_figure_draws_every_series_in_its_own_style_and_every_seed() -> None:
+    summary = ic.claim_summary(_runs(), "gamma_frac")
+    fig = ic.claim_figure(summary, "gamma_frac", held_fixed="held fixed: resolution=32", strict=True)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 4
+    assert len({(line.get_linestyle(), line.get_marker(), line.get_color()) for line in lines}) == 4
+    # two series have equal usage at every gamma: dodged, so no two lines share their x positions
+    assert len({tuple(np.round(line.get_xdata(), 3)) for line in lines}) == 4
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(summary)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+    title = fig._suptitle.get_text()
+    assert "held fixed: resolution=32" in title and "81,408" in title and "2^14 codes" in title
+
+
+def test_figure_without_finished_runs_says_so() -> None:
+    summary = ic.claim_summary(_runs(), "entropy_weight").assign(status="failed")
+    with pytest.raises(ValueError, match="no finished runs of claim 'entropy_weight'"):
+        ic.claim_figure(summary, "entropy_weight", strict=True)
+
+
+def test_regime_cli_writes_a_claim_only_where_its_setting_varies(tmp_path: Path) -> None:
+    sweep = tmp_path / "runs" / "entropy_weight_images"
+    for weight, seed in itertools.product((0.0, 0.3), (0, 1)):
+        run_dir = write_run(sweep, f"w{weight}s{seed}", seed=seed, steps=6)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"].update(kind="lfq", codebook_size=16384, inv_temperature=10.0, entropy_loss_weight=weight,
+                                   diversity_gamma=1.0, frac_per_sample_entropy=1.0)
+        (run_dir / "config.json").write_text(json.dumps(config))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=0.2 + weight, final_val_tokens=4096)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "recipe"
+    assert regime.main([str(write_regime_sweep(tmp_path / "runs")), str(sweep), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "entropy_weight_table.csv")
+    assert table.set_index(ic.WEIGHT)["final_val_usage_fraction_mean"].to_dict() == pytest.approx({0.0: 0.2, 0.3: 0.5})
+    assert (out / "entropy_weight.png").is_file() and (out / "entropy_weight.svg").is_file()
+    assert not (out / "gamma_frac_table.csv").exists()  # gamma never varies here
