@@ -152,11 +152,12 @@ def claim_figure(summary: pd.DataFrame, claim: ImagesClaim | str,
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(series)),
                title="line: mean over seeds (n seeds); small markers: one seed each")
-    tokens = int(done["final_val_tokens"].max()) if "final_val_tokens" in done else None
+    counted = done["final_val_tokens"].dropna() if "final_val_tokens" in done else pd.Series(dtype=float)
+    tokens = int(counted.max()) if len(counted) else None  # runs without validation have no count
     sizes = sorted(done[SIZE].unique()) if SIZE in done else []
     note = "; ".join(p for p in (
         f"2^{int(np.log2(sizes[0]))} codes" if len(sizes) == 1 else "",
-        f"{tokens:,} validation tokens" if tokens else "", held_fixed) if p)
+        f"{tokens:,} validation tokens" if tokens else "", f"held fixed: {held_fixed}" if held_fixed else "") if p)
     title = f"Claim {claim.name.replace('_', ' ')} on the images task: \u201c{claim.statement}\u201d"
     fig.suptitle(textwrap.fill(title, 110) + ("\n" + textwrap.fill(note, 115) if note else ""), fontsize=12)
     return fig

@@ -113,7 +113,8 @@ def quantizers_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_va
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3,
                title="line: mean over seeds (n seeds); small markers: one seed each")
-    tokens = int(done["final_val_tokens"].max()) if "final_val_tokens" in done else None
+    counted = done["final_val_tokens"].dropna() if "final_val_tokens" in done else pd.Series(dtype=float)
+    tokens = int(counted.max()) if len(counted) else None  # runs without validation have no count
     title = "Quantizers on the images task: validation usage and PSNR against codebook size"
     note = (f"held fixed: {held_fixed}" if held_fixed else "") + (f"; {tokens:,} validation tokens" if tokens else "")
     fig.suptitle(title + ("\n" + textwrap.fill(note, 115) if note else ""), fontsize=13)

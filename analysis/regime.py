@@ -16,6 +16,7 @@ Both figures read the committed CSVs too (the notebook rebuilds them without run
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 import textwrap
@@ -251,6 +252,69 @@ def read_regime(folder: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return regime_summary(runs), curves
 
 
+COMPARISONS = ("quantizers", "entropy_weight", "gamma_frac")  # claim 1, 2 and 3 on this task
+
+
+def comparisons(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``{name: summary}`` of the comparisons the runs hold, in :data:`COMPARISONS` order:
+    ``quantizers`` (claim 1) where they hold more than one quantizer kind, ``entropy_weight``
+    and ``gamma_frac`` (claims 2 and 3, :mod:`analysis.image_claims`) where finished runs vary
+    the claim's setting."""
+    from analysis.image_claims import IMAGES_CLAIMS, claim_summary
+    from analysis.quantizers import KIND, quantizers_summary
+
+    found = {}
+    if KIND in runs and runs[KIND].nunique() > 1:
+        found["quantizers"] = quantizers_summary(runs)
+    for claim in IMAGES_CLAIMS:
+        try:
+            picked = claim_summary(runs, claim)
+        except NoData:  # none of the runs has the claim's settings
+            continue
+        if picked[picked["status"] == "done"][claim.x].nunique() > 1:
+            found[claim.name] = picked
+    return found
+
+
+def comparison_table(name: str, summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, min and n over seeds of one comparison (``name`` from :data:`COMPARISONS`)."""
+    from analysis.image_claims import claim_table
+    from analysis.quantizers import quantizers_table
+
+    require(name in COMPARISONS, f"no comparison {name!r}; there are {', '.join(COMPARISONS)}")
+    return quantizers_table(summary) if name == "quantizers" else claim_table(summary, name)
+
+
+def comparison_figure(name: str, summary: pd.DataFrame, *, strict: bool = False) -> Figure | None:
+    """The figure of one comparison, with what its runs held fixed under the title."""
+    from analysis.image_claims import FIXED as CLAIM_FIXED
+    from analysis.image_claims import claim_figure
+    from analysis.quantizers import KIND, quantizers_figure
+
+    require(name in COMPARISONS, f"no comparison {name!r}; there are {', '.join(COMPARISONS)}")
+    if name == "quantizers":
+        keys: Sequence[str] = [k for k in FIXED_KEYS if k not in (KIND, "quantizer.entropy_mode")]
+    else:
+        keys = CLAIM_FIXED
+    fixed = held_fixed(summary, keys)[len("held fixed: "):].replace("\n", " ")
+    figure = quantizers_figure if name == "quantizers" else functools.partial(claim_figure, claim=name)
+    return figure(summary, held_fixed=fixed, strict=strict)
+
+
+def read_comparisons(folder: Path | str) -> dict[str, pd.DataFrame]:
+    """``{name: summary}`` from ``folder``: its committed ``<name>_summary.csv`` files when there,
+    else computed from the run folders under it (see :func:`comparisons`)."""
+    folder = Path(folder)
+    committed = {n: folder / f"{n}_summary.csv" for n in COMPARISONS if (folder / f"{n}_summary.csv").is_file()}
+    if committed or (folder / "summary.csv").is_file():
+        return {n: pd.read_csv(p) for n, p in committed.items()}
+    from analysis.load import load_runs
+
+    runs = load_runs(folder)
+    require(len(runs), f"no summary CSVs and no run folders under {folder}")
+    return comparisons(runs)
+
+
 def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime"
                  ) -> list[str]:
     """From the run folders under ``runs_roots``, into ``out``, each file written atomically:
@@ -258,16 +322,12 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     - the regime sweep's (``regime_sweep``; all the runs when none is in that sweep):
       ``summary.csv`` (one row per run), ``table.csv`` (over seeds), ``curves.csv`` (diagnostic
       steps), ``regime.png/.svg`` and ``collapse.png/.svg``;
-    - when the runs hold more than one quantizer kind (claim 1 on this task, both regimes):
-      ``quantizers_summary.csv``, ``quantizers_table.csv`` and ``quantizers.png/.svg``;
-    - for claims 2 and 3 on this task (:mod:`analysis.image_claims`), where the runs vary the
-      claim's setting: ``<claim>_summary.csv``, ``<claim>_table.csv``, ``<claim>.png/.svg``;
+    - for each comparison the runs of all the roots hold (:func:`comparisons`: claim 1 when
+      there is more than one quantizer kind, claims 2 and 3 where their setting varies):
+      ``<name>_summary.csv``, ``<name>_table.csv`` and ``<name>.png/.svg``;
     - ``command.txt``. Returns the names written."""
     from analysis.ablations import submit_commands
     from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
-    from analysis.quantizers import KIND, quantizers_figure, quantizers_summary, quantizers_table
-    from analysis.image_claims import FIXED as IMAGES_FIXED
-    from analysis.image_claims import IMAGES_CLAIMS, claim_figure, claim_summary, claim_table
 
     parts = [load_runs(root) for root in runs_roots]
     runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
@@ -280,21 +340,9 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     written = []
     tables = [("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)]
     figures = [("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))]
-    if KIND in runs and runs[KIND].nunique() > 1:
-        compared = quantizers_summary(runs)
-        fixed = held_fixed(compared, [k for k in FIXED_KEYS if k not in (KIND, "quantizer.entropy_mode")])
-        tables += [("quantizers_summary.csv", compared), ("quantizers_table.csv", quantizers_table(compared))]
-        figures.append(("quantizers", quantizers_figure(compared, held_fixed=fixed[len("held fixed: "):].replace(
-            "\n", " "), strict=True)))
-    for claim in IMAGES_CLAIMS:
-        try:
-            picked = claim_summary(runs, claim)
-        except NoData:  # none of the runs has the claim's settings
-            continue
-        if picked[picked["status"] == "done"][claim.x].nunique() > 1:
-            fixed = held_fixed(picked, IMAGES_FIXED)[len("held fixed: "):].replace("\n", " ")
-            tables += [(f"{claim.name}_summary.csv", picked), (f"{claim.name}_table.csv", claim_table(picked, claim))]
-            figures.append((claim.name, claim_figure(picked, claim, held_fixed="held fixed: " + fixed, strict=True)))
+    for name, compared in comparisons(runs).items():
+        tables += [(f"{name}_summary.csv", compared), (f"{name}_table.csv", comparison_table(name, compared))]
+        figures.append((name, comparison_figure(name, compared, strict=True)))
     for name, frame in tables:
         write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
         written.append(name)

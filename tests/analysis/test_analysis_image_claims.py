@@ -68,7 +68,7 @@ def test_claim_with_no_runs_says_which_settings_it_needs() -> None:
 
 def test_figure_draws_every_series_in_its_own_style_and_every_seed() -> None:
     summary = ic.claim_summary(_runs(), "gamma_frac")
-    fig = ic.claim_figure(summary, "gamma_frac", held_fixed="held fixed: resolution=32", strict=True)
+    fig = ic.claim_figure(summary, "gamma_frac", held_fixed="resolution=32", strict=True)
     ax = fig.axes[0]
     lines = ax.get_lines()
     assert len(lines) == 4
@@ -104,3 +104,31 @@ def test_regime_cli_writes_a_claim_only_where_its_setting_varies(tmp_path: Path)
     assert table.set_index(ic.WEIGHT)["final_val_usage_fraction_mean"].to_dict() == pytest.approx({0.0: 0.2, 0.3: 0.5})
     assert (out / "entropy_weight.png").is_file() and (out / "entropy_weight.svg").is_file()
     assert not (out / "gamma_frac_table.csv").exists()  # gamma never varies here
+
+
+def test_comparisons_read_back_the_same_from_csvs_and_from_run_folders(tmp_path: Path) -> None:
+    runs_root = tmp_path / "runs"
+    regime_sweep = write_regime_sweep(runs_root)
+    sweep = runs_root / "gamma_frac_images"
+    for gamma, seed in itertools.product((1.0, 2.0), (0, 1)):
+        run_dir = write_run(sweep, f"g{gamma}s{seed}", seed=seed, steps=6)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"].update(kind="lfq", codebook_size=16384, inv_temperature=100.0, diversity_gamma=gamma,
+                                   entropy_loss_weight=0.1, frac_per_sample_entropy=0.25)
+        (run_dir / "config.json").write_text(json.dumps(config))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=0.1 * gamma + 0.01 * seed, final_val_tokens=4096)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "recipe"
+    assert regime.main([str(regime_sweep), str(sweep), "--out", str(out)]) == 0
+    from_csv = regime.read_comparisons(out)
+    assert list(from_csv) == ["gamma_frac"]
+    from_runs = regime.read_comparisons(sweep)
+    columns = ["series", ic.GAMMA, "final_val_usage_fraction_mean", "final_val_usage_fraction_min", "n_seeds"]
+    table = regime.comparison_table("gamma_frac", from_csv["gamma_frac"])[columns]
+    pd.testing.assert_frame_equal(table, regime.comparison_table("gamma_frac", from_runs["gamma_frac"])[columns],
+                                  check_dtype=False)
+    assert table["final_val_usage_fraction_mean"].tolist() == pytest.approx([0.105, 0.205])
+    assert regime.comparison_figure("gamma_frac", from_csv["gamma_frac"], strict=True) is not None
+    with pytest.raises(ValueError, match="no comparison 'vocab'; there are quantizers, entropy_weight, gamma_frac"):
+        regime.comparison_table("vocab", from_csv["gamma_frac"])
