@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 # Working memory per chunk of tokens in subcode_gram (P_A, P_B, their gradients).
 CHUNK_BYTES = 128 * 2**20
+# The clamped per-token entropy keeps its kept sub-codes for backward up to this size (confident
+# tokens keep a few each: then nothing is rebuilt), else rebuilds them chunk by chunk.
+SAVED_BYTES = 32 * 2**20
 
 
 def subcode_split(num_bits: int) -> tuple[int, int]:
@@ -178,89 +180,198 @@ def _subcode_log_probs(logits: Tensor) -> Tensor:
     return on @ table.T + off @ (1 - table).T
 
 
-def _top_subcodes(logits: Tensor, log_eps: float) -> tuple[Tensor, Tensor]:
-    """Indices of each row's sub-codes with probability >= eps, and a mask of them, (M, k).
+def _kept_subcodes(bits: Tensor, log_p: Tensor, keep: Tensor, k: int, log_eps: float, *, sort: bool
+                   ) -> tuple[Tensor, Tensor | None]:
+    """One block's sub-codes with probability >= eps: float64 log-probabilities (M, k'), ``-inf``
+    past each row's own count, and their sub-code indices (``sort``: most probable first).
 
-    k is the most any row has (0 when none has any). Found densely but without gradient,
-    in the logits' dtype: the choice only decides which terms are summed.
+    ``bits``: the block's (M, b) logits; ``log_p``: their (M, 2**b) sub-code log-probabilities
+    in the logits' dtype; ``keep``: ``log_p >= log eps`` as uint8, whose k ones per row (at
+    most; a partial sort of bytes, cheap) are the candidates. The
+    values are then computed in float64 (from the candidates' bits when they are few, else
+    all 2**b by two matrix products) and the choice is made again on them, so the choice and
+    the values agree. When most are kept and no order is asked for, all 2**b are
+    returned in index order (indices None).
     """
-    with torch.no_grad():
-        over = _subcode_log_probs(logits) >= log_eps
-        k = int(over.sum(dim=-1).max()) if over.shape[0] else 0  # a rank may hold no tokens
-        index = over.to(torch.uint8).topk(k, dim=-1).indices if k else over.new_zeros(over.shape[0], 0, dtype=torch.long)
-        return index, over.gather(-1, index)
+    if 4 * k < log_p.shape[1]:  # few candidates
+        index = keep.topk(k, dim=-1, sorted=False).indices
+        if log_p.dtype == torch.float64:
+            values = log_p.gather(-1, index)
+        else:
+            flat = bits.double()
+            table = _bit_table(flat.shape[1], flat)[index]  # (M, k, b)
+            on, off = F.logsigmoid(flat)[:, None, :], F.logsigmoid(-flat)[:, None, :]
+            values = (table * on + (1 - table) * off).sum(dim=-1)
+    else:
+        values = log_p if log_p.dtype == torch.float64 else _subcode_log_probs(bits.double())
+        index = None
+    values = values.masked_fill(values < log_eps, -math.inf)
+    if not sort:
+        return values, index
+    values, order = values.sort(dim=-1, descending=True)
+    index = order if index is None else index.gather(-1, order)
+    width = int(torch.isfinite(values).sum(dim=-1).max()) if values.shape[0] else 0
+    return values[:, :width].contiguous(), index[:, :width].contiguous()  # copies: the rest is freed
 
 
-def _selected_log_probs(logits: Tensor, index: Tensor) -> Tensor:
-    """log P of the sub-codes ``index`` (M, k), from (M, bits) float64 logits, differentiable.
+def _row_groups(count: Tensor, width: int) -> list[tuple[Tensor | None, int]]:
+    """Rows grouped by how many sub-codes they keep, (rows or None for all, the group's most),
+    in groups of at most 16, 64, 256, ... sub-codes: a few unsure tokens then widen only
+    their own group, not the chunk (a confident token keeps a few sub-codes, a near-uniform
+    one nearly all)."""
+    most = int(count.max()) if count.numel() else 0
+    if most <= 16:
+        return [(None, most)]
+    groups, low = [], -1
+    for high in (16, 64, 256, width):
+        if high > low:
+            rows = torch.nonzero((count > low) & (count <= high)).flatten()
+            if rows.numel():
+                groups.append((rows, int(count[rows].max())))
+        low = max(low, high)
+        if high >= most:
+            break
+    return groups
 
-    Few sub-codes: from their bits, (M, k, bits). Many: all 2**bits by two matrix
-    products, then gathered, which costs the same whatever k.
-    """
-    num_bits = logits.shape[-1]
-    if index.shape[1] * num_bits > 2**num_bits:
-        return _subcode_log_probs(logits).gather(-1, index)
-    bits = _bit_table(num_bits, logits)[index]  # (M, k, bits)
-    on, off = F.logsigmoid(logits)[:, None, :], F.logsigmoid(-logits)[:, None, :]
-    return (bits * on + (1 - bits) * off).sum(dim=-1)
+
+def _bit_sums(weight: Tensor, index: Tensor | None, num_bits: int) -> Tensor:
+    """(M, bits): for each bit, the sum of ``weight`` over the kept sub-codes with that bit on."""
+    table = _bit_table(num_bits, weight)
+    if index is None:  # all sub-codes, in index order
+        return weight @ table
+    if 4 * index.shape[1] < 2**num_bits:  # few: from their bits
+        return torch.einsum("mk,mkb->mb", weight, table[index])
+    return weight.new_zeros(weight.shape[0], 2**num_bits).scatter_(1, index, weight) @ table
 
 
-def _clamped_token_entropy(logits: Tensor, high_bits: int, eps: float) -> Tensor:
-    """Per token, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M, d) logits -> (M,).
+class _ClampedTokenEntropy(torch.autograd.Function):
+    """Per row of (M, d) logits, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M,) float64.
 
     With L = log eps, every code under the clamp contributes ``-p L`` and the rest
     ``-p log p``; as the probabilities sum to 1,
 
-        H_clamped = -L + sum over codes with p >= eps of p (L - log p),
+        H = -L + sum over codes with p >= eps of p (L - log p),
 
     which needs only the codes at or above eps (at most 1 / eps of them, usually a few).
     p = P_A[a] P_B[b] is at or above eps only if both factors are, so only those sub-codes
-    are kept (k per row, the most any row has); for a kept a the b with
-    log P_B[b] >= L - log P_A[a] are a suffix of the kept b sorted: suffix sums and one
-    searchsorted. The kept terms are computed in float64, whatever the input dtype: the
-    result is a small difference when nearly all mass is above eps (confident tokens),
-    and float64 keeps it to ~1e-12. The choice of terms is piecewise constant in the
-    input and carries no gradient; the clamped entropy is continuous across it.
+    are kept; the low block is sorted most probable first, and for a kept a the b with
+    log P_B[b] >= L - log P_A[a] are a prefix of it: prefix sums and one searchsorted. All
+    in float64 whatever the input dtype (H is a small difference when nearly all mass is
+    above eps); the sub-codes' log-probabilities too, so the choice of terms and the values
+    agree exactly. Rows are grouped by how many sub-codes they keep (:func:`_row_groups`).
+
+    The backward is written out: with w = p (L - log p - 1) over the kept pairs and
+    d log p / d l_i = bit_i - sigmoid(l_i), dH/dl_i = sum_w bit_i - sigmoid(l_i) sum_w. The
+    sums over an a's partners are the forward's prefix sums; those over a b's partners
+    (the a whose prefix reaches past b) are a histogram of the prefix lengths, summed from
+    the end. The set of kept pairs is piecewise constant (no gradient) and H is continuous
+    across its changes. The kept sub-codes are held for backward while they fit
+    :data:`SAVED_BYTES`, else each chunk is rebuilt from the logits.
     """
-    log_eps = math.log(eps)
-    index_a, keep_a = _top_subcodes(logits[:, :high_bits], log_eps)
-    index_b, keep_b = _top_subcodes(logits[:, high_bits:], log_eps)
-    flat = logits.double()
-    clamped = flat.new_full(flat.shape[:1], -log_eps) + flat.sum(dim=-1) * 0
-    if index_a.shape[1] == 0 or index_b.shape[1] == 0:  # no code reaches eps: all are clamped
-        return clamped
-    log_a = _selected_log_probs(flat[:, :high_bits], index_a)
-    log_b = _selected_log_probs(flat[:, high_bits:], index_b)
-    weight_a = keep_a * log_a.clamp(min=log_eps).exp()
-    log_b, order = log_b.masked_fill(~keep_b, -math.inf).sort(dim=-1)  # ascending, for searchsorted
-    prob_b = keep_b.gather(-1, order) * log_b.clamp(min=log_eps).exp()
-    plogp_b = prob_b * log_b.clamp(min=log_eps)
-    zero = prob_b.new_zeros(prob_b.shape[0], 1)
-    suffix_1 = torch.cat((prob_b.flip(-1).cumsum(dim=-1).flip(-1), zero), dim=-1)
-    suffix_2 = torch.cat((plogp_b.flip(-1).cumsum(dim=-1).flip(-1), zero), dim=-1)
-    first = torch.searchsorted(log_b.detach().contiguous(), (log_eps - log_a).detach().contiguous())
-    above_1, above_2 = suffix_1.gather(-1, first), suffix_2.gather(-1, first)
-    return clamped + (weight_a * ((log_eps - log_a) * above_1 - above_2)).sum(dim=-1)
+
+    @staticmethod
+    def _chunk(logits: Tensor, high_bits: int, log_eps: float) -> list[tuple[Tensor | None, tuple[Tensor, ...]]]:
+        """Per group of rows (rows None: all), the kept sub-codes of both blocks and the
+        forward's sums; rows where no code reaches eps (all clamped, constant) in no group."""
+        blocks = (logits[:, :high_bits], logits[:, high_bits:])
+        log_probs, keeps = [], []
+        for block in blocks:
+            log_p = _subcode_log_probs(block)  # in the logits' dtype: only to choose candidates
+            log_probs.append(log_p)
+            keeps.append((log_p >= log_eps).view(torch.uint8))
+        count = torch.maximum(*(keep.sum(dim=-1) for keep in keeps))
+        groups = []
+        for rows, k in _row_groups(count, max(m.shape[1] for m in log_probs)):
+            if k == 0:
+                continue
+            (bits_a, bits_b), (part_a, part_b), (keep_a, keep_b) = (
+                (t if rows is None else t[rows] for t in pair) for pair in (blocks, log_probs, keeps))
+            log_a, index_a = _kept_subcodes(bits_a, part_a, keep_a, min(k, part_a.shape[1]), log_eps, sort=False)
+            log_b, index_b = _kept_subcodes(bits_b, part_b, keep_b, min(k, part_b.shape[1]), log_eps, sort=True)
+            if log_b.shape[1] == 0:  # in float64 no b of these rows reaches eps
+                continue
+            prob_b = log_b.exp()  # 0 where -inf
+            plogp_b = torch.where(prob_b > 0, prob_b * log_b, 0.0)
+            zero = prob_b.new_zeros(prob_b.shape[0], 1)
+            count_a = torch.searchsorted((-log_b).contiguous(), (log_a - log_eps).contiguous(), right=True)
+            above_1 = torch.cat((zero, prob_b.cumsum(dim=-1)), dim=-1).gather(-1, count_a)  # P_B over a's partners
+            above_2 = torch.cat((zero, plogp_b.cumsum(dim=-1)), dim=-1).gather(-1, count_a)  # P_B log P_B
+            groups.append((rows, (log_a, index_a, log_b, index_b, count_a, above_1, above_2)))
+        return groups
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, high_bits: int, eps: float, chunk_rows: int) -> Tensor:  # type: ignore[override]
+        log_eps = math.log(eps)
+        entropy = logits.new_full(logits.shape[:1], -log_eps, dtype=torch.float64)
+        saved: list[list] | None = []  # every chunk's groups, while they fit SAVED_BYTES
+        for start in range(0, logits.shape[0], chunk_rows):
+            chunk = logits[start : start + chunk_rows]
+            kept = _ClampedTokenEntropy._chunk(chunk, high_bits, log_eps)
+            if saved is not None:
+                saved.append(kept)
+                held = sum(t.untyped_storage().nbytes() for g in saved for _, ts in g for t in ts if t is not None)
+                if held > SAVED_BYTES:
+                    saved = None
+            out = entropy[start : start + chunk.shape[0]]
+            for rows, (log_a, _, _, _, _, above_1, above_2) in kept:
+                prob_a = log_a.exp()
+                term = (prob_a * torch.where(prob_a > 0, (log_eps - log_a) * above_1 - above_2, 0.0)).sum(dim=-1)
+                if rows is None:
+                    out += term
+                else:
+                    out.index_add_(0, rows, term)
+        ctx.save_for_backward(logits)
+        ctx.kept = saved  # None: rebuilt chunk by chunk in backward
+        ctx.high_bits, ctx.log_eps, ctx.chunk_rows = high_bits, log_eps, chunk_rows
+        return entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (logits,) = ctx.saved_tensors
+        high, log_eps, chunk_rows = ctx.high_bits, ctx.log_eps, ctx.chunk_rows
+        grad = torch.zeros_like(logits, dtype=torch.float64)
+        for number, start in enumerate(range(0, logits.shape[0], chunk_rows)):
+            chunk = logits[start : start + chunk_rows]
+            kept = ctx.kept[number] if ctx.kept is not None else _ClampedTokenEntropy._chunk(chunk, high, log_eps)
+            out = grad[start : start + chunk.shape[0]]
+            for rows, (log_a, index_a, log_b, index_b, count_a, above_1, above_2) in kept:
+                prob_a, prob_b = log_a.exp(), log_b.exp()
+                weight_a = torch.where(prob_a > 0, prob_a * ((log_eps - log_a - 1) * above_1 - above_2), 0.0)
+                # per b, the sums of P_A and P_A log P_A over the a whose prefix holds b (count_a > b's position)
+                plogp_a = torch.where(prob_a > 0, prob_a * log_a, 0.0)
+                hist = prob_a.new_zeros(prob_a.shape[0], 2, log_b.shape[1] + 1)
+                hist[:, 0].scatter_add_(1, count_a, prob_a)
+                hist[:, 1].scatter_add_(1, count_a, plogp_a)
+                beyond = hist.flip(-1).cumsum(dim=-1).flip(-1)[..., 1:]  # over counts > position
+                weight_b = torch.where(prob_b > 0, prob_b * ((log_eps - log_b - 1) * beyond[:, 0] - beyond[:, 1]), 0.0)
+                bits = chunk if rows is None else chunk[rows]
+                on = torch.cat((_bit_sums(weight_a, index_a, high), _bit_sums(weight_b, index_b, bits.shape[1] - high)),
+                               dim=-1)
+                part = on - torch.sigmoid(bits.double()) * weight_a.sum(dim=-1, keepdim=True)
+                if rows is None:
+                    out += part
+                else:
+                    out.index_add_(0, rows, part)
+        ctx.kept = None
+        return (grad * grad_out.double()[:, None]).to(logits.dtype), None, None, None
 
 
 def clamped_per_token(logits: Tensor, eps: float, chunk_tokens: int | None = None) -> Tensor:
     """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
 
-    O(N 2**(d/2) d) work and memory (see :func:`_clamped_token_entropy`); tokens in
-    chunks, each recomputed in backward (checkpointed) when there are several.
+    O(N 2**(d/2) d) work and memory (see :class:`_ClampedTokenEntropy`); tokens in chunks,
+    each rebuilt in backward when there are several.
     """
     num_tokens, num_codebooks, num_bits = logits.shape
     high, _ = subcode_split(num_bits)
     if chunk_tokens is None:
         # float64 inside: twice the bytes per sub-code.
         chunk_tokens = default_chunk_tokens(num_codebooks, num_bits, 8)
-
-    def chunk_entropy(chunk: Tensor) -> Tensor:
-        return _clamped_token_entropy(chunk.reshape(-1, num_bits), high, eps).reshape(chunk.shape[:2])
-
-    if num_tokens <= chunk_tokens:
-        per_token = chunk_entropy(logits)
-    else:
-        per_token = torch.cat([checkpoint(chunk_entropy, logits[start : start + chunk_tokens], use_reentrant=False)
-                               for start in range(0, num_tokens, chunk_tokens)])
-    return per_token.to(logits.dtype)
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be an int >= 1 (or None for automatic), got {chunk_tokens!r}")
+    flat = logits.reshape(-1, num_bits)
+    per_token = _ClampedTokenEntropy.apply(flat, high, eps, chunk_tokens * num_codebooks)
+    return per_token.reshape(num_tokens, num_codebooks).to(logits.dtype)

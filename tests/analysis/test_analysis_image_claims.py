@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from analysis_fixtures import write_regime_sweep, write_run
 
 from analysis import image_claims as ic
 from analysis import regime
-from analysis_fixtures import write_regime_sweep, write_run
 
 
 def _runs() -> pd.DataFrame:

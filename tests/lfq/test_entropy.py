@@ -15,8 +15,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lfq import LFQ
+from lfq import LFQ, subcodes
 from lfq.entropy import (
     ENTROPY_KERNELS,
     EXACT_MAX_BITS,
@@ -340,6 +341,48 @@ def test_clamped_chunked_equals_unchunked(chunk_tokens: int) -> None:
         results.append((per_token.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def _dense_clamped_per_token(logits: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """-sum_j p_j log max(p_j, eps) over all 2**d codes of (N, c, d) bit logits, densely."""
+    d = logits.shape[-1]
+    bits = ((torch.arange(2**d)[:, None] >> torch.arange(d - 1, -1, -1)) & 1).to(logits.dtype)
+    log_p = F.logsigmoid(logits) @ bits.T + F.logsigmoid(-logits) @ (1 - bits).T
+    return -(log_p.exp() * log_p.clamp(min=math.log(eps))).sum(dim=-1)
+
+
+@pytest.mark.parametrize("chunk_tokens,saved_bytes", [(None, None), (5, None), (5, 0)])
+def test_clamped_per_token_mixes_unsure_and_confident_tokens(chunk_tokens: int | None, saved_bytes: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Near-uniform tokens keep nearly every sub-code, confident ones a few: rows are grouped
+    by that count, and each group, chunked or not, its sub-codes held for backward or rebuilt
+    there (``saved_bytes=0``), gives the dense values and gradients."""
+    if saved_bytes is not None:
+        monkeypatch.setattr(subcodes, "SAVED_BYTES", saved_bytes)
+    gen = torch.Generator().manual_seed(12)
+    spread = torch.tensor([0.02, 0.3, 1.0, 3.0, 8.0, 40.0], dtype=F64).repeat(7)[:, None, None]
+    z = torch.randn(42, 2, 12, generator=gen, dtype=F64) * spread
+    kept = (subcodes._subcode_log_probs(z[:, 0, :6]) >= math.log(1e-5)).sum(dim=-1)
+    assert kept.min() <= 16 < kept.max(), "the rows should fall into several groups"
+    weights = torch.randn(42, 2, generator=gen, dtype=F64)
+    results = []
+    for fn in (lambda x: clamped_per_token(x, chunk_tokens=chunk_tokens), _dense_clamped_per_token):
+        leaf = z.clone().requires_grad_()
+        value = fn(leaf)
+        (value * weights).sum().backward()
+        results.append((value.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-12)
+
+
+def test_row_groups_partition_the_rows_by_their_kept_count() -> None:
+    count = torch.tensor([0, 3, 16, 17, 64, 65, 200, 256, 300, 512, 5])
+    groups = subcodes._row_groups(count, 512)
+    rows = torch.cat([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(len(count)))
+    for (r, k), bound in zip(groups, (16, 64, 256, 512), strict=True):
+        assert k == int(count[r].max()) <= bound
+    assert subcodes._row_groups(torch.tensor([2, 16, 0]), 512) == [(None, 16)]
 
 
 def test_clamped_caps_at_the_clamp_at_2_18() -> None:
