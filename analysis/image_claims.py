@@ -42,6 +42,7 @@ REGIMES = {10.0: "recipe", 100.0: "reference"}
 @dataclass(frozen=True)
 class ImagesClaim:
     name: str
+    number: int  # in results/README.md
     x: str  # the swept setting
     series: tuple[str, ...]  # what tells the lines apart
     select: Mapping[str, tuple[object, ...]]  # the settings a run must have to be part of the claim
@@ -49,12 +50,12 @@ class ImagesClaim:
 
 
 IMAGES_CLAIMS = (
-    ImagesClaim("entropy_weight", WEIGHT, (TAU,),
+    ImagesClaim("entropy_weight", 2, WEIGHT, (TAU,),
                 {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
                  TAU: (10.0, 100.0)},
                 "A larger entropy weight gives higher utilization and worse reconstruction; "
                 "without it utilization drops."),
-    ImagesClaim("gamma_frac", GAMMA, (TAU, FRAC),
+    ImagesClaim("gamma_frac", 3, GAMMA, (TAU, FRAC),
                 {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0)},
                 "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps utilization."),
 )
@@ -150,7 +151,7 @@ def claim_figure(summary: pd.DataFrame, claim: ImagesClaim | str,
         ax.set_ylabel("val usage (% of codebook)" if scale == 100 else
                       "val PSNR (dB)" if metric.endswith("psnr") else metric.replace("_", " "))
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(series)),
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(series)),
                title="line: mean over seeds (n seeds); small markers: one seed each")
     counted = done["final_val_tokens"].dropna() if "final_val_tokens" in done else pd.Series(dtype=float)
     tokens = int(counted.max()) if len(counted) else None  # runs without validation have no count
@@ -158,6 +159,6 @@ def claim_figure(summary: pd.DataFrame, claim: ImagesClaim | str,
     note = "; ".join(p for p in (
         f"2^{int(np.log2(sizes[0]))} codes" if len(sizes) == 1 else "",
         f"{tokens:,} validation tokens" if tokens else "", f"held fixed: {held_fixed}" if held_fixed else "") if p)
-    title = f"Claim {claim.name.replace('_', ' ')} on the images task: \u201c{claim.statement}\u201d"
+    title = f"Claim {claim.number} on the images task: \u201c{claim.statement}\u201d"
     fig.suptitle(textwrap.fill(title, 110) + ("\n" + textwrap.fill(note, 115) if note else ""), fontsize=12)
     return fig
