@@ -4,8 +4,9 @@ The runs come from several sweeps (``recipe_regime`` gives LFQ at the reference'
 recipe's inverse temperature, ``quantizers_images`` BSQ, FSQ and plain VQ, ``vq_fair_images``
 VQ with k-means / random-sample initialisation and dead-code replacement). Each run gets a
 *series*: the quantizer and what distinguishes it (LFQ's and BSQ's inverse temperature, VQ's
-initialisation and dead-code threshold). Regime runs away from the constant entropy weight
-and gamma 1 are not part of this comparison and get no series.
+initialisation and dead-code threshold). LFQ and BSQ runs away from the constant entropy
+weight 0.1, gamma 1 and frac 1 (the regime grid's, claims 2's and 3's) are not part of this
+comparison and get no series.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ TAU = "quantizer.inv_temperature"
 SCHEDULE = "anneal.entropy"
 GAMMA = "quantizer.diversity_gamma"
 VQ_INIT = "quantizer.vq_init"
+FRAC = "quantizer.frac_per_sample_entropy"
+WEIGHT = "quantizer.entropy_loss_weight"
+WEIGHT_COMPARED = 0.1  # images.yaml's entropy weight: the one claim 1 compares at
 VQ_DEAD = "quantizer.vq_dead_code_threshold"
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
 KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
@@ -42,8 +46,9 @@ def series_of(run: pd.Series) -> str | None:
     """The comparison's name for one run (a row of ``load_runs``), or None if it is not part of it."""
     kind = str(_value(run, KIND, "lfq"))
     if kind in ("lfq", "bsq"):
-        if _value(run, SCHEDULE, "constant") != "constant" or float(_value(run, GAMMA, 1.0)) != 1.0:
-            return None
+        if (_value(run, SCHEDULE, "constant") != "constant" or float(_value(run, GAMMA, 1.0)) != 1.0
+                or float(_value(run, FRAC, 1.0)) != 1.0 or float(_value(run, WEIGHT, WEIGHT_COMPARED)) != WEIGHT_COMPARED):
+            return None  # a regime or claim 2-3 run: other settings than this comparison's
         tau = float(_value(run, TAU, 100.0))
         return f"{kind.upper()} inv. temp. {tau:g}" + (" (reference)" if tau == 100.0 and kind == "lfq" else "")
     if kind == "vq":

@@ -23,6 +23,8 @@ def _runs() -> pd.DataFrame:
                      "final_val_ssim": 0.5, "final_val_perplexity": 10.0, "final_val_tokens": 81408})
     # a regime run away from the comparison's settings, and one run listed by two sweeps
     rows.append({**rows[0], "run_id": "annealed", q.SCHEDULE: "linear"})
+    rows.append({**rows[0], "run_id": "weight0.3", q.WEIGHT: 0.3})  # claim 2's and 3's runs
+    rows.append({**rows[0], "run_id": "frac0.25", q.FRAC: 0.25})
     rows.append({**rows[1], "sweep": "other"})
     return pd.DataFrame(rows)
 
@@ -36,7 +38,7 @@ def test_series_names_say_what_distinguishes_the_runs() -> None:
 
 def test_summary_has_one_row_per_run_and_leaves_out_other_settings() -> None:
     summary = q.quantizers_summary(_runs())
-    assert summary["run_id"].is_unique and "annealed" not in set(summary["run_id"])
+    assert summary["run_id"].is_unique and not {"annealed", "weight0.3", "frac0.25"} & set(summary["run_id"])
     assert len(summary) == 6 * 2 * 3
     assert list(dict.fromkeys(summary[q.KIND])) == ["lfq", "bsq", "fsq", "vq"]
     table = q.quantizers_table(summary)
