@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.style import LINESTYLES, MARKERS, colors, dodge, new_figure, require, skippable
+from analysis.style import new_figure, require, seed_series, skippable
 
 KIND = "quantizer.kind"
 SIZE = "quantizer.codebook_size"
@@ -127,24 +127,14 @@ def claim_figure(summary: pd.DataFrame, claim: ImagesClaim | str,
     series = list(dict.fromkeys(done["series"]))
     values = sorted(done[claim.x].astype(float).unique())
     position = {v: i for i, v in enumerate(values)}
-    palette = colors(len(series))
     fig, axes = new_figure(1, len(metrics), height=6.0)
     for col, metric in enumerate(metrics):
         ax = axes[0, col]
         require(metric in done, f"no column {metric}")
         scale = 100.0 if metric.endswith("usage_fraction") else 1.0
-        for i, name in enumerate(series):
-            runs = done[done["series"] == name]
-            x = runs[claim.x].astype(float).map(position).to_numpy(float)
-            style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
-            ax.scatter(dodge(x, i, len(series), log=False, width=0.06), runs[metric] * scale, s=20, alpha=0.5,
-                       linewidths=0, **style)
-            grouped = runs.assign(_x=x).groupby("_x")[metric]
-            mean, n = grouped.mean() * scale, grouped.size()
-            label = f"{name} (n={n.min()})" if n.min() == n.max() else f"{name} (n={n.min()}-{n.max()})"
-            ax.plot(dodge(mean.index.to_numpy(float), i, len(series), log=False, width=0.06), mean.to_numpy(),
-                    linestyle=LINESTYLES[i % len(LINESTYLES)], markerfacecolor="white", markersize=7, label=label,
-                    **style)
+        seed_series(ax, [(name, part[claim.x].astype(float).map(position).to_numpy(float),
+                          part[metric].to_numpy(float) * scale)
+                         for name in series for part in [done[done["series"] == name]]], log=False, width=0.06)
         ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
         ax.set_xlim(-0.4, len(values) - 0.6)
         ax.set_xlabel(f"{claim.x.split('.')[-1]} (evenly spaced; series dodged sideways)")

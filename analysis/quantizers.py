@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.style import LINESTYLES, MARKERS, colors, dodge, new_figure, require, skippable
+from analysis.style import new_figure, require, seed_series, skippable
 
 KIND = "quantizer.kind"
 SIZE = "quantizer.codebook_size"
@@ -91,23 +91,13 @@ def quantizers_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_va
     done = summary[summary["status"] == "done"]
     require(len(done), "no finished runs to compare")
     series = list(dict.fromkeys(done["series"]))
-    palette = colors(len(series))
     fig, axes = new_figure(1, len(metrics), height=6.0)
     for col, metric in enumerate(metrics):
         ax = axes[0, col]
         require(metric in done, f"no column {metric}")
         scale = 100.0 if metric.endswith("usage_fraction") else 1.0
-        for i, name in enumerate(series):
-            runs = done[done["series"] == name]
-            style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
-            ax.scatter(dodge(runs[SIZE].to_numpy(float), i, len(series), log=True, width=0.12),
-                       runs[metric] * scale, s=20, alpha=0.5, linewidths=0, **style)
-            mean = runs.groupby(SIZE)[metric].mean() * scale
-            n = runs.groupby(SIZE).size()
-            ax.plot(dodge(mean.index.to_numpy(float), i, len(series), log=True, width=0.12), mean.to_numpy(),
-                    linestyle=LINESTYLES[i % len(LINESTYLES)], markerfacecolor="white", markersize=7,
-                    label=f"{name} (n={n.min()}-{n.max()})" if n.min() != n.max() else f"{name} (n={n.min()})",
-                    **style)
+        seed_series(ax, [(name, part[SIZE].to_numpy(float), part[metric].to_numpy(float) * scale)
+                         for name in series for part in [done[done["series"] == name]]], log=True, width=0.12)
         sizes = sorted(done[SIZE].unique())
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [f"2^{int(np.log2(s))}" for s in sizes])

@@ -215,6 +215,23 @@ def dodge(x: Sequence[float] | np.ndarray, i: int, n: int, *, log: bool, width: 
     return arr + shift * (span or max(abs(float(finite.max())) if finite.size else 1.0, 1.0))
 
 
+def seed_series(ax: Axes, series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, log: bool, width: float) -> None:
+    """For each ``(name, x, y)`` (one entry per seed), a small marker per seed and a line through
+    the mean over the seeds at each x, labelled ``name (n=...)``; each series its own colour,
+    line style and marker, dodged sideways (:func:`dodge`) so coincident series stay visible."""
+    palette = colors(len(series))
+    for i, (name, x, y) in enumerate(series):
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
+        ax.scatter(dodge(x, i, len(series), log=log, width=width), y, s=20, alpha=0.5, linewidths=0, **style)
+        at = sorted(set(x.tolist()))
+        mean = np.array([y[x == v].mean() for v in at])
+        n = [int((x == v).sum()) for v in at]
+        label = f"{name} (n={min(n)})" if min(n) == max(n) else f"{name} (n={min(n)}-{max(n)})"
+        ax.plot(dodge(at, i, len(series), log=log, width=width), mean, linestyle=LINESTYLES[i % len(LINESTYLES)],
+                markerfacecolor="white", markersize=7, label=label, **style)
+
+
 def spread_coincident(x: np.ndarray, y: np.ndarray, *, xlog: bool = False, ylog: bool = False,
                       tol: float = 0.022, step: float = 0.024) -> np.ndarray:
     """x positions for a scatter in which points closer than ``tol`` of the axes' spans (in both
