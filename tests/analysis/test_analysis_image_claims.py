@@ -87,17 +87,22 @@ def test_figure_without_finished_runs_says_so() -> None:
         ic.claim_figure(summary, "entropy_weight", strict=True)
 
 
+def _write_lfq_run(sweep: Path, run_id: str, seed: int, usage: float, **quantizer: float) -> None:
+    """A run folder of an LFQ run at 2^14 codes with these quantizer settings and val usage."""
+    run_dir = write_run(sweep, run_id, seed=seed, steps=6)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["quantizer"].update(kind="lfq", codebook_size=16384, **quantizer)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(final_val_usage_fraction=usage, final_val_tokens=4096)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
 def test_regime_cli_writes_a_claim_only_where_its_setting_varies(tmp_path: Path) -> None:
     sweep = tmp_path / "runs" / "entropy_weight_images"
     for weight, seed in itertools.product((0.0, 0.3), (0, 1)):
-        run_dir = write_run(sweep, f"w{weight}s{seed}", seed=seed, steps=6)
-        config = json.loads((run_dir / "config.json").read_text())
-        config["quantizer"].update(kind="lfq", codebook_size=16384, inv_temperature=10.0, entropy_loss_weight=weight,
-                                   diversity_gamma=1.0, frac_per_sample_entropy=1.0)
-        (run_dir / "config.json").write_text(json.dumps(config))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary.update(final_val_usage_fraction=0.2 + weight, final_val_tokens=4096)
-        (run_dir / "summary.json").write_text(json.dumps(summary))
+        _write_lfq_run(sweep, f"w{weight}s{seed}", seed, 0.2 + weight, inv_temperature=10.0,
+                       entropy_loss_weight=weight, diversity_gamma=1.0, frac_per_sample_entropy=1.0)
     out = tmp_path / "recipe"
     assert regime.main([str(write_regime_sweep(tmp_path / "runs")), str(sweep), "--out", str(out)]) == 0
     table = pd.read_csv(out / "entropy_weight_table.csv")
@@ -111,14 +116,8 @@ def test_comparisons_read_back_the_same_from_csvs_and_from_run_folders(tmp_path:
     regime_sweep = write_regime_sweep(runs_root)
     sweep = runs_root / "gamma_frac_images"
     for gamma, seed in itertools.product((1.0, 2.0), (0, 1)):
-        run_dir = write_run(sweep, f"g{gamma}s{seed}", seed=seed, steps=6)
-        config = json.loads((run_dir / "config.json").read_text())
-        config["quantizer"].update(kind="lfq", codebook_size=16384, inv_temperature=100.0, diversity_gamma=gamma,
-                                   entropy_loss_weight=0.1, frac_per_sample_entropy=0.25)
-        (run_dir / "config.json").write_text(json.dumps(config))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary.update(final_val_usage_fraction=0.1 * gamma + 0.01 * seed, final_val_tokens=4096)
-        (run_dir / "summary.json").write_text(json.dumps(summary))
+        _write_lfq_run(sweep, f"g{gamma}s{seed}", seed, 0.1 * gamma + 0.01 * seed, inv_temperature=100.0,
+                       diversity_gamma=gamma, entropy_loss_weight=0.1, frac_per_sample_entropy=0.25)
     out = tmp_path / "recipe"
     assert regime.main([str(regime_sweep), str(sweep), "--out", str(out)]) == 0
     from_csv = regime.read_comparisons(out)
