@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.quantizers import value_or
 from analysis.style import new_figure, require, seed_series, skippable
 
 KIND = "quantizer.kind"
@@ -63,10 +64,7 @@ BY_NAME = {c.name: c for c in IMAGES_CLAIMS}
 
 
 def _value(run: pd.Series, column: str) -> object:
-    value = run.get(column, DEFAULTS.get(column))
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return DEFAULTS.get(column)
-    return value
+    return value_or(run, column, DEFAULTS.get(column))
 
 
 def _matches(value: object, allowed: tuple[object, ...]) -> bool:

@@ -37,22 +37,23 @@ FIXED = ("quantizer.entropy_loss_weight", "quantizer.commitment_loss_weight", "m
          "model.downsample", "data.batch_size", "schedule.steps")
 
 
-def _value(run: pd.Series, column: str, default: object) -> object:
+def value_or(run: pd.Series, column: str, default: object) -> object:
+    """``run[column]``, or ``default`` where the run has no value there (missing, None or NaN)."""
     value = run.get(column, default)
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 def series_of(run: pd.Series) -> str | None:
     """The comparison's name for one run (a row of ``load_runs``), or None if it is not part of it."""
-    kind = str(_value(run, KIND, "lfq"))
+    kind = str(value_or(run, KIND, "lfq"))
     if kind in ("lfq", "bsq"):
-        if (_value(run, SCHEDULE, "constant") != "constant" or float(_value(run, GAMMA, 1.0)) != 1.0
-                or float(_value(run, FRAC, 1.0)) != 1.0 or float(_value(run, WEIGHT, WEIGHT_COMPARED)) != WEIGHT_COMPARED):
+        if (value_or(run, SCHEDULE, "constant") != "constant" or float(value_or(run, GAMMA, 1.0)) != 1.0
+                or float(value_or(run, FRAC, 1.0)) != 1.0 or float(value_or(run, WEIGHT, WEIGHT_COMPARED)) != WEIGHT_COMPARED):
             return None  # a regime or claim 2-3 run: other settings than this comparison's
-        tau = float(_value(run, TAU, 100.0))
+        tau = float(value_or(run, TAU, 100.0))
         return f"{kind.upper()} inv. temp. {tau:g}" + (" (reference)" if tau == 100.0 and kind == "lfq" else "")
     if kind == "vq":
-        init, dead = str(_value(run, VQ_INIT, "uniform")), float(_value(run, VQ_DEAD, 0.0))
+        init, dead = str(value_or(run, VQ_INIT, "uniform")), float(value_or(run, VQ_DEAD, 0.0))
         return "VQ" + ("" if init == "uniform" else f" {init.replace('_', '-')} init") + (
             f" + dead-code {dead:g}" if dead > 0 else "")
     return kind.upper()
