@@ -32,7 +32,7 @@ from analysis.claims import (
 )
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
-from analysis.merge import WouldLoseRuns, merged_or_refused
+from analysis.merge import WouldLoseRuns, command_text, merged_or_refused
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table
 
@@ -65,20 +65,6 @@ def submit_commands(sweep_folder: Path, run_ids: Sequence[str] | None = None) ->
     return lines
 
 
-def _command_lines(path: Path, run_lines: list[str], command: str, keep_old: bool) -> str:
-    """``command.txt``: how the runs were made, then every analysis command that fed the summary
-    (when merging, the earlier file's lines of both kinds too)."""
-    old_runs: list[str] = []
-    analysis_lines: list[str] = []
-    if keep_old and path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        cut = lines.index("# tables and plots:") if "# tables and plots:" in lines else len(lines)
-        old_runs, analysis_lines = lines[:cut], lines[cut + 1:]
-    run_lines = list(dict.fromkeys([*old_runs, *run_lines]))
-    analysis_lines = list(dict.fromkeys([*analysis_lines, command]))
-    return "\n".join([*run_lines, "# tables and plots:", *analysis_lines]) + "\n"
-
-
 def write_ablations(root: PathLike, out: PathLike, *, command: str, mode: str = "refuse", log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Write every sweep's CSVs and ``command.txt`` and every claim's figures into ``out/<sweep>/``.
 
@@ -108,7 +94,7 @@ def write_ablations(root: PathLike, out: PathLike, *, command: str, mode: str = 
         write_atomic(folder / "grid.csv", lambda p, s=summary: grid_table(s).to_csv(p, index=False))
         sweep_folder = Path(root) / sweep if (Path(root) / sweep).is_dir() else Path(root)
         made = submit_commands(sweep_folder, summaries[sweep]["run_id"].astype(str).tolist())
-        text = _command_lines(folder / "command.txt", made, command, mode == "merge")
+        text = command_text(folder / "command.txt", made, command, mode == "merge", marker="# tables and plots:")
         write_atomic(folder / "command.txt", lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[sweep] = ["summary.csv", "grid.csv", "command.txt"]
     present = {**read_summaries(out), **{s: m for s, (m, _) in planned.items()}}

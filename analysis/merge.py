@@ -1,8 +1,9 @@
 """Folding run folders into committed ``summary.csv`` files by run id, or refusing to drop runs.
 
-The committed summaries of ``results/ablations/`` outlive their run folders: a re-run of a few
-runs must update those rows and keep the rest (``--merge``), and a plain rewrite must refuse to
-drop rows whose runs are not under the runs root (:class:`WouldLoseRuns`).
+The committed summaries of ``results/ablations/`` and ``results/recipe/`` outlive their run
+folders: a re-run of a few runs must update those rows and keep the rest (``--merge``), and a
+plain rewrite must refuse to drop rows whose runs are not under the runs root
+(:class:`WouldLoseRuns`). :func:`command_text` merges the ``command.txt`` that goes with them.
 """
 
 from __future__ import annotations
@@ -69,3 +70,31 @@ def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple
             "writing would drop them. Pass --merge to keep them and update the rest by run id, "
             "or --replace to rewrite the summary from these runs alone")
     return summary, []
+
+
+RUNS_HEADER = "# the runs ("  # how analysis.ablations.submit_commands starts each sweep's block
+
+
+def command_text(path: Path, run_lines: list[str], command: str, keep_old: bool, marker: str) -> str:
+    """``command.txt``: how the runs were made (``run_lines``: blocks that each start with a
+    ``# the runs (<sweep>/...)`` line), then ``marker``, then every analysis command that fed the
+    tables. With ``keep_old`` the earlier ``path``'s lines of both kinds are kept: a sweep's new
+    submit lines join its old block, and the new command follows the old ones."""
+    old_runs: list[str] = []
+    analysis_lines: list[str] = []
+    if keep_old and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        cut = lines.index(marker) if marker in lines else len(lines)
+        old_runs, analysis_lines = lines[:cut], lines[cut + 1:]
+    blocks: dict[str, list[str]] = {}
+    for line in [*old_runs, *run_lines]:
+        if line.startswith(RUNS_HEADER) or not blocks:
+            blocks.setdefault(line, [])
+            header = line
+        elif line not in blocks[header]:
+            blocks[header].append(line)
+    for header, lines in blocks.items():  # "N submission(s) recorded no command" stays its block's last line
+        blocks[header] = sorted(lines, key=lambda line: line.startswith("# "))
+    run_part = [line for header, lines in blocks.items() for line in (header, *lines)]
+    analysis_lines = list(dict.fromkeys([*analysis_lines, command]))
+    return "\n".join([*run_part, marker, *analysis_lines]) + "\n"

@@ -12,6 +12,10 @@ and seeds. From its run folders this module builds
   thin and their median bold.
 
 Both figures read the committed CSVs too (the notebook rebuilds them without run folders).
+The committed CSVs outlive the run folders: new seeds or re-runs fold into them by run id.
+
+    python -m analysis.regime RESULTS/recipe_regime RESULTS/quantizers_images ... --out results/recipe
+    python -m analysis.regime /tmp/more/recipe_regime --out results/recipe --merge   # add a few runs
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import functools
 import shlex
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from matplotlib.figure import Figure
 
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
+from analysis.merge import WouldLoseRuns, command_text, merge_summaries
 from analysis.style import (
     LINESTYLES,
     MARKERS,
@@ -74,8 +79,12 @@ def regime_curves(metrics: pd.DataFrame, runs: pd.DataFrame, *, layer: str | Non
     require(len(rows), "no diagnostic rows (saturated_fraction is NaN everywhere)")
     keys = [c for c in ("run_id", "sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS) if c in runs.columns]
     columns = ["run_id", "step", *[m for m in CURVE_METRICS if m in rows.columns]]
-    out = rows[columns].merge(runs[keys], on="run_id", how="inner")
-    return out.sort_values([*[k for k in keys if k != "run_id"], "run_id", "step"]).reset_index(drop=True)
+    return _sorted_curves(rows[columns].merge(runs[keys], on="run_id", how="inner"))
+
+
+def _sorted_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in ("sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS) if c in curves.columns]
+    return curves.sort_values([*keys, "run_id", "step"], kind="stable").reset_index(drop=True)
 
 
 def _series(frame: pd.DataFrame) -> list[tuple[object, ...]]:
@@ -315,8 +324,40 @@ def read_comparisons(folder: Path | str) -> dict[str, pd.DataFrame]:
     return comparisons(runs)
 
 
-def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime"
-                 ) -> list[str]:
+def committed_runs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, curves)`` that an earlier :func:`write_regime` committed to ``folder``: one row per
+    run from ``summary.csv`` and every ``<name>_summary.csv`` (a run in several joins its columns;
+    the comparisons' ``series`` is dropped, it is recomputed), and ``curves.csv``. Empty frames
+    where ``folder`` holds none of them."""
+    parts = [pd.read_csv(p) for p in (folder / "summary.csv", *(folder / f"{n}_summary.csv" for n in COMPARISONS))
+             if p.is_file()]
+    parts = [p.drop(columns="series", errors="ignore").astype({"run_id": str}) for p in parts if len(p)]
+    runs = (pd.concat(parts, ignore_index=True).groupby("run_id", sort=False).first().reset_index()
+            if parts else pd.DataFrame())
+    curves = pd.read_csv(folder / "curves.csv") if (folder / "curves.csv").is_file() else pd.DataFrame()
+    return runs, curves
+
+
+def _reruns(old: pd.DataFrame, new: pd.DataFrame) -> list[str]:
+    """One note per run finished in both ``old`` (committed) and ``new`` (run folders) whose final
+    validation numbers differ by more than 1e-6 relative: a re-run that did not reproduce."""
+    done_old = old[old["status"] == "done"].set_index("run_id")
+    done_new = new[new["status"] == "done"].astype({"run_id": str}).set_index("run_id")
+    both = done_old.index.intersection(done_new.index)
+    notes = []
+    for run_id in both:
+        changed = [f"{m} {done_old.at[run_id, m]:.6g} -> {done_new.at[run_id, m]:.6g}"
+                   for m in ("final_val_usage_fraction", "final_val_psnr") if m in done_old and m in done_new
+                   and not np.isclose(float(done_old.at[run_id, m]), float(done_new.at[run_id, m]), rtol=1e-6,
+                                      atol=0.0, equal_nan=True)]
+        if changed:
+            notes.append(f"{run_id}: re-run did not reproduce the committed numbers ({'; '.join(changed)})")
+    return [f"{len(both)} finished run(s) are both committed and under RUNS; {len(both) - len(notes)} reproduce "
+            "the committed final validation numbers", *notes] if len(both) else []
+
+
+def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime",
+                 mode: str = "refuse", log: Callable[[str], None] | None = None) -> list[str]:
     """From the run folders under ``runs_roots``, into ``out``, each file written atomically:
 
     - the regime sweep's (``regime_sweep``; all the runs when none is in that sweep):
@@ -325,18 +366,52 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     - for each comparison the runs of all the roots hold (:func:`comparisons`: claim 1 when
       there is more than one quantizer kind, claims 2 and 3 where their setting varies):
       ``<name>_summary.csv``, ``<name>_table.csv`` and ``<name>.png/.svg``;
-    - ``command.txt``. Returns the names written."""
+    - ``command.txt``. Returns the names written.
+
+    ``mode`` says what to do with the runs already committed to ``out`` (whose run folders may
+    be gone), as in :func:`analysis.ablations.write_ablations`: ``"refuse"`` (default) raises
+    :class:`~analysis.merge.WouldLoseRuns` before writing anything if ``out`` holds runs that are
+    not under ``runs_roots``; ``"merge"`` keeps them (their rows and curves) and updates the
+    others by run id, a finished committed row never replaced by an unfinished one; ``"replace"``
+    rewrites ``out`` from ``runs_roots`` alone."""
     from analysis.ablations import submit_commands
     from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
 
+    if mode not in ("refuse", "merge", "replace"):
+        raise ValueError(f"mode must be 'refuse', 'merge' or 'replace', not {mode!r}")
+    log = log or (lambda message: print(message, file=sys.stderr))
     parts = [load_runs(root) for root in runs_roots]
     runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
     require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    runs = runs.astype({"run_id": str})
+    old_runs, old_curves = committed_runs(out) if mode != "replace" else (pd.DataFrame(), pd.DataFrame())
+    fresh_ids = set(runs["run_id"])
+    if len(old_runs) and mode == "refuse":
+        missing = sorted(set(old_runs["run_id"]) - fresh_ids)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise WouldLoseRuns(
+                f"{out} holds {len(missing)} committed run(s) that are not under RUNS ({shown}); writing would "
+                "drop them. Pass --merge to keep them and update the rest by run id, or --replace to rewrite "
+                f"{out} from these runs alone")
+    if len(old_runs) and mode == "merge":
+        for note in _reruns(old_runs, runs):
+            log(note)
+        runs, notes = merge_summaries(old_runs, runs)
+        for note in notes:
+            log(note)
+        kept_old = {n.split(":")[0] for n in notes}
+        fresh_ids -= kept_old
+        log(f"merged with {out}: {len(set(old_runs['run_id']) - fresh_ids)} committed run(s) kept, "
+            f"{len(fresh_ids)} from RUNS")
     regime_runs = runs[runs["sweep"] == regime_sweep] if (runs["sweep"] == regime_sweep).any() else runs
     require(TAU in regime_runs, f"the runs have no {TAU} column: not a regime sweep")
     summary = regime_summary(regime_runs)
-    done = regime_runs[regime_runs["status"] == "done"]
-    curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done)
+    done = regime_runs[(regime_runs["status"] == "done") & regime_runs["run_id"].isin(fresh_ids)]
+    curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done) if len(done) else pd.DataFrame()
+    if len(old_curves) and mode == "merge":
+        kept = old_curves[~old_curves["run_id"].astype(str).isin(fresh_ids)]
+        curves = _sorted_curves(pd.concat([kept, curves], ignore_index=True) if len(curves) else kept)
     written = []
     tables = [("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)]
     figures = [("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))]
@@ -349,8 +424,8 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     for stem, fig in figures:
         written += save_figure(fig, out, stem)
     made = [line for root in runs_roots for line in submit_commands(root)]
-    text = "\n".join(made) + "\n# these tables and figures:\n" + command
-    write_atomic(out / "command.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
+    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
     return [*written, "command.txt"]
 
 
@@ -363,6 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(RESULTS/entropy_weight_images RESULTS/gamma_frac_images)")
     parser.add_argument("--out", type=Path, default=Path("results/recipe"), help="default: results/recipe")
     parser.add_argument("--regime-sweep", default="recipe_regime", help="the regime sweep's name (default: recipe_regime)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--merge", action="store_const", const="merge", dest="mode",
+                          help="keep the runs committed to --out that are not under RUNS (their run folders may be "
+                               "gone) and update the others by run id: fold new seeds or re-runs into the results")
+    existing.add_argument("--replace", action="store_const", const="replace", dest="mode",
+                          help="rewrite --out from RUNS alone, dropping committed runs not found there")
+    parser.set_defaults(mode="refuse")
     args = parser.parse_args(argv)
     for root in args.runs_roots:
         if not root.is_dir():
@@ -371,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         return fail(f"--out {args.out} is a file; give a folder (default results/recipe)")
     try:
-        written = write_regime(args.runs_roots, args.out, regime_sweep=args.regime_sweep,
+        written = write_regime(args.runs_roots, args.out, regime_sweep=args.regime_sweep, mode=args.mode,
                                command=shlex.join(["python", "-m", "analysis.regime", *argv]))
     except (NoData, ValueError) as err:
         return fail(err)

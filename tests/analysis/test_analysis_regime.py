@@ -160,3 +160,87 @@ def test_cli_compares_quantizers_when_given_their_sweeps(tmp_path: Path) -> None
     assert set(compared["series"]) == {"LFQ inv. temp. 100 (reference)", "LFQ inv. temp. 10", "FSQ"}
     assert (out / "quantizers.png").is_file()
     assert "# the runs (quantizers_images/_sweep/jobs.jsonl):" in (out / "command.txt").read_text()
+
+
+def _fsq_sweep(root: Path) -> Path:
+    other = root / "quantizers_images"
+    for seed in (0, 1):
+        run_dir = write_run(other, f"fsq{seed}", seed=seed, steps=6)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"].update(kind="fsq", inv_temperature=10.0)
+        (run_dir / "config.json").write_text(json.dumps(config))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=0.5, final_val_tokens=4096)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return other
+
+
+def _split(sweep: Path, into: Path, run_ids: list[str]) -> Path:
+    """A copy of ``sweep`` holding only ``run_ids`` (as if the others' folders were gone)."""
+    import shutil
+
+    target = into / sweep.name
+    for run_id in run_ids:
+        shutil.copytree(sweep / run_id, target / run_id)
+    return target
+
+
+def test_merge_folds_new_runs_into_committed_results_as_if_all_were_there(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = write_regime_sweep(tmp_path / "runs")
+    other = _fsq_sweep(tmp_path / "runs")
+    full = tmp_path / "full"
+    assert regime.main([str(sweep), str(other), "--out", str(full)]) == 0
+    first = _split(sweep, tmp_path / "first", ["t10s0", "t10s1", "t100s0"])
+    later = _split(sweep, tmp_path / "later", ["t100s1", "t10s0"])  # t10s0: a re-run of a committed run
+    out = tmp_path / "recipe"
+    assert regime.main([str(first), str(other), "--out", str(out)]) == 0
+    assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
+    err = capsys.readouterr().err
+    assert "1 finished run(s) are both committed and under RUNS; 1 reproduce" in err
+    assert "4 committed run(s) kept, 2 from RUNS" in err
+    for name in ("summary.csv", "table.csv", "curves.csv", "quantizers_summary.csv", "quantizers_table.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(full / name), check_dtype=False,
+                                      obj=name)
+    command = (out / "command.txt").read_text().splitlines()
+    assert command.count("# the runs (recipe_regime/_sweep/jobs.jsonl):") == 1  # one block per sweep
+    marker = command.index("# these tables and figures:")
+    assert [line.split(" --out")[0] for line in command[marker + 1:]] == [
+        f"python -m analysis.regime {first} {other}", f"python -m analysis.regime {later}"]
+
+
+def test_writing_over_committed_runs_refuses_unless_told_to_merge_or_replace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = write_regime_sweep(tmp_path / "runs")
+    out = tmp_path / "recipe"
+    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    later = _split(sweep, tmp_path / "later", ["t100s1"])
+    assert regime.main([str(later), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds 3 committed run(s) that are not under RUNS" in err and "--merge" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refusal wrote something"
+    assert regime.main([str(later), "--out", str(out), "--replace"]) == 0
+    assert pd.read_csv(out / "summary.csv")["run_id"].tolist() == ["t100s1"]
+    assert set(pd.read_csv(out / "curves.csv")["run_id"]) == {"t100s1"}
+
+
+def test_merge_keeps_a_finished_committed_run_over_an_unfinished_rerun_and_names_a_changed_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = write_regime_sweep(tmp_path / "runs")
+    out = tmp_path / "recipe"
+    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    committed = pd.read_csv(out / "curves.csv")
+    later = _split(sweep, tmp_path / "later", ["t100s1", "t10s1"])
+    for name in ("DONE", "summary.json"):
+        (later / "t100s1" / name).unlink()  # restarted, not finished yet
+    summary = json.loads((later / "t10s1" / "summary.json").read_text())
+    summary["final_val_usage_fraction"] = 0.8  # a re-run that came out differently
+    (later / "t10s1" / "summary.json").write_text(json.dumps(summary))
+    assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
+    err = capsys.readouterr().err
+    assert "t100s1: kept the finished row" in err
+    assert "t10s1: re-run did not reproduce the committed numbers (final_val_usage_fraction 0.9 -> 0.8)" in err
+    merged = pd.read_csv(out / "summary.csv").set_index("run_id")
+    assert merged.at["t100s1", "status"] == "done" and merged.at["t10s1", "final_val_usage_fraction"] == 0.8
+    pd.testing.assert_frame_equal(pd.read_csv(out / "curves.csv"), committed)  # every run's curves still there
