@@ -22,6 +22,7 @@ from nbclient import NotebookClient
 import analysis
 from analysis import ablations as ab
 from analysis import claims as cl
+from analysis.claim_figures import claim_figures
 from analysis.merge import merge_summaries
 from experiments import clamp_probe
 
@@ -41,7 +42,7 @@ def _psnr(q: dict[str, Any], seed: int) -> float:
 
 def _entropy(q: dict[str, Any], seed: int) -> float:
     ceiling = math.log(q["codebook_size"])
-    return (min(ceiling, cl.CLAMP_NATS) if q["entropy_mode"] == "reference" else ceiling) - 0.1 * seed
+    return (min(ceiling, cl.CLAMP_NATS) if q["entropy_mode"] in ("reference", "clamped") else ceiling) - 0.1 * seed
 
 
 def write_ablation_run(sweeps: Path, sweep: str, seed: int, status: str | None = "done", **quantizer: Any) -> Path:
@@ -92,6 +93,9 @@ def sweeps(tmp_path: Path) -> Path:
         for mode in ("exact", "reference"):
             for size in (2**14, 2**18):
                 write_ablation_run(root, "ablation_clamp", seed, entropy_mode=mode, codebook_size=size)
+        for mode in ("exact", "clamped"):
+            for size in (2**17, 2**18):
+                write_ablation_run(root, "clamp_train", seed, entropy_mode=mode, codebook_size=size)
     for seed in (0, 1, 2):
         write_ablation_run(root, "ablation_entropy_weight", seed, entropy_loss_weight=0.0)
         # 0.1: seed 2 failed -> n = 2 of 3 runs; 0.3: only a running run -> n = 0.
@@ -111,7 +115,8 @@ def written(sweeps: Path, tmp_path: Path) -> Path:
 def test_cli_writes_every_sweep(written: Path) -> None:
     expected = {"ablation_vocab": ["claim1_vocab"], "ablation_vocab_lfq18": [],
                 "ablation_entropy_weight": ["claim2_entropy_weight"],
-                "ablation_gamma_frac": ["claim3_usage_heatmap", "claim3_usage_vs_gamma"], "ablation_clamp": ["claim4_clamp"]}
+                "ablation_gamma_frac": ["claim3_usage_heatmap", "claim3_usage_vs_gamma"], "ablation_clamp": ["claim4_clamp"],
+                "clamp_train": ["claim4_train"]}
     assert {p.name for p in written.iterdir()} == set(expected)
     for sweep, stems in expected.items():
         names = {p.name for p in (written / sweep).iterdir()}
@@ -153,7 +158,7 @@ def test_grid_means_and_n_by_hand(written: Path) -> None:
 
 def test_tables_from_the_csvs_alone(written: Path) -> None:
     tables = analysis.ablation_tables(written)
-    assert list(tables) == ["vocab", "entropy_weight", "gamma_frac", "clamp"]
+    assert list(tables) == ["vocab", "entropy_weight", "gamma_frac", "clamp", "clamp_train"]
     vocab = tables["vocab"].set_index(["quantizer", "K"])
     # ablation_vocab_lfq18 joins ablation_vocab in claim 1.
     assert vocab.loc[("lfq", 2**18), "n"] == 2 and len(vocab) == 3 * len(SIZES) + 1
@@ -237,8 +242,8 @@ def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch
     outputs = _execute(written, monkeypatch)
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
-    # claims 1, 2, 4 and the clamp probe: one figure each; claim 3: two
-    assert len(figures) == 6 and len(tables) == 5
+    # claims 1, 2, 4 (both sweeps) and the clamp probe: one figure each; claim 3: two
+    assert len(figures) == 7 and len(tables) == 6
     assert not [o for o in outputs if o.output_type == "stream" and ("skipped" in o["text"] or "no " in o["text"])]
 
 
@@ -248,7 +253,9 @@ def test_notebook_on_the_committed_results(monkeypatch: pytest.MonkeyPatch) -> N
     assert committed, "results/ablations/*/summary.csv are committed: python -m analysis.ablations RUNS --out results/ablations"
     assert (REPO / "results" / "ablations" / "clamp_probe" / "probe.csv").is_file()
     outputs = _execute(REPO / "results" / "ablations", monkeypatch)
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 6  # every claim, and the probe
+    present = cl.claim_summaries(cl.read_summaries(REPO / "results" / "ablations"))
+    drawn = sum(len(claim_figures(name, summary)) for name, summary in present.items()) + 1  # and the probe
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == drawn >= 6  # every claim there
 
 
 def test_committed_notebook_reads_the_committed_csvs_by_default() -> None:
