@@ -62,14 +62,20 @@ def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple
     old = pd.read_csv(existing)
     if mode == "merge":
         return merge_summaries(old, summary)
-    missing = sorted(set(old.get("run_id", pd.Series(dtype=str)).astype(str)) - set(summary["run_id"].astype(str)))
+    refuse_dropping(old.get("run_id", pd.Series(dtype=str)), summary["run_id"], f"{existing} has",
+                    "the runs root", "the summary")
+    return summary, []
+
+
+def refuse_dropping(old_ids: pd.Series, new_ids: pd.Series, holder: str, root: str, what: str) -> None:
+    """:class:`WouldLoseRuns` if ``old_ids`` (committed) holds run ids that ``new_ids`` lacks."""
+    missing = sorted(set(old_ids.astype(str)) - set(new_ids.astype(str)))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise WouldLoseRuns(
-            f"{existing} has {len(missing)} run(s) that are not under the runs root ({shown}); "
-            "writing would drop them. Pass --merge to keep them and update the rest by run id, "
-            "or --replace to rewrite the summary from these runs alone")
-    return summary, []
+            f"{holder} {len(missing)} run(s) that are not under {root} ({shown}); writing would drop them. "
+            f"Pass --merge to keep them and update the rest by run id, or --replace to rewrite {what} "
+            "from these runs alone")
 
 
 RUNS_HEADER = "# the runs ("  # how analysis.ablations.submit_commands starts each sweep's block

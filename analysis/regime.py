@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
-from analysis.merge import WouldLoseRuns, command_text, merge_summaries
+from analysis.merge import command_text, merge_summaries, refuse_dropping
 from analysis.style import (
     LINESTYLES,
     MARKERS,
@@ -370,7 +370,7 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
 
     ``mode`` says what to do with the runs already committed to ``out`` (whose run folders may
     be gone), as in :func:`analysis.ablations.write_ablations`: ``"refuse"`` (default) raises
-    :class:`~analysis.merge.WouldLoseRuns` before writing anything if ``out`` holds runs that are
+    :class:`~analysis.merge.WouldLoseRuns` (from :func:`~analysis.merge.refuse_dropping`) before writing anything if ``out`` holds runs that are
     not under ``runs_roots``; ``"merge"`` keeps them (their rows and curves) and updates the
     others by run id, a finished committed row never replaced by an unfinished one; ``"replace"``
     rewrites ``out`` from ``runs_roots`` alone."""
@@ -387,13 +387,7 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     old_runs, old_curves = committed_runs(out) if mode != "replace" else (pd.DataFrame(), pd.DataFrame())
     fresh_ids = set(runs["run_id"])
     if len(old_runs) and mode == "refuse":
-        missing = sorted(set(old_runs["run_id"]) - fresh_ids)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise WouldLoseRuns(
-                f"{out} holds {len(missing)} committed run(s) that are not under RUNS ({shown}); writing would "
-                "drop them. Pass --merge to keep them and update the rest by run id, or --replace to rewrite "
-                f"{out} from these runs alone")
+        refuse_dropping(old_runs["run_id"], runs["run_id"], f"{out} holds", "RUNS", str(out))
     if len(old_runs) and mode == "merge":
         for note in _reruns(old_runs, runs):
             log(note)

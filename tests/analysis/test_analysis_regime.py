@@ -218,7 +218,7 @@ def test_writing_over_committed_runs_refuses_unless_told_to_merge_or_replace(
     later = _split(sweep, tmp_path / "later", ["t100s1"])
     assert regime.main([str(later), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "holds 3 committed run(s) that are not under RUNS" in err and "--merge" in err
+    assert err.count("\n") == 0 and "holds 3 run(s) that are not under RUNS" in err and "--merge" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refusal wrote something"
     assert regime.main([str(later), "--out", str(out), "--replace"]) == 0
     assert pd.read_csv(out / "summary.csv")["run_id"].tolist() == ["t100s1"]
