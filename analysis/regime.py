@@ -172,6 +172,14 @@ def regime_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("final_val_us
     return fig
 
 
+def _runs_per_size(curves: pd.DataFrame) -> str:
+    """``median of 3``, or ``median of 2 at 2^10, 3 at 2^14`` where the sizes have different counts."""
+    counts = curves.groupby(SIZE)["run_id"].nunique()
+    if counts.nunique() == 1:
+        return f"median of {counts.iloc[0]}"
+    return "median of " + ", ".join(f"{n} at 2^{int(np.log2(size))}" for size, n in counts.items())
+
+
 @skippable
 def collapse_figure(curves: pd.DataFrame, *, schedule: str = "constant", gamma: float = 1.0) -> Figure:
     """Usage (top) and the saturated share of token-bits (bottom) over training, one column per
@@ -200,11 +208,10 @@ def collapse_figure(curves: pd.DataFrame, *, schedule: str = "constant", gamma: 
                 for _, run in runs.groupby("run_id"):
                     ax.plot(run["step"], run[metric], linewidth=0.8, alpha=0.45, **style)
                 median = runs.groupby("step")[metric].median()
-                seeds = runs["run_id"].nunique()
                 ax.plot(median.index, median.to_numpy(), linewidth=2.4, marker=MARKERS[i % len(MARKERS)],
                         markevery=max(1, len(median) // 6),
-                        label=f"inverse temperature {tau:g} (median of {seeds})" if row == 0 and col == 0 else None,
-                        **style)
+                        label=f"inverse temperature {tau:g} ({_runs_per_size(part[part[TAU] == tau])})"
+                        if row == 0 and col == 0 else None, **style)
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel(text)
             if row == 0:

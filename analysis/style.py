@@ -307,5 +307,8 @@ def save_figure(fig: Figure, folder: Path, stem: str) -> list[str]:
     write_atomic(folder / f"{stem}.png", lambda p: fig.savefig(p, dpi=DPI, format="png"))
     # The layout is settled by the first save; redoing it for the SVG would double the time.
     fig.set_layout_engine("none")
-    write_atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg"))
+    # No date and fixed element ids: the same figure gives the same bytes, so a redraw from
+    # unchanged CSVs leaves the committed SVGs unchanged in git.
+    with mpl.rc_context({"svg.hashsalt": stem}):
+        write_atomic(folder / f"{stem}.svg", lambda p: fig.savefig(p, format="svg", metadata={"Date": None}))
     return [f"{stem}.png", f"{stem}.svg"]

@@ -237,3 +237,19 @@ def test_grid_plots_refuse_to_average_over_other_parameters(grid_sweep: Path) ->
     runs = analysis.load_runs(grid_sweep)
     with pytest.warns(analysis.NoDataWarning, match=r"other parameters vary too \(quantizer.codebook_size\)"):
         assert analysis.usage_heatmap(runs) is None
+
+
+def test_saved_figures_are_the_same_bytes_each_time(tmp_path: Path) -> None:
+    from analysis.style import new_figure, save_figure
+
+    def draw() -> Figure:
+        fig, axes = new_figure(1, 1)
+        axes[0, 0].scatter([1, 2, 3], [3, 1, 2], label="runs")
+        axes[0, 0].legend()
+        return fig
+
+    for folder in ("a", "b"):
+        assert save_figure(draw(), tmp_path / folder, "figure") == ["figure.png", "figure.svg"]
+    for name in ("figure.png", "figure.svg"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert b"<dc:date>" not in (tmp_path / "a" / "figure.svg").read_bytes()

@@ -244,3 +244,13 @@ def test_merge_keeps_a_finished_committed_run_over_an_unfinished_rerun_and_names
     merged = pd.read_csv(out / "summary.csv").set_index("run_id")
     assert merged.at["t100s1", "status"] == "done" and merged.at["t10s1", "final_val_usage_fraction"] == 0.8
     pd.testing.assert_frame_equal(pd.read_csv(out / "curves.csv"), committed)  # every run's curves still there
+
+
+def test_collapse_legend_counts_the_runs_of_each_size_where_they_differ() -> None:
+    curves = _curves()
+    small = curves[curves["seed"] < 2].assign(**{SIZE: 1024}, run_id=lambda f: "small-" + f["run_id"])
+    fig = regime.collapse_figure(pd.concat([curves, small]), strict=True)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "inverse temperature 10 (median of 2 at 2^10, 3 at 2^14)" in labels
+    single = [t.get_text() for t in regime.collapse_figure(curves, strict=True).legends[0].get_texts()]
+    assert "inverse temperature 10 (median of 3)" in single
