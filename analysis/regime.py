@@ -218,7 +218,9 @@ def collapse_figure(curves: pd.DataFrame, *, schedule: str = "constant", gamma: 
                 ax.set_title(f"2^{int(np.log2(size))} codes")
             if row == len(rows) - 1:
                 ax.set_xlabel("step")
-    fig.legend(loc="outside lower center", ncols=len(taus), title="thin: one seed each; bold: median over seeds")
+    labels = axes[0, 0].get_legend_handles_labels()[1]
+    fig.legend(loc="outside lower center", ncols=len(taus) if not any(" at 2^" in t for t in labels) else 2,
+               title="thin: one seed each; bold: median over seeds")  # long labels: two columns, all inside
     fig.suptitle("Usage and saturation over training\n" + held_fixed(part, (SCHEDULE, GAMMA, *FIXED_KEYS)), fontsize=13)
     return fig
 
