@@ -379,7 +379,7 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
 
     ``mode`` says what to do with the runs already committed to ``out`` (whose run folders may
     be gone), as in :func:`analysis.ablations.write_ablations`: ``"refuse"`` (default) raises
-    :class:`~analysis.merge.WouldLoseRuns` (from :func:`~analysis.merge.refuse_dropping`) before writing anything if ``out`` holds runs that are
+    :class:`~analysis.merge.WouldLoseRuns` before writing anything if ``out`` holds runs that are
     not under ``runs_roots``; ``"merge"`` keeps them (their rows and curves) and updates the
     others by run id, a finished committed row never replaced by an unfinished one; ``"replace"``
     rewrites ``out`` from ``runs_roots`` alone."""
@@ -400,11 +400,11 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     if len(old_runs) and mode == "merge":
         for note in _reruns(old_runs, runs):
             log(note)
+        unfinished = set(runs.loc[runs["status"] != "done", "run_id"])
         runs, notes = merge_summaries(old_runs, runs)
         for note in notes:
             log(note)
-        kept_old = {n.split(":")[0] for n in notes}
-        fresh_ids -= kept_old
+        fresh_ids -= unfinished & set(old_runs.loc[old_runs["status"] == "done", "run_id"])  # old rows kept
         log(f"merged with {out}: {len(set(old_runs['run_id']) - fresh_ids)} committed run(s) kept, "
             f"{len(fresh_ids)} from RUNS")
     regime_runs = runs[runs["sweep"] == regime_sweep] if (runs["sweep"] == regime_sweep).any() else runs
