@@ -32,7 +32,7 @@ _LAZY = {
     **dict.fromkeys(("CLAIMS", "claim_summaries", "load_ablations", "load_clamp_probe", "read_summaries",
                      "summaries_from_runs"), "claims"),
     **dict.fromkeys(("ablation_tables", "claim_table", "clamp_probe_table", "grid_table"), "tables"),
-    **dict.fromkeys(("CLAMP_TRAIN_TITLE", "claim_figures", "clamp_figure", "clamp_probe_figure", "entropy_weight_figure",
+    **dict.fromkeys(("CLAMP_TRAIN_TITLES", "claim_figures", "clamp_figure", "clamp_probe_figure", "entropy_weight_figure",
                      "vocab_figure"),
                     "claim_figures"),
     "merge_summaries": "merge",

@@ -104,7 +104,10 @@ def entropy_weight_figure(summary: pd.DataFrame,
     return fig
 
 
-CLAMP_TRAIN_TITLE = "Claim 4 where the clamp binds: exact vs clamped entropy, 65,536 tokens per entropy batch"
+CLAMP_TRAIN_TITLES = {
+    "clamp_train": "Claim 4 where the clamp binds (patches task): exact vs clamped entropy, 65,536 tokens per batch",
+    "clamp_train_images": "Claim 4 where the clamp binds (images task, inv. temp. 10): exact vs clamped, 65,536 tokens",
+}
 
 
 @skippable
@@ -189,5 +192,7 @@ def claim_figures(claim: str, summary: pd.DataFrame) -> dict[str, Callable[[], F
         "gamma_frac": {"claim3_usage_heatmap": lambda: usage_heatmap(summary, strict=True),
                        "claim3_usage_vs_gamma": lambda: usage_vs_gamma(summary, strict=True)},
         "clamp": {"claim4_clamp": lambda: clamp_figure(summary, strict=True)},
-        "clamp_train": {"claim4_train": lambda: clamp_figure(summary, CLAMP_TRAIN_TITLE, strict=True)},
+        "clamp_train": {"claim4_train": lambda: clamp_figure(summary, CLAMP_TRAIN_TITLES[claim], strict=True)},
+        "clamp_train_images": {"claim4_train_images": lambda: clamp_figure(summary, CLAMP_TRAIN_TITLES[claim],
+                                                                          strict=True)},
     }[claim]

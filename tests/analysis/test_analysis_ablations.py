@@ -96,6 +96,7 @@ def sweeps(tmp_path: Path) -> Path:
         for mode in ("exact", "clamped"):
             for size in (2**17, 2**18):
                 write_ablation_run(root, "clamp_train", seed, entropy_mode=mode, codebook_size=size)
+            write_ablation_run(root, "clamp_train_images", seed, entropy_mode=mode, codebook_size=2**18)
     for seed in (0, 1, 2):
         write_ablation_run(root, "ablation_entropy_weight", seed, entropy_loss_weight=0.0)
         # 0.1: seed 2 failed -> n = 2 of 3 runs; 0.3: only a running run -> n = 0.
@@ -116,7 +117,7 @@ def test_cli_writes_every_sweep(written: Path) -> None:
     expected = {"ablation_vocab": ["claim1_vocab"], "ablation_vocab_lfq18": [],
                 "ablation_entropy_weight": ["claim2_entropy_weight"],
                 "ablation_gamma_frac": ["claim3_usage_heatmap", "claim3_usage_vs_gamma"], "ablation_clamp": ["claim4_clamp"],
-                "clamp_train": ["claim4_train"]}
+                "clamp_train": ["claim4_train"], "clamp_train_images": ["claim4_train_images"]}
     assert {p.name for p in written.iterdir()} == set(expected)
     for sweep, stems in expected.items():
         names = {p.name for p in (written / sweep).iterdir()}
@@ -158,7 +159,7 @@ def test_grid_means_and_n_by_hand(written: Path) -> None:
 
 def test_tables_from_the_csvs_alone(written: Path) -> None:
     tables = analysis.ablation_tables(written)
-    assert list(tables) == ["vocab", "entropy_weight", "gamma_frac", "clamp", "clamp_train"]
+    assert list(tables) == ["vocab", "entropy_weight", "gamma_frac", "clamp", "clamp_train", "clamp_train_images"]
     vocab = tables["vocab"].set_index(["quantizer", "K"])
     # ablation_vocab_lfq18 joins ablation_vocab in claim 1.
     assert vocab.loc[("lfq", 2**18), "n"] == 2 and len(vocab) == 3 * len(SIZES) + 1
@@ -242,8 +243,8 @@ def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch
     outputs = _execute(written, monkeypatch)
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
-    # claims 1, 2, 4 (both sweeps) and the clamp probe: one figure each; claim 3: two
-    assert len(figures) == 7 and len(tables) == 6
+    # claims 1, 2, 4 (its three sweeps) and the clamp probe: one figure each; claim 3: two
+    assert len(figures) == 8 and len(tables) == 7
     assert not [o for o in outputs if o.output_type == "stream" and ("skipped" in o["text"] or "no " in o["text"])]
 
 
