@@ -121,7 +121,9 @@ def clamp_figure(summary: pd.DataFrame, title: str = "Claim 4: exact vs referenc
     set_log_if_wide(axes[0, 0], usage["min"].to_numpy(float), decades=1.0)
     entropy = _lines(axes[0, 1], summary, SIZE, MODE, "final_batch_entropy")
     sizes = np.array(sorted(set(usage[SIZE]) | set(entropy[SIZE])), dtype=float)
-    axes[0, 1].plot(sizes, np.log(sizes), color="0.35", linestyle="--", linewidth=1.2, label="ceiling ln K")
+    # a marker as well as the line: with one codebook size the line alone is a single invisible point
+    axes[0, 1].plot(sizes, np.log(sizes), color="0.35", linestyle="--", linewidth=1.2, marker="_", markersize=28,
+                    label="ceiling ln K")
     axes[0, 1].axhline(CLAMP_NATS, color="#D55E00", linestyle=":", linewidth=1.5,
                        label=f"reference clamp cap -ln 1e-5 = {CLAMP_NATS:.2f} nats")
     axes[0, 1].set_ylim(bottom=0)
