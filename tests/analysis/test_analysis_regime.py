@@ -144,15 +144,7 @@ def test_read_regime_gives_the_same_tables_from_csvs_and_from_run_folders(tmp_pa
 
 def test_cli_compares_quantizers_when_given_their_sweeps(tmp_path: Path) -> None:
     regime_sweep = write_regime_sweep(tmp_path / "runs")
-    other = tmp_path / "runs" / "quantizers_images"
-    for seed in (0, 1):
-        run_dir = write_run(other, f"fsq{seed}", seed=seed, steps=6)
-        config = json.loads((run_dir / "config.json").read_text())
-        config["quantizer"].update(kind="fsq", inv_temperature=10.0)
-        (run_dir / "config.json").write_text(json.dumps(config))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary.update(final_val_usage_fraction=0.5, final_val_tokens=4096)
-        (run_dir / "summary.json").write_text(json.dumps(summary))
+    other = _fsq_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
     assert regime.main([str(regime_sweep), str(other), "--out", str(out)]) == 0
     assert sorted(pd.read_csv(out / "summary.csv")["run_id"]) == ["t100s0", "t100s1", "t10s0", "t10s1"]
