@@ -3,8 +3,8 @@
 The 2**d codes' distribution of a token is the outer product of its distributions over
 the 2**a high and 2**b low sub-codes (P_A, P_B). This module builds them, sums
 ``P_A^T P_B`` over tokens with a hand-written backward (:func:`subcode_gram`), and finds
-the reference's clamped per-token entropy from the sub-codes at or above the clamp
-(:func:`clamped_per_token`). :mod:`lfq.entropy` turns these into entropy terms.
+the reference's clamped per-token entropy from the sub-codes at or above the clamp, found
+by the bits a token can flip (:func:`clamped_per_token`). :mod:`lfq.entropy` turns these into entropy terms.
 """
 
 from __future__ import annotations
@@ -169,53 +169,49 @@ def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
     return _SubcodeGram.apply(logits, high, chunk_tokens)
 
 
-def _subcode_log_probs(logits: Tensor) -> Tensor:
-    """(M, k) bit logits -> (M, 2**k) log-probabilities of the k-bit sub-codes, index order.
+def _flip_costs(bits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A block's (M, k) bit logits -> what its sub-codes' log-probabilities are made of.
 
-    Sums of log-sigmoids (all <= 0, so no cancellation), finite where the probabilities
-    themselves underflow to 0.
+    Returns, in float64 (indices int64): the log-probability of the block's most probable
+    sub-code (M,), the bits' flip costs ``|l_i|`` in ascending order (M, k), the index
+    weight ``2**(k-1-i)`` of the bit each cost belongs to (M, k), and that sub-code's index
+    (M,). The most probable sub-code takes every bit at its likely value; flipping bit i
+    multiplies its probability by ``exp(-|l_i|)`` (``log sigmoid(-x) = log sigmoid(x) - x``),
+    so the sub-code reached by flipping a set S of bits has log-probability that maximum
+    minus the sum of the costs in S: no 2**k vector is needed to find the probable ones.
     """
-    table = _bit_table(logits.shape[-1], logits)  # (2**k, k)
-    on, off = F.logsigmoid(logits), F.logsigmoid(-logits)
-    return on @ table.T + off @ (1 - table).T
+    logits = bits.double()
+    weight = 2 ** torch.arange(logits.shape[1] - 1, -1, -1, device=logits.device)  # most significant first
+    best = ((logits > 0).long() * weight).sum(dim=-1)
+    cost, order = logits.abs().sort(dim=-1)
+    return F.logsigmoid(cost).sum(dim=-1), cost, weight[order], best
 
 
-def _kept_subcodes(bits: Tensor, log_p: Tensor, keep: Tensor, k: int, log_eps: float, *, sort: bool
-                   ) -> tuple[Tensor, Tensor | None]:
-    """One block's sub-codes with probability >= eps: float64 log-probabilities (M, k'), ``-inf``
-    past each row's own count, and their sub-code indices (``sort``: most probable first).
+def _kept_subcodes(flips: tuple[Tensor, Tensor, Tensor, Tensor], num_flips: int, floor: Tensor, *, sort: bool
+                   ) -> tuple[Tensor, Tensor]:
+    """One block's sub-codes with log-probability >= ``floor`` (M,): float64 values (M, w),
+    ``-inf`` where not kept, and their indices (M, w) (``sort``: most probable first,
+    trimmed to the widest row's count).
 
-    ``bits``: the block's (M, b) logits; ``log_p``: their (M, 2**b) sub-code log-probabilities
-    in the logits' dtype; ``keep``: ``log_p >= log eps`` as uint8, whose k ones per row (at
-    most; a partial sort of bytes, cheap) are the candidates. The
-    values are then computed in float64 (from the candidates' bits when they are few, else
-    all 2**b by two matrix products) and the choice is made again on them, so the choice and
-    the values agree. When most are kept and no order is asked for, all 2**b are
-    returned in index order (indices None).
+    The candidates are the 2**num_flips sub-codes reached by flipping any subset of each
+    row's ``num_flips`` cheapest bits (:func:`_flip_costs`); the caller chooses num_flips so
+    that no dearer bit can be flipped above the floor. Values and choice come from the
+    same float64 numbers, so they agree.
     """
-    if 4 * k < log_p.shape[1]:  # few candidates
-        index = keep.topk(k, dim=-1, sorted=False).indices
-        if log_p.dtype == torch.float64:
-            values = log_p.gather(-1, index)
-        else:
-            flat = bits.double()
-            table = _bit_table(flat.shape[1], flat)[index]  # (M, k, b)
-            on, off = F.logsigmoid(flat)[:, None, :], F.logsigmoid(-flat)[:, None, :]
-            values = (table * on + (1 - table) * off).sum(dim=-1)
-    else:
-        values = log_p if log_p.dtype == torch.float64 else _subcode_log_probs(bits.double())
-        index = None
-    values = values.masked_fill(values < log_eps, -math.inf)
+    log_max, cost, weight, best = flips
+    table = _bit_table(num_flips, cost).T  # (num_flips, 2**num_flips): column j flips the bits of j
+    values = log_max[:, None] - cost[:, :num_flips] @ table
+    index = best[:, None] ^ (weight[:, :num_flips].to(cost.dtype) @ table).long()  # exact: sums of powers of 2
+    values = values.masked_fill(values < floor[:, None], -math.inf)
     if not sort:
         return values, index
     values, order = values.sort(dim=-1, descending=True)
-    index = order if index is None else index.gather(-1, order)
     width = int(torch.isfinite(values).sum(dim=-1).max()) if values.shape[0] else 0
-    return values[:, :width].contiguous(), index[:, :width].contiguous()  # copies: the rest is freed
+    return values[:, :width].contiguous(), index.gather(-1, order[:, :width])  # copies: the rest is freed
 
 
 def _row_groups(count: Tensor, width: int) -> list[tuple[Tensor | None, int]]:
-    """Rows grouped by how many sub-codes they keep, (rows or None for all, the group's most),
+    """Rows grouped by how many sub-codes they keep (or a bound on it), (rows or None for all, the group's most),
     in groups of at most 16, 64, 256, ... sub-codes: a few unsure tokens then widen only
     their own group, not the chunk (a confident token keeps a few sub-codes, a near-uniform
     one nearly all)."""
@@ -253,12 +249,18 @@ class _ClampedTokenEntropy(torch.autograd.Function):
         H = -L + sum over codes with p >= eps of p (L - log p),
 
     which needs only the codes at or above eps (at most 1 / eps of them, usually a few).
-    p = P_A[a] P_B[b] is at or above eps only if both factors are, so only those sub-codes
-    are kept; the low block is sorted most probable first, and for a kept a the b with
-    log P_B[b] >= L - log P_A[a] are a prefix of it: prefix sums and one searchsorted. All
-    in float64 whatever the input dtype (H is a small difference when nearly all mass is
-    above eps); the sub-codes' log-probabilities too, so the choice of terms and the values
-    agree exactly. Rows are grouped by how many sub-codes they keep (:func:`_row_groups`).
+    p = P_A[a] P_B[b] is at or above eps only if p_A >= eps / max P_B and p_B >= eps / max
+    P_A, so only those sub-codes are kept. They are found without any 2**(d/2) vector: a
+    sub-code is the block's most probable one with a set of bits flipped, flipping bit i
+    costs |l_i| in log-probability, and only bits whose cost fits the token's budget (log of
+    its most probable code's probability over eps) can flip, so a token with u such bits has
+    at most 2**u candidates (a confident token: u = 0-2, a near-uniform one: all bits;
+    :func:`_flip_costs`, :func:`_kept_subcodes`). The low block is sorted most probable
+    first, and for a kept a the b with log P_B[b] >= L - log P_A[a] are a prefix of it:
+    prefix sums and one searchsorted. All in float64 whatever the input dtype (H is a small
+    difference when nearly all mass is above eps), and the choice of terms is made on the
+    same float64 values, so the two agree exactly. Rows are grouped by their candidate count
+    (:func:`_row_groups`).
 
     The backward is written out: with w = p (L - log p - 1) over the kept pairs and
     d log p / d l_i = bit_i - sigmoid(l_i), dH/dl_i = sum_w bit_i - sigmoid(l_i) sum_w. The
@@ -274,20 +276,22 @@ class _ClampedTokenEntropy(torch.autograd.Function):
         """Per group of rows (rows None: all), the kept sub-codes of both blocks and the
         forward's sums; rows where no code reaches eps (all clamped, constant) in no group."""
         blocks = (logits[:, :high_bits], logits[:, high_bits:])
-        log_probs, keeps = [], []
-        for block in blocks:
-            log_p = _subcode_log_probs(block)  # in the logits' dtype: only to choose candidates
-            log_probs.append(log_p)
-            keeps.append((log_p >= log_eps).view(torch.uint8))
-        count = torch.maximum(*(keep.sum(dim=-1) for keep in keeps))
+        flips = [_flip_costs(block) for block in blocks]
+        # A code is at or above eps iff its flips, over both blocks, cost at most this budget;
+        # the flippable bits of a block are then a prefix of its ascending costs.
+        budget = flips[0][0] + flips[1][0] - log_eps
+        flippable = torch.maximum(*((costs <= budget[:, None]).sum(dim=-1) for _, costs, _, _ in flips))
+        count = torch.where(budget >= 0, 2**flippable, 0)  # candidates per block (a bound on the kept)
         groups = []
-        for rows, k in _row_groups(count, max(m.shape[1] for m in log_probs)):
+        for rows, k in _row_groups(count, 2 ** max(block.shape[1] for block in blocks)):
             if k == 0:
                 continue
-            (bits_a, bits_b), (part_a, part_b), (keep_a, keep_b) = (
-                (t if rows is None else t[rows] for t in pair) for pair in (blocks, log_probs, keeps))
-            log_a, index_a = _kept_subcodes(bits_a, part_a, keep_a, min(k, part_a.shape[1]), log_eps, sort=False)
-            log_b, index_b = _kept_subcodes(bits_b, part_b, keep_b, min(k, part_b.shape[1]), log_eps, sort=True)
+            num_flips = k.bit_length() - 1  # k is the group's largest power of 2
+            part_a, part_b = (f if rows is None else tuple(t[rows] for t in f) for f in flips)
+            # p_A p_B >= eps needs p_A >= eps / max p_B, and p_B >= eps / max p_A
+            log_a, index_a = _kept_subcodes(part_a, min(num_flips, high_bits), log_eps - part_b[0], sort=False)
+            log_b, index_b = _kept_subcodes(part_b, min(num_flips, logits.shape[1] - high_bits),
+                                            log_eps - part_a[0], sort=True)
             if log_b.shape[1] == 0:  # in float64 no b of these rows reaches eps
                 continue
             prob_b = log_b.exp()  # 0 where -inf
@@ -362,8 +366,10 @@ class _ClampedTokenEntropy(torch.autograd.Function):
 def clamped_per_token(logits: Tensor, eps: float, chunk_tokens: int | None = None) -> Tensor:
     """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
 
-    O(N 2**(d/2) d) work and memory (see :class:`_ClampedTokenEntropy`); tokens in chunks,
-    each rebuilt in backward when there are several.
+    O(N (d + 2**u)) work and memory for tokens with u bits that can flip above the clamp
+    (confident tokens: u of 0-2; near-uniform ones: up to d/2 per block, 2**(d/2) work; see
+    :class:`_ClampedTokenEntropy`); tokens in chunks, each rebuilt in backward unless the
+    kept sub-codes fit :data:`SAVED_BYTES`.
     """
     num_tokens, num_codebooks, num_bits = logits.shape
     high, _ = subcode_split(num_bits)

@@ -362,7 +362,9 @@ def test_clamped_per_token_mixes_unsure_and_confident_tokens(chunk_tokens: int |
     gen = torch.Generator().manual_seed(12)
     spread = torch.tensor([0.02, 0.3, 1.0, 3.0, 8.0, 40.0], dtype=F64).repeat(7)[:, None, None]
     z = torch.randn(42, 2, 12, generator=gen, dtype=F64) * spread
-    kept = (subcodes._subcode_log_probs(z[:, 0, :6]) >= math.log(1e-5)).sum(dim=-1)
+    bits = ((torch.arange(64)[:, None] >> torch.arange(5, -1, -1)) & 1).to(F64)
+    high = z[:, 0, :6]
+    kept = ((F.logsigmoid(high) @ bits.T + F.logsigmoid(-high) @ (1 - bits).T) >= math.log(1e-5)).sum(dim=-1)
     assert kept.min() <= 16 < kept.max(), "the rows should fall into several groups"
     weights = torch.randn(42, 2, generator=gen, dtype=F64)
     results = []
