@@ -211,14 +211,17 @@ def _kept_subcodes(flips: tuple[Tensor, Tensor, Tensor, Tensor], num_flips: int,
 
 
 def _row_groups(count: Tensor, width: int) -> list[tuple[Tensor | None, int]]:
-    """Rows grouped by how many sub-codes they keep (or a bound on it), (rows or None for all, the group's most),
-    in groups of at most 16, 64, 256, ... sub-codes: a few unsure tokens then widen only
-    their own group, not the chunk (a confident token keeps a few sub-codes, a near-uniform
-    one nearly all)."""
+    """Rows grouped by how many sub-codes they keep (or a bound on it), (rows or None for all,
+    the group's most), in groups of at most 16, 64, 256, ... sub-codes: a few unsure tokens
+    then widen only their own group, not the chunk (a confident token keeps a few sub-codes,
+    a near-uniform one nearly all). Rows with a count of 0 are in no group."""
     most = int(count.max()) if count.numel() else 0
+    if most == 0:
+        return []
     if most <= 16:
-        return [(None, most)]
-    groups, low = [], -1
+        some = count > 0
+        return [(None if bool(some.all()) else torch.nonzero(some).flatten(), most)]
+    groups, low = [], 0
     for high in (16, 64, 256, width):
         if high > low:
             rows = torch.nonzero((count > low) & (count <= high)).flatten()
@@ -238,6 +241,12 @@ def _bit_sums(weight: Tensor, index: Tensor | None, num_bits: int) -> Tensor:
     if 4 * index.shape[1] < 2**num_bits:  # few: from their bits
         return torch.einsum("mk,mkb->mb", weight, table[index])
     return weight.new_zeros(weight.shape[0], 2**num_bits).scatter_(1, index, weight) @ table
+
+
+def _held_bytes(single: tuple[Tensor | None, Tensor] | None, groups: list) -> int:
+    """Bytes held by one chunk's kept sub-codes (what backward would otherwise rebuild)."""
+    tensors = [t for _, ts in groups for t in ts if t is not None] + [t for t in (single or ()) if t is not None]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 class _ClampedTokenEntropy(torch.autograd.Function):
@@ -272,9 +281,12 @@ class _ClampedTokenEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def _chunk(logits: Tensor, high_bits: int, log_eps: float) -> list[tuple[Tensor | None, tuple[Tensor, ...]]]:
-        """Per group of rows (rows None: all), the kept sub-codes of both blocks and the
-        forward's sums; rows where no code reaches eps (all clamped, constant) in no group."""
+    def _chunk(logits: Tensor, high_bits: int, log_eps: float
+               ) -> tuple[tuple[Tensor | None, Tensor] | None, list[tuple[Tensor | None, tuple[Tensor, ...]]]]:
+        """(the rows whose only code at or above eps is their most probable one, with its
+        log-probability; or None), and per group of the other rows (rows None: all) the kept
+        sub-codes of both blocks and the forward's sums. Rows where no code reaches eps (all
+        clamped, constant) are in neither."""
         blocks = (logits[:, :high_bits], logits[:, high_bits:])
         flips = [_flip_costs(block) for block in blocks]
         # A code is at or above eps iff its flips, over both blocks, cost at most this budget;
@@ -282,6 +294,18 @@ class _ClampedTokenEntropy(torch.autograd.Function):
         budget = flips[0][0] + flips[1][0] - log_eps
         flippable = torch.maximum(*((costs <= budget[:, None]).sum(dim=-1) for _, costs, _, _ in flips))
         count = torch.where(budget >= 0, 2**flippable, 0)  # candidates per block (a bound on the kept)
+        # No bit can flip: the most probable code alone is kept (the common case when confident),
+        # and its term needs no sub-codes at all.
+        alone = count == 1
+        single = None
+        if bool(alone.any()):
+            log_max = budget + log_eps
+            if bool(alone.all()):
+                single = (None, log_max)
+            else:
+                rows = torch.nonzero(alone).flatten()
+                single = (rows, log_max[rows])
+            count = count.masked_fill(alone, 0)
         groups = []
         for rows, k in _row_groups(count, 2 ** max(block.shape[1] for block in blocks)):
             if k == 0:
@@ -301,7 +325,7 @@ class _ClampedTokenEntropy(torch.autograd.Function):
             above_1 = torch.cat((zero, prob_b.cumsum(dim=-1)), dim=-1).gather(-1, count_a)  # P_B over a's partners
             above_2 = torch.cat((zero, plogp_b.cumsum(dim=-1)), dim=-1).gather(-1, count_a)  # P_B log P_B
             groups.append((rows, (log_a, index_a, log_b, index_b, count_a, above_1, above_2)))
-        return groups
+        return single, groups
 
     @staticmethod
     def forward(ctx, logits: Tensor, high_bits: int, eps: float, chunk_rows: int) -> Tensor:  # type: ignore[override]
@@ -310,13 +334,20 @@ class _ClampedTokenEntropy(torch.autograd.Function):
         saved: list[list] | None = []  # every chunk's groups, while they fit SAVED_BYTES
         for start in range(0, logits.shape[0], chunk_rows):
             chunk = logits[start : start + chunk_rows]
-            kept = _ClampedTokenEntropy._chunk(chunk, high_bits, log_eps)
+            single, kept = _ClampedTokenEntropy._chunk(chunk, high_bits, log_eps)
             if saved is not None:
-                saved.append(kept)
-                held = sum(t.untyped_storage().nbytes() for g in saved for _, ts in g for t in ts if t is not None)
+                saved.append((single, kept))
+                held = sum(_held_bytes(one, groups) for one, groups in saved)
                 if held > SAVED_BYTES:
                     saved = None
             out = entropy[start : start + chunk.shape[0]]
+            if single is not None:  # p (L - log p) of the one kept code
+                rows, log_p = single
+                term = log_p.exp() * (log_eps - log_p)
+                if rows is None:
+                    out += term
+                else:
+                    out.index_add_(0, rows, term)
             for rows, (log_a, _, _, _, _, above_1, above_2) in kept:
                 prob_a = log_a.exp()
                 term = (prob_a * torch.where(prob_a > 0, (log_eps - log_a) * above_1 - above_2, 0.0)).sum(dim=-1)
@@ -339,8 +370,17 @@ class _ClampedTokenEntropy(torch.autograd.Function):
         grad = torch.zeros_like(logits, dtype=torch.float64)
         for number, start in enumerate(range(0, logits.shape[0], chunk_rows)):
             chunk = logits[start : start + chunk_rows]
-            kept = ctx.kept[number] if ctx.kept is not None else _ClampedTokenEntropy._chunk(chunk, high, log_eps)
+            single, kept = ctx.kept[number] if ctx.kept is not None else _ClampedTokenEntropy._chunk(chunk, high, log_eps)
             out = grad[start : start + chunk.shape[0]]
+            if single is not None:  # w (bit_i - sigmoid(l_i)) with w = p (L - log p - 1), bit_i the likely value
+                rows, log_p = single
+                bits = (chunk if rows is None else chunk[rows]).double()
+                weight = log_p.exp() * (log_eps - log_p - 1)
+                part = weight[:, None] * bits.sign() * torch.sigmoid(-bits.abs())
+                if rows is None:
+                    out += part
+                else:
+                    out.index_add_(0, rows, part)
             for rows, (log_a, index_a, log_b, index_b, count_a, above_1, above_2) in kept:
                 prob_a, prob_b = log_a.exp(), log_b.exp()
                 weight_a = torch.where(prob_a > 0, prob_a * ((log_eps - log_a - 1) * above_1 - above_2), 0.0)

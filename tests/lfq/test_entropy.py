@@ -377,14 +377,38 @@ def test_clamped_per_token_mixes_unsure_and_confident_tokens(chunk_tokens: int |
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-12)
 
 
+def test_clamped_per_token_mixes_alone_grouped_and_fully_clamped_rows() -> None:
+    """At 2**18 codes one chunk holds rows of all three kinds: confident (the most probable
+    code is the only one at or above eps: no sub-codes built), unsure (grouped sub-codes) and
+    near-uniform (every code under eps: H = -log eps, no gradient). Dense values and
+    gradients, row for row."""
+    gen = torch.Generator().manual_seed(18)
+    spread = torch.tensor([60.0, 0.01, 3.0, 400.0, 0.0, 1.0], dtype=F64).repeat(2)[:, None, None]
+    z = torch.randn(12, 1, 18, generator=gen, dtype=F64) * spread
+    weights = torch.randn(12, 1, generator=gen, dtype=F64)
+    results = []
+    for fn in (clamped_per_token, _dense_clamped_per_token):
+        leaf = z.clone().requires_grad_()
+        value = fn(leaf)
+        (value * weights).sum().backward()
+        results.append((value.detach(), leaf.grad))
+    cap = -math.log(1e-5)
+    assert results[1][0][4].item() == pytest.approx(cap) and results[1][0][3].item() < 1e-3
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-12)
+
+
 def test_row_groups_partition_the_rows_by_their_kept_count() -> None:
     count = torch.tensor([0, 3, 16, 17, 64, 65, 200, 256, 300, 512, 5])
     groups = subcodes._row_groups(count, 512)
     rows = torch.cat([r for r, _ in groups])
-    assert sorted(rows.tolist()) == list(range(len(count)))
+    assert sorted(rows.tolist()) == list(range(1, len(count))), "every row that keeps a code, once; not row 0"
     for (r, k), bound in zip(groups, (16, 64, 256, 512), strict=True):
         assert k == int(count[r].max()) <= bound
-    assert subcodes._row_groups(torch.tensor([2, 16, 0]), 512) == [(None, 16)]
+    assert subcodes._row_groups(torch.tensor([2, 16, 1]), 512) == [(None, 16)]
+    (rows, most), = subcodes._row_groups(torch.tensor([2, 0, 16]), 512)
+    assert rows.tolist() == [0, 2] and most == 16
+    assert subcodes._row_groups(torch.zeros(3, dtype=torch.long), 512) == []
 
 
 def test_clamped_caps_at_the_clamp_at_2_18() -> None:
