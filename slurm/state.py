@@ -177,25 +177,32 @@ def _error_tail(record: dict[str, Any], exit_event: dict[str, Any] | None) -> st
     return ""
 
 
-def latest_rate(run_dir: Path, tail_bytes: int = 65536) -> str:
-    """'step 400, 3.2 steps/s; ' from the last training row that carries a step time (read from
-    the log's tail only: a long run's metrics.jsonl can be large); '' when there is none yet."""
+def latest_rate(run_dir: Path, tail_bytes: int = 65536, max_bytes: int = 16 * 2**20) -> str:
+    """'step 400, 3.2 steps/s; ' from the last training row that carries a step time; '' when
+    there is none yet. Read from the end in windows that double from ``tail_bytes`` up to
+    ``max_bytes`` (a long run's metrics.jsonl can be large, and the monitor's rows between two
+    training rows can fill more than one window: 50 steps of 17 bits' diagnostics are ~70 KB)."""
     path = run_dir / run_folder.METRICS
+    window = tail_bytes
     try:
         with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - tail_bytes))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
+            size = path.stat().st_size
+            while True:
+                f.seek(max(0, size - window))
+                lines = f.read(window).decode("utf-8", errors="replace").splitlines()
+                for line in reversed(lines):
+                    if '"kind": "train"' not in line or "step_time_s" not in line:
+                        continue
+                    try:
+                        row = json.loads(line)
+                        return f"step {row['step']}, {1 / row['step_time_s']:.3g} steps/s; "
+                    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+                        continue
+                if window >= size or window >= max_bytes:
+                    return ""
+                window *= 2
     except OSError:
         return ""
-    for line in reversed(lines):
-        if '"kind": "train"' not in line or "step_time_s" not in line:
-            continue
-        try:
-            row = json.loads(line)
-            return f"step {row['step']}, {1 / row['step_time_s']:.3g} steps/s; "
-        except (ValueError, KeyError, TypeError, ZeroDivisionError):
-            continue
-    return ""
 
 
 def _progress(run_dir: Path) -> str:
