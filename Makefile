@@ -15,7 +15,7 @@ UPSTREAM_VERSION ?= 1.32.0
 UPSTREAM_DIR     := .upstream/vqp-latest
 UPSTREAM_STAMP   := $(UPSTREAM_DIR)/.installed-$(UPSTREAM_VERSION)
 
-.PHONY: demo test lint cluster upstream clean-venv
+.PHONY: demo test lint cluster upstream gpu-wheels clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ $(UPSTREAM_STAMP): $(STAMP)
 	touch $@
 
 upstream: $(UPSTREAM_STAMP)
+
+# Pure-Python wheels that a GPU machine with PyTorch but no network lacks, for
+# benchmarks/gpu_check.sh there (carry .whl and .upstream): submitit and the 1.14.12 oracle
+# with their dependencies that such images do not hold.
+GPU_WHEELS := submitit==1.5.4 vector-quantize-pytorch==1.14.12 \
+              einx==0.4.3 frozendict==2.5.1 loguru==0.7.3 torch-einops-utils==0.2.0
+gpu-wheels: $(UPSTREAM_STAMP)
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation py --abi none --platform any -d .whl $(GPU_WHEELS)
 
 # A throwaway one-node SLURM cluster for the cluster tests (Debian, as root).
 cluster:

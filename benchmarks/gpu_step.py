@@ -3,7 +3,8 @@
     python benchmarks/gpu_step.py                      # on a CUDA machine; writes results/benchmarks/gpu_step.csv
     python benchmarks/gpu_step.py --device cpu --smoke # the same code paths at toy sizes (CI)
 
-Part 1, ``lfq_step`` rows: forward + backward of ``lfq.LFQ`` (``entropy_mode="exact"``), of the
+Part 1, ``lfq_step`` rows: forward + backward of ``lfq.LFQ`` (``entropy_mode="exact"``: impl
+``ours``; ``"clamped"``: impl ``clamped``), of the
 1.14.12 oracle and of the newest upstream (both dense: they build an N x 2^d softmax, so most
 points do not fit; a point whose dense tensor would exceed the device's memory is recorded as
 ``skipped: needs X GB`` without being run, and a real out-of-memory is recorded as ``oom``).
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 OUT = REPO / "results" / "benchmarks" / "gpu_step.csv"
+DENSE = ("oracle", "upstream")  # build the N x 2^d softmax
 FIELDS = ["part", "impl", "codes", "tokens", "status", "median_ms", "peak_mb", "quantizer_share", "device",
           "torch", "note"]
 
@@ -65,10 +67,10 @@ def _reset(device: torch.device) -> None:
 
 def _quantizer(impl: str, codes: int):
     bits = round(math.log2(codes))
-    if impl == "ours":
+    if impl in ("ours", "clamped"):
         from lfq import LFQ
 
-        return LFQ(codebook_size=codes, dim=bits, entropy_mode="exact")
+        return LFQ(codebook_size=codes, dim=bits, entropy_mode="exact" if impl == "ours" else "clamped")
     if impl == "oracle":
         from vector_quantize_pytorch import LFQ as OracleLFQ
 
@@ -87,7 +89,7 @@ def lfq_rows(device: torch.device, codes_list: list[int], tokens_list: list[int]
             for tokens in tokens_list:
                 row = {"part": "lfq_step", "impl": impl, "codes": codes, "tokens": tokens}
                 dense_bytes = tokens * codes * 4 * 3  # logits, probabilities and their gradient
-                if impl != "ours" and dense_bytes > free:
+                if impl in DENSE and dense_bytes > free:
                     rows.append({**row, "status": f"skipped: needs {dense_bytes / 2**30:.0f} GB"})
                     print(rows[-1], flush=True)
                     continue
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the script, measures nothing useful")
     parser.add_argument("--out", type=Path, default=OUT, help=f"CSV to write (default {OUT.relative_to(REPO)})")
-    parser.add_argument("--impls", default="ours,oracle,upstream", help="comma-separated: ours, oracle, upstream")
+    parser.add_argument("--impls", default="ours,clamped,oracle,upstream",
+                        help="comma-separated: ours (exact), clamped (ours, entropy_mode='clamped'), oracle, upstream")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

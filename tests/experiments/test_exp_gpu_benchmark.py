@@ -10,11 +10,11 @@ from exp_helpers import REPO
 def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu_step.csv"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--smoke",
-                           "--repeats", "1", "--impls", "ours,oracle", "--out", str(out)],
+                           "--repeats", "1", "--impls", "ours,clamped,oracle", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert {r["impl"] for r in rows} == {"ours", "oracle"}
+    assert {r["impl"] for r in rows} == {"ours", "clamped", "oracle"}
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     tokenizer = [r for r in rows if r["part"] == "tokenizer_step"]
     assert len(tokenizer) == 1 and 0 < float(tokenizer[0]["quantizer_share"]) < 1
@@ -25,3 +25,25 @@ def test_gpu_benchmark_refuses_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_gpu_check_script_wires_the_gpu_tests_and_the_benchmark(tmp_path):
+    """benchmarks/gpu_check.sh, the one command for a GPU machine, in its CPU smoke mode: the
+    gpu tests are collected (not run), the benchmark writes every impl's rows, files land in OUT."""
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = tmp_path / "out"
+    assert "no CUDA device" in (out / "gpu.txt").read_text()
+    assert "test_mixed_precision_runs_train_on_the_gpu[fp16]" in (out / "gpu_tests.log").read_text()
+    rows = list(csv.DictReader((out / "gpu_step.csv").open()))
+    assert {r["impl"] for r in rows if r["part"] == "lfq_step"} == {"ours", "clamped", "oracle", "upstream"}
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_gpu_check_script_refuses_an_unknown_option(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown option '--fast'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
