@@ -31,6 +31,9 @@ MODE = "quantizer.entropy_mode"
 KEY_COLUMNS = (KIND, SIZE, MODE, WEIGHT, GAMMA, FRAC)
 METRICS = ("final_usage_fraction", "final_perplexity", "final_codes_used", "final_dead_codes", "final_val_mse",
            "final_val_psnr", "best_val_psnr", "final_batch_entropy", "final_per_sample_entropy", "wall_time_s")
+# What a run computed on (analysis.load.ENV_COLUMNS), kept in summaries so that a re-run that does
+# not reproduce can be told from one on another CPU ISA, torch or commit (experiments.provenance).
+SUMMARY_ENV = ("env_cpu", "env_cpu_capability", "env_device", "env_gpu", "env_torch", "env_commit", "env_dirty")
 TABLE_METRICS = ("final_usage_fraction", "final_val_psnr", "final_batch_entropy")
 CLAMP_NATS = -math.log(1e-5)  # the reference clamps probabilities at 1e-5: entropy <= 11.51 nats
 PathLike = str | os.PathLike[str]
@@ -84,7 +87,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run: id, sweep, status, grid parameters (claim keys + anything varying), seed,
     final metrics, reason. Dotted config names are kept so the CSV reads back as a runs frame."""
     params = list(dict.fromkeys([*KEY_COLUMNS, *parameters(runs)]))
-    columns = ["run_id", "sweep", "status", "step", *params, "seed", *METRICS, "reason"]
+    columns = ["run_id", "sweep", "status", "step", *params, "seed", *METRICS, "reason", *SUMMARY_ENV]
     table = runs[[c for c in columns if c in runs.columns]]
     return table.sort_values([c for c in ("sweep", *params, "seed") if c in table]).reset_index(drop=True)
 

@@ -47,6 +47,15 @@ THROUGHPUT_DEFINITIONS = {
     "data_wait_s": "seconds per step spent waiting for the next batch",
     "max_memory_mb": "peak memory in MB (CUDA max allocated, or the process's peak RSS on a CPU)",
 }
+ENV_DEFINITIONS = {
+    "env_cpu": "CPU model the run computed on (environment.jsonl; values of several attempts joined by |)",
+    "env_cpu_capability": "vector ISA torch's CPU kernels dispatched to (AVX512, AVX2, ...): runs on different "
+                          "ISAs sum in different orders, so their floats differ",
+    "env_device": "torch device of the run (cpu, cuda:N)",
+    "env_gpu": "GPU model, for CUDA runs",
+    "env_torch": "torch version",
+    "env_commit": "git commit of the checkout that trained it (first 10 digits; + dirty: tracked files changed)",
+}
 COLUMN_DEFINITIONS = {
     "status": "what the run folder holds: " + "; ".join(f"`{s}`: {m}" for s, m in STATUS_MEANINGS.items()),
     "meaning": "what a run folder with that status holds",
@@ -67,6 +76,7 @@ COLUMN_DEFINITIONS = {
     "setting": "a config field (config.json, dotted) with one value in every run of the report",
     "value": "that value",
     **METRIC_DEFINITIONS,
+    **ENV_DEFINITIONS,
     **{k: f"median over the run's logged intervals: {v}" for k, v in THROUGHPUT_DEFINITIONS.items()},
 }
 # The grid table prints metrics by their labels, as mean ± std over finished seeds.

@@ -113,6 +113,39 @@ def _read_object(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
+# What each attempt at a run computed on (experiments.provenance writes environment.jsonl, one
+# row per start or resume): these fields become ``env_<field>`` columns of the runs frame.
+ENV_FIELDS = ("cpu", "cpu_capability", "threads", "device", "gpu", "torch", "commit", "dirty")
+ENV_COLUMNS = (*(f"env_{f}" for f in ENV_FIELDS), "env_attempts")
+
+
+def read_environment(run_dir: Path) -> dict[str, Any]:
+    """``env_<field>`` for :data:`ENV_FIELDS` (the distinct values of the run's attempts, in order,
+    joined by ``" | "`` where they differ: a run resumed on another node) and ``env_attempts``;
+    empty for a run folder written before environment.jsonl existed. Unparseable lines (a
+    write cut short) are skipped."""
+    try:
+        lines = (run_dir / "environment.jsonl").read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return {}
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    if not rows:
+        return {}
+    env: dict[str, Any] = {}
+    for field in ENV_FIELDS:
+        values = list(dict.fromkeys(row.get(field) for row in rows if row.get(field) is not None))
+        env[f"env_{field}"] = values[0] if len(values) == 1 else (" | ".join(map(str, values)) if values else None)
+    env["env_attempts"] = len(rows)
+    return env
+
+
 def _last_write_age(run_dir: Path) -> float | None:
     """Seconds since the newest of the run's written files changed (None when none is there)."""
     times = []
@@ -183,6 +216,7 @@ def _run_row(
         if key in ("run_id", "status", "reason") or (key in flat and flat[key] == value):
             continue  # the summary repeats some config fields (name, task)
         row[f"summary.{key}" if key in flat else key] = value
+    row.update(read_environment(run_dir))
     if "step" not in summary and metrics_path.exists():
         last = read_last_row(metrics_path)
         row["step"] = last.get("step") if last else None
@@ -210,8 +244,9 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     Columns: ``run_id``, ``sweep``, ``status`` (one of :data:`STATUSES`, the words of
     ``experiments.run_dir.RUN_STATES``: done/failed/started/corrupt), ``reason``, ``run_dir``,
     ``last_write_age_s`` (seconds since the newest write of its config, metrics, summary or DONE),
-    the config flattened to dotted names (``quantizer.diversity_gamma``) and the summary's keys
-    (``final_usage_fraction``, ...). Files cannot say whether a ``started`` run is still running;
+    the config flattened to dotted names (``quantizer.diversity_gamma``), the summary's keys
+    (``final_usage_fraction``, ...) and, where the folder has ``environment.jsonl``, what the run
+    computed on (:data:`ENV_COLUMNS`: ``env_cpu_capability``, ``env_torch``, ``env_commit``, ...). Files cannot say whether a ``started`` run is still running;
     one with no write for more than ``stale_after_s`` seconds gets that as its ``reason``.
     Unreadable folders are skipped and listed in ``attrs["problems"]`` (``LoadProblem`` s).
     Two folders with the same run id hold the same config, so only the first is kept.

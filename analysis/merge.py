@@ -3,16 +3,21 @@
 The committed summaries of ``results/ablations/`` and ``results/recipe/`` outlive their run
 folders: a re-run of a few runs must update those rows and keep the rest (``--merge``), and a
 plain rewrite must refuse to drop rows whose runs are not under the runs root
-(:class:`WouldLoseRuns`). :func:`command_text` merges the ``command.txt`` that goes with them.
+(:class:`WouldLoseRuns`). :func:`command_text` merges the ``command.txt`` that goes with them;
+:func:`reruns` says which re-run runs did not reproduce their committed numbers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from analysis.claims import grid_columns
+from analysis.claims import SUMMARY_ENV, grid_columns
+
+# The final numbers a re-run must reproduce (those of them that both summaries hold).
+RERUN_METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_usage_fraction", "final_codes_used")
 
 
 class WouldLoseRuns(ValueError):
@@ -54,6 +59,34 @@ def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame,
     return _sorted(merged), notes
 
 
+def reruns(old: pd.DataFrame, new: pd.DataFrame, metrics: tuple[str, ...] = RERUN_METRICS) -> list[str]:
+    """Notes on the runs finished in both ``old`` (committed) and ``new`` (run folders): how many
+    reproduce ``metrics`` to 1e-6 relative, and one note per run that did not, naming what it ran
+    on where that differs (``env_*`` columns; a run computed on another CPU ISA or torch sums in
+    another order: ``experiments.provenance``) or that the committed row recorded nothing."""
+    if not len(old) or not len(new) or "status" not in old or "status" not in new:
+        return []
+    done_old = old[old["status"] == "done"].astype({"run_id": str}).set_index("run_id")
+    done_new = new[new["status"] == "done"].astype({"run_id": str}).set_index("run_id")
+    both = done_old.index.intersection(done_new.index)
+    notes = []
+    for run_id in both:
+        changed = [f"{m} {done_old.at[run_id, m]:.6g} -> {done_new.at[run_id, m]:.6g}"
+                   for m in metrics if m in done_old and m in done_new
+                   and not np.isclose(float(done_old.at[run_id, m]), float(done_new.at[run_id, m]), rtol=1e-6,
+                                      atol=0.0, equal_nan=True)]
+        if not changed:
+            continue
+        recorded = [c for c in SUMMARY_ENV if c in done_old and pd.notna(done_old.at[run_id, c])]
+        differs = [f"{c} {done_old.at[run_id, c]} -> {done_new.at[run_id, c]}" for c in recorded
+                   if c in done_new and str(done_old.at[run_id, c]) != str(done_new.at[run_id, c])]
+        where = (f"; it ran elsewhere: {'; '.join(differs)}" if differs
+                 else "; same recorded environment" if recorded else "; the committed run recorded no environment")
+        notes.append(f"{run_id}: re-run did not reproduce the committed numbers ({'; '.join(changed)}{where})")
+    return [f"{len(both)} finished run(s) are both committed and re-run; {len(both) - len(notes)} reproduce "
+            "the committed final numbers", *notes] if len(both) else []
+
+
 def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple[pd.DataFrame, list[str]]:
     """What to write over ``existing`` (a ``summary.csv``, maybe absent) for ``mode`` ``"replace"``,
     ``"merge"`` or ``"refuse"`` (:class:`WouldLoseRuns` if it holds runs ``summary`` lacks), and notes."""
@@ -61,7 +94,8 @@ def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple
         return summary, []
     old = pd.read_csv(existing)
     if mode == "merge":
-        return merge_summaries(old, summary)
+        merged, notes = merge_summaries(old, summary)
+        return merged, [*reruns(old, summary), *notes]
     refuse_dropping(old.get("run_id", pd.Series(dtype=str)), summary["run_id"], f"{existing} has",
                     "the runs root", "the summary")
     return summary, []

@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.claims import SUMMARY_ENV
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.jsonl import write_atomic
-from analysis.merge import command_text, merge_summaries, refuse_dropping
+from analysis.merge import command_text, merge_summaries, refuse_dropping, reruns
 from analysis.style import (
     LINESTYLES,
     MARKERS,
@@ -232,7 +233,8 @@ SUMMARY_METRICS = ("final_val_usage_fraction", "final_val_codes_used", "final_va
 
 def regime_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run: id, sweep, status, the swept keys, seed, what was held fixed, final metrics."""
-    columns = ["run_id", "sweep", "status", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS, *SUMMARY_METRICS]
+    columns = ["run_id", "sweep", "status", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS, *SUMMARY_METRICS,
+               *SUMMARY_ENV]
     table = runs[[c for c in columns if c in runs.columns]]
     order = [c for c in ("sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed") if c in table]
     return table.sort_values(order).reset_index(drop=True)
@@ -347,24 +349,6 @@ def committed_runs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, curves
 
 
-def _reruns(old: pd.DataFrame, new: pd.DataFrame) -> list[str]:
-    """One note per run finished in both ``old`` (committed) and ``new`` (run folders) whose final
-    validation numbers differ by more than 1e-6 relative: a re-run that did not reproduce."""
-    done_old = old[old["status"] == "done"].set_index("run_id")
-    done_new = new[new["status"] == "done"].astype({"run_id": str}).set_index("run_id")
-    both = done_old.index.intersection(done_new.index)
-    notes = []
-    for run_id in both:
-        changed = [f"{m} {done_old.at[run_id, m]:.6g} -> {done_new.at[run_id, m]:.6g}"
-                   for m in ("final_val_usage_fraction", "final_val_psnr") if m in done_old and m in done_new
-                   and not np.isclose(float(done_old.at[run_id, m]), float(done_new.at[run_id, m]), rtol=1e-6,
-                                      atol=0.0, equal_nan=True)]
-        if changed:
-            notes.append(f"{run_id}: re-run did not reproduce the committed numbers ({'; '.join(changed)})")
-    return [f"{len(both)} finished run(s) are both committed and under RUNS; {len(both) - len(notes)} reproduce "
-            "the committed final validation numbers", *notes] if len(both) else []
-
-
 def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime",
                  mode: str = "refuse", log: Callable[[str], None] | None = None) -> list[str]:
     """From the run folders under ``runs_roots``, into ``out``, each file written atomically:
@@ -398,7 +382,7 @@ def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     if len(old_runs) and mode == "refuse":
         refuse_dropping(old_runs["run_id"], runs["run_id"], f"{out} holds", "RUNS", str(out))
     if len(old_runs) and mode == "merge":
-        for note in _reruns(old_runs, runs):
+        for note in reruns(old_runs, runs, ("final_val_usage_fraction", "final_val_psnr")):
             log(note)
         unfinished = set(runs.loc[runs["status"] != "done", "run_id"])
         runs, notes = merge_summaries(old_runs, runs)

@@ -100,6 +100,24 @@ def status_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["status", "runs", "meaning"])
 
 
+ENVIRONMENT = ("env_cpu", "env_cpu_capability", "env_device", "env_gpu", "env_torch", "env_commit")
+
+
+def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs per environment they computed on (``env_*`` columns of ``environment.jsonl``); runs
+    written before it existed count as ``not recorded``. Empty when no run recorded one."""
+    if "env_attempts" not in runs or runs["env_attempts"].isna().all():
+        return pd.DataFrame()
+    frame = runs.reindex(columns=[*ENVIRONMENT, "env_dirty"]).astype(object)
+    commit = frame["env_commit"].map(lambda c: c[:10] if isinstance(c, str) else c)
+    frame["env_commit"] = commit.where(frame["env_dirty"].map(lambda d: not (d is True or (isinstance(d, str) and "True" in d))),
+                                       commit.astype(str) + " + dirty")
+    frame = frame[list(ENVIRONMENT)].where(frame[list(ENVIRONMENT)].notna(), "")
+    frame.loc[runs["env_attempts"].isna().to_numpy(), "env_cpu"] = "not recorded"
+    shown = [c for c in ENVIRONMENT if frame[c].astype(str).ne("").any()]
+    return (frame.groupby(shown, sort=True).size().rename("runs").reset_index())
+
+
 def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point: its parameters, runs done of all, and mean ± std over seeds."""
     return readable_table(tidy_grid_table(runs, GRID_METRICS, by=parameters(runs)), GRID_METRICS)
@@ -240,6 +258,11 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
             parts += ["## Throughput\n", "Per run, the median over its logged intervals of the training rows' "
                       "step time, samples and tokens per second, time waiting for data, and peak memory.\n",
                       table(speed)]
+        where = environment_table(runs)
+        if len(where):
+            parts += ["## Computed on\n", "Runs per machine, torch and commit they trained on (each run's "
+                      "`environment.jsonl`; runs on different CPU vector ISAs or torch builds do not agree bit for "
+                      "bit).\n", table(where)]
         fixed = held_fixed_table(drawn if len(drawn) else runs)
         if len(fixed):
             parts += ["## Settings held fixed\n", f"Config fields with one value in all {len(drawn) or len(runs)} "

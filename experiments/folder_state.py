@@ -19,6 +19,7 @@ HISTOGRAMS = "histograms.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 DONE = "DONE"
+ENVIRONMENT = "environment.jsonl"  # one row per attempt: experiments.provenance
 RUN_STATES = ("done", "corrupt", "failed", "started", "missing")
 
 

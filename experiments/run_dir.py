@@ -45,6 +45,7 @@ from experiments.folder_state import (  # noqa: F401 - re-exported
     CHECKPOINT,
     CONFIG,
     DONE,
+    ENVIRONMENT,
     HISTOGRAMS,
     METRICS,
     RUN_STATES,
@@ -274,6 +275,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def environment(self) -> Path:
+        return self.path / ENVIRONMENT
 
     @property
     def done(self) -> Path:

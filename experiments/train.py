@@ -40,7 +40,9 @@ import torch
 from experiments import distributed as ddp
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
+from experiments.files import append_jsonl
 from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss  # noqa: F401 - lr_at, ... re-exported
+from experiments.provenance import environment
 from experiments.resources import check_resources
 from experiments.run_dir import (
     RunDir,
@@ -96,7 +98,8 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     ``num_threads``: torch's intra-op threads during the run; None leaves the caller's setting
     (slurm.job sets it from SLURM_CPUS_PER_TASK). The CLI passes 1: these models are small, a
     second thread buys little, parallel runs that each take every core run an order of
-    magnitude slower, and a fixed count keeps float reductions the same on every machine.
+    magnitude slower, and a fixed count keeps float reductions the same on every machine of one CPU
+    ISA (across ISAs they differ: ``experiments.provenance``).
     """
     _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the claim
     if run_status(run_dir) == "done":  # read-only: a finished folder is not even claimed
@@ -129,6 +132,9 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
         try:
             training = Training(config, task, runtime, rd, rows)
             training.restore(checkpoint)
+            if ddp.is_main():  # one row per attempt, never truncated: where each part of the run computed
+                append_jsonl(rd.environment, [environment(runtime.device, step=training.state.step,
+                                                          world_size=ddp.world_size())])
             training.train(t_start, on_step)
             return training.finish()
         except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)

@@ -333,6 +333,41 @@ def test_merge_folds_new_runs_into_committed_summary_by_run_id(tmp_path: Path,
     assert str(tmp_path / "first") in command and f"{tmp_path / 'later'} --out" in command  # both analyses
 
 
+def _environment(run_dir: Path, **fields: Any) -> None:
+    row = {"step": 0, "cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "device": "cpu", "gpu": None,
+           "torch": "2.13.0+cpu", "commit": "abc", "dirty": False, **fields}
+    (run_dir / "environment.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def test_merge_names_the_reruns_that_did_not_reproduce_and_where_they_ran(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    for seed in (0, 1, 2):
+        _environment(write_ablation_run(tmp_path / "first", "ablation_clamp", seed, codebook_size=2**14))
+    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    committed = pd.read_csv(out / "ablation_clamp" / "summary.csv")
+    assert committed["env_cpu_capability"].tolist() == ["AVX512"] * 3 and committed["env_commit"].tolist() == ["abc"] * 3
+    capsys.readouterr()
+    # Re-run elsewhere: seed 0 reproduces on the same machine, seed 1 differs on an AVX2 node,
+    # seed 2 differs on the same machine and code.
+    for seed, capability in ((0, "AVX512"), (1, "AVX2"), (2, "AVX512")):
+        run_dir = write_ablation_run(tmp_path / "later", "ablation_clamp", seed, codebook_size=2**14)
+        _environment(run_dir, cpu_capability=capability)
+        if seed:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            summary["final_val_psnr"] += 0.5
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
+    err = capsys.readouterr().err
+    assert "3 finished run(s) are both committed and re-run; 1 reproduce the committed final numbers" in err
+    lines = [line for line in err.splitlines() if "did not reproduce" in line]
+    assert len(lines) == 2 and "-s1: re-run" in lines[0] and "-s2: re-run" in lines[1]
+    assert "final_val_psnr" in lines[0] and "it ran elsewhere: env_cpu_capability AVX512 -> AVX2" in lines[0]
+    assert "same recorded environment" in lines[1]
+    merged = pd.read_csv(out / "ablation_clamp" / "summary.csv")
+    assert merged["env_cpu_capability"].tolist() == ["AVX512", "AVX2", "AVX512"]  # the re-runs' rows
+
+
 def test_merging_one_sweep_of_a_claim_keeps_the_others_in_its_plot(written: Path, sweeps: Path, tmp_path: Path) -> None:
     rerun = tmp_path / "rerun"
     write_ablation_run(rerun, "ablation_vocab", 2, kind="vq", codebook_size=16)  # ablation_vocab only

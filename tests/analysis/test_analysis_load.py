@@ -19,6 +19,7 @@ import pytest
 from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
 import analysis
+from analysis.claims import summarize
 from analysis.jsonl import parse_jsonl
 from analysis.load import STATUS_MEANINGS, STATUSES
 
@@ -116,6 +117,25 @@ def test_the_same_run_in_two_sweeps_is_two_runs(tmp_path: Path) -> None:
     write_run(tmp_path / "b", "same")
     runs = analysis.load_runs(tmp_path)
     assert sorted(runs["sweep"]) == ["a", "b"] and not runs.attrs["problems"]
+
+
+def test_what_each_attempt_computed_on_becomes_env_columns(tmp_path: Path) -> None:
+    resumed = write_run(tmp_path / "s", "resumed")
+    rows = [{"step": 0, "cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "device": "cpu", "gpu": None,
+             "torch": "2.13.0+cpu", "commit": "abc", "dirty": False},
+            {"step": 50, "cpu": "EPYC", "cpu_capability": "AVX2", "threads": 1, "device": "cuda:0", "gpu": "H200",
+             "torch": "2.13.0+cpu", "commit": "abc", "dirty": False}]
+    (resumed / "environment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9')  # cut short
+    write_run(tmp_path / "s", "older")  # written before environment.jsonl existed
+    runs = analysis.load_runs(tmp_path).set_index("run_id")
+    assert runs.at["resumed", "env_attempts"] == 2 and runs.at["resumed", "env_torch"] == "2.13.0+cpu"
+    assert runs.at["resumed", "env_cpu_capability"] == "AVX512 | AVX2"  # resumed on another node
+    assert runs.at["resumed", "env_device"] == "cpu | cuda:0" and runs.at["resumed", "env_gpu"] == "H200"
+    assert not bool(runs.at["resumed", "env_dirty"])
+    assert pd.isna(runs.at["older", "env_attempts"]) and pd.isna(runs.at["older", "env_commit"])
+    assert not any(c.startswith("env") for c in runs.attrs["config_columns"])  # never a swept parameter
+    summary = summarize(runs.reset_index()).set_index("run_id")  # summary.csv keeps them
+    assert summary.at["resumed", "env_cpu_capability"] == "AVX512 | AVX2" and pd.isna(summary.at["older", "env_cpu"])
 
 
 def test_load_one_run_folder(grid_sweep: Path) -> None:

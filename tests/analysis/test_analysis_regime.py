@@ -189,7 +189,7 @@ def test_merge_folds_new_runs_into_committed_results_as_if_all_were_there(tmp_pa
     assert regime.main([str(first), str(other), "--out", str(out)]) == 0
     assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
-    assert "1 finished run(s) are both committed and under RUNS; 1 reproduce" in err
+    assert "1 finished run(s) are both committed and re-run; 1 reproduce" in err
     assert "4 committed run(s) kept, 2 from RUNS" in err
     for name in ("summary.csv", "table.csv", "curves.csv", "quantizers_summary.csv", "quantizers_table.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(full / name), check_dtype=False,
@@ -232,7 +232,8 @@ def test_merge_keeps_a_finished_committed_run_over_an_unfinished_rerun_and_names
     assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
     assert "t100s1: kept the finished row" in err
-    assert "t10s1: re-run did not reproduce the committed numbers (final_val_usage_fraction 0.9 -> 0.8)" in err
+    assert ("t10s1: re-run did not reproduce the committed numbers (final_val_usage_fraction 0.9 -> 0.8; "
+            "the committed run recorded no environment)") in err
     merged = pd.read_csv(out / "summary.csv").set_index("run_id")
     assert merged.at["t100s1", "status"] == "done" and merged.at["t10s1", "final_val_usage_fraction"] == 0.8
     pd.testing.assert_frame_equal(pd.read_csv(out / "curves.csv"), committed)  # every run's curves still there

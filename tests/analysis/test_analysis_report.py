@@ -185,3 +185,22 @@ def test_where_picks_runs_and_the_terminal_names_the_skipped_figures(tmp_path: P
         analysis.where(runs, ["quantizer.codebook_size=1024"])
     out = write_report(sweep, tmp_path / "api", cache=False, where={"quantizer.codebook_size": 64})
     assert {r[0]: r[1] for r in _table((out / "report.md").read_text(), "Runs by status")}["total"] == "2"
+
+
+def test_report_counts_runs_per_environment_they_computed_on(tmp_path: Path) -> None:
+    import json
+
+    base = {"cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "device": "cpu", "gpu": None,
+            "torch": "2.13.0+cpu", "commit": "0123456789abcdef", "dirty": False}
+    for run_id, fields in (("a", {}), ("b", {}), ("c", {"cpu_capability": "AVX2", "dirty": True})):
+        run = write_run(tmp_path / "env", run_id, histograms=False)
+        (run / "environment.jsonl").write_text(json.dumps({"step": 0, **base, **fields}) + "\n")
+    write_run(tmp_path / "env", "old", histograms=False)  # before environment.jsonl existed
+    markdown = (write_report(tmp_path / "env", cache=False) / "report.md").read_text()
+    assert _header(markdown, "Computed on") == ["env_cpu", "env_cpu_capability", "env_device", "env_torch",
+                                                "env_commit", "runs"]  # no GPU column: no run had one
+    assert sorted(_table(markdown, "Computed on")) == [
+        ["Xeon", "AVX2", "cpu", "2.13.0+cpu", "0123456789 + dirty", "1"],
+        ["Xeon", "AVX512", "cpu", "2.13.0+cpu", "0123456789", "2"],
+        ["not recorded", "", "", "", "", "1"]]
+    assert "- `env_cpu_capability`: vector ISA" in markdown  # defined once under Columns

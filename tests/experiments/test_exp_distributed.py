@@ -115,7 +115,9 @@ def test_ddp_run_writes_one_folder_and_matches_one_process(runs):
     # One writer: the documented files only (no temp files of a second writer), no row twice.
     assert {p.name for p in rd.path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
                                                     "checkpoint.pt", "summary.json", "DONE", "metrics.parquet",
+                                                    "environment.jsonl",
                                                     ".lock", ".claim"}  # rank 0's claim (run_dir.claim)
+    assert [(r["step"], r["world_size"]) for r in read_rows(rd.environment)] == [(0, 2)]  # rank 0's row only
     ddp_rows, one_rows = read_rows(rd.metrics), read_rows(out / "single" / "metrics.jsonl")
     keys = [(r["kind"], r["step"], r.get("mode"), r.get("codebook")) for r in ddp_rows]
     assert len(keys) == len(set(keys)) and keys == [(r["kind"], r["step"], r.get("mode"), r.get("codebook"))

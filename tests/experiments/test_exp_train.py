@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ def test_a_run_writes_the_documented_folder(tmp_path):
     rd = RunDir(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
                                                      "checkpoint.pt", "summary.json", "DONE", "metrics.parquet",
+                                                     "environment.jsonl",
                                                      ".lock", ".claim"}  # the run's claim (run_dir.claim)
     assert rd.read_config()["run_id"] == config.run_id == summary["run_id"]
     assert SUMMARY_KEYS <= set(summary) and summary["status"] == "done" and summary["step"] == 30
@@ -77,6 +79,7 @@ def test_kill_and_resume_ends_as_if_never_interrupted(tmp_path, kind):
     resumed = run(config, tmp_path / "run")
     assert without_wall_time(resumed) == without_wall_time(reference)
     assert read_rows(rd.metrics) == read_rows(tmp_path / "ref" / "metrics.jsonl")  # nothing duplicated
+    assert [r["step"] for r in read_rows(rd.environment)] == [0, 10]  # one row per attempt, kept over the resume
     assert read_rows(rd.histograms) == read_rows(tmp_path / "ref" / "histograms.jsonl")
 
 
@@ -224,3 +227,38 @@ def test_diversity_knobs_raise_code_usage(tmp_path):
                              "quantizer.diversity_gamma=4"), tmp_path / "tuned")
     assert tuned["final_usage_fraction"] > 0.5 > 3 * default["final_usage_fraction"]
     assert tuned["final_perplexity"] > 2 * default["final_perplexity"]
+
+
+def test_each_attempt_records_what_it_computed_on(tmp_path, monkeypatch):
+    import subprocess
+
+    config = smoke_config("schedule.steps=12")
+    with pytest.raises(Kill):
+        run(config, tmp_path, on_step=kill_at(11))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the resume lands in a job-array task
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    run(config, tmp_path)
+    first, resumed = read_rows(RunDir(tmp_path).environment)
+    assert (first["step"], resumed["step"]) == (0, 10) and (first["job_id"], resumed["job_id"]) == (None, "70_3")
+    for row in (first, resumed):
+        assert row["torch"] == torch.__version__ and row["threads"] == 1 and row["device"] == "cpu"
+        assert row["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and row["cpu"]
+        assert row["gpu"] is None and row["world_size"] == 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(train.__file__).parents[1]).stdout.strip()
+    assert first["commit"] == head and isinstance(first["dirty"], bool)  # CI and make test run in a checkout
+
+
+def test_provenance_outside_a_git_checkout_is_none(monkeypatch, tmp_path):
+    from experiments import provenance
+
+    provenance.code_version.cache_clear()
+    monkeypatch.setattr(provenance, "REPO", tmp_path)  # not a checkout
+    try:
+        assert provenance.code_version() == {"commit": None, "dirty": None}
+        monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+        provenance.code_version.cache_clear()
+        assert provenance.code_version() == {"commit": None, "dirty": None}
+    finally:
+        provenance.code_version.cache_clear()

@@ -1,0 +1,85 @@
+"""Where and with what each attempt at a run computed: one line of ``environment.jsonl`` per attempt.
+
+A run is bit-reproducible on one kind of machine: the same config, seed, torch build and CPU
+vector ISA give the same floats (the resume tests compare them). Across machines it is not:
+torch picks its CPU kernels by the ISA it finds (``torch.backends.cpu.get_cpu_capability()``,
+e.g. AVX512 or AVX2), and those kernels sum in different orders. On the patches task one
+config trained with ``ATEN_CPU_CAPABILITY=avx2`` and with AVX512 differs in the 7th
+significant digit of the loss by step 20, and a collapsing run amplifies such a difference
+into other codes. So that a re-run that does not reproduce can be told apart from a bug,
+every attempt (a start, or a resume that may land on another node) appends what it ran on:
+the step it started from, the host, the CPU model and ISA, the thread count, the device and
+GPU, the torch and Python versions, and the commit of this checkout (None outside a git
+checkout). Nothing here changes what is computed, so none of it enters the run id.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.folder_state import ENVIRONMENT  # noqa: F401 - the file's name, re-exported
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}, check=False)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The checkout this process imported: ``commit`` (None outside git) and ``dirty`` (tracked
+    files changed since it; None when unknown). Read once per process, as the code in memory is."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def environment(device: torch.device, *, step: int, world_size: int = 1) -> dict[str, Any]:
+    """One ``environment.jsonl`` row: what this attempt, starting at ``step``, computes on."""
+    cuda = device.type == "cuda"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return {
+        "step": step,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": job,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "world_size": world_size,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **code_version(),
+    }
