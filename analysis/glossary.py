@@ -54,7 +54,7 @@ ENV_DEFINITIONS = {
     "env_device": "torch device of the run (cpu, cuda:N)",
     "env_gpu": "GPU model, for CUDA runs",
     "env_torch": "torch version",
-    "env_commit": "git commit of the checkout that trained it (first 10 digits; + dirty: tracked files changed)",
+    "env_commit": "git commit of the checkout that trained it (first 10 digits; + dirty: its lfq, experiments or slurm code differed from that commit)",
 }
 COLUMN_DEFINITIONS = {
     "status": "what the run folder holds: " + "; ".join(f"`{s}`: {m}" for s, m in STATUS_MEANINGS.items()),

@@ -29,6 +29,7 @@ import torch
 from experiments.folder_state import ENVIRONMENT  # noqa: F401 - the file's name, re-exported
 
 REPO = Path(__file__).resolve().parents[1]
+CODE = ("lfq", "experiments", "slurm", "pyproject.toml")  # what a run imports; `dirty` looks at these only
 
 
 def cpu_model() -> str:
@@ -53,10 +54,11 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """The checkout this process imported: ``commit`` (None outside git) and ``dirty`` (tracked
-    files changed since it; None when unknown). Read once per process, as the code in memory is."""
+    """The checkout this process imported: ``commit`` (None outside git) and ``dirty`` (the code
+    that trains, :data:`CODE`, differs from that commit; None when unknown: edits to results or
+    docs do not count). Read once per process, as the code in memory is."""
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE) if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

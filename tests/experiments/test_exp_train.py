@@ -248,6 +248,11 @@ def test_each_attempt_records_what_it_computed_on(tmp_path, monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=Path(train.__file__).parents[1]).stdout.strip()
     assert first["commit"] == head and isinstance(first["dirty"], bool)  # CI and make test run in a checkout
+    from experiments import provenance
+
+    code = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *provenance.CODE],
+                          capture_output=True, text=True, check=True, cwd=provenance.REPO).stdout
+    assert first["dirty"] == bool(code.strip())
 
 
 def test_provenance_outside_a_git_checkout_is_none(monkeypatch, tmp_path):
