@@ -83,8 +83,8 @@ def reruns(old: pd.DataFrame, new: pd.DataFrame, metrics: tuple[str, ...] = RERU
         where = (f"; it ran elsewhere: {'; '.join(differs)}" if differs
                  else "; same recorded environment" if recorded else "; the committed run recorded no environment")
         notes.append(f"{run_id}: re-run did not reproduce the committed numbers ({'; '.join(changed)}{where})")
-    return [f"{len(both)} finished run(s) are both committed and re-run; {len(both) - len(notes)} reproduce "
-            "the committed final numbers", *notes] if len(both) else []
+    return [f"{len(both)} finished run(s) are both committed and in the run folders read; {len(both) - len(notes)} "
+            "match the committed final numbers", *notes] if len(both) else []
 
 
 def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple[pd.DataFrame, list[str]]:

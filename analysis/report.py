@@ -254,7 +254,10 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
     if len(runs):
         parts += ["## Runs\n", table(run_table(runs))]
         speed = throughput_table(metrics)
-        if len(speed):
+        if len(speed):  # each run named by what it varies, as in the runs table
+            keys = [c for c in ("run_id", *parameters(runs), "seed") if c in runs]
+            speed = runs[keys].astype({"run_id": str}).merge(speed.astype({"run_id": str}), on="run_id")
+            speed = speed.sort_values(keys[1:] or keys)
             parts += ["## Throughput\n", "Per run, the median over its logged intervals of the training rows' "
                       "step time, samples and tokens per second, time waiting for data, and peak memory.\n",
                       table(speed)]

@@ -359,7 +359,7 @@ def test_merge_names_the_reruns_that_did_not_reproduce_and_where_they_ran(tmp_pa
             (run_dir / "summary.json").write_text(json.dumps(summary))
     assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
-    assert "3 finished run(s) are both committed and re-run; 1 reproduce the committed final numbers" in err
+    assert "3 finished run(s) are both committed and in the run folders read; 1 match the committed final numbers" in err
     lines = [line for line in err.splitlines() if "did not reproduce" in line]
     assert len(lines) == 2 and "-s1: re-run" in lines[0] and "-s2: re-run" in lines[1]
     assert "final_val_psnr" in lines[0] and "it ran elsewhere: env_cpu_capability AVX512 -> AVX2" in lines[0]

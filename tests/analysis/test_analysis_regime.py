@@ -189,7 +189,7 @@ def test_merge_folds_new_runs_into_committed_results_as_if_all_were_there(tmp_pa
     assert regime.main([str(first), str(other), "--out", str(out)]) == 0
     assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
-    assert "1 finished run(s) are both committed and re-run; 1 reproduce" in err
+    assert "1 finished run(s) are both committed and in the run folders read; 1 match" in err
     assert "4 committed run(s) kept, 2 from RUNS" in err
     for name in ("summary.csv", "table.csv", "curves.csv", "quantizers_summary.csv", "quantizers_table.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(full / name), check_dtype=False,

@@ -204,3 +204,17 @@ def test_report_counts_runs_per_environment_they_computed_on(tmp_path: Path) -> 
         ["Xeon", "AVX512", "cpu", "2.13.0+cpu", "0123456789", "2"],
         ["not recorded", "", "", "", "", "1"]]
     assert "- `env_cpu_capability`: vector ISA" in markdown  # defined once under Columns
+
+
+def test_throughput_rows_say_which_grid_point_and_seed_they_are(tmp_path: Path) -> None:
+    import json
+
+    for run_id, gamma, seed, seconds in (("slow", 2.0, 1, 3.0), ("fast", 0.5, 0, 1.0)):
+        run = write_run(tmp_path / "t", run_id, gamma=gamma, seed=seed, histograms=False)
+        timing = [{"step": s, "kind": "train", "step_time_s": seconds, "samples_per_s": 8 / seconds,
+                   "tokens_per_s": 64 / seconds, "data_wait_s": 0.01, "max_memory_mb": 100.0} for s in (5, 6)]
+        with (run / "metrics.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in timing)
+    markdown = (write_report(tmp_path / "t", cache=False) / "report.md").read_text()
+    assert _header(markdown, "Throughput")[:4] == ["run_id", "quantizer.diversity_gamma", "seed", "step_time_s"]
+    assert [row[:4] for row in _table(markdown, "Throughput")] == [["fast", "0.5", "0", "1"], ["slow", "2", "1", "3"]]
