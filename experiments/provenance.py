@@ -62,11 +62,14 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def environment(device: torch.device, *, step: int, world_size: int = 1) -> dict[str, Any]:
-    """One ``environment.jsonl`` row: what this attempt, starting at ``step``, computes on."""
+def environment(device: torch.device, *, step: int, world_size: int = 1, job_id: str | None = None) -> dict[str, Any]:
+    """One ``environment.jsonl`` row: what this attempt, starting at ``step``, computes on.
+
+    ``job_id``: the scheduler's id of this job as the run's claim names it (``slurm.job``; the
+    local pool's too); without one, SLURM's variables (``<array job>_<task>`` in an array)."""
     cuda = device.type == "cuda"
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+    job = job_id or os.environ.get("SLURM_JOB_ID") or None
+    if not job_id and job and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return {
         "step": step,

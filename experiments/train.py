@@ -40,11 +40,12 @@ import torch
 from experiments import distributed as ddp
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
-from experiments.files import append_jsonl
+from experiments.files import append_jsonl, read_json
 from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss  # noqa: F401 - lr_at, ... re-exported
 from experiments.provenance import environment
 from experiments.resources import check_resources
 from experiments.run_dir import (
+    CLAIM_NAME,
     RunDir,
     RunDirError,
     claimed,
@@ -133,8 +134,10 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
             training = Training(config, task, runtime, rd, rows)
             training.restore(checkpoint)
             if ddp.is_main():  # one row per attempt, never truncated: where each part of the run computed
+                claim = read_json(rd.path / CLAIM_NAME) or {}  # ours: it names the job that holds the run
                 append_jsonl(rd.environment, [environment(runtime.device, step=training.state.step,
-                                                          world_size=ddp.world_size())])
+                                                          world_size=ddp.world_size(),
+                                                          job_id=str(claim.get("job_id") or "") or None)])
             training.train(t_start, on_step)
             return training.finish()
         except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)

@@ -248,6 +248,11 @@ def test_each_attempt_records_what_it_computed_on(tmp_path, monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=Path(train.__file__).parents[1]).stdout.strip()
     assert first["commit"] == head and isinstance(first["dirty"], bool)  # CI and make test run in a checkout
+    from experiments.claims import claim
+
+    with claim(tmp_path / "held", info={"job_id": "4242"}):  # as slurm.job holds a run: its job id wins
+        run(config, tmp_path / "held")
+    assert [r["job_id"] for r in read_rows(RunDir(tmp_path / "held").environment)] == ["4242"]
     from experiments import provenance
 
     code = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *provenance.CODE],
