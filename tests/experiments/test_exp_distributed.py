@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
+from rank_process import rank_process
 
 from experiments import distributed as ddp
 from experiments.distributed import free_port
@@ -40,6 +41,7 @@ POISON_CALL = 7  # the 7th training batch: step 7
 INTEGER_COLUMNS = ("codes_used", "tokens", "dead_codes", "usage_fraction", "perplexity", "bit_balance_mad")
 
 
+@rank_process
 def _worker(rank: int, port: int, out: str) -> None:
     # Through the env-var helper, as torchrun or submitit's TorchDistributedEnvironment would.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from exp_helpers import REPO, Kill, kill_at, read_rows, run, without_wall_time
 from PIL import Image
+from rank_process import rank_process
 
 from experiments import distributed as ddp
 from experiments.config import ConfigError, load_config
@@ -217,6 +218,7 @@ def test_validation_utilization_counts_every_token(tmp_path):
     assert got["val_mse"] == pytest.approx(torch.mean((recon - data.val) ** 2).item(), rel=1e-5)
 
 
+@rank_process
 def _eval_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "experiments"))
 
 from exp_helpers import run, smoke_config  # noqa: E402
+from rank_process import rank_process  # noqa: E402
 
 from experiments.config import load_config  # noqa: E402
 from experiments.runtime import resolve_device  # noqa: E402
@@ -70,6 +71,7 @@ def test_monitor_does_no_host_sync_between_log_steps():
     assert sink.records
 
 
+@rank_process
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     from experiments import distributed as ddp
 

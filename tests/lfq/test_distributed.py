@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_process import rank_process
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments.distributed import free_port
@@ -61,6 +62,7 @@ def _step(module, x, mask, weight, world: int = 1):
     return ret, terms
 
 
+@rank_process
 def _worker(rank: int, port: int, mode: str, empty_rank: bool, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -126,6 +128,7 @@ def test_distributed_false_keeps_terms_per_rank(tmp_path):
             torch.testing.assert_close(a, b.detach())
 
 
+@rank_process
 def _local_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

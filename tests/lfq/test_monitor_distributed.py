@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_process import rank_process
 from torch import Tensor, nn
 
 from experiments.distributed import free_port
@@ -73,6 +74,7 @@ def _drive(model: TwoLayers, monitor: LFQMonitor, rank: int | None) -> None:
     monitor.flush()
 
 
+@rank_process
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -167,6 +169,7 @@ def _drive_upstream(model: nn.Module, monitor: LFQMonitor, rank: int | None) -> 
     monitor.flush()
 
 
+@rank_process
 def _upstream_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

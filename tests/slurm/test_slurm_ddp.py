@@ -22,6 +22,7 @@ import pytest
 import submitit
 import torch
 import torch.multiprocessing as mp
+from rank_process import rank_process
 from slurm_helpers import LONG, wait_until, write_sweep
 
 from experiments import distributed as ddp
@@ -52,6 +53,7 @@ def _config(sweep: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     return spec.config.to_dict()
 
 
+@rank_process
 def _reference_worker(rank: int, port: int, out: str, configs: dict[str, dict[str, Any]]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
