@@ -45,6 +45,26 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_
     return time.monotonic() - start
 
 
+def wait_attempts_ended(*sweep_folders: Path, timeout_s: float = 60) -> list[dict[str, Any]]:
+    """The sweeps' job events once every recorded start has its end; fails the test after ``timeout_s``.
+
+    A job writes a run's DONE marker and only then, on its way out, the attempt's ``end`` event: a test
+    that sees DONE and reads events.jsonl at once can find the last attempt unfinished.
+    """
+    from experiments import run_dir as run_folder
+
+    events: list[dict[str, Any]] = []
+
+    def ended() -> bool:
+        events[:] = [e for f in sweep_folders for e in run_folder.read_jsonl(Path(f) / "_sweep" / "events.jsonl")]
+        starts = {(e["run_id"], e["pid"]) for e in events if e["event"] == "start"}
+        ends = {(e["run_id"], e["pid"]) for e in events if e["event"] == "end"}
+        return bool(starts) and starts <= ends
+
+    wait_until(ended, timeout_s, "an end event for every attempt's start in events.jsonl")
+    return events
+
+
 def cluster_problem() -> str | None:
     """Why the SLURM test cluster cannot be used, or None when it is up with accounting."""
     if shutil.which("sbatch") is None or shutil.which("srun") is None:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurm_helpers import LONG, sacct_state, wait_until, write_sweep
+from slurm_helpers import LONG, sacct_state, wait_attempts_ended, wait_until, write_sweep
 
 from experiments import run_dir as run_folder
 from experiments.sweep import expand, load_sweep
@@ -63,7 +63,7 @@ def test_a_timeout_signal_requeues_and_the_run_ends_as_if_never_interrupted(
     interrupted.jobs[0]._interrupt(timeout=True)  # USR2, as SLURM sends before the time limit
     wait_until(lambda: run_folder.is_done(run_dir) and run_folder.is_done(reference.folder / run_id), 240,
                "both runs DONE")
-    events = run_folder.read_jsonl(interrupted.folder / "_sweep" / "events.jsonl")
+    events = wait_attempts_ended(interrupted.folder)
     assert [(e["event"], e.get("status"), e.get("restart")) for e in events] == [
         ("start", None, 0), ("end", "interrupted", None), ("start", None, 1), ("end", "done", None)]
     assert len({e["job_id"] for e in events}) == 1  # requeued under the same job id

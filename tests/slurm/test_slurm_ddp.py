@@ -23,7 +23,7 @@ import submitit
 import torch
 import torch.multiprocessing as mp
 from rank_process import rank_process
-from slurm_helpers import LONG, wait_until, write_sweep
+from slurm_helpers import LONG, wait_attempts_ended, wait_until, write_sweep
 
 from experiments import distributed as ddp
 from experiments import run_dir as run_folder
@@ -183,6 +183,7 @@ def test_a_2_task_smoke_run_through_the_cli_equals_a_2_process_ddp_run(
     job = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"], tasks=list(range(WORLD)))
     wait_until(job.done, 60, "both tasks' result files")
     assert job.results() == [got, got]
+    wait_attempts_ended(results / "ddp_smoke")
     assert _events(results / "ddp_smoke") == [("start", None, 0, WORLD), ("end", "done", None, None)]
     assert "rank 1/2: start" in job.task(1).stdout() and "step 30/30" in job.task(0).stdout()
     assert "step 30/30" not in job.task(1).stdout()  # rank 1 prints no progress: one writer
@@ -207,6 +208,7 @@ def test_a_2_task_run_requeued_mid_run_ends_as_an_uninterrupted_2_process_run(
     wait_until(lambda: run_folder.is_done(run_dir), 180, "the requeued run DONE")
 
     # rank 0 requeued under the same job id; rank 1 left when its collective broke, without a failure
+    wait_attempts_ended(r.folder)
     assert _events(r.folder) == [("start", None, 0, WORLD), ("end", "interrupted", None, None),
                                  ("start", None, 1, WORLD), ("end", "done", None, None)]
     assert len({e["job_id"] for e in run_folder.read_jsonl(r.folder / "_sweep" / "events.jsonl")}) == 1

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_helpers import held_by_another_process, wait_until, write_sweep
+from slurm_helpers import held_by_another_process, wait_attempts_ended, wait_until, write_sweep
 
 from experiments import run_dir as run_folder
 from experiments.config import load_config
@@ -61,6 +61,7 @@ def test_local_runs_no_more_at_once_than_the_machine_takes(tmp_path: Path) -> No
     ids_a, ids_b = ra.submitted, rb.submitted
     wait_until(lambda: all(s.state == "done" for s in run_states(fa, ids_a) + run_states(fb, ids_b)), 240,
                "3 local smoke runs DONE")
+    wait_attempts_ended(ra.folder, rb.folder)
     spans = _intervals(ra.folder, rb.folder)
     assert len(spans) == 3, spans
     for (_, end, run), (start, _, nxt) in zip(spans, spans[1:], strict=False):
