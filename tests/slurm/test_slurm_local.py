@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_helpers import held_by_another_process, wait_attempts_ended, wait_until, write_sweep
@@ -25,14 +26,10 @@ from slurm.submit import submit_sweep
 pytestmark = pytest.mark.slow
 
 
-def _intervals(*folders: Path) -> list[tuple[float, float, str]]:
-    """(start, end, run) of every attempt recorded by the jobs in these sweep folders."""
-    out = []
-    for folder in folders:
-        events = run_folder.read_jsonl(folder / "_sweep" / "events.jsonl")
-        starts = {(e["run_id"], e["pid"]): e["time"] for e in events if e["event"] == "start"}
-        out += [(starts[(e["run_id"], e["pid"])], e["time"], e["run_id"]) for e in events if e["event"] == "end"]
-    return sorted(out)
+def _intervals(events: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """(start, end, run) of every attempt in these job events."""
+    starts = {(e["run_id"], e["pid"]): e["time"] for e in events if e["event"] == "start"}
+    return sorted((starts[(e["run_id"], e["pid"])], e["time"], e["run_id"]) for e in events if e["event"] == "end")
 
 
 def test_pool_size_fits_the_machine() -> None:
@@ -61,8 +58,7 @@ def test_local_runs_no_more_at_once_than_the_machine_takes(tmp_path: Path) -> No
     ids_a, ids_b = ra.submitted, rb.submitted
     wait_until(lambda: all(s.state == "done" for s in run_states(fa, ids_a) + run_states(fb, ids_b)), 240,
                "3 local smoke runs DONE")
-    wait_attempts_ended(ra.folder, rb.folder)
-    spans = _intervals(ra.folder, rb.folder)
+    spans = _intervals(wait_attempts_ended(ra.folder, rb.folder))
     assert len(spans) == 3, spans
     for (_, end, run), (start, _, nxt) in zip(spans, spans[1:], strict=False):
         assert start >= end, f"{nxt} started at {start:.2f} before {run} ended at {end:.2f}: throttle broken"
