@@ -1,0 +1,122 @@
+"""results/README.md quotes the committed CSVs of results/recipe: every table of the images task is there,
+with one row per CSV row and every number as the CSV has it, to the digits printed.
+
+A table lost in an edit, a row left over from an earlier run or a number not updated after a merge fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "results" / "README.md"
+RECIPE = ROOT / "results" / "recipe"
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by their header line (cells stripped of bold), rows without the separator."""
+    tables: dict[str, list[list[str]]] = {}
+    block: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            rows = [[cell.strip().replace("**", "") for cell in row.strip().strip("|").split("|")] for row in block]
+            tables[" | ".join(rows[0])] = [r for r in rows[2:]]
+            block = []
+    return tables
+
+
+def _numbers(cell: str) -> list[tuple[float, int]]:
+    """The numbers of a cell with their printed decimals: '95.8 ± 1.8' -> [(95.8, 1), (1.8, 1)]."""
+    found = []
+    for token in NUMBER.findall(cell):
+        plain = token.replace(",", "")
+        found.append((float(plain), len(plain.split(".")[1]) if "." in plain else 0))
+    return found
+
+
+def _agrees(printed: tuple[float, int], value: float) -> bool:
+    number, decimals = printed
+    return abs(number - value) <= 0.5 * 10.0 ** -decimals * (1 + 1e-9) + 1e-12
+
+
+def _check(cell: str, values: list[float], where: str) -> None:
+    printed = _numbers(cell)
+    assert len(printed) == len(values), f"{where}: '{cell}' should print {len(values)} number(s)"
+    for got, want in zip(printed, values, strict=True):
+        assert _agrees(got, want), f"{where}: '{cell}' prints {got[0]}, the CSV has {want:.6g}"
+
+
+def _table(header_start: str) -> list[list[str]]:
+    matches = [rows for header, rows in _tables(README.read_text()).items() if header.startswith(header_start)]
+    assert len(matches) == 1, f"results/README.md should hold one table headed '{header_start} ...'"
+    return matches[0]
+
+
+def _codes(cell: str) -> int:
+    match = re.fullmatch(r"2\^(\d+)", cell)
+    assert match, f"'{cell}' is not a codebook size like 2^10"
+    return 2 ** int(match.group(1))
+
+
+def _usage_psnr(row: pd.Series) -> list[float]:
+    return [100 * row["final_val_usage_fraction_mean"], 100 * row["final_val_usage_fraction_std"],
+            row["final_val_psnr_mean"], row["final_val_psnr_std"]]
+
+
+def test_the_regime_table_is_the_committed_table_csv() -> None:
+    csv = pd.read_csv(RECIPE / "table.csv")
+    rows = _table("codes | inv. temp. | entropy weight | gamma | seeds")
+    assert len(rows) == len(csv), f"the regime table has {len(rows)} rows, table.csv {len(csv)}"
+    for cells in rows:
+        codes, tau, schedule, gamma, seeds, usage, psnr, ssim, perplexity = cells
+        key = (_codes(codes), _numbers(tau)[0][0], {"constant": "constant", "3 -> 1": "linear"}[schedule],
+               float(gamma))
+        match = csv[(csv["quantizer.codebook_size"] == key[0]) & (csv["quantizer.inv_temperature"] == key[1])
+                    & (csv["anneal.entropy"] == key[2]) & (csv["quantizer.diversity_gamma"] == key[3])]
+        assert len(match) == 1, f"no table.csv row for {key}"
+        row = match.iloc[0]
+        where = f"regime table, {cells[:4]}"
+        assert int(seeds) == row["n_seeds"], f"{where}: {seeds} seeds, table.csv {row['n_seeds']}"
+        _check(usage, _usage_psnr(row)[:2], where)
+        _check(psnr, _usage_psnr(row)[2:], where)
+        _check(ssim, [row["final_val_ssim_mean"], row["final_val_ssim_std"]], where)
+        _check(perplexity, [row["final_val_perplexity_mean"]], where)
+
+
+def test_the_claim_1_table_is_the_committed_quantizers_table() -> None:
+    csv = pd.read_csv(RECIPE / "quantizers_table.csv")
+    rows = _table("series | 2^10: val usage (%) / PSNR (dB) (seeds)")
+    assert sorted(r[0] for r in rows) == sorted(set(csv["series"])), "claim 1's series differ from the CSV's"
+    for series, *cells in rows:
+        for codes, cell in zip((1024, 16384), cells, strict=True):
+            match = csv[(csv["series"] == series) & (csv["quantizer.codebook_size"] == codes)]
+            assert len(match) == 1, f"no quantizers_table.csv row for {series} at {codes} codes"
+            row = match.iloc[0]
+            _check(cell, [*_usage_psnr(row), row["n_seeds"]], f"claim 1, {series}, {codes} codes")
+
+
+@pytest.mark.parametrize(("csv_name", "parameter"), [("entropy_weight_table.csv", "entropy_loss_weight"),
+                                                      ("gamma_frac_table.csv", "diversity_gamma")])
+def test_the_claim_2_and_3_tables_are_the_committed_csvs(csv_name: str, parameter: str) -> None:
+    csv = pd.read_csv(RECIPE / csv_name)
+    rows = _table(f"series | {parameter} | seeds")
+    assert len(rows) == len(csv), f"the {parameter} table has {len(rows)} rows, {csv_name} {len(csv)}"
+    for series, value, seeds, usage, psnr, ssim, perplexity in rows:
+        match = csv[(csv["series"] == series) & (csv[f"quantizer.{parameter}"] == float(value))]
+        assert len(match) == 1, f"no {csv_name} row for {series}, {parameter} {value}"
+        row = match.iloc[0]
+        where = f"{csv_name}, {series}, {value}"
+        assert int(seeds) == row["n_seeds"], f"{where}: {seeds} seeds, the CSV {row['n_seeds']}"
+        _check(usage, _usage_psnr(row)[:2], where)
+        _check(psnr, _usage_psnr(row)[2:], where)
+        _check(ssim, [row["final_val_ssim_mean"]], where)
+        _check(perplexity, [row["final_val_perplexity_mean"]], where)
