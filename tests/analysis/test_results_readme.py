@@ -120,3 +120,26 @@ def test_the_claim_2_and_3_tables_are_the_committed_csvs(csv_name: str, paramete
         _check(psnr, _usage_psnr(row)[2:], where)
         _check(ssim, [row["final_val_ssim_mean"]], where)
         _check(perplexity, [row["final_val_perplexity_mean"]], where)
+
+
+def test_the_claim_4_images_table_is_the_committed_summary() -> None:
+    summary = pd.read_csv(ROOT / "results" / "ablations" / "clamp_train_images" / "summary.csv")
+    rows = _table("entropy mode | codes used per batch | batch entropy (nats) | val PSNR (dB)")
+    modes = {"exact": "exact", "clamped (reference's numbers)": "clamped"}
+    assert sorted(r[0] for r in rows) == sorted(modes) and set(summary["quantizer.entropy_mode"]) == set(modes.values())
+    for mode, *cells in rows:
+        runs = summary[summary["quantizer.entropy_mode"] == modes[mode]]
+        for cell, column in zip(cells, ("final_codes_used", "final_batch_entropy", "final_val_psnr"), strict=True):
+            _check(cell, [runs[column].mean(), runs[column].std()], f"claim 4 images, {mode}, {column}")
+
+
+def test_the_claim_4_patches_table_is_the_committed_summary() -> None:
+    summary = pd.read_csv(ROOT / "results" / "ablations" / "clamp_train" / "summary.csv").sort_values("seed")
+    rows = _table("codes | exact | clamped | val PSNR (dB), exact / clamped")
+    assert sorted(_codes(r[0]) for r in rows) == sorted(set(summary["quantizer.codebook_size"]))
+    for codes, exact, clamped, psnr in rows:
+        runs = summary[summary["quantizer.codebook_size"] == _codes(codes)]
+        by_mode = {mode: runs[runs["quantizer.entropy_mode"] == mode] for mode in ("exact", "clamped")}
+        _check(exact, list(by_mode["exact"]["final_codes_used"]), f"claim 4 patches, {codes}, exact")
+        _check(clamped, list(by_mode["clamped"]["final_codes_used"]), f"claim 4 patches, {codes}, clamped")
+        _check(psnr, [by_mode[m]["final_val_psnr"].mean() for m in ("exact", "clamped")], f"claim 4 patches, {codes}")
