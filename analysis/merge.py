@@ -52,10 +52,15 @@ def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame,
     kept = old[~old["run_id"].isin(fresh["run_id"])]
     merged = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh.copy()
     merged = merged.reindex(columns=columns)
-    for column in merged.columns:  # a NaN in an unfinished row made ints floats in one of them
+    for column in merged.columns:
         dtypes = [f[column].dtype for f in (new, old) if column in f]
+        numeric = [pd.api.types.is_numeric_dtype(d) and not pd.api.types.is_bool_dtype(d) for d in dtypes]
+        if merged[column].dtype == object and any(numeric):
+            # numbers in one frame, only None in the other (a metric another quantizer kind has not):
+            # kept as objects they would reach the CSV as reprs, not in the float format of the rest
+            merged[column] = pd.to_numeric(merged[column])
         if any(pd.api.types.is_integer_dtype(d) for d in dtypes) and merged[column].notna().all():
-            merged[column] = merged[column].astype("int64")
+            merged[column] = merged[column].astype("int64")  # a NaN in an unfinished row made ints floats
     return _sorted(merged), notes
 
 

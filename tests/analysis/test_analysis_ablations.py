@@ -443,3 +443,20 @@ def test_a_sweep_folder_that_tests_no_claim_is_summarised_not_a_crash(tmp_path: 
     assert "mine: tests no claim" in err
     assert f"skipped {broken}: no config.json" in err  # a dropped folder is named, never silent
     assert len(pd.read_csv(tmp_path / "out" / "mine" / "summary.csv")) == 2
+
+
+def test_a_merge_keeps_numbers_numeric_where_new_runs_have_none(tmp_path: Path) -> None:
+    # committed LFQ rows with an entropy, new VQ rows whose loader gave None there (an object column)
+    old = pd.DataFrame({"run_id": ["a", "b"], "status": ["done"] * 2, "final_batch_entropy": [1.1269999742507935, 2.5]})
+    new = pd.DataFrame({"run_id": ["c", "d"], "status": ["done"] * 2, "final_batch_entropy": [None, None]})
+    assert new["final_batch_entropy"].dtype == object
+    merged, _ = merge_summaries(old, new)
+    assert pd.api.types.is_float_dtype(merged["final_batch_entropy"])
+    merged.to_csv(tmp_path / "s.csv", index=False, float_format="%.6g")
+    assert "a,done,1.127\n" in (tmp_path / "s.csv").read_text()  # the table's float format, not a repr
+    # a text column that only looks numeric in none of the frames stays text
+    text, _ = merge_summaries(old.assign(env_cpu="x"), new.assign(env_cpu=[None, "y"]))
+    assert text["env_cpu"].fillna("-").tolist() == ["x", "x", "-", "y"]
+    # nor does a flag: True/False, not 1/0
+    flags, _ = merge_summaries(old.assign(env_dirty=False), new.assign(env_dirty=[None, True]))
+    assert flags["env_dirty"].tolist()[:2] == [False, False] and flags["env_dirty"].tolist()[3] is True
