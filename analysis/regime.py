@@ -421,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m analysis.regime", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_roots", type=Path, nargs="+", metavar="RUNS",
                         help="the regime sweep's folder (e.g. RESULTS/recipe_regime), then any sweep folders to "
-                             "compare with: quantizers (RESULTS/quantizers_images RESULTS/vq_fair_images), claims 2-3 "
+                             "compare with: quantizers (RESULTS/quantizers_images RESULTS/vq_fair_images "
+                             "RESULTS/vq_dead_scaled_images), claims 2-3 "
                              "(RESULTS/entropy_weight_images RESULTS/gamma_frac_images)")
     parser.add_argument("--out", type=Path, default=Path("results/recipe"), help="default: results/recipe")
     parser.add_argument("--regime-sweep", default="recipe_regime", help="the regime sweep's name (default: recipe_regime)")
