@@ -72,24 +72,28 @@ def _usage_psnr(row: pd.Series) -> list[float]:
             row["final_val_psnr_mean"], row["final_val_psnr_std"]]
 
 
+def _check_seeds_and_metrics(cells: list[str], row: pd.Series, where: str, *, ssim_std: bool) -> None:
+    """The (seeds, usage, PSNR, SSIM, perplexity) cells of a table row against its CSV row."""
+    seeds, usage, psnr, ssim, perplexity = cells
+    assert int(seeds) == row["n_seeds"], f"{where}: {seeds} seeds, the CSV {row['n_seeds']}"
+    _check(usage, _usage_psnr(row)[:2], where)
+    _check(psnr, _usage_psnr(row)[2:], where)
+    _check(ssim, [row["final_val_ssim_mean"], *([row["final_val_ssim_std"]] if ssim_std else [])], where)
+    _check(perplexity, [row["final_val_perplexity_mean"]], where)
+
+
 def test_the_regime_table_is_the_committed_table_csv() -> None:
     csv = pd.read_csv(RECIPE / "table.csv")
     rows = _table("codes | inv. temp. | entropy weight | gamma | seeds")
     assert len(rows) == len(csv), f"the regime table has {len(rows)} rows, table.csv {len(csv)}"
     for cells in rows:
-        codes, tau, schedule, gamma, seeds, usage, psnr, ssim, perplexity = cells
+        codes, tau, schedule, gamma = cells[:4]
         key = (_codes(codes), _numbers(tau)[0][0], {"constant": "constant", "3 -> 1": "linear"}[schedule],
                float(gamma))
         match = csv[(csv["quantizer.codebook_size"] == key[0]) & (csv["quantizer.inv_temperature"] == key[1])
                     & (csv["anneal.entropy"] == key[2]) & (csv["quantizer.diversity_gamma"] == key[3])]
         assert len(match) == 1, f"no table.csv row for {key}"
-        row = match.iloc[0]
-        where = f"regime table, {cells[:4]}"
-        assert int(seeds) == row["n_seeds"], f"{where}: {seeds} seeds, table.csv {row['n_seeds']}"
-        _check(usage, _usage_psnr(row)[:2], where)
-        _check(psnr, _usage_psnr(row)[2:], where)
-        _check(ssim, [row["final_val_ssim_mean"], row["final_val_ssim_std"]], where)
-        _check(perplexity, [row["final_val_perplexity_mean"]], where)
+        _check_seeds_and_metrics(cells[4:], match.iloc[0], f"regime table, {cells[:4]}", ssim_std=True)
 
 
 def test_the_claim_1_table_is_the_committed_quantizers_table() -> None:
@@ -113,16 +117,10 @@ def test_the_claim_2_and_3_tables_are_the_committed_csvs(csv_name: str, paramete
     csv = pd.read_csv(RECIPE / csv_name)
     rows = _table(f"series | {parameter} | seeds")
     assert len(rows) == len(csv), f"the {parameter} table has {len(rows)} rows, {csv_name} {len(csv)}"
-    for series, value, seeds, usage, psnr, ssim, perplexity in rows:
+    for series, value, *cells in rows:
         match = csv[(csv["series"] == series) & (csv[f"quantizer.{parameter}"] == float(value))]
         assert len(match) == 1, f"no {csv_name} row for {series}, {parameter} {value}"
-        row = match.iloc[0]
-        where = f"{csv_name}, {series}, {value}"
-        assert int(seeds) == row["n_seeds"], f"{where}: {seeds} seeds, the CSV {row['n_seeds']}"
-        _check(usage, _usage_psnr(row)[:2], where)
-        _check(psnr, _usage_psnr(row)[2:], where)
-        _check(ssim, [row["final_val_ssim_mean"]], where)
-        _check(perplexity, [row["final_val_perplexity_mean"]], where)
+        _check_seeds_and_metrics(cells, match.iloc[0], f"{csv_name}, {series}, {value}", ssim_std=False)
 
 
 def test_the_claim_4_images_table_is_the_committed_summary() -> None:
