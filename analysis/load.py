@@ -238,6 +238,20 @@ def _report(problems: list[LoadProblem], root: Path, what: str) -> None:
     )
 
 
+def numeric_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with every ``final_*`` / ``best_*`` column that holds only numbers and nulls as a
+    numeric column, in place. A metric a quantizer kind does not have (VQ's entropies) is null in
+    all of its summaries, so its column would otherwise be one of objects, and it would stay one
+    when joined with the runs that have numbers there, reaching a CSV as reprs
+    (1.1269999742507935) instead of in the table's float format."""
+    for column in runs.columns:
+        if str(column).startswith(("final_", "best_")) and runs[column].dtype == object:
+            values = runs[column].dropna()
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                runs[column] = pd.to_numeric(runs[column])
+    return runs
+
+
 def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: bool = True) -> pd.DataFrame:
     """One row per run folder under ``path``.
 
@@ -245,7 +259,8 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     ``experiments.run_dir.RUN_STATES``: done/failed/started/corrupt), ``reason``, ``run_dir``,
     ``last_write_age_s`` (seconds since the newest write of its config, metrics, summary or DONE),
     the config flattened to dotted names (``quantizer.diversity_gamma``), the summary's keys
-    (``final_usage_fraction``, ...) and, where the folder has ``environment.jsonl``, what the run
+    (``final_usage_fraction``, ...; metrics numeric even where every run has none:
+    :func:`numeric_metrics`) and, where the folder has ``environment.jsonl``, what the run
     computed on (:data:`ENV_COLUMNS`: ``env_cpu_capability``, ``env_torch``, ``env_commit``, ...). Files cannot say whether a ``started`` run is still running;
     one with no write for more than ``stale_after_s`` seconds gets that as its ``reason``.
     Unreadable folders are skipped and listed in ``attrs["problems"]`` (``LoadProblem`` s).
@@ -276,6 +291,7 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
         rows.append(row)
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir",
                                                          "last_write_age_s"])
+    numeric_metrics(runs)
     runs.attrs["problems"] = tuple(problems)
     # Which columns came from config.json, so that analysis can tell parameters from results.
     runs.attrs["config_columns"] = tuple(config_columns)

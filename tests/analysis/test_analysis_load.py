@@ -290,3 +290,18 @@ def test_process_pool_gives_the_same_frame(grid_sweep: Path, tmp_path: Path) -> 
     pooled = analysis.load_metrics(grid_sweep, cache=tmp_path / "pool-cache", workers=2)
     pd.testing.assert_frame_equal(serial, pooled)
     assert len(per_run_entries(tmp_path / "pool-cache")) == 8  # the workers filled the cache
+
+
+def test_a_metric_no_run_has_is_a_numeric_column(tmp_path: Path) -> None:
+    # VQ runs have no entropies: null in every summary.json. The column must still be numeric, so
+    # that joined with runs that have them it is written in the tables' float format, not as reprs.
+    for run_id in ("vq-a", "vq-b"):
+        run_dir = write_run(tmp_path, run_id)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "final_batch_entropy": None,
+                                                          "best_val_psnr": None}))
+    runs = analysis.load_runs(tmp_path, warn=False)
+    assert runs["final_batch_entropy"].isna().all() and pd.api.types.is_float_dtype(runs["final_batch_entropy"])
+    assert pd.api.types.is_float_dtype(runs["best_val_psnr"])
+    joined = pd.concat([runs, pd.DataFrame({"run_id": ["lfq"], "final_batch_entropy": [1.1269999742507935]})])
+    assert "1.127\n" in joined[["final_batch_entropy"]].to_csv(index=False, float_format="%.6g")
