@@ -29,7 +29,7 @@ def _tables(text: str) -> dict[str, list[list[str]]]:
             continue
         if block:
             rows = [[cell.strip().replace("**", "") for cell in row.strip().strip("|").split("|")] for row in block]
-            tables[" | ".join(rows[0])] = [r for r in rows[2:]]
+            tables[" | ".join(rows[0])] = rows[2:]
             block = []
     return tables
 
