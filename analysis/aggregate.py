@@ -20,7 +20,9 @@ SEED = "seed"
 STATS = ("mean", "std", "min", "max", "n")
 
 # Config fields that never tell grid points apart: they identify or log a run.
-_NOT_PARAMETERS = ("seed", "name", "run_id", "logging.", "schedule.val_every", "schedule.checkpoint_every")
+# data_*, val_images: what a run on data.root read (config.json records it beside the config), not a setting.
+_NOT_PARAMETERS = ("seed", "name", "run_id", "logging.", "schedule.val_every", "schedule.checkpoint_every",
+                   "data_files", "data_bytes", "data_sha256", "val_images")
 SHORT_NAMES = {
     GAMMA: "γ",
     FRAC: "frac",

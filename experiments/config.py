@@ -60,6 +60,9 @@ SCALES = ("full", "smoke")
 RUN_ID_LENGTH = 10
 # Sections that do not change what a run computes, hence not part of its id.
 NOT_IN_RUN_ID = ("name", "logging")
+# What config.json holds beside the config (experiments.train): the run id, and for a run on
+# data.root what it read (experiments.image_folder.fingerprint, and the validation images used).
+RECORDED_KEYS = ("run_id", "data_files", "data_bytes", "data_sha256", "val_images")
 # Fields added after run ids were first published enter the id only when set away from their
 # default, so every earlier run folder keeps its id (see ``new_field``). Fields marked
 # ``in_run_id=False`` never enter it: they change where and how fast a run computes, not what.
@@ -132,6 +135,10 @@ class Config:
         lists every kind's fields, those of other kinds at their defaults (``quantizer_dict``)."""
         d = json.loads(json.dumps(dataclasses.asdict(self)))
         d["quantizer"] = quantizer_dict(self.quantizer)
+        for section in SECTIONS:  # fields added after config.json was pinned: listed only away from their default
+            for f in section_fields(section):
+                if not f.metadata.get("listed_at_default", True) and d[section].get(f.name) == default_of(f):
+                    del d[section][f.name]
         return d
 
     @classmethod
@@ -144,7 +151,7 @@ class Config:
         top = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key == "run_id":  # config.json carries it; it is derived, never an input
+            if key in RECORDED_KEYS:  # config.json carries them beside the config; never inputs
                 continue
             if key not in top:
                 raise ConfigError(unknown_key(key, sorted(top)))
@@ -163,8 +170,9 @@ class Config:
             if section in NOT_IN_RUN_ID:
                 continue
             for f in section_fields(section):
-                if f.metadata.get("new") and (not f.metadata["in_run_id"] or d[section][f.name] == default_of(f)):
-                    del d[section][f.name]
+                if f.metadata.get("new") and (not f.metadata["in_run_id"]
+                                              or d[section].get(f.name, default_of(f)) == default_of(f)):
+                    d[section].pop(f.name, None)
             if not d[section]:
                 del d[section]
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -11,16 +11,24 @@ Files ending in png, jpg, jpeg, webp or bmp (any case) count; hidden files and f
 Decoding handles grayscale, palette, alpha (composited on white), 16-bit and EXIF-rotated
 images. A file that cannot be decoded is replaced in its batch by the next readable file of
 the list (training) or left out (validation), and reported once by the training loop; it
-never stops a run.
+never stops a run. A file whose shorter side is under ``data.resolution`` is upscaled or, with
+``data.min_size=skip``, treated like an unreadable one (replaced, or left out of validation);
+either way it is counted and named once (:class:`Note`).
+
+What a run read is recorded as a :func:`fingerprint` of its listing (file count, bytes, a hash
+of the relative paths and sizes), so that a finished run can tell that its folder changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +40,19 @@ from experiments.config import ConfigError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, reported, never half an image
 MAX_TRIES = 16  # readable substitutes tried for an unreadable training file
+
+
+class Note(NamedTuple):
+    """A file that was not used as it is: ``kind`` is "unreadable", "small" (left out by
+    ``data.min_size=skip``) or "upscaled" (smaller than the resolution, used upscaled)."""
+
+    kind: str
+    path: str
+    text: str  # one line: the path and what was wrong
+
+
+class TooSmall(ValueError):
+    """The image's shorter side is under the resolution and ``data.min_size=skip``."""
 
 
 def _is_image(path: Path) -> bool:
@@ -117,6 +138,68 @@ def _relative(path: Path, base: Path) -> str:
         return path.as_posix()
 
 
+FINGERPRINT_KEYS = ("data_files", "data_bytes", "data_sha256")  # in config.json and summary.json
+
+
+def fingerprint(listing: ImageList) -> dict[str, Any]:
+    """What a run reads from ``data.root``: its image files (training and validation), their total
+    bytes, and a SHA-256 (16 hex digits) of the sorted ``relative path<TAB>size`` lines.
+
+    Cost: one ``stat`` per listed file, on top of the walk that listed them (``list_images``):
+    about a second per 100,000 files on a local disk, more on network storage; no file is
+    opened. A file rewritten in place with the same size is not seen (reading every byte of a
+    large folder at every submit would cost far more than the check is worth)."""
+    base = listing.root.parent if listing.layout == "path list" else listing.root
+    lines, total = [], 0
+    for path in listing.train + listing.val:
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # vanished or unreadable: counted, with a size no file has
+            size = -1
+        total += max(size, 0)
+        lines.append(f"{_relative(path, base)}\t{size}\n")
+    digest = hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()[:16]
+    return {"data_files": len(lines), "data_bytes": total, "data_sha256": digest}
+
+
+class Fingerprints:
+    """The fingerprint of each root, computed once per command (a sweep of many runs on one
+    folder walks and stats it once); keyed by the resolved root and ``data.val_fraction``."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, float], dict[str, Any] | str] = {}
+
+    def __call__(self, root: str | Path, val_fraction: float) -> dict[str, Any] | str:
+        """The fingerprint, or one line saying why the root cannot be listed now."""
+        key = (str(Path(root).expanduser().resolve()), val_fraction)
+        if key not in self._seen:
+            try:
+                self._seen[key] = fingerprint(list_images(root, val_fraction))
+            except ConfigError as e:
+                self._seen[key] = str(e)
+        return self._seen[key]
+
+
+def describe_size(record: Mapping[str, Any]) -> str:
+    """``12 files, 1.3 MB`` of a fingerprint."""
+    size = record["data_bytes"]
+    return f"{record['data_files']} files, " + (f"{size / 1e6:.3g} MB" if size >= 1e5 else f"{size / 1e3:.3g} kB")
+
+
+def data_change(recorded: Mapping[str, Any], now: dict[str, Any] | str) -> str:
+    """'' if a run's recorded fingerprint matches the folder's fingerprint ``now``; else what changed
+    (``now`` may be the reason the folder cannot be listed any more). A record without a fingerprint
+    (a run from before they were recorded) reads as unknown, not as changed: ''."""
+    if not all(k in recorded for k in FINGERPRINT_KEYS):
+        return ""
+    if isinstance(now, str):
+        return f"it can no longer be read ({now})"
+    if all(recorded[k] == now[k] for k in FINGERPRINT_KEYS):
+        return ""
+    return (f"the run read {describe_size(recorded)} (hash {recorded['data_sha256']}), the folder now holds "
+            f"{describe_size(now)} (hash {now['data_sha256']})")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow image as 8-bit RGB: EXIF orientation applied, 16-bit scaled, alpha on white."""
     image = ImageOps.exif_transpose(image)
@@ -135,10 +218,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_crop(path: Path, resolution: int, rng: np.random.Generator | None) -> Tensor:
-    """(3, R, R) uint8: shorter side resized to R, then a random crop and flip (``rng``) or the centre."""
+def load_crop(path: Path, resolution: int, rng: np.random.Generator | None, min_size: str = "upscale") -> Tensor:
+    """(3, R, R) uint8: shorter side resized to R, then a random crop and flip (``rng``) or the centre.
+    TooSmall if the shorter side is under R and ``min_size`` is "skip"."""
+    return _load(path, resolution, rng, min_size)[0]
+
+
+def _load(path: Path, resolution: int, rng: np.random.Generator | None,
+          min_size: str) -> tuple[Tensor, tuple[int, int]]:
+    """``load_crop``'s crop and the file's own (width, height)."""
     with Image.open(path) as image:
         w, h = image.size
+        if min(w, h) < resolution and min_size == "skip":
+            raise TooSmall(f"{w}x{h}")
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
         image.draft("RGB", size)  # JPEG: decode at a reduced scale that is still >= size (much faster)
@@ -146,6 +238,7 @@ def load_crop(path: Path, resolution: int, rng: np.random.Generator | None) -> T
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = to_rgb(image)
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    w0, h0 = w, h
     w, h = image.size
     if rng is None:
         left, top, flip = (w - resolution) // 2, (h - resolution) // 2, False
@@ -155,58 +248,82 @@ def load_crop(path: Path, resolution: int, rng: np.random.Generator | None) -> T
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous(), (w0, h0)
 
 
-def _read(path: Path, resolution: int, rng: np.random.Generator | None) -> Tensor | str:
-    """The crop, or a one-line reason why the file cannot be read."""
+def _read(path: Path, resolution: int, rng: np.random.Generator | None,
+          min_size: str = "upscale") -> tuple[Tensor | None, Note | None]:
+    """The crop (None if unusable), and a Note if the file was unreadable, too small or upscaled."""
     try:
-        return load_crop(path, resolution, rng)
+        crop, (w, h) = _load(path, resolution, rng, min_size)
+    except TooSmall as e:
+        return None, Note("small", str(path), f"{path}: {e}, under data.resolution={resolution} px")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises
-        return f"{path}: {type(e).__name__}: {e}"
+        return None, Note("unreadable", str(path), f"{path}: {type(e).__name__}: {e}")
+    if min(w, h) < resolution:  # min_size=upscale: used, and named too
+        return crop, Note("upscaled", str(path), f"{path}: {w}x{h}, upscaled to data.resolution={resolution} px")
+    return crop, None
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Items ``(index, sample_seed)`` -> ``(crop, [reasons of unreadable files skipped])``."""
+    """Items ``(index, sample_seed)`` -> ``(crop, [notes of the files skipped or upscaled])``."""
 
-    def __init__(self, files: tuple[Path, ...], resolution: int):
-        self.files, self.resolution = files, resolution
+    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: str = "upscale"):
+        self.files, self.resolution, self.min_size = files, resolution, min_size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, list[str]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, list[Note]]:
         index, seed = item
-        bad: list[str] = []
+        notes: list[Note] = []
         for k in range(min(MAX_TRIES, len(self.files))):
-            out = _read(self.files[(index + k) % len(self.files)], self.resolution, np.random.default_rng(seed))
-            if isinstance(out, Tensor):
-                return out, bad
-            bad.append(out)
-        return None, bad
+            crop, note = _read(self.files[(index + k) % len(self.files)], self.resolution,
+                               np.random.default_rng(seed), self.min_size)
+            if note is not None:
+                notes.append(note)
+            if crop is not None:
+                return crop, notes
+        return None, notes
 
 
 class ValImages(torch.utils.data.Dataset):
-    """Index -> ``(centre crop or None, [reason])``."""
+    """Index -> ``(centre crop or None, [note])``. ``check_val_files`` leaves out the files that
+    cannot be used before the first validation, so that every count is known when it is printed."""
 
-    def __init__(self, files: tuple[Path, ...], resolution: int):
-        self.files, self.resolution = files, resolution
+    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: str = "upscale"):
+        self.files, self.resolution, self.min_size = files, resolution, min_size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | None, list[str]]:
-        out = _read(self.files[index], self.resolution, None)
-        return (out, []) if isinstance(out, Tensor) else (None, [out])
+    def __getitem__(self, index: int) -> tuple[Tensor | None, list[Note]]:
+        crop, note = _read(self.files[index], self.resolution, None, self.min_size)
+        return crop, [] if note is None else [note]
 
 
-def collate(items: list[tuple[Tensor | None, list[str]]]) -> tuple[Tensor, list[str]]:
-    """Stack the readable crops; carry the reasons of the unreadable files to the main process."""
+def check_val_files(files: tuple[Path, ...], resolution: int, min_size: str) -> tuple[tuple[Path, ...], list[Note]]:
+    """(the files validation will use, the notes of the others and of the upscaled ones).
+
+    Each file is decoded once (a truncated file passes a header check), in this process: one
+    validation's worth of decoding, once per attempt (``data.val_size`` files at most)."""
+    used, notes = [], []
+    for path in files:
+        crop, note = _read(path, resolution, None, min_size)
+        if crop is not None:
+            used.append(path)
+        if note is not None:
+            notes.append(note)
+    return tuple(used), notes
+
+
+def collate(items: list[tuple[Tensor | None, list[Note]]]) -> tuple[Tensor, list[Note]]:
+    """Stack the usable crops; carry the notes of the files skipped or upscaled to the main process."""
     crops = [c for c, _ in items if c is not None]
-    bad = [reason for _, reasons in items for reason in reasons]
+    notes = [note for _, item_notes in items for note in item_notes]
     if not crops:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), bad
-    return torch.stack(crops), bad
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), notes
+    return torch.stack(crops), notes
 
 
 def even_subset(n: int, k: int) -> list[int]:

@@ -192,6 +192,7 @@ class Training:
         if self.main:
             self.metrics([{"kind": "val", "step": step, **val}])
         self.state.note_validation(step, val, len(self.batches.unreadable))
+        self.state.small_images = len(self.batches.small)
 
     def save_checkpoint(self, step: int) -> None:
         """``checkpoint.pt`` (rank 0) with every rank's RNG state, after the monitor's rows up to ``step``."""
@@ -213,7 +214,7 @@ class Training:
         """``summary.json`` (status done), then ``DONE``; every rank returns rank 0's summary."""
         summary = None
         if self.main:
-            summary = self.state.summary(self.run_id, self.config, "done", "")
+            summary = {**self.state.summary(self.run_id, self.config, "done", ""), **self.data_record()}
             self.rd.write_summary(summary)
             self.rd.mark_done()  # last: a folder with DONE is complete
         return ddp.broadcast(summary)  # rank 0's: the others' wall times and monitor rows differ
@@ -223,9 +224,15 @@ class Training:
         self.monitor.flush()
         summary = None
         if self.main:
-            summary = self.state.summary(self.run_id, self.config, "failed", reason)
+            summary = {**self.state.summary(self.run_id, self.config, "failed", reason), **self.data_record()}
             self.rd.write_summary(summary)
         return ddp.broadcast(summary)
+
+    def data_record(self) -> dict[str, Any]:
+        """What the run read, for summary.json and config.json: the fingerprint of ``data.root``
+        (``experiments.image_folder.fingerprint``) and the validation images used; {} for data in memory."""
+        record = getattr(self.dataset, "record", None)
+        return record() if record is not None else {}
 
     def close(self) -> None:
         """The monitor's hooks off the model, and the data loader's workers stopped (they hold a copy

@@ -23,10 +23,14 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the dotted field and what is allowed."""
 
 
-def new_field(default: Any, *, in_run_id: bool = True) -> Any:
-    """A field added after the first run ids: omitted from the id while it holds ``default``."""
+def new_field(default: Any, *, in_run_id: bool = True, listed_at_default: bool = True) -> Any:
+    """A field added after the first run ids: omitted from the id while it holds ``default``.
+
+    ``listed_at_default=False``: omitted from ``Config.to_dict`` (config.json, job records) too while it
+    holds ``default``, for a field added after ``tests/experiments/data/run_ids.json`` pinned the
+    config.json of every shipped run byte for byte: those files stay what the earlier code wrote."""
     kwargs = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return field(metadata={"new": True, "in_run_id": in_run_id}, **kwargs)
+    return field(metadata={"new": True, "in_run_id": in_run_id, "listed_at_default": listed_at_default}, **kwargs)
 
 
 def is_power_of_two(n: int) -> bool:
@@ -107,6 +111,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 IMAGE_RESOLUTIONS = (16, 32, 64, 128, 256, 512)
+MIN_SIZE_RULES = ("upscale", "skip")  # data.min_size (experiments.image_folder)
 MODEL_PRESETS = ("tiny", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -128,6 +133,9 @@ class DataConfig(Section):
     root: str | None = new_field(None)
     resolution: int = new_field(64)  # images: square side in pixels, values in [-1, 1]
     val_fraction: float = new_field(0.05)  # images without val/: share of files (by path hash) held out
+    # images from data.root whose shorter side is under data.resolution: "upscale" (used, resized
+    # up: what every run before this field did) or "skip" (left out); counted and named either way.
+    min_size: str = new_field("upscale", listed_at_default=False)
 
     def validate(self) -> None:
         check(self.resolution in IMAGE_RESOLUTIONS, "data.resolution", self.resolution,
@@ -139,6 +147,7 @@ class DataConfig(Section):
             check(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), "must be >= 1")
         check(self.cluster_std > 0, "data.cluster_std", self.cluster_std, "must be > 0")
         check(self.patch_size in (16, 32), "data.patch_size", self.patch_size, "must be 16 or 32")
+        check_choice("data.min_size", self.min_size, MIN_SIZE_RULES)
 
 
 @dataclass(frozen=True)

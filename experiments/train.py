@@ -41,6 +41,7 @@ from experiments import distributed as ddp
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError, load_config
 from experiments.files import append_jsonl, read_json
+from experiments.image_folder import Fingerprints, data_change
 from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss  # noqa: F401 - lr_at, ... re-exported
 from experiments.provenance import environment
 from experiments.resources import check_resources
@@ -124,6 +125,7 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
     finished, checkpoint = _open_folder(config, rd)
     if finished is not None:
         return finished
+    previous = (rd.read_config() or {}) if checkpoint is not None else {}  # what the attempt before read
     _start_folder(config, rd, runtime.device)
 
     t_start = time.perf_counter()  # the attempt's wall time counts its setup too
@@ -132,6 +134,7 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
         runtime.apply()
         try:
             training = Training(config, task, runtime, rd, rows)
+            _record_data(config, rd, training.data_record(), previous)
             training.restore(checkpoint)
             if ddp.is_main():  # one row per attempt, never truncated: where each part of the run computed
                 claim = read_json(rd.path / CLAIM_NAME) or {}  # ours: it names the job that holds the run
@@ -190,6 +193,30 @@ def _start_folder(config: Config, rd: RunDir, device: torch.device) -> None:
         rd.summary.unlink(missing_ok=True)  # a stale 'failed' from an earlier attempt; rewritten at the end
     if device.type == "cuda":  # deterministic cuBLAS; must be set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _record_data(config: Config, rd: RunDir, record: dict[str, Any], previous: dict[str, Any]) -> None:
+    """config.json again, with what the run reads beside the config (rank 0): the fingerprint of
+    ``data.root`` and the validation images used. Outside the config's keys, so the run id and the
+    config itself are unchanged; a run on data in memory records nothing. A resumed run whose folder
+    changed since its previous attempt says so: it goes on with the folder as it is now."""
+    if not record or not ddp.is_main():
+        return
+    change = data_change(previous, record)
+    if change:
+        print(f"[{config.run_id}] warning: data.root changed since the previous attempt of this run ({change}); "
+              f"resuming on the folder as it is now", flush=True)
+    rd.write_config({**config.to_dict(), **record}, config.run_id)
+
+
+def data_change_of(config: Config, run_dir: Path | str, fingerprints: Fingerprints) -> str:
+    """'' unless the finished run in ``run_dir`` recorded a fingerprint of its ``data.root`` in
+    config.json and the folder differs now; else what changed (for the warning before it is
+    skipped as done). ``fingerprints`` computes each root once per command."""
+    check = getattr(get_task(config.task), "data_change_since", None)
+    if check is None:
+        return ""
+    return check(config, read_json(Path(run_dir) / "config.json") or {}, fingerprints)
 
 
 @contextlib.contextmanager
@@ -265,6 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return fail(refused)
             if ddp.is_main():
                 print(f"run folder: {run_dir}", flush=True)
+                if not args.restart and run_status(run_dir) == "done":
+                    change = data_change_of(config.resolved(), run_dir, Fingerprints())
+                    if change:
+                        print(f"warning: {run_dir} is done and is not run again, but its data.root changed since: "
+                              f"{change}. To train on the folder as it is now: --restart (the old folder goes to "
+                              f"{run_dir.parent / '_sweep' / 'trash'}/, not deleted), or a new name=... or --out "
+                              f"(a new folder beside the old)", flush=True)
             summary = run(config, run_dir, num_threads=args.threads)
         except RunDirError as e:  # claimed by another process, or corrupt: nothing was written
             return fail(e)

@@ -40,6 +40,7 @@ class TrainState:
     last_train: dict[str, float] | None = None  # the latest logged losses (LOSS_KEYS), means over the ranks
     last_quantizer: list[Row] = field(default_factory=list)  # the monitor's training rows of its latest step
     unreadable_files: int = 0  # input files skipped as unreadable, as of the latest validation
+    small_images: int = 0  # image files under data.resolution (skipped or upscaled: data.min_size), likewise
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (a checkpoint's ``"progress"``): numbers, strings, lists and dicts only."""
@@ -87,6 +88,8 @@ class TrainState:
                 summary[f"final_{key}"] = last_val[key]
         if self.unreadable_files:
             summary["unreadable_files"] = self.unreadable_files
+        if self.small_images:
+            summary["small_images"] = self.small_images
         summary.update({f"final_{k}": v for k, v in mean_usage(self.last_quantizer).items()})
         return summary
 

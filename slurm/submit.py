@@ -34,9 +34,11 @@ import yaml
 from experiments.cli import OneLineParser, fail, guarded
 from experiments.config import ConfigError
 from experiments.files import append_jsonl
+from experiments.image_folder import Fingerprints
 from experiments.resources import check_resources
 from experiments.run_dir import RunDirError, check_writable, set_aside
 from experiments.sweep import RunSpec, Sweep, SweepError, expand, load_sweep
+from experiments.train import data_change_of
 from slurm.job import RunJob
 from slurm.local import LocalPool, machine_cpus, machine_mem_gb, pool_size
 from slurm.profiles import ProfileError, resolve_resources
@@ -188,6 +190,24 @@ def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
     return job, workers
 
 
+def warn_changed_data(done: Sequence[RunSpec], folder: SweepFolder, log: Log) -> None:
+    """One warning per ``data.root`` whose done runs (skipped) recorded a fingerprint that the folder no
+    longer matches, with how to re-run them. Each root is walked and stat'ed once however many runs
+    read it (``experiments.image_folder.Fingerprints``); runs without ``data.root`` cost nothing."""
+    fingerprints = Fingerprints()
+    changed: dict[str, list[tuple[str, str]]] = {}
+    for spec in done:
+        change = data_change_of(spec.config.resolved(), folder.root / spec.run_id, fingerprints)
+        if change:
+            changed.setdefault(str(spec.config.data.root), []).append((spec.run_id, change))
+    for root, found in changed.items():
+        ids = " ".join(run_id for run_id, _ in found)
+        log(f"[submit] warning: data.root={root} changed since {len(found)} done run(s) read it ({found[0][1]}); "
+            f"they are skipped as done: {ids}. To train them on the folder as it is now: --force (their old "
+            f"folders go to {folder.meta / 'trash'}/, not deleted; with --only RUN_ID for some), or a new "
+            f"name=... (a new sweep folder beside the old)")
+
+
 def check_results_root(results: str | Path, write: bool = True) -> Path:
     """The results root, resolved; SubmitError if it is a file (or, to write, cannot be created)."""
     root = Path(results)
@@ -264,6 +284,7 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
                     corrupt.append(spec)
                     log(f"[submit] {spec.run_id} is corrupt ({states[spec.run_id].detail}): its folder goes to "
                         f"{folder.meta / 'trash'}/ and the run starts over")
+        warn_changed_data([spec for spec in runs if spec.run_id in set(result.done)], folder, log)
         log(f"[submit] sweep {name!r}: {len(runs)} runs ({len(result.done)} done, {len(result.in_flight)} "
             f"queued or running, {len(todo)} to submit) -> {folder.root} [cluster {cluster}, profile "
             f"{profile_name}: {params}]")

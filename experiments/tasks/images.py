@@ -19,6 +19,8 @@ Values are in [-1, 1]; PSNR uses the peak-to-peak range 2.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,20 @@ from torch.utils.data import DataLoader, Subset
 
 from experiments.config import Config, ConfigError
 from experiments.data import loader_kwargs, train_loader
-from experiments.image_folder import TrainImages, ValImages, collate, even_subset, list_images
+from experiments.image_folder import (
+    FINGERPRINT_KEYS,
+    Fingerprints,
+    Note,
+    TrainImages,
+    ValImages,
+    check_val_files,
+    collate,
+    data_change,
+    describe_size,
+    even_subset,
+    fingerprint,
+    list_images,
+)
 from experiments.quantizers import build_quantizer
 from experiments.tasks import ModelOutput
 from experiments.tasks.patches import _load_image
@@ -117,24 +132,48 @@ class ShippedImages:
 
 
 class FolderImages:
-    """Read from files by DataLoaders; ``train_loader`` for one run segment, ``val_loader`` per rank."""
+    """Read from files by DataLoaders; ``train_loader`` for one run segment, ``val_loader`` per rank.
+
+    The validation files (``data.val_size`` of the listing's, evenly spread) are decoded once here,
+    so the set validation uses, and every count printed about it, is known before training.
+    ``notes``: the validation files left out (unreadable, or too small under ``data.min_size=skip``)
+    and those upscaled; training files are noted as the loaders meet them (``experiments.batches``).
+    """
 
     value_range = VALUE_RANGE
     is_image = True
     to_model_input = staticmethod(to_model_input)  # the loaders' uint8 batches -> the model's input
 
     def __init__(self, config: Config):
-        listing = list_images(config.data.root, config.data.val_fraction)
-        self.listing = listing
-        val_files = tuple(listing.val[i] for i in even_subset(len(listing.val), config.data.val_size))
-        self.train_set = TrainImages(listing.train, config.data.resolution)
-        self.val_set = ValImages(val_files, config.data.resolution)
+        d = config.data
+        listing = list_images(d.root, d.val_fraction)
+        self.listing, self.min_size, self.resolution = listing, d.min_size, d.resolution
+        self.fingerprint = fingerprint(listing)  # one stat per listed file (see image_folder.fingerprint)
+        self.val_chosen = tuple(listing.val[i] for i in even_subset(len(listing.val), d.val_size))
+        val_files, self.notes = check_val_files(self.val_chosen, d.resolution, d.min_size)
+        if not val_files:
+            raise ConfigError(f"data.root={d.root!r}: none of the {len(self.val_chosen)} validation files can be "
+                              f"used ({_count_notes(self.notes, d.resolution)}): fix or replace them"
+                              + (", or set data.min_size=upscale" if d.min_size == "skip" else ""))
+        self.train_set = TrainImages(listing.train, d.resolution, d.min_size)
+        self.val_set = ValImages(val_files, d.resolution, d.min_size)
 
     def describe(self) -> str:
+        """What the run reads, every count as it is: listed files, validation images used of those chosen."""
         ls = self.listing
         extra = f", {len(ls.skipped)} listed paths are not image files" if ls.skipped else ""
-        return (f"{ls.root} ({ls.layout}): {len(ls.train)} training images, {len(self.val_set)} of "
-                f"{len(ls.val)} validation images{extra}")
+        chosen = (f"the {len(self.val_chosen)} validation files" if len(self.val_chosen) == len(ls.val) else
+                  f"{len(self.val_chosen)} of {len(ls.val)} validation files (data.val_size)")
+        noted = f" ({_count_notes(self.notes, self.resolution, names=True)})" if self.notes else ""
+        rule = ("upscaled" if self.min_size == "upscale" else "skipped") + f" (data.min_size={self.min_size})"
+        used = len(self.val_set)
+        return (f"{ls.root} ({ls.layout}, {describe_size(self.fingerprint)}){extra}: {len(ls.train)} training "
+                f"files; validation uses {used} image{'s' if used != 1 else ''} of {chosen}{noted}; training images under "
+                f"{self.resolution} px on their shorter side are {rule}")
+
+    def record(self) -> dict[str, Any]:
+        """For config.json and summary.json: the fingerprint and the validation images used."""
+        return {**self.fingerprint, "val_images": len(self.val_set)}
 
     def train_loader(self, config: Config, device: torch.device, start: int, rows: slice) -> DataLoader:
         return train_loader(self.train_set, config, device, start, rows, collate)
@@ -144,6 +183,29 @@ class FolderImages:
         shard = list(range(len(self.val_set)))[rank::world]  # every rank a disjoint share
         return DataLoader(Subset(self.val_set, shard), batch_size=batch_size, shuffle=False, collate_fn=collate,
                           **loader_kwargs(config, device))
+
+
+def _count_notes(notes: list[Note], resolution: int, names: bool = False) -> str:
+    """``1 unreadable, 2 under 64 px skipped`` (with ``names``: the first path of each kind)."""
+    words = {"unreadable": "unreadable", "small": f"under {resolution} px, skipped",
+             "upscaled": f"under {resolution} px, upscaled"}
+    parts = []
+    for kind, word in words.items():
+        of_kind = [n for n in notes if n.kind == kind]
+        if of_kind:
+            first = f": {of_kind[0].text}" + (", ..." if len(of_kind) > 1 else "") if names else ""
+            parts.append(f"{len(of_kind)} {word}{first}")
+    return "; ".join(parts)
+
+
+def data_change_since(config: Config, recorded: Mapping[str, Any], fingerprints: Fingerprints) -> str:
+    """'' unless a finished run recorded a fingerprint of its ``data.root`` (``recorded``: its
+    config.json) and the folder now differs; else what changed. ``fingerprints`` computes each root
+    once per command; a run without ``data.root`` (the shipped images, fixed by this code and the
+    run id) or without a recorded fingerprint (from before they were recorded) walks nothing."""
+    if not config.data.root or not all(k in recorded for k in FINGERPRINT_KEYS):
+        return ""
+    return data_change(recorded, fingerprints(config.data.root, config.data.val_fraction))
 
 
 def build_dataset(config: Config) -> ShippedImages | FolderImages:
