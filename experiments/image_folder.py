@@ -146,8 +146,8 @@ def fingerprint(listing: ImageList) -> dict[str, Any]:
     bytes, and a SHA-256 (16 hex digits) of the sorted ``relative path<TAB>size`` lines.
 
     Cost: one ``stat`` per listed file, on top of the walk that listed them (``list_images``):
-    about a second per 100,000 files on a local disk, more on network storage; no file is
-    opened. A file rewritten in place with the same size is not seen (reading every byte of a
+    0.34 s for 20,000 files on a warm local disk (the walk itself 1.5 s), more on network storage;
+    no file is opened. A file rewritten in place with the same size is not seen (reading every byte of a
     large folder at every submit would cost far more than the check is worth)."""
     base = listing.root.parent if listing.layout == "path list" else listing.root
     lines, total = [], 0
