@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: must be >= 1")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, explicit=args.overrides)  # they win over scale=smoke
         preflight(config.resolved())
         check_resources(config)  # a run that cannot fit is refused before its folder exists
         run_dir = prepare_run_folder(args.out, config)
