@@ -118,7 +118,7 @@ def end_line(summary: dict[str, Any]) -> str:
     if per_code is not None:
         parts.append(f"tokens_per_code={number(per_code, 2)}")
         if per_code < CAPPED_BELOW and ceiling is not None:
-            parts.append(f"(usage capped at {number(ceiling, 3)}: N/K = {number(per_code, 2)} < {CAPPED_BELOW:g})")
+            parts.append(f"usage capped at {number(ceiling, 3)} (N/K = {number(per_code, 2)} < {CAPPED_BELOW:g})")
     if summary.get("status") == "done":
         parts.append("status=done")
     for key in ("reason", "step", "wall_time_s"):

@@ -37,7 +37,7 @@ def test_smoke_run_from_the_command_line(tmp_path):
     # FSQ's 8 x 6 x 5 = 240 codes cap usage at 1 - exp(-256/240), and it says so.
     last = out.stdout.splitlines()[-1]
     assert last.startswith("val_usage=") and " val_psnr=" in last and " tokens_per_code=1.07 " in last
-    assert "(usage capped at 0.656: N/K = 1.07 < 4)" in last and "status=done" in last
+    assert "usage capped at 0.656 (N/K = 1.07 < 4)" in last and "status=done" in last
     # Not a terminal: plain progress lines, not a tqdm bar.
     assert f"[{run_id}] step 30/30" in out.stdout and "\r" not in out.stderr
 

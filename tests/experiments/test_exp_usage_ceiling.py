@@ -71,7 +71,7 @@ def test_the_end_line_leads_with_validation_usage_and_says_when_it_is_capped():
                "final_val_usage_ceiling": usage_ceiling(1472, 1024)}
     line = end_line(summary)
     assert line.startswith("val_usage=0.669 val_psnr=24.12dB tokens_per_code=1.44 ")
-    assert "(usage capped at 0.762: N/K = 1.44 < 4)" in line and "status=done step=300" in line
+    assert "usage capped at 0.762 (N/K = 1.44 < 4)" in line and "status=done step=300" in line
     assert "=1.0" not in line  # the training window's usage is not the headline
     enough = end_line({**summary, "final_val_tokens_per_code": CAPPED_BELOW, "final_val_usage_ceiling": 0.98})
     assert "capped" not in enough and "tokens_per_code=4.00" in enough
@@ -87,4 +87,4 @@ def test_a_slurm_jobs_log_ends_with_the_same_line(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert summary["status"] == "done"
     assert f"[job] {config.run_id}: {end_line(summary)}" in lines
-    assert "(usage capped at 0.632: N/K = 1.00 < 4)" in end_line(summary)
+    assert "usage capped at 0.632 (N/K = 1.00 < 4)" in end_line(summary)
