@@ -7,8 +7,16 @@ A config is loaded from YAML plus dotted ``key=value`` overrides::
 ``scale: smoke`` is big_vision's ``runlocal`` switch: :meth:`Config.resolved` shrinks any config
 to a run of seconds (fewer steps, smaller batches and validation set, denser logging). The
 trainer always runs ``config.resolved()`` and saves that, so ``config.json`` says exactly what
-ran. The run id hashes the resolved config without ``name`` and ``logging``, which do not change
-results; two smoke configs that shrink to the same run share one id.
+ran. The run id hashes the resolved config without ``name``, ``logging`` and ``explicit``, which
+do not change results; two smoke configs that shrink to the same run share one id.
+
+What the preset shrinks is the config it is given: a config file, a sweep's base, overrides and
+grid (a sweep tried at ``scale=smoke`` is all of it in seconds). A value given explicitly beside
+it wins: ``load_config(..., explicit=[...])``, which the command lines (``python -m
+experiments.train``, ``python -m slurm.submit``) use for their ``key=value`` arguments, so
+``scale=smoke data.batch_size=512`` trains with batch 512 for 30 steps. Those of its keys the
+preset would have changed are kept in ``Config.explicit`` (and ``config.json``), so the config
+resolves to the same values when it is read back.
 
 The sections are in ``experiments/sections.py``, the quantizer's (a class per kind) in
 ``experiments/quantizers.py``; ``task`` is a key of ``experiments.tasks.TASKS``.
@@ -58,8 +66,18 @@ from experiments.tasks import TASKS
 
 SCALES = ("full", "smoke")
 RUN_ID_LENGTH = 10
-# Sections that do not change what a run computes, hence not part of its id.
-NOT_IN_RUN_ID = ("name", "logging")
+# Fields that do not change what a run computes, hence not part of its id (``explicit`` only says
+# which resolved values were given by hand; the values themselves are in the id).
+NOT_IN_RUN_ID = ("name", "logging", "explicit")
+# scale=smoke: (section, field) -> the most it keeps (a value above is shrunk to it, unless explicit).
+SMOKE_CAPS: dict[tuple[str, str], int] = {
+    ("data", "batch_size"): 64, ("data", "val_size"): 256,
+    ("model", "hidden_dim"): 64, ("model", "channels"): 16,
+    ("optim", "warmup_steps"): 5,
+    ("schedule", "steps"): 30, ("schedule", "val_every"): 10, ("schedule", "checkpoint_every"): 10,
+    ("monitor", "usage_window"): 10, ("monitor", "dead_after"): 10,
+    ("logging", "log_every"): 5, ("logging", "print_every"): 10, ("logging", "histogram_every"): 10,
+}
 # What config.json holds beside the config (experiments.train): the run id, and for a run on
 # data.root what it read (experiments.image_folder.fingerprint, and the validation images used).
 RECORDED_KEYS = ("run_id", "data_files", "data_bytes", "data_sha256", "val_images")
@@ -98,6 +116,9 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    # Dotted keys (section.field) given explicitly beside scale=smoke whose values the preset leaves
+    # as given (see the module docstring); set by load_config, written to config.json when not empty.
+    explicit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():
@@ -107,28 +128,31 @@ class Config:
         check_choice("task", self.task, list(TASKS))
         check_choice("scale", self.scale, SCALES)
         check(not name_problem(self.name), "name", self.name, name_problem(self.name))  # a folder of results/
+        known = {f"{s}.{f.name}" for s in SECTIONS for f in section_fields(s)}
+        for key in self.explicit:
+            check(key in known, "explicit", list(self.explicit), f"must list dotted config keys; {unknown_key(key, sorted(known))}")
+        object.__setattr__(self, "explicit", tuple(sorted(set(self.explicit))))
+
+    def smoke_preset(self) -> dict[str, dict[str, Any]]:
+        """What scale=smoke sets, explicit keys included: {section: {field: value}} (SMOKE_CAPS and the task's)."""
+        preset: dict[str, dict[str, Any]] = {}
+        for (section, name), cap in SMOKE_CAPS.items():
+            preset.setdefault(section, {})[name] = min(getattr(getattr(self, section), name), cap)
+        smoke = TASKS[self.task].smoke
+        for section, values in (smoke(self) if smoke is not None else {}).items():  # e.g. the images tokenizer's
+            preset.setdefault(section, {}).update(values)
+        return preset
 
     def resolved(self) -> Config:
-        """The config that actually runs: at scale 'smoke', every size shrunk to a run of seconds."""
+        """The config that actually runs: at scale 'smoke', every size shrunk to a run of seconds,
+        except the values listed in ``explicit``."""
         if self.scale != "smoke":
             return self
-        s, lg, m = self.schedule, self.logging, self.monitor
-        steps = min(s.steps, 30)
-        smoke = TASKS[self.task].smoke
-        task = smoke(self) if smoke is not None else {}  # the task's own sizes, e.g. the images tokenizer's
-        return dataclasses.replace(
-            self,
-            data=dataclasses.replace(self.data, batch_size=min(self.data.batch_size, 64),
-                                     val_size=min(self.data.val_size, 256), **task.get("data", {})),
-            model=dataclasses.replace(self.model, hidden_dim=min(self.model.hidden_dim, 64),
-                                      channels=min(self.model.channels, 16), **task.get("model", {})),
-            optim=dataclasses.replace(self.optim, warmup_steps=min(self.optim.warmup_steps, 5)),
-            schedule=ScheduleConfig(steps=steps, val_every=min(s.val_every, 10),
-                                    checkpoint_every=min(s.checkpoint_every, 10)),
-            monitor=MonitorConfig(usage_window=min(m.usage_window, 10), dead_after=min(m.dead_after, 10)),
-            logging=LoggingConfig(log_every=min(lg.log_every, 5), print_every=min(lg.print_every, 10),
-                                  histogram_every=min(lg.histogram_every, 10)),
-        )
+        sections = {}
+        for section, values in self.smoke_preset().items():
+            kept = {k: v for k, v in values.items() if f"{section}.{k}" not in self.explicit}
+            sections[section] = dataclasses.replace(getattr(self, section), **kept)
+        return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples become lists); ``from_dict`` inverts it. The quantizer section
@@ -139,6 +163,8 @@ class Config:
             for f in section_fields(section):
                 if not f.metadata.get("listed_at_default", True) and d[section].get(f.name) == default_of(f):
                     del d[section][f.name]
+        if not self.explicit:  # configs without it (every one before it existed) write what they wrote
+            del d["explicit"]
         return d
 
     @classmethod
@@ -165,7 +191,7 @@ class Config:
     def run_id(self) -> str:
         d = self.resolved().to_dict()
         for key in NOT_IN_RUN_ID:
-            d.pop(key)
+            d.pop(key, None)
         for section in SECTIONS:
             if section in NOT_IN_RUN_ID:
                 continue
@@ -229,8 +255,13 @@ def _merge_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str
     return merged
 
 
-def load_config(path_or_dict: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
-    """A config from a YAML file (or a dict), with dotted ``key=value`` overrides applied last."""
+def load_config(path_or_dict: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
+                explicit: Sequence[str] = ()) -> Config:
+    """A config from a YAML file (or a dict), with dotted ``key=value`` overrides applied, then ``explicit``.
+
+    ``overrides`` are part of the config, as the file is: ``scale=smoke`` shrinks them (a sweep's
+    grid and overrides come this way). ``explicit`` (a user's command line) wins over the preset:
+    the keys whose values it would change are kept in ``Config.explicit``."""
     if isinstance(path_or_dict, Mapping):
         d: Any = path_or_dict
     else:
@@ -246,7 +277,14 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any], overrides: Sequenc
             raise ConfigError(f"{path} is empty; give at least the keys that differ from the defaults, e.g. task: synthetic")
     if not isinstance(d, Mapping):
         raise ConfigError(f"{path_or_dict}: a config must be a YAML mapping, got {type(d).__name__}")
-    return Config.from_dict(_merge_overrides(d, overrides), strict=True)
+    config = Config.from_dict(_merge_overrides(d, [*overrides, *explicit]), strict=True)
+    given = {key.partition("=")[0].strip() for key in explicit}
+    if config.scale != "smoke" or not given:
+        return config
+    preset = config.smoke_preset()
+    kept = [f"{section}.{k}" for section, values in preset.items() for k, v in values.items()
+            if f"{section}.{k}" in given and getattr(getattr(config, section), k) != v]
+    return dataclasses.replace(config, explicit=(*config.explicit, *kept)) if kept else config
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:

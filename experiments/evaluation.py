@@ -8,7 +8,13 @@ definition papers report: Open-MAGVIT2's 100 % of 2^18 codes, IBQ's 84-99 %):
 - ``val_usage_fraction``: that over the codebook size;
 - ``val_perplexity``: exp of the entropy of the histogram (K when K codes are used equally);
 - ``val_tokens``: how many tokens were counted (the histogram's sample size: a usage fraction
-  is only meaningful when they outnumber the codes several times over).
+  is only meaningful when they outnumber the codes several times over);
+- ``val_tokens_per_code``: N/K, those tokens per code of one codebook;
+- ``val_usage_ceiling``: 1 - exp(-N/K), the expected share of the K codes that N tokens assigned
+  uniformly at random reach: what a healthy tokenizer's usage is measured against when N/K is
+  small (368 tokens for 1,024 codes: 0.30; 1,472: 0.76; N/K >= 4: above 0.98). Below N/K = 4
+  (:data:`CAPPED_BELOW`) the usage figure says more about N than about the codebook (no usage
+  can exceed min(1, N/K) either).
 
 With several codebooks the three figures are the means over codebooks, and
 ``val_usage_fraction_c{i}`` etc. give each one. Reconstruction: ``val_mse`` and ``val_psnr``
@@ -38,16 +44,28 @@ def code_histogram(indices: Tensor, num_codebooks: int, codebook_size: int) -> T
         num_codebooks, codebook_size)
 
 
+# A usage measured from fewer tokens per code than this is capped by the count (ceiling < 0.982).
+CAPPED_BELOW = 4.0
+
+
+def usage_ceiling(tokens: int, codebook_size: int) -> float:
+    """1 - exp(-N/K): the expected share of K codes that N tokens assigned uniformly at random use."""
+    return -math.expm1(-tokens / codebook_size)
+
+
 def usage_figures(counts: Tensor) -> dict[str, float]:
-    """Codes used, usage fraction and perplexity of a (num_codebooks, codebook_size) histogram."""
+    """Codes used, usage fraction, perplexity and the usage ceiling of a (num_codebooks, codebook_size) histogram."""
     counts = counts.double()
     total = counts.sum(-1)
     used = (counts > 0).sum(-1).double()
     p = counts / total.clamp(min=1)[:, None]
     entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
     perplexity = torch.where(total > 0, entropy.exp(), torch.full_like(entropy, math.nan))
+    tokens, codebook_size = int(total[0].item()), counts.shape[-1]  # every codebook counts every token once
     out: dict[str, float] = {
-        "val_tokens": int(total[0].item()),
+        "val_tokens": tokens,
+        "val_tokens_per_code": tokens / codebook_size,
+        "val_usage_ceiling": usage_ceiling(tokens, codebook_size),
         "val_codes_used": used.mean().item(),
         "val_usage_fraction": (used / counts.shape[-1]).mean().item(),
         "val_perplexity": perplexity.mean().item(),

@@ -101,6 +101,8 @@ class LFQConfig(QuantizerConfig):
         check(0.0 < self.frac_per_sample_entropy <= 1.0, "quantizer.frac_per_sample_entropy",
               self.frac_per_sample_entropy, "must be in (0, 1]")
         check(self.codebook_scale > 0, "quantizer.codebook_scale", self.codebook_scale, "must be > 0")
+        check(self.diversity_gamma >= 0, "quantizer.diversity_gamma", self.diversity_gamma,
+              "must be >= 0 (the weight of the batch entropy the entropy loss rewards; 0 leaves it out)")
 
 
 @dataclass(frozen=True)

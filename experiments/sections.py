@@ -94,6 +94,15 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if hint is int and isinstance(value, (float, str)):
+        try:  # 1500.0, and 1.5e3 (YAML 1.1 reads an exponent without a dot as a string): the int they mean
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            check(math.isfinite(number) and number.is_integer(), name, value,
+                  "must be a whole number (an int, or a float with nothing after the point, e.g. 1.5e3 = 1500)")
+            return int(number)
     if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string; accept it as the float it means
             value = float(value)

@@ -15,8 +15,11 @@ A sweep file (``experiments/sweeps/*.yaml``)::
     resources: {profile: default, time: 30}  # read by slurm.submit, not here
 
 Every grid point is built with ``experiments.config.load_config`` before anything is submitted;
-an invalid value fails the whole expansion with the grid point and the field named. Points that
-resolve to the same run id (e.g. two step counts that ``scale=smoke`` shrinks alike) are one run.
+an invalid value fails the whole expansion with the grid point and the field named. ``scale=smoke``
+shrinks the sweep's base, overrides and grid alike (the whole sweep in seconds), while a
+``key=value`` given to ``expand`` (the command line of ``slurm.submit``) is explicit and wins over
+it. Points that resolve to the same run id (e.g. two step counts that ``scale=smoke`` shrinks
+alike) are one run.
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def _override(key: str, value: Any) -> str:
 
 
 def expand(sweep: Sweep, overrides: Sequence[str] = ()) -> list[RunSpec]:
-    """Validated runs of the sweep; ``overrides`` (e.g. ``scale=smoke``) apply to every run, last.
+    """Validated runs of the sweep; ``overrides`` (e.g. ``scale=smoke``) apply to every run, last,
+    and win over the scale preset (``load_config``'s ``explicit``).
 
     All points are checked before returning; the error lists each bad point with its field.
     """
@@ -167,10 +171,9 @@ def expand(sweep: Sweep, overrides: Sequence[str] = ()) -> list[RunSpec]:
     errors: list[str] = []
     seen: set[str] = set()
     for i, point in enumerate(points):
-        items = [*sweep.overrides, *(_override(k, v) for k, v in point.items()),
-                 _override("name", sweep.name), *overrides]
-        try:
-            config = load_config(sweep.base, items)
+        items = [*sweep.overrides, *(_override(k, v) for k, v in point.items()), _override("name", sweep.name)]
+        try:  # the command line's overrides win over scale=smoke; the sweep's own values it shrinks
+            config = load_config(sweep.base, items, explicit=overrides)
         except ConfigError as e:
             label = " ".join(f"{k}={v}" for k, v in point.items())
             errors.append(f"run {i + 1}/{len(points)} ({label}): {e}")

@@ -56,7 +56,7 @@ from experiments.run_dir import (
 )
 from experiments.runtime import Runtime
 from experiments.tasks import get_task
-from experiments.train_state import USAGE_KEYS, TrainState  # noqa: F401 - USAGE_KEYS re-exported
+from experiments.train_state import USAGE_KEYS, TrainState, end_line  # noqa: F401 - USAGE_KEYS re-exported
 
 # Columns of kind="train" rows that measure the machine, not the run: they differ between two
 # runs of one config (and across a resume), everything else is identical.
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: must be >= 1")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, explicit=args.overrides)  # they win over scale=smoke
         preflight(config.resolved())
         check_resources(config)  # a run that cannot fit is refused before its folder exists
         run_dir = prepare_run_folder(args.out, config)
@@ -302,9 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run(config, run_dir, num_threads=args.threads)
         except RunDirError as e:  # claimed by another process, or corrupt: nothing was written
             return fail(e)
-        keys = ("status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr", "final_usage_fraction")
         if ddp.is_main():
-            print(" ".join(f"{k}={summary.get(k)}" for k in keys if summary.get(k) not in (None, "")), flush=True)
+            print(end_line(summary), flush=True)
     return 0 if summary.get("status") == "done" else 1
 
 

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.config import Config
+from experiments.evaluation import CAPPED_BELOW
 
 Row = dict[str, Any]
 # The monitor's utilization columns whose mean over layers and codebooks the summary reports as final_*.
 USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
               "batch_entropy", "bit_balance_mad")
 # Validation columns the summary reports as final_* when the task's evaluation produced them.
-EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens", "val_rfid")
+EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens",
+                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid")
 LOSS_KEYS = ("loss", "recon_loss", "aux_loss")
 
 
@@ -101,6 +103,31 @@ def mean_usage(rows: list[Row]) -> dict[str, float | None]:
         values = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
         out[key] = sum(values) / len(values) if values else None
     return out
+
+
+def end_line(summary: dict[str, Any]) -> str:
+    """The line a run ends with: validation usage, PSNR and tokens per code first (the suite's
+    headline, not the training window's usage), and the ceiling when the token count caps it."""
+    def number(value: Any, digits: int) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+    parts = [] if summary.get("status") == "done" else [f"status={summary.get('status')}"]
+    usage, psnr = summary.get("final_val_usage_fraction"), summary.get("final_val_psnr")
+    per_code, ceiling = summary.get("final_val_tokens_per_code"), summary.get("final_val_usage_ceiling")
+    if usage is not None:
+        parts.append(f"val_usage={number(usage, 3)}")
+    if psnr is not None:
+        parts.append(f"val_psnr={number(psnr, 2)}dB")
+    if per_code is not None:
+        parts.append(f"tokens_per_code={number(per_code, 2)}")
+        if per_code < CAPPED_BELOW and ceiling is not None:
+            parts.append(f"usage capped at {number(ceiling, 3)} (N/K = {number(per_code, 2)} < {CAPPED_BELOW:g})")
+    if summary.get("status") == "done":
+        parts.append("status=done")
+    for key in ("reason", "step", "wall_time_s"):
+        if summary.get(key) not in (None, ""):
+            parts.append(f"{key}={summary[key]}")
+    return " ".join(parts)
 
 
 def progress_printer(config: Config, run_id: str, start: int) -> Callable[[int, float, float], None]:

@@ -143,7 +143,7 @@ class RunJob(submitit.helpers.Checkpointable):
     def _run(self) -> dict[str, Any]:
         from experiments import distributed as ddp  # lazily: the job pickle stays small and import-free
         from experiments.config import Config
-        from experiments.train import run
+        from experiments.train import end_line, run
 
         run_dir = Path(self.run_dir)
         run_id = run_dir.name
@@ -169,6 +169,8 @@ class RunJob(submitit.helpers.Checkpointable):
             try:
                 summary = run(Config.from_dict(self.config), run_dir)
                 status = str(summary.get("status"))
+                if main:
+                    log(end_line(summary))  # the line python -m experiments.train ends with
                 return summary
             except (SystemExit, KeyboardInterrupt):
                 status = "interrupted"  # submitit's requeue handler exits from inside the training step

@@ -118,7 +118,10 @@ def test_smoke_shrinks_and_is_idempotent():
         (["sed=1"], r"unknown config key 'sed'; did you mean 'seed'"),
         (["data.batch_size=big"], r"data\.batch_size='big' has the wrong type str: expected int"),
         (["seed=true"], r"seed=True has the wrong type bool: expected int"),
-        (["data.batch_size=1.5"], r"data\.batch_size=1\.5 has the wrong type float: expected int"),
+        (["data.batch_size=1.5"], r"data\.batch_size=1\.5 is invalid: must be a whole number .*1\.5e3 = 1500"),
+        (["schedule.steps=15e-1"], r"schedule\.steps='15e-1' is invalid: must be a whole number"),
+        (["schedule.steps=.inf"], r"schedule\.steps=inf is invalid: must be a whole number"),
+        (["quantizer.diversity_gamma=-1"], r"quantizer\.diversity_gamma=-1\.0 is invalid: must be >= 0"),
         (["optim.lr=fast"], r"optim\.lr='fast' has the wrong type str: expected float"),
         (["quantizer.kind=fsq", "quantizer.fsq_levels=8"],
          r"quantizer\.fsq_levels=8 has the wrong type int: expected list of int"),
@@ -133,6 +136,74 @@ def test_smoke_shrinks_and_is_idempotent():
 def test_bad_input_names_field_value_and_what_is_allowed(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(SYNTHETIC_YAML, overrides)
+
+
+@pytest.mark.parametrize("value", ["1.5e3", "1500.0", "15e2", "1.5E+3"])
+def test_an_integral_float_is_the_int_it_means(value):
+    # YAML 1.1 reads 1.5e3 as the string '1.5e3' and 1500.0 as a float: both mean 1500 steps,
+    # and the run is the one schedule.steps=1500 names (the same id).
+    config = load_config(SYNTHETIC_YAML, [f"schedule.steps={value}"])
+    assert config.schedule.steps == 1500 and type(config.schedule.steps) is int
+    assert config.run_id == load_config(SYNTHETIC_YAML, ["schedule.steps=1500"]).run_id
+    assert load_config(SYNTHETIC_YAML, ["quantizer.kind=fsq", f"quantizer.fsq_levels=[8.0, {value}]"]
+                       ).quantizer.fsq_levels == (8, 1500)
+
+
+# Every weight and temperature a config sets: none may be negative (a temperature not even 0).
+NON_NEGATIVE = ["quantizer.diversity_gamma", "quantizer.entropy_loss_weight", "quantizer.commitment_loss_weight",
+                "loss.l1_weight", "loss.l2_weight", "anneal.entropy_start", "anneal.commitment_start"]
+POSITIVE = ["quantizer.inv_temperature", "anneal.inv_temperature_start", "quantizer.codebook_scale"]
+
+
+@pytest.mark.parametrize("key", [*NON_NEGATIVE, *POSITIVE, "quantizer.codebook_loss_weight"])
+def test_negative_weights_and_temperatures_are_refused_in_one_line(key):
+    kind = ["quantizer.kind=vq"] if key == "quantizer.codebook_loss_weight" else []
+    with pytest.raises(ConfigError) as e:
+        load_config(SYNTHETIC_YAML, [*kind, f"{key}=-0.5"])
+    message = str(e.value)
+    assert message.startswith(f"{key}=-0.5 is invalid: must be ") and "\n" not in message
+    assert (">= 0" if key not in POSITIVE else "> 0") in message
+    if key in NON_NEGATIVE:  # 0 switches a term off: allowed
+        load_config(SYNTHETIC_YAML, [f"{key}=0", *(["loss.l1_weight=1"] if key == "loss.l2_weight" else [])])
+
+
+def test_explicit_values_win_over_the_smoke_preset():
+    # The command line's values (explicit) are kept; the file's are shrunk.
+    config = load_config(SYNTHETIC_YAML, explicit=["scale=smoke", "data.batch_size=100000000000",
+                                                   "schedule.steps=200", "logging.diagnostics_every=3"])
+    ran = config.resolved()
+    assert (ran.data.batch_size, ran.schedule.steps) == (100000000000, 200)
+    assert ran.logging.diagnostics_every == 3  # the preset used to reset the logging section whole
+    assert (ran.data.val_size, ran.schedule.val_every, ran.optim.warmup_steps) == (256, 10, 5)  # still shrunk
+    assert config.explicit == ("data.batch_size", "schedule.steps")  # the values the preset would change
+    # Read back from config.json it resolves to the same values and the same id.
+    again = Config.from_dict({**ran.to_dict(), "run_id": config.run_id})
+    assert again.resolved() == ran and again.run_id == config.run_id
+    assert ran.to_dict()["explicit"] == ["data.batch_size", "schedule.steps"]
+    # Order does not matter, and the file's scale counts as much as the command line's.
+    assert load_config(SYNTHETIC_YAML, ["scale=smoke"], explicit=["schedule.steps=200"]).resolved().schedule.steps == 200
+    # Overrides that are part of the config (a sweep's grid, the Python API) are shrunk, as before.
+    assert load_config(SYNTHETIC_YAML, ["scale=smoke", "data.batch_size=512"]).resolved().data.batch_size == 64
+
+
+def test_an_explicit_value_the_preset_keeps_anyway_changes_nothing():
+    # Below the cap the preset changes nothing: the config (id, config.json) is the one it always was.
+    plain = load_config(SYNTHETIC_YAML, ["scale=smoke", "data.batch_size=32"])
+    given = load_config(SYNTHETIC_YAML, explicit=["scale=smoke", "data.batch_size=32"])
+    assert given == plain and given.explicit == () and "explicit" not in given.resolved().to_dict()
+    # At scale=full nothing is shrunk, so nothing is recorded.
+    assert load_config(SYNTHETIC_YAML, explicit=["data.batch_size=512"]).explicit == ()
+
+
+def test_explicit_images_task_sizes_win_too():
+    config = load_config({"task": "images"}, explicit=["scale=smoke", "model.num_res_blocks=2", "data.resolution=64"])
+    ran = config.resolved()
+    assert (ran.model.num_res_blocks, ran.data.resolution, ran.model.base_channels) == (2, 64, 16)
+
+
+def test_explicit_must_name_config_keys():
+    with pytest.raises(ConfigError, match=r"explicit=\['data\.batchsize'\] is invalid: .*did you mean 'data\.batch_size'"):
+        Config(explicit=("data.batchsize",))
 
 
 def test_config_error_is_a_value_error_and_raised_at_construction():

@@ -42,6 +42,19 @@ def test_overrides_apply_last_and_identical_runs_are_deduplicated(tmp_path: Path
     assert all(r.config.scale == "smoke" for r in smoke)
 
 
+def test_the_command_lines_values_win_over_smoke_and_the_sweeps_own_are_shrunk(tmp_path: Path) -> None:
+    # scale=smoke is for trying the whole sweep in seconds: its grid and overrides are shrunk; a value
+    # given on submit's command line beside scale=smoke is explicit and kept as given.
+    path = write_sweep(tmp_path, "w", grid={"data.batch_size": [32, 512]}, overrides=["schedule.steps=200"])
+    runs = expand(load_sweep(path), ["scale=smoke", "optim.warmup_steps=50"])
+    ran = [r.config.resolved() for r in runs]
+    assert sorted(c.data.batch_size for c in ran) == [32, 64]
+    assert {(c.schedule.steps, c.optim.warmup_steps) for c in ran} == {(30, 50)}
+    assert {r.config.explicit for r in runs} == {("optim.warmup_steps",)}
+    # The job record (config.to_dict()) trains the same run.
+    assert {load_config(r.config.to_dict()).run_id for r in runs} == {r.run_id for r in runs}
+
+
 def test_a_bad_value_names_the_run_and_the_field(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, "bad", grid={"quantizer.frac_per_sample_entropy": [0.5, 1.5]}, seeds=[0, 1])
     with pytest.raises(SweepError) as e:
