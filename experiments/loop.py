@@ -133,6 +133,12 @@ class Training:
             if step % config.schedule.val_every == 0 or last:
                 self.validate(step)
             state.wall_time_s = wall_before + time.perf_counter() - t_start
+            if last and step % config.logging.histogram_every != 0:
+                # The run's final histogram snapshot (before the checkpoint, whose state must know it
+                # was sent). Not when the periodic one came at step - 1 (steps count from 1 here, the
+                # monitor's snapshots follow steps s with (s + 1) % histogram_every == 0): a snapshot
+                # of one step would replace the last full one as the run's final distribution.
+                self.monitor.snapshot()
             if step % config.schedule.checkpoint_every == 0 or last:
                 self.save_checkpoint(step)
             if self.main:
@@ -239,5 +245,7 @@ class Training:
         of the claim's lock while they live), even while a traceback still refers to this attempt."""
         # Under DDP no flush here: an erroring rank must not enter a collective the others may
         # never join (the rows it drops are past the checkpoint and rewritten on resume).
-        self.monitor.detach(flush=self.world == 1)
+        # No final snapshot here: the run ended with one (train), or it stopped and resumes from a
+        # checkpoint whose state still holds those counts.
+        self.monitor.detach(flush=self.world == 1, snapshot=False)
         self.batches = None

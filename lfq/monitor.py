@@ -38,10 +38,11 @@ from the indices on every step.
 Evaluation. ``with monitor.evaluating() as ev: ...`` counts every token the watched layers see
 in the block, over all ranks, and on exit ``ev.records`` holds one record per (layer,
 codebook): ``kind="evaluation"``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used
-at least once in the whole pass / codebook size) and ``perplexity``; ``ev.usage_fraction()``
-is their mean. ``monitor.evaluate(loader)`` runs the model in eval mode without gradients over
+at least once in the whole pass / codebook size), ``perplexity``, ``tokens_per_code`` and
+``usage_ceiling`` (1 - exp(-tokens / codebook_size): what a uniform assignment of that many
+tokens reaches, ``lfq.records``); ``ev.usage_fraction()`` is the mean usage. ``monitor.evaluate(loader)`` runs the model in eval mode without gradients over
 ``loader`` inside such a block; ``log=True`` also sends the records to the sink with the
-current ``step``.
+current ``step`` (TensorBoard and wandb: the ``lfq_eval.*`` scalars, ``lfq.sinks.scalar_tags``).
 
 Steps. ``set_step(s)`` says which step the following forward passes belong to (steps never
 decrease). If it is never called, every training-mode forward pass of ``model`` itself
@@ -66,9 +67,10 @@ of the latent sums on diagnostic steps.
 Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
 state and its own records (``mode`` column), so validation does not revive dead codes.
 
-Records. Each closed step makes one record per (layer, codebook, mode) for the ``sink``; with
-a ``histogram_sink``, every ``histogram_every`` steps the counts since the previous snapshot
-go there as sparse rows. Their columns, the format ``analysis`` reads, are defined in the
+Records. Each closed step makes one record per (layer, codebook, mode) for the ``sink``
+(``log_every`` only batches them: see the constructor); with a ``histogram_sink`` (by default
+where the sink keeps histograms, see the constructor), every ``histogram_every`` steps and at
+``detach()`` the counts since the previous snapshot go there as sparse rows. Their columns, the format ``analysis`` reads, are defined in the
 ``lfq.records`` docstring. ``histogram(layer)`` is the cumulative (num_codebooks,
 codebook_size) count tensor.
 
@@ -90,6 +92,9 @@ its shard) and call ``set_step``/``flush``/``state_dict``/``detach`` at the same
 Resuming: ``state_dict()`` first flushes, so the sink holds every record up to the
 checkpoint and the state holds no pending records; truncating the log to the checkpoint's
 step and calling ``load_state_dict`` then yields the same records as an uninterrupted run.
+The final snapshot of ``detach()`` is the end of a run: a run that stops to be resumed
+detaches with ``snapshot=False``, and a loop that checkpoints its last step calls
+``snapshot()`` before that checkpoint (``experiments.loop`` does both).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +111,7 @@ from lfq.adapters import Adapter
 from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
 from lfq.records import RECORD_COLUMNS, Evaluation, evaluation_records, snapshot_records, step_records
-from lfq.sinks import JsonlSink, MemorySink, Sink
+from lfq.sinks import JsonlSink, MemorySink, Sink, default_histogram_sink
 from lfq.step_counts import (
     MODES,
     ClosedStep,
@@ -136,15 +141,30 @@ class LFQMonitor(MonitorHooks):
         model: nn.Module,
         sink: Sink,
         *,
-        log_every: int = 50,  # closed steps per flush (one device-to-host transfer)
+        log_every: int = 50,  # steps per flush: every step gets its rows; they reach the sink in batches of this many
         usage_window: int = 100,  # steps over which usage_fraction counts a code as used
         dead_after: int = 100,  # steps without use after which a code is dead
-        histogram_every: int = 500,  # steps between histogram snapshots (with histogram_sink)
-        histogram_sink: Sink | None = None,  # receives the sparse histogram snapshots
+        histogram_every: int = 500,  # steps between histogram snapshots; detach() sends a final one
+        histogram_sink: Sink | None | Literal[False] = None,  # the snapshots; None: default_histogram_sink(sink)
         distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
         diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
         adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
     ):
+        """Watch every quantizer in ``model`` (the module docstring is the manual).
+
+        ``log_every`` does not thin the records: every closed step makes its rows (one per
+        layer, codebook and mode) whatever ``log_every`` is. It is how many closed steps the
+        monitor holds on the device before a flush sends their rows to ``sink`` in one batch
+        (one device-to-host transfer), so a sink sees a step up to ``log_every`` steps late,
+        and it is the default period of the latent diagnostics (``diagnostics_every``): the
+        columns computed only on diagnostic steps are NaN in the other rows.
+
+        ``histogram_sink``: where the sparse histogram snapshots go, every ``histogram_every``
+        steps and once more at ``detach()`` (so every run ends with one). None (default): where
+        ``sink`` keeps them (``lfq.sinks.default_histogram_sink``: a TensorBoardSink or WandbSink
+        itself, ``metrics.histograms.jsonl`` beside a ``JsonlSink("metrics.jsonl")``, nowhere for
+        other sinks); False: no snapshots.
+        """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(sink):
@@ -152,10 +172,12 @@ class LFQMonitor(MonitorHooks):
                 f"sink must be a callable taking a list of dict records (e.g. MemorySink() or "
                 f"JsonlSink(path)), got {sink!r}"
             )
-        if histogram_sink is not None and not callable(histogram_sink):
-            raise ValueError(f"histogram_sink must be None or a callable like sink, got {histogram_sink!r}")
+        if histogram_sink is not None and histogram_sink is not False and not callable(histogram_sink):
+            raise ValueError(f"histogram_sink must be None (where sink keeps them), False (none) or a callable "
+                             f"like sink, got {histogram_sink!r}")
         self.sink = sink
-        self.histogram_sink = histogram_sink
+        self.histogram_sink: Sink | None = (default_histogram_sink(sink) if histogram_sink is None
+                                            else histogram_sink or None)
         self.log_every = _positive_int("log_every", log_every)
         self.usage_window = _positive_int("usage_window", usage_window)
         self.dead_after = _positive_int("dead_after", dead_after)
@@ -254,6 +276,16 @@ class LFQMonitor(MonitorHooks):
         if snapshots and self.histogram_sink is not None:
             self.histogram_sink(snapshot_records(snapshots))
 
+    def snapshot(self) -> None:
+        """Close the current step and queue a histogram snapshot of every (layer, mode): the counts
+        since the previous snapshot, under the current step (layers untouched since then are left
+        out); it goes to ``histogram_sink`` at the next flush. ``detach()`` calls it; a training
+        loop that checkpoints calls it before its last checkpoint, so that the checkpoint's state
+        knows the snapshot was sent (see "Resuming"). Without a histogram_sink, only closes the step."""
+        self._close_step()
+        if self.histogram_sink is not None:
+            self._take_snapshots(self._step)
+
     @contextlib.contextmanager
     def evaluating(self, log: bool = False) -> Iterator[Evaluation]:
         """Count every token the watched layers see inside the block (any mode), over all ranks;
@@ -341,16 +373,21 @@ class LFQMonitor(MonitorHooks):
         self._pending_steps, self._pending_snapshots, self._closed_unflushed = [], [], 0
         self._last_stats_seen.clear()
 
-    def detach(self, flush: bool = True) -> None:
-        """Flush, then remove every hook this monitor registered. Idempotent.
+    def detach(self, flush: bool = True, snapshot: bool = True) -> None:
+        """Close the last step, take a final histogram snapshot (``snapshot()``), flush, then
+        remove every hook this monitor registered. Idempotent.
 
-        ``flush=False`` drops the unflushed steps instead: a rank unwinding from an error
-        must not enter a collective that the other ranks may never join.
+        ``snapshot=False``: no final snapshot, for a run that is interrupted and will resume
+        from a checkpoint (the resumed run sends those counts in its next snapshot).
+        ``flush=False`` drops the unflushed steps instead (and takes no snapshot): a rank
+        unwinding from an error must not enter a collective that the other ranks may never join.
         """
         if not self._handles:
             return
         try:
             if flush:
+                if snapshot:
+                    self.snapshot()
                 self.flush()
         finally:
             for handle in self._handles:

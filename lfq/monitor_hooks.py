@@ -227,9 +227,13 @@ class MonitorHooks:
                                                summarize=summarize, batched=self.log_every >= 4)
         self._closed_unflushed += 1
         if self.histogram_sink is not None and (step + 1) % self.histogram_every == 0:
-            self._settle()
-            for name, spec in self._layers.items():
-                for mode, usage in self._usage[name].items():
-                    counts = usage.take_snapshot()
-                    if counts is not None:
-                        self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))
+            self._take_snapshots(step)
+
+    def _take_snapshots(self, step: int) -> None:
+        """Queue, under ``step``, the counts of every (layer, mode) touched since its last snapshot."""
+        self._settle()
+        for name, spec in self._layers.items():
+            for mode, usage in self._usage[name].items():
+                counts = usage.take_snapshot()
+                if counts is not None:
+                    self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))

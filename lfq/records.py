@@ -34,14 +34,31 @@ Step records (``step_records``), one row per (step, layer, codebook, mode), colu
   entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
   (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
 
-Histogram rows (``snapshot_records``): with ``LFQMonitor(histogram_sink=...)``, after every step
-``s`` with ``(s + 1) % histogram_every == 0`` the counts since the previous snapshot go there,
-at the next flush, as sparse rows ``{step, layer, codebook, codebook_size, mode, codes,
+Histogram rows (``snapshot_records``): to ``LFQMonitor``'s histogram sink (by default where its
+sink keeps them: ``lfq.sinks.default_histogram_sink``), after every step ``s`` with ``(s + 1) %
+histogram_every == 0``, and at ``detach()`` (or ``snapshot()``) under the last step, the counts
+since the previous snapshot go there, at the next flush, as sparse rows ``{step, layer, codebook, codebook_size, mode, codes,
 counts}`` (layers not run since the previous snapshot are left out), with ``bit_frequencies``
 (per bit, MSB first, the fraction of those tokens with the bit set) for binary quantizers.
 
 Evaluation records (``evaluation_records``), one per (layer, codebook) of an evaluation pass, make
-up the ``Evaluation`` that ``LFQMonitor.evaluating()`` returns (its docstring has their columns).
+up the ``Evaluation`` that ``LFQMonitor.evaluating()`` returns: ``kind="evaluation"``, ``layer``,
+``codebook``, ``codebook_size`` (K), and over the whole pass and every rank
+- ``tokens`` (N, kept tokens), ``codes_used``, ``usage_fraction`` (codes used at least once / K)
+  and ``perplexity`` (exp of the entropy of the pass's histogram; NaN when N = 0);
+- ``tokens_per_code``: N / K; ``usage_ceiling``: 1 - exp(-N / K), the expected share of the
+  codebook that N tokens drawn uniformly over the K codes reach (each code is missed with
+  probability (1 - 1/K)^N ~ exp(-N/K)). A pass of few tokens holds ``usage_fraction`` near
+  this even for a perfectly uniform quantizer, and never above N / K (368 tokens for 1,024
+  codes: ceiling 0.30, at most 0.36); read usage against it, as capped when N / K < 4
+  (ceiling below 0.98).
+With ``evaluate(log=True)`` they also go to the sink with ``step`` = the monitor's step.
+
+Timing. Every closed step makes its step records; ``log_every`` (``LFQMonitor``) does not thin
+them, it only sets how many closed steps are sent to the sink together (and the default
+period of the diagnostics, whose columns are NaN on the other steps). A record can reach the
+sink up to ``log_every`` steps after its step; ``flush()``, ``state_dict()`` and ``detach()``
+send the pending ones.
 """
 
 from __future__ import annotations
@@ -145,10 +162,12 @@ def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) 
         books = spec.num_codebooks
         for codebook in range(books):
             used, tokens, n_log_n = flat[codebook], flat[books + codebook], flat[2 * books + codebook]
+            per_code = tokens / spec.codebook_size
             records.append({
                 "kind": "evaluation", "layer": name, "codebook": codebook, "codebook_size": spec.codebook_size,
                 "tokens": int(tokens), "codes_used": int(used), "usage_fraction": used / spec.codebook_size,
                 "perplexity": math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan,
+                "tokens_per_code": per_code, "usage_ceiling": -math.expm1(-per_code),
             })
     return records
 
@@ -178,8 +197,9 @@ class Evaluation:
     """What ``LFQMonitor.evaluating()`` measured, filled in when the block exits: ``records``, one
     dict per (layer, codebook) with ``kind="evaluation"``, ``layer``, ``codebook``,
     ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
-    in the pass / codebook size) and ``perplexity`` (exp of the entropy of the pass's histogram),
-    over every rank's tokens."""
+    in the pass / codebook size), ``perplexity`` (exp of the entropy of the pass's histogram),
+    ``tokens_per_code`` and ``usage_ceiling`` (1 - exp(-tokens / codebook_size), what a uniform
+    assignment of the pass's tokens reaches), over every rank's tokens (module docstring)."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []

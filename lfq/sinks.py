@@ -7,6 +7,11 @@ lines=True)`` and Python's ``json`` read back as floats). ``TensorBoardSink`` an
 write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
 ``wandb`` when constructed (optional extras), so ``lfq`` imports with torch and einops alone.
 ``Tee`` sends the same records to several sinks. Scalars are named by :func:`scalar_tags`.
+
+Histogram snapshots: ``LFQMonitor(histogram_sink=None)`` (the default) sends them where the
+sink keeps them, :func:`default_histogram_sink`: a ``TensorBoardSink`` or ``WandbSink`` draws
+them itself, a ``JsonlSink("metrics.jsonl")`` puts them in ``metrics.histograms.jsonl`` beside
+it (``JsonlSink.histogram_path``), a ``Tee`` does both for its members; other sinks get none.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ class JsonlSink:
         # NaN marks "not reported" (eval-mode losses); pandas reads it as NaN.
         append_jsonl(self.path, records)
 
+    @property
+    def histogram_path(self) -> Path:
+        """Where the monitor's histogram snapshots go by default: ``<stem>.histograms<suffix>``
+        beside the file (``metrics.jsonl`` -> ``metrics.histograms.jsonl``)."""
+        return self.path.with_name(f"{self.path.stem}.histograms{self.path.suffix or '.jsonl'}")
+
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
 
@@ -84,24 +95,60 @@ class Tee:
 ID_FIELDS = frozenset({"step", "layer", "codebook", "kind", "mode", "codebook_size"})
 PER_BIT_PREFIXES = ("bit_frequency_", "bit_entropy_")  # per-bit columns: drawn as an image instead
 STEP_TAG = "lfq/step"  # the x axis of WandbSink's charts
+TRAIN_FAMILY, EVAL_FAMILY = "lfq", "lfq_eval"  # the two tag families of the scalar sinks
 
 
 def scalar_tags(record: Record) -> dict[str, float]:
-    """The scalars of one monitor record under grouped tags: ``lfq.<layer>.codebook<c>/<column>``
-    for training rows, ``lfq_eval.`` for eval-mode rows, ``lfq_evaluation.`` for the records of
-    ``LFQMonitor.evaluate``. Per-bit columns are left out (TensorBoardSink and WandbSink draw
-    them as an image); so are histogram snapshots (``codes``/``counts``) and non-numbers."""
+    """The scalars of one monitor record that TensorBoardSink, WandbSink and the Lightning
+    callback log, under grouped tags, only what was computed:
+
+    - training rows (``kind="quantizer"``, ``mode="train"``): ``lfq.<layer>.codebook<c>/<column>``;
+    - evaluation passes (``kind="evaluation"``: ``LFQMonitor.evaluate(log=True)``, the Lightning
+      callback's validation epochs): ``lfq_eval.<layer>.codebook<c>/<column>``, the one family of
+      evaluation scalars (whole-pass usage, ``usage_ceiling``, ...), beside the eval-mode code
+      histograms ``lfq_eval.<layer>.codebook<c>/codes``;
+    - eval-mode step rows (``kind="quantizer"``, ``mode="eval"``): none. Their losses are NaN by
+      contract and their per-step usage would share tags with the evaluation pass's; they stay
+      in the JSON lines (measure validation with ``LFQMonitor.evaluating``/``evaluate``).
+
+    NaN values are left out: NaN in a record means "not computed on this step" (the latent
+    diagnostics and the monitor's own entropies off diagnostic steps, losses a quantizer does
+    not report), and a NaN scalar would draw a point that was never measured. So are per-bit
+    columns (drawn as an image), histogram snapshots (``codes``/``counts``) and non-numbers.
+    ``JsonlSink`` keeps every row whole, NaN included: its rows are a table (``RECORD_COLUMNS``)
+    that ``analysis`` and pandas read column by column."""
     if "codes" in record:
         return {}
     kind, mode = record.get("kind", "quantizer"), record.get("mode", "train")
-    prefix = {"evaluation": "lfq_evaluation"}.get(kind, "lfq" if mode == "train" else "lfq_eval")
+    if kind == "evaluation":
+        prefix = EVAL_FAMILY
+    elif mode == "train":
+        prefix = TRAIN_FAMILY
+    else:
+        return {}
     group = f"{prefix}.{record.get('layer', '')}.codebook{record.get('codebook', 0)}" if "layer" in record \
         else f"{prefix}.{kind}"
     return {
         f"{group}/{name}": float(value) for name, value in record.items()
         if name not in ID_FIELDS and not name.startswith(PER_BIT_PREFIXES)
-        and isinstance(value, (int, float)) and not isinstance(value, bool)
+        and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     }
+
+
+def default_histogram_sink(sink: Sink) -> Sink | None:
+    """The sink that gets the histogram snapshots of ``LFQMonitor(sink=sink)`` when no
+    ``histogram_sink`` is given: the sink itself for TensorBoardSink and WandbSink (a code
+    histogram and a per-bit image each), a JsonlSink of ``sink.histogram_path`` for a
+    JsonlSink (the metrics file stays one table), a Tee of its members' for a Tee; None (no
+    snapshots) for any other sink, e.g. MemorySink or a function."""
+    if isinstance(sink, (TensorBoardSink, WandbSink)):
+        return sink
+    if isinstance(sink, JsonlSink):
+        return JsonlSink(sink.histogram_path)
+    if isinstance(sink, Tee):
+        members = [h for h in map(default_histogram_sink, sink.sinks) if h is not None]
+        return Tee(*members) if members else None
+    return None
 
 
 def histogram_buckets(record: Record, max_buckets: int = 64) -> tuple[list[float], list[float]]:
@@ -136,14 +183,15 @@ def _snapshot_groups(records: list[Record]) -> dict[tuple[int, str, str], list[R
 
 
 def _snapshot_prefix(layer: str, mode: str) -> str:
-    return f"{'lfq' if mode == 'train' else 'lfq_eval'}.{layer}"
+    return f"{TRAIN_FAMILY if mode == 'train' else EVAL_FAMILY}.{layer}"
 
 
 class TensorBoardSink:
     """Writes monitor records to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``;
     needs the ``tensorboard`` package: ``pip install lfq-suite[tensorboard]``).
 
-    Use it as both ``sink`` and ``histogram_sink``. Scalars go under :func:`scalar_tags` at the
+    As the monitor's ``sink`` it also gets the histogram snapshots (``histogram_sink`` defaults
+    to it). Scalars go under :func:`scalar_tags` at the
     record's step; a histogram snapshot becomes a histogram of code indices
     (``lfq.<layer>.codebook<c>/codes``) and, for binary codes, an image of the per-bit usage
     (``lfq.<layer>/bit_frequencies``: codebooks x bits). ``writer``: an existing
@@ -216,7 +264,7 @@ class WandbSink:
                                "wandb.init() first or pass the run")
         if id(run) not in self._defined:
             run.define_metric(STEP_TAG)
-            for prefix in ("lfq.*", "lfq_eval.*", "lfq_evaluation.*"):
+            for prefix in (f"{TRAIN_FAMILY}.*", f"{EVAL_FAMILY}.*"):
                 run.define_metric(prefix, step_metric=STEP_TAG)
             self._defined.add(id(run))
         return run

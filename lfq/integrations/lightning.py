@@ -9,10 +9,11 @@ gradient accumulation, are one step), and logs through the trainer's loggers: a
 ``TensorBoardLogger`` gets everything :class:`lfq.TensorBoardSink` writes (scalars, code
 histograms, per-bit images), a ``WandbLogger`` everything :class:`lfq.WandbSink` logs, any other
 logger the scalars (``log_metrics``). Each validation epoch (not the sanity check) is an
-evaluation pass (``LFQMonitor.evaluating``): its usage per layer and codebook is logged as
-``lfq_evaluation.*`` scalars, and the mean over layers and codebooks as
+evaluation pass (``LFQMonitor.evaluating``): its usage per layer and codebook (with
+``usage_ceiling``) is logged as ``lfq_eval.*`` scalars (``lfq.sinks.scalar_tags``), and the mean over layers and codebooks as
 ``val_usage_fraction`` through ``LightningModule.log`` (so ``ModelCheckpoint`` can monitor it).
-Under DDP the monitor reduces its counts over the ranks itself and only rank 0 logs.
+Under DDP the monitor reduces its counts over the ranks itself and only rank 0 logs. At the
+end of training the last step and a final histogram snapshot are logged.
 The monitor's state is saved in the trainer's checkpoints and restored on resume.
 """
 
@@ -28,7 +29,7 @@ except ImportError as err:  # lfq itself needs torch and einops only
 
 from lfq.adapters import Adapter
 from lfq.monitor import Evaluation, LFQMonitor
-from lfq.sinks import Record, Sink, TensorBoardSink, WandbSink, scalar_tags
+from lfq.sinks import Record, Sink, TensorBoardSink, WandbSink, default_histogram_sink, scalar_tags
 
 __all__ = ["LFQMonitorCallback"]
 
@@ -37,14 +38,15 @@ class LFQMonitorCallback(pl.Callback):
     def __init__(
         self,
         *,
-        log_every: int = 50,  # closed steps per flush to the loggers
+        log_every: int = 50,  # steps per flush: every step is logged, in batches of this many steps
         usage_window: int = 100,
         dead_after: int = 100,
         histogram_every: int = 500,  # steps between code-histogram snapshots; None: no snapshots
         diagnostics_every: int | None = None,  # None: log_every
         adapters: Mapping[str | type, Adapter] | None = None,
         validation: bool = True,  # measure every validation epoch's usage
-        sink: Sink | None = None,  # also send every record here (e.g. lfq.JsonlSink("metrics.jsonl"))
+        sink: Sink | None = None,  # also send every record here (e.g. lfq.JsonlSink("metrics.jsonl"); its histograms:
+        # lfq.sinks.default_histogram_sink, metrics.histograms.jsonl beside it)
     ) -> None:
         super().__init__()
         self._options = dict(log_every=log_every, usage_window=usage_window, dead_after=dead_after,
@@ -59,6 +61,7 @@ class LFQMonitorCallback(pl.Callback):
         self._final_state: dict[str, Any] | None = None  # after fit, for a checkpoint saved then
         self._evaluating: Any = None
         self._sinks: dict[int, Sink] = {}
+        self._extra_histograms: Sink | None = None  # where sink's histogram snapshots go, built once
 
     # ---------------------------------------------------------------- records -> loggers
 
@@ -76,14 +79,22 @@ class LFQMonitorCallback(pl.Callback):
                 self._sinks[key] = _MetricsSink(logger)
         return self._sinks[key]
 
-    def _log(self, records: list[Record]) -> None:
-        if self.extra_sink is not None:
-            self.extra_sink(records)
+    def _log(self, records: list[Record], extra: Sink | None = None) -> None:
+        extra = self.extra_sink if extra is None else extra
+        if extra is not None:
+            extra(records)
         trainer = self._trainer
         if trainer is None:
             return
         for logger in trainer.loggers:
             self._logger_sink(logger)(records)
+
+    def _log_histograms(self, records: list[Record]) -> None:
+        """Snapshots: to the loggers, and to where ``sink`` keeps histograms (``metrics.histograms.jsonl``
+        beside a ``JsonlSink("metrics.jsonl")``; none for a sink without a place for them)."""
+        if self.extra_sink is not None and self._extra_histograms is None:
+            self._extra_histograms = default_histogram_sink(self.extra_sink) or (lambda records: None)
+        self._log(records, extra=self._extra_histograms)
 
     # ---------------------------------------------------------------- hooks
 
@@ -91,7 +102,7 @@ class LFQMonitorCallback(pl.Callback):
         self._trainer = trainer
         if self.monitor is not None:
             return
-        self.monitor = LFQMonitor(pl_module, sink=self._log, histogram_sink=self._log if self._histogram_every else None,
+        self.monitor = LFQMonitor(pl_module, sink=self._log, histogram_sink=self._log_histograms if self._histogram_every else False,
                                   histogram_every=self._histogram_every or 1, **self._options)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -117,12 +128,14 @@ class LFQMonitorCallback(pl.Callback):
                 self._log([{"step": trainer.global_step, **r} for r in evaluation.records])
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.monitor.snapshot()  # the run's final histogram, while the loggers are open
         self.monitor.flush()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.monitor is not None and stage == "fit":
-            self._final_state = self.monitor.state_dict()  # flushes
-            self.monitor.detach()
+            self.monitor.snapshot()  # none after on_train_end; a fit that raised gets its final one here
+            self._final_state = self.monitor.state_dict()  # flushes; knows the snapshot was sent
+            self.monitor.detach(snapshot=False)  # taken above
             self.monitor = None
 
     def state_dict(self) -> dict[str, Any]:

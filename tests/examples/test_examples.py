@@ -34,7 +34,7 @@ def test_upstream_lfq_tensorboard_example(tmp_path: Path):
     assert [r["step"] for r in train if r["batch_entropy"] == r["batch_entropy"]] == [0, 2]
     tags = _tags(tmp_path)
     assert "lfq.quantizer.codebook0/batch_entropy" in tags["scalars"]
-    assert "lfq_evaluation.quantizer.codebook0/usage_fraction" in tags["scalars"]
+    assert "lfq_eval.quantizer.codebook0/usage_fraction" in tags["scalars"]
     assert "lfq.quantizer/bit_frequencies" in tags["images"]
 
 
@@ -42,5 +42,5 @@ def test_lightning_example(tmp_path: Path):
     out = _run("lightning_lfq.py", tmp_path, "--steps", "4", "--log-every", "2")
     assert "validation usage:" in out
     tags = _tags(tmp_path)
-    assert {"lfq.quantizer.codebook0/usage_fraction", "lfq_evaluation.quantizer.codebook0/usage_fraction",
+    assert {"lfq.quantizer.codebook0/usage_fraction", "lfq_eval.quantizer.codebook0/usage_fraction",
             "val_usage_fraction"} <= set(tags["scalars"])

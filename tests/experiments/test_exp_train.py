@@ -83,6 +83,24 @@ def test_kill_and_resume_ends_as_if_never_interrupted(tmp_path, kind):
     assert read_rows(rd.histograms) == read_rows(tmp_path / "ref" / "histograms.jsonl")
 
 
+def test_a_run_ends_with_a_histogram_and_resumes_without_repeating_one(tmp_path):
+    """15 steps, snapshots every 10 (after step 9): the run's last step has a final snapshot.
+    Killed right after the checkpoint of step 10 (the monitor detaches as the attempt closes), it
+    leaves no snapshot there for the resumed run to repeat: the logs end as the reference's.
+    At 20 steps the snapshot of step 19 is the last (not one of step 20 alone)."""
+    run(smoke_config("schedule.steps=20"), tmp_path / "twenty")
+    steps = {r["step"] for r in read_rows(tmp_path / "twenty" / "histograms.jsonl") if r["mode"] == "train"}
+    assert sorted(steps) == [9, 19]
+    config = smoke_config("schedule.steps=15")
+    run(config, tmp_path / "ref")
+    reference = read_rows(tmp_path / "ref" / "histograms.jsonl")
+    assert sorted({r["step"] for r in reference if r["mode"] == "train"}) == [9, 15]
+    with pytest.raises(Kill):
+        run(config, tmp_path / "run", on_step=kill_at(10))
+    run(config, tmp_path / "run")
+    assert read_rows(tmp_path / "run" / "histograms.jsonl") == reference
+
+
 def test_killed_before_the_first_checkpoint_starts_over(tmp_path):
     config = smoke_config()
     reference = run(config, tmp_path / "ref")

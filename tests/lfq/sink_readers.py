@@ -67,15 +67,22 @@ def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def expected_scalars(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """(tag, step) -> value the sinks must have logged for monitor records (lfq.sinks.scalar_tags)."""
+    """(tag, step) -> value the sinks must have logged for monitor records (lfq.sinks.scalar_tags):
+    training rows under ``lfq.``, evaluation passes under ``lfq_eval.``, eval-mode step rows not
+    at all, and no NaN (a column not computed on that step)."""
     out = {}
     for r in records:
         if "codes" in r:
             continue
-        prefix = {"evaluation": "lfq_evaluation"}.get(r.get("kind"), "lfq" if r.get("mode", "train") == "train"
-                                                        else "lfq_eval")
+        if r.get("kind") == "evaluation":
+            prefix = "lfq_eval"
+        elif r.get("mode", "train") == "train":
+            prefix = "lfq"
+        else:
+            continue
         for name, value in r.items():
-            if name in ID_FIELDS or name.startswith(PER_BIT_PREFIXES) or not isinstance(value, (int, float)):
+            if name in ID_FIELDS or name.startswith(PER_BIT_PREFIXES) or not isinstance(value, (int, float)) \
+                    or math.isnan(value):
                 continue
             out[(f"{prefix}.{r['layer']}.codebook{r['codebook']}/{name}", r["step"])] = float(value)
     return out

@@ -6,6 +6,7 @@ a token whose channel j is +1 gets bit j set, so the test chooses every index.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -302,7 +303,7 @@ def _run(steps: range, inputs: list[torch.Tensor], state=None, checkpoint_at: in
         lfq(inputs[step])
         if step == checkpoint_at:
             saved = mon.state_dict()
-    mon.detach()
+    mon.detach(snapshot=checkpoint_at is None)  # a run stopped to be resumed takes no final snapshot
     return sink.records, hist.records, saved
 
 
@@ -342,6 +343,39 @@ def test_histogram_snapshots_are_sparse_counts_since_the_previous_one():
         {"step": 3, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [2], "counts": [3],
          "bit_frequencies": [0.0, 1.0, 0.0]},
     ]
+
+
+def test_the_readme_snippet_ends_with_a_histogram(tmp_path):
+    """README: LFQMonitor(model, sink=JsonlSink("metrics.jsonl"), log_every=50), 300 steps,
+    detach(). No snapshot step comes up (histogram_every=500), yet the run ends with one, beside
+    the metrics (metrics.histograms.jsonl), holding every token since the start."""
+    torch.manual_seed(0)
+    lfq = LFQ(dim=4)
+    monitor = LFQMonitor(lfq, sink=JsonlSink(tmp_path / "metrics.jsonl"), log_every=50)
+    for step in range(300):
+        monitor.set_step(step)
+        lfq(torch.randn(1, 8, 4))
+    monitor.detach()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.histograms.jsonl").read_text().splitlines()]
+    (row,) = rows
+    assert row["step"] == 299 and row["mode"] == "train" and sum(row["counts"]) == 300 * 8
+    metrics = pd.read_json(tmp_path / "metrics.jsonl", lines=True)
+    assert list(metrics["step"]) == list(range(300)) and "codes" not in metrics  # the metrics stay one table
+
+
+def test_detach_sends_the_counts_since_the_last_snapshot_once():
+    lfq, hist = LFQ(dim=3), MemorySink()
+    with LFQMonitor(lfq, MemorySink(), histogram_every=2, histogram_sink=hist) as mon:
+        for step, codes in enumerate([[1, 1], [5], [2]]):
+            mon.set_step(step)
+            lfq(tokens_for(codes, 3))
+    assert [(r["step"], r["codes"], r["counts"]) for r in hist.records] == [(1, [1, 5], [2, 1]), (2, [2], [1])]
+    mon.detach()  # idempotent: nothing sent twice
+    assert len(hist.records) == 2
+    quiet = MemorySink()  # histogram_sink=False: no snapshots, even with a JsonlSink
+    with LFQMonitor(lfq, quiet, histogram_sink=False) as mon:
+        lfq(tokens_for([1], 3))
+    assert mon.histogram_sink is None and all("codes" not in r for r in quiet.records)
 
 
 @pytest.mark.parametrize(

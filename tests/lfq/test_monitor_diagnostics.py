@@ -109,6 +109,30 @@ def test_evaluate_counts_every_token_of_the_pass():
     monitor.detach()
 
 
+def test_evaluation_records_carry_tokens_per_code_and_the_usage_ceiling():
+    """tokens_per_code = N / K and usage_ceiling = 1 - exp(-N / K), the expected share of K codes
+    that N uniformly drawn tokens reach: an LFQ fed random signs (uniform over its 2^10 codes)
+    lands on it, with the issue's 368 validation tokens for 1,024 codes (ceiling 0.30)."""
+    torch.manual_seed(2)
+    lfq, sink = LFQ(dim=10), MemorySink()
+    monitor = LFQMonitor(lfq, sink)
+    monitor.set_step(7)
+    evaluation = monitor.evaluate([torch.randn(4, 92, 10)], log=True)
+    (record,) = evaluation.records
+    assert record["tokens"] == 368 and record["tokens_per_code"] == 368 / 1024
+    # expm1 against exp: a few float64 roundings of a number near 0.3
+    assert record["usage_ceiling"] == pytest.approx(1 - math.exp(-368 / 1024), rel=1e-14)
+    assert record["usage_ceiling"] == pytest.approx(0.3019, abs=1e-4)
+    # codes used of N uniform draws: variance below K e^-λ (1 - e^-λ) (occupancies are negatively
+    # correlated), ~15 codes = 0.014 of the codebook; 5 of those
+    assert abs(record["usage_fraction"] - record["usage_ceiling"]) < 5 * math.sqrt(
+        1024 * math.exp(-368 / 1024) * record["usage_ceiling"]) / 1024
+    assert record["usage_fraction"] <= record["tokens_per_code"]  # never more codes than tokens
+    (logged,) = [r for r in sink.records if r["kind"] == "evaluation"]
+    assert logged == {"step": 7, **record}
+    monitor.detach()
+
+
 def test_no_host_transfer_between_flushes_with_diagnostics(monkeypatch):
     from lfq.code_usage import CodeUsage
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from sink_readers import expected_scalars, same, tensorboard_scalars
+from sink_readers import expected_scalars, same, tensorboard_events, tensorboard_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,6 +82,20 @@ def test_callback_logs_training_and_validation_usage_to_tensorboard(tmp_path: Pa
     for (tag, step), value in expected_scalars(records).items():
         assert same(scalars[tag][step], value), (tag, step)
     assert trainer.callback_metrics["val_usage_fraction"].item() == pytest.approx(evaluations[-1]["usage_fraction"])
+
+
+def test_a_fit_ends_with_a_histogram_apart_from_the_metrics(tmp_path: Path):
+    """4 steps, histogram_every 500: the end of training sends a final snapshot, to TensorBoard
+    and to metrics.histograms.jsonl beside the JSON-lines sink, whose rows stay one table."""
+    torch.manual_seed(0)
+    callback = LFQMonitorCallback(log_every=2, sink=JsonlSink(tmp_path / "metrics.jsonl"), validation=False)
+    trainer = _trainer(tmp_path, callback, max_steps=4, limit_val_batches=0)
+    trainer.fit(Tokenizer(), loader(16, 0))
+    assert not [r for r in _jsonl(tmp_path / "metrics.jsonl") if "codes" in r]
+    (snapshot,) = _jsonl(tmp_path / "metrics.histograms.jsonl")
+    assert snapshot["step"] == 3 and sum(snapshot["counts"]) == 4 * 4 * TOKENS
+    (histogram,) = tensorboard_events(Path(trainer.logger.log_dir)).Histograms("lfq.quantizer.codebook0/codes")
+    assert histogram.step == 3 and histogram.histogram_value.num == 4 * 4 * TOKENS
 
 
 def test_callback_state_resumes_from_the_trainer_checkpoint(tmp_path: Path):

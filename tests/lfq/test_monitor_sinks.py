@@ -4,6 +4,7 @@ columns read back from JSON lines, TensorBoard event files and an offline wandb 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_tensorboard_holds_the_jsonl_columns_histograms_and_bit_images(tmp_path:
     assert len(expected) > 100
     for (tag, step), value in expected.items():
         assert same(scalars[tag][step], value), (tag, step)
-    assert "lfq.1.codebook1/saturated_fraction" in scalars and "lfq_evaluation.1.codebook0/usage_fraction" in scalars
+    assert {(tag, step) for tag, by_step in scalars.items() for step in by_step} == set(expected)  # nothing else
+    _only_what_was_computed(scalars)
     events = tensorboard_events(tmp_path / "tb")
     tags = events.Tags()
     # the evaluation pass ran in step 5, a snapshot step: its eval-mode counts have their own snapshot
@@ -63,6 +65,21 @@ def test_tensorboard_holds_the_jsonl_columns_histograms_and_bit_images(tmp_path:
     assert list(histogram.histogram_value.bucket) == pytest.approx(histogram_buckets(first)[1])
     image = events.Images("lfq.1/bit_frequencies")[0]
     assert (image.width, image.height) == (6 * 8, 2 * 8)  # bits x codebooks, 8 px each
+
+
+def _only_what_was_computed(scalars: dict[str, dict[int, float]]) -> None:
+    """No NaN point; columns computed on diagnostic steps only (diagnostics_every=2: the latent
+    diagnostics, and the upstream LFQ's entropies, which the monitor computes from the latent)
+    at those steps; one evaluation family, lfq_eval, holding the evaluation pass (at step 5)."""
+    assert not [(tag, step) for tag, by_step in scalars.items() for step, v in by_step.items() if math.isnan(v)]
+    for column in ("saturated_fraction", "mean_abs_z", "per_sample_entropy", "batch_entropy", "commitment"):
+        assert set(scalars[f"lfq.1.codebook1/{column}"]) == {0, 2, 4}, column
+    assert set(scalars["lfq.1.codebook1/codes_used"]) == set(range(STEPS))
+    assert {tag.split(".")[0] for tag in scalars} == {"lfq", "lfq_eval"}
+    evaluation = {tag.split("/")[1] for tag in scalars if tag.startswith("lfq_eval.1.codebook0/")}
+    assert evaluation == {"tokens", "codes_used", "usage_fraction", "perplexity", "tokens_per_code", "usage_ceiling"}
+    assert set(scalars["lfq_eval.1.codebook0/usage_fraction"]) == {STEPS - 1}
+    assert scalars["lfq_eval.1.codebook0/tokens_per_code"][STEPS - 1] == 4 * 16 / 2**6
 
 
 def test_wandb_offline_run_holds_the_jsonl_columns(tmp_path: Path):
@@ -92,8 +109,33 @@ run.finish()
     assert len(expected) > 100
     for key, value in expected.items():
         assert same(logged[key], value), key
+    # the scalars (not the step axis, nor the fields of images and histograms: "<tag>/<field>")
+    scalars = {(tag, step): v for (tag, step), v in logged.items() if tag != STEP_TAG and tag.count("/") == 1}
+    assert set(scalars) == set(expected)  # nothing else: no NaN, no eval-mode step rows
+    by_tag: dict[str, dict[int, float]] = {}
+    for (tag, step), value in scalars.items():
+        by_tag.setdefault(tag, {})[step] = value
+    _only_what_was_computed(by_tag)
     # snapshots of steps 2 and 5 in training, of step 5 in eval mode; two codebooks each
     assert histograms == 3 * 2 and images == 3
+
+
+def test_a_tensorboard_sink_alone_ends_with_a_histogram(tmp_path: Path):
+    """README's TensorBoard snippet, shorter than histogram_every (500): the sink draws the
+    snapshots itself (histogram_sink defaults to it) and detach() sends the final one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), load_latest().LFQ(dim=6, codebook_size=2**6))
+    tb = TensorBoardSink(tmp_path / "tb")
+    monitor = LFQMonitor(model, sink=tb, log_every=50)
+    for step in range(60):
+        monitor.set_step(step)
+        model(torch.randn(2, 8, 5))
+    monitor.detach()
+    tb.close()
+    events = tensorboard_events(tmp_path / "tb")
+    (histogram,) = events.Histograms("lfq.1.codebook0/codes")
+    assert histogram.step == 59 and histogram.histogram_value.num == 60 * 16
+    assert [image.step for image in events.Images("lfq.1/bit_frequencies")] == [59]
 
 
 def test_sinks_explain_missing_runs_and_arguments(tmp_path: Path):
