@@ -11,9 +11,9 @@ Files ending in png, jpg, jpeg, webp or bmp (any case) count; hidden files and f
 Decoding handles grayscale, palette, alpha (composited on white), 16-bit and EXIF-rotated
 images. A file that cannot be decoded is replaced in its batch by the next readable file of
 the list (training) or left out (validation), and reported once by the training loop; it
-never stops a run. A file whose shorter side is under ``data.resolution`` is upscaled or, with
-``data.min_size=skip``, treated like an unreadable one (replaced, or left out of validation);
-either way it is counted and named once (:class:`Note`).
+never stops a run. A file whose shorter side is under ``data.min_size`` pixels is treated like an
+unreadable one (replaced, or left out of validation); one at or above it but under
+``data.resolution`` is upscaled; either way it is counted and named once (:class:`Note`).
 
 What a run read is recorded as a :func:`fingerprint` of its listing (file count, bytes, a hash
 of the relative paths and sizes), so that a finished run can tell that its folder changed.
@@ -43,8 +43,8 @@ MAX_TRIES = 16  # readable substitutes tried for an unreadable training file
 
 
 class Note(NamedTuple):
-    """A file that was not used as it is: ``kind`` is "unreadable", "small" (left out by
-    ``data.min_size=skip``) or "upscaled" (smaller than the resolution, used upscaled)."""
+    """A file that was not used as it is: ``kind`` is "unreadable", "small" (shorter side under
+    ``data.min_size``: left out) or "upscaled" (smaller than the resolution, used upscaled)."""
 
     kind: str
     path: str
@@ -52,7 +52,7 @@ class Note(NamedTuple):
 
 
 class TooSmall(ValueError):
-    """The image's shorter side is under the resolution and ``data.min_size=skip``."""
+    """The image's shorter side is under ``data.min_size``."""
 
 
 def _is_image(path: Path) -> bool:
@@ -218,18 +218,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_crop(path: Path, resolution: int, rng: np.random.Generator | None, min_size: str = "upscale") -> Tensor:
+def load_crop(path: Path, resolution: int, rng: np.random.Generator | None, min_size: int = 0) -> Tensor:
     """(3, R, R) uint8: shorter side resized to R, then a random crop and flip (``rng``) or the centre.
-    TooSmall if the shorter side is under R and ``min_size`` is "skip"."""
+    TooSmall if the shorter side is under ``min_size`` pixels."""
     return _load(path, resolution, rng, min_size)[0]
 
 
 def _load(path: Path, resolution: int, rng: np.random.Generator | None,
-          min_size: str) -> tuple[Tensor, tuple[int, int]]:
+          min_size: int) -> tuple[Tensor, tuple[int, int]]:
     """``load_crop``'s crop and the file's own (width, height)."""
     with Image.open(path) as image:
         w, h = image.size
-        if min(w, h) < resolution and min_size == "skip":
+        if min(w, h) < min_size:
             raise TooSmall(f"{w}x{h}")
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -252,15 +252,15 @@ def _load(path: Path, resolution: int, rng: np.random.Generator | None,
 
 
 def _read(path: Path, resolution: int, rng: np.random.Generator | None,
-          min_size: str = "upscale") -> tuple[Tensor | None, Note | None]:
+          min_size: int = 0) -> tuple[Tensor | None, Note | None]:
     """The crop (None if unusable), and a Note if the file was unreadable, too small or upscaled."""
     try:
         crop, (w, h) = _load(path, resolution, rng, min_size)
     except TooSmall as e:
-        return None, Note("small", str(path), f"{path}: {e}, under data.resolution={resolution} px")
+        return None, Note("small", str(path), f"{path}: {e}, under data.min_size={min_size} px")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises
         return None, Note("unreadable", str(path), f"{path}: {type(e).__name__}: {e}")
-    if min(w, h) < resolution:  # min_size=upscale: used, and named too
+    if min(w, h) < resolution:  # at or above data.min_size: used, and named too
         return crop, Note("upscaled", str(path), f"{path}: {w}x{h}, upscaled to data.resolution={resolution} px")
     return crop, None
 
@@ -268,7 +268,7 @@ def _read(path: Path, resolution: int, rng: np.random.Generator | None,
 class TrainImages(torch.utils.data.Dataset):
     """Items ``(index, sample_seed)`` -> ``(crop, [notes of the files skipped or upscaled])``."""
 
-    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: str = "upscale"):
+    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: int = 0):
         self.files, self.resolution, self.min_size = files, resolution, min_size
 
     def __len__(self) -> int:
@@ -291,7 +291,7 @@ class ValImages(torch.utils.data.Dataset):
     """Index -> ``(centre crop or None, [note])``. ``check_val_files`` leaves out the files that
     cannot be used before the first validation, so that every count is known when it is printed."""
 
-    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: str = "upscale"):
+    def __init__(self, files: tuple[Path, ...], resolution: int, min_size: int = 0):
         self.files, self.resolution, self.min_size = files, resolution, min_size
 
     def __len__(self) -> int:
@@ -302,7 +302,7 @@ class ValImages(torch.utils.data.Dataset):
         return crop, [] if note is None else [note]
 
 
-def check_val_files(files: tuple[Path, ...], resolution: int, min_size: str) -> tuple[tuple[Path, ...], list[Note]]:
+def check_val_files(files: tuple[Path, ...], resolution: int, min_size: int) -> tuple[tuple[Path, ...], list[Note]]:
     """(the files validation will use, the notes of the others and of the upscaled ones).
 
     Each file is decoded once (a truncated file passes a header check), in this process: one

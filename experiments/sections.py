@@ -120,7 +120,6 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 IMAGE_RESOLUTIONS = (16, 32, 64, 128, 256, 512)
-MIN_SIZE_RULES = ("upscale", "skip")  # data.min_size (experiments.image_folder)
 MODEL_PRESETS = ("tiny", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -142,9 +141,10 @@ class DataConfig(Section):
     root: str | None = new_field(None)
     resolution: int = new_field(64)  # images: square side in pixels, values in [-1, 1]
     val_fraction: float = new_field(0.05)  # images without val/: share of files (by path hash) held out
-    # images from data.root whose shorter side is under data.resolution: "upscale" (used, resized
-    # up: what every run before this field did) or "skip" (left out); counted and named either way.
-    min_size: str = new_field("upscale", listed_at_default=False)
+    # images from data.root: a file whose shorter side is under min_size pixels is left out; one at
+    # or above it but under data.resolution is upscaled (0, the default: every file is used, as every
+    # run before this field did); counted and named either way.
+    min_size: int = new_field(0, listed_at_default=False)
 
     def validate(self) -> None:
         check(self.resolution in IMAGE_RESOLUTIONS, "data.resolution", self.resolution,
@@ -156,7 +156,8 @@ class DataConfig(Section):
             check(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), "must be >= 1")
         check(self.cluster_std > 0, "data.cluster_std", self.cluster_std, "must be > 0")
         check(self.patch_size in (16, 32), "data.patch_size", self.patch_size, "must be 16 or 32")
-        check_choice("data.min_size", self.min_size, MIN_SIZE_RULES)
+        check(self.min_size >= 0, "data.min_size", self.min_size,
+              "must be >= 0 pixels (0 upscales every image under data.resolution; data.resolution skips them)")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class TrainState:
     last_train: dict[str, float] | None = None  # the latest logged losses (LOSS_KEYS), means over the ranks
     last_quantizer: list[Row] = field(default_factory=list)  # the monitor's training rows of its latest step
     unreadable_files: int = 0  # input files skipped as unreadable, as of the latest validation
-    small_images: int = 0  # image files under data.resolution (skipped or upscaled: data.min_size), likewise
+    small_images: int = 0  # image files under data.resolution (skipped under data.min_size, else upscaled), likewise
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (a checkpoint's ``"progress"``): numbers, strings, lists and dicts only."""

@@ -136,7 +136,7 @@ class FolderImages:
 
     The validation files (``data.val_size`` of the listing's, evenly spread) are decoded once here,
     so the set validation uses, and every count printed about it, is known before training.
-    ``notes``: the validation files left out (unreadable, or too small under ``data.min_size=skip``)
+    ``notes``: the validation files left out (unreadable, or under ``data.min_size``)
     and those upscaled; training files are noted as the loaders meet them (``experiments.batches``).
     """
 
@@ -154,7 +154,7 @@ class FolderImages:
         if not val_files:
             raise ConfigError(f"data.root={d.root!r}: none of the {len(self.val_chosen)} validation files can be "
                               f"used ({_count_notes(self.notes, d.resolution)}): fix or replace them"
-                              + (", or set data.min_size=upscale" if d.min_size == "skip" else ""))
+                              + (", or lower data.min_size" if d.min_size > 0 else ""))
         self.train_set = TrainImages(listing.train, d.resolution, d.min_size)
         self.val_set = ValImages(val_files, d.resolution, d.min_size)
 
@@ -165,7 +165,8 @@ class FolderImages:
         chosen = (f"the {len(self.val_chosen)} validation files" if len(self.val_chosen) == len(ls.val) else
                   f"{len(self.val_chosen)} of {len(ls.val)} validation files (data.val_size)")
         noted = f" ({_count_notes(self.notes, self.resolution, names=True)})" if self.notes else ""
-        rule = ("upscaled" if self.min_size == "upscale" else "skipped") + f" (data.min_size={self.min_size})"
+        rule = (f"upscaled (data.min_size={self.min_size})" if self.min_size == 0 else
+                f"skipped under data.min_size={self.min_size} px, upscaled at or above it")
         used = len(self.val_set)
         return (f"{ls.root} ({ls.layout}, {describe_size(self.fingerprint)}){extra}: {len(ls.train)} training "
                 f"files; validation uses {used} image{'s' if used != 1 else ''} of {chosen}{noted}; training images under "
@@ -187,7 +188,7 @@ class FolderImages:
 
 def _count_notes(notes: list[Note], resolution: int, names: bool = False) -> str:
     """``1 unreadable, 2 under 64 px skipped`` (with ``names``: the first path of each kind)."""
-    words = {"unreadable": "unreadable", "small": f"under {resolution} px, skipped",
+    words = {"unreadable": "unreadable", "small": "under data.min_size, skipped",
              "upscaled": f"under {resolution} px, upscaled"}
     parts = []
     for kind, word in words.items():

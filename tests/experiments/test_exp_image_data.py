@@ -109,22 +109,25 @@ def test_submit_warns_before_skipping_done_runs_and_lists_the_folder_once(tmp_pa
 
 def test_min_size_is_a_new_field_with_the_old_behaviour_as_its_default():
     default = load_config(IMAGES_YAML, [])
-    explicit = load_config(IMAGES_YAML, ["data.min_size=upscale"])
-    skip = load_config(IMAGES_YAML, ["data.min_size=skip"])
+    explicit = load_config(IMAGES_YAML, ["data.min_size=0"])
+    skip = load_config(IMAGES_YAML, ["data.min_size=32"])
     assert explicit.run_id == default.run_id != skip.run_id
-    assert "min_size" not in default.to_dict()["data"] and skip.to_dict()["data"]["min_size"] == "skip"
-    with pytest.raises(ConfigError, match=r"data.min_size='crop' is invalid: must be one of \['upscale', 'skip'\]"):
-        load_config(IMAGES_YAML, ["data.min_size=crop"])
+    assert "min_size" not in default.to_dict()["data"] and skip.to_dict()["data"]["min_size"] == 32
+    with pytest.raises(ConfigError, match=r"data.min_size=-1 is invalid: must be >= 0 pixels"):
+        load_config(IMAGES_YAML, ["data.min_size=-1"])
+    with pytest.raises(ConfigError, match=r"data.min_size='skip' has the wrong type str: expected int"):
+        load_config(IMAGES_YAML, ["data.min_size=skip"])
 
 
 def test_load_crop_refuses_a_small_image_only_when_told(tmp_path):
     _image(tmp_path / "tiny.png", 8, 8, 0)
-    assert load_crop(tmp_path / "tiny.png", 32, None).shape == (3, 32, 32)  # upscale: as before
+    assert load_crop(tmp_path / "tiny.png", 32, None).shape == (3, 32, 32)  # min_size 0: upscaled, as before
+    assert load_crop(tmp_path / "tiny.png", 32, None, 8).shape == (3, 32, 32)  # at min_size: upscaled
     with pytest.raises(TooSmall, match="8x8"):
-        load_crop(tmp_path / "tiny.png", 32, None, "skip")
+        load_crop(tmp_path / "tiny.png", 32, None, 9)
 
 
-@pytest.mark.parametrize("rule", ["upscale", "skip"])
+@pytest.mark.parametrize("rule", ["upscale", "skip"])  # data.min_size 0 and 32 (= data.resolution)
 def test_min_size_rule_and_counts_that_are_the_ones_used(tmp_path, capsys, rule):
     root = tmp_path / "data"
     for i in range(6):
@@ -134,15 +137,16 @@ def test_min_size_rule_and_counts_that_are_the_ones_used(tmp_path, capsys, rule)
         _image(root / "val" / f"v{i}.png", 40, 48, 10 + i)
     _image(root / "val" / "tiny.png", 8, 8, 51)
     (root / "val" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    config = load_config(IMAGES_YAML, [*FAST, f"data.root={root}", f"data.min_size={rule}", "schedule.steps=4"])
+    config = load_config(IMAGES_YAML, [*FAST, f"data.root={root}", f"data.min_size={0 if rule == 'upscale' else 32}",
+                                          "schedule.steps=4"])
     summary = run(config, tmp_path / "run")
     out = capsys.readouterr().out
     assert summary["status"] == "done"
     used = 3 if rule == "skip" else 4  # of the 5 validation files: corrupt.png never, tiny.png only upscaled
     (data_line,) = [line for line in out.splitlines() if "] data: " in line]
     assert f"validation uses {used} images of the 5 validation files (1 unreadable: " in data_line
-    assert (f"1 under 32 px, {'skipped' if rule == 'skip' else 'upscaled'}: {root / 'val' / 'tiny.png'}: 8x8"
-            in data_line)
+    noted = "under data.min_size, skipped" if rule == "skip" else "under 32 px, upscaled"
+    assert f"1 {noted}: {root / 'val' / 'tiny.png'}: 8x8" in data_line
     tokens = (config.resolved().data.resolution // config.model.downsample) ** 2
     assert summary["val_images"] == used and summary["final_val_tokens"] == used * tokens
     assert summary["unreadable_files"] == 1  # corrupt.png, reported once (at the start) and counted
