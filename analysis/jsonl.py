@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,15 +161,42 @@ def _cache_file(cache_dir: Path, path: Path, kind: str, stat: os.stat_result) ->
 
 
 def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
-    """``write(temp_path)`` beside ``target``, then rename: a reader never sees half a file."""
+    """``write(temp_path)`` beside ``target``, then rename: a reader never sees half a file.
+
+    The temp file is made with mode 0o666 less the umask (0644 under 022), as a plain ``open``
+    would, not ``mkstemp``'s 0600: a report on shared storage is meant to be read by others."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(target)
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def temp_beside(target: Path) -> tuple[int, str]:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``target``: (open descriptor, path)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:  # another writer's temp file of the same name: draw again
+            continue
+    raise FileExistsError(f"no free temp file name beside {target} after 100 tries")
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new empty folder ``.<name>.tmp-<random>`` beside ``target``, mode 0o777 less the umask
+    (``mkdtemp`` would make it 0700 whatever the umask)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp folder name beside {target} after 100 tries")
 
 
 Parsed = tuple[cols.Columns, list[str]]

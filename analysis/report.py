@@ -28,7 +28,7 @@ from analysis.aggregate import where as pick
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
 from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
-from analysis.jsonl import LoadProblem, write_atomic
+from analysis.jsonl import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
     layers,
@@ -319,12 +319,11 @@ def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | 
         pick(load_runs(results, warn=False), where)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Hidden, so that a load of the results folder never mistakes it for anything.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         _, skipped = render(results, tmp, cache=cache, where=where)
         for name, reason in skipped if log is not None else ():
             log(f"skipped {name}: {reason}")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a report is meant to be read
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,8 @@ Two kinds of dataset, one loop (``experiments.train``):
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,14 +80,30 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             yield step_items(self.n, step, self.batch_size, self.seed, cache)[self.rows]
 
 
+def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: it ignores SIGTERM and the requeue signal.
+
+    scancel, a preemption and SLURM's time-limit signal reach every process of the job, the workers
+    too. A forked worker would die of SIGTERM (torch's handler kills it unless its parent sent it),
+    and the trainer would then record a run SLURM cancelled as failed; and it would run the
+    submitit handler it inherited for USR2 (checkpoint, requeue, exit) itself. The trainer process
+    handles both; a worker ends when the trainer tells it to or, if the trainer is gone, when
+    torch's watchdog sees that (within 5 s), or with SIGKILL at the job's end."""
+    requeue = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")  # submitit's own rule for its signal
+    for sig in {signal.SIGTERM, getattr(signal, f"SIG{requeue}", signal.SIGUSR2)}:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def loader_kwargs(config: Config, device: torch.device) -> dict[str, Any]:
     """DataLoader settings from ``config.runtime``. Its own generator: creating an iterator
-    draws a seed, which must not come from the global RNG that LFQ's token subsets use."""
+    draws a seed, which must not come from the global RNG that LFQ's token subsets use.
+    Workers leave SIGTERM and the requeue signal to the trainer (:func:`leave_signals_to_the_trainer`)."""
     r = config.runtime
     kwargs: dict[str, Any] = {"num_workers": r.num_workers, "pin_memory": r.pin_memory and device.type == "cuda",
                               "generator": torch.Generator().manual_seed(0)}
     if r.num_workers > 0:
-        kwargs.update(prefetch_factor=r.prefetch_factor, persistent_workers=True)
+        kwargs.update(prefetch_factor=r.prefetch_factor, persistent_workers=True,
+                      worker_init_fn=leave_signals_to_the_trainer)
     return kwargs
 
 

@@ -3,7 +3,8 @@
 - JSON files (``config.json``, ``summary.json``, ``.claim``, a sweep's ``runs.json``) and every other
   file that is rewritten whole go through :func:`atomic_write`: a temp file in the same folder,
   fsynced, then ``os.replace``d over the target, so a process killed at any instant leaves either
-  the old or the new version, never half of one. This is the one atomic writer of the
+  the old or the new version, never half of one. The new file has the mode a plain ``open`` gives
+  (0o666 less the umask), not ``mkstemp``'s 0600. This is the one atomic writer of the
   lfq -> experiments -> slurm chain (lfq writes nothing but appends).
 - JSON-lines logs grow through :func:`append_jsonl`, ``lfq.jsonl``'s appender (re-exported here so
   that ``slurm``, which may import ``experiments`` only, uses the same one), and are cut back
@@ -16,21 +17,39 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lfq.jsonl import append_jsonl  # the one appender, re-exported for slurm
 
-__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "truncate_jsonl"]
+__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "temp_beside",
+           "truncate_jsonl"]
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new empty temp file in ``path``'s folder, open for writing: (descriptor, its path).
+
+    Created with mode 0o666, which the kernel narrows by the umask (and a default ACL), as a plain
+    ``open`` would: 0644 under umask 022, 0600 under 077. Not ``tempfile.mkstemp``, whose 0600 would
+    make every result unreadable to the group on shared storage once renamed over its target.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:  # another writer's temp file of the same name: draw again
+            continue
+    raise FileExistsError(f"no free temp file name beside {path} after 100 tries")
 
 
 def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w") -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

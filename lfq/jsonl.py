@@ -44,7 +44,7 @@ def append_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, An
     data = "".join(encode_line(record, sort_keys=sort_keys) for record in records).encode("utf-8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: the last byte
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does; read: the last byte
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":

@@ -20,6 +20,11 @@ waiting in a collective). On the requeue signal submitit's handler checkpoints a
 rank 0 only and exits there; the other ranks carry on until their next collective breaks, then
 leave quietly (``SystemExit``, like rank 0) instead of failing: the requeued job starts every task
 again, and each resumes from the checkpoint.
+
+scancel, a preemption and the time-limit signal reach every process of the job, DataLoader workers
+included: they ignore SIGTERM and the requeue signal (``experiments.data.leave_signals_to_the_trainer``),
+so that a cancelled job reads ``cancelled`` (not a run failed by a dead worker) and a signalled one
+requeues from the trainer process, as without workers.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ also takes ``cpus_per_run`` CPU slots first: exclusive ``flock`` locks on files
 them if the pool dies. Slots are taken all-or-nothing, so two runs never deadlock on half-sets.
 (Memory is capped per pool only.)
 
-The pool ignores Ctrl-C (``submit --wait`` stops waiting, the sweep goes on); ``kill <pool pid>``
-(SIGTERM; the pid is in the pool's log and in ``slurm.status``) stops its runs and starts no more:
-they show as cancelled, and ``slurm.status --resubmit`` resumes them from their checkpoints.
+The pool ignores Ctrl-C (``submit --wait`` stops waiting, the sweep goes on). ``kill <pid>`` stops
+its runs and starts no more, for either pid a user is shown: the job's (what ``slurm.submit`` prints:
+submitit's ``sh`` wrapper, which dies without passing the signal on, so the pool watches it and stops
+when it is gone) or the pool's own (SIGTERM; in the pool's log and in ``slurm.status``). The runs
+then show as cancelled, and ``slurm.status --resubmit`` resumes them from their checkpoints.
 """
 
 from __future__ import annotations
@@ -142,6 +144,18 @@ class LocalPool(submitit.helpers.Checkpointable):
                 proc.terminate()
         print(f"[pool] got signal {signum}: stopping {len(self._live)} run(s); resubmit to resume", flush=True)
 
+    def _watch_job(self, pid: int, poll_s: float = 0.5) -> None:
+        """Stop the pool (as SIGTERM does) once the submitit job's process ``pid`` has ended.
+
+        ``kill <job pid>`` kills submitit's ``sh`` wrapper, which passes no signal on to its children."""
+        born = process_start(pid)
+        while born is not None and not self._stopping:
+            time.sleep(poll_s)
+            if process_start(pid) != born:  # gone, a zombie, or the pid reused by another process
+                print(f"[pool] job process {pid} ended (killed?)", flush=True)
+                self._stop(signal.SIGTERM, None)
+                return
+
     def __call__(self) -> dict[str, int]:
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         # held for the pool's lifetime: slurm.status reads "pool alive" from it, without pids
@@ -156,6 +170,9 @@ class LocalPool(submitit.helpers.Checkpointable):
             self._live: set[subprocess.Popen[bytes]] = set()
             self._stopping = False
             signal.signal(signal.SIGTERM, self._stop)
+            job_pid = os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
+            if job_pid.isdigit() and int(job_pid) != os.getpid():
+                threading.Thread(target=self._watch_job, args=(int(job_pid),), daemon=True).start()
             with ThreadPoolExecutor(self.workers) as pool:
                 futures = {Path(d).name: pool.submit(self._run_one, i, c, d) for i, (c, d) in enumerate(self.runs)}
                 codes = {run_id: f.result() for run_id, f in futures.items()}
@@ -166,6 +183,15 @@ class LocalPool(submitit.helpers.Checkpointable):
         # runs already DONE return at once when the pool starts again
         return submitit.helpers.DelayedSubmission(
             LocalPool(self.runs, self.workers, self.cpus_per_run, self.log_dir, self.pool_lock))
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since boot), or None if there is none or it is a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)"
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def pool_alive(pool_lock: Path) -> bool:

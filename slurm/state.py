@@ -326,7 +326,7 @@ def wait_for(folder: SweepFolder, run_ids: Sequence[str], poll_s: float = 5.0, t
     except KeyboardInterrupt:
         # local pools ignore Ctrl-C and SLURM jobs never see it: only the waiting stops
         log(f"[wait] stopped waiting; the runs go on. Follow: python -m slurm.status {folder.root}  "
-            f"(a local sweep stops with `kill <pool pid>`, shown there)")
+            f"(a local sweep stops with the `kill <pid>` that submit printed)")
         raise SystemExit(130) from None
 
 

@@ -177,7 +177,7 @@ def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
     cpus, mem = int(params.get("cpus_per_task", 1)), params.get("mem_gb")
     workers = pool_size(len(todo), cpus, params.get("slurm_array_parallelism"), mem)
     executor = submitit.AutoExecutor(folder=subdir, cluster="local")
-    # trap: Ctrl-C on `submit --wait` only stops the waiting; the sweep is stopped by `kill <pool pid>`.
+    # trap: Ctrl-C on `submit --wait` only stops the waiting; the sweep is stopped by `kill <job pid>` (LocalPool).
     # exec: the pool must not hold the submitter's stdout, or `submit | tee` would wait for the sweep
     detach = f"exec </dev/null >>{shlex.quote(str(subdir / 'controller.log'))} 2>&1"
     executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, local_setup=["trap '' INT", detach])
@@ -186,7 +186,7 @@ def _submit_local(todo: Sequence[RunSpec], folder: SweepFolder, subdir: Path, pa
                      pool_lock=str(subdir / "pool.lock"))
     job = executor.submit(pool)
     log(f"[submit] local pool (pid {job.job_id}): {len(todo)} runs, {workers} at a time, {cpus} cpu(s) each "
-        f"(machine: {machine_cpus()} cpus); log {job.paths.stdout}")
+        f"(machine: {machine_cpus()} cpus); log {job.paths.stdout}; stop them with: kill {job.job_id}")
     return job, workers
 
 

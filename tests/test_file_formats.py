@@ -40,8 +40,12 @@ def _encodes_json(tree: ast.AST) -> bool:
 
 
 def _makes_temp_files(tree: ast.AST) -> bool:
-    return any(isinstance(n, ast.Attribute) and n.attr in ("mkstemp", "NamedTemporaryFile")
+    """A temp file made by ``os.open(..., O_EXCL)`` (the writer's way) or by ``tempfile``."""
+    return any(isinstance(n, ast.Attribute) and n.attr in ("O_EXCL", "mkstemp", "NamedTemporaryFile")
                for n in ast.walk(tree))
+
+
+OWNER_ONLY = ("mkstemp", "NamedTemporaryFile", "mkdtemp")  # 0600/0700 whatever the umask
 
 
 SOURCES = _sources()
@@ -65,3 +69,15 @@ def test_json_lines_are_appended_by_the_one_appender_only() -> None:
 def test_files_are_written_atomically_by_the_one_writer_only() -> None:
     others = [name for name, tree in SOURCES.items() if name != ATOMIC_WRITER and _makes_temp_files(tree)]
     assert not others, f"write files with experiments.files.atomic_write: {others}"
+
+
+def test_no_file_or_folder_that_is_kept_is_made_owner_only() -> None:
+    # mkstemp/mkdtemp ignore the umask (0600/0700): a result renamed from one hides it from the group.
+    # A mkdtemp removed at once (the write probes) is allowed; it is called inside os.rmdir.
+    trees = {**SOURCES, **{str(p.relative_to(REPO)): ast.parse(p.read_text(encoding="utf-8"))
+                           for p in sorted((REPO / "analysis").rglob("*.py"))}}
+    probes = {id(arg) for tree in trees.values() for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "rmdir" for arg in n.args}
+    found = sorted(name for name, tree in trees.items() for n in ast.walk(tree)
+                   if isinstance(n, ast.Call) and getattr(n.func, "attr", "") in OWNER_ONLY and id(n) not in probes)
+    assert not found, f"make temp files with experiments.files.temp_beside (the umask's mode): {found}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from slurm_helpers import LONG, sacct_state, wait_attempts_ended, wait_until, write_sweep
 
@@ -134,3 +135,41 @@ def test_a_request_larger_than_the_node_fails_at_submit(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert message in err and asked in err and "lower the request" in err
     assert not (results / "huge" / "_sweep" / "jobs.jsonl").exists()
+
+
+def test_images_runs_with_dataloader_workers_read_cancelled_after_scancel_and_requeue_after_the_signal(
+        tmp_path: Path, cancel_leftovers: list[str]) -> None:
+    # scancel and SLURM's requeue signal reach every process of the job, DataLoader workers (forked,
+    # with submitit's handlers) included: a worker must neither die of SIGTERM (the run would read
+    # "failed") nor run submitit's USR2 handler itself. Seed 0 is cancelled, seed 1 interrupted.
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(16):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    sweep = write_sweep(tmp_path, "workers", seeds=[0, 1], base={"task": "images"}, overrides=[
+        f"data.root={data}", "data.resolution=32", "data.batch_size=4", "data.val_fraction=0.25",
+        "runtime.num_workers=2", "runtime.device=cpu", "schedule.steps=1500", "schedule.checkpoint_every=50",
+        "schedule.val_every=1500", "logging.print_every=500", "logging.histogram_every=1500"])
+    r = submit_sweep(sweep, cluster="slurm", results=tmp_path / "results")
+    cancel_leftovers += r.job_ids.values()
+    cancelled, interrupted = r.submitted
+    wait_until(lambda: all((r.folder / run_id / "checkpoint.pt").exists() for run_id in r.submitted), 120,
+               "both runs' first checkpoint")
+    assert not any(run_folder.is_done(r.folder / run_id) for run_id in r.submitted), "make the runs longer"
+    subprocess.run(["scancel", r.job_ids[cancelled]], check=True)
+    r.jobs[1]._interrupt(timeout=True)  # USR2, as SLURM sends before the time limit
+    wait_until(lambda: _states(r)[cancelled] == "cancelled", 90, "status 'cancelled' after scancel")
+    summary = run_folder.read_summary(r.folder / cancelled)
+    assert summary is None or summary.get("status") != "failed", summary
+    wait_until(lambda: run_folder.is_done(r.folder / interrupted), 240, "the interrupted run DONE after its requeue")
+
+    def attempts() -> list[tuple[str, str | None, int | None]]:  # the cancelled run's last attempt has no end
+        return [(e["event"], e.get("status"), e.get("restart")) for e in SweepFolder(r.folder).events()
+                if e["run_id"] == interrupted]
+
+    wait_until(lambda: len(attempts()) == 4, 60, "the end event of the requeued attempt")
+    assert attempts() == [
+        ("start", None, 0), ("end", "interrupted", None), ("start", None, 1), ("end", "done", None)]
+    assert run_folder.read_summary(r.folder / interrupted)["step"] == 1500

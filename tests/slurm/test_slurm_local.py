@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -105,15 +106,20 @@ def test_submit_records_its_command_line_with_each_run(tmp_path: Path) -> None:
     assert {rec["command"] for rec in records} == {shlex.join(["python", "-m", "slurm.submit", *argv])}
 
 
-def test_killing_the_local_pool_cancels_its_runs_and_resubmit_finishes_them(tmp_path: Path,
+@pytest.mark.parametrize("which", ["printed by submit", "of the pool"])
+def test_killing_the_local_pool_cancels_its_runs_and_resubmit_finishes_them(tmp_path: Path, which: str,
                                                                            capsys: pytest.CaptureFixture) -> None:
     sweep = write_sweep(tmp_path, "killed", seeds=[0, 1], resources={"profile": "default", "cpus": machine_cpus()})
+    capsys.readouterr()
     r = submit_sweep(sweep, results=tmp_path / "results", overrides=["scale=smoke"])
     folder = SweepFolder(r.folder)
     first = r.submitted[0]
     wait_until(lambda: run_states(folder, [first])[0].state == "running", 120, "the first run to start")
-    pool_pid = int((r.submission_dir / "pool.lock").read_text())
-    os.kill(pool_pid, signal.SIGTERM)  # what `kill <pool pid>` (shown by slurm.status) does
+    if which == "printed by submit":  # `kill <pid>` as submit says: submitit's sh wrapper, not the pool itself
+        pid = int(re.search(r"stop them with: kill (\d+)", capsys.readouterr().out).group(1))
+    else:  # the pool's own pid, which slurm.status shows for a queued run
+        pid = int((r.submission_dir / "pool.lock").read_text())
+    os.kill(pid, signal.SIGTERM)
     wait_until(lambda: {s.state for s in run_states(folder, r.submitted)} == {"cancelled"}, 60,
                "both runs cancelled (the running one killed, the queued one never started)")
     assert not any(run_folder.is_done(r.folder / run_id) for run_id in r.submitted)
