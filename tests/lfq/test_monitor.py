@@ -503,8 +503,8 @@ def test_no_device_sync_between_flushes_on_cuda(monkeypatch):
         results.append((pd.DataFrame.from_records(sink.records), hist.records))
     torch.use_deterministic_algorithms(deterministic)
     (cpu_frame, cpu_hist), (cuda_frame, cuda_hist) = results
-    # Other kernels (exp, log, sums blocked otherwise) on the GPU: float32 entropies of logits up
-    # to 2 tau |z|_1 (tau = 100, codes +-1) over 2^4 codes per codebook, summed over the tokens of
+    # Other kernels (exp, log, sums blocked otherwise) on the GPU: float32 entropies of logits
+    # spanning 4 tau |z|_1 (tau = 100, codes +-1) over 2^4 codes per codebook, summed over the tokens of
     # log_every=3 passes; counts and histograms are exact.
     max_logit = 4 * 100.0 * max(x.unflatten(-1, (2, 4)).abs().sum(-1).max().item() for x in inputs)
     tol = softmax_tol(torch.float32, max_logit, 16) + sum_tol(torch.float32, 3 * inputs[0].shape[:2].numel())
