@@ -59,7 +59,7 @@ cluster:
 # on every machine, not on a colleague's (issue 28). The distributed modules (gloo processes,
 # minutes) are left out. 1-2 min per ISA on 2 cores (131 s measured on a loaded machine).
 NUMERIC_TESTS := tests/lfq/test_entropy.py tests/lfq/test_quantizer.py tests/lfq/test_oracle.py \
-                 tests/lfq/test_upstream_latest.py
+                 tests/lfq/test_upstream_latest.py tests/experiments/test_exp_clamp_probe.py
 OTHER_ISAS := default $(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo y),avx2)
 
 test: $(STAMP) $(UPSTREAM_STAMP) lint cluster

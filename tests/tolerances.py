@@ -10,6 +10,11 @@ the magnitude of what was summed, not of the result. So a tolerance here is
 and a vector (a gradient) is compared against its largest element (or the scale of the
 terms that cancelled into it), never element by element near zero, where an element that
 happens to be 1e-13 has no relative precision at all.
+
+``pytest.approx`` / ``np.allclose`` defaults (relative 1e-6 / 1e-5) are kept, without a helper,
+only for float64 arithmetic of a handful of terms on exact or literal inputs (means and
+standard deviations of a few numbers in the analysis tests, ratios of exact counts): 1e-6 is
+~4e9 float64 eps there. Float32 values, sums over many terms and softmaxes use the helpers here.
 """
 
 from __future__ import annotations

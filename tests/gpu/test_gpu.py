@@ -46,6 +46,8 @@ def test_compiled_run_on_the_gpu(tmp_path):
     eager = run(load_config(IMAGES_YAML, ["scale=smoke", "schedule.steps=6"]), tmp_path / "eager")
     compiled = run(config, tmp_path / "compiled")
     assert compiled["status"] == "done"
+    # Not a rounding bound: compiled kernels fuse and reorder float32 operations, and 6 optimizer
+    # steps amplify that; 1e-2 asks that the compiled run trains the same model to the same loss.
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-2)
 
 

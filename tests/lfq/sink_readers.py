@@ -8,6 +8,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lfq.sinks import ID_FIELDS, PER_BIT_PREFIXES
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of framed records
@@ -89,4 +91,7 @@ def expected_scalars(records: list[dict[str, Any]]) -> dict[tuple[str, int], flo
 
 
 def same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+    """A record's float64 value against what a sink stored: TensorBoard keeps float32 scalars, one
+    rounding (eps relative; below float32's smallest normal number, its absolute spacing)."""
+    f32 = torch.finfo(torch.float32)
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=f32.eps, abs_tol=f32.tiny)
