@@ -535,6 +535,6 @@ def reconstruction_vs_usage(
         ax.set_ylabel(label(y))
         ax.set_title(f"{title(label(y))} against usage")
     figure_legend(fig, axes[:, :1], "grid point")
-    fig.suptitle(f"Reconstruction against codebook utilization ({len(done)} finished runs, one point each; "
+    fig.suptitle(f"Reconstruction against codebook usage\n({len(done)} finished runs, one point each; "
                  "coinciding points spread sideways)")
     return fig
