@@ -86,12 +86,46 @@ def _panels(runs: pd.DataFrame, panel: str | None) -> list[tuple[str, pd.DataFra
             for value in _ordered(list(runs[panel].dropna().unique()))]
 
 
-def _ceiling_points(done: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Mean ``final_val_usage_ceiling`` and ``final_val_tokens_per_code`` per ``keys`` group (empty when unknown)."""
-    if USAGE_CEILING not in done or done[USAGE_CEILING].isna().all():
-        return pd.DataFrame(columns=[*keys, USAGE_CEILING, TOKENS_PER_CODE])
-    have = done[done[USAGE_CEILING].notna()]
-    return have.groupby(list(keys), sort=True)[[USAGE_CEILING, TOKENS_PER_CODE]].mean().reset_index()
+# The ceiling of each usage metric: (its ceiling column, its N/K column). The training window's are
+# added by :func:`with_window_ceiling` from the metrics (the runs frame cannot know its token count).
+CEILINGS = {
+    "final_val_usage_fraction": (USAGE_CEILING, TOKENS_PER_CODE),
+    "final_usage_fraction": ("final_usage_ceiling", "final_usage_tokens_per_code"),
+}
+
+
+def _ceiling_points(done: pd.DataFrame, keys: Sequence[str], metric: str = "final_val_usage_fraction") -> pd.DataFrame:
+    """Mean ceiling and N/K of ``metric`` (:data:`CEILINGS`) per ``keys`` group, in the columns
+    ``ceiling`` and ``ratio`` (empty when unknown)."""
+    ceiling, ratio = CEILINGS.get(metric, (None, None))
+    if ceiling not in done or done[ceiling].isna().all():
+        return pd.DataFrame(columns=[*keys, "ceiling", "ratio"])
+    have = done[done[ceiling].notna()]
+    return (have.groupby(list(keys), sort=True)[[ceiling, ratio]].mean().reset_index()
+            .rename(columns={ceiling: "ceiling", ratio: "ratio"}))
+
+
+def with_window_ceiling(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` (a copy, attrs kept) with ``final_usage_tokens_per_code`` and ``final_usage_ceiling``:
+    N/K and 1 - exp(-N/K) of the training usage window at each run's last logged quantizer step (N:
+    that step's tokens x the window's steps, at most ``monitor.usage_window``; the mean over layers
+    and codebooks), where the metrics have ``tokens``."""
+    out = runs.copy()
+    out.attrs.update(runs.attrs)
+    need = {"tokens", "codebook_size", "step", "run_id", "kind"}
+    if not need <= set(metrics.columns) or "monitor.usage_window" not in runs or not len(runs):
+        return out
+    rows = metrics[(metrics["kind"] == "quantizer") & metrics["tokens"].notna()]
+    if "mode" in rows:
+        rows = rows[rows["mode"] == "train"]
+    rows = rows[rows["step"] == rows.groupby("run_id", observed=True)["step"].transform("max")]
+    window = rows["run_id"].astype(str).map(runs.set_index(runs["run_id"].astype(str))["monitor.usage_window"])
+    ratio = (rows["tokens"].astype(float) * np.minimum(rows["step"].astype(float) + 1, window.astype(float))
+             / rows["codebook_size"].astype(float))
+    per_run = ratio.groupby(rows["run_id"].astype(str), observed=True).mean()
+    out["final_usage_tokens_per_code"] = out["run_id"].astype(str).map(per_run)
+    out["final_usage_ceiling"] = -np.expm1(-out["final_usage_tokens_per_code"])
+    return out
 
 
 def draw_ceiling(ax: Axes, xs: Sequence[float] | np.ndarray, ceilings: Sequence[float] | np.ndarray,
@@ -150,13 +184,13 @@ def usage_heatmap(
     # and fractions so that colour is proportional to the value; the top follows the data, or a
     # smoke sweep's 1-3 % usage would be one dark block.
     vmin, vmax = (0.0 if nonnegative else float(np.nanmin(values))), float(np.nanmax(values))
-    ceiling = metric == "final_val_usage_fraction"
+    ceiling = metric in CEILINGS
     for ax, (name, part, table) in zip(axes[0], tables, strict=True):
         mean = table.pivot(index=y, columns=x, values="mean").sort_index(ascending=False)
         std = table.pivot(index=y, columns=x, values="std").reindex_like(mean)
         n = table.pivot(index=y, columns=x, values="n").reindex_like(mean)
-        caps = _ceiling_points(part, [y, x]) if ceiling else None
-        cap = (caps.pivot(index=y, columns=x, values=USAGE_CEILING).reindex_like(mean)
+        caps = _ceiling_points(part, [y, x], metric) if ceiling else None
+        cap = (caps.pivot(index=y, columns=x, values="ceiling").reindex_like(mean)
                if caps is not None and len(caps) else None)
         image = ax.imshow(mean.to_numpy(float), cmap=HEATMAP_CMAP, aspect="auto", vmin=vmin, vmax=vmax)
         for i in range(mean.shape[0]):
@@ -237,9 +271,8 @@ def usage_vs_gamma(
                 ax.axhline(size, color="0.35", linestyle="--", linewidth=1.2, label=f"K = {size:g} (all codes, uniform)")
                 ax.set_yscale("log")
             elif "usage" in metric:
-                if metric == "final_val_usage_fraction":
-                    caps = _ceiling_points(part, [x])
-                    draw_ceiling(ax, caps[x].to_numpy(float), caps[USAGE_CEILING], caps[TOKENS_PER_CODE])
+                caps = _ceiling_points(part, [x], metric)
+                draw_ceiling(ax, caps[x].to_numpy(float), caps["ceiling"], caps["ratio"])
                 ax.set_ylim(bottom=0)
             else:
                 set_log_if_wide(ax, np.r_[table["min"].to_numpy(float), table["max"].to_numpy(float)])
@@ -528,9 +561,9 @@ def reconstruction_vs_usage(
                 marker = MARKERS[LINESTYLES.index(dash) % len(MARKERS)]
             ax.scatter(xs[mask], points.loc[mask, y], color=color, marker=marker, s=70, label=group, alpha=0.85,
                        edgecolor="white", linewidth=0.6)
-        if x == "final_val_usage_fraction":  # the most usage these runs' validation tokens could show
-            caps = _ceiling_points(points, ["run_id"])
-            draw_ceiling(ax, caps[USAGE_CEILING], caps[USAGE_CEILING], caps[TOKENS_PER_CODE], axis="x")
+        if x in CEILINGS:  # the most usage these runs' tokens could show
+            caps = _ceiling_points(points, ["run_id"], x)
+            draw_ceiling(ax, caps["ceiling"], caps["ceiling"], caps["ratio"], axis="x")
         ax.set_xlabel(label(x))
         ax.set_ylabel(label(y))
         ax.set_title(f"{title(label(y))} against usage")

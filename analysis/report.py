@@ -37,6 +37,7 @@ from analysis.plots import (
     training_curves,
     usage_heatmap,
     usage_vs_gamma,
+    with_window_ceiling,
 )
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
@@ -164,6 +165,7 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
             if usage == "final_val_usage_fraction" else "in the last training usage window")
     others = (("final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
               else ("final_perplexity",))
+    runs = with_window_ceiling(runs, metrics)  # the training window's ceiling, from the logged token counts
     finished = select(runs)
     # What splits the grid beyond gamma (x) and frac (lines): a third swept parameter, drawn one panel each.
     third = [p for p in parameters(finished) if p not in (GAMMA, FRAC)]
@@ -190,6 +192,8 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
              ("The training window's usage (the last `monitor.usage_window` steps) as a second view, and "
               if usage == "final_val_usage_fraction" else "")
              + "the perplexity of the codes. " + lines
+             + ("The dashed line in the training usage panels is the ceiling 1 - exp(-N/K) of the window's N tokens. "
+                if usage == "final_val_usage_fraction" else "")
              + "The dashed line in the perplexity panels is the codebook size (every code used equally often).",
              lambda: usage_vs_gamma(runs, metrics=others, strict=True), finished),
     ]

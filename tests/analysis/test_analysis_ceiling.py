@@ -15,6 +15,7 @@ from analysis_fixtures import DEMO_TAUS, DEMO_VAL_TOKENS, make_demo_sweep, write
 from matplotlib.figure import Figure
 
 import analysis
+from analysis.plots import with_window_ceiling
 from analysis.report import main, write_report
 
 CEILING_LABEL = "ceiling 1-exp(-N/K)"  # the legend label issue 28 asks for
@@ -111,6 +112,17 @@ def test_training_usage_panel_draws_the_window_ceiling(demo) -> None:
     # 8 tokens a step, a 4-step window, K = 64: N = 8 min(step + 1, 4)
     want = [1 - math.exp(-8 * min(s + 1, 4) / K) for s in line.get_xdata()]
     assert np.allclose(line.get_ydata(), want, rtol=1e-12, atol=0)
+
+
+def test_training_usage_against_gamma_draws_the_window_ceiling(demo) -> None:
+    _, runs, metrics, _ = demo
+    runs = with_window_ceiling(runs, metrics)
+    # the last logged step (7) of 8 tokens a step, a 4-step window: N = 32 of K = 64 codes
+    assert np.allclose(runs["final_usage_ceiling"], 1 - math.exp(-32 / K), rtol=1e-15, atol=0)
+    fig = analysis.usage_vs_gamma(runs, metrics=("final_usage_fraction",))
+    for ax in _visible(fig):
+        (line,) = _ceiling_lines(ax)
+        assert line.get_ydata()[0] == pytest.approx(1 - math.exp(-0.5))
 
 
 def test_report_says_usage_is_capped_and_marks_n1(demo) -> None:
