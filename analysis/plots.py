@@ -384,15 +384,16 @@ def training_curves(
         scale = set_scale_for_zeros(ax, shown) if metric != "commitment" else "linear"
         if scale == "symlog":
             ax.set_ylim(bottom=0)
-            ax.set_title(f"{title(label(metric))} (symlog: linear below {linear_below(ax):.2g})")
+            # The scale on a second line: on one, a half-width panel's title runs into its neighbour's.
+            ax.set_title(f"{title(label(metric))}\nsymlog: linear below {linear_below(ax):.2g}")
         elif scale == "log":
-            ax.set_title(f"{title(label(metric))} (log scale)")
+            ax.set_title(f"{title(label(metric))}\nlog scale")
         elif metric in ("usage_fraction", "per_sample_entropy", "batch_entropy"):
             ax.set_ylim(bottom=0)
         size = _codebook_size(runs)
         if metric == "batch_entropy" and size:
             ceiling = math.log(size)
-            ax.set_title(f"{ax.get_title()}, ceiling ln K = {ceiling:.2f}")
+            ax.set_title(f"{ax.get_title()}{', ' if chr(10) in ax.get_title() else chr(10)}ceiling ln K = {ceiling:.2f}")
             # Drawn only when the curves come near it; far above them it squashes them flat.
             if stats["max"].max() > 0.4 * ceiling:
                 ax.axhline(ceiling, color="0.35", linestyle="--", linewidth=1.2)

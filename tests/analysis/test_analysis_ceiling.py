@@ -5,6 +5,7 @@ in words)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -208,12 +209,19 @@ def test_panel_titles_are_distinct_and_figure_titles_short_words(demo) -> None:
         "both": analysis.usage_vs_gamma(runs, metrics=("final_usage_fraction", "final_val_perplexity")),
         "heatmap": analysis.usage_heatmap(runs, metric="final_val_usage_fraction"),
         "curves": analysis.training_curves(metrics, runs),
+        # the per-sample entropy on a symlog axis, its title saying so
+        "confident curves": analysis.training_curves(metrics, analysis.where(
+            runs, {"quantizer.inv_temperature": 100.0})),
         "ranks": analysis.rank_frequency(hist, runs),
         "reconstruction": analysis.reconstruction_vs_usage(runs, x="final_val_usage_fraction"),
     }
     for name, fig in figures.items():
         titles = [ax.get_title() for ax in _visible(fig)]
         assert len(set(titles)) == len(titles), (name, titles)
+        fig.savefig(io.BytesIO(), format="png")  # lays the figure out
+        boxes = [ax.title.get_window_extent() for ax in _visible(fig) if ax.get_title()]
+        for i, a in enumerate(boxes):  # no title runs into another panel's
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), (name, titles)
         first = fig.get_suptitle().splitlines()[0]
         assert len(first) <= 100, (name, first)
         assert " and final " not in first, first
