@@ -24,7 +24,11 @@ METRIC_DEFINITIONS = {
     "final_val_codes_used": "codes assigned to at least one validation token at the last validation, " + _MEAN,
     "final_val_perplexity": "exp of the entropy of the last validation's code histogram (K when K codes are used "
                             "equally), " + _MEAN,
-    "final_val_tokens": "validation tokens counted at the last validation (the histogram's sample size)",
+    "final_val_tokens": "validation tokens counted at the last validation, per codebook (the histogram's sample size)",
+    "final_val_tokens_per_code": "N/K: final_val_tokens over the codebook size K; below about 4 the validation "
+                                 "set is too small to show a codebook's usage (see final_val_usage_ceiling)",
+    "final_val_usage_ceiling": "1 - exp(-N/K): the expected share of the K codes that N validation tokens reach when "
+                               "assigned uniformly at random, the most final_val_usage_fraction can be expected to show",
     "final_usage_fraction": "share of the codebook used at least once in the training usage window ending at the "
                             "last logged step (the last `monitor.usage_window` steps), " + _MEAN,
     "final_perplexity": "exp of the entropy of the code histogram of the last logged training step alone "
@@ -82,6 +86,47 @@ COLUMN_DEFINITIONS = {
 # The grid table prints metrics by their labels, as mean ± std over finished seeds.
 for _metric, _text in METRIC_DEFINITIONS.items():
     COLUMN_DEFINITIONS[label(_metric)] = f"`{_metric}` as mean ± sample std over the finished seeds: {_text}"
+
+
+# Words for figure titles: what a metric or a parameter is, short ("Validation usage against
+# diversity gamma, by frac per sample entropy"), not its column name or axis label.
+WORDS = {
+    "final_val_usage_fraction": "validation usage",
+    "final_usage_fraction": "training usage",
+    "final_val_perplexity": "validation perplexity",
+    "final_perplexity": "last-step perplexity",
+    "final_val_codes_used": "validation codes used",
+    "final_val_mse": "validation MSE",
+    "final_val_psnr": "validation PSNR",
+    "final_val_ssim": "validation SSIM",
+    "final_val_usage_ceiling": "usage ceiling",
+    "quantizer.diversity_gamma": "diversity gamma",
+    "quantizer.frac_per_sample_entropy": "frac",
+    "quantizer.inv_temperature": "inverse temperature",
+    "quantizer.codebook_size": "codebook size",
+    "quantizer.entropy_loss_weight": "entropy loss weight",
+    "seed": "seed",
+}
+CEILING_LABEL = "ceiling 1-exp(-N/K)"
+
+
+def words(column: str) -> str:
+    """A metric or config field in words for a title: :data:`WORDS`, else its last dotted part with spaces."""
+    return WORDS.get(column, column.rsplit(".", 1)[-1].replace("_", " "))
+
+
+def figure_title(metrics: Iterable[str], x: str | None = None, *by: str | None) -> str:
+    """``Validation usage and validation perplexity against diversity gamma, by ...``: the metrics once each,
+    in words (:func:`words`), what they are drawn against, and what splits them into lines or panels."""
+    names = list(dict.fromkeys(words(m) for m in metrics))
+    what = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    text = what[:1].upper() + what[1:]
+    if x:
+        text += f" against {words(x)}"
+    split = [words(b) for b in by if b]
+    if split:
+        text += ", by " + " and ".join(split)
+    return text
 
 
 def define(column: str, runs: pd.DataFrame) -> str:

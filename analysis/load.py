@@ -8,6 +8,7 @@ like runs but cannot be read (no or bad ``config.json``, bad ``summary.json``) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -16,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis import columns as cols
@@ -252,6 +254,41 @@ def numeric_metrics(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+TOKENS_PER_CODE = "final_val_tokens_per_code"
+USAGE_CEILING = "final_val_usage_ceiling"
+
+
+def codebook_sizes(runs: pd.DataFrame) -> pd.Series:
+    """Codes per codebook of each run: ``quantizer.codebook_size``, or for FSQ with explicit
+    ``quantizer.fsq_levels`` their product (what the quantizer builds); NaN where the config has neither."""
+    size = runs["quantizer.codebook_size"] if "quantizer.codebook_size" in runs else pd.Series(np.nan, index=runs.index)
+    sizes = pd.to_numeric(size, errors="coerce").astype(float)
+    if "quantizer.fsq_levels" in runs and "quantizer.kind" in runs:
+        fsq = (runs["quantizer.kind"] == "fsq") & runs["quantizer.fsq_levels"].map(lambda v: isinstance(v, tuple) and bool(v))
+        sizes[fsq] = runs.loc[fsq, "quantizer.fsq_levels"].map(lambda v: float(math.prod(int(x) for x in v)))
+    return sizes.where(sizes > 0)
+
+
+def usage_ceiling(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``final_val_tokens_per_code`` (N/K: validation tokens of one codebook, which is
+    what ``final_val_tokens`` counts (experiments.evaluation), over its codes K) and
+    ``final_val_usage_ceiling`` (1 - exp(-N/K): the expected share of K codes that N tokens
+    assigned uniformly at random reach, so no usage fraction over N tokens is expected above it),
+    in place. The summary's own values where it has them; else derived from ``final_val_tokens``
+    and the config, so runs written before the trainer recorded them get them too."""
+    if not len(runs) or "final_val_tokens" not in runs:
+        return runs
+    tokens = pd.to_numeric(runs["final_val_tokens"], errors="coerce")
+    ratio = tokens / codebook_sizes(runs)
+    derived = {TOKENS_PER_CODE: ratio, USAGE_CEILING: -np.expm1(-ratio)}
+    for column, values in derived.items():
+        if column in runs:
+            runs[column] = pd.to_numeric(runs[column], errors="coerce").fillna(values)
+        else:
+            runs[column] = values
+    return runs
+
+
 def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: bool = True) -> pd.DataFrame:
     """One row per run folder under ``path``.
 
@@ -260,7 +297,8 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     ``last_write_age_s`` (seconds since the newest write of its config, metrics, summary or DONE),
     the config flattened to dotted names (``quantizer.diversity_gamma``), the summary's keys
     (``final_usage_fraction``, ...; metrics numeric even where every run has none:
-    :func:`numeric_metrics`) and, where the folder has ``environment.jsonl``, what the run
+    :func:`numeric_metrics`), ``final_val_tokens_per_code`` and ``final_val_usage_ceiling`` (N/K and
+    1 - exp(-N/K), :func:`usage_ceiling`; derived for runs whose summary lacks them) and, where the folder has ``environment.jsonl``, what the run
     computed on (:data:`ENV_COLUMNS`: ``env_cpu_capability``, ``env_torch``, ``env_commit``, ...). Files cannot say whether a ``started`` run is still running;
     one with no write for more than ``stale_after_s`` seconds gets that as its ``reason``.
     Unreadable folders are skipped and listed in ``attrs["problems"]`` (``LoadProblem`` s).
@@ -292,6 +330,7 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     runs = pd.DataFrame(rows, columns=None if rows else ["run_id", "sweep", "status", "reason", "run_dir",
                                                          "last_write_age_s"])
     numeric_metrics(runs)
+    usage_ceiling(runs)
     runs.attrs["problems"] = tuple(problems)
     # Which columns came from config.json, so that analysis can tell parameters from results.
     runs.attrs["config_columns"] = tuple(config_columns)

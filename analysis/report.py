@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.aggregate import WhereError, parameters, select
+from analysis.aggregate import FRAC, GAMMA, WhereError, parameters, select
 from analysis.aggregate import where as pick
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
-from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
+from analysis.glossary import definitions_section, figure_title, held_fixed_line, held_fixed_table
 from analysis.jsonl import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
@@ -37,17 +37,19 @@ from analysis.plots import (
     training_curves,
     usage_heatmap,
     usage_vs_gamma,
+    with_window_ceiling,
 )
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
 from analysis.tables import readable_table
 
 RUN_METRICS = (
-    "final_val_usage_fraction", "final_val_codes_used", "final_val_perplexity", "final_val_tokens",
+    "final_val_usage_fraction", "final_val_usage_ceiling", "final_val_codes_used", "final_val_perplexity",
+    "final_val_tokens", "final_val_tokens_per_code",
     "final_usage_fraction", "final_perplexity", "final_codes_used", "final_dead_codes",
     "final_val_mse", "final_val_psnr", "final_val_ssim", "best_val_psnr", "final_train_loss", "wall_time_s",
 )
-GRID_METRICS = ("final_val_usage_fraction", "final_usage_fraction", "final_perplexity", "final_val_mse",
+GRID_METRICS = ("final_val_usage_fraction", "final_val_usage_ceiling", "final_usage_fraction", "final_perplexity", "final_val_mse",
                 "final_val_psnr", "final_val_ssim")
 THROUGHPUT = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
 
@@ -120,7 +122,28 @@ def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point: its parameters, runs done of all, and mean ± std over seeds."""
-    return readable_table(tidy_grid_table(runs, GRID_METRICS, by=parameters(runs)), GRID_METRICS)
+    return readable_table(tidy_grid_table(runs, GRID_METRICS, by=parameters(runs)), GRID_METRICS, mark_single=True)
+
+
+CAPPED_BELOW = 4.0  # N/K under which a usage figure is said to be capped: the ceiling is then under 0.98
+
+
+def capped_note(runs: pd.DataFrame) -> str:
+    """``Usage capped at ...`` for the finished runs with fewer than 4 validation tokens per code
+    (1 - exp(-4) = 0.98): their validation usage cannot be told from the ceiling's limit. Empty when none."""
+    done = select(runs)
+    if "final_val_tokens_per_code" not in done:
+        return ""
+    low = done[done["final_val_tokens_per_code"] < CAPPED_BELOW]
+    if not len(low):
+        return ""
+    ratios, caps = low["final_val_tokens_per_code"], low["final_val_usage_ceiling"]
+    at = f"{caps.min():.3g}" if caps.max() - caps.min() < 5e-4 else f"{caps.min():.3g}-{caps.max():.3g}"
+    per = f"{ratios.min():.3g}" if ratios.max() - ratios.min() < 5e-4 else f"{ratios.min():.3g}-{ratios.max():.3g}"
+    return (f"**Usage capped at {at}** in {len(low)} of {len(done)} finished runs: they counted {per} validation "
+            f"tokens per code (N/K < {CAPPED_BELOW:g}), and N tokens assigned uniformly at random reach only "
+            f"1 - exp(-N/K) of K codes. Their validation usage says how close they came to that ceiling, not how "
+            "much of the codebook the tokenizer uses: validate on more images (`data.val_size`) to measure it.\n")
 
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -140,23 +163,39 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
     usage = usage_metric(runs)
     over = ("over every validation token (the histogram of all validation tokens' codes)"
             if usage == "final_val_usage_fraction" else "in the last training usage window")
-    panels = ((usage, "final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
-              else ("final_usage_fraction", "final_perplexity"))
+    others = (("final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
+              else ("final_perplexity",))
+    runs = with_window_ceiling(runs, metrics)  # the training window's ceiling, from the logged token counts
     finished = select(runs)
+    # What splits the grid beyond gamma (x) and frac (lines): a third swept parameter, drawn one panel each.
+    third = [p for p in parameters(finished) if p not in (GAMMA, FRAC)]
+    panel = third[0] if len(third) == 1 else None
+    lines = ("One line per frac_per_sample_entropy: the mean over seeds, with min-max whiskers over seeds"
+             + (f"; one panel per {panel}" if panel else "") + ". Each line has its own colour, line style and "
+             "marker, is drawn thinner than the one before and a few % of the axis to the side, so that lines with "
+             "equal values stay visible as two. A point with one seed is marked n=1. ")
     plots = [
-        Plot("usage_heatmap", "Final codebook usage over diversity_gamma x frac_per_sample_entropy",
+        Plot("usage", figure_title([usage], GAMMA, FRAC, panel),
+             f"The final usage fraction (share of the codebook used {over}) of every grid point. " + lines
+             + ("The dashed line is the ceiling 1 - exp(-N/K): the share of the K codes that the N validation "
+                "tokens counted reach when assigned uniformly at random; usage near it is capped by the validation "
+                "set's size, not by the tokenizer." if usage == "final_val_usage_fraction" else ""),
+             lambda: usage_vs_gamma(runs, metrics=(usage,), strict=True), finished),
+        Plot("usage_heatmap", figure_title([usage], GAMMA, FRAC, panel),
              f"Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
-             f"codebook used {over}), annotated mean ± sample std and the number of seeds. "
-             "Brighter cells use more of the codebook.",
+             f"codebook used {over}), annotated mean ± sample std and the number of seeds (n)"
+             + ("; where the ceiling 1 - exp(-N/K) is under 0.98, the cell says it" if usage == "final_val_usage_fraction"
+                else "") + (f"; one heatmap per {panel}, on one colour scale" if panel else "")
+             + ". Brighter cells use more of the codebook.",
              lambda: usage_heatmap(runs, metric=usage, strict=True), finished),
-        Plot("usage_vs_gamma", "Usage and perplexity against diversity_gamma",
-             "One line per frac_per_sample_entropy: the mean over seeds, with min-max whiskers over seeds. Each "
-             "line has its own colour, line style and marker, is drawn thinner than the one before and a few % of "
-             "the axis to the side, so that lines with equal values stay visible as two. "
-             + ("Validation usage first, the training window's usage beside it as a second view. "
+        Plot("usage_vs_gamma", figure_title(others, GAMMA, FRAC, panel),
+             ("The training window's usage (the last `monitor.usage_window` steps) as a second view, and "
+              if usage == "final_val_usage_fraction" else "")
+             + "the perplexity of the codes. " + lines
+             + ("The dashed line in the training usage panels is the ceiling 1 - exp(-N/K) of the window's N tokens. "
                 if usage == "final_val_usage_fraction" else "")
-             + "The dashed line in the perplexity panel is the codebook size (every code used equally often).",
-             lambda: usage_vs_gamma(runs, metrics=panels, strict=True), finished),
+             + "The dashed line in the perplexity panels is the codebook size (every code used equally often).",
+             lambda: usage_vs_gamma(runs, metrics=others, strict=True), finished),
     ]
     for layer in layers(metrics) or [None]:
         stem = "training_curves" if len(layers(metrics)) <= 1 else f"training_curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer or '')}"
@@ -166,12 +205,14 @@ def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[
             "codebook; its ceiling ln K is in the panel title), commitment loss and usage fraction per training "
             "step; one line per grid point (mean over seeds, min-max band), each with its own line style and "
             "markers. A panel whose values sit near 0 most of the time is drawn on a log axis, or symlog "
-            "(linear near 0) when it reaches 0; its title says so. Started runs (not finished) are included "
+            "(linear below the threshold its title gives) when it reaches 0 or spans more than 4 decades. The "
+            "usage panel's dashed line is the ceiling 1 - exp(-N/K) of the usage window's N tokens. Started runs (not finished) are included "
             "up to their last step.",
             lambda layer=layer: training_curves(metrics, runs, layer=layer, strict=True), runs))
     plots += [
         Plot("rank_frequency", "Code rank-frequency",
-             "Per run (seed) and codebook, a thin line: its codes sorted from most to least used in the last "
+             "Per run and codebook, a thin line in its grid point's colour and its seed's line style and marker (the "
+             "lower legend): its codes sorted from most to least used in the last "
              "histogram snapshot, with their share of the assignments, log-log; where a thin line ends, that "
              "run's remaining codes were unused. The bold line of each grid point is the median over its runs at "
              "each rank (a run counts 0 past its last code); the legend gives each run's number of codes used. "
@@ -247,7 +288,8 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
         "## Runs by status\n", table(status_table(runs)),
     ]
     if len(runs):
-        parts += ["## Grid points\n", table(grid_table(runs))]
+        note = capped_note(runs)
+        parts += ["## Grid points\n", *([note] if note else []), table(grid_table(runs))]
     parts += ["## Figures\n", *(sections or ["No figure could be drawn yet.\n"])]
     if skipped:
         parts += ["## Figures skipped\n", *(f"- `{name}`: {reason}" for name, reason in skipped), ""]
@@ -315,8 +357,14 @@ def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | 
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
         raise FileExistsError(f"{out} exists and is not a report folder (no report.md); refusing to replace it")
     _check_writable(out.parent)
+    found = load_runs(results, warn=False)
+    if not len(found):  # a report of nothing is no report: refused before any folder is made
+        skipped = found.attrs.get("problems", ())
+        why = f"; {len(skipped)} folder(s) with run files could not be read" if skipped else ""
+        raise NoRuns(f"results folder {results_in} holds no run folders (none has a config.json){why}; give a sweep "
+                     "folder such as results/demo, or train into this one first")
     if where:  # a filter that matches nothing is refused before any folder is made
-        pick(load_runs(results, warn=False), where)
+        pick(found, where)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Hidden, so that a load of the results folder never mistakes it for anything.
     tmp = temp_dir_beside(out)
@@ -329,6 +377,10 @@ def write_report(results: str | os.PathLike[str], out: str | os.PathLike[str] | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class NoRuns(FileNotFoundError):
+    """The results folder holds no run folder: there is nothing to report."""
 
 
 def _check_writable(folder: Path) -> None:

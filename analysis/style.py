@@ -284,22 +284,35 @@ def figure_legend(fig: Figure, axes: np.ndarray | Sequence[Axes], legend_title: 
                **kwargs)
 
 
+LOG_DECADES = 4  # the most decades below its maximum that an axis of a series near 0 spans
+
+
 def set_scale_for_zeros(ax: Axes, values: Sequence[float] | np.ndarray, axis: str = "y") -> str:
-    """Log, or symlog when zeros are among them, for ``values`` that spend most of their time
-    near 0 (the median under 5 % of the maximum), where a linear axis draws them as a flat line
-    at 0; returns the scale set (``"linear"`` when left alone)."""
+    """Log, or symlog, for ``values`` that spend most of their time near 0 (the median under 5 % of
+    the maximum), where a linear axis draws them as a flat line at 0; returns the scale set
+    (``"linear"`` when left alone). Log when all are positive within :data:`LOG_DECADES` decades of
+    the maximum; else symlog, linear below ``max / 10**LOG_DECADES`` (or the smallest values that are
+    not 0, if larger): a per-sample entropy that reaches 1e-40 is drawn near 0 instead of stretching
+    the axis over 40 decades where the rest of the run is one line at the top. The threshold is the
+    axis' ``linthresh`` (:func:`linear_below`)."""
     arr = np.abs(np.asarray(values, dtype=float))
     arr = arr[np.isfinite(arr)]
     if arr.size < 3 or arr.max() <= 0 or np.median(arr) >= 0.05 * arr.max():
         return "linear"
     set_scale = ax.set_yscale if axis == "y" else ax.set_xscale
     positive = arr[arr > 0]
-    if positive.size == arr.size:
+    floor = float(arr.max()) * 10.0 ** -LOG_DECADES
+    if positive.size == arr.size and positive.min() >= floor:
         set_scale("log")
         return "log"
-    # Linear below the smallest values that are not 0, logarithmic above: 1e-4 and 1e-2 apart.
-    set_scale("symlog", linthresh=max(float(np.quantile(positive, 0.1)), float(arr.max()) * 1e-6))
+    set_scale("symlog", linthresh=max(float(np.quantile(positive, 0.1)), floor))
     return "symlog"
+
+
+def linear_below(ax: Axes, axis: str = "y") -> float | None:
+    """The ``linthresh`` of a symlog axis (None for other scales)."""
+    scale = (ax.yaxis if axis == "y" else ax.xaxis).get_transform()
+    return float(scale.linthresh) if hasattr(scale, "linthresh") else None
 
 
 def save_figure(fig: Figure, folder: Path, stem: str) -> list[str]:

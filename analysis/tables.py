@@ -53,14 +53,17 @@ def cell(mean: float, std: float) -> str:
     return f"{mean:.4g}" + ("" if pd.isna(std) else f" ± {std:.2g}")
 
 
-def readable_table(tidy: pd.DataFrame, metrics: Sequence[str], counts: Sequence[str] = ("runs", "done")
-                   ) -> pd.DataFrame:
+def readable_table(tidy: pd.DataFrame, metrics: Sequence[str], counts: Sequence[str] = ("runs", "done"),
+                   *, mark_single: bool = False) -> pd.DataFrame:
     """A tidy :func:`grid_table` as one row per grid point: its keys, ``counts`` (``runs``,
     ``done``, ``n``: the most seeds behind any metric) and a ``mean ± std`` column per metric, in
-    ``metrics`` order, named by its label; metrics no finished run has are left out."""
+    ``metrics`` order, named by its label; metrics no finished run has are left out.
+    ``mark_single``: a cell from one seed reads ``0.36 (n=1)``, not a bare mean."""
     keys = [c for c in tidy.columns if c not in TIDY]
     shown = [m for m in metrics if tidy.loc[tidy["metric"] == m, "mean"].notna().any()]
-    cells = tidy.assign(cell=[cell(m, s) for m, s in zip(tidy["mean"], tidy["std"], strict=True)])
+    texts = [cell(m, s) + (" (n=1)" if mark_single and n == 1 else "")
+             for m, s, n in zip(tidy["mean"], tidy["std"], tidy["n"], strict=True)]
+    cells = tidy.assign(cell=texts)
     grouped = cells.groupby(keys, dropna=False, sort=True)
     table = grouped.agg(runs=("runs", "first"), done=("done", "first"), n=("n", "max"))[list(counts)]
     if shown:

@@ -125,3 +125,44 @@ def write_regime_sweep(root: Path) -> Path:
         summary.update(final_val_usage_fraction=0.9 if tau == 10 else 0.7, final_val_tokens=4096)
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return sweep
+
+
+# The demo's shape (issue 28): gamma x frac x inverse temperature, 2 seeds, few validation tokens per code.
+DEMO_GAMMAS = (0.5, 2.0)
+DEMO_FRACS = (0.25, 1.0)
+DEMO_TAUS = (10.0, 100.0)
+DEMO_VAL_TOKENS = 30  # of K = 64 codes: N/K = 0.47, ceiling 1 - exp(-0.47) = 0.37
+
+
+def make_demo_sweep(parent: Path, *, single_seed: tuple[float, float, float] | None = (2.0, 1.0, 100.0),
+                    summary_ceiling: bool = False) -> Path:
+    """``parent/demo``: DEMO_GAMMAS x DEMO_FRACS x DEMO_TAUS x seeds 0, 1, K = 64, validation usage
+    below the ceiling of DEMO_VAL_TOKENS tokens, quantizer rows with ``tokens`` (8 a step, usage window
+    4 steps) and a per-sample entropy that falls to 1e-40 at tau = 100. The grid point ``single_seed``
+    (gamma, frac, tau) has seed 0 only. ``summary_ceiling``: summaries hold the trainer's N/K and ceiling."""
+    sweep = parent / "demo"
+    for gamma, frac, tau, seed in itertools.product(DEMO_GAMMAS, DEMO_FRACS, DEMO_TAUS, (0, 1)):
+        if seed and (gamma, frac, tau) == single_seed:
+            continue
+        usage = 0.3 * frac * (0.5 if tau == 100 else 1.0) + 0.02 * seed + 0.01 * gamma
+        run_dir = write_run(sweep, f"g{gamma}f{frac}t{int(tau)}s{seed}", gamma=gamma, frac=frac, seed=seed, steps=8,
+                            final_usage=usage, codebook_size=64)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["quantizer"]["inv_temperature"] = tau
+        config["monitor"] = {"usage_window": 4}
+        (run_dir / "config.json").write_text(json.dumps(config))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if row["kind"] == "quantizer":
+                row["tokens"] = 8
+                if tau == 100:
+                    row["per_sample_entropy"] = 10.0 ** (-40 * row["step"] / 7)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(final_val_usage_fraction=usage, final_val_tokens=DEMO_VAL_TOKENS,
+                       final_val_perplexity=usage * 64, final_val_codes_used=round(usage * 64))
+        if summary_ceiling:
+            summary.update(final_val_tokens_per_code=DEMO_VAL_TOKENS / 64,
+                           final_val_usage_ceiling=1 - math.exp(-DEMO_VAL_TOKENS / 64))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return sweep

@@ -10,7 +10,7 @@ from analysis_fixtures import make_grid_sweep, write_run
 
 from analysis.report import main, write_report
 
-FIGURES = ("usage_heatmap", "usage_vs_gamma", "training_curves", "rank_frequency", "reconstruction_vs_usage")
+FIGURES = ("usage", "usage_heatmap", "usage_vs_gamma", "training_curves", "rank_frequency", "reconstruction_vs_usage")
 
 
 def _header(markdown: str, heading: str) -> list[str]:
@@ -142,16 +142,16 @@ def test_cli_prints_where_it_wrote(tiny_sweep: Path, capsys: pytest.CaptureFixtu
     assert main([str(tiny_sweep), "--out", str(tiny_sweep / "r")]) == 0
     printed = capsys.readouterr().out
     # One run without histograms: everything but the rank-frequency plot.
-    assert str(tiny_sweep.resolve() / "r" / "report.md") in printed and "4 figure(s)" in printed
+    assert str(tiny_sweep.resolve() / "r" / "report.md") in printed and "5 figure(s)" in printed
     assert main([str(tiny_sweep / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_report_of_an_empty_folder(tmp_path: Path) -> None:
-    out = write_report(tmp_path)
-    text = (out / "report.md").read_text()
-    assert {row[0]: row[1] for row in _table(text, "Runs by status")}["total"] == "0"
-    assert "No figure could be drawn yet." in text
+def test_report_of_an_empty_folder_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    # a report of nothing is no report (issue 28): the CLI side is in test_analysis_ceiling.py
+    with pytest.raises(FileNotFoundError, match="holds no run folders"):
+        write_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_where_picks_runs_and_the_terminal_names_the_skipped_figures(tmp_path: Path, capsys) -> None:
