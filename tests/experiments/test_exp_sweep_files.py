@@ -55,3 +55,35 @@ def test_smoke_version_of_the_sweep_trains(path: Path, tmp_path: Path):
         assert summary["status"] == "done", (spec.label(), summary.get("reason"))
         assert (tmp_path / spec.run_id / "DONE").exists()
         assert 0.0 < summary["final_usage_fraction"] <= 1.0, spec.label()
+
+
+def test_the_demo_is_the_images_recipe_beside_the_reference_with_uncapped_usage():
+    """`make demo` shows the suite's finding (results/README.md): the images task over
+    diversity_gamma x frac_per_sample_entropy at the recipe's inverse temperature and the
+    reference's, on enough validation tokens that usage is not capped by their count."""
+    import inspect
+
+    from experiments.config import load_config
+    from experiments.image_folder import even_subset
+    from experiments.tasks.images import shipped_crops, tokens_per_image
+    from lfq import LFQ
+
+    sweep = load_sweep(REPO_ROOT / "experiments" / "sweeps" / "demo.yaml")
+    runs = expand(sweep)
+    recipe = load_config(REPO_ROOT / "experiments" / "configs" / "images.yaml").quantizer.inv_temperature
+    reference = inspect.signature(LFQ.forward).parameters["inv_temperature"].default  # as in vector-quantize-pytorch
+    assert recipe != reference
+    assert set(sweep.grid["quantizer.inv_temperature"]) == {recipe, reference}
+    assert len(sweep.grid["quantizer.diversity_gamma"]) >= 2 and len(sweep.grid["quantizer.frac_per_sample_entropy"]) >= 2
+    assert len(sweep.seeds) >= 2
+    shipped_val = {}  # resolution -> number of shipped validation crops
+    for spec in runs:
+        config = spec.config.resolved()
+        assert config.task == "images" and config.data.root is None and config.quantizer.kind == "lfq"
+        resolution = config.data.resolution
+        if resolution not in shipped_val:
+            shipped_val[resolution] = len(shipped_crops(resolution)[1])
+        val_images = len(even_subset(shipped_val[resolution], config.data.val_size))
+        per_code = val_images * tokens_per_image(config) / config.quantizer.codebook_size
+        # below 4 per code a uniform assignment reaches under 1 - exp(-4) = 98 % of the codes
+        assert per_code >= 4, f"{spec.label()}: {per_code:.2f} validation tokens per code"
