@@ -11,6 +11,9 @@ from analysis_fixtures import FRACS, GAMMAS, grid_usage, write_run
 import analysis
 from analysis.aggregate import group_label
 
+# pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
+# standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
+
 
 def test_parameters_are_the_varying_config_fields_without_seed(grid_sweep: Path) -> None:
     runs = analysis.load_runs(grid_sweep)

@@ -16,6 +16,9 @@ import analysis
 from analysis.diagnostics import bit_columns, bit_usage_heatmap, saturation_and_usage
 from lfq import LFQ, JsonlSink, LFQMonitor
 
+# pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
+# standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
+
 STEPS, BITS = 12, 4
 
 

@@ -62,6 +62,7 @@ def test_statuses_are_the_run_folder_words_and_the_age_of_the_last_write_is_a_co
     assert runs.loc["running", "status"] == runs.loc["stale", "status"] == "started"
     assert runs.loc["running", "step"] == 3  # read from the last row of metrics.jsonl
     assert runs.loc["running", "last_write_age_s"] < 600 and pd.isna(runs.loc["running", "reason"])
+    # wall-clock seconds, not rounding: 10 minutes for the test to get from utime to load_runs
     assert runs.loc["stale", "last_write_age_s"] == pytest.approx(3 * 3600, abs=600)
     assert "no write for 3.0 h" in runs.loc["stale", "reason"]
     assert runs.loc["no_marker", "status"] == "started"

@@ -14,6 +14,9 @@ from matplotlib.figure import Figure
 import analysis
 from analysis.style import series_styles
 
+# pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
+# standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
+
 
 @pytest.fixture
 def frames(grid_sweep: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -101,7 +104,7 @@ def test_rank_frequencies_are_sorted_shares(frames) -> None:
     _, _, hist = frames
     freq = analysis.rank_frequencies(hist)
     sums = freq.groupby(["run_id", "layer", "codebook"], observed=True)["frequency"].sum()
-    assert np.allclose(sums, 1.0)
+    assert np.allclose(sums, 1.0)  # float64 count / total over 16 codes
     for _, part in freq.groupby("run_id", observed=True):
         assert part["rank"].tolist() == list(range(1, len(part) + 1))
         assert part["frequency"].is_monotonic_decreasing
@@ -162,6 +165,7 @@ def test_reconstruction_vs_usage_spreads_coincident_points_so_each_run_shows(tmp
         points = np.concatenate([c.get_offsets() for c in ax.collections])
         assert len(points) == 5
         shown = ax.transData.transform(points)  # in pixels: what a reader sees
+        # the points spread around usage 0.5 (offsets of a few pixels, well under 0.05 of the axis)
         together = shown[np.isclose(points[:, 0], 0.5, atol=0.05)]
         assert len(together) == 4 and len({round(x) for x in together[:, 0]}) == 4
         assert np.diff(np.sort(together[:, 0])).min() > 3  # pixels apart: distinct markers

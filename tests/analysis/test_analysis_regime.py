@@ -14,6 +14,9 @@ from analysis_fixtures import write_regime_sweep, write_run
 from analysis import regime
 from analysis.regime import GAMMA, SCHEDULE, SIZE, TAU
 
+# pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
+# standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
+
 
 def _summary() -> pd.DataFrame:
     rows = []

@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 from rank_process import rank_process
+from tolerances import sum_tol
 
 from experiments import distributed as ddp
 from experiments.distributed import free_port
@@ -134,14 +135,18 @@ def test_ddp_run_writes_one_folder_and_matches_one_process(runs):
                 "final_bit_balance_mad", "best_val_step", "step", "run_id"):
         assert full[key] == single[key], key
 
-    # Losses: float summation order only.
+    # Losses: float summation order only. Steps 1-3: float32 sums over the batch (batch x input_dim values)
+    # in another order; later, no rounding bound: Adam amplifies those roundings step by step (measured
+    # 5e-4 at step 27 for the per-sample entropy at inv_temperature 100, see the module docstring).
+    smoke = smoke_config().resolved()
+    early = sum_tol(torch.float32, smoke.data.batch_size * smoke.data.input_dim)
     for a, b in zip(ddp_rows, one_rows, strict=True):
         for key in ("loss", "recon_loss", "aux_loss", "per_sample_entropy", "batch_entropy", "commitment", "val_mse"):
             if key in b and not math.isnan(b[key]):
-                rel = 1e-5 if b["step"] <= 3 else 5e-3
+                rel = early if b["step"] <= 3 else 5e-3
                 assert a[key] == pytest.approx(b[key], rel=rel), (a["kind"], a["step"], key)
-    for key in ("final_train_loss", "final_recon_loss", "final_val_mse", "final_batch_entropy"):
-        assert full[key] == pytest.approx(single[key], rel=1e-4), key
+    for key in ("final_train_loss", "final_recon_loss", "final_val_mse", "final_batch_entropy"):  # step 30: drift,
+        assert full[key] == pytest.approx(single[key], rel=1e-4), key  # no rounding bound (measured 9e-6)
     assert full["final_val_mse"] != single["final_val_mse"]  # really two processes, not a copy
 
 

@@ -15,6 +15,7 @@ from exp_helpers import (
     smoke_config,
     without_wall_time,
 )
+from tolerances import sum_tol
 
 from experiments import train
 from experiments.config import load_config
@@ -140,8 +141,9 @@ def test_compiled_run_trains_to_the_eager_losses(tmp_path, path, task_overrides)
     assert len(losses[0]) == 4
     # The first step sees the same weights and batch: equal to float tolerance. After it the
     # fused kernels' rounding can flip the sign of a latent within 1e-6 of 0, i.e. one token's
-    # code, so later losses agree to that token's share of the reconstruction, not to 1e-4.
-    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-4, abs=1e-5)
+    # code, so later losses agree to that token's share of the reconstruction (no rounding bound;
+    # measured 9.4e-4 for images), the first to float32 sums of the largest batch (images: 8 x 3 x 32 x 32).
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=sum_tol(torch.float32, 8 * 3 * 32 * 32))
     assert losses[1] == pytest.approx(losses[0], rel=3e-2)
 
 
@@ -154,6 +156,7 @@ def test_compiled_run_resumes_to_the_uninterrupted_summary(tmp_path):
         run(config, tmp_path / "resumed", on_step=kill_at(10))
     resumed = run(config, tmp_path / "resumed")
     assert resumed["status"] == "done" and resumed["step"] == 20
-    # Compiled kernels may round differently from one compilation to the next: equal to tolerance.
+    # Compiled kernels may round differently from one compilation to the next: equal to tolerance, a
+    # budget for 10 steps of drift, no rounding bound (measured equal on AVX-512).
     for key in ("final_train_loss", "final_val_mse"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-3), key

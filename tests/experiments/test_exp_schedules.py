@@ -10,6 +10,9 @@ from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wal
 from experiments.config import ConfigError
 from experiments.schedules import ramp, values_at
 
+# pytest.approx's default (1e-6 relative) below: schedules are float64 arithmetic of a few terms on
+# literal inputs (a product, a cosine, a power), ~4e9 float64 eps from any rounding (tests/tolerances.py).
+
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "exponential"])
 def test_ramps_go_from_start_to_end_and_stay(shape):
