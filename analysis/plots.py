@@ -136,7 +136,7 @@ def draw_ceiling(ax: Axes, xs: Sequence[float] | np.ndarray, ceilings: Sequence[
     if not ceilings.size or not np.isfinite(ceilings).any():
         return
     shared = np.nanmax(ceilings) - np.nanmin(ceilings) < 5e-4  # 4 digits: what the label prints
-    text = (f"{CEILING_LABEL} = {np.nanmean(ceilings):.3g} (N/K = {np.nanmean(ratios):.3g})" if shared
+    text = (f"{CEILING_LABEL} = {np.nanmean(ceilings):.4f} (N/K = {np.nanmean(ratios):.3g})" if shared
             else f"{CEILING_LABEL} (N/K = {np.nanmin(ratios):.3g}-{np.nanmax(ratios):.3g})")
     if shared:
         (ax.axhline if axis == "y" else ax.axvline)(float(np.nanmean(ceilings)), color=color, linestyle=(0, (5, 3)),
