@@ -8,7 +8,7 @@
   natural-image patches shipped with scikit-image and scikit-learn).
 - :mod:`experiments.train`: ``run(config, run_dir)`` and the CLI; the shared training loop is
   :mod:`experiments.loop`, what a run has reached :mod:`experiments.train_state`.
-- :mod:`experiments.run_dir`: the run folder (resume, status, claims), with :mod:`experiments.files`
+- :mod:`experiments.run_dir`: the run folder (resume, status, its lock), with :mod:`experiments.files`
   (the atomic writer, JSON and JSON-lines I/O), :mod:`experiments.folder_state` (RUN_STATES) and
-  :mod:`experiments.claims` beside it.
+  :mod:`experiments.run_lock` (one process per run folder) beside it.
 """

@@ -27,8 +27,8 @@ class RunDirError(ValueError):
     """A run folder cannot be used as asked; the message says why and what to do."""
 
 
-class RunClaimed(RunDirError):
-    """Another live process holds the run's claim."""
+class RunLocked(RunDirError):
+    """Another live process holds the run's lock (``experiments.run_lock``)."""
 
 
 class CorruptRun(RunDirError):

@@ -1,6 +1,6 @@
 """The training loop of one attempt at a run (:class:`Training`), step by step.
 
-``experiments.train.run`` checks the run folder and holds its claim; this module builds the model,
+``experiments.train.run`` checks the run folder and holds its lock; this module builds the model,
 optimiser and monitor, restores them from the checkpoint, trains, validates, checkpoints and ends
 the run. What the run has reached lives in :class:`experiments.train_state.TrainState`; the
 data-parallel rules are in ``experiments.train``'s docstring.
@@ -242,7 +242,7 @@ class Training:
 
     def close(self) -> None:
         """The monitor's hooks off the model, and the data loader's workers stopped (they hold a copy
-        of the claim's lock while they live), even while a traceback still refers to this attempt."""
+        of the run lock's file while they live), even while a traceback still refers to this attempt."""
         # Under DDP no flush here: an erroring rank must not enter a collective the others may
         # never join (the rows it drops are past the checkpoint and rewritten on resume).
         # No final snapshot here: the run ended with one (train), or it stopped and resumes from a

@@ -65,7 +65,7 @@ def code_version() -> dict[str, Any]:
 def environment(device: torch.device, *, step: int, world_size: int = 1, job_id: str | None = None) -> dict[str, Any]:
     """One ``environment.jsonl`` row: what this attempt, starting at ``step``, computes on.
 
-    ``job_id``: the scheduler's id of this job as the run's claim names it (``slurm.job``; the
+    ``job_id``: the scheduler's id of this job as the run lock's holder file names it (``slurm.job``; the
     local pool's too); without one, SLURM's variables (``<array job>_<task>`` in an array)."""
     cuda = device.type == "cuda"
     job = job_id or os.environ.get("SLURM_JOB_ID") or None

@@ -5,11 +5,12 @@ JSON-lines logs is written atomically (a temp file in the same folder, then ``os
 so a run killed at any instant leaves either the old or the new version, never half of one.
 ``DONE`` is written last; a folder with it is never run again.
 
-This module is the run folder's one entry point; its jobs live beside it and every public name is
-importable from here: ``experiments.files`` (atomic writes, JSON and JSON-lines I/O),
-``experiments.folder_state`` (file names, RUN_STATES, ``finished``, the errors),
-``experiments.claims`` (one process per run folder). Here: the Parquet copy of the metrics,
-names and places, setting a run aside, resume verification, and :class:`RunDir`.
+This module is the run folder's one entry point; its jobs live beside it and the public names of
+``experiments.files`` (atomic writes, JSON and JSON-lines I/O) and ``experiments.folder_state``
+(file names, RUN_STATES, ``finished``, the errors) are importable from here. The run lock (one
+process per run folder) is imported from its own module, ``experiments.run_lock``. Here: the
+Parquet copy of the metrics, names and places, setting a run aside, resume verification, and
+:class:`RunDir`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.claims import (  # noqa: F401 - re-exported
-    CLAIM_NAME,
-    CLAIM_TRIES,
-    LOCK_NAME,
-    claim,
-    claimed,
-    describe_claim,
-    is_claimed,
-    lock_is_held,
-    read_claim,
-)
 from experiments.files import (  # noqa: F401 - re-exported
     append_jsonl,
     atomic_write,
@@ -51,13 +41,14 @@ from experiments.folder_state import (  # noqa: F401 - re-exported
     RUN_STATES,
     SUMMARY,
     CorruptRun,
-    RunClaimed,
     RunDirError,
+    RunLocked,
     finished,
     is_done,
     read_summary,
     run_status,
 )
+from experiments.run_lock import describe_lock_holder, try_lock_run
 
 COMPACT_METRICS = "metrics.parquet"
 COMPACT_SOURCE_KEY = b"lfq.source_bytes"
@@ -162,14 +153,14 @@ def set_aside(run_dir: Path | str) -> Path:
 
 
 def restart(run_dir: Path | str) -> Path | None:
-    """Set the run folder aside so the run starts over; None if there was none. RunClaimed if it is in use."""
+    """Set the run folder aside so the run starts over; None if there was none. RunLocked if it is in use."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         return None
-    with claim(run_dir, tries=1) as held:
+    with try_lock_run(run_dir, tries=1) as held:
         if not held:
-            raise RunClaimed(f"{run_dir} is being trained by {describe_claim(run_dir)}: not restarting it under "
-                             f"a live process; stop that process first")
+            raise RunLocked(f"{run_dir} is being trained by {describe_lock_holder(run_dir)}: not restarting it under "
+                            f"a live process; stop that process first")
         return set_aside(run_dir)
 
 

@@ -46,14 +46,13 @@ from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss
 from experiments.provenance import environment
 from experiments.resources import check_resources
 from experiments.run_dir import (
-    CLAIM_NAME,
     RunDir,
     RunDirError,
-    claimed,
     prepare_run_folder,
     restart,
     run_status,
 )
+from experiments.run_lock import hold_run_lock, read_lock_holder
 from experiments.runtime import Runtime
 from experiments.tasks import get_task
 from experiments.train_state import USAGE_KEYS, TrainState, end_line  # noqa: F401 - USAGE_KEYS re-exported
@@ -87,7 +86,7 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
         num_threads: int | None = None) -> dict[str, Any]:
     """Run ``config`` in ``run_dir`` to the end and return its summary.
 
-    Holds the run's claim (``experiments.run_dir.claimed``, rank 0) throughout: RunClaimed if
+    Holds the run's lock (``experiments.run_lock.hold_run_lock``, rank 0) throughout: RunLocked if
     another process trains this folder. CorruptRun if a file it would resume from (or a DONE
     folder's summary) cannot be trusted; nothing is written then.
 
@@ -103,11 +102,11 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     magnitude slower, and a fixed count keeps float reductions the same on every machine of one CPU
     ISA (across ISAs they differ: ``experiments.provenance``).
     """
-    _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the claim
-    if run_status(run_dir) == "done":  # read-only: a finished folder is not even claimed
+    _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the lock
+    if run_status(run_dir) == "done":  # read-only: a finished folder is not even locked
         return _run(config, run_dir, None, on_step=on_step, num_threads=num_threads)
     prepared = preflight(config.resolved())  # a ConfigError here leaves no folder behind
-    with claimed(run_dir, ddp.is_main(), ddp.broadcast):
+    with hold_run_lock(run_dir, ddp.is_main(), ddp.broadcast):
         return _run(config, run_dir, prepared, on_step=on_step, num_threads=num_threads)
 
 
@@ -137,10 +136,10 @@ def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | No
             _record_data(config, rd, training.data_record(), previous)
             training.restore(checkpoint)
             if ddp.is_main():  # one row per attempt, never truncated: where each part of the run computed
-                claim = read_json(rd.path / CLAIM_NAME) or {}  # ours: it names the job that holds the run
+                holder = read_lock_holder(rd.path)  # ours: it names the job that holds the run
                 append_jsonl(rd.environment, [environment(runtime.device, step=training.state.step,
                                                           world_size=ddp.world_size(),
-                                                          job_id=str(claim.get("job_id") or "") or None)])
+                                                          job_id=str(holder.get("job_id") or "") or None)])
             training.train(t_start, on_step)
             return training.finish()
         except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
@@ -300,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"{run_dir.parent / '_sweep' / 'trash'}/, not deleted), or a new name=... or --out "
                               f"(a new folder beside the old)", flush=True)
             summary = run(config, run_dir, num_threads=args.threads)
-        except RunDirError as e:  # claimed by another process, or corrupt: nothing was written
+        except RunDirError as e:  # locked by another process, or corrupt: nothing was written
             return fail(e)
         if ddp.is_main():
             print(end_line(summary), flush=True)

@@ -1,20 +1,20 @@
-"""The job callable: one run of a sweep, resumable, claimed so it never runs twice at once.
+"""The job callable: one run of a sweep, resumable, locked so it never runs twice at once.
 
 What is pickled for submitit is only the run's config (a plain dict) and its folder; the
 trainer is imported when the job starts. On a timeout or preemption signal submitit calls
 ``checkpoint()``, which hands back a fresh copy of the job; the requeued job calls
 ``experiments.train.run`` again, which resumes from the folder's ``checkpoint.pt``.
 
-The claim is ``experiments.run_dir.claim``: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held
+The run lock is ``experiments.run_lock``: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held
 while the run trains, the same one ``python -m experiments.train`` takes. The kernel drops it when
-the process dies, however it dies (scancel, OOM kill, node reboot), so a stale claim cannot block a
+the process dies, however it dies (scancel, OOM kill, node reboot), so a stale lock cannot block a
 resubmission; a second job that finds it held returns at once (status ``skipped``).
 ``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
 
 A job of several tasks (``tasks_per_node`` > 1, e.g. one per GPU) is one data-parallel run: every
 task joins the ``torch.distributed`` group (submitit's ``TorchDistributedEnvironment``, gloo on
 CPUs, NCCL on GPUs) and ``experiments.train.run`` trains DDP. Only global rank 0 checks DONE,
-takes the claim and writes the sweep's events; its verdict (train, done, skipped) is broadcast so
+takes the run lock and writes the sweep's events; its verdict (train, done, skipped) is broadcast so
 that every rank trains or every rank returns (a rank that returned alone would leave the others
 waiting in a collective). On the requeue signal submitit's handler checkpoints and requeues on
 rank 0 only and exits there; the other ranks carry on until their next collective breaks, then
@@ -45,7 +45,7 @@ import submitit
 
 from experiments import run_dir as run_folder
 from experiments.files import append_jsonl
-from experiments.run_dir import CLAIM_NAME, LOCK_NAME, is_claimed, lock_is_held, read_claim  # noqa: F401 - re-exported
+from experiments.run_lock import read_lock_holder, try_lock_run
 
 SWEEP_META = "_sweep"  # the sweep's own folder, next to its run folders
 EVENTS_NAME = "events.jsonl"
@@ -59,9 +59,9 @@ def job_id_here() -> str:
 
 
 @contextlib.contextmanager
-def claim(run_dir: Path) -> Iterator[bool]:
-    """The run's claim (``experiments.run_dir.claim``, which the trainer takes too), naming this job."""
-    with run_folder.claim(run_dir, info={"job_id": job_id_here()}) as held:
+def try_lock_run_for_job(run_dir: Path) -> Iterator[bool]:
+    """The run's lock (``experiments.run_lock.try_lock_run``, which the trainer takes too), naming this job as its holder."""
+    with try_lock_run(run_dir, info={"job_id": job_id_here()}) as held:
         yield held
 
 
@@ -124,7 +124,7 @@ class RunJob(submitit.helpers.Checkpointable):
         return self._run()
 
     def _verdict(self, run_dir: Path, stack: contextlib.ExitStack) -> dict[str, Any] | None:
-        """On rank 0: None to train (the claim then stays held in ``stack``), else the result to return."""
+        """On rank 0: None to train (the run lock then stays held in ``stack``), else the result to return."""
         run_id = run_dir.name
 
         def finished() -> dict[str, Any] | None:
@@ -139,10 +139,10 @@ class RunJob(submitit.helpers.Checkpointable):
         verdict = finished()
         if verdict is not None:
             return verdict
-        if not stack.enter_context(claim(run_dir)):
-            owner = read_claim(run_dir)
+        if not stack.enter_context(try_lock_run_for_job(run_dir)):
+            owner = read_lock_holder(run_dir)
             print(f"[job] {run_id}: already running elsewhere ({owner}); not starting it twice", flush=True)
-            return {"run_id": run_id, "status": "skipped", "reason": f"claimed by {owner}"}
+            return {"run_id": run_id, "status": "skipped", "reason": f"locked by {owner}"}
         return finished()  # finished while this job waited in the queue
 
     def _run(self) -> dict[str, Any]:
@@ -157,7 +157,7 @@ class RunJob(submitit.helpers.Checkpointable):
         signalled = watch_requeue_signal() if not main else None
         with contextlib.ExitStack() as stack:
             # Rank 0 decides for all: a rank that returned alone would leave the others in a collective,
-            # and a second claim attempt on the same folder (rank 1 on the same node) would fail.
+            # and a second attempt to lock the same folder (rank 1 on the same node) would fail.
             verdict = self._verdict(run_dir, stack) if main else None
             if world > 1:
                 verdict = ddp.broadcast(("return", verdict) if verdict is not None else ("train", None))[1]

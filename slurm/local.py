@@ -39,7 +39,8 @@ from typing import IO, Any
 import submitit
 
 from experiments.files import append_jsonl
-from slurm.job import EVENTS_NAME, SWEEP_META, lock_is_held
+from experiments.run_lock import lock_is_held
+from slurm.job import EVENTS_NAME, SWEEP_META
 
 
 def machine_cpus() -> int:

@@ -2,7 +2,7 @@
 
 Layout of ``results/<sweep>/``::
 
-    <run_id>/                 run folders (experiments.run_dir), with their claim .lock/.claim
+    <run_id>/                 run folders (experiments.run_dir), with their run lock .lock/.claim
     _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
     _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time,
                               command (the slurm.submit command line that submitted it)
@@ -10,7 +10,7 @@ Layout of ``results/<sweep>/``::
     _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
     _sweep/trash/             run folders set aside by ``submit --force``, ``train --restart``, a corrupt resubmission
 
-A run's state comes from its folder first (DONE, summary.json, a held claim) and from the
+A run's state comes from its folder first (DONE, summary.json, a held run lock) and from the
 scheduler second (squeue and sacct; the local pool's lock), because only the folder survives a
 wiped cluster or a job killed from outside, and only the scheduler knows a job not started yet.
 """
@@ -30,15 +30,16 @@ from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import read_job_id
 
 from experiments import run_dir as run_folder
-from experiments.run_dir import RUN_STATES, is_claimed, read_claim
+from experiments.run_dir import RUN_STATES
+from experiments.run_lock import read_lock_holder, run_is_locked
 from slurm.job import EVENTS_NAME, SWEEP_META
 from slurm.local import pool_alive
 
-# The words only the scheduler (SLURM, the local pool) or a live claim can say; everything else a
+# The words only the scheduler (SLURM, the local pool) or a live run lock can say; everything else a
 # run's state says comes from its folder (experiments.run_dir.RUN_STATES, experiments.run_dir.finished).
 SCHEDULER_STATES = {
     "pending": "queued: SLURM has not started it, it was just submitted, or it waits in the local pool",
-    "running": "a live process holds the run's claim, or SLURM says it runs",
+    "running": "a live process holds the run's lock, or SLURM says it runs",
     "cancelled": "stopped from outside before it ended: scancel, a stopped local pool, a signal",
 }
 # The folder's words a sweep shows as they are. corrupt: DONE but its summary or config is missing or
@@ -47,7 +48,7 @@ FOLDER_STATES = tuple(s for s in RUN_STATES if s != "started")
 # The folder's "started" (a config.json and no end yet) is never shown: the scheduler says which of
 # these it is (see _classify).
 STARTED_BECOMES = {
-    "running": "its claim is held, or SLURM runs it",
+    "running": "its lock is held, or SLURM runs it",
     "pending": "SLURM has it queued (or it was submitted under a minute ago), or the local pool is alive",
     "cancelled": "SLURM cancelled it, the local pool ended before it, or a signal killed it",
     "failed": "its job ended (or its scheduler forgot it) without DONE",
@@ -117,7 +118,7 @@ class RunState:
     state: str  # one of STATES
     cluster: str = ""
     job_id: str = ""
-    detail: str = ""  # scheduler state, claim owner, step reached, or the last lines of an error
+    detail: str = ""  # scheduler state, lock holder, step reached, or the last lines of an error
 
 
 def scheduler_states(job_ids: Iterable[str]) -> dict[str, str]:
@@ -242,9 +243,9 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
     folder_state, why = run_folder.finished(run_dir)
     if folder_state == "done":
         return ("done", f"step {summary.get('step', '?')}")
-    if is_claimed(run_dir):
-        claim = read_claim(run_dir)
-        return ("running", f"{latest_rate(run_dir)}pid {claim.get('pid')} on {claim.get('host')}")
+    if run_is_locked(run_dir):
+        holder = read_lock_holder(run_dir)
+        return ("running", f"{latest_rate(run_dir)}pid {holder.get('pid')} on {holder.get('host')}")
     cluster = rec.get("cluster", "")
     # a resubmitted run waits in the queue with its old failed summary: the queue wins
     if cluster == "slurm" and code in SLURM_PENDING | SLURM_RUNNING:

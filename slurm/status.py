@@ -7,7 +7,7 @@
 
 States: pending (queued), running, done, failed (with the last lines of its error), cancelled
 (scancel, or a local pool that was stopped), missing (never submitted). They come from the run
-folders first (DONE, summary.json, the run's claim) and from SLURM (squeue/sacct) or the local
+folders first (DONE, summary.json, the run's lock) and from SLURM (squeue/sacct) or the local
 pool second; corrupt (DONE, but its summary.json or config.json is missing or unreadable: the one
 definition of a finished run is ``experiments.run_dir.finished``). ``--resubmit`` submits exactly
 the failed, cancelled, corrupt and missing runs (a corrupt folder is moved to ``_sweep/trash/`` first).

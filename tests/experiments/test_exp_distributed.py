@@ -119,7 +119,7 @@ def test_ddp_run_writes_one_folder_and_matches_one_process(runs):
     assert {p.name for p in rd.path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
                                                     "checkpoint.pt", "summary.json", "DONE", "metrics.parquet",
                                                     "environment.jsonl",
-                                                    ".lock", ".claim"}  # rank 0's claim (run_dir.claim)
+                                                    ".lock", ".claim"}  # rank 0's run lock (run_lock.try_lock_run)
     assert [(r["step"], r["world_size"]) for r in read_rows(rd.environment)] == [(0, 2)]  # rank 0's row only
     ddp_rows, one_rows = read_rows(rd.metrics), read_rows(out / "single" / "metrics.jsonl")
     keys = [(r["kind"], r["step"], r.get("mode"), r.get("codebook")) for r in ddp_rows]

@@ -18,19 +18,19 @@ from exp_helpers import REPO, SYNTHETIC_YAML, read_rows, run, smoke_config, with
 from experiments.config import Config, load_config
 from experiments.run_dir import (
     CorruptRun,
-    RunClaimed,
     RunDir,
     RunDirError,
+    RunLocked,
     atomic_write_json,
     confine,
     finished,
     name_problem,
-    read_claim,
     read_jsonl,
     restart,
     run_status,
     truncate_jsonl,
 )
+from experiments.run_lock import read_lock_holder
 from experiments.train import main
 
 
@@ -196,8 +196,8 @@ def test_two_trainers_on_one_folder_train_once(tmp_path):
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / load_config(SYNTHETIC_YAML, long).run_id
     deadline = time.monotonic() + 60
-    while read_claim(run_dir).get("pid") != first.pid:
-        assert time.monotonic() < deadline and first.poll() is None, "the first trainer never claimed its folder"
+    while read_lock_holder(run_dir).get("pid") != first.pid:
+        assert time.monotonic() < deadline and first.poll() is None, "the first trainer never locked its folder"
         time.sleep(0.05)
     second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and f"is being trained by pid {first.pid}" in second.stderr
@@ -207,11 +207,11 @@ def test_two_trainers_on_one_folder_train_once(tmp_path):
     assert train_steps == sorted(set(train_steps)) and len(train_steps) == 600 // 50  # log_every 50: each once
 
 
-def test_a_sweep_jobs_claim_stops_a_trainer(tmp_path, capsys):
+def test_a_sweep_jobs_run_lock_stops_a_trainer(tmp_path, capsys):
     config = smoke_config()
     run_dir = tmp_path / config.run_id
-    code = ("import sys\nfrom experiments.run_dir import claim\n"
-            "with claim(sys.argv[1], info={'job_id': '77_3'}):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    code = ("import sys\nfrom experiments.run_lock import try_lock_run\n"
+            "with try_lock_run(sys.argv[1], info={'job_id': '77_3'}):\n    print('held', flush=True)\n    sys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -219,7 +219,7 @@ def test_a_sweep_jobs_claim_stops_a_trainer(tmp_path, capsys):
         assert main([str(SYNTHETIC_YAML), "scale=smoke", "--out", str(tmp_path)]) == 2
         assert "(job 77_3)" in capsys.readouterr().err
         assert not (run_dir / "config.json").exists()
-        with pytest.raises(RunClaimed):
+        with pytest.raises(RunLocked):
             restart(run_dir)  # --restart never moves a folder out from under a live process
     finally:
         holder.stdin.close()

@@ -29,7 +29,7 @@ def test_a_run_writes_the_documented_folder(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "histograms.jsonl",
                                                      "checkpoint.pt", "summary.json", "DONE", "metrics.parquet",
                                                      "environment.jsonl",
-                                                     ".lock", ".claim"}  # the run's claim (run_dir.claim)
+                                                     ".lock", ".claim"}  # the run's lock (run_lock.try_lock_run)
     assert rd.read_config()["run_id"] == config.run_id == summary["run_id"]
     assert SUMMARY_KEYS <= set(summary) and summary["status"] == "done" and summary["step"] == 30
     assert summary == rd.read_summary()
@@ -268,9 +268,9 @@ def test_each_attempt_records_what_it_computed_on(tmp_path, monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=Path(train.__file__).parents[1]).stdout.strip()
     assert first["commit"] == head and isinstance(first["dirty"], bool)  # CI and make test run in a checkout
-    from experiments.claims import claim
+    from experiments.run_lock import try_lock_run
 
-    with claim(tmp_path / "held", info={"job_id": "4242"}):  # as slurm.job holds a run: its job id wins
+    with try_lock_run(tmp_path / "held", info={"job_id": "4242"}):  # as slurm.job holds a run: its job id wins
         run(config, tmp_path / "held")
     assert [r["job_id"] for r in read_rows(RunDir(tmp_path / "held").environment)] == ["4242"]
     from experiments import provenance

@@ -96,9 +96,9 @@ def sacct_state(job_id: str) -> str:
 
 @contextlib.contextmanager
 def held_by_another_process(run_dir: Path) -> Iterator[int]:
-    """The run's claim held by a child process (a claim is re-entrant within one process); yields its pid."""
-    code = ("import sys\nfrom experiments.run_dir import claim\n"
-            "with claim(sys.argv[1]) as held:\n    print(held, flush=True)\n    sys.stdin.read()\n")
+    """The run's lock held by a child process (the lock is re-entrant within one process); yields its pid."""
+    code = ("import sys\nfrom experiments.run_lock import try_lock_run\n"
+            "with try_lock_run(sys.argv[1]) as held:\n    print(held, flush=True)\n    sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:

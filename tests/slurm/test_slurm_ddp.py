@@ -1,7 +1,7 @@
 """Data-parallel runs as SLURM jobs of 2 tasks (gloo on the CPU), against the real test cluster.
 
 A run whose resources ask for several tasks is one submitit job whose tasks are the DDP ranks
-(slurm/job.py): rank 0 alone checks DONE, claims the folder and writes the events, and its verdict
+(slurm/job.py): rank 0 alone checks DONE, locks the folder and writes the events, and its verdict
 is broadcast. The reference is the same config trained by 2 processes spawned here (as
 tests/experiments/test_exp_distributed.py does): same world size, same threads, same gloo sums,
 so summaries and metrics must agree exactly, wall time aside.
@@ -31,7 +31,7 @@ from experiments.config import Config
 from experiments.distributed import free_port
 from experiments.sweep import expand, load_sweep
 from experiments.train import run
-from slurm.job import RunJob, claim, tasks_here
+from slurm.job import RunJob, tasks_here, try_lock_run_for_job
 from slurm.profiles import ProfileError, resolve_resources
 from slurm.submit import main as submit_main
 from slurm.submit import slurm_executor, submit_sweep
@@ -227,14 +227,14 @@ def test_a_2_task_run_requeued_mid_run_ends_as_an_uninterrupted_2_process_run(
 
 
 @pytest.mark.usefixtures("slurm_cluster")
-def test_a_2_task_job_of_a_run_claimed_elsewhere_returns_skipped_on_both_ranks(
+def test_a_2_task_job_of_a_run_locked_elsewhere_returns_skipped_on_both_ranks(
         tmp_path: Path, sweeps: dict[str, Path], cancel_leftovers: list[str]) -> None:
     (spec,) = expand(load_sweep(sweeps["smoke"]), SMOKE)
     run_dir = tmp_path / "ddp_smoke" / spec.run_id
     _, params = resolve_resources({"profile": "ci", "tasks": WORLD})
-    executor = slurm_executor(tmp_path / "submitit", params, name="claimed")
-    # slurm.submit would not submit a claimed run (it shows as running): the job is submitted directly
-    with claim(run_dir) as held:
+    executor = slurm_executor(tmp_path / "submitit", params, name="locked")
+    # slurm.submit would not submit a locked run (it shows as running): the job is submitted directly
+    with try_lock_run_for_job(run_dir) as held:
         assert held
         job = executor.submit(RunJob(spec.config.to_dict(), str(run_dir), 1))
         cancel_leftovers.append(job.job_id)

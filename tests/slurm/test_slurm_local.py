@@ -17,7 +17,8 @@ from slurm_helpers import held_by_another_process, wait_attempts_ended, wait_unt
 
 from experiments import run_dir as run_folder
 from experiments.config import load_config
-from slurm.job import RunJob, claim, is_claimed
+from experiments.run_lock import run_is_locked, try_lock_run
+from slurm.job import RunJob
 from slurm.local import machine_cpus, machine_mem_gb, pool_size
 from slurm.state import SweepFolder, run_states
 from slurm.status import main as status_main
@@ -130,18 +131,18 @@ def test_killing_the_local_pool_cancels_its_runs_and_resubmit_finishes_them(tmp_
     assert all(run_folder.is_done(r.folder / run_id) for run_id in r.submitted)
 
 
-def test_a_claimed_run_is_not_started_twice(tmp_path: Path) -> None:
+def test_a_locked_run_is_not_started_twice(tmp_path: Path) -> None:
     config = load_config({"task": "synthetic"}, ["scale=smoke"])
     run_dir = tmp_path / "sweep" / config.run_id
     job = RunJob(config.to_dict(), str(run_dir), threads=1)
     with held_by_another_process(run_dir) as pid:  # as a job running this run elsewhere would hold it
-        assert is_claimed(run_dir)
+        assert run_is_locked(run_dir)
         skipped = job()
         assert skipped["status"] == "skipped" and f"'pid': {pid}" in skipped["reason"]
         assert not (run_dir / "config.json").exists()  # the trainer never started
-        with claim(run_dir) as held:
+        with try_lock_run(run_dir) as held:
             assert not held  # the same lock the trainer takes
-    assert not is_claimed(run_dir)  # released with the holder
+    assert not run_is_locked(run_dir)  # released with the holder
     assert job()["status"] == "done" and run_folder.is_done(run_dir)
     # checkpoint() hands back a fresh job holding only the config and the folder
     again = job.checkpoint()

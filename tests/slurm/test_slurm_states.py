@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import slurm.status
-from experiments.run_dir import RUN_STATES, claim
+from experiments.run_dir import RUN_STATES
+from experiments.run_lock import try_lock_run
 from slurm.state import FOLDER_STATES, SCHEDULER_STATES, STARTED_BECOMES, STATES, _classify
 
 
@@ -59,9 +60,9 @@ def test_a_started_folder_becomes_what_its_record_says(tmp_path: Path, record: d
     assert state == want and state in STARTED_BECOMES
 
 
-def test_a_started_folder_whose_claim_is_held_is_running(tmp_path: Path) -> None:
+def test_a_started_folder_whose_run_lock_is_held_is_running(tmp_path: Path) -> None:
     run_dir = _started(tmp_path)
-    with claim(run_dir) as held:
+    with try_lock_run(run_dir) as held:
         assert held
         assert _classify(run_dir, {}, LOCAL, "", {"exitcode": 1, "time": 200.0})[0] == "running"
     assert _classify(run_dir, {}, LOCAL, "", {"exitcode": 1, "time": 200.0})[0] == "failed"

@@ -1,8 +1,8 @@
-"""The claim: one process per run folder, an exclusive ``flock`` the kernel drops with its holder.
+"""The run lock: one process per run folder, an exclusive ``flock`` the kernel drops with its holder.
 
 ``<run_dir>/.lock`` carries the lock, ``<run_dir>/.claim`` says who holds it (``{host, pid,
-job_id, since}``). The trainer (``experiments.train.run``) and a sweep job (``slurm.job``) take the
-same claim; ``slurm.state`` probes it. ``experiments.run_dir`` re-exports every name here.
+job_id, since}``; the file keeps its name on disk). The trainer (``experiments.train.run``) and a
+sweep job (``slurm.job``) take the same lock; ``slurm.state`` probes it.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from experiments.files import atomic_write_json, read_json
-from experiments.folder_state import RunClaimed
+from experiments.folder_state import RunLocked
 
 LOCK_NAME = ".lock"
-CLAIM_NAME = ".claim"
-CLAIM_TRIES = 10
-_HELD: dict[str, int] = {}  # resolved run folder -> depth of the claims this process holds on it
+HOLDER_NAME = ".claim"  # who holds the lock; written by the holder, read by slurm.status
+LOCK_TRIES = 10
+_HELD: dict[str, int] = {}  # resolved run folder -> depth of the run locks this process holds on it
 
 
 @contextlib.contextmanager
-def claim(run_dir: Path | str, tries: int = CLAIM_TRIES, info: dict[str, Any] | None = None) -> Iterator[bool]:
-    """Yields True while this process holds the run's claim, False if another process holds it.
+def try_lock_run(run_dir: Path | str, tries: int = LOCK_TRIES, info: dict[str, Any] | None = None) -> Iterator[bool]:
+    """Yields True while this process holds the run's lock, False if another process holds it.
 
-    The claim is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``; the kernel drops it when the
-    process dies, however it dies, so a stale claim never blocks anyone. ``<run_dir>/.claim`` says
-    who holds it. Re-entrant within one process (a sweep job claims, then the trainer does).
+    The lock is an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``; the kernel drops it when the
+    process dies, however it dies, so a stale lock never blocks anyone. ``<run_dir>/.claim`` says
+    who holds it. Re-entrant within one process (a sweep job locks the run, then the trainer does).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +56,8 @@ def claim(run_dir: Path | str, tries: int = CLAIM_TRIES, info: dict[str, Any] | 
                     yield False
                     return
                 time.sleep(0.1)
-        atomic_write_json(run_dir / CLAIM_NAME, {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "",
-                                                 "since": time.time(), **(info or {})})
+        atomic_write_json(run_dir / HOLDER_NAME, {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "",
+                                                  "since": time.time(), **(info or {})})
         _HELD[key] = 1
         try:
             yield True
@@ -85,36 +85,37 @@ def lock_is_held(path: Path | str) -> bool:
         return False
 
 
-def is_claimed(run_dir: Path | str) -> bool:
-    """Whether a live process (this one included) holds the run's claim."""
+def run_is_locked(run_dir: Path | str) -> bool:
+    """Whether a live process (this one included) holds the run's lock."""
     return bool(_HELD.get(str(Path(run_dir).resolve()))) or lock_is_held(Path(run_dir) / LOCK_NAME)
 
 
-def read_claim(run_dir: Path | str) -> dict[str, Any]:
-    data = read_json(Path(run_dir) / CLAIM_NAME)
+def read_lock_holder(run_dir: Path | str) -> dict[str, Any]:
+    """``<run_dir>/.claim``: the host, pid, job id and start time of the lock's holder ({} if none)."""
+    data = read_json(Path(run_dir) / HOLDER_NAME)
     return data if isinstance(data, dict) else {}
 
 
-def describe_claim(run_dir: Path | str) -> str:
-    owner = read_claim(run_dir)
-    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-    if owner.get("job_id"):
-        who += f" (job {owner['job_id']})"
+def describe_lock_holder(run_dir: Path | str) -> str:
+    holder = read_lock_holder(run_dir)
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    if holder.get("job_id"):
+        who += f" (job {holder['job_id']})"
     return who
 
 
 @contextlib.contextmanager
-def claimed(run_dir: Path | str, main: bool = True,
-            broadcast: Callable[[Any], Any] = lambda x: x) -> Iterator[None]:
-    """Hold the run's claim for the block, or raise RunClaimed saying who holds it.
+def hold_run_lock(run_dir: Path | str, main: bool = True,
+                  broadcast: Callable[[Any], Any] = lambda x: x) -> Iterator[None]:
+    """Hold the run's lock for the block, or raise RunLocked saying who holds it.
 
     Under data parallel only rank 0 (``main``) takes it; ``broadcast`` hands its verdict to every
     rank, so that all of them train or all raise.
     """
     with contextlib.ExitStack() as stack:
-        held = stack.enter_context(claim(run_dir)) if main else None
-        verdict = broadcast(("claimed", "") if held or not main else ("busy", describe_claim(run_dir)))
+        held = stack.enter_context(try_lock_run(run_dir)) if main else None
+        verdict = broadcast(("locked", "") if held or not main else ("busy", describe_lock_holder(run_dir)))
         if verdict[0] == "busy":
-            raise RunClaimed(f"{run_dir} is being trained by {verdict[1]}: not starting it twice; wait for it, "
-                             f"or stop that process first")
+            raise RunLocked(f"{run_dir} is being trained by {verdict[1]}: not starting it twice; wait for it, "
+                            f"or stop that process first")
         yield
