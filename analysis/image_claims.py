@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.quantizers import value_or
+from analysis.quantizer_comparison import value_or
 from analysis.style import new_figure, require, seed_series, skippable
 
 KIND = "quantizer.kind"

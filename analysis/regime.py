@@ -281,7 +281,7 @@ def comparisons(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     and ``gamma_frac`` (claims 2 and 3, :mod:`analysis.image_claims`) where finished runs vary
     the claim's setting."""
     from analysis.image_claims import IMAGES_CLAIMS, claim_summary
-    from analysis.quantizers import KIND, quantizers_summary
+    from analysis.quantizer_comparison import KIND, quantizers_summary
 
     found = {}
     if KIND in runs and runs[KIND].nunique() > 1:
@@ -299,7 +299,7 @@ def comparisons(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def comparison_table(name: str, summary: pd.DataFrame) -> pd.DataFrame:
     """Mean, std, min and n over seeds of one comparison (``name`` from :data:`COMPARISONS`)."""
     from analysis.image_claims import claim_table
-    from analysis.quantizers import quantizers_table
+    from analysis.quantizer_comparison import quantizers_table
 
     require(name in COMPARISONS, f"no comparison {name!r}; there are {', '.join(COMPARISONS)}")
     return quantizers_table(summary) if name == "quantizers" else claim_table(summary, name)
@@ -309,7 +309,7 @@ def comparison_figure(name: str, summary: pd.DataFrame, *, strict: bool = False)
     """The figure of one comparison, with what its runs held fixed under the title."""
     from analysis.image_claims import FIXED as CLAIM_FIXED
     from analysis.image_claims import claim_figure
-    from analysis.quantizers import KIND, quantizers_figure
+    from analysis.quantizer_comparison import KIND, quantizers_figure
 
     require(name in COMPARISONS, f"no comparison {name!r}; there are {', '.join(COMPARISONS)}")
     if name == "quantizers":

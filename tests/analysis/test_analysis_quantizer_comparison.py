@@ -1,4 +1,4 @@
-"""Claim 1 on the images task (analysis.quantizers): series names, one row per run, the figure."""
+"""Claim 1 on the images task (analysis.quantizer_comparison): series names, one row per run, the figure."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import quantizers as q
+from analysis import quantizer_comparison as q
 
 # pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
 # standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
