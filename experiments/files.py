@@ -6,7 +6,7 @@
   the old or the new version, never half of one. The new file has the mode a plain ``open`` gives
   (0o666 less the umask), not ``mkstemp``'s 0600. This is the one atomic writer of the
   lfq -> experiments -> slurm chain (lfq writes nothing but appends).
-- JSON-lines logs grow through :func:`append_jsonl`, ``lfq.jsonl``'s appender (re-exported here so
+- JSON-lines logs grow through :func:`append_jsonl`, ``lfq.jsonl_writer``'s appender (re-exported here so
   that ``slurm``, which may import ``experiments`` only, uses the same one), and are cut back
   atomically by :func:`truncate_jsonl`.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lfq.jsonl import append_jsonl  # the one appender, re-exported for slurm
+from lfq.jsonl_writer import append_jsonl  # the one appender, re-exported for slurm
 
 __all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "temp_beside",
            "truncate_jsonl"]

@@ -1,7 +1,7 @@
 """Where the monitor's records go.
 
 A sink is any callable that takes a list of flat dict records. ``MemorySink`` keeps them in
-memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file (``lfq.jsonl``: non-finite
+memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file (``lfq.jsonl_writer``: non-finite
 floats are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
 lines=True)`` and Python's ``json`` read back as floats). ``TensorBoardSink`` and ``WandbSink``
 write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lfq.jsonl import append_jsonl
+from lfq.jsonl_writer import append_jsonl
 
 Record = dict[str, Any]
 Sink = Callable[[list[Record]], None]
@@ -48,7 +48,7 @@ class MemorySink:
 
 
 class JsonlSink:
-    """Appends one JSON object per record to ``path`` (``lfq.jsonl.append_jsonl``, the one appender).
+    """Appends one JSON object per record to ``path`` (``lfq.jsonl_writer.append_jsonl``, the one appender).
 
     Every batch is written with a single ``write``, flushed and fsynced before returning, so
     a killed process loses at most the records the monitor had not yet flushed (and at worst

@@ -1,5 +1,5 @@
 """One writer per kind of file in the lfq -> experiments -> slurm chain (docs/ARCHITECTURE.md, "Who
-owns which file format"): JSON lines are appended by ``lfq.jsonl.append_jsonl`` alone, files are
+owns which file format"): JSON lines are appended by ``lfq.jsonl_writer.append_jsonl`` alone, files are
 written atomically by ``experiments.files.atomic_write`` alone. analysis has its own code for the
 formats it reads and writes (it imports none of these packages); the formats are the contract."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = ("lfq", "experiments", "slurm")
-APPENDER = "lfq/jsonl.py"
+APPENDER = "lfq/jsonl_writer.py"
 ATOMIC_WRITER = "experiments/files.py"
 # modules that append to a file that is not JSON lines, and encode JSON for something else
 NOT_JSON_APPENDS = {"slurm/local.py": "a run's text log, opened 'ab' for the child; JSON goes to its stdin"}
@@ -63,7 +63,7 @@ def test_json_lines_are_appended_by_the_one_appender_only() -> None:
     # JSON appended another way: a module that both encodes JSON and opens files for appending
     others = [name for name, tree in SOURCES.items()
               if name != APPENDER and name not in NOT_JSON_APPENDS and _appends(tree) and _encodes_json(tree)]
-    assert not others, f"append JSON lines with lfq.jsonl.append_jsonl (experiments.files re-exports it): {others}"
+    assert not others, f"append JSON lines with lfq.jsonl_writer.append_jsonl (experiments.files re-exports it): {others}"
 
 
 def test_files_are_written_atomically_by_the_one_writer_only() -> None:

@@ -1,4 +1,4 @@
-"""The one JSON-lines appender (lfq.jsonl): one record per line, non-finite floats as JSON extensions,
+"""The one JSON-lines appender (lfq.jsonl_writer): one record per line, non-finite floats as JSON extensions,
 whole lines under concurrent appenders, and a torn last line never swallowing the next record."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lfq import JsonlSink
-from lfq.jsonl import append_jsonl
+from lfq.jsonl_writer import append_jsonl
 
 
 def test_records_become_lines_in_their_key_order_or_sorted(tmp_path: Path) -> None:
