@@ -7,7 +7,7 @@
 """
 
 from analysis.aggregate import FRAC, GAMMA, WhereError, curves, grid_summary, parameters, where
-from analysis.jsonl import LoadProblem
+from analysis.jsonl_reader import LoadProblem
 from analysis.load import LoadWarning, find_run_dirs, load_histograms, load_metrics, load_runs
 from analysis.plots import (
     layers,

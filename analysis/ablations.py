@@ -31,7 +31,7 @@ from analysis.claims import (
     summaries_from_runs,
 )
 from analysis.cli import OneLineParser, fail, guarded
-from analysis.jsonl import write_atomic
+from analysis.jsonl_reader import write_atomic
 from analysis.merge import WouldLoseRuns, command_text, merged_or_refused
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table

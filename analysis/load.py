@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import columns as cols
-from analysis.jsonl import (
+from analysis.jsonl_reader import (
     LoadProblem,
     cache_lookup,
     parse_and_cache_safely,

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from analysis.claims import SUMMARY_ENV
 from analysis.cli import OneLineParser, fail, guarded
-from analysis.jsonl import write_atomic
+from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, refuse_dropping, reruns
 from analysis.style import (
     LINESTYLES,

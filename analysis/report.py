@@ -28,7 +28,7 @@ from analysis.aggregate import where as pick
 from analysis.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
 from analysis.glossary import definitions_section, figure_title, held_fixed_line, held_fixed_table
-from analysis.jsonl import LoadProblem, temp_dir_beside, write_atomic
+from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
 from analysis.plots import (
     layers,

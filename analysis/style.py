@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.jsonl import write_atomic
+from analysis.jsonl_reader import write_atomic
 
 # 12.8 in x 100 dpi = 1280 px: a page at 1280 px shows the figure at 1:1, text unscaled.
 WIDTH_IN = 12.8

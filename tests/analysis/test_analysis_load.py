@@ -20,7 +20,7 @@ from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
 import analysis
 from analysis.claims import summarize
-from analysis.jsonl import parse_jsonl
+from analysis.jsonl_reader import parse_jsonl
 from analysis.load import STATUS_MEANINGS, STATUSES
 
 STEPS = 5  # write_run's default: per step 1 quantizer row per layer + 1 train row, val on even steps
