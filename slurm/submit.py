@@ -9,7 +9,7 @@ Every run's config is validated before anything is submitted. The runs to do go 
 job arrays (chunked by the cluster's MaxArraySize, parallelism capped) and the command returns at
 once; ``--wait`` follows the sweep to the end instead. Job ids go to ``results/<sweep>/_sweep/``
 (see slurm/state.py), read by ``python -m slurm.status``. Running it again is always safe: DONE
-runs are skipped, queued or running ones are never started twice (and each job also claims its
+runs are skipped, queued or running ones are never started twice (and each job also locks its
 run folder, see slurm/job.py).
 """
 
