@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from experiments import run_lock
 from experiments.config import Config
 
 
@@ -81,7 +82,8 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
-    """A DataLoader worker's ``worker_init_fn``: it ignores SIGTERM and the requeue signal.
+    """A DataLoader worker's ``worker_init_fn``: it ignores SIGTERM and the requeue signal, and lets
+    go of the run lock it inherited (``run_lock.let_go_in_forked_child``).
 
     scancel, a preemption and SLURM's time-limit signal reach every process of the job, the workers
     too. A forked worker would die of SIGTERM (torch's handler kills it unless its parent sent it),
@@ -89,6 +91,7 @@ def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
     submitit handler it inherited for USR2 (checkpoint, requeue, exit) itself. The trainer process
     handles both; a worker ends when the trainer tells it to or, if the trainer is gone, when
     torch's watchdog sees that (within 5 s), or with SIGKILL at the job's end."""
+    run_lock.let_go_in_forked_child()
     requeue = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")  # submitit's own rule for its signal
     for sig in {signal.SIGTERM, getattr(signal, f"SIG{requeue}", signal.SIGUSR2)}:
         signal.signal(sig, signal.SIG_IGN)

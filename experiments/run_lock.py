@@ -23,6 +23,7 @@ LOCK_NAME = ".lock"
 HOLDER_NAME = ".claim"  # who holds the lock; written by the holder, read by slurm.status
 LOCK_TRIES = 10
 _HELD: dict[str, int] = {}  # resolved run folder -> depth of the run locks this process holds on it
+_HANDLES: dict[str, IO[str]] = {}  # resolved run folder -> the open .lock file that carries the flock
 
 
 @contextlib.contextmanager
@@ -58,13 +59,31 @@ def try_lock_run(run_dir: Path | str, tries: int = LOCK_TRIES, info: dict[str, A
                 time.sleep(0.1)
         atomic_write_json(run_dir / HOLDER_NAME, {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "",
                                                   "since": time.time(), **(info or {})})
-        _HELD[key] = 1
+        _HELD[key], _HANDLES[key] = 1, handle
         try:
             yield True
         finally:
             _HELD.pop(key, None)
+            _HANDLES.pop(key, None)
     finally:
         handle.close()  # releases the flock
+
+
+def let_go_in_forked_child() -> None:
+    """In a process forked from a lock holder (a DataLoader worker): drop this process's share of
+    the run locks. A flock belongs to the open file, which a fork shares, so a worker outliving
+    its trainer (SIGKILLed by scancel) would hold the run's lock, and the run read "running",
+    until the worker ends. The inherited descriptors are pointed at /dev/null; the parent's stay."""
+    if not _HANDLES:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for handle in _HANDLES.values():
+            os.dup2(devnull, handle.fileno())  # closes this process's copy of the lock's file
+    finally:
+        os.close(devnull)
+    _HANDLES.clear()
+    _HELD.clear()
 
 
 def lock_is_held(path: Path | str) -> bool:

@@ -249,3 +249,34 @@ def test_the_compacted_metrics_hold_the_json_rows(tmp_path):
     for row, got in zip(rows, back, strict=True):
         for key, value in row.items():
             assert got[key] == value or (value != value and got[key] != got[key]), (key, value, got[key])
+
+
+class _LockFilesOpenHere(torch.utils.data.Dataset):
+    """Each item: how many of this process's descriptors point at ``lock`` (read in the worker)."""
+
+    def __init__(self, lock: Path):
+        self.lock = str(lock.resolve())
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == self.lock)
+
+
+def test_a_dataloader_worker_holds_no_share_of_the_run_lock(tmp_path):
+    # A flock belongs to the open file, which fork shares: a worker that outlives a SIGKILLed trainer
+    # (scancel) would keep the run "running" until it ends. The trainer's workers let go of it.
+    from experiments.data import loader_kwargs
+    from experiments.run_lock import LOCK_NAME, try_lock_run
+
+    config = load_config(SYNTHETIC_YAML, ["runtime.num_workers=1"])
+    with try_lock_run(tmp_path) as locked:
+        assert locked
+        here = _LockFilesOpenHere(tmp_path / LOCK_NAME)[0]
+        loader = torch.utils.data.DataLoader(_LockFilesOpenHere(tmp_path / LOCK_NAME), batch_size=1,
+                                             **loader_kwargs(config, torch.device("cpu")))
+        in_worker = [int(n) for n in loader]
+    assert here == 1, "the test reads the lock's descriptors"
+    assert in_worker == [0, 0], "a worker still shares the trainer's lock"

@@ -160,7 +160,13 @@ def test_images_runs_with_dataloader_workers_read_cancelled_after_scancel_and_re
     assert not any(run_folder.is_done(r.folder / run_id) for run_id in r.submitted), "make the runs longer"
     subprocess.run(["scancel", r.job_ids[cancelled]], check=True)
     r.jobs[1]._interrupt(timeout=True)  # USR2, as SLURM sends before the time limit
-    wait_until(lambda: _states(r)[cancelled] == "cancelled", 90, "status 'cancelled' after scancel")
+    try:
+        wait_until(lambda: _states(r)[cancelled] == "cancelled", 90, "status 'cancelled' after scancel")
+    except AssertionError as e:  # say what status saw instead, and which processes were left
+        (state,) = [s for s in run_states(SweepFolder(r.folder), [cancelled])]
+        left = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args"], capture_output=True, text=True).stdout
+        raise AssertionError(f"{e}; status: {state.state} ({state.detail}); processes:\n"
+                             + "\n".join(line for line in left.splitlines() if "python" in line)) from None
     summary = run_folder.read_summary(r.folder / cancelled)
     assert summary is None or summary.get("status") != "failed", summary
     wait_until(lambda: run_folder.is_done(r.folder / interrupted), 240, "the interrupted run DONE after its requeue")
