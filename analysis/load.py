@@ -269,6 +269,11 @@ def codebook_sizes(runs: pd.DataFrame) -> pd.Series:
     return sizes.where(sizes > 0)
 
 
+def uniform_ceiling(tokens_per_code: Any) -> Any:
+    """1 - exp(-N/K) of N/K (a number, array or Series): the share of K codes N uniform tokens reach."""
+    return -np.expm1(-tokens_per_code)
+
+
 def usage_ceiling(runs: pd.DataFrame) -> pd.DataFrame:
     """``runs`` with ``final_val_tokens_per_code`` (N/K: validation tokens of one codebook, which is
     what ``final_val_tokens`` counts (experiments.evaluation), over its codes K) and
@@ -280,7 +285,7 @@ def usage_ceiling(runs: pd.DataFrame) -> pd.DataFrame:
         return runs
     tokens = pd.to_numeric(runs["final_val_tokens"], errors="coerce")
     ratio = tokens / codebook_sizes(runs)
-    derived = {TOKENS_PER_CODE: ratio, USAGE_CEILING: -np.expm1(-ratio)}
+    derived = {TOKENS_PER_CODE: ratio, USAGE_CEILING: uniform_ceiling(ratio)}
     for column, values in derived.items():
         if column in runs:
             runs[column] = pd.to_numeric(runs[column], errors="coerce").fillna(values)

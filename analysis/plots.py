@@ -28,7 +28,7 @@ from analysis.aggregate import (
     short_name,
 )
 from analysis.glossary import CEILING_LABEL, figure_title, words
-from analysis.load import TOKENS_PER_CODE, USAGE_CEILING
+from analysis.load import TOKENS_PER_CODE, USAGE_CEILING, uniform_ceiling
 from analysis.style import (
     BAND_ALPHA,
     HEATMAP_CMAP,
@@ -124,7 +124,7 @@ def with_window_ceiling(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFra
              / rows["codebook_size"].astype(float))
     per_run = ratio.groupby(rows["run_id"].astype(str), observed=True).mean()
     out["final_usage_tokens_per_code"] = out["run_id"].astype(str).map(per_run)
-    out["final_usage_ceiling"] = -np.expm1(-out["final_usage_tokens_per_code"])
+    out["final_usage_ceiling"] = uniform_ceiling(out["final_usage_tokens_per_code"])
     return out
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments import distributed as ddp
+from lfq.records import usage_ceiling
 
 
 def code_histogram(indices: Tensor, num_codebooks: int, codebook_size: int) -> Tensor:
@@ -46,11 +47,6 @@ def code_histogram(indices: Tensor, num_codebooks: int, codebook_size: int) -> T
 
 # A usage measured from fewer tokens per code than this is capped by the count (ceiling < 0.982).
 CAPPED_BELOW = 4.0
-
-
-def usage_ceiling(tokens: int, codebook_size: int) -> float:
-    """1 - exp(-N/K): the expected share of K codes that N tokens assigned uniformly at random use."""
-    return -math.expm1(-tokens / codebook_size)
 
 
 def usage_figures(counts: Tensor) -> dict[str, float]:

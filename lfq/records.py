@@ -167,9 +167,14 @@ def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) 
                 "kind": "evaluation", "layer": name, "codebook": codebook, "codebook_size": spec.codebook_size,
                 "tokens": int(tokens), "codes_used": int(used), "usage_fraction": used / spec.codebook_size,
                 "perplexity": math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan,
-                "tokens_per_code": per_code, "usage_ceiling": -math.expm1(-per_code),
+                "tokens_per_code": per_code, "usage_ceiling": usage_ceiling(tokens, spec.codebook_size),
             })
     return records
+
+
+def usage_ceiling(tokens: float, codebook_size: int) -> float:
+    """1 - exp(-N/K): the expected share of K codes that N tokens assigned uniformly at random use."""
+    return -math.expm1(-tokens / codebook_size)
 
 
 def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
