@@ -30,7 +30,7 @@ from analysis.claims import (
     read_summaries,
     summaries_from_runs,
 )
-from analysis.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import WouldLoseRuns, command_text, merged_or_refused
 from analysis.style import NoData, save_figure

@@ -31,6 +31,7 @@ from analysis.jsonl_reader import (
     set_cache_file,
     write_set_cache,
 )
+from common.run_state import read_object, state_of
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
 # What a folder says, in the words of experiments.run_dir.RUN_STATES (docs/ARCHITECTURE.md; a folder
@@ -102,19 +103,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _read_object(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """The JSON object in ``path``, or None and why not (missing, unreadable, not an object)."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        return None, f"no {path.name}"
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None, f"{path.name} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
-    if not isinstance(data, dict):
-        return None, f"{path.name} holds a JSON {type(data).__name__}, not an object"
-    return data, ""
-
-
 # What each attempt at a run computed on (experiments.provenance writes environment.jsonl, one
 # row per start or resume): these fields become ``env_<field>`` columns of the runs frame.
 ENV_FIELDS = ("cpu", "cpu_capability", "threads", "device", "gpu", "torch", "commit", "dirty")
@@ -166,28 +154,17 @@ def _run_row(
     done_marker = (run_dir / "DONE").exists()
     metrics_path = run_dir / "metrics.jsonl"
     age = _last_write_age(run_dir)
-    config, config_err = _read_object(run_dir / "config.json")
-    summary, summary_err = _read_object(run_dir / "summary.json")
+    config, config_err = read_object(run_dir / "config.json")
+    summary, summary_err = read_object(run_dir / "summary.json")
     if config is None and not done_marker:
         return None, [], [LoadProblem(str(run_dir), "config.json", config_err, True)]
-    config = config or {}
-    # The definition of a finished run (docs/ARCHITECTURE.md; experiments.run_dir.finished applies the
-    # same rules to the same files, tests/test_dependencies.py checks that they agree):
-    # done = DONE + a summary.json object saying done + a config.json object with a run_id.
-    reason = (summary or {}).get("reason")
-    if summary is not None and summary.get("status") == "failed":
-        status = "failed"
-    elif done_marker:
-        if config_err or not config.get("run_id"):
-            status, reason = "corrupt", f"DONE but {config_err or 'config.json has no run_id'}"
-        elif summary is None:
-            status, reason = "corrupt", f"DONE but {summary_err}"
-        elif summary.get("status") != "done":
-            status, reason = "corrupt", f"DONE but summary.json says status {summary.get('status')!r}"
-        else:
-            status = "done"
-    else:  # no end yet; summary.json is written atomically, so being rewritten never shows
-        status = "started"
+    # The definition of a finished run is common.run_state's; a started run's reason says more here.
+    status, reason = state_of(done_marker=done_marker, config=config, config_err=config_err,
+                              summary=summary, summary_err=summary_err)
+    reason = reason or None
+    if status == "failed":
+        reason = (summary or {}).get("reason")
+    elif status == "started":  # no end yet; summary.json is written atomically, so being rewritten never shows
         if summary is not None:
             reason = ("summary.json says done but there is no DONE marker" if summary.get("status") == "done"
                       else f"summary.json has unknown status {summary.get('status')!r}")
@@ -195,6 +172,7 @@ def _run_row(
             reason = summary_err
         elif stale_after_s is not None and age > stale_after_s:
             reason = f"no summary.json and no write for {age / 3600:.1f} h"
+    config = config or {}
     summary = summary or {}
 
     if run_dir == root:  # pointed at one run folder

@@ -32,7 +32,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.claims import SUMMARY_ENV
-from analysis.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, refuse_dropping, reruns
 from analysis.style import (

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from analysis.aggregate import FRAC, GAMMA, WhereError, parameters, select
 from analysis.aggregate import where as pick
-from analysis.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
 from analysis.glossary import definitions_section, figure_title, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic

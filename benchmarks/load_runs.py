@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 
 import analysis
-from experiments.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from experiments.run_dir import COMPACT_METRICS, RunDirError, atomic_write, check_writable, compact_metrics
 
 # Distinct metrics files written round-robin: parsing cost is what matters, not uniqueness.

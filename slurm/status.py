@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError
 from experiments.sweep import RunSpec, SweepError, expand, load_sweep
 from slurm.profiles import ProfileError

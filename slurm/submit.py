@@ -31,7 +31,7 @@ from typing import Any
 import submitit
 import yaml
 
-from experiments.cli import OneLineParser, fail, guarded
+from common.cli import OneLineParser, fail, guarded
 from experiments.config import ConfigError
 from experiments.files import append_jsonl
 from experiments.image_folder import Fingerprints

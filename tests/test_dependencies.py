@@ -1,12 +1,12 @@
 """The contracts between the packages (docs/ARCHITECTURE.md), checked.
 
-1. Imports: ``lfq`` uses torch, einops and the standard library only; ``experiments`` imports
-   ``lfq``; ``slurm`` imports ``experiments``; ``analysis`` imports none of them (it reads files);
-   no module imports, even lazily inside a function, a module that imports it back.
+1. Imports: ``common`` uses the standard library alone and every package may import it; ``lfq``
+   uses torch, einops and the standard library only; ``experiments`` imports ``lfq``; ``slurm``
+   imports ``experiments``; ``analysis`` imports none of them (it reads files); no module imports,
+   even lazily inside a function, a module that imports it back.
 2. The one definition of a finished run and one vocabulary for what a folder holds:
-   ``experiments.run_dir.finished`` and ``analysis.load`` read the same files the same way and say
-   the same word of each folder (analysis may not import run_dir, so they are two codes of one rule,
-   and this test is what keeps them one rule).
+   ``common.run_state`` decides it, and ``experiments.run_dir.finished`` and ``analysis.load`` say
+   the same word of each folder.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from analysis.load import STATUSES
 from experiments.run_dir import RUN_STATES, finished
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("lfq", "experiments", "slurm", "analysis")
+PACKAGES = ("common", "lfq", "experiments", "slurm", "analysis")
 # which of the project's packages each may import (besides itself)
-MAY_IMPORT = {"lfq": set(), "experiments": {"lfq"}, "slurm": {"experiments"}, "analysis": set()}
+MAY_IMPORT = {"common": set(), "lfq": {"common"}, "experiments": {"common", "lfq"}, "slurm": {"common", "experiments"},
+              "analysis": {"common"}}
 LFQ_THIRD_PARTY = {"torch", "einops"}
 
 
@@ -87,6 +88,9 @@ def test_each_package_imports_only_what_the_architecture_allows(package: str) ->
                 wrong.append(f"{module} imports {name}")
             # lfq.integrations.<x> is the optional extra x itself (imported only by those who use x)
             integration = module.startswith("lfq.integrations.") and top == module.split(".")[2]
+            if package == "common" and top not in PACKAGES and top not in sys.stdlib_module_names \
+                    and top != "__future__":
+                wrong.append(f"{module} imports {name} (common: the standard library only)")
             if package == "lfq" and name in REQUIRED[module] and top not in PACKAGES and top not in LFQ_THIRD_PARTY \
                     and top not in sys.stdlib_module_names and top != "__future__" and not integration:
                 wrong.append(f"{module} imports {name} (lfq: torch, einops and the standard library only)")
