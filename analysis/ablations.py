@@ -30,11 +30,11 @@ from analysis.claims import (
     read_summaries,
     summaries_from_runs,
 )
-from common.cli import OneLineParser, fail, guarded
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import WouldLoseRuns, command_text, merged_or_refused
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table
+from common.cli import OneLineParser, fail, guarded
 
 __all__ = ["WouldLoseRuns", "draw_claims", "main", "submit_commands", "write_ablations"]
 

@@ -32,7 +32,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.claims import SUMMARY_ENV
-from common.cli import OneLineParser, fail, guarded
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, refuse_dropping, reruns
 from analysis.style import (
@@ -46,6 +45,7 @@ from analysis.style import (
     save_figure,
     skippable,
 )
+from common.cli import OneLineParser, fail, guarded
 
 SIZE = "quantizer.codebook_size"
 TAU = "quantizer.inv_temperature"

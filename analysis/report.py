@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 
 from analysis.aggregate import FRAC, GAMMA, WhereError, parameters, select
 from analysis.aggregate import where as pick
-from common.cli import OneLineParser, fail, guarded
 from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
 from analysis.glossary import definitions_section, figure_title, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
@@ -42,6 +41,7 @@ from analysis.plots import (
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
 from analysis.tables import readable_table
+from common.cli import OneLineParser, fail, guarded
 
 RUN_METRICS = (
     "final_val_usage_fraction", "final_val_usage_ceiling", "final_val_codes_used", "final_val_perplexity",

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from experiments import distributed as ddp
 from common.cli import OneLineParser, fail, guarded
+from experiments import distributed as ddp
 from experiments.config import Config, ConfigError, load_config
 from experiments.files import append_jsonl, read_json
 from experiments.image_folder import Fingerprints, data_change
