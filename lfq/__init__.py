@@ -6,8 +6,10 @@ when constructed (``pip install lfq-suite[tensorboard]`` / ``[wandb]``).
 
 from lfq.adapters import Adapter, BinaryAdapter
 from lfq.entropy import ENTROPY_KERNELS, EntropyTerms
-from lfq.monitor import Evaluation, LFQMonitor
-from lfq.quantizer import LFQ, CodebookStats, LossBreakdown, Return, reverse_bits
+from lfq.monitor import LFQMonitor
+from lfq.quantizer import LFQ, CodebookStats, LossBreakdown, Return
+from lfq.quantizer_parts import reverse_bits
+from lfq.records import Evaluation
 from lfq.sinks import JsonlSink, MemorySink, Tee, TensorBoardSink, WandbSink
 
 __all__ = [

@@ -18,18 +18,7 @@ import torch
 from torch import Tensor
 
 from lfq.latent_stats import LATENT_FIELDS, gram_entropy
-from lfq.records import BIT_ENTROPY, BIT_FREQUENCY, RECORD_COLUMNS, STAT_FIELDS  # noqa: F401  (re-exported)
-from lfq.step_counts import (  # noqa: F401  (re-exported: importable from lfq.code_usage as before)
-    LOSS_FIELDS,
-    MODES,
-    ClosedStep,
-    LayerSpec,
-    Snapshot,
-    StepCounts,
-    all_reduce_counts,
-    is_quantizer,
-    scatter_counts,
-)
+from lfq.step_counts import LOSS_FIELDS, MODES, ClosedStep, LayerSpec, StepCounts, scatter_counts
 
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
 # Small codebooks (c * K codes up to this) close their steps in batches: a closed step is only

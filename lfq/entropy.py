@@ -59,13 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lfq import subcodes
-from lfq.subcodes import (  # noqa: F401  (re-exported: lfq.entropy is where callers look)
-    CHUNK_BYTES,
-    default_chunk_tokens,
-    flush_floor,
-    subcode_gram,
-    subcode_split,
-)
+from lfq.subcodes import subcode_gram
 
 REFERENCE_LOG_CLAMP = 1e-5
 # Open-MAGVIT2 adds this inside the log of its batch entropy.

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from lfq.adapters import BinaryLatent
-from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram, subcode_split
+from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram
+from lfq.subcodes import subcode_split
 
 SATURATION_RATIO = 1e-4
 # p (1 - p) = SATURATION_RATIO / 4 at p = (1 - sqrt(1 - SATURATION_RATIO)) / 2; x = logit(1 - p).

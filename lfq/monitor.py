@@ -110,20 +110,18 @@ from torch import Tensor, nn
 from lfq.adapters import Adapter
 from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
-from lfq.records import RECORD_COLUMNS, Evaluation, evaluation_records, snapshot_records, step_records
-from lfq.sinks import JsonlSink, MemorySink, Sink, default_histogram_sink
+from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
+from lfq.sinks import Sink, default_histogram_sink
 from lfq.step_counts import (
     MODES,
     ClosedStep,
     LayerSpec,
     Snapshot,
-    StepCounts,
     all_reduce_counts,
     is_quantizer,
 )
 
-__all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
-           "is_quantizer"]
+__all__ = ["LFQMonitor", "ROOT_LAYER"]
 
 ROOT_LAYER = "<root>"  # the name of the model itself when it is a quantizer (its path is "")
 STATE_VERSION = 1

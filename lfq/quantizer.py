@@ -35,7 +35,6 @@ from lfq.quantizer_parts import (
     entropy_rows,
     is_power_of_two,
     linear_f32,
-    reverse_bits,  # noqa: F401  (re-exported: importable from lfq.quantizer as before)
 )
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])

@@ -28,7 +28,8 @@ except ImportError as err:  # lfq itself needs torch and einops only
     raise ImportError("lfq.integrations.lightning needs lightning: pip install lfq-suite[lightning]") from err
 
 from lfq.adapters import Adapter
-from lfq.monitor import Evaluation, LFQMonitor
+from lfq.monitor import LFQMonitor
+from lfq.records import Evaluation
 from lfq.sinks import Record, Sink, TensorBoardSink, WandbSink, default_histogram_sink, scalar_tags
 
 __all__ = ["LFQMonitorCallback"]
