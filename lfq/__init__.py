@@ -1,7 +1,7 @@
-"""Lookup-Free Quantization (MAGVIT-v2, arXiv 2310.05737) with exact, fast entropy terms.
-
-Importable with torch and einops alone: the TensorBoard and wandb sinks import their packages
-when constructed (``pip install lfq-suite[tensorboard]`` / ``[wandb]``).
+"""Lookup-Free Quantization (MAGVIT-v2, arXiv 2310.05737) with exact, fast entropy terms, and the
+monitor of codebook usage (docs/quantizer.md, docs/monitor.md); importable with torch and einops
+alone: the TensorBoard and wandb sinks import their packages when constructed
+(``pip install lfq-suite[tensorboard]`` / ``[wandb]``).
 """
 
 from lfq.adapters import Adapter, BinaryAdapter

@@ -1,11 +1,7 @@
-"""Code-usage statistics of one quantizer layer in one mode, kept on the layer's device.
-
-``lfq.monitor`` and ``lfq.monitor_hooks`` own the hooks and the step bookkeeping;
-``lfq.step_counts`` which modules are watched (``is_quantizer``, ``LayerSpec``), what a step
-accumulates (``StepCounts``) and its sum over data-parallel ranks (``all_reduce_counts``).
-This module owns the state that outlives a step (``CodeUsage``: last-used steps, histograms)
-and the per-step statistics computed from them with device ops only. ``lfq.records`` turns a
-flush's row tensors into flat records and defines their columns.
+"""Code-usage statistics of one quantizer layer in one mode, kept on the layer's device: the state
+that outlives a step (``CodeUsage``: last-used steps, histograms) and the per-step statistics
+computed from it with device ops only; how it fits with the monitor's other modules is in
+docs/monitor.md ("Inside the monitor").
 """
 
 from __future__ import annotations

@@ -1,50 +1,8 @@
-"""Entropy kernels behind LFQ's auxiliary loss.
-
-Each kernel takes the pre-activation tokens that survive the mask and the
-``frac_per_sample_entropy`` subset, shaped ``(N, c, d)`` (N tokens, c codebooks,
-d bits), and returns :class:`EntropyTerms`. The quantizer chooses a kernel by
-name (``entropy_mode``); nothing else in :mod:`lfq` knows how they compute.
-Kernels are dtype-generic: they compute in the dtype of ``z``.
-
-``"reference"`` is the dense computation of ``vector-quantize-pytorch`` 1.14.12:
-a softmax over all ``2**d`` codes for every token and ``-p * log(clamp(p, 1e-5))``.
-It is kept for bit-level compatibility with published numbers; it needs
-``O(N * 2**d)`` memory.
-
-``"exact"`` uses that the softmax over the codes ``{-s, +s}**d`` with logits
-``2 * tau * z . c`` is a product of independent bits, ``P(bit i) = sigmoid(4 tau s z_i)``:
-
-- per-sample entropy = sum of the bits' binary entropies, O(N d), no clamp;
-- batch distribution: with the bits split into a high block of ``a`` and a low block of
-  ``b = d - a`` bits, ``avg_prob.reshape(2**a, 2**b) = P_A^T P_B / N`` where the rows of
-  P_A (P_B) are each token's distribution over the high (low) sub-codes. One product
-  of ``2 N 2**d`` flops and ``N (2**a + 2**b) + 2**d`` memory, tokens in chunks.
-
-The batch entropy is computed in two steps, :func:`subcode_gram` (the SUM of
-``P_A^T P_B`` over tokens) and :func:`entropy_from_gram` (divide by the token count,
-take the entropy), so that a distributed caller can all-reduce the sum and the count
-in between; averaging per-rank entropies or means would be wrong.
-
-``"group"`` is for codebooks too large for a ``2**d`` vector: the batch entropy is
-replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS``
-bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
-``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
-
-``"clamped"`` is the reference's numbers with the exact kernel's memory: the batch term
-is ``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample
-term is ``-log eps + sum over codes with p >= eps of p (log eps - log p)``, found per
-token without the 2**d vector from the sub-codes at or above eps (see
-:func:`clamped_per_token`). It exists to measure what the clamp does to training at
-codebook sizes the reference cannot run.
-
-``"open_magvit2"`` is Open-MAGVIT2's batch term ``-sum a log(a + 1e-5)`` (per codebook),
-with the exact per-sample term (their ``log_softmax(logits / T + eps)`` is exact: a
-constant inside a log-softmax cancels).
-
-The factorised kernels only need the bits' logits ``4 tau s z_i``, with ``s`` the
-magnitude of a code coordinate; on the sphere (BSQ) the quantizer passes the normalised
-inputs and ``s / sqrt(d)``, and everything above holds unchanged. The sub-code machinery
-(P_A, P_B, their gram, the clamped per-token sum) lives in :mod:`lfq.subcodes`.
+"""Entropy kernels behind LFQ's auxiliary loss, one per ``entropy_mode`` (``ENTROPY_KERNELS``:
+reference, exact, group, clamped, open_magvit2), each taking the kept tokens' pre-activations
+``(N, c, d)`` and returning :class:`EntropyTerms` in the dtype of ``z``; the derivation of the
+factorised kernels (independent bits, ``P_A^T P_B / N``, the clamped per-token sum) is
+docs/entropy.md, the sub-code machinery :mod:`lfq.subcodes`.
 """
 
 from __future__ import annotations

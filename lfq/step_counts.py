@@ -1,10 +1,8 @@
-"""What the monitor keeps per watched layer and step before any statistic: the raw counts.
-
-Which modules are watched and how (``is_quantizer``, ``LayerSpec``); what one (layer, mode)
-accumulates during a step (``StepCounts``: code counts, loss sums, latent sums) and the sum of
-the counts over data-parallel ranks (``all_reduce_counts``); what a closed step hands to
-``lfq.records`` at the next flush (``ClosedStep``, ``Snapshot``). ``lfq.code_usage`` keeps the
-state that outlives a step and computes the statistics.
+"""What the monitor keeps per watched layer and step before any statistic, the raw counts: which
+modules are watched (``is_quantizer``, ``LayerSpec``), what one (layer, mode) accumulates during a
+step (``StepCounts``: code counts, loss sums, latent sums), their sum over data-parallel ranks
+(``all_reduce_counts``), and what a closed step hands to ``lfq.records`` (``ClosedStep``,
+``Snapshot``); see docs/monitor.md ("Inside the monitor").
 """
 
 from __future__ import annotations

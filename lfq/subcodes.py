@@ -1,10 +1,8 @@
-"""The factorised sub-code distributions behind lfq.entropy's fast kernels.
-
-The 2**d codes' distribution of a token is the outer product of its distributions over
-the 2**a high and 2**b low sub-codes (P_A, P_B). This module builds them, sums
-``P_A^T P_B`` over tokens with a hand-written backward (:func:`subcode_gram`), and finds
-the reference's clamped per-token entropy from the sub-codes at or above the clamp, found
-by the bits a token can flip (:func:`clamped_per_token`). :mod:`lfq.entropy` turns these into entropy terms.
+"""The factorised sub-code distributions behind lfq.entropy's fast kernels: a token's distribution
+over the 2**d codes is the outer product of those over the 2**a high and 2**b low sub-codes
+(P_A, P_B); this module builds them, sums ``P_A^T P_B`` over tokens with a hand-written backward
+(:func:`subcode_gram`) and finds the reference's clamped per-token entropy from the sub-codes at
+or above the clamp (:func:`clamped_per_token`). The derivation is docs/entropy.md.
 """
 
 from __future__ import annotations
@@ -250,35 +248,12 @@ def _held_bytes(single: tuple[Tensor | None, Tensor] | None, groups: list) -> in
 
 
 class _ClampedTokenEntropy(torch.autograd.Function):
-    """Per row of (M, d) logits, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M,) float64.
-
-    With L = log eps, every code under the clamp contributes ``-p L`` and the rest
-    ``-p log p``; as the probabilities sum to 1,
-
-        H = -L + sum over codes with p >= eps of p (L - log p),
-
-    which needs only the codes at or above eps (at most 1 / eps of them, usually a few).
-    p = P_A[a] P_B[b] is at or above eps only if p_A >= eps / max P_B and p_B >= eps / max
-    P_A, so only those sub-codes are kept. They are found without any 2**(d/2) vector: a
-    sub-code is the block's most probable one with a set of bits flipped, flipping bit i
-    costs |l_i| in log-probability, and only bits whose cost fits the token's budget (log of
-    its most probable code's probability over eps) can flip, so a token with u such bits has
-    at most 2**u candidates (a confident token: u = 0-2, a near-uniform one: all bits;
-    :func:`_flip_costs`, :func:`_kept_subcodes`). The low block is sorted most probable
-    first, and for a kept a the b with log P_B[b] >= L - log P_A[a] are a prefix of it:
-    prefix sums and one searchsorted. All in float64 whatever the input dtype (H is a small
-    difference when nearly all mass is above eps), and the choice of terms is made on the
-    same float64 values, so the two agree exactly. Rows are grouped by their candidate count
-    (:func:`_row_groups`).
-
-    The backward is written out: with w = p (L - log p - 1) over the kept pairs and
-    d log p / d l_i = bit_i - sigmoid(l_i), dH/dl_i = sum_w bit_i - sigmoid(l_i) sum_w. The
-    sums over an a's partners are the forward's prefix sums; those over a b's partners
-    (the a whose prefix reaches past b) are a histogram of the prefix lengths, summed from
-    the end. The set of kept pairs is piecewise constant (no gradient) and H is continuous
-    across its changes. The kept sub-codes are held for backward while they fit
-    :data:`SAVED_BYTES`, else each chunk is rebuilt from the logits.
-    """
+    """Per row of (M, d) logits, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M,) float64,
+    as ``-L + sum over codes with p >= eps of p (L - log p)`` (L = log eps) from the sub-codes a
+    token can reach above eps by flipping its cheap bits (:func:`_flip_costs`,
+    :func:`_kept_subcodes`, rows grouped by :func:`_row_groups`), with a written-out backward; the
+    derivation is docs/entropy.md ("clamped"). The kept sub-codes are held for backward while they
+    fit :data:`SAVED_BYTES`, else each chunk is rebuilt from the logits."""
 
     @staticmethod
     def _chunk(logits: Tensor, high_bits: int, log_eps: float
