@@ -33,7 +33,6 @@ class BinaryLatent:
 
 class Adapter:
     """How to read one kind of quantizer. Subclass it for a quantizer the monitor does not know.
-
     ``codebook_size`` and ``num_codebooks`` describe the indices; ``bits`` is the number of bits
     of a binary index (bit i = the i-th most significant), None when indices are not bit
     strings. ``reports_losses``: the quantizer reports per-sample/batch entropy and commitment
@@ -196,7 +195,6 @@ class IndicesAdapter(Adapter):
 class BinaryAdapter(Adapter):
     """A binary quantizer described in a few arguments (codes ``{-s, +s}^d`` per codebook, index
     bits most significant first).
-
     ``latent(module, args, kwargs) -> Tensor``: the pre-quantization latent, channels last
     ``(..., c * d)``; the default takes the first input, channels last, or channel-first when
     it has 4+ dims (images, video). ``indices(output) -> Tensor``: default ``output.indices``

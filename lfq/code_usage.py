@@ -201,10 +201,8 @@ class CodeUsage:
     def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
                    summarize: bool = True) -> ClosedStep | None:
         """Fold the step's counts into the state and keep its raw sums for the next flush.
-
         ``summarize=False`` (ranks other than 0, whose records go nowhere) only folds the
         counts into the state and returns None.
-
         Only device ops, few of them, none reading back: everything that divides or takes a
         log of a sum is left to the host at flush time (``step_records``). The sums, each per
         codebook (``SUM_LAYOUT``): loss_sum (4), codes used, tokens, sum of n log n over the

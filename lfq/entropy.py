@@ -83,7 +83,6 @@ def reference_entropy(inputs: EntropyInputs) -> EntropyTerms:
 
 class AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce (SUM) across the default process group.
-
     Backward all-reduces the incoming gradients too: every rank's loss holds the same
     global term, so the gradient reaching a rank's tokens is the sum over ranks, and
     DDP's averaging of parameter gradients then divides that sum by the world size,
@@ -105,7 +104,6 @@ class AllReduceSum(torch.autograd.Function):
 
 def reduce_sums(reduce: Callable[[Tensor], Tensor], count: int, *sums: Tensor) -> tuple[Tensor, ...]:
     """All-reduce ``sums`` and the token ``count`` in one collective; returns (*sums, count).
-
     The global count is clamped at 1 so that a global batch without tokens gives zero
     terms (all sums are 0) rather than 0 / 0.
     """
@@ -163,7 +161,6 @@ def bit_logits(inputs: EntropyInputs) -> Tensor:
 
 def binary_entropy_from_logits(logits: Tensor) -> Tensor:
     """Elementwise ``H_b(sigmoid(l))``, without clamp or log(0).
-
     Written as ``p1 * (-log p1) + p0 * (-log p0)`` with both logs from logsigmoid: every
     term is >= 0, so a saturated bit's tiny entropy keeps its relative precision (the
     shorter ``softplus(l) - l * sigmoid(l)`` loses it to cancellation).
@@ -173,7 +170,6 @@ def binary_entropy_from_logits(logits: Tensor) -> Tensor:
 
 def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
     """Entropy (nats) of ``gram / num_tokens`` per codebook, (c, 2**a, 2**b) -> (c,).
-
     No clamp: ``0 log 0 = 0``, and the gradient there is 0 rather than inf * 0 = NaN
     (``where`` sends no gradient through the masked branch). 0 is the limit: a code's
     gradient contribution scales like avg * log(avg).
@@ -225,7 +221,6 @@ def _factorised_terms(
 
 def exact_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
     """Exact, unclamped entropies from the bit factorisation (the default kernel).
-
     Above ``2**EXACT_MAX_BITS`` codes per codebook it warns and returns
     :func:`group_entropy`, whose batch entropy is an upper bound.
     """
@@ -256,7 +251,6 @@ def group_entropy(
     inputs: EntropyInputs, *, group_bits: int = GROUP_MAX_BITS, chunk_tokens: int | None = None
 ) -> EntropyTerms:
     """Exact per-sample entropy; batch entropy = sum of the groups' exact batch entropies.
-
     The sum is an upper bound on the batch entropy (equal with one group, or when the
     groups are independent under the batch distribution), so minimising the loss
     rewards it for something it may not have. Cost: N 2**group_bits per group.
@@ -277,7 +271,6 @@ def _check_dense_size(inputs: EntropyInputs, mode: str) -> None:
 
 def clamped_entropy_kernel(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
     """The reference's clamped per-sample and batch entropies from the factorisation.
-
     Equal to ``"reference"`` up to rounding (float64: ~1e-12 relative), at about the
     cost and memory of ``"exact"``; limited to 2**EXACT_MAX_BITS codes like it.
     """
@@ -313,7 +306,6 @@ DENSE_BATCH_MODES = ("reference", "clamped", "open_magvit2")
 
 def sample_token_subset(num_tokens: int, frac: float, device: torch.device) -> Tensor | None:
     """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` rows.
-
     Draws from the default CPU generator exactly as the reference does, so a seeded run
     picks the same rows (tokens, or samples with a per-sample mask). The subset may be
     empty, as in the reference; the quantizer then gives zero entropy terms where the

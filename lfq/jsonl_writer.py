@@ -21,7 +21,6 @@ def encode_line(record: Mapping[str, Any], *, sort_keys: bool = False) -> str:
 def append_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]], *, sort_keys: bool = False,
                  fsync: bool = True) -> None:
     """Append ``records`` to ``path``, one line each, in one ``write``; the folder is created if need be.
-
     The file is opened with ``O_APPEND`` for this call only, so concurrent appenders never overwrite
     each other, and a file truncated between calls (a resume) is appended to at its new end.
     ``fsync``: the lines are on disk when this returns (a killed process loses none of them). If the

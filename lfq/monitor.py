@@ -177,7 +177,7 @@ class LFQMonitor(MonitorHooks):
         since the previous snapshot, under the current step (layers untouched since then are left
         out); it goes to ``histogram_sink`` at the next flush. ``detach()`` calls it; a training
         loop that checkpoints calls it before its last checkpoint, so that the checkpoint's state
-        knows the snapshot was sent (see "Resuming"). Without a histogram_sink, only closes the step."""
+        knows the snapshot was sent (docs/monitor.md, "Checkpoints and resuming"). Without a histogram_sink, only closes the step."""
         self._close_step()
         if self.histogram_sink is not None:
             self._take_snapshots(self._step)

@@ -39,7 +39,6 @@ class MemorySink:
 
 class JsonlSink:
     """Appends one JSON object per record to ``path`` (``lfq.jsonl_writer.append_jsonl``, the one appender).
-
     Every batch is written with a single ``write``, flushed and fsynced before returning, so
     a killed process loses at most the records the monitor had not yet flushed (and at worst
     leaves one partial last line if it dies mid-write). The file is opened per batch: the
@@ -166,7 +165,6 @@ def _snapshot_prefix(layer: str, mode: str) -> str:
 class TensorBoardSink:
     """Writes monitor records to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``;
     needs the ``tensorboard`` package: ``pip install lfq-suite[tensorboard]``).
-
     As the monitor's ``sink`` it also gets the histogram snapshots (``histogram_sink`` defaults
     to it). Scalars go under :func:`scalar_tags` at the
     record's step; a histogram snapshot becomes a histogram of code indices
@@ -216,7 +214,6 @@ class TensorBoardSink:
 class WandbSink:
     """Logs monitor records to a Weights & Biases run (``run``; None = the current ``wandb.run``;
     needs ``pip install lfq-suite[wandb]``).
-
     The monitor sends a flush's records some steps late, so they are logged against their own x
     axis ``lfq/step`` (``define_metric``), one ``run.log`` per step: scalars under
     :func:`scalar_tags`, histogram snapshots as ``wandb.Histogram`` of code indices and, for

@@ -60,7 +60,6 @@ class LayerSpec:
 @dataclass
 class StepCounts:
     """What one (layer, mode) accumulated during the current step, on the layer's device.
-
     ``counts`` (c, K) sums kept tokens over the step's passes; ``loss_sum`` (4, c) sums each
     of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it. On diagnostic steps
     ``latent`` (len(LATENT_FIELDS), c) sums the binary latent's statistics over

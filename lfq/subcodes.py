@@ -37,7 +37,6 @@ def _bit_table(num_bits: int, like: Tensor) -> Tensor:
 
 def flush_floor(dtype: torch.dtype) -> float:
     """Probabilities below this are set to 0 in the factors (P_A, P_B, the bits).
-
     Without it, unsaturated but confident tokens (typical on the sphere, where the logits
     are 4 tau s u_i / sqrt(d)) fill the factors with subnormal floats, and x86 arithmetic
     on subnormals is 10-100x slower: measured 9x on a whole step at 2**14 codes. The floor
@@ -50,7 +49,6 @@ def flush_floor(dtype: torch.dtype) -> float:
 
 def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
     """(c, C, k) bit probabilities -> (c, C, 2**k) distribution over k-bit sub-codes.
-
     Built in place in one buffer, least significant bit first: after a step the first m
     columns hold the distribution of the bits seen so far, and the next bit doubles it
     to ``[P * p0, P * p1]`` (that bit becomes the most significant). 2**k multiplies by a
@@ -85,7 +83,6 @@ def _chunk_factors(logits: Tensor, high_bits: int) -> tuple[Tensor, Tensor, Tens
 
 def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> Tensor:
     """Gradient wrt the block's logits given ``weighted = dL/dP * P`` (c, C, 2**k).
-
     d log P(j) / d l_i = bit_i(j) - p_i, so the gradient is
     p0_i * (sum of weighted over codes with bit i on) - p1_i * (sum over codes with it off).
     Summing the two sets separately (rather than total - on) keeps a saturated bit's
@@ -98,7 +95,6 @@ def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> 
 
 class _SubcodeGram(torch.autograd.Function):
     """sum over tokens of P_A^T P_B, (N, c, d) logits -> (c, 2**a, 2**b).
-
     With several chunks only the logits are saved and P_A, P_B are rebuilt chunk by
     chunk in backward, so memory stays at one chunk's factors plus the 2**d output
     however many tokens. With one chunk the factors are kept: that fits the same
@@ -153,7 +149,6 @@ def default_chunk_tokens(num_codebooks: int, num_bits: int, itemsize: int) -> in
 
 def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
     """Differentiable ``sum_n P_A[n]^T P_B[n]`` per codebook, (N, c, d) -> (c, 2**a, 2**b).
-
     Divided by the token count and flattened, it is the batch distribution over the 2**d
     codes in index order (the high block holds the most significant bits).
     """
@@ -169,7 +164,6 @@ def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
 
 def _flip_costs(bits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A block's (M, k) bit logits -> what its sub-codes' log-probabilities are made of.
-
     Returns, in float64 (indices int64): the log-probability of the block's most probable
     sub-code (M,), the bits' flip costs ``|l_i|`` in ascending order (M, k), the index
     weight ``2**(k-1-i)`` of the bit each cost belongs to (M, k), and that sub-code's index
@@ -190,7 +184,6 @@ def _kept_subcodes(flips: tuple[Tensor, Tensor, Tensor, Tensor], num_flips: int,
     """One block's sub-codes with log-probability >= ``floor`` (M,): float64 values (M, w),
     ``-inf`` where not kept, and their indices (M, w) (``sort``: most probable first,
     trimmed to the widest row's count).
-
     The candidates are the 2**num_flips sub-codes reached by flipping any subset of each
     row's ``num_flips`` cheapest bits (:func:`_flip_costs`); the caller chooses num_flips so
     that no dearer bit can be flipped above the floor. Values and choice come from the
@@ -380,7 +373,6 @@ class _ClampedTokenEntropy(torch.autograd.Function):
 
 def clamped_per_token(logits: Tensor, eps: float, chunk_tokens: int | None = None) -> Tensor:
     """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
-
     O(N (d + 2**u)) work and memory for tokens with u bits that can flip above the clamp
     (confident tokens: u of 0-2; near-uniform ones: up to d/2 per block, 2**(d/2) work; see
     :class:`_ClampedTokenEntropy`); tokens in chunks, each rebuilt in backward unless the
