@@ -151,7 +151,8 @@ def estimate_gb(impl: str, num_bits: int, tokens: int) -> float:
     codes = 2**num_bits
     if mode == "reference":
         return (DENSE_COPIES * tokens * codes * 4 + 100e6) / 1e9
-    from lfq.entropy import GROUP_MAX_BITS, default_chunk_tokens, subcode_split
+    from lfq.entropy import GROUP_MAX_BITS
+    from lfq.subcodes import default_chunk_tokens, subcode_split
 
     group = min(num_bits, GROUP_MAX_BITS) if mode == "group" else num_bits
     high, low = subcode_split(group)

@@ -3,7 +3,7 @@
 Issue 8, claim 4 asks what the clamp costs. The training sweep (``ablation_clamp``) cannot show it
 at 256 tokens a step, and this probe says why and where it does bind. For random LFQ inputs
 ``z ~ N(0, 1)`` over a grid of codebook sizes, inverse temperatures and token counts it builds the
-batch distribution ``p`` exactly (``P_A^T P_B / N``, ``lfq.entropy.subcode_gram``) and takes its
+batch distribution ``p`` exactly (``P_A^T P_B / N``, ``lfq.subcodes.subcode_gram``) and takes its
 entropy two ways: exact, and as the reference does, ``-sum p log max(p, 1e-5)``. The reference's
 batch term is exactly that function of the same ``p`` (the dense kernel averages the same
 softmax), so value and gradient here are the reference's own, at token counts whose dense
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lfq.entropy import REFERENCE_LOG_CLAMP, clamped_entropy, entropy_from_gram, subcode_gram
+from lfq.entropy import REFERENCE_LOG_CLAMP, clamped_entropy, entropy_from_gram
+from lfq.subcodes import subcode_gram
 
 DEFAULT_OUT = Path("results/ablations/clamp_probe")
 FULL_GRID = {"bits": (10, 14, 16, 17, 18), "inv_temperature": (100.0, 10.0, 1.0),

@@ -25,7 +25,8 @@ from experiments.evaluation import FrechetDistance, evaluate, inception_extracto
 from experiments.run_dir import RunDir, truncate_jsonl
 from experiments.runtime import Runtime, Throughput
 from experiments.train_state import LOSS_KEYS, TrainState, progress_printer
-from lfq.monitor import JsonlSink, LFQMonitor
+from lfq.monitor import LFQMonitor
+from lfq.sinks import JsonlSink
 
 
 class NonFiniteLoss(RuntimeError):

@@ -1,28 +1,9 @@
-"""How the monitor reads a quantizer: its indices, mask, reported losses and, for binary codes, its latent.
-
-``lfq.monitor`` watches every module for which :func:`adapter_for` returns an adapter:
-
-- ``lfq.LFQ`` (:class:`LFQAdapter`): indices from the output, losses from ``last_stats``, the
-  latent from a forward hook on ``project_in`` (its output is z before the codebook split);
-- the newest ``vector-quantize-pytorch`` ``LFQ``, plain or ``spherical=True``
-  (:class:`UpstreamLFQAdapter`); its ``ResidualLFQ`` is a stack of those, watched per layer;
-- its ``FSQ`` and ``VectorQuantize`` (:class:`IndicesAdapter`: code usage only);
-- any module following the duck-typed protocol of ``lfq.monitor`` (:class:`ProtocolAdapter`);
-- anything else through an adapter the user passes, usually a :class:`BinaryAdapter`::
-
-      BinaryAdapter(codebook_size=2**18, inv_temperature=100.0, codebook_scale=1.0,
-                    indices=lambda output: output[2])   # e.g. Open-MAGVIT2's (quantized, aux, indices)
-
-Upstream classes are recognised by name and module (``vector_quantize_pytorch.*``), so
-``lfq`` never imports them.
-
-For binary quantizers an adapter returns a :class:`BinaryLatent`: the values whose signs are
-the bits (after any normalisation), shaped (tokens, codebooks, bits), and the factor ``f``
-with ``P(bit i = +) = sigmoid(f * z_i)``. For codes ``{-m, +m}^d`` and logits
-``2 * tau * z . c`` the bits are independent and ``f = 4 * tau * m``: ``m = s`` for LFQ,
-``m = s / sqrt(d)`` for spherical LFQ (BSQ), whose z is the input L2-normalised per codebook
-and scaled by s. From it the monitor computes the exact entropies, the commitment, the
-saturation and mean |z| (``lfq.code_usage``).
+"""How the monitor reads a quantizer (its indices, mask, reported losses and, for binary codes,
+its latent as a :class:`BinaryLatent` with ``P(bit i = +) = sigmoid(f * z_i)``): :func:`adapter_for`
+picks the adapter of ``lfq.LFQ``, the newest vector-quantize-pytorch ``LFQ``/``FSQ``/``VectorQuantize``
+(recognised by name, never imported) or the duck-typed protocol, and users pass a
+:class:`BinaryAdapter` or an :class:`Adapter` subclass for anything else; docs/monitor.md ("Which
+modules are watched") is the manual.
 """
 
 from __future__ import annotations
@@ -52,7 +33,6 @@ class BinaryLatent:
 
 class Adapter:
     """How to read one kind of quantizer. Subclass it for a quantizer the monitor does not know.
-
     ``codebook_size`` and ``num_codebooks`` describe the indices; ``bits`` is the number of bits
     of a binary index (bit i = the i-th most significant), None when indices are not bit
     strings. ``reports_losses``: the quantizer reports per-sample/batch entropy and commitment
@@ -215,12 +195,11 @@ class IndicesAdapter(Adapter):
 class BinaryAdapter(Adapter):
     """A binary quantizer described in a few arguments (codes ``{-s, +s}^d`` per codebook, index
     bits most significant first).
-
     ``latent(module, args, kwargs) -> Tensor``: the pre-quantization latent, channels last
     ``(..., c * d)``; the default takes the first input, channels last, or channel-first when
     it has 4+ dims (images, video). ``indices(output) -> Tensor``: default ``output.indices``
     or ``output[1]``. ``inv_temperature``: a number, or ``(module, args, kwargs) -> number``.
-    ``mask(args, kwargs)``: default the ``mask`` keyword. ``spherical``: BSQ (see module doc).
+    ``mask(args, kwargs)``: default the ``mask`` keyword. ``spherical``: BSQ (docs/monitor.md).
     """
 
     def __init__(

@@ -1,11 +1,7 @@
-"""Code-usage statistics of one quantizer layer in one mode, kept on the layer's device.
-
-``lfq.monitor`` and ``lfq.monitor_hooks`` own the hooks and the step bookkeeping;
-``lfq.step_counts`` which modules are watched (``is_quantizer``, ``LayerSpec``), what a step
-accumulates (``StepCounts``) and its sum over data-parallel ranks (``all_reduce_counts``).
-This module owns the state that outlives a step (``CodeUsage``: last-used steps, histograms)
-and the per-step statistics computed from them with device ops only. ``lfq.records`` turns a
-flush's row tensors into flat records and defines their columns.
+"""Code-usage statistics of one quantizer layer in one mode, kept on the layer's device: the state
+that outlives a step (``CodeUsage``: last-used steps, histograms) and the per-step statistics
+computed from it with device ops only; how it fits with the monitor's other modules is in
+docs/monitor.md ("Inside the monitor").
 """
 
 from __future__ import annotations
@@ -18,18 +14,7 @@ import torch
 from torch import Tensor
 
 from lfq.latent_stats import LATENT_FIELDS, gram_entropy
-from lfq.records import BIT_ENTROPY, BIT_FREQUENCY, RECORD_COLUMNS, STAT_FIELDS  # noqa: F401  (re-exported)
-from lfq.step_counts import (  # noqa: F401  (re-exported: importable from lfq.code_usage as before)
-    LOSS_FIELDS,
-    MODES,
-    ClosedStep,
-    LayerSpec,
-    Snapshot,
-    StepCounts,
-    all_reduce_counts,
-    is_quantizer,
-    scatter_counts,
-)
+from lfq.step_counts import LOSS_FIELDS, MODES, ClosedStep, LayerSpec, StepCounts, scatter_counts
 
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
 # Small codebooks (c * K codes up to this) close their steps in batches: a closed step is only
@@ -216,10 +201,8 @@ class CodeUsage:
     def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
                    summarize: bool = True) -> ClosedStep | None:
         """Fold the step's counts into the state and keep its raw sums for the next flush.
-
         ``summarize=False`` (ranks other than 0, whose records go nowhere) only folds the
         counts into the state and returns None.
-
         Only device ops, few of them, none reading back: everything that divides or takes a
         log of a sum is left to the host at flush time (``step_records``). The sums, each per
         codebook (``SUM_LAYOUT``): loss_sum (4), codes used, tokens, sum of n log n over the

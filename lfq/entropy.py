@@ -1,50 +1,8 @@
-"""Entropy kernels behind LFQ's auxiliary loss.
-
-Each kernel takes the pre-activation tokens that survive the mask and the
-``frac_per_sample_entropy`` subset, shaped ``(N, c, d)`` (N tokens, c codebooks,
-d bits), and returns :class:`EntropyTerms`. The quantizer chooses a kernel by
-name (``entropy_mode``); nothing else in :mod:`lfq` knows how they compute.
-Kernels are dtype-generic: they compute in the dtype of ``z``.
-
-``"reference"`` is the dense computation of ``vector-quantize-pytorch`` 1.14.12:
-a softmax over all ``2**d`` codes for every token and ``-p * log(clamp(p, 1e-5))``.
-It is kept for bit-level compatibility with published numbers; it needs
-``O(N * 2**d)`` memory.
-
-``"exact"`` uses that the softmax over the codes ``{-s, +s}**d`` with logits
-``2 * tau * z . c`` is a product of independent bits, ``P(bit i) = sigmoid(4 tau s z_i)``:
-
-- per-sample entropy = sum of the bits' binary entropies, O(N d), no clamp;
-- batch distribution: with the bits split into a high block of ``a`` and a low block of
-  ``b = d - a`` bits, ``avg_prob.reshape(2**a, 2**b) = P_A^T P_B / N`` where the rows of
-  P_A (P_B) are each token's distribution over the high (low) sub-codes. One product
-  of ``2 N 2**d`` flops and ``N (2**a + 2**b) + 2**d`` memory, tokens in chunks.
-
-The batch entropy is computed in two steps, :func:`subcode_gram` (the SUM of
-``P_A^T P_B`` over tokens) and :func:`entropy_from_gram` (divide by the token count,
-take the entropy), so that a distributed caller can all-reduce the sum and the count
-in between; averaging per-rank entropies or means would be wrong.
-
-``"group"`` is for codebooks too large for a ``2**d`` vector: the batch entropy is
-replaced by the sum of the batch entropies of groups of at most ``GROUP_MAX_BITS``
-bits, an UPPER bound (entropy is subadditive), as BSQ (arXiv 2406.07548) does.
-``"exact"`` switches to it, with a warning, above ``2**EXACT_MAX_BITS`` codes.
-
-``"clamped"`` is the reference's numbers with the exact kernel's memory: the batch term
-is ``-sum a log(max(a, 1e-5))`` of the same ``a = P_A^T P_B / N``, and the per-sample
-term is ``-log eps + sum over codes with p >= eps of p (log eps - log p)``, found per
-token without the 2**d vector from the sub-codes at or above eps (see
-:func:`clamped_per_token`). It exists to measure what the clamp does to training at
-codebook sizes the reference cannot run.
-
-``"open_magvit2"`` is Open-MAGVIT2's batch term ``-sum a log(a + 1e-5)`` (per codebook),
-with the exact per-sample term (their ``log_softmax(logits / T + eps)`` is exact: a
-constant inside a log-softmax cancels).
-
-The factorised kernels only need the bits' logits ``4 tau s z_i``, with ``s`` the
-magnitude of a code coordinate; on the sphere (BSQ) the quantizer passes the normalised
-inputs and ``s / sqrt(d)``, and everything above holds unchanged. The sub-code machinery
-(P_A, P_B, their gram, the clamped per-token sum) lives in :mod:`lfq.subcodes`.
+"""Entropy kernels behind LFQ's auxiliary loss, one per ``entropy_mode`` (``ENTROPY_KERNELS``:
+reference, exact, group, clamped, open_magvit2), each taking the kept tokens' pre-activations
+``(N, c, d)`` and returning :class:`EntropyTerms` in the dtype of ``z``; the derivation of the
+factorised kernels (independent bits, ``P_A^T P_B / N``, the clamped per-token sum) is
+docs/entropy.md, the sub-code machinery :mod:`lfq.subcodes`.
 """
 
 from __future__ import annotations
@@ -59,13 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lfq import subcodes
-from lfq.subcodes import (  # noqa: F401  (re-exported: lfq.entropy is where callers look)
-    CHUNK_BYTES,
-    default_chunk_tokens,
-    flush_floor,
-    subcode_gram,
-    subcode_split,
-)
+from lfq.subcodes import subcode_gram
 
 REFERENCE_LOG_CLAMP = 1e-5
 # Open-MAGVIT2 adds this inside the log of its batch entropy.
@@ -131,7 +83,6 @@ def reference_entropy(inputs: EntropyInputs) -> EntropyTerms:
 
 class AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce (SUM) across the default process group.
-
     Backward all-reduces the incoming gradients too: every rank's loss holds the same
     global term, so the gradient reaching a rank's tokens is the sum over ranks, and
     DDP's averaging of parameter gradients then divides that sum by the world size,
@@ -153,7 +104,6 @@ class AllReduceSum(torch.autograd.Function):
 
 def reduce_sums(reduce: Callable[[Tensor], Tensor], count: int, *sums: Tensor) -> tuple[Tensor, ...]:
     """All-reduce ``sums`` and the token ``count`` in one collective; returns (*sums, count).
-
     The global count is clamped at 1 so that a global batch without tokens gives zero
     terms (all sums are 0) rather than 0 / 0.
     """
@@ -211,7 +161,6 @@ def bit_logits(inputs: EntropyInputs) -> Tensor:
 
 def binary_entropy_from_logits(logits: Tensor) -> Tensor:
     """Elementwise ``H_b(sigmoid(l))``, without clamp or log(0).
-
     Written as ``p1 * (-log p1) + p0 * (-log p0)`` with both logs from logsigmoid: every
     term is >= 0, so a saturated bit's tiny entropy keeps its relative precision (the
     shorter ``softplus(l) - l * sigmoid(l)`` loses it to cancellation).
@@ -221,7 +170,6 @@ def binary_entropy_from_logits(logits: Tensor) -> Tensor:
 
 def entropy_from_gram(gram: Tensor, num_tokens: Tensor | float) -> Tensor:
     """Entropy (nats) of ``gram / num_tokens`` per codebook, (c, 2**a, 2**b) -> (c,).
-
     No clamp: ``0 log 0 = 0``, and the gradient there is 0 rather than inf * 0 = NaN
     (``where`` sends no gradient through the masked branch). 0 is the limit: a code's
     gradient contribution scales like avg * log(avg).
@@ -273,7 +221,6 @@ def _factorised_terms(
 
 def exact_entropy(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
     """Exact, unclamped entropies from the bit factorisation (the default kernel).
-
     Above ``2**EXACT_MAX_BITS`` codes per codebook it warns and returns
     :func:`group_entropy`, whose batch entropy is an upper bound.
     """
@@ -304,7 +251,6 @@ def group_entropy(
     inputs: EntropyInputs, *, group_bits: int = GROUP_MAX_BITS, chunk_tokens: int | None = None
 ) -> EntropyTerms:
     """Exact per-sample entropy; batch entropy = sum of the groups' exact batch entropies.
-
     The sum is an upper bound on the batch entropy (equal with one group, or when the
     groups are independent under the batch distribution), so minimising the loss
     rewards it for something it may not have. Cost: N 2**group_bits per group.
@@ -325,7 +271,6 @@ def _check_dense_size(inputs: EntropyInputs, mode: str) -> None:
 
 def clamped_entropy_kernel(inputs: EntropyInputs, *, chunk_tokens: int | None = None) -> EntropyTerms:
     """The reference's clamped per-sample and batch entropies from the factorisation.
-
     Equal to ``"reference"`` up to rounding (float64: ~1e-12 relative), at about the
     cost and memory of ``"exact"``; limited to 2**EXACT_MAX_BITS codes like it.
     """
@@ -361,7 +306,6 @@ DENSE_BATCH_MODES = ("reference", "clamped", "open_magvit2")
 
 def sample_token_subset(num_tokens: int, frac: float, device: torch.device) -> Tensor | None:
     """Boolean mask of a uniformly random subset of ``int(num_tokens * frac)`` rows.
-
     Draws from the default CPU generator exactly as the reference does, so a seeded run
     picks the same rows (tokens, or samples with a per-sample mask). The subset may be
     empty, as in the reference; the quantizer then gives zero entropy terms where the

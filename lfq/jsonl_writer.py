@@ -1,14 +1,7 @@
-"""The one JSON-lines appender of the lfq -> experiments -> slurm chain.
-
-A JSON-lines file here is one JSON object per line, UTF-8 (ASCII in practice: ``json`` escapes
-the rest), each line ended by ``\\n``. Non-finite floats are written as the JSON extensions
-``NaN``, ``Infinity`` and ``-Infinity``, which Python's ``json`` and ``pandas.read_json(path,
-lines=True)`` read back as floats: a NaN metric is data ("not reported"), not an error.
-
-:func:`append_jsonl` is how every such file grows: ``metrics.jsonl`` and ``histograms.jsonl``
-(``lfq.sinks.JsonlSink``), a sweep's ``_sweep/events.jsonl`` and ``_sweep/jobs.jsonl``
-(``slurm``, through ``experiments.files``). Readers (``analysis``, ``experiments.run_dir``) skip a
-line that does not parse: the torn last line of a writer killed mid-write.
+"""The one JSON-lines appender of the lfq -> experiments -> slurm chain (:func:`append_jsonl`:
+``metrics.jsonl``, ``histograms.jsonl``, a sweep's ``_sweep/*.jsonl``), one JSON object per line
+with NaN and infinities as the JSON extensions; the format is docs/records.md ("The JSON-lines
+files") and how appends stay whole is docs/ARCHITECTURE.md ("Who owns which file format").
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ def encode_line(record: Mapping[str, Any], *, sort_keys: bool = False) -> str:
 def append_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]], *, sort_keys: bool = False,
                  fsync: bool = True) -> None:
     """Append ``records`` to ``path``, one line each, in one ``write``; the folder is created if need be.
-
     The file is opened with ``O_APPEND`` for this call only, so concurrent appenders never overwrite
     each other, and a file truncated between calls (a resume) is appended to at its new end.
     ``fsync``: the lines are on disk when this returns (a killed process loses none of them). If the

@@ -1,15 +1,8 @@
-"""The monitor's statistics of a binary latent: device ops, no grad, no host sync.
-
-For a :class:`lfq.adapters.BinaryLatent` (z of shape (N, c, d), ``P(bit = +) = sigmoid(f z)``)
-and per-token weights w (1 = kept, 0 = masked out), :func:`latent_sums` returns, per
-codebook, the sums the monitor's columns are ratios of, and :func:`weighted_gram` the sum over
-tokens of ``w * P_A^T P_B`` (the factorisation of ``lfq.entropy``): divided by the kept
-tokens it is the batch distribution over the 2**d codes, whose entropy is exact.
-
-Saturation: with x = f z and p = sigmoid(x), both entropy terms reach z only through
-``dp/dx = p (1 - p)``, at most 1/4. A token-bit is saturated when that factor is below
-``SATURATION_RATIO`` = 1e-4 of its maximum, i.e. ``|x| > SATURATION_LOGIT`` (about 10.6):
-there the entropy loss no longer moves the latent.
+"""The monitor's statistics of a binary latent (device ops, no grad, no host sync): for a
+:class:`lfq.adapters.BinaryLatent` and per-token weights, :func:`latent_sums` gives per codebook the
+sums the diagnostic columns are ratios of (saturation: ``|f z| > SATURATION_LOGIT``) and
+:func:`weighted_gram` the sum over tokens of ``w * P_A^T P_B``, whose entropy is the exact batch
+entropy; see docs/monitor.md ("Diagnostics of binary codes") and docs/entropy.md.
 """
 
 from __future__ import annotations
@@ -20,7 +13,8 @@ import torch
 from torch import Tensor
 
 from lfq.adapters import BinaryLatent
-from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram, subcode_split
+from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram
+from lfq.subcodes import subcode_split
 
 SATURATION_RATIO = 1e-4
 # p (1 - p) = SATURATION_RATIO / 4 at p = (1 - sqrt(1 - SATURATION_RATIO)) / 2; x = logit(1 - p).

@@ -1,100 +1,8 @@
-"""Per-layer, per-step codebook statistics of every quantizer in a model, from forward hooks.
-
-    mon = LFQMonitor(model, sink=JsonlSink("metrics.jsonl"), log_every=50)
-    for step in range(steps):
-        mon.set_step(step)          # optional, see "Steps" below
-        loss = train_step(model)
-    mon.detach()                    # flushes, then removes every hook
-
-Which modules are watched: every submodule of ``model`` (the model itself included) that
-``lfq.adapters.adapter_for`` recognises: an ``lfq.LFQ``; the newest vector-quantize-pytorch
-``LFQ`` (plain or ``spherical``; a ``ResidualLFQ`` is watched per inner layer), ``FSQ`` or
-``VectorQuantize``; or a module that duck-types the quantizer protocol: int ``codebook_size``,
-int ``num_codebooks``, bool ``keep_num_codebooks_dim`` and a ``last_stats`` attribute (``None``
-or a namedtuple of per-codebook tensors ``per_sample_entropy``, ``batch_entropy``,
-``commitment``, ``aux_loss``; missing or ``None`` fields are logged as NaN). Anything else is
-watched through ``adapters={path or class: adapter}``, usually an ``lfq.BinaryAdapter`` (a
-binary quantizer in a few arguments: codebook size, inverse temperature, codebook scale, where
-the latent is, how to read the indices). A layer is named by its path in
-``model.named_modules()``; the model itself, which has the empty path, is named ``"<root>"``.
-Indices are read from the forward output (``out.indices``, ``out[0].indices`` with a loss
-breakdown, or ``out[1]`` of a tuple); negative indices (masked or dropped tokens of foreign
-quantizers) are not counted. The optional bool ``mask`` (True = keep) comes from the forward
-call's ``mask`` keyword (or lfq.LFQ's 4th positional argument).
-
-Diagnostics. For binary quantizers the monitor reads the latent z (the values whose signs are
-the bits; for ``lfq.LFQ`` and the upstream LFQ from a forward hook on ``project_in``, then the
-module's own soft clamp, rotation and spherical normalisation) and the inverse temperature tau
-(the forward's ``inv_temperature``, default 100) on diagnostic steps, ``step %
-diagnostics_every == 0`` (default ``log_every``), in training mode, with ``P(bit i = +) =
-sigmoid(4 tau m z_i)`` for codes ``{-m, +m}^d`` (``lfq.adapters``). It computes
-``saturated_fraction`` and ``mean_abs_z`` from it, and, for quantizers that do not report them
-(all but ``lfq.LFQ`` and the protocol), the exact ``per_sample_entropy``, ``batch_entropy`` (of
-the step's batch distribution over all 2**d codes, every pass and rank of the step together,
-through the factorisation of ``lfq.entropy``; NaN above 2**24 codes) and ``commitment``. On
-other steps those columns are NaN for such quantizers. Code counts and bit statistics come
-from the indices on every step.
-
-Evaluation. ``with monitor.evaluating() as ev: ...`` counts every token the watched layers see
-in the block, over all ranks, and on exit ``ev.records`` holds one record per (layer,
-codebook): ``kind="evaluation"``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used
-at least once in the whole pass / codebook size), ``perplexity``, ``tokens_per_code`` and
-``usage_ceiling`` (1 - exp(-tokens / codebook_size): what a uniform assignment of that many
-tokens reaches, ``lfq.records``); ``ev.usage_fraction()`` is the mean usage. ``monitor.evaluate(loader)`` runs the model in eval mode without gradients over
-``loader`` inside such a block; ``log=True`` also sends the records to the sink with the
-current ``step`` (TensorBoard and wandb: the ``lfq_eval.*`` scalars, ``lfq.sinks.scalar_tags``).
-
-Steps. ``set_step(s)`` says which step the following forward passes belong to (steps never
-decrease). If it is never called, every training-mode forward pass of ``model`` itself
-starts a new step (0, 1, ...; calling only its submodules does not), and eval-mode passes
-belong to the step of the last training pass. Everything a layer sees during one step is
-accumulated: code counts are summed over its forward passes (gradient accumulation, a layer
-applied twice) and the losses are the mean over those passes. A step is closed when the next
-one begins or on ``flush()`` (passes of the same step after a flush make a second record for
-it); once ``log_every`` steps are closed, their records go to the sink.
-
-Cost. Per forward pass one ``scatter_add_`` into a (num_codebooks, codebook_size) count
-tensor. Per closed step, codebooks of up to ``lfq.code_usage.BATCH_MAX_CODES`` codes (c * K)
-only stash the step's counts; their statistics are computed for up to 64 steps at once at the
-next flush or snapshot, the same numbers with ~25 device ops per batch instead of per step.
-Larger codebooks take about 25 O(codebook_size) device ops per step (2 ms at 2^18 on one CPU
-core; microseconds on a GPU). None reads back. On diagnostic steps, a few O(tokens * bits) ops
-on the latent, and for foreign binary quantizers the batch distribution (2 * tokens * 2**d
-flops). Per flush one device-to-host transfer per device, plus one per histogram snapshot it
-carries. Under torch.distributed, one all_reduce of the counts per closed step (below), and one
-of the latent sums on diagnostic steps.
-
-Train and eval passes are kept apart: each (layer, mode) has its own window and dead-code
-state and its own records (``mode`` column), so validation does not revive dead codes.
-
-Records. Each closed step makes one record per (layer, codebook, mode) for the ``sink``
-(``log_every`` only batches them: see the constructor); with a ``histogram_sink`` (by default
-where the sink keeps histograms, see the constructor), every ``histogram_every`` steps and at
-``detach()`` the counts since the previous snapshot go there as sparse rows. Their columns, the format ``analysis`` reads, are defined in the
-``lfq.records`` docstring. ``histogram(layer)`` is the cumulative (num_codebooks,
-codebook_size) count tensor.
-
-Data parallelism. Under an initialised ``torch.distributed`` process group of more than one
-rank (opt out with ``distributed=False``), the records describe the global batch: when a step
-closes, the code counts of every (layer, mode) it touched are summed over the ranks, in one
-``all_reduce`` per device for all layers at once (no host sync: NCCL enqueues it on the
-stream), before ``codes_used``, ``tokens``, ``perplexity``, ``usage_fraction``, ``dead_codes``,
-``bit_balance_mad`` and the histograms are derived from them, so every rank folds the same
-global counts into the same state and any rank's ``state_dict()`` resumes the run. The losses
-are not reduced: ``lfq.LFQ`` already reports those of the global batch, identical on every
-rank (a quantizer that reports per-rank losses gets rank 0's). ``forward_passes`` is rank 0's.
-Only rank 0 calls the sinks; the other ranks drop their records at each flush. The
-collective is why every rank must close the same (step, layer, mode)s in the same order: all
-ranks run the same layers in the same modes in each step (validation included, e.g. each on
-its shard) and call ``set_step``/``flush``/``state_dict``/``detach`` at the same points.
-``histogram()`` includes the current step's counts of this rank only (not reduced yet).
-
-Resuming: ``state_dict()`` first flushes, so the sink holds every record up to the
-checkpoint and the state holds no pending records; truncating the log to the checkpoint's
-step and calling ``load_state_dict`` then yields the same records as an uninterrupted run.
-The final snapshot of ``detach()`` is the end of a run: a run that stops to be resumed
-detaches with ``snapshot=False``, and a loop that checkpoints its last step calls
-``snapshot()`` before that checkpoint (``experiments.loop`` does both).
+"""Per-layer, per-step codebook statistics of every quantizer in a model, from forward hooks:
+``LFQMonitor`` (its constructor and public API; the hooks and step bookkeeping are in
+``lfq.monitor_hooks``). The manual (which modules are watched, steps, diagnostics, evaluation
+passes, cost, data parallelism, resuming) is docs/monitor.md; the columns of its records are
+docs/records.md.
 """
 
 from __future__ import annotations
@@ -110,20 +18,18 @@ from torch import Tensor, nn
 from lfq.adapters import Adapter
 from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
-from lfq.records import RECORD_COLUMNS, Evaluation, evaluation_records, snapshot_records, step_records
-from lfq.sinks import JsonlSink, MemorySink, Sink, default_histogram_sink
+from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
+from lfq.sinks import Sink, default_histogram_sink
 from lfq.step_counts import (
     MODES,
     ClosedStep,
     LayerSpec,
     Snapshot,
-    StepCounts,
     all_reduce_counts,
     is_quantizer,
 )
 
-__all__ = ["LFQMonitor", "Evaluation", "MemorySink", "JsonlSink", "StepCounts", "ROOT_LAYER", "RECORD_COLUMNS",
-           "is_quantizer"]
+__all__ = ["LFQMonitor", "ROOT_LAYER"]
 
 ROOT_LAYER = "<root>"  # the name of the model itself when it is a quantizer (its path is "")
 STATE_VERSION = 1
@@ -150,21 +56,11 @@ class LFQMonitor(MonitorHooks):
         diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
         adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
     ):
-        """Watch every quantizer in ``model`` (the module docstring is the manual).
-
-        ``log_every`` does not thin the records: every closed step makes its rows (one per
-        layer, codebook and mode) whatever ``log_every`` is. It is how many closed steps the
-        monitor holds on the device before a flush sends their rows to ``sink`` in one batch
-        (one device-to-host transfer), so a sink sees a step up to ``log_every`` steps late,
-        and it is the default period of the latent diagnostics (``diagnostics_every``): the
-        columns computed only on diagnostic steps are NaN in the other rows.
-
-        ``histogram_sink``: where the sparse histogram snapshots go, every ``histogram_every``
-        steps and once more at ``detach()`` (so every run ends with one). None (default): where
-        ``sink`` keeps them (``lfq.sinks.default_histogram_sink``: a TensorBoardSink or WandbSink
-        itself, ``metrics.histograms.jsonl`` beside a ``JsonlSink("metrics.jsonl")``, nowhere for
-        other sinks); False: no snapshots.
-        """
+        """Watch every quantizer in ``model`` (docs/monitor.md is the manual): every closed step
+        makes its rows whatever ``log_every`` is, which only sets how many closed steps are held on
+        the device before one flush sends them to ``sink`` (and the default ``diagnostics_every``);
+        ``histogram_sink`` None sends the snapshots where ``sink`` keeps them
+        (``lfq.sinks.default_histogram_sink``), False takes none."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(sink):
@@ -281,7 +177,7 @@ class LFQMonitor(MonitorHooks):
         since the previous snapshot, under the current step (layers untouched since then are left
         out); it goes to ``histogram_sink`` at the next flush. ``detach()`` calls it; a training
         loop that checkpoints calls it before its last checkpoint, so that the checkpoint's state
-        knows the snapshot was sent (see "Resuming"). Without a histogram_sink, only closes the step."""
+        knows the snapshot was sent (docs/monitor.md, "Checkpoints and resuming"). Without a histogram_sink, only closes the step."""
         self._close_step()
         if self.histogram_sink is not None:
             self._take_snapshots(self._step)
@@ -344,7 +240,7 @@ class LFQMonitor(MonitorHooks):
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume; flushes first (see the module docstring)."""
+        """Everything needed to resume; flushes first (docs/monitor.md, "Checkpoints and resuming")."""
         self.flush()
         return {
             "version": STATE_VERSION,
@@ -375,9 +271,7 @@ class LFQMonitor(MonitorHooks):
 
     def detach(self, flush: bool = True, snapshot: bool = True) -> None:
         """Close the last step, take a final histogram snapshot (``snapshot()``), flush, then
-        remove every hook this monitor registered. Idempotent.
-
-        ``snapshot=False``: no final snapshot, for a run that is interrupted and will resume
+        remove every hook this monitor registered; idempotent. ``snapshot=False``: no final snapshot, for a run that is interrupted and will resume
         from a checkpoint (the resumed run sends those counts in its next snapshot).
         ``flush=False`` drops the unflushed steps instead (and takes no snapshot): a rank
         unwinding from an error must not enter a collective that the other ranks may never join.

@@ -1,11 +1,8 @@
-"""The machinery behind ``lfq.monitor.LFQMonitor``: its forward hooks and its step boundaries.
-
-``LFQMonitor`` (``lfq.monitor``: the manual, the constructor and the public API) inherits
-``MonitorHooks``. The forward hook of a watched layer reads each pass through the layer's
-adapter (indices, mask, reported losses and, on diagnostic steps, the latent) into the
-current step's ``StepCounts`` (``_observe``); a new step closes the current one into
-``ClosedStep``s (``_close_step``, with the all_reduce of the counts under torch.distributed),
-which ``LFQMonitor.flush`` turns into records.
+"""The machinery behind ``lfq.monitor.LFQMonitor``, which inherits ``MonitorHooks``: the forward
+hook of each watched layer reads a pass through its adapter into the current step's
+``StepCounts`` (``_observe``), and a new step closes the current one into ``ClosedStep``s
+(``_close_step``, all-reducing the counts under torch.distributed) for ``LFQMonitor.flush``; see
+docs/monitor.md ("Steps", "Inside the monitor").
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""Lookup-Free Quantization (LFQ).
-
-Proposed in MAGVIT-v2, "Language Model Beats Diffusion: Tokenizer is Key to Visual
-Generation", https://arxiv.org/abs/2310.05737. Each of the d channels of a codebook is
-quantized to {-s, +s}; an entropy penalty (low per-token entropy, high batch entropy)
-pushes the model to use the whole codebook of 2**d codes.
-
-The API, defaults and numbers are those of ``vector-quantize-pytorch`` 1.14.12 (the
-version CogVideoX vendors), plus the newest upstream's behaviour flags (``spherical``
-for binary spherical quantization, BSQ, https://arxiv.org/abs/2406.07548;
-``soft_clamp_input_value``, ``channel_first``, ...). What differs, and why, is listed in
-the README.
+"""Lookup-Free Quantization (LFQ, MAGVIT-v2, https://arxiv.org/abs/2310.05737): each of the d
+channels of a codebook is quantized to {-s, +s} and an entropy penalty (low per-token, high batch
+entropy) pushes the model to use all 2**d codes. API, defaults and numbers are those of
+``vector-quantize-pytorch`` 1.14.12 plus the newest upstream's flags (``spherical``: BSQ,
+https://arxiv.org/abs/2406.07548); docs/quantizer.md is the manual and lists what differs, and why.
 """
 
 from __future__ import annotations
@@ -35,7 +28,6 @@ from lfq.quantizer_parts import (
     entropy_rows,
     is_power_of_two,
     linear_f32,
-    reverse_bits,  # noqa: F401  (re-exported: importable from lfq.quantizer as before)
 )
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])

@@ -18,7 +18,6 @@ from lfq.entropy import AllReduceSum, reduce_sums, sample_token_subset
 
 def reverse_bits(indices: Tensor, num_bits: int) -> Tensor:
     """Indices with their ``num_bits`` bits in the opposite order (an involution).
-
     Ours (and vector-quantize-pytorch's) give channel 0 the most significant bit;
     Open-MAGVIT2 gives channel i the weight ``2**i``: ``reverse_bits`` maps one to the other.
     """
@@ -58,7 +57,6 @@ def distributed_reduce(distributed: bool | None) -> Callable[..., Tensor] | None
 def entropy_rows(frac_per_sample_entropy: float, mask: Tensor | None, sample_mask: Tensor | None, batch: int,
                  num_tokens: int, device: torch.device) -> Tensor | None:
     """(b n,) bool: the tokens the entropies are computed over (None = all).
-
     The ``frac_per_sample_entropy`` subset is drawn as 1.14.12 draws it: over the kept
     tokens in order, or with a per-sample mask over the kept samples (whole samples are
     kept or dropped).

@@ -1,64 +1,8 @@
-"""The records ``lfq.monitor`` writes, from what ``lfq.code_usage`` left on the device.
-
+"""The records ``lfq.monitor`` writes, from what ``lfq.code_usage`` left on the device:
 ``step_records`` (``metrics.jsonl`` rows), ``snapshot_records`` (``histograms.jsonl`` rows) and
 ``evaluation_records`` (``LFQMonitor.evaluating``), with one device-to-host transfer per device
-per flush. Their format, defined here, is the contract ``analysis`` reads. ``usage_window``,
-``dead_after``, ``histogram_every`` and the diagnostic steps are ``LFQMonitor``'s.
-
-Step records (``step_records``), one row per (step, layer, codebook, mode), columns in
-``RECORD_COLUMNS`` order and the per-bit ones last: ``step`` (s below), ``layer``, ``codebook``,
-``kind="quantizer"``, ``mode``, ``codebook_size``, then
-- ``per_sample_entropy``, ``batch_entropy``, ``commitment``, ``aux_loss``: from
-  ``last_stats``, NaN in eval mode or when the quantizer does not report them (a
-  ``last_stats`` object already counted, i.e. not refreshed by the pass, is ignored);
-- ``codes_used``: distinct codes among this step's kept tokens; ``tokens``: kept tokens;
-  ``forward_passes``: passes accumulated into the step;
-- ``perplexity``: exp of the entropy of this step's code histogram (K for uniform use of K
-  codes; NaN when no token was kept);
-- ``usage_fraction``: fraction of the codebook used at least once in the steps
-  ``(s - usage_window, s]`` (step numbers, not forward passes);
-- ``dead_codes``: codes not used in any of the steps ``(s - dead_after, s]``. A code never
-  used counts as last used just before the layer's first monitored step ``s0``, so it is
-  dead from step ``s0 + dead_after - 1`` on; before that ``dead_codes`` is 0;
-- ``bit_balance_mad``: for binary quantizers, per bit the fraction of kept tokens with the
-  bit set, then the mean over bits of ``|fraction - 0.5|`` (0 = balanced, 0.5 = a constant
-  bit); NaN for other quantizers, whose indices need not be bit strings;
-- ``bit_frequency_<i>``, ``bit_entropy_<i>`` (i = 0 .. d-1, bit 0 the most significant bit of
-  the index): that fraction, and its binary entropy in nats (log 2 = balanced, 0 = constant);
-  ``bit_entropy``: their mean over bits. Binary quantizers only (absent otherwise);
-- ``dead_bits``: bits that kept one value in every kept token of the steps
-  ``(s - dead_after, s]`` (same convention as ``dead_codes`` before the first window is full);
-- ``saturated_fraction``: on diagnostic steps, the share of kept token-bits whose logit
-  ``x = 4 tau m z`` has ``|x| > lfq.latent_stats.SATURATION_LOGIT`` (~10.6), i.e. where the
-  entropy terms' gradient factor ``p (1 - p)`` is below 1e-4 of its maximum 1/4: there the
-  entropy loss cannot move the latent; ``mean_abs_z``: the mean ``|z|`` over kept token-bits
-  (z after any normalisation). NaN on other steps, in eval mode and for non-binary quantizers.
-
-Histogram rows (``snapshot_records``): to ``LFQMonitor``'s histogram sink (by default where its
-sink keeps them: ``lfq.sinks.default_histogram_sink``), after every step ``s`` with ``(s + 1) %
-histogram_every == 0``, and at ``detach()`` (or ``snapshot()``) under the last step, the counts
-since the previous snapshot go there, at the next flush, as sparse rows ``{step, layer, codebook, codebook_size, mode, codes,
-counts}`` (layers not run since the previous snapshot are left out), with ``bit_frequencies``
-(per bit, MSB first, the fraction of those tokens with the bit set) for binary quantizers.
-
-Evaluation records (``evaluation_records``), one per (layer, codebook) of an evaluation pass, make
-up the ``Evaluation`` that ``LFQMonitor.evaluating()`` returns: ``kind="evaluation"``, ``layer``,
-``codebook``, ``codebook_size`` (K), and over the whole pass and every rank
-- ``tokens`` (N, kept tokens), ``codes_used``, ``usage_fraction`` (codes used at least once / K)
-  and ``perplexity`` (exp of the entropy of the pass's histogram; NaN when N = 0);
-- ``tokens_per_code``: N / K; ``usage_ceiling``: 1 - exp(-N / K), the expected share of the
-  codebook that N tokens drawn uniformly over the K codes reach (each code is missed with
-  probability (1 - 1/K)^N ~ exp(-N/K)). A pass of few tokens holds ``usage_fraction`` near
-  this even for a perfectly uniform quantizer, and never above N / K (368 tokens for 1,024
-  codes: ceiling 0.30, at most 0.36); read usage against it, as capped when N / K < 4
-  (ceiling below 0.98).
-With ``evaluate(log=True)`` they also go to the sink with ``step`` = the monitor's step.
-
-Timing. Every closed step makes its step records; ``log_every`` (``LFQMonitor``) does not thin
-them, it only sets how many closed steps are sent to the sink together (and the default
-period of the diagnostics, whose columns are NaN on the other steps). A record can reach the
-sink up to ``log_every`` steps after its step; ``flush()``, ``state_dict()`` and ``detach()``
-send the pending ones.
+per flush. Their format is the contract ``analysis`` reads; every column is defined in
+docs/records.md.
 """
 
 from __future__ import annotations
@@ -204,7 +148,7 @@ class Evaluation:
     ``codebook_size``, ``tokens``, ``codes_used``, ``usage_fraction`` (codes used at least once
     in the pass / codebook size), ``perplexity`` (exp of the entropy of the pass's histogram),
     ``tokens_per_code`` and ``usage_ceiling`` (1 - exp(-tokens / codebook_size), what a uniform
-    assignment of the pass's tokens reaches), over every rank's tokens (module docstring)."""
+    assignment of the pass's tokens reaches), over every rank's tokens (docs/records.md)."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []

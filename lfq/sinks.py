@@ -1,17 +1,7 @@
-"""Where the monitor's records go.
-
-A sink is any callable that takes a list of flat dict records. ``MemorySink`` keeps them in
-memory (tests, notebooks); ``JsonlSink`` appends them to a JSON-lines file (``lfq.jsonl_writer``: non-finite
-floats are written as the JSON extensions ``NaN``/``Infinity``, which ``pandas.read_json(path,
-lines=True)`` and Python's ``json`` read back as floats). ``TensorBoardSink`` and ``WandbSink``
-write to TensorBoard event files and a Weights & Biases run; they import ``tensorboard`` /
-``wandb`` when constructed (optional extras), so ``lfq`` imports with torch and einops alone.
-``Tee`` sends the same records to several sinks. Scalars are named by :func:`scalar_tags`.
-
-Histogram snapshots: ``LFQMonitor(histogram_sink=None)`` (the default) sends them where the
-sink keeps them, :func:`default_histogram_sink`: a ``TensorBoardSink`` or ``WandbSink`` draws
-them itself, a ``JsonlSink("metrics.jsonl")`` puts them in ``metrics.histograms.jsonl`` beside
-it (``JsonlSink.histogram_path``), a ``Tee`` does both for its members; other sinks get none.
+"""Where the monitor's records go: a sink is any callable taking a list of flat dict records
+(``MemorySink``, ``JsonlSink``, ``TensorBoardSink``, ``WandbSink``, ``Tee``), the scalars they log
+are :func:`scalar_tags`, and :func:`default_histogram_sink` says where histogram snapshots go;
+docs/monitor.md ("Where the rows go") is the manual.
 """
 
 from __future__ import annotations
@@ -49,7 +39,6 @@ class MemorySink:
 
 class JsonlSink:
     """Appends one JSON object per record to ``path`` (``lfq.jsonl_writer.append_jsonl``, the one appender).
-
     Every batch is written with a single ``write``, flushed and fsynced before returning, so
     a killed process loses at most the records the monitor had not yet flushed (and at worst
     leaves one partial last line if it dies mid-write). The file is opened per batch: the
@@ -100,23 +89,10 @@ TRAIN_FAMILY, EVAL_FAMILY = "lfq", "lfq_eval"  # the two tag families of the sca
 
 def scalar_tags(record: Record) -> dict[str, float]:
     """The scalars of one monitor record that TensorBoardSink, WandbSink and the Lightning
-    callback log, under grouped tags, only what was computed:
-
-    - training rows (``kind="quantizer"``, ``mode="train"``): ``lfq.<layer>.codebook<c>/<column>``;
-    - evaluation passes (``kind="evaluation"``: ``LFQMonitor.evaluate(log=True)``, the Lightning
-      callback's validation epochs): ``lfq_eval.<layer>.codebook<c>/<column>``, the one family of
-      evaluation scalars (whole-pass usage, ``usage_ceiling``, ...), beside the eval-mode code
-      histograms ``lfq_eval.<layer>.codebook<c>/codes``;
-    - eval-mode step rows (``kind="quantizer"``, ``mode="eval"``): none. Their losses are NaN by
-      contract and their per-step usage would share tags with the evaluation pass's; they stay
-      in the JSON lines (measure validation with ``LFQMonitor.evaluating``/``evaluate``).
-
-    NaN values are left out: NaN in a record means "not computed on this step" (the latent
-    diagnostics and the monitor's own entropies off diagnostic steps, losses a quantizer does
-    not report), and a NaN scalar would draw a point that was never measured. So are per-bit
-    columns (drawn as an image), histogram snapshots (``codes``/``counts``) and non-numbers.
-    ``JsonlSink`` keeps every row whole, NaN included: its rows are a table (``RECORD_COLUMNS``)
-    that ``analysis`` and pandas read column by column."""
+    callback log, only what was computed (no NaN, no per-bit columns, no histograms): training
+    rows as ``lfq.<layer>.codebook<c>/<column>``, evaluation passes as
+    ``lfq_eval.<layer>.codebook<c>/<column>``, eval-mode step rows not at all (they stay in the
+    JSON lines); docs/monitor.md ("Where the rows go") says why."""
     if "codes" in record:
         return {}
     kind, mode = record.get("kind", "quantizer"), record.get("mode", "train")
@@ -189,7 +165,6 @@ def _snapshot_prefix(layer: str, mode: str) -> str:
 class TensorBoardSink:
     """Writes monitor records to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``;
     needs the ``tensorboard`` package: ``pip install lfq-suite[tensorboard]``).
-
     As the monitor's ``sink`` it also gets the histogram snapshots (``histogram_sink`` defaults
     to it). Scalars go under :func:`scalar_tags` at the
     record's step; a histogram snapshot becomes a histogram of code indices
@@ -239,7 +214,6 @@ class TensorBoardSink:
 class WandbSink:
     """Logs monitor records to a Weights & Biases run (``run``; None = the current ``wandb.run``;
     needs ``pip install lfq-suite[wandb]``).
-
     The monitor sends a flush's records some steps late, so they are logged against their own x
     axis ``lfq/step`` (``define_metric``), one ``run.log`` per step: scalars under
     :func:`scalar_tags`, histogram snapshots as ``wandb.Histogram`` of code indices and, for

@@ -1,10 +1,8 @@
-"""What the monitor keeps per watched layer and step before any statistic: the raw counts.
-
-Which modules are watched and how (``is_quantizer``, ``LayerSpec``); what one (layer, mode)
-accumulates during a step (``StepCounts``: code counts, loss sums, latent sums) and the sum of
-the counts over data-parallel ranks (``all_reduce_counts``); what a closed step hands to
-``lfq.records`` at the next flush (``ClosedStep``, ``Snapshot``). ``lfq.code_usage`` keeps the
-state that outlives a step and computes the statistics.
+"""What the monitor keeps per watched layer and step before any statistic, the raw counts: which
+modules are watched (``is_quantizer``, ``LayerSpec``), what one (layer, mode) accumulates during a
+step (``StepCounts``: code counts, loss sums, latent sums), their sum over data-parallel ranks
+(``all_reduce_counts``), and what a closed step hands to ``lfq.records`` (``ClosedStep``,
+``Snapshot``); see docs/monitor.md ("Inside the monitor").
 """
 
 from __future__ import annotations
@@ -62,7 +60,6 @@ class LayerSpec:
 @dataclass
 class StepCounts:
     """What one (layer, mode) accumulated during the current step, on the layer's device.
-
     ``counts`` (c, K) sums kept tokens over the step's passes; ``loss_sum`` (4, c) sums each
     of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it. On diagnostic steps
     ``latent`` (len(LATENT_FIELDS), c) sums the binary latent's statistics over

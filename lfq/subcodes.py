@@ -1,10 +1,8 @@
-"""The factorised sub-code distributions behind lfq.entropy's fast kernels.
-
-The 2**d codes' distribution of a token is the outer product of its distributions over
-the 2**a high and 2**b low sub-codes (P_A, P_B). This module builds them, sums
-``P_A^T P_B`` over tokens with a hand-written backward (:func:`subcode_gram`), and finds
-the reference's clamped per-token entropy from the sub-codes at or above the clamp, found
-by the bits a token can flip (:func:`clamped_per_token`). :mod:`lfq.entropy` turns these into entropy terms.
+"""The factorised sub-code distributions behind lfq.entropy's fast kernels: a token's distribution
+over the 2**d codes is the outer product of those over the 2**a high and 2**b low sub-codes
+(P_A, P_B); this module builds them, sums ``P_A^T P_B`` over tokens with a hand-written backward
+(:func:`subcode_gram`) and finds the reference's clamped per-token entropy from the sub-codes at
+or above the clamp (:func:`clamped_per_token`). The derivation is docs/entropy.md.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ def _bit_table(num_bits: int, like: Tensor) -> Tensor:
 
 def flush_floor(dtype: torch.dtype) -> float:
     """Probabilities below this are set to 0 in the factors (P_A, P_B, the bits).
-
     Without it, unsaturated but confident tokens (typical on the sphere, where the logits
     are 4 tau s u_i / sqrt(d)) fill the factors with subnormal floats, and x86 arithmetic
     on subnormals is 10-100x slower: measured 9x on a whole step at 2**14 codes. The floor
@@ -52,7 +49,6 @@ def flush_floor(dtype: torch.dtype) -> float:
 
 def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
     """(c, C, k) bit probabilities -> (c, C, 2**k) distribution over k-bit sub-codes.
-
     Built in place in one buffer, least significant bit first: after a step the first m
     columns hold the distribution of the bits seen so far, and the next bit doubles it
     to ``[P * p0, P * p1]`` (that bit becomes the most significant). 2**k multiplies by a
@@ -87,7 +83,6 @@ def _chunk_factors(logits: Tensor, high_bits: int) -> tuple[Tensor, Tensor, Tens
 
 def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> Tensor:
     """Gradient wrt the block's logits given ``weighted = dL/dP * P`` (c, C, 2**k).
-
     d log P(j) / d l_i = bit_i(j) - p_i, so the gradient is
     p0_i * (sum of weighted over codes with bit i on) - p1_i * (sum over codes with it off).
     Summing the two sets separately (rather than total - on) keeps a saturated bit's
@@ -100,7 +95,6 @@ def _bit_logit_grad(weighted: Tensor, table: Tensor, p1: Tensor, p0: Tensor) -> 
 
 class _SubcodeGram(torch.autograd.Function):
     """sum over tokens of P_A^T P_B, (N, c, d) logits -> (c, 2**a, 2**b).
-
     With several chunks only the logits are saved and P_A, P_B are rebuilt chunk by
     chunk in backward, so memory stays at one chunk's factors plus the 2**d output
     however many tokens. With one chunk the factors are kept: that fits the same
@@ -155,7 +149,6 @@ def default_chunk_tokens(num_codebooks: int, num_bits: int, itemsize: int) -> in
 
 def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
     """Differentiable ``sum_n P_A[n]^T P_B[n]`` per codebook, (N, c, d) -> (c, 2**a, 2**b).
-
     Divided by the token count and flattened, it is the batch distribution over the 2**d
     codes in index order (the high block holds the most significant bits).
     """
@@ -171,7 +164,6 @@ def subcode_gram(logits: Tensor, chunk_tokens: int | None = None) -> Tensor:
 
 def _flip_costs(bits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A block's (M, k) bit logits -> what its sub-codes' log-probabilities are made of.
-
     Returns, in float64 (indices int64): the log-probability of the block's most probable
     sub-code (M,), the bits' flip costs ``|l_i|`` in ascending order (M, k), the index
     weight ``2**(k-1-i)`` of the bit each cost belongs to (M, k), and that sub-code's index
@@ -192,7 +184,6 @@ def _kept_subcodes(flips: tuple[Tensor, Tensor, Tensor, Tensor], num_flips: int,
     """One block's sub-codes with log-probability >= ``floor`` (M,): float64 values (M, w),
     ``-inf`` where not kept, and their indices (M, w) (``sort``: most probable first,
     trimmed to the widest row's count).
-
     The candidates are the 2**num_flips sub-codes reached by flipping any subset of each
     row's ``num_flips`` cheapest bits (:func:`_flip_costs`); the caller chooses num_flips so
     that no dearer bit can be flipped above the floor. Values and choice come from the
@@ -250,35 +241,12 @@ def _held_bytes(single: tuple[Tensor | None, Tensor] | None, groups: list) -> in
 
 
 class _ClampedTokenEntropy(torch.autograd.Function):
-    """Per row of (M, d) logits, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M,) float64.
-
-    With L = log eps, every code under the clamp contributes ``-p L`` and the rest
-    ``-p log p``; as the probabilities sum to 1,
-
-        H = -L + sum over codes with p >= eps of p (L - log p),
-
-    which needs only the codes at or above eps (at most 1 / eps of them, usually a few).
-    p = P_A[a] P_B[b] is at or above eps only if p_A >= eps / max P_B and p_B >= eps / max
-    P_A, so only those sub-codes are kept. They are found without any 2**(d/2) vector: a
-    sub-code is the block's most probable one with a set of bits flipped, flipping bit i
-    costs |l_i| in log-probability, and only bits whose cost fits the token's budget (log of
-    its most probable code's probability over eps) can flip, so a token with u such bits has
-    at most 2**u candidates (a confident token: u = 0-2, a near-uniform one: all bits;
-    :func:`_flip_costs`, :func:`_kept_subcodes`). The low block is sorted most probable
-    first, and for a kept a the b with log P_B[b] >= L - log P_A[a] are a prefix of it:
-    prefix sums and one searchsorted. All in float64 whatever the input dtype (H is a small
-    difference when nearly all mass is above eps), and the choice of terms is made on the
-    same float64 values, so the two agree exactly. Rows are grouped by their candidate count
-    (:func:`_row_groups`).
-
-    The backward is written out: with w = p (L - log p - 1) over the kept pairs and
-    d log p / d l_i = bit_i - sigmoid(l_i), dH/dl_i = sum_w bit_i - sigmoid(l_i) sum_w. The
-    sums over an a's partners are the forward's prefix sums; those over a b's partners
-    (the a whose prefix reaches past b) are a histogram of the prefix lengths, summed from
-    the end. The set of kept pairs is piecewise constant (no gradient) and H is continuous
-    across its changes. The kept sub-codes are held for backward while they fit
-    :data:`SAVED_BYTES`, else each chunk is rebuilt from the logits.
-    """
+    """Per row of (M, d) logits, the reference's ``-sum_j p_j log(max(p_j, eps))``, (M,) float64,
+    as ``-L + sum over codes with p >= eps of p (L - log p)`` (L = log eps) from the sub-codes a
+    token can reach above eps by flipping its cheap bits (:func:`_flip_costs`,
+    :func:`_kept_subcodes`, rows grouped by :func:`_row_groups`), with a written-out backward; the
+    derivation is docs/entropy.md ("clamped"). The kept sub-codes are held for backward while they
+    fit :data:`SAVED_BYTES`, else each chunk is rebuilt from the logits."""
 
     @staticmethod
     def _chunk(logits: Tensor, high_bits: int, log_eps: float
@@ -405,7 +373,6 @@ class _ClampedTokenEntropy(torch.autograd.Function):
 
 def clamped_per_token(logits: Tensor, eps: float, chunk_tokens: int | None = None) -> Tensor:
     """The reference's clamped per-token entropy ``-sum_j p_j log(max(p_j, eps))``, (N, c).
-
     O(N (d + 2**u)) work and memory for tokens with u bits that can flip above the clamp
     (confident tokens: u of 0-2; near-uniform ones: up to d/2 per block, 2**(d/2) work; see
     :class:`_ClampedTokenEntropy`); tokens in chunks, each rebuilt in backward unless the

@@ -1,20 +1,8 @@
-"""A PyTorch Lightning callback that watches every quantizer of the LightningModule.
-
-    from lfq.integrations.lightning import LFQMonitorCallback
-    trainer = lightning.Trainer(callbacks=[LFQMonitorCallback(log_every=50)], logger=TensorBoardLogger("tb"))
-
-The callback builds an :class:`lfq.LFQMonitor` on the module at ``setup``, sets its step to
-``trainer.global_step`` before every training batch (batches of one optimizer step, e.g.
-gradient accumulation, are one step), and logs through the trainer's loggers: a
-``TensorBoardLogger`` gets everything :class:`lfq.TensorBoardSink` writes (scalars, code
-histograms, per-bit images), a ``WandbLogger`` everything :class:`lfq.WandbSink` logs, any other
-logger the scalars (``log_metrics``). Each validation epoch (not the sanity check) is an
-evaluation pass (``LFQMonitor.evaluating``): its usage per layer and codebook (with
-``usage_ceiling``) is logged as ``lfq_eval.*`` scalars (``lfq.sinks.scalar_tags``), and the mean over layers and codebooks as
-``val_usage_fraction`` through ``LightningModule.log`` (so ``ModelCheckpoint`` can monitor it).
-Under DDP the monitor reduces its counts over the ranks itself and only rank 0 logs. At the
-end of training the last step and a final histogram snapshot are logged.
-The monitor's state is saved in the trainer's checkpoints and restored on resume.
+"""A PyTorch Lightning callback, ``LFQMonitorCallback``, that watches every quantizer of the
+LightningModule with an :class:`lfq.LFQMonitor` at ``trainer.global_step``, logs through the
+trainer's loggers, measures each validation epoch as an evaluation pass (``val_usage_fraction``)
+and keeps the monitor's state in the trainer's checkpoints; docs/monitor.md ("Where the rows go")
+is the manual.
 """
 
 from __future__ import annotations
@@ -28,7 +16,8 @@ except ImportError as err:  # lfq itself needs torch and einops only
     raise ImportError("lfq.integrations.lightning needs lightning: pip install lfq-suite[lightning]") from err
 
 from lfq.adapters import Adapter
-from lfq.monitor import Evaluation, LFQMonitor
+from lfq.monitor import LFQMonitor
+from lfq.records import Evaluation
 from lfq.sinks import Record, Sink, TensorBoardSink, WandbSink, default_histogram_sink, scalar_tags
 
 __all__ = ["LFQMonitorCallback"]

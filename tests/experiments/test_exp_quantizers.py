@@ -11,7 +11,8 @@ from tolerances import assert_close_rel_max, sum_tol
 
 from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer, quantizer_config
 from lfq import LFQ
-from lfq.monitor import LFQMonitor, MemorySink
+from lfq.monitor import LFQMonitor
+from lfq.sinks import MemorySink
 
 KINDS = ["lfq", "bsq", "vq", "fsq"]
 

@@ -34,8 +34,8 @@ from lfq.entropy import (
     open_magvit2_entropy,
     reference_entropy,
     sample_token_subset,
-    subcode_gram,
 )
+from lfq.subcodes import subcode_gram
 
 F64 = torch.float64
 F32 = torch.float32

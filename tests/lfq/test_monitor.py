@@ -19,7 +19,8 @@ from tolerances import softmax_tol, sum_tol
 from torch import nn
 
 from lfq import LFQ, JsonlSink, LFQMonitor, MemorySink
-from lfq.monitor import RECORD_COLUMNS, ROOT_LAYER
+from lfq.monitor import ROOT_LAYER
+from lfq.records import RECORD_COLUMNS
 
 
 def tokens_for(codes: list[int] | list[list[int]], bits: int) -> torch.Tensor:
