@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from analysis.aggregate import config_columns, fmt_value
+from analysis.column_names import FRAC, GAMMA, SIZE, TAU, WEIGHT
 from analysis.load import STATUS_MEANINGS
 from analysis.style import label
 
@@ -100,11 +101,11 @@ WORDS = {
     "final_val_psnr": "validation PSNR",
     "final_val_ssim": "validation SSIM",
     "final_val_usage_ceiling": "usage ceiling",
-    "quantizer.diversity_gamma": "diversity gamma",
-    "quantizer.frac_per_sample_entropy": "frac",
-    "quantizer.inv_temperature": "inverse temperature",
-    "quantizer.codebook_size": "codebook size",
-    "quantizer.entropy_loss_weight": "entropy loss weight",
+    GAMMA: "diversity gamma",
+    FRAC: "frac",
+    TAU: "inverse temperature",
+    SIZE: "codebook size",
+    WEIGHT: "entropy loss weight",
     "seed": "seed",
 }
 CEILING_LABEL = "ceiling 1-exp(-N/K)"

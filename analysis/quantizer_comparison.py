@@ -19,23 +19,30 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.column_names import (
+    BATCH,
+    COMMITMENT,
+    DOWNSAMPLE,
+    FRAC,
+    GAMMA,
+    KIND,
+    PRESET,
+    RESOLUTION,
+    SCHEDULE,
+    SIZE,
+    STEPS,
+    TAU,
+    VQ_DEAD,
+    VQ_INIT,
+    WEIGHT,
+)
 from analysis.style import new_figure, require, seed_series, skippable
 
-KIND = "quantizer.kind"
-SIZE = "quantizer.codebook_size"
-TAU = "quantizer.inv_temperature"
-SCHEDULE = "anneal.entropy"
-GAMMA = "quantizer.diversity_gamma"
-VQ_INIT = "quantizer.vq_init"
-FRAC = "quantizer.frac_per_sample_entropy"
-WEIGHT = "quantizer.entropy_loss_weight"
 WEIGHT_COMPARED = 0.1  # images.yaml's entropy weight: the one claim 1 compares at
-VQ_DEAD = "quantizer.vq_dead_code_threshold"
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
 KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
 # the settings the comparison holds fixed, kept in its summary so that its caption can say so
-FIXED = ("quantizer.entropy_loss_weight", "quantizer.commitment_loss_weight", "model.preset", "data.resolution",
-         "model.downsample", "data.batch_size", "schedule.steps")
+FIXED = (WEIGHT, COMMITMENT, PRESET, RESOLUTION, DOWNSAMPLE, BATCH, STEPS)
 
 
 def value_or(run: pd.Series, column: str, default: object) -> object:
