@@ -1,4 +1,4 @@
-"""analysis.ablations on fake run folders of the four issue-8 sweeps: CSVs, claim plots, the notebook.
+"""python -m analysis.report --study ablations on fake run folders of the four issue-8 sweeps: CSVs, claim plots, the notebook.
 
 Final metrics are simple functions of the grid point and seed (``_usage``, ``_psnr``), so every
 mean over seeds below is computed by hand from them.
