@@ -10,6 +10,7 @@ are entries of :mod:`analysis.figures`; :mod:`analysis.studies` writes the folde
 from __future__ import annotations
 
 import functools
+import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from analysis.column_names import (
     WEIGHT,
 )
 from analysis.style import LINESTYLES, MARKERS, NoData, colors, dodge, new_figure, require, skippable
+from common.cli import fail
 
 SERIES = (SCHEDULE, GAMMA)
 CURVE_METRICS = ("usage_fraction", "saturated_fraction", "per_sample_entropy", "batch_entropy", "mean_abs_z",
@@ -333,3 +335,8 @@ def committed_runs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if parts else pd.DataFrame())
     curves = pd.read_csv(folder / "curves.csv") if (folder / "curves.csv").is_file() else pd.DataFrame()
     return runs, curves
+
+
+if __name__ == "__main__":  # its command line became analysis.report's; a recorded command.txt says the old one
+    sys.exit(fail("python -m analysis.regime ARGS is now python -m analysis.report ARGS --study recipe "
+                  "(docs/experiments.md)"))
