@@ -6,7 +6,8 @@
     analysis.usage_heatmap(runs)                            # a Figure (None if data is missing)
 """
 
-from analysis.aggregate import FRAC, GAMMA, WhereError, curves, grid_summary, parameters, where
+from analysis.aggregate import WhereError, curves, grid_summary, parameters, where
+from analysis.column_names import FRAC, GAMMA
 from analysis.jsonl_reader import LoadProblem
 from analysis.load import LoadWarning, find_run_dirs, load_histograms, load_metrics, load_runs
 from analysis.plots import (
@@ -26,7 +27,7 @@ __all__ = [
     "parameters", "rank_frequencies", "rank_frequency", "reconstruction_vs_usage", "training_curves",
     "usage_heatmap", "usage_vs_gamma", "where", "WhereError", "write_report",
 ]
-# The ablations (issue 8), imported on first use like write_report: name -> module.
+# The studies and the figure registry, imported on first use like write_report: name -> module.
 _LAZY = {
     "write_report": "report",
     **dict.fromkeys(("CLAIMS", "claim_summaries", "load_ablations", "load_clamp_probe", "read_summaries",
@@ -36,7 +37,8 @@ _LAZY = {
                      "vocab_figure"),
                     "claim_figures"),
     "merge_summaries": "merge",
-    "write_ablations": "ablations",
+    "write_ablations": "studies",
+    **dict.fromkeys(("FIGURES", "Plot", "register"), "figures"),
 }
 __all__ += [n for n in _LAZY if n not in __all__]
 

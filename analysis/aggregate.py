@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-GAMMA = "quantizer.diversity_gamma"
-FRAC = "quantizer.frac_per_sample_entropy"
-SEED = "seed"
+from analysis.column_names import FRAC, GAMMA, KIND, MODE, SEED, SIZE, WEIGHT
+
 STATS = ("mean", "std", "min", "max", "n")
 
 # Config fields that never tell grid points apart: they identify or log a run.
@@ -26,11 +25,11 @@ _NOT_PARAMETERS = ("seed", "name", "run_id", "logging.", "schedule.val_every", "
 SHORT_NAMES = {
     GAMMA: "γ",
     FRAC: "frac",
-    "seed": "seed",
-    "quantizer.codebook_size": "K",
-    "quantizer.entropy_loss_weight": "w_ent",
-    "quantizer.kind": "quantizer",
-    "quantizer.entropy_mode": "entropy",
+    SEED: "seed",
+    SIZE: "K",
+    WEIGHT: "w_ent",
+    KIND: "quantizer",
+    MODE: "entropy",
 }
 
 

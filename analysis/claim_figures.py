@@ -16,7 +16,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis.aggregate import fmt_value, seed_stats, select
-from analysis.claims import CLAMP_NATS, KIND, MODE, SIZE, WEIGHT, require_probe
+from analysis.claims import CLAMP_NATS, require_probe
+from analysis.column_names import KIND, MODE, SIZE, WEIGHT
 from analysis.plots import usage_heatmap, usage_vs_gamma
 from analysis.style import (
     BAND_ALPHA,

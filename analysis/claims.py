@@ -1,31 +1,26 @@
-"""The ablation claims (issue 8) and their per-sweep summaries: which sweep tests which claim, and
-run folders or committed ``summary.csv`` files -> one row per run.
-
-Claims (``CLAIMS``): 1 ``vocab`` (LFQ/VQ/FSQ over codebook size), 2 ``entropy_weight``,
-3 ``gamma_frac``, 4 ``clamp`` (exact vs reference entropy). Statistics use finished runs;
-``n`` is the number of seeds behind each point, so a partial sweep shows as a smaller ``n``.
-Tables: :mod:`analysis.tables`; figures: :mod:`analysis.claim_figures`; the command line that
-writes them: :mod:`analysis.ablations`.
+"""The ablation claims (issue 8) and their per-sweep summaries: which sweep tests which claim
+(``CLAIMS``: 1 ``vocab``, 2 ``entropy_weight``, 3 ``gamma_frac``, 4 ``clamp`` and where the clamp binds),
+and run folders or committed ``summary.csv`` files -> one row per run. Statistics use finished runs;
+``n`` is the number of seeds behind each point, so a partial sweep shows as a smaller ``n``. The claims'
+figures are entries of :mod:`analysis.figures`; :mod:`analysis.studies` writes ``results/ablations``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.aggregate import FRAC, GAMMA, parameters
+from analysis.aggregate import parameters
+from analysis.aggregate import where as pick
+from analysis.column_names import FRAC, GAMMA, KIND, MODE, SIZE, WEIGHT
 from analysis.load import load_runs
 from analysis.style import require
 
-KIND = "quantizer.kind"
-SIZE = "quantizer.codebook_size"
-WEIGHT = "quantizer.entropy_loss_weight"
-MODE = "quantizer.entropy_mode"
 # Always in summary.csv, varying or not: the vocab claim joins two sweeps in which kind and size
 # are constant, and a reader of one CSV should see the setting without the config.
 KEY_COLUMNS = (KIND, SIZE, MODE, WEIGHT, GAMMA, FRAC)
@@ -92,15 +87,18 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values([c for c in ("sweep", *params, "seed") if c in table]).reset_index(drop=True)
 
 
-def summaries_from_runs(root: PathLike, log: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
-    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep).
-
-    Run folders that cannot be read are left out, each named with its reason through ``log``
-    (default: a LoadWarning); corrupt runs stay in, with status ``corrupt`` and the reason."""
+def summaries_from_runs(root: PathLike, log: Callable[[str], None] | None = None, *,
+                        where: Sequence[str] | Mapping[str, object] = ()) -> dict[str, pd.DataFrame]:
+    """``{sweep: summary}`` for every sweep under ``root`` (a folder of sweeps, or one sweep), of the
+    runs matching ``where`` (:func:`analysis.aggregate.where`). Run folders that cannot be read are
+    left out, each named with its reason through ``log`` (default: a LoadWarning); corrupt runs stay
+    in, with status ``corrupt`` and the reason."""
     runs = load_runs(root, warn=log is None)
     for problem in runs.attrs.get("problems", ()) if log is not None else ():
         log(f"{'skipped' if problem.skipped else 'repaired'} {problem.run_dir}: {problem.reason}")
     require(len(runs), f"no run folders under {root}")
+    if where:
+        runs = pick(runs, where)
     return {str(sweep): summarize(part) for sweep, part in runs.groupby("sweep", sort=True)}
 
 
@@ -110,7 +108,7 @@ def read_summaries(folder: PathLike) -> dict[str, pd.DataFrame]:
     paths = sorted(folder.glob("*/summary.csv")) or sorted(folder.glob("summary.csv"))
     if not paths:
         raise FileNotFoundError(f"no <sweep>/summary.csv under {folder.resolve()}; "
-                                "write them with `python -m analysis.ablations RUNS_ROOT --out DIR`")
+                                "write them with `python -m analysis.report RUNS_ROOT --study ablations --out DIR`")
     return {p.parent.name: pd.read_csv(p) for p in paths}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from analysis.aggregate import config_columns, fmt_value
+from analysis.column_names import FRAC, GAMMA, KIND, SIZE, TAU, WEIGHT
 from analysis.load import STATUS_MEANINGS
 from analysis.style import label
 
@@ -100,14 +101,27 @@ WORDS = {
     "final_val_psnr": "validation PSNR",
     "final_val_ssim": "validation SSIM",
     "final_val_usage_ceiling": "usage ceiling",
-    "quantizer.diversity_gamma": "diversity gamma",
-    "quantizer.frac_per_sample_entropy": "frac",
-    "quantizer.inv_temperature": "inverse temperature",
-    "quantizer.codebook_size": "codebook size",
-    "quantizer.entropy_loss_weight": "entropy loss weight",
+    GAMMA: "diversity gamma",
+    FRAC: "frac",
+    TAU: "inverse temperature",
+    SIZE: "codebook size",
+    WEIGHT: "entropy loss weight",
     "seed": "seed",
 }
 CEILING_LABEL = "ceiling 1-exp(-N/K)"
+# Quantizer kinds in the order reports list them; a kind not here (a new registry entry in
+# experiments/quantizers.py) comes after them, by name, labelled by kind_label: no edit here needed.
+KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
+
+
+def kind_label(kind: object) -> str:
+    """A quantizer kind as reports name it: ``lfq`` -> ``LFQ``, and any other kind upper-cased too."""
+    return str(kind).upper()
+
+
+def kind_rank(kind: object) -> tuple[int, str]:
+    """Sort key of a kind: :data:`KIND_ORDER` first, then every other kind by name."""
+    return (KIND_ORDER.index(kind), "") if kind in KIND_ORDER else (len(KIND_ORDER), str(kind))
 
 
 def words(column: str) -> str:
@@ -169,9 +183,9 @@ def _shown(value: object) -> str:
 def held_fixed_line(runs: pd.DataFrame) -> str:
     """The caption line: ``Held fixed (all N runs shown): task=..., quantizer....; and M more (table).``"""
     fixed = held_fixed(runs)
-    kind = fixed.get("quantizer.kind")
+    kind = fixed.get(KIND)
     # Another quantizer kind's fields (vq_init for LFQ runs) stay in the table, out of the caption.
-    other = tuple(f"quantizer.{k}_" for k in ("vq", "fsq", "lfq") if kind is not None and k != kind)
+    other = tuple(f"quantizer.{k}_" for k in KIND_ORDER if kind is not None and k != kind)
 
     def rank(key: str) -> int:
         return next(i for i, prefix in enumerate(CAPTION_FIRST) if key.startswith(prefix))

@@ -22,19 +22,27 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.column_names import (
+    BATCH,
+    COMMITMENT,
+    DOWNSAMPLE,
+    FRAC,
+    GAMMA,
+    KIND,
+    MODE,
+    PRESET,
+    RESOLUTION,
+    SCHEDULE,
+    SIZE,
+    STEPS,
+    TAU,
+    WEIGHT,
+)
 from analysis.quantizer_comparison import value_or
 from analysis.style import new_figure, require, seed_series, skippable
 
-KIND = "quantizer.kind"
-SIZE = "quantizer.codebook_size"
-TAU = "quantizer.inv_temperature"
-SCHEDULE = "anneal.entropy"
-GAMMA = "quantizer.diversity_gamma"
-FRAC = "quantizer.frac_per_sample_entropy"
-WEIGHT = "quantizer.entropy_loss_weight"
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
-FIXED = ("quantizer.commitment_loss_weight", "quantizer.entropy_mode", "model.preset", "data.resolution",
-         "model.downsample", "data.batch_size", "schedule.steps")
+FIXED = (COMMITMENT, MODE, PRESET, RESOLUTION, DOWNSAMPLE, BATCH, STEPS)
 # a config's value where a run's table has none (older runs, or a key the sweep never set)
 DEFAULTS = {KIND: "lfq", SCHEDULE: "constant", GAMMA: 1.0, FRAC: 1.0, WEIGHT: 0.1, TAU: 100.0}
 REGIMES = {10.0: "recipe", 100.0: "reference"}

@@ -117,7 +117,7 @@ def refuse_dropping(old_ids: pd.Series, new_ids: pd.Series, holder: str, root: s
             "from these runs alone")
 
 
-RUNS_HEADER = "# the runs ("  # how analysis.ablations.submit_commands starts each sweep's block
+RUNS_HEADER = "# the runs ("  # how analysis.studies.submit_commands starts each sweep's block
 
 
 def command_text(path: Path, run_lines: list[str], command: str, keep_old: bool, marker: str) -> str:

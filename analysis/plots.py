@@ -17,8 +17,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.aggregate import (
-    FRAC,
-    GAMMA,
     curves,
     fmt_value,
     grid_summary,
@@ -27,6 +25,7 @@ from analysis.aggregate import (
     select,
     short_name,
 )
+from analysis.column_names import FRAC, GAMMA, SIZE
 from analysis.glossary import CEILING_LABEL, figure_title, words
 from analysis.load import TOKENS_PER_CODE, USAGE_CEILING, uniform_ceiling
 from analysis.style import (
@@ -152,7 +151,7 @@ def draw_ceiling(ax: Axes, xs: Sequence[float] | np.ndarray, ceilings: Sequence[
 
 def _codebook_size(runs: pd.DataFrame) -> float | None:
     """The codebook size shared by all runs, if they share one."""
-    column = "quantizer.codebook_size"
+    column = SIZE
     if column in runs and runs[column].nunique() == 1:
         return float(runs[column].iloc[0])
     return None

@@ -19,23 +19,30 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.column_names import (
+    BATCH,
+    COMMITMENT,
+    DOWNSAMPLE,
+    FRAC,
+    GAMMA,
+    KIND,
+    PRESET,
+    RESOLUTION,
+    SCHEDULE,
+    SIZE,
+    STEPS,
+    TAU,
+    VQ_DEAD,
+    VQ_INIT,
+    WEIGHT,
+)
+from analysis.glossary import kind_label, kind_rank
 from analysis.style import new_figure, require, seed_series, skippable
 
-KIND = "quantizer.kind"
-SIZE = "quantizer.codebook_size"
-TAU = "quantizer.inv_temperature"
-SCHEDULE = "anneal.entropy"
-GAMMA = "quantizer.diversity_gamma"
-VQ_INIT = "quantizer.vq_init"
-FRAC = "quantizer.frac_per_sample_entropy"
-WEIGHT = "quantizer.entropy_loss_weight"
 WEIGHT_COMPARED = 0.1  # images.yaml's entropy weight: the one claim 1 compares at
-VQ_DEAD = "quantizer.vq_dead_code_threshold"
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
-KIND_ORDER = ("lfq", "bsq", "fsq", "vq")
 # the settings the comparison holds fixed, kept in its summary so that its caption can say so
-FIXED = ("quantizer.entropy_loss_weight", "quantizer.commitment_loss_weight", "model.preset", "data.resolution",
-         "model.downsample", "data.batch_size", "schedule.steps")
+FIXED = (WEIGHT, COMMITMENT, PRESET, RESOLUTION, DOWNSAMPLE, BATCH, STEPS)
 
 
 def value_or(run: pd.Series, column: str, default: object) -> object:
@@ -52,12 +59,12 @@ def series_of(run: pd.Series) -> str | None:
                 or float(value_or(run, FRAC, 1.0)) != 1.0 or float(value_or(run, WEIGHT, WEIGHT_COMPARED)) != WEIGHT_COMPARED):
             return None  # a regime or claim 2-3 run: other settings than this comparison's
         tau = float(value_or(run, TAU, 100.0))
-        return f"{kind.upper()} inv. temp. {tau:g}" + (" (reference)" if tau == 100.0 and kind == "lfq" else "")
+        return f"{kind_label(kind)} inv. temp. {tau:g}" + (" (reference)" if tau == 100.0 and kind == "lfq" else "")
     if kind == "vq":
         init, dead = str(value_or(run, VQ_INIT, "uniform")), float(value_or(run, VQ_DEAD, 0.0))
         return "VQ" + ("" if init == "uniform" else f" {init.replace('_', '-')} init") + (
             f" + dead-code {dead:g}" if dead > 0 else "")
-    return kind.upper()
+    return kind_label(kind)  # any other kind, a new one included, by its name
 
 
 def quantizers_summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -69,8 +76,7 @@ def quantizers_summary(runs: pd.DataFrame) -> pd.DataFrame:
     columns = ["run_id", "sweep", "status", "series", KIND, SIZE, TAU, VQ_INIT, VQ_DEAD, "seed", *METRICS,
                "final_val_tokens", "wall_time_s", *FIXED]
     table = table[[c for c in columns if c in table]].drop_duplicates("run_id")
-    rank = {k: i for i, k in enumerate(KIND_ORDER)}
-    table = table.assign(_k=table[KIND].map(rank) if KIND in table else 0)
+    table = table.assign(_k=table[KIND].map(kind_rank) if KIND in table else 0)
     return table.sort_values(["_k", "series", SIZE, "seed"]).drop(columns="_k").reset_index(drop=True)
 
 

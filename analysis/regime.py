@@ -1,30 +1,18 @@
-"""Where LFQ collapses and what keeps it from collapsing (issue 15): the regime sweep's tables and figures.
-
-The regime sweep (``experiments/sweeps/recipe_regime.yaml``) trains the images tokenizer over
-inverse temperature x entropy-weight schedule x ``diversity_gamma`` at several codebook sizes
-and seeds. From its run folders this module builds
-
-- :func:`regime_curves`: one row per run and diagnostic step (usage, saturated share of
-  token-bits, per-sample and batch entropy, mean |z|, dead bits), the data of "why";
-- :func:`regime_figure`: validation usage and PSNR against the inverse temperature, one panel
-  per codebook size, every seed a marker, every series its own colour, line style and offset;
-- :func:`collapse_figure`: usage and saturation over training, per inverse temperature, seeds
-  thin and their median bold.
-
-Both figures read the committed CSVs too (the notebook rebuilds them without run folders).
-The committed CSVs outlive the run folders: new seeds or re-runs fold into them by run id.
-
-    python -m analysis.regime RESULTS/recipe_regime RESULTS/quantizers_images ... --out results/recipe
-    python -m analysis.regime /tmp/more/recipe_regime --out results/recipe --merge   # add a few runs
+"""Where LFQ collapses and what keeps it from collapsing (issue 15): the data of the recipe study
+(``results/recipe``) and its two own figures. The regime sweep (``experiments/sweeps/recipe_regime.yaml``)
+trains the images tokenizer over inverse temperature x entropy-weight schedule x ``diversity_gamma``;
+:func:`regime_curves` keeps the monitor's diagnostics per run and step, :func:`regime_figure` draws
+validation usage and PSNR against the inverse temperature and :func:`collapse_figure` usage and
+saturation over training; :func:`comparisons` picks the runs of claims 1-3 on this task. The figures
+are entries of :mod:`analysis.figures`; :mod:`analysis.studies` writes the folder.
 """
 
 from __future__ import annotations
 
 import functools
-import shlex
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,25 +20,26 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.claims import SUMMARY_ENV
-from analysis.jsonl_reader import write_atomic
-from analysis.merge import command_text, merge_summaries, refuse_dropping, reruns
-from analysis.style import (
-    LINESTYLES,
-    MARKERS,
-    NoData,
-    colors,
-    dodge,
-    new_figure,
-    require,
-    save_figure,
-    skippable,
+from analysis.column_names import (
+    BATCH,
+    COMMITMENT,
+    DOWNSAMPLE,
+    GAMMA,
+    KIND,
+    MODE,
+    PRESET,
+    RESOLUTION,
+    SCHEDULE,
+    SCHEDULE_START,
+    SCHEDULE_STEPS,
+    SIZE,
+    STEPS,
+    TAU,
+    WEIGHT,
 )
-from common.cli import OneLineParser, fail, guarded
+from analysis.style import LINESTYLES, MARKERS, NoData, colors, dodge, new_figure, require, skippable
+from common.cli import fail
 
-SIZE = "quantizer.codebook_size"
-TAU = "quantizer.inv_temperature"
-SCHEDULE = "anneal.entropy"
-GAMMA = "quantizer.diversity_gamma"
 SERIES = (SCHEDULE, GAMMA)
 CURVE_METRICS = ("usage_fraction", "saturated_fraction", "per_sample_entropy", "batch_entropy", "mean_abs_z",
                  "dead_bits")
@@ -80,10 +69,10 @@ def regime_curves(metrics: pd.DataFrame, runs: pd.DataFrame, *, layer: str | Non
     require(len(rows), "no diagnostic rows (saturated_fraction is NaN everywhere)")
     keys = [c for c in ("run_id", "sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS) if c in runs.columns]
     columns = ["run_id", "step", *[m for m in CURVE_METRICS if m in rows.columns]]
-    return _sorted_curves(rows[columns].merge(runs[keys], on="run_id", how="inner"))
+    return sorted_curves(rows[columns].merge(runs[keys], on="run_id", how="inner"))
 
 
-def _sorted_curves(curves: pd.DataFrame) -> pd.DataFrame:
+def sorted_curves(curves: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in ("sweep", SIZE, TAU, SCHEDULE, GAMMA, "seed", *FIXED_KEYS) if c in curves.columns]
     return curves.sort_values([*keys, "run_id", "step"], kind="stable").reset_index(drop=True)
 
@@ -100,9 +89,8 @@ def _series_label(values: tuple[object, ...], frame: pd.DataFrame) -> str:
                      for c, v in zip(present, values, strict=True))
 
 
-FIXED_KEYS = ("quantizer.kind", "quantizer.entropy_mode", "quantizer.entropy_loss_weight",
-              "quantizer.commitment_loss_weight", "model.preset", "data.resolution", "model.downsample",
-              "data.batch_size", "schedule.steps", "anneal.entropy_start", "anneal.entropy_steps")
+FIXED_KEYS = (KIND, MODE, WEIGHT, COMMITMENT, PRESET, RESOLUTION, DOWNSAMPLE, BATCH, STEPS, SCHEDULE_START,
+              SCHEDULE_STEPS)
 
 
 def held_fixed(frame: pd.DataFrame, keys: Sequence[str] = (SIZE, TAU, SCHEDULE, GAMMA, *FIXED_KEYS),
@@ -281,7 +269,7 @@ def comparisons(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     and ``gamma_frac`` (claims 2 and 3, :mod:`analysis.image_claims`) where finished runs vary
     the claim's setting."""
     from analysis.image_claims import IMAGES_CLAIMS, claim_summary
-    from analysis.quantizer_comparison import KIND, quantizers_summary
+    from analysis.quantizer_comparison import quantizers_summary
 
     found = {}
     if KIND in runs and runs[KIND].nunique() > 1:
@@ -309,11 +297,11 @@ def comparison_figure(name: str, summary: pd.DataFrame, *, strict: bool = False)
     """The figure of one comparison, with what its runs held fixed under the title."""
     from analysis.image_claims import FIXED as CLAIM_FIXED
     from analysis.image_claims import claim_figure
-    from analysis.quantizer_comparison import KIND, quantizers_figure
+    from analysis.quantizer_comparison import quantizers_figure
 
     require(name in COMPARISONS, f"no comparison {name!r}; there are {', '.join(COMPARISONS)}")
     if name == "quantizers":
-        keys: Sequence[str] = [k for k in FIXED_KEYS if k not in (KIND, "quantizer.entropy_mode")]
+        keys: Sequence[str] = [k for k in FIXED_KEYS if k not in (KIND, MODE)]
     else:
         keys = CLAIM_FIXED
     fixed = held_fixed(summary, keys)[len("held fixed: "):].replace("\n", " ")
@@ -349,105 +337,6 @@ def committed_runs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, curves
 
 
-def write_regime(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime",
-                 mode: str = "refuse", log: Callable[[str], None] | None = None) -> list[str]:
-    """From the run folders under ``runs_roots``, into ``out``, each file written atomically:
-
-    - the regime sweep's (``regime_sweep``; all the runs when none is in that sweep):
-      ``summary.csv`` (one row per run), ``table.csv`` (over seeds), ``curves.csv`` (diagnostic
-      steps), ``regime.png/.svg`` and ``collapse.png/.svg``;
-    - for each comparison the runs of all the roots hold (:func:`comparisons`: claim 1 when
-      there is more than one quantizer kind, claims 2 and 3 where their setting varies):
-      ``<name>_summary.csv``, ``<name>_table.csv`` and ``<name>.png/.svg``;
-    - ``command.txt``. Returns the names written.
-
-    ``mode`` says what to do with the runs already committed to ``out`` (whose run folders may
-    be gone), as in :func:`analysis.ablations.write_ablations`: ``"refuse"`` (default) raises
-    :class:`~analysis.merge.WouldLoseRuns` before writing anything if ``out`` holds runs that are
-    not under ``runs_roots``; ``"merge"`` keeps them (their rows and curves) and updates the
-    others by run id, a finished committed row never replaced by an unfinished one; ``"replace"``
-    rewrites ``out`` from ``runs_roots`` alone."""
-    from analysis.ablations import submit_commands
-    from analysis.load import load_metrics, load_runs  # the CSV-only path (notebook) needs no run loading
-
-    if mode not in ("refuse", "merge", "replace"):
-        raise ValueError(f"mode must be 'refuse', 'merge' or 'replace', not {mode!r}")
-    log = log or (lambda message: print(message, file=sys.stderr))
-    parts = [load_runs(root) for root in runs_roots]
-    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
-    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
-    runs = runs.astype({"run_id": str})
-    old_runs, old_curves = committed_runs(out) if mode != "replace" else (pd.DataFrame(), pd.DataFrame())
-    fresh_ids = set(runs["run_id"])
-    if len(old_runs) and mode == "refuse":
-        refuse_dropping(old_runs["run_id"], runs["run_id"], f"{out} holds", "RUNS", str(out))
-    if len(old_runs) and mode == "merge":
-        for note in reruns(old_runs, runs, ("final_val_usage_fraction", "final_val_psnr")):
-            log(note)
-        unfinished = set(runs.loc[runs["status"] != "done", "run_id"])
-        runs, notes = merge_summaries(old_runs, runs)
-        for note in notes:
-            log(note)
-        fresh_ids -= unfinished & set(old_runs.loc[old_runs["status"] == "done", "run_id"])  # old rows kept
-        log(f"merged with {out}: {len(set(old_runs['run_id']) - fresh_ids)} committed run(s) kept, "
-            f"{len(fresh_ids)} from RUNS")
-    regime_runs = runs[runs["sweep"] == regime_sweep] if (runs["sweep"] == regime_sweep).any() else runs
-    require(TAU in regime_runs, f"the runs have no {TAU} column: not a regime sweep")
-    summary = regime_summary(regime_runs)
-    done = regime_runs[(regime_runs["status"] == "done") & regime_runs["run_id"].isin(fresh_ids)]
-    curves = regime_curves(load_metrics(done, kinds=["quantizer"]), done) if len(done) else pd.DataFrame()
-    if len(old_curves) and mode == "merge":
-        kept = old_curves[~old_curves["run_id"].astype(str).isin(fresh_ids)]
-        curves = _sorted_curves(pd.concat([kept, curves], ignore_index=True) if len(curves) else kept)
-    written = []
-    tables = [("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)]
-    figures = [("regime", regime_figure(summary, strict=True)), ("collapse", collapse_figure(curves, strict=True))]
-    for name, compared in comparisons(runs).items():
-        tables += [(f"{name}_summary.csv", compared), (f"{name}_table.csv", comparison_table(name, compared))]
-        figures.append((name, comparison_figure(name, compared, strict=True)))
-    for name, frame in tables:
-        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
-        written.append(name)
-    for stem, fig in figures:
-        written += save_figure(fig, out, stem)
-    made = [line for root in runs_roots for line in submit_commands(root)]
-    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
-    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
-    return [*written, "command.txt"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = OneLineParser(prog="python -m analysis.regime", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_roots", type=Path, nargs="+", metavar="RUNS",
-                        help="the regime sweep's folder (e.g. RESULTS/recipe_regime), then any sweep folders to "
-                             "compare with: quantizers (RESULTS/quantizers_images RESULTS/vq_fair_images "
-                             "RESULTS/vq_dead_scaled_images), claims 2-3 "
-                             "(RESULTS/entropy_weight_images RESULTS/gamma_frac_images)")
-    parser.add_argument("--out", type=Path, default=Path("results/recipe"), help="default: results/recipe")
-    parser.add_argument("--regime-sweep", default="recipe_regime", help="the regime sweep's name (default: recipe_regime)")
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--merge", action="store_const", const="merge", dest="mode",
-                          help="keep the runs committed to --out that are not under RUNS (their run folders may be "
-                               "gone) and update the others by run id: fold new seeds or re-runs into the results")
-    existing.add_argument("--replace", action="store_const", const="replace", dest="mode",
-                          help="rewrite --out from RUNS alone, dropping committed runs not found there")
-    parser.set_defaults(mode="refuse")
-    args = parser.parse_args(argv)
-    for root in args.runs_roots:
-        if not root.is_dir():
-            what = "is a file" if root.exists() else "does not exist"
-            return fail(f"RUNS {root} {what}: give sweep folders (the regime sweep's first)")
-    if args.out.exists() and not args.out.is_dir():
-        return fail(f"--out {args.out} is a file; give a folder (default results/recipe)")
-    try:
-        written = write_regime(args.runs_roots, args.out, regime_sweep=args.regime_sweep, mode=args.mode,
-                               command=shlex.join(["python", "-m", "analysis.regime", *argv]))
-    except (NoData, ValueError) as err:
-        return fail(err)
-    print(f"{args.out}: {', '.join(written)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(guarded(main))
+if __name__ == "__main__":  # its command line became analysis.report's; a recorded command.txt says the old one
+    sys.exit(fail("python -m analysis.regime ARGS is now python -m analysis.report ARGS --study recipe "
+                  "(docs/experiments.md)"))

@@ -1,43 +1,40 @@
-"""Every figure the results support, as PNG and SVG, plus ``report.md`` with the summary tables.
+"""The one command line of the analysis: a sweep's report (every figure its runs support, as PNG
+and SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe``),
+written from run folders, merged into committed CSVs (``--merge``) or redrawn from them (``--redraw``).
 
-    python -m analysis.report results/gamma_frac              # -> results/gamma_frac/report/
-    python -m analysis.report results/gamma_frac --out /tmp/r
+    python -m analysis.report results/gamma_frac                          # -> results/gamma_frac/report/
+    python -m analysis.report results/gamma_frac --out /tmp/r --where quantizer.codebook_size=1024
+    python -m analysis.report RUNS --study ablations --out results/ablations [--merge]
+    python -m analysis.report RUNS/recipe_regime RUNS/quantizers_images ... --study recipe --out results/recipe [--merge]
+    python -m analysis.report --redraw --out results/ablations            # figures from the committed CSVs
 
-Works on a sweep that is still running: it reports what exists so far (grid figures use the
-finished runs; training curves include the running ones). The report folder is built beside
-its target and swapped in, so a reader never sees half a report.
+A sweep's report works on a sweep that is still running and is swapped in whole. The figures are
+the entries of :mod:`analysis.figures`; docs/experiments.md says what the old commands map to.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
+import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure
 
-from analysis.aggregate import FRAC, GAMMA, WhereError, parameters, select
+from analysis.aggregate import WhereError, parameters, select
 from analysis.aggregate import where as pick
-from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
-from analysis.glossary import definitions_section, figure_title, held_fixed_line, held_fixed_table
+from analysis.column_names import STEPS
+from analysis.figures import ABLATIONS, RECIPE, STUDIES, SWEEP, planned, sweep_data
+from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
-from analysis.plots import (
-    layers,
-    rank_frequency,
-    reconstruction_vs_usage,
-    training_curves,
-    usage_heatmap,
-    usage_vs_gamma,
-    with_window_ceiling,
-)
+from analysis.merge import WouldLoseRuns
+from analysis.studies import redraw_ablations, redraw_recipe, study_of, write_ablations, write_recipe
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
 from analysis.tables import readable_table
@@ -54,13 +51,6 @@ GRID_METRICS = ("final_val_usage_fraction", "final_val_usage_ceiling", "final_us
 THROUGHPUT = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
 
 
-def usage_metric(runs: pd.DataFrame) -> str:
-    """The utilization figures show: over every validation token where runs report it (what papers
-    compare), else the training window's."""
-    val = "final_val_usage_fraction"
-    return val if val in runs and runs[val].notna().any() else "final_usage_fraction"
-
-
 def throughput_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per run: the median over its logged intervals of the throughput columns of train rows."""
     if "kind" not in metrics or "step_time_s" not in metrics:
@@ -68,15 +58,6 @@ def throughput_table(metrics: pd.DataFrame) -> pd.DataFrame:
     train = metrics[metrics["kind"] == "train"]
     cols = [c for c in THROUGHPUT if c in train]
     return train.groupby("run_id")[cols].median().reset_index() if len(train) else pd.DataFrame()
-
-
-@dataclass(frozen=True)
-class Plot:
-    name: str  # file stem
-    title: str
-    caption: str  # what a reader sees
-    draw: Callable[[], Figure | None]
-    shows: pd.DataFrame  # the runs it draws: its caption says what was held fixed in them
 
 
 def _fmt(value: object) -> str:
@@ -153,90 +134,9 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
         columns.append("last_write_age_s")
     columns.append("reason")
     table = runs[[c for c in columns if c in runs]].copy()
-    if "schedule.steps" in runs and "step" in table:
-        table["step"] = [f"{_fmt(s)}/{_fmt(t)}" for s, t in zip(runs["step"], runs["schedule.steps"], strict=True)]
+    if STEPS in runs and "step" in table:
+        table["step"] = [f"{_fmt(s)}/{_fmt(t)}" for s, t in zip(runs["step"], runs[STEPS], strict=True)]
     return table.sort_values([c for c in ("sweep", *parameters(runs), "seed") if c in table])
-
-
-def plan(runs: pd.DataFrame, metrics: pd.DataFrame, hist: pd.DataFrame) -> list[Plot]:
-    """The figures of a report, in reading order."""
-    usage = usage_metric(runs)
-    over = ("over every validation token (the histogram of all validation tokens' codes)"
-            if usage == "final_val_usage_fraction" else "in the last training usage window")
-    others = (("final_usage_fraction", "final_val_perplexity") if usage == "final_val_usage_fraction"
-              else ("final_perplexity",))
-    runs = with_window_ceiling(runs, metrics)  # the training window's ceiling, from the logged token counts
-    finished = select(runs)
-    # What splits the grid beyond gamma (x) and frac (lines): a third swept parameter, drawn one panel each.
-    third = [p for p in parameters(finished) if p not in (GAMMA, FRAC)]
-    panel = third[0] if len(third) == 1 else None
-    lines = ("One line per frac_per_sample_entropy: the mean over seeds, with min-max whiskers over seeds"
-             + (f"; one panel per {panel}" if panel else "") + ". Each line has its own colour, line style and "
-             "marker, is drawn thinner than the one before and a few % of the axis to the side, so that lines with "
-             "equal values stay visible as two. A point with one seed is marked n=1. ")
-    plots = [
-        Plot("usage", figure_title([usage], GAMMA, FRAC, panel),
-             f"The final usage fraction (share of the codebook used {over}) of every grid point. " + lines
-             + ("The dashed line is the ceiling 1 - exp(-N/K): the share of the K codes that the N validation "
-                "tokens counted reach when assigned uniformly at random; usage near it is capped by the validation "
-                "set's size, not by the tokenizer." if usage == "final_val_usage_fraction" else ""),
-             lambda: usage_vs_gamma(runs, metrics=(usage,), strict=True), finished),
-        Plot("usage_heatmap", figure_title([usage], GAMMA, FRAC, panel),
-             f"Each cell is one grid point: the mean over seeds of the final usage fraction (share of the "
-             f"codebook used {over}), annotated mean ± sample std and the number of seeds (n)"
-             + ("; where the ceiling 1 - exp(-N/K) is under 0.98, the cell says it" if usage == "final_val_usage_fraction"
-                else "") + (f"; one heatmap per {panel}, on one colour scale" if panel else "")
-             + ". Brighter cells use more of the codebook.",
-             lambda: usage_heatmap(runs, metric=usage, strict=True), finished),
-        Plot("usage_vs_gamma", figure_title(others, GAMMA, FRAC, panel),
-             ("The training window's usage (the last `monitor.usage_window` steps) as a second view, and "
-              if usage == "final_val_usage_fraction" else "")
-             + "the perplexity of the codes. " + lines
-             + ("The dashed line in the training usage panels is the ceiling 1 - exp(-N/K) of the window's N tokens. "
-                if usage == "final_val_usage_fraction" else "")
-             + "The dashed line in the perplexity panels is the codebook size (every code used equally often).",
-             lambda: usage_vs_gamma(runs, metrics=others, strict=True), finished),
-    ]
-    for layer in layers(metrics) or [None]:
-        stem = "training_curves" if len(layers(metrics)) <= 1 else f"training_curves_{re.sub(r'[^A-Za-z0-9_.-]+', '_', layer or '')}"
-        plots.append(Plot(
-            stem, f"Training dynamics{f' of layer `{layer}`' if layer else ''}",
-            "Per-sample entropy (low = confident assignments), batch entropy (high = codes spread over the "
-            "codebook; its ceiling ln K is in the panel title), commitment loss and usage fraction per training "
-            "step; one line per grid point (mean over seeds, min-max band), each with its own line style and "
-            "markers. A panel whose values sit near 0 most of the time is drawn on a log axis, or symlog "
-            "(linear below the threshold its title gives) when it reaches 0 or spans more than 4 decades. The "
-            "usage panel's dashed line is the ceiling 1 - exp(-N/K) of the usage window's N tokens. Started runs (not finished) are included "
-            "up to their last step.",
-            lambda layer=layer: training_curves(metrics, runs, layer=layer, strict=True), runs))
-    plots += [
-        Plot("rank_frequency", "Code rank-frequency",
-             "Per run and codebook, a thin line in its grid point's colour and its seed's line style and marker (the "
-             "lower legend): its codes sorted from most to least used in the last "
-             "histogram snapshot, with their share of the assignments, log-log; where a thin line ends, that "
-             "run's remaining codes were unused. The bold line of each grid point is the median over its runs at "
-             "each rank (a run counts 0 past its last code); the legend gives each run's number of codes used. "
-             "A flat line at 1/K (dashed) is a uniformly used codebook; a steep drop means a few codes take most "
-             "tokens.",
-             lambda: rank_frequency(hist, runs, strict=True), runs),
-        Plot("reconstruction_vs_usage", "Reconstruction against utilization",
-             f"One point per finished run: final validation MSE and PSNR against final usage fraction {over}. "
-             "Colour and marker are the grid point. Points that would lie on one another are spread sideways, "
-             "about 2 % of the axis (a marker's width) apart, so every run shows (their x is exact at the centre of "
-             "the group).",
-             lambda: reconstruction_vs_usage(runs, x=usage, strict=True), finished),
-    ]
-    if "bit_frequency_0" in metrics and "run_id" in metrics and metrics["run_id"].nunique() == 1:
-        plots += [
-            Plot("bit_usage", "Per-bit usage over training",
-                 "Share of tokens with each bit set, per logged step (0.5 = balanced; 0 or 1 = a dead bit).",
-                 lambda: bit_usage_heatmap(metrics, strict=True), runs),
-            Plot("saturation_and_usage", "Saturation and usage over training",
-                 "Share of token-bits whose entropy gradient is below 1e-4 of its maximum (there the entropy "
-                 "loss does nothing), with the usage fraction on the same steps.",
-                 lambda: saturation_and_usage(metrics, strict=True), runs),
-        ]
-    return plots
 
 
 def _problems_table(problems: Sequence[LoadProblem], root: Path) -> pd.DataFrame:
@@ -260,18 +160,19 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
     hist = load_histograms(drawn, cache=cache, warn=False)
     problems = [*runs.attrs.get("problems", ()), *metrics.attrs.get("problems", ()), *hist.attrs.get("problems", ())]
     written, skipped, sections = [], [], []
-    for item in plan(drawn, metrics, hist):
+    for item in planned(SWEEP, sweep_data(drawn, metrics, hist)):
         try:
             fig = item.draw() if len(drawn) else None
             if fig is None:
                 raise NoData("no runs")
         except NoData as err:
-            skipped.append((item.name, str(err)))
+            skipped.append((item.stem, str(err)))
             continue
-        save_figure(fig, folder, item.name)
-        written.append(item.name)
-        sections.append(f"### {item.title}\n\n{item.caption}\n\n{held_fixed_line(item.shows)}\n\n"
-                        f"![{item.title}]({item.name}.png)\n\n[SVG]({item.name}.svg)\n")
+        save_figure(fig, folder, item.stem)
+        written.append(item.stem)
+        shows = item.shows if item.shows is not None else drawn
+        sections.append(f"### {item.title}\n\n{item.caption}\n\n{held_fixed_line(shows)}\n\n"
+                        f"![{item.title}]({item.stem}.png)\n\n[SVG]({item.stem}.svg)\n")
     printed: list[str] = []  # every column a table prints, for the definitions section
 
     def table(frame: pd.DataFrame) -> str:
@@ -395,23 +296,115 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"cannot write the report under {folder} ({err.strerror}); choose another --out") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a sweep folder (or any folder of run folders)")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS/report)")
+    parser.add_argument("runs", type=Path, nargs="*", metavar="RUNS",
+                        help="a sweep folder (or any folder of run folders); --study ablations: the folder of the "
+                             "ablation sweep folders (or one of them); --study recipe: the regime sweep's folder, "
+                             "then any sweep folders to compare with (quantizers_images, vq_fair_images, "
+                             "entropy_weight_images, gamma_frac_images, ...)")
+    parser.add_argument("--study", choices=STUDIES, default=None,
+                        help="which report: a sweep's (default), the ablation claims or the recipe study; with "
+                             "--redraw read from what --out holds")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: RUNS/report for a sweep, results/ablations, results/recipe")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="only the runs whose column KEY equals VALUE, e.g. quantizer.codebook_size=1024 "
                              "or name=demo (repeatable: all must hold)")
-    parser.add_argument("--no-cache", action="store_true", help="parse every metrics file again")
+    parser.add_argument("--redraw", action="store_true",
+                        help="draw a study's figures again from the CSVs committed under --out (no run folders; "
+                             "the CSVs are left as they are)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--merge", action="store_const", const="merge", dest="mode",
+                          help="keep the runs committed to a study's --out that are not under RUNS (their run "
+                               "folders may be gone) and update the others by run id")
+    existing.add_argument("--replace", action="store_const", const="replace", dest="mode",
+                          help="rewrite a study's --out from RUNS alone, dropping committed runs not found there")
+    parser.add_argument("--regime-sweep", default=None, metavar="NAME",
+                        help="--study recipe: the regime sweep's name (default: recipe_regime)")
+    parser.add_argument("--no-cache", action="store_true", help="a sweep's report: parse every metrics file again")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.redraw:
+        return _redraw(parser, args)
+    study = args.study or SWEEP
+    if not args.runs:
+        parser.error("give RUNS (a sweep folder), or --redraw --out DIR")
+    if study == SWEEP:
+        for flag, given in (("--merge/--replace", args.mode), ("--regime-sweep", args.regime_sweep)):
+            if given:
+                parser.error(f"{flag} is for --study ablations or recipe (committed CSVs); a sweep's report is "
+                             "always written whole from its runs")
+        if len(args.runs) > 1:
+            parser.error(f"a sweep's report reads one folder, not {len(args.runs)}; pass --study recipe to compare sweeps")
+        return _sweep(args)
+    if args.no_cache:
+        parser.error("--no-cache is for a sweep's report")
+    if study == ABLATIONS and (len(args.runs) > 1 or args.regime_sweep):
+        parser.error("--study ablations reads one folder of ablation sweep folders (no --regime-sweep)")
+    for root in args.runs:
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            return fail(f"RUNS {root} {what}: give a folder of sweep folders (or sweep folders)")
+    out = args.out or Path("results") / study
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out} is a file; give the folder of the {study} study (default results/{study})")
+    command = shlex.join(["python", "-m", "analysis.report", *argv])
+    mode = args.mode or "refuse"
     try:
-        out = write_report(args.results, args.out, cache=not args.no_cache, where=args.where,
+        if study == ABLATIONS:
+            written = write_ablations(args.runs[0], out, command=command, mode=mode, where=args.where)
+            for sweep, files in written.items():
+                print(f"{out / sweep}: {', '.join(files)}")
+        else:
+            files = write_recipe(args.runs, out, command=command, regime_sweep=args.regime_sweep or "recipe_regime",
+                                 mode=mode, where=args.where)
+            print(f"{out}: {', '.join(files)}")
+    except (FileNotFoundError, NoData, WouldLoseRuns, ValueError) as err:  # ValueError: WhereError, pandas
+        return fail(err)
+    except OSError as err:  # e.g. --out not writable
+        return fail(f"cannot write under {out}: {err.strerror or err}; choose another --out")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    try:
+        out = write_report(args.runs[0], args.out, cache=not args.no_cache, where=args.where,
                            log=lambda line: print(line, file=sys.stderr))
     except (FileNotFoundError, FileExistsError, PermissionError, WhereError) as err:
         return fail(err)
     figures = sorted(p.stem for p in out.glob("*.png"))
     print(f"wrote {out / 'report.md'} and {len(figures)} figure(s) as PNG and SVG: {', '.join(figures) or 'none'}")
     return 0
+
+
+def _redraw(parser: OneLineParser, args: argparse.Namespace) -> int:
+    if args.runs or args.where or args.mode or args.no_cache or args.regime_sweep:
+        parser.error("--redraw draws the CSVs under --out whole: give --out DIR alone (and --study)")
+    if args.out is None:
+        parser.error("--redraw needs --out: the folder of a committed study (results/ablations, results/recipe)")
+    if args.study == SWEEP:
+        parser.error("--redraw is for a study's committed CSVs; a sweep's report is drawn from its runs")
+    if not args.out.is_dir():
+        return fail(f"--out {args.out} is not a folder of a study's committed CSVs to redraw from")
+    study = args.study or study_of(args.out)
+    try:
+        if study == RECIPE:
+            print(f"{args.out}: {', '.join(redraw_recipe(args.out))}")
+            return 0
+        drawn = redraw_ablations(args.out)
+    except (FileNotFoundError, ValueError) as err:  # NoData, and pandas' errors for a CSV it cannot read
+        return fail(err)
+    except OSError as err:
+        return fail(f"cannot write under {args.out}: {err.strerror or err}")
+    for folder, files in drawn.items():
+        print(f"{folder}: {', '.join(files)}")
+    return 0 if drawn else fail(f"no figure could be drawn from the CSVs under {args.out}")
 
 
 if __name__ == "__main__":

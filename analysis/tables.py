@@ -1,6 +1,6 @@
 """Seed statistics as tables: the tidy grid table (``grid.csv``), its readable ``mean ± std`` form
 (the report's grid points, a claim's table) and the clamp probe's table. One implementation each,
-shared by :mod:`analysis.report`, :mod:`analysis.ablations` and the notebooks.
+shared by :mod:`analysis.report`, :mod:`analysis.studies` and the notebooks.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ of tokens on codes holding at most ``1e-5 N`` of them.
 
     python -m experiments.clamp_probe                     # full grid, seeds 0 1 2 (~8 min on one thread)
     python -m experiments.clamp_probe --quick --out /tmp/probe
-    python -m analysis.ablations --probe /tmp/probe          # its figure, claim4_probe.png/.svg
+    python -m analysis.report --redraw --out /tmp/probe      # its figure, claim4_probe.png/.svg
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write(args.out / "command.txt", lambda f: f.write(note))
     print(table.drop(columns=["eps", "codebook_size"]).to_string(index=False))
     # the figure is analysis's (experiments imports lfq only; analysis reads the CSV)
-    print(f"wrote {args.out}/probe.csv, command.txt; draw it with: python -m analysis.ablations --probe {args.out}")
+    print(f"wrote {args.out}/probe.csv, command.txt; draw it with: python -m analysis.report --redraw --out {args.out}")
     return 0
 
 

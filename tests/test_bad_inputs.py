@@ -25,7 +25,7 @@ TRAIN = ("-m", "experiments.train")
 SUBMIT = ("-m", "slurm.submit")
 STATUS = ("-m", "slurm.status")
 REPORT = ("-m", "analysis.report")
-ABLATIONS = ("-m", "analysis.ablations")
+ABLATIONS = ("-m", "analysis.report", "--study", "ablations")
 BENCH = (str(REPO / "benchmarks" / "load_runs.py"),)
 SYN = "configs/synthetic.yaml"
 DEMO = "sweeps/demo.yaml"
@@ -91,7 +91,7 @@ CASES = [
     ("report-where-no-column", REPORT, ["results/demo", "--where", "quantizer.codebook_sise=16"], "did you mean"),
     ("report-where-no-match", REPORT, ["results/demo", "--where", "name=nomatch"], "matches none"),
     ("report-where-no-equals", REPORT, ["results/demo", "--where", "seed"], "KEY=VALUE"),
-    # analysis.ablations
+    # analysis.report --study ablations
     ("ablations-missing-root", ABLATIONS, ["nope", "--out", "abl"], "does not exist"),
     ("ablations-root-is-file", ABLATIONS, ["afile", "--out", "abl"], "is a file"),
     ("ablations-out-is-file", ABLATIONS, ["results", "--out", "afile"], "is a file"),

@@ -25,6 +25,7 @@ def write_run(
     layers: tuple[str, ...] = ("quantizer",),
     histograms: bool = True,
     codebook_size: int = 16,
+    kind: str = "lfq",
 ) -> Path:
     """A run folder with ``steps`` logged steps. ``status=None``: still running (no summary)."""
     run_dir = root / run_id
@@ -36,7 +37,7 @@ def write_run(
         "scale": "smoke",
         "model": {"hidden": [32, 32]},
         "quantizer": {
-            "kind": "lfq",
+            "kind": kind,
             "codebook_size": codebook_size,
             "num_codebooks": 1,
             "diversity_gamma": gamma,

@@ -1,4 +1,4 @@
-"""analysis.ablations on fake run folders of the four issue-8 sweeps: CSVs, claim plots, the notebook.
+"""python -m analysis.report --study ablations on fake run folders of the four issue-8 sweeps: CSVs, claim plots, the notebook.
 
 Final metrics are simple functions of the grid point and seed (``_usage``, ``_psnr``), so every
 mean over seeds below is computed by hand from them.
@@ -20,11 +20,19 @@ from analysis_fixtures import write_run
 from nbclient import NotebookClient
 
 import analysis
-from analysis import ablations as ab
 from analysis import claims as cl
-from analysis.claim_figures import claim_figures
+from analysis import column_names as cn
+from analysis import studies
+from analysis.figures import ABLATIONS, planned
 from analysis.merge import merge_summaries
+from analysis.report import main
 from experiments import clamp_probe
+
+
+def ablations(argv: list[str]) -> int:
+    """``python -m analysis.report ARGV --study ablations``."""
+    return main([*argv, "--study", "ablations"])
+
 
 # pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
 # standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
@@ -112,7 +120,7 @@ def sweeps(tmp_path: Path) -> Path:
 @pytest.fixture
 def written(sweeps: Path, tmp_path: Path) -> Path:
     out = tmp_path / "results" / "ablations"
-    assert ab.main([str(sweeps), "--out", str(out)]) == 0
+    assert ablations([str(sweeps), "--out", str(out)]) == 0
     return out
 
 
@@ -130,13 +138,13 @@ def test_cli_writes_every_sweep(written: Path) -> None:
             assert "recorded no command" in command and "experiments/sweeps/ablation_vocab_lfq18.yaml" in command
         else:  # once per sweep, however many runs it submitted
             assert command.count(f"\npython -m slurm.submit experiments/sweeps/{sweep}.yaml --wait\n") == 1
-        assert "python -m analysis.ablations" in command and str(written) in command
+        assert "python -m analysis.report" in command and "--study ablations" in command and str(written) in command
 
 
 def test_summary_has_one_row_per_run_with_parameters_and_metrics(written: Path) -> None:
     summary = pd.read_csv(written / "ablation_vocab" / "summary.csv")
     assert len(summary) == 3 * len(SIZES) * 2 and set(summary["status"]) == {"done"}
-    for column in ("run_id", "seed", cl.KIND, cl.SIZE, cl.MODE, "final_usage_fraction", "final_val_psnr",
+    for column in ("run_id", "seed", cn.KIND, cn.SIZE, cn.MODE, "final_usage_fraction", "final_val_psnr",
                    "final_batch_entropy", "wall_time_s"):
         assert column in summary, column
     weights = pd.read_csv(written / "ablation_entropy_weight" / "summary.csv")
@@ -146,14 +154,14 @@ def test_summary_has_one_row_per_run_with_parameters_and_metrics(written: Path) 
 
 def test_grid_means_and_n_by_hand(written: Path) -> None:
     grid = pd.read_csv(written / "ablation_vocab" / "grid.csv")
-    row = grid[(grid[cl.KIND] == "vq") & (grid[cl.SIZE] == 256) & (grid["metric"] == "final_val_psnr")]
+    row = grid[(grid[cn.KIND] == "vq") & (grid[cn.SIZE] == 256) & (grid["metric"] == "final_val_psnr")]
     assert len(row) == 1 and row["n"].item() == 2 and row["runs"].item() == 2
     assert row["mean"].item() == pytest.approx((20 - 8 + 0 + 20 - 8 + 1) / 2)
     assert row["std"].item() == pytest.approx(np.std([12, 13], ddof=1))
     assert (row["min"].item(), row["max"].item()) == (12, 13)
     # The partial sweep: 0.1 has 3 runs of which 2 finished; 0.3 has one running run and n = 0.
     grid = pd.read_csv(written / "ablation_entropy_weight" / "grid.csv")
-    usage = grid[grid["metric"] == "final_usage_fraction"].set_index(cl.WEIGHT)
+    usage = grid[grid["metric"] == "final_usage_fraction"].set_index(cn.WEIGHT)
     assert usage.loc[0.1, ["runs", "done", "n"]].tolist() == [3, 2, 2]
     assert usage.loc[0.3, ["runs", "done", "n"]].tolist() == [1, 0, 0] and np.isnan(usage.loc[0.3, "mean"])
     q = {"codebook_size": 1024, "entropy_loss_weight": 0.1, "diversity_gamma": 1.0, "frac_per_sample_entropy": 1.0}
@@ -176,7 +184,7 @@ def test_claim_of_a_renamed_sweep_by_what_varies(written: Path) -> None:
     summary = pd.read_csv(written / "ablation_clamp" / "summary.csv")
     assert cl.claim_of("my_clamp_study", summary) is cl.BY_NAME["clamp"]
     assert cl.claim_of("ablation_vocab_lfq18", summary.iloc[:1]) is cl.BY_NAME["vocab"]
-    assert cl.claim_of("other", summary[summary[cl.MODE] == "exact"].iloc[:1]) is None
+    assert cl.claim_of("other", summary[summary[cn.MODE] == "exact"].iloc[:1]) is None
 
 
 def _lines(ax: mpl.axes.Axes) -> dict[str, mpl.lines.Line2D]:
@@ -223,9 +231,9 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(FileNotFoundError, match="summary.csv"):
         analysis.read_summaries(tmp_path)
     (tmp_path / "empty").mkdir()
-    assert ab.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert ablations([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no run folders" in capsys.readouterr().err
-    assert ab.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert ablations([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
 
 
 def _execute(results: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
@@ -254,11 +262,12 @@ def test_notebook_rebuilds_tables_and_plots_from_csvs(written: Path, monkeypatch
 @pytest.mark.slow
 def test_notebook_on_the_committed_results(monkeypatch: pytest.MonkeyPatch) -> None:
     committed = sorted((REPO / "results" / "ablations").glob("*/summary.csv"))
-    assert committed, "results/ablations/*/summary.csv are committed: python -m analysis.ablations RUNS --out results/ablations"
+    assert committed, "results/ablations/*/summary.csv are committed: python -m analysis.report RUNS --study ablations"
     assert (REPO / "results" / "ablations" / "clamp_probe" / "probe.csv").is_file()
     outputs = _execute(REPO / "results" / "ablations", monkeypatch)
     present = cl.claim_summaries(cl.read_summaries(REPO / "results" / "ablations"))
-    drawn = sum(len(claim_figures(name, summary)) for name, summary in present.items()) + 1  # and the probe
+    probe = cl.load_clamp_probe(REPO / "results" / "ablations")
+    drawn = len(planned(ABLATIONS, {**present, "probe": probe}))  # the registry's entries with data, the probe's too
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == drawn >= 6  # every claim there
 
 
@@ -275,7 +284,7 @@ def test_a_sweep_with_no_finished_run_yet(tmp_path: Path, capsys: pytest.Capture
     # A figure from an earlier, fuller run of the CLI would now misrepresent the data.
     (out / "ablation_vocab").mkdir(parents=True)
     (out / "ablation_vocab" / "claim1_vocab.png").write_bytes(b"old")
-    assert ab.main([str(root), "--out", str(out)]) == 0
+    assert ablations([str(root), "--out", str(out)]) == 0
     assert "claim1_vocab: not drawn: no finished run" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "ablation_vocab").iterdir()) == ["command.txt", "grid.csv", "summary.csv"]
     grid = pd.read_csv(out / "ablation_vocab" / "grid.csv")
@@ -297,14 +306,14 @@ def test_rerunning_part_of_a_sweep_refuses_to_drop_committed_runs(tmp_path: Path
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     _clamp_runs(tmp_path / "first", (0, 1, 2))
-    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    assert ablations([str(tmp_path / "first"), "--out", str(out)]) == 0
     before = _csv_bytes(out)
     _clamp_runs(tmp_path / "rerun", (2,))  # the raw runs of seeds 0 and 1 are gone
-    assert ab.main([str(tmp_path / "rerun"), "--out", str(out)]) == 2
+    assert ablations([str(tmp_path / "rerun"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "2 run(s) that are not under the runs root" in err and "--merge" in err and "--replace" in err
     assert _csv_bytes(out) == before  # nothing written, figures included
-    assert ab.main([str(tmp_path / "rerun"), "--out", str(out), "--replace"]) == 0
+    assert ablations([str(tmp_path / "rerun"), "--out", str(out), "--replace"]) == 0
     assert pd.read_csv(out / "ablation_clamp" / "summary.csv")["seed"].tolist() == [2]
 
 
@@ -314,18 +323,18 @@ def test_merge_folds_new_runs_into_committed_summary_by_run_id(tmp_path: Path,
     _clamp_runs(tmp_path / "first", (0,))
     _clamp_runs(tmp_path / "first", (1,), entropy_mode="reference")
     write_ablation_run(tmp_path / "first", "ablation_clamp", 2, status=None, codebook_size=2**14)  # running
-    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    assert ablations([str(tmp_path / "first"), "--out", str(out)]) == 0
     # Later, elsewhere: seed 2 finished, seed 3 is new, seed 0 was restarted (--force) and is running.
     _clamp_runs(tmp_path / "later", (2, 3))
     write_ablation_run(tmp_path / "later", "ablation_clamp", 0, status=None, codebook_size=2**14)
-    assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
+    assert ablations([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
     assert "kept the finished row; its run folder is now started" in capsys.readouterr().err
     merged = pd.read_csv(out / "ablation_clamp" / "summary.csv")
 
     # The same as a summary of every run in its final state, written in one go.
     _clamp_runs(tmp_path / "all", (0, 2, 3))
     _clamp_runs(tmp_path / "all", (1,), entropy_mode="reference")
-    assert ab.main([str(tmp_path / "all"), "--out", str(tmp_path / "direct")]) == 0
+    assert ablations([str(tmp_path / "all"), "--out", str(tmp_path / "direct")]) == 0
     direct = pd.read_csv(tmp_path / "direct" / "ablation_clamp" / "summary.csv")
     # Values, not dtypes: both merged tables held an unfinished row, so the CSVs only saw floats.
     pd.testing.assert_frame_equal(merged, direct, check_dtype=False)
@@ -347,7 +356,7 @@ def test_merge_names_the_reruns_that_did_not_reproduce_and_where_they_ran(tmp_pa
     out = tmp_path / "out"
     for seed in (0, 1, 2):
         _environment(write_ablation_run(tmp_path / "first", "ablation_clamp", seed, codebook_size=2**14))
-    assert ab.main([str(tmp_path / "first"), "--out", str(out)]) == 0
+    assert ablations([str(tmp_path / "first"), "--out", str(out)]) == 0
     committed = pd.read_csv(out / "ablation_clamp" / "summary.csv")
     assert committed["env_cpu_capability"].tolist() == ["AVX512"] * 3 and committed["env_commit"].tolist() == ["abc"] * 3
     capsys.readouterr()
@@ -360,7 +369,7 @@ def test_merge_names_the_reruns_that_did_not_reproduce_and_where_they_ran(tmp_pa
             summary = json.loads((run_dir / "summary.json").read_text())
             summary["final_val_psnr"] += 0.5
             (run_dir / "summary.json").write_text(json.dumps(summary))
-    assert ab.main([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
+    assert ablations([str(tmp_path / "later"), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
     assert "3 finished run(s) are both committed and in the run folders read; 1 match the committed final numbers" in err
     lines = [line for line in err.splitlines() if "did not reproduce" in line]
@@ -375,7 +384,7 @@ def test_merging_one_sweep_of_a_claim_keeps_the_others_in_its_plot(written: Path
     rerun = tmp_path / "rerun"
     write_ablation_run(rerun, "ablation_vocab", 2, kind="vq", codebook_size=16)  # ablation_vocab only
     (written / "ablation_vocab" / "claim1_vocab.png").unlink()
-    assert ab.main([str(rerun), "--out", str(written), "--merge"]) == 0
+    assert ablations([str(rerun), "--out", str(written), "--merge"]) == 0
     assert (written / "ablation_vocab" / "claim1_vocab.png").is_file()
     claims = analysis.claim_summaries(analysis.read_summaries(written))
     psnr = analysis.vocab_figure(claims["vocab"]).axes[1]
@@ -387,7 +396,7 @@ def test_redraw_draws_the_claim_plots_from_the_csvs_alone(written: Path, capsys:
     csvs = {p: p.read_bytes() for p in written.rglob("*.csv")}
     (written / "ablation_vocab" / "claim1_vocab.png").unlink()
     old = (written / "ablation_clamp" / "claim4_clamp.svg").stat().st_mtime_ns
-    assert ab.main(["--redraw", "--out", str(written)]) == 0
+    assert ablations(["--redraw", "--out", str(written)]) == 0
     printed = capsys.readouterr().out
     assert (written / "ablation_vocab" / "claim1_vocab.png").stat().st_size > 10_000
     assert (written / "ablation_clamp" / "claim4_clamp.svg").stat().st_mtime_ns > old
@@ -395,19 +404,19 @@ def test_redraw_draws_the_claim_plots_from_the_csvs_alone(written: Path, capsys:
     assert {p: p.read_bytes() for p in written.rglob("*.csv")} == csvs  # the tables are left as they were
     assert not list(written.rglob(".*.tmp"))  # written atomically: no temp file left
     # bad input: one line, exit 2
-    assert ab.main(["--redraw", "--out", str(written / "nowhere")]) == 2
+    assert ablations(["--redraw", "--out", str(written / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a folder of <sweep>/summary.csv" in err
+    assert err.count("\n") == 1 and "not a folder of a study's committed CSVs" in err
     with pytest.raises(SystemExit) as stop:
-        ab.main([str(written), "--redraw"])
-    assert stop.value.code == 2 and "one of them" in capsys.readouterr().err
+        ablations([str(written), "--redraw"])
+    assert stop.value.code == 2 and "--out DIR alone" in capsys.readouterr().err
 
 
 def test_merge_needs_run_ids(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="without a run_id"):
         merge_summaries(pd.DataFrame({"seed": [0]}), pd.DataFrame({"run_id": ["a"], "seed": [0]}))
-    with pytest.raises(ValueError, match="'refuse', 'merge' or 'replace'"):
-        ab.write_ablations(tmp_path, tmp_path / "out", command="x", mode="append")
+    with pytest.raises(ValueError, match="'refuse', 'merge', 'replace'"):
+        studies.write_ablations(tmp_path, tmp_path / "out", command="x", mode="append")
 
 
 def test_clamp_probe_table_and_loader(tmp_path: Path) -> None:
@@ -441,7 +450,7 @@ def test_a_sweep_folder_that_tests_no_claim_is_summarised_not_a_crash(tmp_path: 
     broken = write_run(tmp_path / "runs" / "mine", "c", seed=2)
     (broken / "config.json").unlink()
     (broken / "DONE").unlink()
-    assert ab.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert ablations([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "mine: tests no claim" in err
     assert f"skipped {broken}: no config.json" in err  # a dropped folder is named, never silent

@@ -11,8 +11,16 @@ import pandas as pd
 import pytest
 from analysis_fixtures import write_regime_sweep, write_run
 
+from analysis import column_names as cn
 from analysis import image_claims as ic
 from analysis import regime
+from analysis.report import main
+
+
+def recipe(argv: list[str]) -> int:
+    """``python -m analysis.report ARGV --study recipe``."""
+    return main([*argv, "--study", "recipe"])
+
 
 # pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
 # standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
@@ -23,14 +31,14 @@ def _runs() -> pd.DataFrame:
     for weight, tau, gamma, frac, seed in itertools.product((0.0, 0.1, 0.3), (10.0, 100.0), (1.0, 2.0), (0.25, 1.0),
                                                              (0, 1, 2)):
         rows.append({"run_id": f"w{weight}t{tau}g{gamma}f{frac}s{seed}", "sweep": "s", "status": "done",
-                     ic.KIND: "lfq", ic.SIZE: 16384, ic.TAU: tau, ic.SCHEDULE: "constant", ic.GAMMA: gamma,
-                     ic.FRAC: frac, ic.WEIGHT: weight, "seed": seed,
+                     cn.KIND: "lfq", cn.SIZE: 16384, cn.TAU: tau, cn.SCHEDULE: "constant", cn.GAMMA: gamma,
+                     cn.FRAC: frac, cn.WEIGHT: weight, "seed": seed,
                      "final_val_usage_fraction": 0.5 + weight + (0.1 if tau == 10 else 0.0),
                      "final_val_psnr": 20.0 - 10 * weight + seed, "final_val_ssim": 0.5,
                      "final_val_perplexity": 100.0, "final_val_tokens": 81408})
-    rows.append({**rows[0], "run_id": "annealed", ic.SCHEDULE: "linear"})  # a regime run outside both claims
-    rows.append({**rows[0], "run_id": "small", ic.SIZE: 1024})
-    rows.append({**rows[0], "run_id": "tau1", ic.TAU: 1.0})
+    rows.append({**rows[0], "run_id": "annealed", cn.SCHEDULE: "linear"})  # a regime run outside both claims
+    rows.append({**rows[0], "run_id": "small", cn.SIZE: 1024})
+    rows.append({**rows[0], "run_id": "tau1", cn.TAU: 1.0})
     rows.append({**rows[1], "sweep": "other"})  # one run listed by two sweeps
     return pd.DataFrame(rows)
 
@@ -48,17 +56,17 @@ def test_each_claim_picks_its_runs_by_their_settings_once_each() -> None:
 
 
 def test_missing_settings_read_as_the_config_defaults() -> None:
-    runs = _runs().drop(columns=[ic.FRAC, ic.SCHEDULE])  # runs from before those keys were recorded
+    runs = _runs().drop(columns=[cn.FRAC, cn.SCHEDULE])  # runs from before those keys were recorded
     summary = ic.claim_summary(runs, "entropy_weight")
     # the frac 0.25 runs now read as frac 1, the annealed run as constant; the duplicate id counts once
     assert len(summary) == 3 * 2 * 3 * 2 + 1
-    assert (summary[ic.FRAC] == 1.0).all()
+    assert (summary[cn.FRAC] == 1.0).all()
 
 
 def test_table_is_over_seeds_of_finished_runs() -> None:
     runs = _runs()
     runs.loc[runs["run_id"] == "w0.3t10.0g1.0f1.0s2", "status"] = "failed"
-    table = ic.claim_table(ic.claim_summary(runs, "entropy_weight"), "entropy_weight").set_index(["series", ic.WEIGHT])
+    table = ic.claim_table(ic.claim_summary(runs, "entropy_weight"), "entropy_weight").set_index(["series", cn.WEIGHT])
     assert table.loc[("inv. temp. 10 (recipe)", 0.3), "n_seeds"] == 2
     assert table.loc[("inv. temp. 10 (recipe)", 0.3), "final_val_psnr_mean"] == pytest.approx(17.5)
     assert table.loc[("inv. temp. 100 (reference)", 0.0), "final_val_usage_fraction_mean"] == pytest.approx(0.5)
@@ -66,7 +74,7 @@ def test_table_is_over_seeds_of_finished_runs() -> None:
 
 def test_claim_with_no_runs_says_which_settings_it_needs() -> None:
     with pytest.raises(ValueError, match="no runs with the settings of claim 'gamma_frac'.*codebook_size in"):
-        ic.claim_summary(_runs().assign(**{ic.SIZE: 1024}), "gamma_frac")
+        ic.claim_summary(_runs().assign(**{cn.SIZE: 1024}), "gamma_frac")
 
 
 def test_figure_draws_every_series_in_its_own_style_and_every_seed() -> None:
@@ -107,9 +115,9 @@ def test_regime_cli_writes_a_claim_only_where_its_setting_varies(tmp_path: Path)
         _write_lfq_run(sweep, f"w{weight}s{seed}", seed, 0.2 + weight, inv_temperature=10.0,
                        entropy_loss_weight=weight, diversity_gamma=1.0, frac_per_sample_entropy=1.0)
     out = tmp_path / "recipe"
-    assert regime.main([str(write_regime_sweep(tmp_path / "runs")), str(sweep), "--out", str(out)]) == 0
+    assert recipe([str(write_regime_sweep(tmp_path / "runs")), str(sweep), "--out", str(out)]) == 0
     table = pd.read_csv(out / "entropy_weight_table.csv")
-    assert table.set_index(ic.WEIGHT)["final_val_usage_fraction_mean"].to_dict() == pytest.approx({0.0: 0.2, 0.3: 0.5})
+    assert table.set_index(cn.WEIGHT)["final_val_usage_fraction_mean"].to_dict() == pytest.approx({0.0: 0.2, 0.3: 0.5})
     assert (out / "entropy_weight.png").is_file() and (out / "entropy_weight.svg").is_file()
     assert not (out / "gamma_frac_table.csv").exists()  # gamma never varies here
 
@@ -122,11 +130,11 @@ def test_comparisons_read_back_the_same_from_csvs_and_from_run_folders(tmp_path:
         _write_lfq_run(sweep, f"g{gamma}s{seed}", seed, 0.1 * gamma + 0.01 * seed, inv_temperature=100.0,
                        diversity_gamma=gamma, entropy_loss_weight=0.1, frac_per_sample_entropy=0.25)
     out = tmp_path / "recipe"
-    assert regime.main([str(regime_sweep), str(sweep), "--out", str(out)]) == 0
+    assert recipe([str(regime_sweep), str(sweep), "--out", str(out)]) == 0
     from_csv = regime.read_comparisons(out)
     assert list(from_csv) == ["gamma_frac"]
     from_runs = regime.read_comparisons(sweep)
-    columns = ["series", ic.GAMMA, "final_val_usage_fraction_mean", "final_val_usage_fraction_min", "n_seeds"]
+    columns = ["series", cn.GAMMA, "final_val_usage_fraction_mean", "final_val_usage_fraction_min", "n_seeds"]
     table = regime.comparison_table("gamma_frac", from_csv["gamma_frac"])[columns]
     pd.testing.assert_frame_equal(table, regime.comparison_table("gamma_frac", from_runs["gamma_frac"])[columns],
                                   check_dtype=False)

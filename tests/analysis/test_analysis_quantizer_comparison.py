@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis import column_names as cn
 from analysis import quantizer_comparison as q
 
 # pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
@@ -20,14 +21,14 @@ def _runs() -> pd.DataFrame:
              ("fsq", 10.0, "uniform", 0.0), ("vq", 10.0, "uniform", 0.0), ("vq", 10.0, "kmeans", 0.5)]
     for (kind, tau, init, dead), size, seed in itertools.product(kinds, (1024, 16384), (0, 1, 2)):
         rows.append({"run_id": f"{kind}{tau}{init}{dead}{size}{seed}", "sweep": "s", "status": "done",
-                     q.KIND: kind, q.SIZE: size, q.TAU: tau, q.SCHEDULE: "constant", q.GAMMA: 1.0,
-                     q.VQ_INIT: init, q.VQ_DEAD: dead, "seed": seed,
+                     cn.KIND: kind, cn.SIZE: size, cn.TAU: tau, cn.SCHEDULE: "constant", cn.GAMMA: 1.0,
+                     cn.VQ_INIT: init, cn.VQ_DEAD: dead, "seed": seed,
                      "final_val_usage_fraction": 0.9 if kind != "vq" else 0.1, "final_val_psnr": 20.0 + seed,
                      "final_val_ssim": 0.5, "final_val_perplexity": 10.0, "final_val_tokens": 81408})
     # a regime run away from the comparison's settings, and one run listed by two sweeps
-    rows.append({**rows[0], "run_id": "annealed", q.SCHEDULE: "linear"})
-    rows.append({**rows[0], "run_id": "weight0.3", q.WEIGHT: 0.3})  # claim 2's and 3's runs
-    rows.append({**rows[0], "run_id": "frac0.25", q.FRAC: 0.25})
+    rows.append({**rows[0], "run_id": "annealed", cn.SCHEDULE: "linear"})
+    rows.append({**rows[0], "run_id": "weight0.3", cn.WEIGHT: 0.3})  # claim 2's and 3's runs
+    rows.append({**rows[0], "run_id": "frac0.25", cn.FRAC: 0.25})
     rows.append({**rows[1], "sweep": "other"})
     return pd.DataFrame(rows)
 
@@ -43,7 +44,7 @@ def test_summary_has_one_row_per_run_and_leaves_out_other_settings() -> None:
     summary = q.quantizers_summary(_runs())
     assert summary["run_id"].is_unique and not {"annealed", "weight0.3", "frac0.25"} & set(summary["run_id"])
     assert len(summary) == 6 * 2 * 3
-    assert list(dict.fromkeys(summary[q.KIND])) == ["lfq", "bsq", "fsq", "vq"]
+    assert list(dict.fromkeys(summary[cn.KIND])) == ["lfq", "bsq", "fsq", "vq"]
     table = q.quantizers_table(summary)
     assert set(table["n_seeds"]) == {3} and len(table) == 12
     vq = table[table["series"] == "VQ"]

@@ -12,7 +12,14 @@ import pytest
 from analysis_fixtures import write_regime_sweep, write_run
 
 from analysis import regime
-from analysis.regime import GAMMA, SCHEDULE, SIZE, TAU
+from analysis.column_names import GAMMA, SCHEDULE, SIZE, TAU
+from analysis.report import main
+
+
+def recipe(argv: list[str]) -> int:
+    """``python -m analysis.report ARGV --study recipe``."""
+    return main([*argv, "--study", "recipe"])
+
 
 # pytest.approx's / np.allclose's default tolerances (1e-6 / 1e-5 relative) below: float64 means, ratios and
 # standard deviations of a few literal values, ~4e9 float64 eps from any rounding (tests/tolerances.py).
@@ -115,7 +122,7 @@ def test_curves_from_metrics_keep_diagnostic_steps_only_and_refuse_ambiguous_lay
 def test_cli_writes_tables_curves_figures_and_command(tmp_path: Path) -> None:
     sweep = write_regime_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
-    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    assert recipe([str(sweep), "--out", str(out)]) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert sorted(summary["run_id"]) == ["t100s0", "t100s1", "t10s0", "t10s1"]
     table = pd.read_csv(out / "table.csv")
@@ -124,20 +131,20 @@ def test_cli_writes_tables_curves_figures_and_command(tmp_path: Path) -> None:
     assert sorted(set(curves["step"])) == [0, 2, 4] and len(curves) == 4 * 3
     assert {"regime.png", "collapse.png", "regime.svg", "collapse.svg"} <= {p.name for p in out.iterdir()}
     command = (out / "command.txt").read_text().splitlines()
-    assert command[-1].startswith("python -m analysis.regime ") and str(sweep) in command[-1]
+    assert command[-1].startswith("python -m analysis.report ") and str(sweep) in command[-1]
     assert command[0] == "# the runs (recipe_regime/_sweep/jobs.jsonl):" and "recorded no command" in command[1]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
 def test_cli_refuses_a_missing_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert regime.main([str(tmp_path / "nowhere")]) == 2
+    assert recipe([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err
 
 
 def test_read_regime_gives_the_same_tables_from_csvs_and_from_run_folders(tmp_path: Path) -> None:
     sweep = write_regime_sweep(tmp_path / "runs")
-    assert regime.main([str(sweep), "--out", str(tmp_path / "recipe")]) == 0
+    assert recipe([str(sweep), "--out", str(tmp_path / "recipe")]) == 0
     from_csv, curves_csv = regime.read_regime(tmp_path / "recipe")
     from_runs, curves_runs = regime.read_regime(sweep)
     assert sorted(from_csv["run_id"]) == sorted(from_runs["run_id"])
@@ -149,7 +156,7 @@ def test_cli_compares_quantizers_when_given_their_sweeps(tmp_path: Path) -> None
     regime_sweep = write_regime_sweep(tmp_path / "runs")
     other = _fsq_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
-    assert regime.main([str(regime_sweep), str(other), "--out", str(out)]) == 0
+    assert recipe([str(regime_sweep), str(other), "--out", str(out)]) == 0
     assert sorted(pd.read_csv(out / "summary.csv")["run_id"]) == ["t100s0", "t100s1", "t10s0", "t10s1"]
     compared = pd.read_csv(out / "quantizers_table.csv")
     assert set(compared["series"]) == {"LFQ inv. temp. 100 (reference)", "LFQ inv. temp. 10", "FSQ"}
@@ -185,12 +192,12 @@ def test_merge_folds_new_runs_into_committed_results_as_if_all_were_there(tmp_pa
     sweep = write_regime_sweep(tmp_path / "runs")
     other = _fsq_sweep(tmp_path / "runs")
     full = tmp_path / "full"
-    assert regime.main([str(sweep), str(other), "--out", str(full)]) == 0
+    assert recipe([str(sweep), str(other), "--out", str(full)]) == 0
     first = _split(sweep, tmp_path / "first", ["t10s0", "t10s1", "t100s0"])
     later = _split(sweep, tmp_path / "later", ["t100s1", "t10s0"])  # t10s0: a re-run of a committed run
     out = tmp_path / "recipe"
-    assert regime.main([str(first), str(other), "--out", str(out)]) == 0
-    assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
+    assert recipe([str(first), str(other), "--out", str(out)]) == 0
+    assert recipe([str(later), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
     assert "1 finished run(s) are both committed and in the run folders read; 1 match" in err
     assert "4 committed run(s) kept, 2 from RUNS" in err
@@ -201,21 +208,21 @@ def test_merge_folds_new_runs_into_committed_results_as_if_all_were_there(tmp_pa
     assert command.count("# the runs (recipe_regime/_sweep/jobs.jsonl):") == 1  # one block per sweep
     marker = command.index("# these tables and figures:")
     assert [line.split(" --out")[0] for line in command[marker + 1:]] == [
-        f"python -m analysis.regime {first} {other}", f"python -m analysis.regime {later}"]
+        f"python -m analysis.report {first} {other}", f"python -m analysis.report {later}"]
 
 
 def test_writing_over_committed_runs_refuses_unless_told_to_merge_or_replace(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep = write_regime_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
-    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    assert recipe([str(sweep), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     later = _split(sweep, tmp_path / "later", ["t100s1"])
-    assert regime.main([str(later), "--out", str(out)]) == 2
+    assert recipe([str(later), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "holds 3 run(s) that are not under RUNS" in err and "--merge" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refusal wrote something"
-    assert regime.main([str(later), "--out", str(out), "--replace"]) == 0
+    assert recipe([str(later), "--out", str(out), "--replace"]) == 0
     assert pd.read_csv(out / "summary.csv")["run_id"].tolist() == ["t100s1"]
     assert set(pd.read_csv(out / "curves.csv")["run_id"]) == {"t100s1"}
 
@@ -224,7 +231,7 @@ def test_merge_keeps_a_finished_committed_run_over_an_unfinished_rerun_and_names
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep = write_regime_sweep(tmp_path / "runs")
     out = tmp_path / "recipe"
-    assert regime.main([str(sweep), "--out", str(out)]) == 0
+    assert recipe([str(sweep), "--out", str(out)]) == 0
     committed = pd.read_csv(out / "curves.csv")
     later = _split(sweep, tmp_path / "later", ["t100s1", "t10s1"])
     for name in ("DONE", "summary.json"):
@@ -232,7 +239,7 @@ def test_merge_keeps_a_finished_committed_run_over_an_unfinished_rerun_and_names
     summary = json.loads((later / "t10s1" / "summary.json").read_text())
     summary["final_val_usage_fraction"] = 0.8  # a re-run that came out differently
     (later / "t10s1" / "summary.json").write_text(json.dumps(summary))
-    assert regime.main([str(later), "--out", str(out), "--merge"]) == 0
+    assert recipe([str(later), "--out", str(out), "--merge"]) == 0
     err = capsys.readouterr().err
     assert "t100s1: kept the finished row" in err
     assert ("t10s1: re-run did not reproduce the committed numbers (final_val_usage_fraction 0.9 -> 0.8; "

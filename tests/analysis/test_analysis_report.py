@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from analysis_fixtures import make_grid_sweep, write_run
 
+from analysis.figures import SWEEP, entries
 from analysis.report import main, write_report
 
-FIGURES = ("usage", "usage_heatmap", "usage_vs_gamma", "training_curves", "rank_frequency", "reconstruction_vs_usage")
+# The registry's sweep figures that a grid of one layer draws (the bit figures are for one run alone).
+FIGURES = tuple(p.stem.format_map({"layer_stem": ""}) for p in entries(SWEEP) if p.when is None)
 
 
 def _header(markdown: str, heading: str) -> list[str]:

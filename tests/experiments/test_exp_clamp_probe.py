@@ -11,7 +11,7 @@ import pytest
 import torch
 from tolerances import assert_close_rel_max, softmax_tol, sum_tol
 
-from analysis import ablations
+from analysis.report import main as report
 from experiments import clamp_probe
 from lfq import LFQ
 from lfq.entropy import EntropyInputs, exact_entropy, reference_entropy
@@ -94,7 +94,7 @@ def test_cli_writes_the_table_command_and_figure(tmp_path, capsys):
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temp files
     printed = capsys.readouterr().out
     assert printed.count("[clamp_probe]") == len(table)
-    assert f"python -m analysis.ablations --probe {out}" in printed
+    assert f"python -m analysis.report --redraw --out {out}" in printed
     # the figure is drawn by analysis from the CSV alone (experiments never imports analysis)
-    assert ablations.main(["--probe", str(out)]) == 0
+    assert report(["--redraw", "--out", str(out)]) == 0
     assert (out / "claim4_probe.png").stat().st_size > 10_000
