@@ -6,9 +6,10 @@
 - :mod:`experiments.tasks`: the registry of tasks: ``images`` (a MAGVIT-v2-style tokenizer on shipped
   or your images), ``synthetic`` (MLP on a Gaussian mixture) and ``patches`` (conv tokenizer on
   natural-image patches shipped with scikit-image and scikit-learn).
-- :mod:`experiments.train`: ``run(config, run_dir)`` and the CLI; the shared training loop is
-  :mod:`experiments.loop`, what a run has reached :mod:`experiments.train_state`.
-- :mod:`experiments.run_dir`: the run folder (resume, status, its lock), with :mod:`experiments.files`
-  (the atomic writer, JSON and JSON-lines I/O), :mod:`experiments.folder_state` (RUN_STATES) and
-  :mod:`experiments.run_lock` (one process per run folder) beside it.
+- :mod:`experiments.train`: ``run(config, run_dir)``, one run read top to bottom, and the CLI; the
+  machinery it drives (model, batches, schedules, what a run has reached) is :mod:`experiments.loop`.
+- :mod:`experiments.run_dir`: the run folder's rules (its errors, resume checks, names and places),
+  with :mod:`experiments.files` (the atomic writer, JSON and JSON-lines I/O) and
+  :mod:`experiments.run_lock` (one process per run folder) beside it; the file names and state
+  words are :mod:`common.run_state`'s.
 """

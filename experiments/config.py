@@ -59,7 +59,6 @@ from experiments.sections import (
     check_choice,
     coerce_fields,
     default_of,
-    new_field,  # noqa: F401  (re-exported: experiments.config.new_field)
     unknown_key,
 )
 from experiments.tasks import TASKS
@@ -82,7 +81,7 @@ SMOKE_CAPS: dict[tuple[str, str], int] = {
 # data.root what it read (experiments.image_folder.fingerprint, and the validation images used).
 RECORDED_KEYS = ("run_id", "data_files", "data_bytes", "data_sha256", "val_images")
 # Fields added after run ids were first published enter the id only when set away from their
-# default, so every earlier run folder keeps its id (see ``new_field``). Fields marked
+# default, so every earlier run folder keeps its id (see ``experiments.sections.new_field``). Fields marked
 # ``in_run_id=False`` never enter it: they change where and how fast a run computes, not what.
 SECTIONS: dict[str, type] = {
     "data": DataConfig,

@@ -48,7 +48,7 @@ FSQ_PAPER_LEVELS: dict[int, tuple[int, ...]] = {
 @dataclass(frozen=True)
 class QuantizerConfig(Section):
     """The fields of every kind: the training loop reads them whatever the kind (the tasks pass
-    ``inv_temperature`` to every quantizer, ``experiments.schedules`` scales both loss weights
+    ``inv_temperature`` to every quantizer, ``experiments.loop.values_at`` scales both loss weights
     and logs them). A kind's class adds its own fields; :func:`quantizer_config` picks the class.
 
     ``carried``: fields of another kind that this config holds inert, kept in its run id. New

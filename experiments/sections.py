@@ -313,7 +313,7 @@ ANNEAL_SHAPES = {"entropy": ("constant", "linear", "cosine"),
 
 @dataclass(frozen=True)
 class AnnealConfig(Section):
-    """Schedules of the quantizer's loss weights and inverse temperature (``experiments/schedules.py``).
+    """Schedules of the quantizer's loss weights and inverse temperature (``experiments.loop.values_at``).
 
     ``entropy``: a multiplier of ``quantizer.entropy_loss_weight`` going from ``entropy_start``
     at step 0 to 1 at step ``entropy_steps`` (Open-MAGVIT2's ``codebook_enlarge_ratio`` 3 over

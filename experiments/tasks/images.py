@@ -137,7 +137,7 @@ class FolderImages:
     The validation files (``data.val_size`` of the listing's, evenly spread) are decoded once here,
     so the set validation uses, and every count printed about it, is known before training.
     ``notes``: the validation files left out (unreadable, or under ``data.min_size``)
-    and those upscaled; training files are noted as the loaders meet them (``experiments.batches``).
+    and those upscaled; training files are noted as the loaders meet them (``experiments.loop.Batches``).
     """
 
     value_range = VALUE_RANGE
