@@ -85,7 +85,10 @@ class QuantizerConfig(Section):
 
 @dataclass(frozen=True)
 class LFQConfig(QuantizerConfig):
-    """lfq and bsq; the names and defaults are lfq.LFQ's."""
+    """lfq and bsq: lfq.LFQ's fields under its names and defaults, except ``entropy_mode``, which is
+    ``"reference"`` here where ``lfq.LFQ`` defaults to ``"exact"``: the suite measures the reference
+    implementation's behaviour (its dense, clamped entropy), and the default enters every run id, so
+    changing it would rename every published run; a config asks for ``exact`` by name."""
 
     entropy_mode: str = "reference"
     diversity_gamma: float = 1.0

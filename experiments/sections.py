@@ -261,8 +261,9 @@ class LoggingConfig(Section):
 class LossConfig(Section):
     """Reconstruction loss terms; the quantizer's own loss is always added.
 
-    Perceptual (LPIPS) and adversarial terms plug in beside these in ``experiments/losses.py``;
-    they need pretrained weights this suite cannot fetch, so none ships yet.
+    Perceptual (LPIPS) and adversarial terms would be new fields here (``new_field``, so no run id
+    changes) added in ``experiments.loop.reconstruction_loss``; they need pretrained weights this
+    suite cannot fetch, so none ships yet.
     """
 
     _prefix: ClassVar[str] = "loss."

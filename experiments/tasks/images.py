@@ -246,10 +246,6 @@ def tokens_per_image(config: Config) -> int:
     return (config.data.resolution // config.model.downsample) ** 2
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def memory(config: Config) -> tuple[dict[str, int], int]:
     """Bytes a run certainly needs for its data (see experiments.resources), and tokens per batch:
     a float32 batch and its reconstruction. (Not the validation crops: ``data.val_size`` is a
