@@ -43,6 +43,7 @@ from typing import Any
 
 import submitit
 
+from common import run_state
 from experiments.files import append_jsonl
 from experiments.run_dir import read_summary
 from experiments.run_lock import read_lock_holder, try_lock_run
@@ -128,7 +129,7 @@ class RunJob(submitit.helpers.Checkpointable):
         run_id = run_dir.name
 
         def finished() -> dict[str, Any] | None:
-            state, why = finished(run_dir)
+            state, why = run_state.finished(run_dir)
             if state == "done":
                 return read_summary(run_dir) or {"run_id": run_id, "status": "done"}
             if state == "corrupt":  # never trained over: slurm.submit sets such a folder aside first
