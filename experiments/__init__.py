@@ -1,8 +1,9 @@
 """Training runs of the experiment suite: a run is a pure function of its config.
 
 - :mod:`experiments.config`: the typed, validated run config; YAML + ``key=value`` overrides; run ids.
-- :mod:`experiments.quantizers`: the registry of bottleneck kinds (``lfq``, ``bsq``: ``lfq.LFQ``;
-  ``vq``, ``fsq``: the baselines of :mod:`experiments.baselines`), a config class per kind.
+- :mod:`experiments.quantizers`: the registry of bottleneck kinds, one module per kind beside it
+  (``binary``: ``lfq``, ``bsq``, i.e. ``lfq.LFQ``; ``vq``, ``fsq``: the baselines of
+  :mod:`experiments.baselines`), each with its config class.
 - :mod:`experiments.tasks`: the registry of tasks: ``images`` (a MAGVIT-v2-style tokenizer on shipped
   or your images), ``synthetic`` (MLP on a Gaussian mixture) and ``patches`` (conv tokenizer on
   natural-image patches shipped with scikit-image and scikit-learn).
