@@ -1,8 +1,8 @@
 """The sections of a run config: typed fields checked at construction, with one-line errors.
 
-Every section but ``quantizer`` is here; the quantizer's has a class per kind, in
-``experiments.quantizers`` beside its builder. ``experiments.config`` puts the sections together
-(``Config``), hashes the run id and loads YAML and overrides. Both build on this module, so
+Every section but ``quantizer`` is here; the quantizer's has a class per kind, in the kind's
+module (``experiments/quantizers/``) beside its builder. ``experiments.config`` puts the sections
+together (``Config``), hashes the run id and loads YAML and overrides. Both build on this module, so
 neither imports the other back.
 """
 
