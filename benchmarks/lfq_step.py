@@ -239,7 +239,7 @@ def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
             merged = {key(r): r for r in csv.DictReader(f)}
     merged.update({key(r): r for r in rows})
     out = sorted(merged.values(), key=lambda r: (r["device"], r["impl"], int(r["tokens"]), int(r["log2_codebook_size"])))
-    from experiments.run_dir import atomic_write  # here: the child processes never need it
+    from experiments.files import atomic_write  # here: the child processes never need it
 
     def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -290,7 +290,7 @@ def plot(rows: list[dict], path: Path, device: str, name: str, threads: int) -> 
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9)
     fig.tight_layout(rect=(0, 0.14, 1, 0.95))
-    from experiments.run_dir import atomic_write
+    from experiments.files import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), mode="wb")
 

@@ -33,7 +33,8 @@ import pyarrow as pa
 
 import analysis
 from common.cli import OneLineParser, fail, guarded
-from experiments.run_dir import COMPACT_METRICS, RunDirError, atomic_write, check_writable, compact_metrics
+from experiments.files import atomic_write
+from experiments.run_dir import COMPACT_METRICS, RunDirError, check_writable, compact_metrics
 
 # Distinct metrics files written round-robin: parsing cost is what matters, not uniqueness.
 N_TEMPLATES = 8

@@ -36,7 +36,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from experiments.run_dir import atomic_write  # noqa: E402
+from experiments.files import atomic_write  # noqa: E402
 from lfq import LFQ, JsonlSink, LFQMonitor  # noqa: E402
 
 OUT = REPO / "results" / "benchmarks" / "monitor_overhead.csv"

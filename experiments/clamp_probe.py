@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd  # the CLI's dependencies; probe_case needs torch only
 
-    from experiments.run_dir import atomic_write
+    from experiments.files import atomic_write
 
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else FULL_GRID

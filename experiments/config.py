@@ -18,8 +18,8 @@ experiments.train``, ``python -m slurm.submit``) use for their ``key=value`` arg
 preset would have changed are kept in ``Config.explicit`` (and ``config.json``), so the config
 resolves to the same values when it is read back.
 
-The sections are in ``experiments/sections.py``, the quantizer's (a class per kind) in
-``experiments/quantizers.py``; ``task`` is a key of ``experiments.tasks.TASKS``.
+The sections are in ``experiments/sections.py``, the quantizer's in ``experiments/quantizers/`` (a module per kind,
+listed in ``experiments.quantizers.QUANTIZERS``); ``task`` is a key of ``experiments.tasks.TASKS``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import yaml
 
 from experiments.quantizers import (
     DEFAULT_KIND,
-    QUANTIZERS,
     QuantizerConfig,
+    kind,
     quantizer_config,
     quantizer_dict,
     quantizer_fields,
@@ -59,7 +59,6 @@ from experiments.sections import (
     check_choice,
     coerce_fields,
     default_of,
-    new_field,  # noqa: F401  (re-exported: experiments.config.new_field)
     unknown_key,
 )
 from experiments.tasks import TASKS
@@ -82,7 +81,7 @@ SMOKE_CAPS: dict[tuple[str, str], int] = {
 # data.root what it read (experiments.image_folder.fingerprint, and the validation images used).
 RECORDED_KEYS = ("run_id", "data_files", "data_bytes", "data_sha256", "val_images")
 # Fields added after run ids were first published enter the id only when set away from their
-# default, so every earlier run folder keeps its id (see ``new_field``). Fields marked
+# default, so every earlier run folder keeps its id (see ``experiments.sections.new_field``). Fields marked
 # ``in_run_id=False`` never enter it: they change where and how fast a run computes, not what.
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
@@ -107,7 +106,7 @@ class Config:
     scale: str = "full"  # full | smoke (shrinks the run to seconds; see resolved())
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    quantizer: QuantizerConfig = field(default_factory=lambda: QUANTIZERS[DEFAULT_KIND].config())  # by its kind
+    quantizer: QuantizerConfig = field(default_factory=lambda: kind(DEFAULT_KIND).config())  # by its kind
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

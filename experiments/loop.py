@@ -1,37 +1,42 @@
-"""The training loop of one attempt at a run (:class:`Training`), step by step.
+"""The machinery of one attempt at a run, which ``experiments.train`` drives step by step.
 
-``experiments.train.run`` checks the run folder and holds its lock; this module builds the model,
-optimiser and monitor, restores them from the checkpoint, trains, validates, checkpoints and ends
-the run. What the run has reached lives in :class:`experiments.train_state.TrainState`; the
-data-parallel rules are in ``experiments.train``'s docstring.
+:class:`Training` builds the model, optimiser and monitor, restores them from the checkpoint, takes
+one optimiser step, logs it, validates, checkpoints and ends the run; beside it, what it needs and
+nothing else: the learning rate and the quantizer's schedules (pure functions of the step), this
+rank's batches (:class:`Batches`; how a dataset orders them is ``experiments.data``'s), and what the
+run has reached (:class:`TrainState`, the ``"progress"`` of every checkpoint, from which a resumed
+run ends with the summary of one never interrupted). The data-parallel rules are in
+docs/training.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
-from experiments import schedules
-from experiments.batches import Batches, dataset_value_range
 from experiments.config import Config
-from experiments.evaluation import FrechetDistance, evaluate, inception_extractor
-from experiments.run_dir import RunDir, truncate_jsonl
+from experiments.evaluation import CAPPED_BELOW, FrechetDistance, evaluate, inception_extractor
+from experiments.files import truncate_jsonl
+from experiments.run_dir import RunDir
 from experiments.runtime import Runtime, Throughput
-from experiments.train_state import LOSS_KEYS, TrainState, progress_printer
 from lfq.monitor import LFQMonitor
 from lfq.sinks import JsonlSink
 
+Row = dict[str, Any]
 
-class NonFiniteLoss(RuntimeError):
-    """The (rank-averaged) loss of a step is NaN or inf: the run ends as 'failed'."""
 
+# --- the loss and the schedules: pure functions of the step ----------------------------------------
 
 def lr_at(step: int, config: Config) -> float:
     """Linear warmup to ``optim.lr``, then cosine decay to ``optim.min_lr`` at the last step."""
@@ -43,7 +48,8 @@ def lr_at(step: int, config: Config) -> float:
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, config: Config) -> torch.Tensor:
-    """The loss section's weighted terms, in float32. Perceptual and adversarial terms go here."""
+    """The loss section's weighted terms, in float32. Perceptual and adversarial terms (none ships yet:
+    docs/training.md) would be added here, each weighted by its own ``loss`` field."""
     recon, x = recon.float(), x.float()
     loss = recon.new_zeros(())
     if config.loss.l2_weight:
@@ -53,11 +59,216 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, config: Config) ->
     return loss
 
 
+def ramp(shape: str, start: float, end: float, steps: int, step: int) -> float:
+    """``start`` at step 0 to ``end`` at ``steps`` along ``shape``, then ``end``."""
+    if shape == "constant" or steps <= 0 or step >= steps:
+        return end
+    t = step / steps
+    if shape == "linear":
+        return start + (end - start) * t
+    if shape == "cosine":
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+    if shape == "exponential":
+        return start * (end / start) ** t
+    raise ValueError(f"unknown schedule shape {shape!r}: expected constant, linear, cosine or exponential")
+
+
+def values_at(step: int, config: Config) -> dict[str, float]:
+    """The entropy weight, inverse temperature and commitment weight in force at ``step``."""
+    a, q = config.anneal, config.quantizer
+    entropy = q.entropy_loss_weight * (1.0 if a.entropy == "constant" else ramp(a.entropy, a.entropy_start, 1.0,
+                                                                                 a.entropy_steps, step))
+    commitment = q.commitment_loss_weight * (1.0 if a.commitment == "constant" else ramp(
+        a.commitment, a.commitment_start, 1.0, a.commitment_steps, step))
+    inv_temperature = q.inv_temperature if a.inv_temperature == "constant" else ramp(
+        a.inv_temperature, a.inv_temperature_start, q.inv_temperature, a.inv_temperature_steps, step)
+    return {"entropy_weight": entropy, "inv_temperature": inv_temperature, "commitment_weight": commitment}
+
+
+def apply_schedules(model: nn.Module, values: dict[str, float]) -> None:
+    """Set the values on the model: every quantizer's weights, the model's inverse temperature
+    (``lfq.LFQ`` keeps no training-loop state; the loop sets them before every step)."""
+    for module in model.modules():
+        if hasattr(module, "entropy_loss_weight"):
+            module.entropy_loss_weight = values["entropy_weight"]
+        if hasattr(module, "commitment_loss_weight") and hasattr(module, "codebook_size"):
+            module.commitment_loss_weight = values["commitment_weight"]
+    if hasattr(model, "inv_temperature"):
+        model.inv_temperature = values["inv_temperature"]
+
+
+# --- this rank's batches ----------------------------------------------------------------------
+
+VAL_BATCH = 256
+
+
+class Batches:
+    """This rank's training batches on the device, and its share of the validation set.
+
+    In-memory datasets move to the device once and draw with the run's data generator; file
+    datasets come through a DataLoader whose order is a function of the seed and the step.
+    Files that cannot be read are reported once each, on the main rank; of the training files
+    smaller than ``data.resolution`` (``data.min_size``) the first is reported and all are counted
+    (``small``). The dataset's own notes (its validation files, printed by its ``describe``) are
+    counted too, not printed again.
+    """
+
+    def __init__(self, dataset: Any, config: Config, device: torch.device, start: int, rows: slice,
+                 data_rng: torch.Generator, run_id: str):
+        self.dataset, self.config, self.device, self.rows, self.data_rng = dataset, config, device, rows, data_rng
+        self.run_id, self.unreadable, self.small = run_id, set(), set()
+        for note in getattr(dataset, "notes", ()):
+            if note.kind == "unreadable":
+                self.unreadable.add(note.text)
+            else:
+                self.small.add(note.path)
+        self._small_reported = False
+        self.from_files = hasattr(dataset, "train_loader")
+        if self.from_files:
+            self._to_input = dataset.to_model_input
+            self._train = iter(dataset.train_loader(config, device, start, rows))
+            self._val = dataset.val_loader(config, device, ddp.rank(), ddp.world_size(), VAL_BATCH)
+        elif hasattr(dataset, "to"):
+            dataset.to(device)
+
+    def _report(self, notes: list[Any]) -> None:
+        for note in notes:
+            if note.kind == "unreadable":
+                if note.text not in self.unreadable:
+                    self.unreadable.add(note.text)
+                    print(f"[{self.run_id}] skipping an unreadable image: {note.text}", flush=True)
+            elif note.path not in self.small:
+                self.small.add(note.path)
+                if not self._small_reported:
+                    self._small_reported = True
+                    what = "skipping" if note.kind == "small" else "upscaling"
+                    print(f"[{self.run_id}] {what} a training image smaller than data.resolution "
+                          f"(data.min_size={self.config.data.min_size}): {note.text}; further ones are counted "
+                          f"(small_images in summary.json), not printed", flush=True)
+
+    def _from_loader(self, item: tuple[torch.Tensor, list[Any]]) -> torch.Tensor:
+        crops, notes = item
+        self._report(notes)
+        return self._to_input(crops.to(self.device, non_blocking=True))
+
+    def train(self) -> torch.Tensor:
+        if self.from_files:
+            return self._from_loader(next(self._train))
+        return self.dataset.train_batch(self.data_rng, self.config.data.batch_size)[self.rows].to(self.device)
+
+    def val(self) -> Iterator[torch.Tensor]:
+        if self.from_files:
+            for item in self._val:
+                yield self._from_loader(item)
+            return
+        shard = self.dataset.val.tensor_split(ddp.world_size())[ddp.rank()]
+        for i in range(0, len(shard), VAL_BATCH):
+            yield shard[i:i + VAL_BATCH].to(self.device)
+
+
+def dataset_value_range(dataset: Any) -> tuple[float, float]:
+    """The range the task's data lies in (PSNR's peak is its width); [0, 1] unless the task says."""
+    return tuple(getattr(dataset, "value_range", (0.0, 1.0)))
+
+
+# --- what the run has reached ------------------------------------------------------------
+
+# The monitor's utilization columns whose mean over layers and codebooks the summary reports as final_*.
+USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
+              "batch_entropy", "bit_balance_mad")
+# Validation columns the summary reports as final_* when the task's evaluation produced them.
+EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens",
+                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid")
+LOSS_KEYS = ("loss", "recon_loss", "aux_loss")
+
+
+@dataclass
+class TrainState:
+    """The run's progress; ``step`` is the last completed step (0 before the first)."""
+
+    step: int = 0
+    wall_time_s: float = 0.0  # training time of every attempt so far, setup included
+    best_val_mse: float | None = None
+    best_val_psnr: float | None = None  # the PSNR of the best-MSE validation, not the best PSNR
+    best_val_step: int | None = None
+    last_val: Row | None = None  # the latest validation's metrics
+    last_train: dict[str, float] | None = None  # the latest logged losses (LOSS_KEYS), means over the ranks
+    last_quantizer: list[Row] = field(default_factory=list)  # the monitor's training rows of its latest step
+    unreadable_files: int = 0  # input files skipped as unreadable, as of the latest validation
+    small_images: int = 0  # image files under data.resolution (skipped under data.min_size, else upscaled), likewise
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (a checkpoint's ``"progress"``): numbers, strings, lists and dicts only."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state a checkpoint's ``"progress"`` holds; keys it lacks (older checkpoints) keep their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def load(self, data: dict[str, Any]) -> None:
+        """Take every field from a checkpoint's ``"progress"`` (in place: the monitor's sink holds this object)."""
+        loaded = TrainState.from_dict(data)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+    def note_quantizer_rows(self, rows: list[Row]) -> None:
+        """Keep the training-mode monitor rows of the latest step among ``rows`` (the summary's final usage)."""
+        train_rows = [r for r in rows if r.get("kind", "quantizer") == "quantizer" and r.get("mode") == "train"]
+        if train_rows:
+            last = max(r["step"] for r in train_rows)
+            self.last_quantizer = [r for r in train_rows if r["step"] == last]
+
+    def note_validation(self, step: int, val: Row, unreadable_files: int) -> None:
+        self.last_val = val
+        self.unreadable_files = unreadable_files
+        if self.best_val_mse is None or val["val_mse"] < self.best_val_mse:
+            self.best_val_mse, self.best_val_psnr, self.best_val_step = val["val_mse"], val["val_psnr"], step
+
+    def summary(self, run_id: str, config: Config, status: str, reason: str) -> dict[str, Any]:
+        """The flat ``summary.json`` of a run that ended with ``status`` ('done' or 'failed') for ``reason``."""
+        last_val, last_train = self.last_val or {}, self.last_train or {}
+        summary = {
+            "run_id": run_id, "name": config.name, "task": config.task, "status": status, "reason": reason,
+            "step": self.step, "steps": config.schedule.steps, "wall_time_s": round(self.wall_time_s, 3),
+            "final_val_mse": last_val.get("val_mse"), "final_val_psnr": last_val.get("val_psnr"),
+            "best_val_mse": self.best_val_mse, "best_val_psnr": self.best_val_psnr,
+            "best_val_step": self.best_val_step,
+            "final_train_loss": last_train.get("loss"), "final_recon_loss": last_train.get("recon_loss"),
+            "final_aux_loss": last_train.get("aux_loss"),
+        }
+        for key in EXTRA_VAL_KEYS:
+            if key in last_val:  # utilization over every validation token, and the image metrics
+                summary[f"final_{key}"] = last_val[key]
+        if self.unreadable_files:
+            summary["unreadable_files"] = self.unreadable_files
+        if self.small_images:
+            summary["small_images"] = self.small_images
+        summary.update({f"final_{k}": v for k, v in mean_usage(self.last_quantizer).items()})
+        return summary
+
+
+def mean_usage(rows: list[Row]) -> dict[str, float | None]:
+    """Mean over layers and codebooks of monitor rows, per USAGE_KEYS column (None where no row has a number)."""
+    out: dict[str, float | None] = {}
+    for key in USAGE_KEYS:
+        values = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+# --- one attempt ----------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    """The (rank-averaged) loss of a step is NaN or inf: the run ends as 'failed'."""
+
+
 class Training:
-    """One attempt at a run, in the order ``_run`` calls it: built here, then :meth:`restore`,
-    :meth:`train` (each step: :meth:`step`, :meth:`log_train`, :meth:`validate`,
+    """One attempt at a run, in the order ``experiments.train`` calls it: built here, then
+    :meth:`restore`, :meth:`start`, each step (:meth:`step`, :meth:`log_train`, :meth:`validate`,
     :meth:`save_checkpoint`), then :meth:`finish` or :meth:`fail`, and always :meth:`close`.
-    ``state`` is what the run has reached (:class:`experiments.train_state.TrainState`)."""
+    ``state`` is what the run has reached (:class:`TrainState`)."""
 
     def __init__(self, config: Config, task: Any, runtime: Runtime, rd: RunDir, rows: slice):
         self.config, self.runtime, self.rd, self.rows = config, runtime, rd, rows
@@ -113,39 +324,18 @@ class Training:
             truncate_jsonl(self.rd.histograms, self.state.step)
         ddp.barrier()  # every rank starts from the same folder
 
-    def train(self, t_start: float, on_step: Callable[[int], None] | None) -> None:
-        """From the step after ``state.step`` to the last; ``on_step(step)`` after each."""
-        config, state = self.config, self.state
-        steps, wall_before = config.schedule.steps, state.wall_time_s
-        self.batches = Batches(self.dataset, config, self.device, state.step, self.rows, self.data_rng, self.run_id)
+    def start(self) -> None:
+        """Ready to train from the step after ``state.step``: this rank's batches from there, the
+        rFID extractor if the config asks for one, the throughput clock."""
+        config = self.config
+        self.batches = Batches(self.dataset, config, self.device, self.state.step, self.rows, self.data_rng,
+                               self.run_id)
         if self.main and hasattr(self.dataset, "describe"):
             print(f"[{self.run_id}] data: {self.dataset.describe()}", flush=True)
         self.fid = None
         if config.eval.rfid_weights:
             self.fid = FrechetDistance(inception_extractor(config.eval.rfid_weights), self.device)
         self.throughput = Throughput(config.data.batch_size)
-        show = progress_printer(config, self.run_id, state.step)
-        for step in range(state.step + 1, steps + 1):
-            lr, scheduled, logged = self.step(step)
-            state.step = step
-            last = step == steps
-            if step % config.logging.log_every == 0 or last:
-                self.log_train(step, lr, scheduled, logged)
-            if step % config.schedule.val_every == 0 or last:
-                self.validate(step)
-            state.wall_time_s = wall_before + time.perf_counter() - t_start
-            if last and step % config.logging.histogram_every != 0:
-                # The run's final histogram snapshot (before the checkpoint, whose state must know it
-                # was sent). Not when the periodic one came at step - 1 (steps count from 1 here, the
-                # monitor's snapshots follow steps s with (s + 1) % histogram_every == 0): a snapshot
-                # of one step would replace the last full one as the run's final distribution.
-                self.monitor.snapshot()
-            if step % config.schedule.checkpoint_every == 0 or last:
-                self.save_checkpoint(step)
-            if self.main:
-                show(step, float(logged[0]), lr)
-            if on_step is not None:
-                on_step(step)
 
     def step(self, step: int) -> tuple[float, dict[str, float], torch.Tensor]:
         """One optimiser step; (lr, the scheduled values, the losses ``[loss, recon, aux]`` averaged over ranks).
@@ -154,8 +344,8 @@ class Training:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        scheduled = schedules.values_at(step, config)
-        schedules.apply(model, scheduled)
+        scheduled = values_at(step, config)
+        apply_schedules(model, scheduled)
         self.monitor.set_step(step)
         with self.throughput.waiting_for_data():
             x = self.batches.train()  # this rank's shard, on the device
@@ -250,3 +440,55 @@ class Training:
         # checkpoint whose state still holds those counts.
         self.monitor.detach(flush=self.world == 1, snapshot=False)
         self.batches = None
+
+
+# --- what the run prints ------------------------------------------------------------
+
+def end_line(summary: dict[str, Any]) -> str:
+    """The line a run ends with: validation usage, PSNR and tokens per code first (the suite's
+    headline, not the training window's usage), and the ceiling when the token count caps it."""
+    def number(value: Any, digits: int) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+    parts = [] if summary.get("status") == "done" else [f"status={summary.get('status')}"]
+    usage, psnr = summary.get("final_val_usage_fraction"), summary.get("final_val_psnr")
+    per_code, ceiling = summary.get("final_val_tokens_per_code"), summary.get("final_val_usage_ceiling")
+    if usage is not None:
+        parts.append(f"val_usage={number(usage, 3)}")
+    if psnr is not None:
+        parts.append(f"val_psnr={number(psnr, 2)}dB")
+    if per_code is not None:
+        parts.append(f"tokens_per_code={number(per_code, 2)}")
+        if per_code < CAPPED_BELOW and ceiling is not None:
+            parts.append(f"usage capped at {number(ceiling, 3)} (N/K = {number(per_code, 2)} < {CAPPED_BELOW:g})")
+    if summary.get("status") == "done":
+        parts.append("status=done")
+    for key in ("reason", "step", "wall_time_s"):
+        if summary.get(key) not in (None, ""):
+            parts.append(f"{key}={summary[key]}")
+    return " ".join(parts)
+
+
+def progress_printer(config: Config, run_id: str, start: int) -> Callable[[int, float, float], None]:
+    """tqdm on a terminal; otherwise a plain line every ``logging.print_every`` steps (batch logs)."""
+    steps = config.schedule.steps
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=run_id, dynamic_ncols=True)
+
+        def show(step: int, loss: float, lr: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", refresh=False)
+            if step == steps:
+                bar.close()
+
+        return show
+    t0 = time.perf_counter()
+
+    def show(step: int, loss: float, lr: float) -> None:
+        if step % config.logging.print_every == 0 or step == steps:
+            rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+            print(f"[{run_id}] step {step}/{steps} loss {loss:.5g} lr {lr:.3g} ({rate:.1f} steps/s)", flush=True)
+
+    return show

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from experiments.folder_state import ENVIRONMENT  # noqa: F401 - the file's name, re-exported
-
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("lfq", "experiments", "slurm", "pyproject.toml")  # what a run imports; `dirty` looks at these only
 

@@ -35,15 +35,15 @@ def estimate(config: Config) -> dict[str, int]:
     The task's module says what its data takes (``memory(config) -> (parts, tokens per batch)``),
     the quantizer kind's registry entry what its module takes; the monitor's counters are the
     same for every kind."""
-    from experiments.quantizers import QUANTIZERS
+    from experiments.quantizers import kind
     from experiments.tasks import get_task
 
     config = config.resolved()
     q = config.quantizer
     task = get_task(config.task)
     parts, tokens = task.memory(config) if hasattr(task, "memory") else ({}, config.data.batch_size)
-    kind = QUANTIZERS[q.kind]
-    parts = {**(kind.memory(q, tokens) if kind.memory else {}), **parts}
+    entry = kind(q.kind)
+    parts = {**(entry.memory(q, tokens) if entry.memory else {}), **parts}
     parts["quantizer.codebook_size: the monitor's per-code counters"] = MONITOR_TENSORS * q.num_codebooks * \
         q.codebook_size * COUNT
     return parts

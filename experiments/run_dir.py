@@ -1,16 +1,11 @@
-"""The run folder ``results/<sweep>/<run_id>/``: everything a run learns, and how to resume it.
+"""The run folder ``results/<sweep>/<run_id>/``: its errors, what its files say, and how to resume it.
 
-Layout and contents are specified in docs/ARCHITECTURE.md. Every file except the append-only
-JSON-lines logs is written atomically (a temp file in the same folder, then ``os.replace``),
-so a run killed at any instant leaves either the old or the new version, never half of one.
-``DONE`` is written last; a folder with it is never run again.
-
-This module is the run folder's one entry point; its jobs live beside it and the public names of
-``experiments.files`` (atomic writes, JSON and JSON-lines I/O) and ``experiments.folder_state``
-(file names, RUN_STATES, ``finished``, the errors) are importable from here. The run lock (one
-process per run folder) is imported from its own module, ``experiments.run_lock``. Here: the
-Parquet copy of the metrics, names and places, setting a run aside, resume verification, and
-:class:`RunDir`.
+The one owner of a run folder's rules: the errors (:class:`RunDirError`, :class:`CorruptRun`), a
+run's state read from its files (the file names, ``RUN_STATES`` and ``finished`` themselves are
+``common.run_state``'s, shared with analysis), names and places, setting a run aside, the Parquet
+copy of the metrics, resume verification and :class:`RunDir`. Files are written through
+``experiments.files``; the run lock (one process per folder, and ``restart`` under it) is
+``experiments.run_lock``. The layout is specified in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -23,35 +18,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.files import (  # noqa: F401 - re-exported
-    append_jsonl,
-    atomic_write,
-    atomic_write_json,
-    read_json,
-    read_jsonl,
-    truncate_jsonl,
-)
-from experiments.folder_state import (  # noqa: F401 - re-exported
-    CHECKPOINT,
-    CONFIG,
-    DONE,
-    ENVIRONMENT,
-    HISTOGRAMS,
-    METRICS,
-    RUN_STATES,
-    SUMMARY,
-    CorruptRun,
-    RunDirError,
-    RunLocked,
-    finished,
-    is_done,
-    read_summary,
-    run_status,
-)
-from experiments.run_lock import describe_lock_holder, try_lock_run
+from common.run_state import CHECKPOINT, CONFIG, DONE, ENVIRONMENT, HISTOGRAMS, METRICS, SUMMARY, finished
+from experiments.files import atomic_write, atomic_write_json, read_json, read_jsonl
 
 COMPACT_METRICS = "metrics.parquet"
 COMPACT_SOURCE_KEY = b"lfq.source_bytes"
+
+
+class RunDirError(ValueError):
+    """A run folder cannot be used as asked; the message says why and what to do."""
+
+
+class CorruptRun(RunDirError):
+    """A file the run needs to resume (or to count as finished) cannot be trusted."""
+
+
+def read_summary(run_dir: Path | str) -> dict[str, Any] | None:
+    return read_json(Path(run_dir) / SUMMARY)
+
+
+def is_done(run_dir: Path | str) -> bool:
+    """Whether the folder has its DONE marker (``common.run_state.finished`` says whether it is whole)."""
+    return (Path(run_dir) / DONE).exists()
+
+
+def run_status(run_dir: Path | str) -> str:
+    """What the folder alone says: one of ``common.run_state.RUN_STATES``.
+
+    'started' covers running, killed and queued-for-requeue alike; telling those apart needs
+    the scheduler, which is slurm's job, not this module's.
+    """
+    return finished(run_dir)[0]
+
 
 
 def compact_metrics(run_dir: Path | str) -> Path | None:
@@ -150,18 +148,6 @@ def set_aside(run_dir: Path | str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(run_dir, target)
     return target
-
-
-def restart(run_dir: Path | str) -> Path | None:
-    """Set the run folder aside so the run starts over; None if there was none. RunLocked if it is in use."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        return None
-    with try_lock_run(run_dir, tries=1) as held:
-        if not held:
-            raise RunLocked(f"{run_dir} is being trained by {describe_lock_holder(run_dir)}: not restarting it under "
-                            f"a live process; stop that process first")
-        return set_aside(run_dir)
 
 
 def prepare_run_folder(out: Path | str | None, config: Any, results: Path | str = "results") -> Path:

@@ -2,7 +2,8 @@
 
 ``<run_dir>/.lock`` carries the lock, ``<run_dir>/.claim`` says who holds it (``{host, pid,
 job_id, since}``; the file keeps its name on disk). The trainer (``experiments.train.run``) and a
-sweep job (``slurm.job``) take the same lock; ``slurm.state`` probes it.
+sweep job (``slurm.job``) take the same lock; ``slurm.state`` probes it; :func:`restart` sets a
+folder aside only while no one holds it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from experiments.files import atomic_write_json, read_json
-from experiments.folder_state import RunLocked
+from experiments.run_dir import RunDirError, set_aside
+
+
+class RunLocked(RunDirError):
+    """Another live process holds the run's lock."""
+
 
 LOCK_NAME = ".lock"
 HOLDER_NAME = ".claim"  # who holds the lock; written by the holder, read by slurm.status
@@ -138,3 +144,15 @@ def hold_run_lock(run_dir: Path | str, main: bool = True,
             raise RunLocked(f"{run_dir} is being trained by {verdict[1]}: not starting it twice; wait for it, "
                             f"or stop that process first")
         yield
+
+
+def restart(run_dir: Path | str) -> Path | None:
+    """Set the run folder aside so the run starts over; None if there was none. RunLocked if it is in use."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    with try_lock_run(run_dir, tries=1) as held:
+        if not held:
+            raise RunLocked(f"{run_dir} is being trained by {describe_lock_holder(run_dir)}: not restarting it under "
+                            f"a live process; stop that process first")
+        return set_aside(run_dir)

@@ -1,8 +1,8 @@
 """The sections of a run config: typed fields checked at construction, with one-line errors.
 
-Every section but ``quantizer`` is here; the quantizer's has a class per kind, in
-``experiments.quantizers`` beside its builder. ``experiments.config`` puts the sections together
-(``Config``), hashes the run id and loads YAML and overrides. Both build on this module, so
+Every section but ``quantizer`` is here; the quantizer's has a class per kind, in the kind's
+module (``experiments/quantizers/``) beside its builder. ``experiments.config`` puts the sections
+together (``Config``), hashes the run id and loads YAML and overrides. Both build on this module, so
 neither imports the other back.
 """
 
@@ -261,8 +261,9 @@ class LoggingConfig(Section):
 class LossConfig(Section):
     """Reconstruction loss terms; the quantizer's own loss is always added.
 
-    Perceptual (LPIPS) and adversarial terms plug in beside these in ``experiments/losses.py``;
-    they need pretrained weights this suite cannot fetch, so none ships yet.
+    Perceptual (LPIPS) and adversarial terms would be new fields here (``new_field``, so no run id
+    changes) added in ``experiments.loop.reconstruction_loss``; they need pretrained weights this
+    suite cannot fetch, so none ships yet.
     """
 
     _prefix: ClassVar[str] = "loss."
@@ -313,7 +314,7 @@ ANNEAL_SHAPES = {"entropy": ("constant", "linear", "cosine"),
 
 @dataclass(frozen=True)
 class AnnealConfig(Section):
-    """Schedules of the quantizer's loss weights and inverse temperature (``experiments/schedules.py``).
+    """Schedules of the quantizer's loss weights and inverse temperature (``experiments.loop.values_at``).
 
     ``entropy``: a multiplier of ``quantizer.entropy_loss_weight`` going from ``entropy_start``
     at step 0 to 1 at step ``entropy_steps`` (Open-MAGVIT2's ``codebook_enlarge_ratio`` 3 over

@@ -7,8 +7,8 @@ of GroupNorm, SiLU and 3x3 convolutions; one level per channel multiplier, a str
 downsampling between levels; a middle stage; a 1x1 projection to the quantizer's width (its
 ``dim``, e.g. log2 of the codebook size for LFQ) and back. The decoder mirrors the encoder
 with nearest-neighbour upsampling. Perceptual and adversarial losses are not here (their
-pretrained weights cannot be fetched by this suite); ``experiments/losses.py`` says where
-they plug in.
+pretrained weights cannot be fetched by this suite); they would plug in as terms of
+``experiments.loop.reconstruction_loss``, each weighted by a field of ``LossConfig``.
 
 Presets (``model.preset``; ``model.base_channels``, ``ch_mult``, ``num_res_blocks`` override):
 

@@ -1,26 +1,13 @@
-"""Train one config in its run folder; resume from the folder's checkpoint; never re-run a DONE folder.
+"""Train one config in its run folder: build, restore, loop, validate, finish; never re-run a DONE folder.
 
     python -m experiments.train experiments/configs/synthetic.yaml quantizer.diversity_gamma=2 scale=smoke
 
-A run is a pure function of its (resolved) config: the same config and seed give the same
-metrics, and a run killed at any point and started again ends with the same summary as one
-that was never interrupted (only ``wall_time_s`` differs). The loop (``experiments.loop``) is
-shared by every task; a task (``experiments/tasks/``) only builds the dataset and the model.
-
-Data parallel (inside an initialised process group of W > 1 ranks; ``experiments.distributed``):
-- every rank draws the whole global batch of ``data.batch_size`` from the same data RNG and
-  trains on its contiguous 1/W of it, so the ranks' shards together are exactly the
-  single-process batch (batch_size must divide by W: ValueError otherwise). Equal shards and
-  local means: DDP's gradient average of the local-mean reconstruction losses is the
-  gradient of the global mean; ``lfq.LFQ``'s entropy and commitment terms are global
-  already and need no scaling. Results match one process up to float summation order;
-- the logged losses are means over the ranks (one all_reduce per step, which also makes the
-  non-finite check agree on every rank, so no rank is left waiting in a collective);
-- validation is sharded (``tensor_split`` of the validation set) and the squared errors are
-  summed over the ranks; every rank runs eval passes, as the monitor's collective needs;
-- rank 0 alone writes the run folder (config, metrics, checkpoint, summary, DONE); the
-  checkpoint holds every rank's torch RNG state, a barrier follows each save, and every rank
-  resumes from the same file. Every rank returns rank 0's summary.
+:func:`run` is the whole path of one run, read top to bottom; the pieces it drives (the model,
+optimiser and monitor, this rank's batches, the schedules, what the run has reached) are
+``experiments.loop``'s, a task (``experiments/tasks/``) only builds the dataset and the model. A
+run is a pure function of its resolved config, and one killed at any point and started again ends
+with the summary of one never interrupted (only ``wall_time_s`` differs). Resuming and the
+data-parallel rules: docs/training.md.
 """
 
 from __future__ import annotations
@@ -33,7 +20,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,59 +30,47 @@ from experiments import distributed as ddp
 from experiments.config import Config, ConfigError, load_config
 from experiments.files import append_jsonl, read_json
 from experiments.image_folder import Fingerprints, data_change
-from experiments.loop import NonFiniteLoss, Training, lr_at, reconstruction_loss  # noqa: F401 - lr_at, ... re-exported
+from experiments.loop import NonFiniteLoss, Training, TrainState, end_line, progress_printer
 from experiments.provenance import environment
 from experiments.resources import check_resources
-from experiments.run_dir import (
-    RunDir,
-    RunDirError,
-    prepare_run_folder,
-    restart,
-    run_status,
-)
-from experiments.run_lock import hold_run_lock, read_lock_holder
+from experiments.run_dir import RunDir, RunDirError, prepare_run_folder, run_status
+from experiments.run_lock import hold_run_lock, read_lock_holder, restart
 from experiments.runtime import Runtime
 from experiments.tasks import get_task
-from experiments.train_state import USAGE_KEYS, TrainState, end_line  # noqa: F401 - USAGE_KEYS re-exported
 
 # Columns of kind="train" rows that measure the machine, not the run: they differ between two
 # runs of one config (and across a resume), everything else is identical.
 TIMING_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "max_memory_mb")
 
 
-def preflight(config: Config) -> tuple[Runtime, Any]:
+class Prepared(NamedTuple):
+    """What :func:`preflight` resolved: this process's runtime and the task's module."""
+
+    runtime: Runtime
+    task: ModuleType
+
+
+def preflight(config: Config) -> Prepared:
     """Everything that can be refused before a run folder exists: the device and precision this
     machine can give (RuntimeConfigError), the task's data (e.g. a missing ``data.root``)."""
     runtime = Runtime.resolve(config.runtime)
     task = get_task(config.task)
     if hasattr(task, "check"):
         task.check(config)
-    return runtime, task
-
-
-def _shard_rows(config: Config) -> slice:
-    """This rank's rows of the global batch; ValueError unless the world size fits the config."""
-    world = ddp.world_size()
-    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
-    if config.data.val_size < world:
-        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
-                         f"every rank needs a validation shard")
-    return rows
+    return Prepared(runtime, task)
 
 
 def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
-        num_threads: int | None = None) -> dict[str, Any]:
-    """Run ``config`` in ``run_dir`` to the end and return its summary.
+        num_threads: int | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Run ``config`` in ``run_dir`` to the end and return its summary (every rank: rank 0's).
 
     Holds the run's lock (``experiments.run_lock.hold_run_lock``, rank 0) throughout: RunLocked if
-    another process trains this folder. CorruptRun if a file it would resume from (or a DONE
-    folder's summary) cannot be trusted; nothing is written then.
-
-    Resumes from ``checkpoint.pt`` if the folder has one; returns the existing summary without
-    doing anything if it has ``DONE``. A NaN or inf loss ends the run with status 'failed'
-    (returned, not raised); any exception is recorded as 'failed' in ``summary.json`` and then
-    propagates. ``on_step(step)`` is called after every completed step (tests use it to kill
-    a run mid-way).
+    another process trains this folder. Returns the existing summary of a DONE folder (read only,
+    not even locked); resumes from ``checkpoint.pt`` if there is one. CorruptRun if a file it would
+    resume from (or a DONE folder's summary) cannot be trusted; nothing is written then. A NaN or
+    inf loss ends the run as 'failed' (returned); any other exception is recorded as 'failed' in
+    ``summary.json`` and propagates. ``on_step(step)`` follows every completed step (tests kill a
+    run with it); ``prepared``: the :func:`preflight` the caller already did (the CLI), else done here.
 
     ``num_threads``: torch's intra-op threads during the run; None leaves the caller's setting
     (slurm.job sets it from SLURM_CPUS_PER_TASK). The CLI passes 1: these models are small, a
@@ -102,66 +78,86 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     magnitude slower, and a fixed count keeps float reductions the same on every machine of one CPU
     ISA (across ISAs they differ: ``experiments.provenance``).
     """
-    _shard_rows(config.resolved())  # a world size that does not fit the config is refused before the lock
-    if run_status(run_dir) == "done":  # read-only: a finished folder is not even locked
-        return _run(config, run_dir, None, on_step=on_step, num_threads=num_threads)
-    prepared = preflight(config.resolved())  # a ConfigError here leaves no folder behind
-    with hold_run_lock(run_dir, ddp.is_main(), ddp.broadcast):
-        return _run(config, run_dir, prepared, on_step=on_step, num_threads=num_threads)
-
-
-def _run(config: Config, run_dir: Path | str, prepared: tuple[Runtime, Any] | None, *,
-         on_step: Callable[[int], None] | None = None, num_threads: int | None = None) -> dict[str, Any]:
-    """One attempt at the run, in order: check the folder, build, restore, train, finish.
-
-    A NaN or inf loss ends it as 'failed' (returned); any other exception is recorded as 'failed'
-    in ``summary.json`` (rank 0) and propagates.
-    """
     config = config.resolved()
-    runtime, task = prepared if prepared is not None else preflight(config)
-    rows = _check_world(config, runtime.device)
+    runtime, task = prepared if prepared is not None else preflight(config)  # a ConfigError leaves no folder
+    rows = _shard_rows(config, runtime.device)  # a world that does not fit the config, before the lock
     rd = RunDir(run_dir)
-    finished, checkpoint = _open_folder(config, rd)
-    if finished is not None:
-        return finished
-    previous = (rd.read_config() or {}) if checkpoint is not None else {}  # what the attempt before read
-    _start_folder(config, rd, runtime.device)
+    with contextlib.ExitStack() as stack:
+        if run_status(run_dir) != "done":
+            stack.enter_context(hold_run_lock(run_dir, ddp.is_main(), ddp.broadcast))
 
-    t_start = time.perf_counter()  # the attempt's wall time counts its setup too
-    training: Training | None = None
-    with _reproducible(runtime.device, num_threads):
-        runtime.apply()
-        try:
-            training = Training(config, task, runtime, rd, rows)
-            _record_data(config, rd, training.data_record(), previous)
-            training.restore(checkpoint)
-            if ddp.is_main():  # one row per attempt, never truncated: where each part of the run computed
-                holder = read_lock_holder(rd.path)  # ours: it names the job that holds the run
-                append_jsonl(rd.environment, [environment(runtime.device, step=training.state.step,
-                                                          world_size=ddp.world_size(),
-                                                          job_id=str(holder.get("job_id") or "") or None)])
-            training.train(t_start, on_step)
-            return training.finish()
-        except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
-            return training.fail(str(e))
-        except Exception as e:
-            if ddp.is_main():
-                state = training.state if training is not None else TrainState()
-                summary = state.summary(config.run_id, config, "failed", f"{type(e).__name__}: {e}")
-                summary["error"] = "".join(traceback.format_exception(e)[-8:])
-                rd.write_summary(summary)
-            raise
-        finally:
-            if training is not None:
-                training.close()
+        # the folder: a finished run's summary, or the checkpoint to resume from (None: from the start)
+        done, checkpoint = _open_folder(config, rd)
+        if done is not None:
+            return done
+        previous = (rd.read_config() or {}) if checkpoint is not None else {}  # what the attempt before read
+        _start_folder(config, rd, runtime.device)
+
+        t_start = time.perf_counter()  # the attempt's wall time counts its setup too
+        training: Training | None = None
+        with _reproducible(runtime.device, num_threads):
+            runtime.apply()
+            try:
+                # build
+                training = Training(config, task, runtime, rd, rows)
+                _record_data(config, rd, training.data_record(), previous)
+                # restore
+                training.restore(checkpoint)
+                state = training.state
+                _record_environment(rd, runtime.device, state.step)
+                # loop
+                training.start()
+                steps, wall_before = config.schedule.steps, state.wall_time_s
+                show = progress_printer(config, config.run_id, state.step)
+                for step in range(state.step + 1, steps + 1):
+                    lr, scheduled, losses = training.step(step)
+                    state.step, last = step, step == steps
+                    if step % config.logging.log_every == 0 or last:
+                        training.log_train(step, lr, scheduled, losses)
+                    # validate
+                    if step % config.schedule.val_every == 0 or last:
+                        training.validate(step)
+                    state.wall_time_s = wall_before + time.perf_counter() - t_start
+                    if last and step % config.logging.histogram_every != 0:
+                        # The run's final histogram snapshot (before the checkpoint, whose state must know
+                        # it was sent). Not when the periodic one came at step - 1 (steps count from 1 here,
+                        # the monitor's snapshots follow steps s with (s + 1) % histogram_every == 0): a
+                        # snapshot of one step would replace the last full one as the run's final distribution.
+                        training.monitor.snapshot()
+                    if step % config.schedule.checkpoint_every == 0 or last:
+                        training.save_checkpoint(step)
+                    if ddp.is_main():
+                        show(step, float(losses[0]), lr)
+                    if on_step is not None:
+                        on_step(step)
+                # finish
+                return training.finish()
+            except NonFiniteLoss as e:  # raised on every rank at once (the check reads the reduced loss)
+                return training.fail(str(e))
+            except Exception as e:
+                if ddp.is_main():
+                    state = training.state if training is not None else TrainState()
+                    summary = state.summary(config.run_id, config, "failed", f"{type(e).__name__}: {e}")
+                    summary["error"] = "".join(traceback.format_exception(e)[-8:])
+                    rd.write_summary(summary)
+                raise
+            finally:
+                if training is not None:
+                    training.close()
 
 
-def _check_world(config: Config, device: torch.device) -> slice:
-    """This rank's rows of the global batch; ConfigError for NCCL without a GPU per rank."""
+def _shard_rows(config: Config, device: torch.device) -> slice:
+    """This rank's rows of the global batch; ValueError unless the world size fits the config,
+    ConfigError for NCCL without a GPU per rank."""
+    world = ddp.world_size()
     if ddp.is_distributed() and ddp.backend() == "nccl" and device.type != "cuda":
         raise ConfigError(f"runtime.device={config.runtime.device!r} resolved to {device}, but this process group "
                           f"uses NCCL, which needs one GPU per rank: use runtime.device=auto or cuda")
-    return _shard_rows(config)
+    rows = ddp.shard(config.data.batch_size, world, ddp.rank())  # ValueError unless W divides the batch
+    if config.data.val_size < world:
+        raise ValueError(f"data.val_size={config.data.val_size} is smaller than the world size {world}: "
+                         f"every rank needs a validation shard")
+    return rows
 
 
 def _open_folder(config: Config, rd: RunDir) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -206,6 +202,14 @@ def _record_data(config: Config, rd: RunDir, record: dict[str, Any], previous: d
         print(f"[{config.run_id}] warning: data.root changed since the previous attempt of this run ({change}); "
               f"resuming on the folder as it is now", flush=True)
     rd.write_config({**config.to_dict(), **record}, config.run_id)
+
+
+def _record_environment(rd: RunDir, device: torch.device, step: int) -> None:
+    """One row per attempt in ``environment.jsonl`` (rank 0), never truncated: where each part of the run computed."""
+    if ddp.is_main():
+        holder = read_lock_holder(rd.path)  # ours: it names the job that holds the run
+        append_jsonl(rd.environment, [environment(device, step=step, world_size=ddp.world_size(),
+                                                  job_id=str(holder.get("job_id") or "") or None)])
 
 
 def data_change_of(config: Config, run_dir: Path | str, fingerprints: Fingerprints) -> str:
@@ -265,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--threads {args.threads}: must be >= 1")
     try:
         config = load_config(args.config, explicit=args.overrides)  # they win over scale=smoke
-        preflight(config.resolved())
+        prepared = preflight(config.resolved())  # once per run: run() takes it
         check_resources(config)  # a run that cannot fit is refused before its folder exists
         run_dir = prepare_run_folder(args.out, config)
     except (ConfigError, RunDirError) as e:
@@ -298,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"{change}. To train on the folder as it is now: --restart (the old folder goes to "
                               f"{run_dir.parent / '_sweep' / 'trash'}/, not deleted), or a new name=... or --out "
                               f"(a new folder beside the old)", flush=True)
-            summary = run(config, run_dir, num_threads=args.threads)
+            summary = run(config, run_dir, num_threads=args.threads, prepared=prepared)
         except RunDirError as e:  # locked by another process, or corrupt: nothing was written
             return fail(e)
         if ddp.is_main():

@@ -43,8 +43,9 @@ from typing import Any
 
 import submitit
 
-from experiments import run_dir as run_folder
+from common import run_state
 from experiments.files import append_jsonl
+from experiments.run_dir import read_summary
 from experiments.run_lock import read_lock_holder, try_lock_run
 
 SWEEP_META = "_sweep"  # the sweep's own folder, next to its run folders
@@ -128,9 +129,9 @@ class RunJob(submitit.helpers.Checkpointable):
         run_id = run_dir.name
 
         def finished() -> dict[str, Any] | None:
-            state, why = run_folder.finished(run_dir)
+            state, why = run_state.finished(run_dir)
             if state == "done":
-                return run_folder.read_summary(run_dir) or {"run_id": run_id, "status": "done"}
+                return read_summary(run_dir) or {"run_id": run_id, "status": "done"}
             if state == "corrupt":  # never trained over: slurm.submit sets such a folder aside first
                 print(f"[job] {run_id}: run folder is corrupt ({why}); not touching it", flush=True)
                 return {"run_id": run_id, "status": "corrupt", "reason": why}
@@ -148,7 +149,8 @@ class RunJob(submitit.helpers.Checkpointable):
     def _run(self) -> dict[str, Any]:
         from experiments import distributed as ddp  # lazily: the job pickle stays small and import-free
         from experiments.config import Config
-        from experiments.train import end_line, run
+        from experiments.loop import end_line
+        from experiments.train import run
 
         run_dir = Path(self.run_dir)
         run_id = run_dir.name

@@ -29,14 +29,16 @@ from typing import Any
 from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import read_job_id
 
-from experiments import run_dir as run_folder
-from experiments.run_dir import RUN_STATES
+from common import run_state
+from common.run_state import RUN_STATES
+from experiments.files import atomic_write_json, read_json, read_jsonl
+from experiments.run_dir import read_summary
 from experiments.run_lock import read_lock_holder, run_is_locked
 from slurm.job import EVENTS_NAME, SWEEP_META
 from slurm.local import pool_alive
 
 # The words only the scheduler (SLURM, the local pool) or a live run lock can say; everything else a
-# run's state says comes from its folder (experiments.run_dir.RUN_STATES, experiments.run_dir.finished).
+# run's state says comes from its folder (common.run_state.RUN_STATES, common.run_state.finished).
 SCHEDULER_STATES = {
     "pending": "queued: SLURM has not started it, it was just submitted, or it waits in the local pool",
     "running": "a live process holds the run's lock, or SLURM says it runs",
@@ -89,7 +91,7 @@ class SweepFolder:
         return self.meta / "submissions"
 
     def read_runs(self) -> dict[str, dict[str, Any]]:
-        return run_folder.read_json(self.runs_json) or {}
+        return read_json(self.runs_json) or {}
 
     @property
     def sweep_json(self) -> Path:
@@ -98,18 +100,18 @@ class SweepFolder:
     def add_runs(self, runs: dict[str, dict[str, Any]], sweep: dict[str, Any]) -> None:
         """Remember the runs (and the sweep's resources) so status and --resubmit work from the folder alone."""
         # callers serialise submissions per sweep (slurm.submit takes the sweep lock)
-        run_folder.atomic_write_json(self.runs_json, {**self.read_runs(), **runs})
-        run_folder.atomic_write_json(self.sweep_json, sweep)
+        atomic_write_json(self.runs_json, {**self.read_runs(), **runs})
+        atomic_write_json(self.sweep_json, sweep)
 
     def read_sweep(self) -> dict[str, Any]:
-        return run_folder.read_json(self.sweep_json) or {}
+        return read_json(self.sweep_json) or {}
 
     def latest_jobs(self) -> dict[str, dict[str, Any]]:
         """The last submission record of each run."""
-        return {r["run_id"]: r for r in run_folder.read_jsonl(self.jobs_jsonl) if "run_id" in r}
+        return {r["run_id"]: r for r in read_jsonl(self.jobs_jsonl) if "run_id" in r}
 
     def events(self) -> list[dict[str, Any]]:
-        return run_folder.read_jsonl(self.events_jsonl)
+        return read_jsonl(self.events_jsonl)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def latest_rate(run_dir: Path, tail_bytes: int = 65536, max_bytes: int = 16 * 2*
     there is none yet. Read from the end in windows that double from ``tail_bytes`` up to
     ``max_bytes`` (a long run's metrics.jsonl can be large, and the monitor's rows between two
     training rows can fill more than one window: 50 steps of 17 bits' diagnostics are ~70 KB)."""
-    path = run_dir / run_folder.METRICS
+    path = run_dir / run_state.METRICS
     window = tail_bytes
     try:
         with path.open("rb") as f:
@@ -207,10 +209,10 @@ def latest_rate(run_dir: Path, tail_bytes: int = 65536, max_bytes: int = 16 * 2*
 
 
 def _progress(run_dir: Path) -> str:
-    config = run_folder.read_json(run_dir / run_folder.CONFIG)
+    config = read_json(run_dir / run_state.CONFIG)
     if config is None:
         return ""
-    return "started; resumes from its checkpoint" if (run_dir / run_folder.CHECKPOINT).exists() else "started"
+    return "started; resumes from its checkpoint" if (run_dir / run_state.CHECKPOINT).exists() else "started"
 
 
 def run_states(folder: SweepFolder, run_ids: Iterable[str] | None = None) -> list[RunState]:
@@ -224,7 +226,7 @@ def run_states(folder: SweepFolder, run_ids: Iterable[str] | None = None) -> lis
     out: list[RunState] = []
     for run_id in ids:
         run_dir = folder.root / run_id
-        summary = run_folder.read_summary(run_dir) or {}
+        summary = read_summary(run_dir) or {}
         rec = jobs.get(run_id, {})
         job_id = str(rec.get("job_id", ""))
         name, detail = _classify(run_dir, summary, rec, sched.get(job_id, ""), exits.get(run_id))
@@ -240,7 +242,7 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
     if summary.get("status") == "failed":  # the trainer's reason, then its traceback's last lines
         failed_reason = "\n".join(x for x in (str(summary.get("reason", "")).strip(),
                                                str(summary.get("error", "")).strip()) if x)
-    folder_state, why = run_folder.finished(run_dir)
+    folder_state, why = run_state.finished(run_dir)
     if folder_state == "done":
         return ("done", f"step {summary.get('step', '?')}")
     if run_is_locked(run_dir):

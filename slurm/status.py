@@ -9,7 +9,7 @@ States: pending (queued), running, done, failed (with the last lines of its erro
 (scancel, or a local pool that was stopped), missing (never submitted). They come from the run
 folders first (DONE, summary.json, the run's lock) and from SLURM (squeue/sacct) or the local
 pool second; corrupt (DONE, but its summary.json or config.json is missing or unreadable: the one
-definition of a finished run is ``experiments.run_dir.finished``). ``--resubmit`` submits exactly
+definition of a finished run is ``common.run_state.finished``). ``--resubmit`` submits exactly
 the failed, cancelled, corrupt and missing runs (a corrupt folder is moved to ``_sweep/trash/`` first).
 """
 
@@ -27,7 +27,7 @@ from common.cli import OneLineParser, fail, guarded
 from experiments.config import Config, ConfigError
 from experiments.sweep import RunSpec, SweepError, expand, load_sweep
 from slurm.profiles import ProfileError
-from slurm.state import RESUBMITTABLE, STATES, RunState, SweepFolder, run_states, summarise, wait_for  # noqa: F401
+from slurm.state import RESUBMITTABLE, STATES, RunState, SweepFolder, run_states, summarise, wait_for
 from slurm.submit import SubmitError, add_submit_options, resource_args, submit_runs
 
 Log = Callable[[str], None]

@@ -5,7 +5,7 @@
    imports ``experiments``; ``analysis`` imports none of them (it reads files); no module imports,
    even lazily inside a function, a module that imports it back.
 2. The one definition of a finished run and one vocabulary for what a folder holds:
-   ``common.run_state`` decides it, and ``experiments.run_dir.finished`` and ``analysis.load`` say
+   ``common.run_state.finished`` decides it (experiments and slurm call it), and ``analysis.load`` says
    the same word of each folder.
 """
 
@@ -21,7 +21,7 @@ import pytest
 
 import analysis
 from analysis.load import STATUSES
-from experiments.run_dir import RUN_STATES, finished
+from common.run_state import RUN_STATES, finished
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "lfq", "experiments", "slurm", "analysis")
@@ -186,6 +186,6 @@ def test_run_dir_and_analysis_agree_on_what_a_finished_run_is(tmp_path: Path) ->
 
 
 def test_analysis_status_words_are_run_folder_states() -> None:
-    # analysis names what a folder holds with experiments.run_dir's words; a folder it finds is never missing
+    # analysis names what a folder holds with common.run_state's words; a folder it finds is never missing
     assert set(STATUSES) <= set(RUN_STATES)
     assert set(STATUSES) == set(RUN_STATES) - {"missing"}  # and every other word can come out of a folder

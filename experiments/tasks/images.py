@@ -137,7 +137,7 @@ class FolderImages:
     The validation files (``data.val_size`` of the listing's, evenly spread) are decoded once here,
     so the set validation uses, and every count printed about it, is known before training.
     ``notes``: the validation files left out (unreadable, or under ``data.min_size``)
-    and those upscaled; training files are noted as the loaders meet them (``experiments.batches``).
+    and those upscaled; training files are noted as the loaders meet them (``experiments.loop.Batches``).
     """
 
     value_range = VALUE_RANGE
@@ -244,10 +244,6 @@ def build_model(config: Config) -> nn.Module:
 
 def tokens_per_image(config: Config) -> int:
     return (config.data.resolution // config.model.downsample) ** 2
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def memory(config: Config) -> tuple[dict[str, int], int]:

@@ -15,7 +15,8 @@ from experiments.config import (
     apply_overrides,
     load_config,
 )
-from experiments.quantizers import LFQConfig, default_fsq_levels
+from experiments.quantizers.binary import LFQConfig
+from experiments.quantizers.fsq import default_fsq_levels
 
 
 @pytest.mark.parametrize("path", [SYNTHETIC_YAML, PATCHES_YAML])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tolerances import assert_close_rel_max, sum_tol
 
-from experiments.quantizers import FSQ, VectorQuantizer, build_quantizer, quantizer_config
+from experiments.baselines import FSQ, VectorQuantizer
+from experiments.quantizers import build_quantizer, quantizer_config
 from lfq import LFQ
 from lfq.monitor import LFQMonitor
 from lfq.sinks import MemorySink

@@ -13,16 +13,10 @@ from exp_helpers import PATCHES_YAML, SYNTHETIC_YAML
 
 from experiments import quantizers
 from experiments.config import Config, ConfigError, load_config
-from experiments.quantizers import (
-    QUANTIZERS,
-    FSQConfig,
-    Kind,
-    LFQConfig,
-    QuantizerConfig,
-    VQConfig,
-    build_quantizer,
-    quantizer_config,
-)
+from experiments.quantizers import QUANTIZERS, QuantizerConfig, build_quantizer, quantizer_config
+from experiments.quantizers.binary import LFQConfig
+from experiments.quantizers.fsq import FSQConfig
+from experiments.quantizers.vq import VQConfig
 from experiments.sections import new_field
 from experiments.tasks import TASKS, Task, get_task
 from lfq import LFQ
@@ -40,9 +34,12 @@ class Round(torch.nn.Module):
         self.cfg, self.latent_dim = cfg, latent_dim
 
 
+CONFIG, build = RoundConfig, Round  # this test module is the kind "round"'s module
+
+
 @pytest.fixture
 def round_kind(monkeypatch):
-    monkeypatch.setitem(QUANTIZERS, "round", Kind(RoundConfig, Round))
+    monkeypatch.setitem(QUANTIZERS, "round", __name__)
     quantizers._all_fields.cache_clear()  # the union of every kind's fields, computed once per registry
     yield
     monkeypatch.delitem(QUANTIZERS, "round")

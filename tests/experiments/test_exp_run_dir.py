@@ -15,22 +15,11 @@ import pytest
 import torch
 from exp_helpers import REPO, SYNTHETIC_YAML, read_rows, run, smoke_config, without_wall_time
 
+from common.run_state import finished
 from experiments.config import Config, load_config
-from experiments.run_dir import (
-    CorruptRun,
-    RunDir,
-    RunDirError,
-    RunLocked,
-    atomic_write_json,
-    confine,
-    finished,
-    name_problem,
-    read_jsonl,
-    restart,
-    run_status,
-    truncate_jsonl,
-)
-from experiments.run_lock import read_lock_holder
+from experiments.files import atomic_write_json, read_jsonl, truncate_jsonl
+from experiments.run_dir import CorruptRun, RunDir, RunDirError, confine, name_problem, run_status
+from experiments.run_lock import RunLocked, read_lock_holder, restart
 from experiments.train import main
 
 

@@ -8,7 +8,7 @@ import pytest
 from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
 
 from experiments.config import ConfigError
-from experiments.schedules import ramp, values_at
+from experiments.loop import ramp, values_at
 
 # pytest.approx's default (1e-6 relative) below: schedules are float64 arithmetic of a few terms on
 # literal inputs (a product, a cosine, a power), ~4e9 float64 eps from any rounding (tests/tolerances.py).

@@ -13,9 +13,9 @@ from exp_helpers import PATCHES_YAML, Kill, kill_at, read_rows, run, smoke_confi
 
 from experiments import train
 from experiments.config import ConfigError, load_config
+from experiments.loop import TrainState, lr_at
 from experiments.run_dir import RunDir, run_status
 from experiments.tasks import synthetic
-from experiments.train_state import TrainState
 
 SUMMARY_KEYS = {"run_id", "status", "reason", "step", "wall_time_s", "final_val_mse", "final_val_psnr",
                 "best_val_mse", "best_val_psnr", "final_usage_fraction", "final_perplexity",
@@ -197,7 +197,7 @@ def test_train_state_goes_through_a_checkpoint_as_plain_data_and_reads_older_one
 
 def test_lr_warms_up_then_decays_to_min_lr():
     config = smoke_config("optim.warmup_steps=5").resolved()
-    lrs = [train.lr_at(s, config) for s in range(1, config.schedule.steps + 1)]
+    lrs = [lr_at(s, config) for s in range(1, config.schedule.steps + 1)]
     assert lrs[4] == config.optim.lr and lrs[0] == config.optim.lr / 5
     assert lrs[-1] == pytest.approx(config.optim.min_lr)  # float64 cosine of a few terms: approx's default
     assert all(a >= b for a, b in zip(lrs[4:-1], lrs[5:], strict=True))

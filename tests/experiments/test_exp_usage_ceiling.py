@@ -12,7 +12,7 @@ from tolerances import sum_tol
 
 from experiments.config import load_config
 from experiments.evaluation import CAPPED_BELOW, code_histogram, usage_figures
-from experiments.train_state import end_line
+from experiments.loop import end_line
 from lfq.records import usage_ceiling
 
 IMAGES_YAML = REPO / "experiments" / "configs" / "images.yaml"

@@ -51,12 +51,12 @@ def wait_attempts_ended(*sweep_folders: Path, timeout_s: float = 60) -> list[dic
     A job writes a run's DONE marker and only then, on its way out, the attempt's ``end`` event: a test
     that sees DONE and reads events.jsonl at once can find the last attempt unfinished.
     """
-    from experiments import run_dir as run_folder
+    from experiments import files
 
     events: list[dict[str, Any]] = []
 
     def ended() -> bool:
-        events[:] = [e for f in sweep_folders for e in run_folder.read_jsonl(Path(f) / "_sweep" / "events.jsonl")]
+        events[:] = [e for f in sweep_folders for e in files.read_jsonl(Path(f) / "_sweep" / "events.jsonl")]
         starts = {(e["run_id"], e["pid"]) for e in events if e["event"] == "start"}
         ends = {(e["run_id"], e["pid"]) for e in events if e["event"] == "end"}
         return bool(starts) and starts <= ends

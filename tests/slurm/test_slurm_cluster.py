@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from slurm_helpers import LONG, sacct_state, wait_attempts_ended, wait_until, write_sweep
 
+from experiments import files
 from experiments import run_dir as run_folder
 from experiments.sweep import expand, load_sweep
 from slurm import submit as submit_module
@@ -47,7 +48,7 @@ def test_smoke_sweep_completes_and_a_second_submit_submits_nothing(
         wait_until(lambda job_id=job_id: sacct_state(job_id) == "COMPLETED", 60, f"job {job_id} COMPLETED")
     again = submit_sweep(sweep, cluster="slurm", results=results, overrides=["scale=smoke"])
     assert again.submitted == [] and sorted(again.done) == sorted(first.submitted)
-    records = run_folder.read_jsonl(first.folder / "_sweep" / "jobs.jsonl")
+    records = files.read_jsonl(first.folder / "_sweep" / "jobs.jsonl")
     assert len(records) == 4 and {r["run_id"] for r in records} == set(first.submitted)
 
 
@@ -93,7 +94,7 @@ def test_a_cancelled_run_shows_as_cancelled_and_resubmit_completes_it(
     assert status_main([str(r.folder), "--resubmit", "--cluster", "slurm"]) == 0
     out = capsys.readouterr().out
     assert "1 to submit" in out
-    records = run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
+    records = files.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
     assert len(records) == 2 and records[1]["job_id"] != records[0]["job_id"]
     cancel_leftovers.append(records[1]["job_id"])
     wait_until(lambda: run_folder.is_done(r.folder / run_id), 180, "the resubmitted run DONE")

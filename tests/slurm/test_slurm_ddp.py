@@ -26,6 +26,7 @@ from rank_process import rank_process
 from slurm_helpers import LONG, wait_attempts_ended, wait_until, write_sweep
 
 from experiments import distributed as ddp
+from experiments import files
 from experiments import run_dir as run_folder
 from experiments.config import Config
 from experiments.distributed import free_port
@@ -117,7 +118,7 @@ def _drop_wall_time(summary: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _events(sweep_folder: Path) -> list[tuple[Any, ...]]:
-    rows = run_folder.read_jsonl(sweep_folder / "_sweep" / "events.jsonl")
+    rows = files.read_jsonl(sweep_folder / "_sweep" / "events.jsonl")
     return [(e["event"], e.get("status"), e.get("restart"), e.get("world_size")) for e in rows]
 
 
@@ -168,7 +169,7 @@ def test_a_2_task_smoke_run_through_the_cli_equals_a_2_process_ddp_run(
     # the sweep asks for ci + tasks 2; --tasks 2 on the command line is what a user would type
     code = submit_main([str(sweeps["smoke"]), "--cluster", "slurm", "--tasks", "2", "--results", str(results),
                         *SMOKE])
-    records = run_folder.read_jsonl(results / "ddp_smoke" / "_sweep" / "jobs.jsonl")
+    records = files.read_jsonl(results / "ddp_smoke" / "_sweep" / "jobs.jsonl")
     cancel_leftovers += [r["job_id"] for r in records]
     assert code == 0, capsys.readouterr()
     assert "'tasks_per_node': 2" in capsys.readouterr().out
@@ -210,7 +211,7 @@ def test_a_2_task_run_requeued_mid_run_ends_as_an_uninterrupted_2_process_run(
     wait_attempts_ended(r.folder)
     assert _events(r.folder) == [("start", None, 0, WORLD), ("end", "interrupted", None, None),
                                  ("start", None, 1, WORLD), ("end", "done", None, None)]
-    assert len({e["job_id"] for e in run_folder.read_jsonl(r.folder / "_sweep" / "events.jsonl")}) == 1
+    assert len({e["job_id"] for e in files.read_jsonl(r.folder / "_sweep" / "events.jsonl")}) == 1
     wait_until(job.done, 60, "both tasks' result files")
     got = run_folder.read_summary(run_dir)
     assert got is not None and got["status"] == "done" and got["step"] == 800

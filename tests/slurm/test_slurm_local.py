@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from slurm_helpers import held_by_another_process, wait_attempts_ended, wait_until, write_sweep
 
+from common import run_state
+from experiments import files
 from experiments import run_dir as run_folder
 from experiments.config import load_config
 from experiments.run_lock import run_is_locked, try_lock_run
@@ -88,9 +90,9 @@ def test_debug_runs_in_process_and_status_shows_the_failure(tmp_path: Path,
     out = capsys.readouterr().out
     assert "1 done, 1 failed (of 2)" in out and "non-finite loss" in out
     # --resubmit takes exactly the failed run (which fails again: the config is the cause)
-    jobs_before = len(run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl"))
+    jobs_before = len(files.read_jsonl(r.folder / "_sweep" / "jobs.jsonl"))
     assert status_main([str(r.folder), "--resubmit", "--cluster", "debug"]) == 0
-    records = run_folder.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
+    records = files.read_jsonl(r.folder / "_sweep" / "jobs.jsonl")
     assert [rec["run_id"] for rec in records[jobs_before:]] == [bad]
     assert "command" not in records[0]  # submitted through the API: no command line to record
     assert records[-1]["command"] == shlex.join(["python", "-m", "slurm.status", str(r.folder), "--resubmit",
@@ -102,7 +104,7 @@ def test_submit_records_its_command_line_with_each_run(tmp_path: Path) -> None:
     sweep = write_sweep(tmp_path, "recorded", seeds=[0, 1])
     argv = [str(sweep), "--cluster", "debug", "--results", str(tmp_path / "results"), "scale=smoke"]
     assert submit_main(argv) == 0
-    records = run_folder.read_jsonl(tmp_path / "results" / "recorded" / "_sweep" / "jobs.jsonl")
+    records = files.read_jsonl(tmp_path / "results" / "recorded" / "_sweep" / "jobs.jsonl")
     assert len(records) == 2
     assert {rec["command"] for rec in records} == {shlex.join(["python", "-m", "slurm.submit", *argv])}
 
@@ -179,7 +181,7 @@ def test_a_done_run_with_a_missing_file_is_corrupt_and_resubmit_restarts_it(tmp_
     assert status_main([str(folder), "--resubmit", "--cluster", "debug"]) == 0
     out = capsys.readouterr().out
     assert "1 corrupt (of 1)" in out and f"{run_id} is corrupt (DONE but no {damage})" in out
-    assert run_folder.finished(folder / run_id) == ("done", "")
+    assert run_state.finished(folder / run_id) == ("done", "")
     (aside,) = (folder / "_sweep" / "trash").iterdir()  # the old folder is kept, not deleted
     assert aside.name.startswith(run_id) and (aside / "DONE").exists() and not (aside / damage).exists()
 

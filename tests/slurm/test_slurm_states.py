@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import slurm.status
-from experiments.run_dir import RUN_STATES
+from common.run_state import RUN_STATES
 from experiments.run_lock import try_lock_run
 from slurm.state import FOLDER_STATES, SCHEDULER_STATES, STARTED_BECOMES, STATES, _classify
 
