@@ -29,7 +29,7 @@ import pyarrow.feather as feather
 import pyarrow.json as arrow_json
 import pyarrow.parquet as pq
 
-from analysis import columns as cols
+from analysis import columnar as cols
 
 # Bump when the parsed columns' layout changes, so stale cache files are never read back.
 CACHE_FORMAT = 3

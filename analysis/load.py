@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import columns as cols
+from analysis import columnar as cols
 from analysis.jsonl_reader import (
     LoadProblem,
     cache_lookup,

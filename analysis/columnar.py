@@ -8,7 +8,7 @@ codes plus their categories. Concatenation is then one ``np.concatenate`` per co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -97,17 +97,6 @@ def histogram_columns(rows: list[dict[str, Any]]) -> Columns:
     frame["code"] = np.concatenate([np.asarray(r["codes"][:n], dtype=np.int64) for r, n in pairs] or [np.zeros(0, np.int64)])
     frame["count"] = np.concatenate([np.asarray(r["counts"][:n], dtype=np.float64) for r, n in pairs] or [np.zeros(0)])
     return from_frame(frame)
-
-
-def keep_rows(columns: Columns, name: str, values: Iterable[str]) -> Columns:
-    """Only the rows whose string column ``name`` is one of ``values`` (none if it is absent)."""
-    column = columns.get(name)
-    if not isinstance(column, tuple):
-        return {k: (v[0][:0], v[1]) if isinstance(v, tuple) else v[:0] for k, v in columns.items()}
-    codes, categories = column
-    wanted = [i for i, c in enumerate(categories) if c in set(values)]
-    mask = np.isin(codes, wanted)
-    return {k: (v[0][mask], v[1]) if isinstance(v, tuple) else v[mask] for k, v in columns.items()}
 
 
 def concat(parts: Sequence[Columns], run_ids: Sequence[str], lead: Sequence[str]) -> pd.DataFrame:
