@@ -63,10 +63,12 @@ def from_arrow(table: pa.Table) -> Columns:
         elif pa.types.is_null(kind):
             columns[name] = np.full(len(column), np.nan)
         elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-            if column.null_count:  # as pandas does: a number column with gaps is float with NaN
-                columns[name] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
-            else:
+            if not column.null_count:
                 columns[name] = column.to_numpy()
+            elif pa.types.is_boolean(kind):  # as pandas does: a number column with gaps is float with NaN
+                columns[name] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
+            else:  # numbers with gaps come out of to_numpy as floats with NaN, without a cast first
+                columns[name] = column.to_numpy().astype(np.float64, copy=False)
         else:  # lists, structs: not metrics; as strings, like from_frame does with objects
             columns.update(from_frame(pd.DataFrame({name: column.to_pandas()})))
     return columns

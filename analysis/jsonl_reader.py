@@ -147,15 +147,16 @@ def read_compacted(path: Path) -> pa.Table | None:
 def read_jsonl_arrow(path: Path) -> pa.Table | None:
     """The file by Arrow's JSON reader, or None where it cannot read it as written (then parse_jsonl).
 
-    The byte scans are Arrow compute calls on the file as one binary value: they let go of the
-    GIL, so that threads reading many files run them side by side (``bytes.replace`` would hold it)."""
+    NaN is replaced by an Arrow compute call on the file as one binary value, which lets go of the
+    GIL, so that threads reading many files run it side by side (``bytes.replace`` would hold it)."""
     data = path.read_bytes()
     if not data.endswith(b"\n"):  # a torn last line (or an empty file)
         return None
+    # inf, which JSON lacks (a one-byte find is a memchr, ~10x the speed of the word's search)
+    if data.find(b"I") >= 0 and b"Infinity" in data:
+        return None
     offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
     text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
-    if pc.match_substring(text, "Infinity")[0].as_py():  # inf, which JSON lacks
-        return None
     # json.dumps writes NaN for a NaN metric, which is not JSON: as null it reads back as NaN
     text = pc.replace_substring(text, ": NaN", ": null")
     try:
