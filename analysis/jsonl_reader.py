@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import secrets
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -134,6 +134,8 @@ def read_compacted(path: Path) -> pa.Table | None:
     """``metrics.parquet`` beside ``path`` (a ``metrics.jsonl``) if it holds exactly that file's rows
     (its recorded source size is the JSON file's size), else None."""
     compact = path.with_suffix(".parquet")
+    if not compact.exists():  # a run still going has none: a stat, not pyarrow's FileNotFoundError
+        return None
     try:
         handle = pq.ParquetFile(compact)  # not pq.read_table: the dataset layer costs more than the read
         meta = handle.schema_arrow.metadata or {}
@@ -155,7 +157,7 @@ def read_jsonl_arrow(path: Path) -> pa.Table | None:
     # inf, which JSON lacks (a one-byte find is a memchr, ~10x the speed of the word's search)
     if data.find(b"I") >= 0 and b"Infinity" in data:
         return None
-    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
+    offsets = pa.py_buffer(struct.pack("=2q", 0, len(data)))  # one value: the whole file, not copied
     text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
     # json.dumps writes NaN for a NaN metric, which is not JSON: as null it reads back as NaN
     text = pc.replace_substring(text, ": NaN", ": null")
