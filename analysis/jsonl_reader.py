@@ -179,8 +179,11 @@ def _read_json(data: pa.Buffer) -> pa.Table | None:
 
 def _mentions(table: pa.Table, text: str) -> bool:
     """Whether a column name or a string value of ``table`` holds ``text``."""
-    return any(text in name for name in table.column_names) or any(
-        pc.any(pc.match_substring(column, text)).as_py() for column in table.columns if pa.types.is_string(column.type))
+    if any(text in name for name in table.column_names):
+        return True
+    strings = [chunk for column in table.columns if column.type == pa.string() for chunk in column.chunks]
+    # one compute call for all of them: a file's few string columns are small, the call's overhead is not
+    return bool(strings) and pc.match_substring(pa.concat_arrays(strings), text).true_count > 0
 
 
 @dataclass
