@@ -183,7 +183,8 @@ def _mentions(table: pa.Table, text: str) -> bool:
         return True
     strings = [chunk for column in table.columns if column.type == pa.string() for chunk in column.chunks]
     # one compute call for all of them: a file's few string columns are small, the call's overhead is not
-    return bool(strings) and pc.match_substring(pa.concat_arrays(strings), text).true_count > 0
+    hits = pc.match_substring(pa.chunked_array(strings, pa.string()), text)
+    return any(chunk.true_count for chunk in hits.chunks)
 
 
 @dataclass

@@ -362,7 +362,7 @@ def _per_run(
     """Each run's file as a part (from the cache when unchanged), its run id, and problems.
 
     Files not in the cache are parsed in a thread pool when there are many (``workers=None``:
-    Arrow's readers and byte scans release the GIL), or in ``workers`` processes when given.
+    Arrow's readers and compute calls release the GIL), or in ``workers`` processes when given.
     """
     listing = cache_listing(cache_dir)
     found: dict[int, Any] = {}
