@@ -14,25 +14,27 @@ read-only and ``analysis`` only reads them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pyarrow.json as arrow_json
 import pyarrow.parquet as pq
 
-from analysis import columns as cols
+from analysis import columnar as cols
 
 # Bump when the parsed columns' layout changes, so stale cache files are never read back.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: a log Arrow's reader took is cached as the table it read
 CACHE_SUFFIX = ".arrow"
 COMPACT_SOURCE_KEY = b"lfq.source_bytes"  # metrics.parquet's size of the metrics.jsonl it holds
 
@@ -132,6 +134,8 @@ def read_compacted(path: Path) -> pa.Table | None:
     """``metrics.parquet`` beside ``path`` (a ``metrics.jsonl``) if it holds exactly that file's rows
     (its recorded source size is the JSON file's size), else None."""
     compact = path.with_suffix(".parquet")
+    if not compact.exists():  # a run still going has none: a stat, not pyarrow's FileNotFoundError
+        return None
     try:
         handle = pq.ParquetFile(compact)  # not pq.read_table: the dataset layer costs more than the read
         meta = handle.schema_arrow.metadata or {}
@@ -143,21 +147,78 @@ def read_compacted(path: Path) -> pa.Table | None:
 
 
 def read_jsonl_arrow(path: Path) -> pa.Table | None:
-    """The file by Arrow's JSON reader, or None where it cannot read it as written (then parse_jsonl)."""
+    """The file by Arrow's JSON reader, or None where it cannot read it as written (then parse_jsonl).
+
+    json.dumps writes NaN for a NaN metric, which is not JSON. Arrow's reader takes it as a float
+    NaN, which the columns turn into what a null gives (NaN, a float column); only where that could
+    differ (a string or a name holding ": NaN", a nested value) or where the reader refuses it (a
+    NaN in a string column) is the file read again with ``": NaN"`` replaced by ``": null"``, an
+    Arrow compute call that lets go of the GIL (threads read many files side by side)."""
     data = path.read_bytes()
-    if not data.endswith(b"\n") or b"Infinity" in data:  # a torn last line; inf, which JSON lacks
+    if not data.endswith(b"\n"):  # a torn last line (or an empty file)
         return None
-    # json.dumps writes NaN for a NaN metric, which is not JSON: as null it reads back as NaN
-    data = data.replace(b": NaN", b": null")
+    # inf, which JSON lacks (a one-byte find is a memchr, ~10x the speed of the word's search)
+    if data.find(b"I") >= 0 and b"Infinity" in data:
+        return None
+    table = _read_json(pa.py_buffer(data))
+    if table is not None and cols.plain(table) and not _mentions(table, ": NaN"):
+        return table
+    if data.find(b": NaN") < 0:
+        return table
+    offsets = pa.py_buffer(struct.pack("=2q", 0, len(data)))  # one value: the whole file, not copied
+    text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+    return _read_json(pc.replace_substring(text, ": NaN", ": null")[0].as_buffer())
+
+
+def _read_json(data: pa.Buffer) -> pa.Table | None:
     try:
-        return arrow_json.read_json(io.BytesIO(data), read_options=arrow_json.ReadOptions(use_threads=False))
+        return arrow_json.read_json(pa.BufferReader(data), read_options=arrow_json.ReadOptions(use_threads=False))
     except (pa.ArrowException, ValueError):
         return None
 
 
-def _cache_file(cache_dir: Path, path: Path, kind: str, stat: os.stat_result) -> tuple[Path, str]:
-    key = hashlib.sha1(f"{CACHE_FORMAT}|{pa.__version__}|{kind}|{path.resolve()}".encode()).hexdigest()
-    return cache_dir / f"{key}-{stat.st_size}-{stat.st_mtime_ns}{CACHE_SUFFIX}", key
+def _mentions(table: pa.Table, text: str) -> bool:
+    """Whether a column name or a string value of ``table`` holds ``text``."""
+    if any(text in name for name in table.column_names):
+        return True
+    strings = [chunk for column in table.columns if column.type == pa.string() for chunk in column.chunks]
+    # one compute call for all of them: a file's few string columns are small, the call's overhead is not
+    hits = pc.match_substring(pa.chunked_array(strings, pa.string()), text)
+    return any(chunk.true_count for chunk in hits.chunks)
+
+
+@dataclass
+class Source:
+    """A file to load, with its ``stat`` taken before any read (a file still growing must not be
+    cached as complete) and, when a cache key needs it, its resolved path."""
+
+    path: Path
+    stat: os.stat_result = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stat = self.path.stat()  # raises FileNotFoundError for a run without this file
+
+    @cached_property
+    def real(self) -> str:
+        return str(self.path.resolve())
+
+
+def _cache_file(cache_dir: Path, source: Source, kind: str) -> tuple[Path, str]:
+    key = hashlib.sha1(f"{CACHE_FORMAT}|{pa.__version__}|{kind}|{source.real}".encode()).hexdigest()
+    return cache_dir / f"{key}-{source.stat.st_size}-{source.stat.st_mtime_ns}{CACHE_SUFFIX}", key
+
+
+def cache_listing(cache_dir: Path | None) -> dict[str, list[str]]:
+    """The per-file entries in ``cache_dir`` by key (one listing per load, not a glob per file)."""
+    try:
+        names = os.listdir(cache_dir) if cache_dir is not None else []
+    except OSError:
+        return {}
+    entries: dict[str, list[str]] = {}
+    for name in names:
+        if name.endswith(CACHE_SUFFIX) and not name.startswith(("set-", ".")):
+            entries.setdefault(name.split("-", 1)[0], []).append(name)
+    return entries
 
 
 def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
@@ -199,20 +260,20 @@ def temp_dir_beside(target: Path) -> Path:
     raise FileExistsError(f"no free temp folder name beside {target} after 100 tries")
 
 
-Parsed = tuple[cols.Columns, list[str]]
+Parsed = tuple[cols.Part, list[str]]
+Build = Callable[[list[dict[str, Any]]], cols.Columns]
 
 
-def set_cache_file(cache_dir: Path, kind: str, files: list[tuple[str, Path]], scope: str) -> Path:
-    """The cache file of one whole load: keyed on every file's run id, path, size and mtime, so
-    that any change to any of them (or another set of runs) misses it. ``scope`` (the folder
-    loaded) names it: each scope keeps only its newest set entry."""
+def set_cache_file(cache_dir: Path, kind: str, files: list[tuple[str, Path, Source | None]], scope: str) -> Path:
+    """The cache file of one whole load: keyed on every file's run id, path, size and mtime (None
+    for a file that is not there), so that any change to any of them (or another set of runs) misses
+    it. ``scope`` (the folder loaded) names it: each scope keeps only its newest set entry."""
     parts = [CACHE_FORMAT, pa.__version__, pd.__version__, kind]
-    for run_id, path in files:
-        try:
-            stat = path.stat()
-            parts.append((run_id, str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-        except OSError:
+    for run_id, path, source in files:
+        if source is None:
             parts.append((run_id, str(path), None, None))
+        else:
+            parts.append((run_id, source.real, source.stat.st_size, source.stat.st_mtime_ns))
     key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()
     where = hashlib.sha1(f"{kind}|{scope}".encode()).hexdigest()[:16]
     return cache_dir / f"set-{where}-{key}{CACHE_SUFFIX}"
@@ -244,23 +305,30 @@ def write_set_cache(target: Path, frame: pd.DataFrame, problems: list[LoadProble
 
 
 def _write_cache(target: Path, parsed: Parsed) -> None:
-    columns, notes = parsed
-    table = cols.to_arrow(columns)
+    part, notes = parsed
+    table = part if isinstance(part, pa.Table) else cols.to_arrow(part)
     table = table.replace_schema_metadata({b"lfq.notes": json.dumps(notes).encode()})
     write_atomic(target, lambda tmp: feather.write_feather(table, str(tmp), compression="uncompressed"))
 
 
-def cache_lookup(path: Path, kind: str, cache_dir: Path | None) -> Parsed | None:
-    """The cached ``(columns, notes)`` of ``path`` if the file is unchanged since it was cached,
-    else None; ``FileNotFoundError`` if there is no such file."""
-    stat = path.stat()  # raises FileNotFoundError for a run without this file
+def stale_entries(listing: dict[str, list[str]], source: Source, kind: str, cache_dir: Path | None) -> list[str]:
+    """The names of ``source``'s entries in ``listing`` (on a miss: all of older versions of the file)."""
+    return listing.get(_cache_file(cache_dir, source, kind)[1], []) if cache_dir is not None else []
+
+
+def cache_lookup(source: Source, kind: str, cache_dir: Path | None,
+                 listing: dict[str, list[str]] | None = None) -> Parsed | None:
+    """The cached ``(part, notes)`` of ``source`` if the file is unchanged since it was cached, else
+    None. ``listing`` (:func:`cache_listing`): the entries there are, so that a miss opens nothing."""
     if cache_dir is None:
         return None
-    target, _ = _cache_file(cache_dir, path, kind, stat)
+    target, key = _cache_file(cache_dir, source, kind)
+    if listing is not None and target.name not in listing.get(key, ()):
+        return None
     try:
         table = feather.read_table(str(target), memory_map=True)  # zero-copy: no read of the columns it maps
         notes = json.loads((table.schema.metadata or {})[b"lfq.notes"])
-        return cols.from_arrow(table), [str(n) for n in notes]
+        return as_part(table), [str(n) for n in notes]
     except FileNotFoundError:
         return None
     except Exception:  # a damaged cache entry is rebuilt, never trusted (and it is data: it cannot run code)
@@ -268,32 +336,39 @@ def cache_lookup(path: Path, kind: str, cache_dir: Path | None) -> Parsed | None
         return None
 
 
-def parse(path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns]) -> tuple[Parsed, bool]:
-    """``(columns, notes)`` of one file, and whether it came from a Parquet compaction (no need to cache
-    it then): metrics from ``metrics.parquet`` or Arrow's reader when they can, else ``build(rows)`` of
-    :func:`parse_jsonl` (which repairs and notes)."""
+def as_part(table: pa.Table) -> cols.Part:
+    """A table read, kept as it is where :func:`analysis.columnar.concat` can take it (plain types),
+    else its columns: a conversion that fails, fails here, on this file alone."""
+    return table if cols.plain(table) else cols.from_arrow(table)
+
+
+def parse(path: Path, kind: str, build: Build) -> tuple[Parsed, bool]:
+    """``(part, notes)`` of one file, and whether it came from a Parquet compaction (no need to cache
+    it then): metrics from ``metrics.parquet`` or Arrow's reader when they can (:func:`as_part` of
+    the table they read), else ``build(rows)`` of :func:`parse_jsonl` (which repairs and notes)."""
     if kind == "metrics":
         table = read_compacted(path)
         if table is not None:
-            return (cols.from_arrow(table), []), True
+            return (as_part(table), []), True
         table = read_jsonl_arrow(path)
         if table is not None:
-            return (cols.from_arrow(table), []), False
+            return (as_part(table), []), False
     rows, notes = parse_jsonl(path)
     return (build(rows), notes), False
 
 
-def parse_and_cache(
-    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns], cache_dir: Path | None
-) -> Parsed:
-    """:func:`parse`, stored in the cache."""
-    stat = path.stat()  # before reading: a file still growing must not be cached as complete
-    parsed, compacted = parse(path, kind, build)
+def parse_and_cache(source: Source, kind: str, build: Build, cache_dir: Path | None,
+                    stale: Sequence[str] | None = None) -> Parsed:
+    """:func:`parse`, stored in the cache in place of the file's older entries (``stale``: their
+    names, from :func:`cache_listing`; None: looked up)."""
+    parsed, compacted = parse(source.path, kind, build)
     if cache_dir is not None and not compacted:
-        target, key = _cache_file(cache_dir, path, kind, stat)
+        target, key = _cache_file(cache_dir, source, kind)
         # Entries for older versions of this file are dead weight: drop them.
-        for old in target.parent.glob(f"{key}-*"):
-            old.unlink(missing_ok=True)
+        if stale is None:
+            stale = [p.name for p in cache_dir.glob(f"{key}-*")]
+        for name in stale:
+            (cache_dir / name).unlink(missing_ok=True)
         try:
             _write_cache(target, parsed)
         except OSError:
@@ -301,11 +376,10 @@ def parse_and_cache(
     return parsed
 
 
-def parse_and_cache_safely(
-    path: Path, kind: str, build: Callable[[list[dict[str, Any]]], cols.Columns], cache_dir: Path | None
-) -> Parsed | str:
-    """:func:`parse_and_cache`, or the error as text (for process pool workers)."""
+def parse_and_cache_safely(source: Source, kind: str, build: Build, cache_dir: Path | None,
+                           stale: Sequence[str] | None = None) -> Parsed | str:
+    """:func:`parse_and_cache`, or the error as text (for pool workers)."""
     try:
-        return parse_and_cache(path, kind, build, cache_dir)
+        return parse_and_cache(source, kind, build, cache_dir, stale)
     except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as err:
         return f"unreadable: {err}"

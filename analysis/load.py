@@ -20,15 +20,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import columns as cols
+from analysis import columnar as cols
 from analysis.jsonl_reader import (
+    Build,
     LoadProblem,
+    Source,
+    cache_listing,
     cache_lookup,
     parse_and_cache_safely,
     read_last_row,
     read_set_cache,
     resolve_cache,
     set_cache_file,
+    stale_entries,
     write_set_cache,
 )
 from common.run_state import read_object, state_of
@@ -329,63 +333,73 @@ def _workers(misses: int, workers: int | None) -> int:
     return min(8, os.cpu_count() or 1) if misses >= POOL_MIN_FILES else 1
 
 
+def _source(source: PathLike | pd.DataFrame, warn: bool) -> tuple[pd.DataFrame, Path, list[LoadProblem]]:
+    """The runs to read (``source`` itself if it is a runs frame), the folder loaded, and load_runs' problems."""
+    if isinstance(source, pd.DataFrame):
+        return source, Path(os.path.commonpath(source["run_dir"].tolist() or ["."])), []
+    runs = load_runs(source, warn=warn)
+    return runs, Path(source), list(runs.attrs.get("problems", ()))
+
+
+Files = list[tuple[str, Path, Source | None]]
+
+
+def _files(runs: pd.DataFrame, filename: str) -> Files:
+    """Each run's id, its ``filename`` and that file's :class:`Source` (None where it has none yet)."""
+    files: Files = []
+    for run_id, run_dir in zip(runs["run_id"], runs["run_dir"], strict=True):
+        path = Path(run_dir) / filename
+        try:
+            files.append((str(run_id), path, Source(path)))
+        except FileNotFoundError:
+            files.append((str(run_id), path, None))  # this run has no such file (yet)
+    return files
+
+
 def _per_run(
-    source: PathLike | pd.DataFrame,
-    filename: str,
-    kind: str,
-    build: Any,
-    cache: CacheArg,
-    warn: bool,
-    workers: int | None,
-) -> tuple[list[cols.Columns], list[str], list[LoadProblem], Path]:
-    """Each run's ``filename`` as columns (from the cache when unchanged), its run id, and problems.
+    files: Files, kind: str, build: Build, cache_dir: Path | None, workers: int | None
+) -> tuple[list[cols.Part], list[str], list[LoadProblem]]:
+    """Each run's file as a part (from the cache when unchanged), its run id, and problems.
 
     Files not in the cache are parsed in a thread pool when there are many (``workers=None``:
-    Arrow's readers release the GIL), or in ``workers`` processes when given.
+    Arrow's readers and compute calls release the GIL), or in ``workers`` processes when given.
     """
-    runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
-    root = Path(source) if not isinstance(source, pd.DataFrame) else Path(os.path.commonpath(runs["run_dir"].tolist() or ["."]))
-    problems = list(runs.attrs.get("problems", ())) if not isinstance(source, pd.DataFrame) else []
-    cache_dir = resolve_cache(cache)
-    found: dict[int, tuple[Any, list[str]] | str] = {}
-    misses: list[tuple[int, Path]] = []
-    entries = [(str(rid), Path(rdir)) for rid, rdir in zip(runs["run_id"], runs["run_dir"], strict=True)]
-    for i, (_, run_dir) in enumerate(entries):
-        path = run_dir / filename
-        try:
-            hit = cache_lookup(path, kind, cache_dir)
-        except FileNotFoundError:
-            continue  # this run has no such file (yet)
+    listing = cache_listing(cache_dir)
+    found: dict[int, Any] = {}
+    misses: list[tuple[int, Source]] = []
+    for i, (_, _, source) in enumerate(files):
+        if source is None:
+            continue
+        hit = cache_lookup(source, kind, cache_dir, listing)
         if hit is None:
-            misses.append((i, path))
+            misses.append((i, source))
         else:
             found[i] = hit
+    args = [(source, kind, build, cache_dir, stale_entries(listing, source, kind, cache_dir)) for _, source in misses]
     n_workers = _workers(len(misses), workers)
     if n_workers > 1 and workers is None:
         # Threads by default: Arrow's Parquet and JSON readers release the GIL, and nothing is pickled back.
         with ThreadPoolExecutor(n_workers) as threads:
-            args = [(p, kind, build, cache_dir) for _, p in misses]
-            found.update(zip([i for i, _ in misses], threads.map(lambda a: parse_and_cache_safely(*a), args),
-                             strict=True))
+            results = list(threads.map(lambda a: parse_and_cache_safely(*a), args))
     elif n_workers > 1:  # workers=N: processes, for logs only the stdlib parser can read (GIL-bound)
         with ProcessPoolExecutor(n_workers) as pool:
-            results = pool.map(parse_and_cache_safely, *zip(*[(p, kind, build, cache_dir) for _, p in misses], strict=True),
-                               chunksize=max(1, len(misses) // (4 * n_workers)))
-            found.update(zip([i for i, _ in misses], results, strict=True))
+            results = list(pool.map(parse_and_cache_safely, *zip(*args, strict=True),
+                                    chunksize=max(1, len(misses) // (4 * n_workers))))
     else:
-        found.update((i, parse_and_cache_safely(p, kind, build, cache_dir)) for i, p in misses)
-    tables, ids = [], []
+        results = [parse_and_cache_safely(*a) for a in args]
+    found.update(zip([i for i, _ in misses], results, strict=True))
+    parts, ids, problems = [], [], []
     for i in sorted(found):
-        run_id, run_dir = entries[i]
+        run_id, path, _ = files[i]
         result = found[i]
         if isinstance(result, str):
-            problems.append(LoadProblem(str(run_dir), filename, result, True))
+            problems.append(LoadProblem(str(path.parent), path.name, result, True))
             continue
-        table, notes = result
-        problems.extend(LoadProblem(str(run_dir), filename, note, False) for note in notes)
-        tables.append(table)
+        part, notes = result
+        problems.extend(LoadProblem(str(path.parent), path.name, note, False) for note in notes)
+        parts.append(part)
         ids.append(run_id)
-    return tables, ids, problems, root
+    return parts, ids, problems
 
 
 def load_metrics(
@@ -404,26 +418,22 @@ def load_metrics(
     ``cache``: True (default folder, see ``LFQ_ANALYSIS_CACHE``), False, or a folder.
     ``workers``: processes parsing uncached files (default None: up to 8 threads when 64 or more miss).
     """
-    runs = source if isinstance(source, pd.DataFrame) else load_runs(source, warn=warn)
-    root = Path(source) if not isinstance(source, pd.DataFrame) else Path(
-        os.path.commonpath(runs["run_dir"].tolist() or ["."]))
+    runs, root, run_problems = _source(source, warn)
     cache_dir = resolve_cache(cache)
+    files = _files(runs, "metrics.jsonl")
     # A whole load that was made before from the same files is one memory-mapped read (warm path).
-    target = set_cache_file(cache_dir, "metrics", [(str(r), Path(d) / "metrics.jsonl")
-                                                   for r, d in zip(runs["run_id"], runs["run_dir"], strict=True)],
-                            str(root.resolve())) if cache_dir is not None else None
+    target = set_cache_file(cache_dir, "metrics", files, str(root.resolve())) if cache_dir is not None else None
     hit = read_set_cache(target) if target is not None else None
     if hit is not None:
         metrics, problems = hit
     else:
-        parts, ids, problems, _ = _per_run(runs, "metrics.jsonl", "metrics", cols.metrics_columns, cache, warn, workers)
+        parts, ids, problems = _per_run(files, "metrics", cols.metrics_columns, cache_dir, workers)
         metrics = cols.concat(parts, ids, ID_COLUMNS[1:]) if parts else pd.DataFrame(columns=list(ID_COLUMNS))
         if target is not None and parts:
             write_set_cache(target, metrics, problems)
     if kinds is not None and "kind" in metrics:
         metrics = metrics[metrics["kind"].isin(list(kinds))].reset_index(drop=True)
-    if not isinstance(source, pd.DataFrame):
-        problems = [*runs.attrs.get("problems", ()), *problems]
+    problems = [*run_problems, *problems]
     metrics.attrs["problems"] = tuple(problems)
     if warn:
         _report([p for p in problems if p.file == "metrics.jsonl"], root, "load_metrics")
@@ -436,7 +446,10 @@ def load_histograms(
     """Code histogram snapshots, one row per (run, snapshot, code):
     ``run_id``, ``step``, ``layer``, ``codebook``, ``mode``, ``codebook_size``, ``code``, ``count``.
     Counts are those since the previous snapshot of the same run (as written)."""
-    parts, ids, problems, root = _per_run(source, "histograms.jsonl", "histograms", cols.histogram_columns, cache, warn, workers)
+    runs, root, run_problems = _source(source, warn)
+    parts, ids, problems = _per_run(_files(runs, "histograms.jsonl"), "histograms", cols.histogram_columns,
+                                    resolve_cache(cache), workers)
+    problems = [*run_problems, *problems]
     lead = (*cols.HISTOGRAM_META, "code", "count")
     hist = cols.concat(parts, ids, lead) if parts else pd.DataFrame(columns=["run_id", *lead])
     hist.attrs["problems"] = tuple(problems)

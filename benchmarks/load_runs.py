@@ -1,4 +1,4 @@
-"""How long loading a sweep takes: 1,000 runs x 1,000 logged steps (issue 19: cold <= 5 s, warm <= 1 s).
+"""How long loading a sweep takes: 1,000 runs x 1,000 logged steps (issue 30: JSON lines only, cold <= 5 s, warm <= 1 s).
 
 Writes synthetic run folders (docs/ARCHITECTURE.md layout) into a temp folder, then times
 ``analysis.load_runs`` and ``analysis.load_metrics`` with an empty cache ("cold") and with the
@@ -8,7 +8,7 @@ compact_metrics``) and on JSON logs alone (runs still going, or written before c
 existed), parsed by Arrow's JSON reader. The OS page cache is warm in all: the cold numbers
 measure parsing, not the disk. ``cpu_seconds`` (this process and the pool's
 workers) is the work done, which unlike wall time does not grow when the machine is shared;
-``load_avg_1min`` says how shared it was.
+``load_avg_1min`` (taken after each row's measurement) says how shared it was.
 
     python benchmarks/load_runs.py [--runs 1000] [--steps 1000] [--out results/benchmarks/load_runs.csv]
 """
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"what": label, "cache": state, "runs": args.runs, "steps": args.steps,
                          "rows": len(out), "seconds_median": statistics.median(times),
                          "seconds_min": min(times), "cpu_seconds_median": statistics.median(cpu),
-                         "repeats": repeats})
+                         "repeats": repeats, "load_avg_1min": round(os.getloadavg()[0], 2)})
 
         def runs_then_metrics(workers: int | None = None):
             start = time.perf_counter()
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     table["cpus"] = os.cpu_count()
     table["torch_threads_env"] = os.environ.get("OMP_NUM_THREADS", "")
     table["arrow_cpu_count"] = pa.cpu_count()
-    # The machine may be shared: the 1-minute load average says how contended the timings were.
-    table["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    # The machine may be shared: the 1-minute load average says how contended each row's timings were.
+    table = table[[c for c in table if c != "load_avg_1min"] + ["load_avg_1min"]]
     print(table.drop(columns=["python", "pandas"]).to_string(index=False, float_format="%.2f"))
     write_csv_atomic(table, args.out)
     print(f"wrote {args.out}")

@@ -19,8 +19,9 @@ import pytest
 from analysis_fixtures import FRACS, GAMMAS, SEEDS, write_run
 
 import analysis
+from analysis import columnar
 from analysis.claims import summarize
-from analysis.jsonl_reader import parse_jsonl
+from analysis.jsonl_reader import parse_jsonl, read_jsonl_arrow
 from analysis.load import STATUS_MEANINGS, STATUSES
 
 STEPS = 5  # write_run's default: per step 1 quantizer row per layer + 1 train row, val on even steps
@@ -258,6 +259,31 @@ def test_the_arrow_reader_and_the_repairing_parser_give_the_same_frame(tmp_path:
         f.write('{"step": 7, "ki')
     slow = analysis.load_metrics(tmp_path / "a", cache=False, warn=False)
     pd.testing.assert_frame_equal(fast, slow)
+
+
+def test_runs_converted_together_give_the_frame_of_runs_converted_alone(tmp_path: Path) -> None:
+    # Runs of one schema are converted as one table; categories must come out in the order the
+    # per-run conversion gives (each run's sorted categories, first-seen), and numbers in a column
+    # that another run has strings in are written as each run alone has them (2, not 2.0).
+    logs = {
+        "a": [{"step": 0, "kind": "zeta", "layer": "l9", "tag": 1, "v": 0.5},
+              {"step": 1, "kind": "zeta", "layer": "l1", "tag": 2, "v": 1.5}],
+        "b": [{"step": 0, "kind": "alpha", "layer": "l9", "tag": 3, "v": 0.5},
+              {"step": 1, "kind": "mid", "layer": "l1", "tag": None, "v": None}],
+        "c": [{"step": 0, "kind": "alpha", "layer": "l0", "tag": None, "v": 2.5}],
+        "d": [{"step": 0, "kind": "beta", "layer": "l9", "tag": "text", "v": 0.25}],
+    }
+    tables = []
+    for name, rows in logs.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tables.append(read_jsonl_arrow(path))
+    assert tables[0].schema.equals(tables[1].schema)  # a and b go together, c and d alone
+    together = columnar.concat(tables, list(logs), ["step", "kind"])
+    alone = columnar.concat([columnar.from_arrow(t) for t in tables], list(logs), ["step", "kind"])
+    pd.testing.assert_frame_equal(together, alone, check_exact=True)
+    assert list(together["kind"].cat.categories) == ["zeta", "alpha", "mid", "beta"]
+    assert list(together["tag"].cat.categories) == ["text", "1", "2", "3.0", "nan"]
 
 
 def test_a_compacted_log_in_step_with_its_json_is_read_instead(tmp_path: Path) -> None:

@@ -2,13 +2,16 @@
 
 A sweep is ~1,000 small tables. Concatenating 1,000 DataFrames costs ~1 ms each in pandas
 overhead (and turns categoricals with different categories into slow object columns), so a
-run's parsed table is kept, and cached, as a dict of numpy arrays, with strings as categorical
-codes plus their categories. Concatenation is then one ``np.concatenate`` per column.
+run's table is a dict of numpy arrays, with strings as categorical codes plus their categories,
+or the Arrow table it was read as. Runs in a row whose Arrow tables have one schema of plain
+types are converted together, as one table; the frame is the one that converting each run
+alone and concatenating would give (:func:`concat`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,10 +63,12 @@ def from_arrow(table: pa.Table) -> Columns:
         elif pa.types.is_null(kind):
             columns[name] = np.full(len(column), np.nan)
         elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-            if column.null_count:  # as pandas does: a number column with gaps is float with NaN
-                columns[name] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
-            else:
+            if not column.null_count:
                 columns[name] = column.to_numpy()
+            elif pa.types.is_boolean(kind):  # as pandas does: a number column with gaps is float with NaN
+                columns[name] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
+            else:  # numbers with gaps come out of to_numpy as floats with NaN, without a cast first
+                columns[name] = column.to_numpy().astype(np.float64, copy=False)
         else:  # lists, structs: not metrics; as strings, like from_frame does with objects
             columns.update(from_frame(pd.DataFrame({name: column.to_pandas()})))
     return columns
@@ -99,58 +104,127 @@ def histogram_columns(rows: list[dict[str, Any]]) -> Columns:
     return from_frame(frame)
 
 
-def keep_rows(columns: Columns, name: str, values: Iterable[str]) -> Columns:
-    """Only the rows whose string column ``name`` is one of ``values`` (none if it is absent)."""
-    column = columns.get(name)
-    if not isinstance(column, tuple):
-        return {k: (v[0][:0], v[1]) if isinstance(v, tuple) else v[:0] for k, v in columns.items()}
+Part = Columns | pa.Table  # one run's rows
+# Arrow types whose columns convert alike alone and in a concatenation (from_arrow's plain branches)
+PLAIN_TYPES = (pa.int64(), pa.float64(), pa.bool_(), pa.null(), pa.string())
+
+
+@dataclass
+class Group:
+    """Consecutive runs' rows as one set of columns, and each run's row count; ``tables`` are the
+    runs' Arrow tables where they were converted together."""
+
+    columns: Columns
+    lengths: list[int]
+    tables: list[pa.Table] | None = None
+
+
+def plain(table: pa.Table) -> bool:
+    """Whether every column of ``table`` is of :data:`PLAIN_TYPES` (then it can stay an Arrow table
+    until :func:`concat`; any other is converted by :func:`from_arrow` as soon as it is read)."""
+    return all(t in PLAIN_TYPES for t in table.schema.types)
+
+
+def _groups(parts: Sequence[Part]) -> list[Group]:
+    groups: list[Group] = []
+    run: list[pa.Table] = []
+
+    def flush() -> None:
+        if run:
+            groups.append(from_tables(run))
+            run.clear()
+
+    for part in parts:
+        if isinstance(part, pa.Table) and plain(part):
+            if run and not part.schema.equals(run[0].schema):
+                flush()
+            run.append(part)
+            continue
+        flush()
+        columns = from_arrow(part) if isinstance(part, pa.Table) else part
+        groups.append(Group(columns, [_length(columns)]))
+    flush()
+    return groups
+
+
+def from_tables(tables: Sequence[pa.Table]) -> Group:
+    """Tables of one plain schema as one :class:`Group`: :func:`from_arrow` of their concatenation,
+    string categories in the order that concatenating each table's own columns would give them
+    (each table's sorted categories, first-seen across the tables)."""
+    lengths = [t.num_rows for t in tables]
+    if len(tables) == 1:
+        return Group(from_arrow(tables[0]), lengths, list(tables))
+    columns = from_arrow(pa.concat_tables(tables))
+    starts = np.cumsum([0, *lengths[:-1]])
+    for name, column in columns.items():
+        if isinstance(column, tuple):
+            columns[name] = _first_seen_order(column, starts)
+    return Group(columns, lengths, list(tables))
+
+
+def _first_seen_order(column: tuple[np.ndarray, list[str]], starts: np.ndarray) -> tuple[np.ndarray, list[str]]:
     codes, categories = column
-    wanted = [i for i, c in enumerate(categories) if c in set(values)]
-    mask = np.isin(codes, wanted)
-    return {k: (v[0][mask], v[1]) if isinstance(v, tuple) else v[mask] for k, v in columns.items()}
+    firsts = pd.Series(codes, copy=False).drop_duplicates()  # index: the row each code first appears in
+    firsts = firsts[firsts.to_numpy() >= 0]
+    present = firsts.to_numpy()
+    table_of = np.searchsorted(starts, firsts.index.to_numpy(), side="right") - 1
+    order = present[np.lexsort((present, table_of))]  # by first table, then sorted (the codes are)
+    remap = np.empty(len(categories) + 1, dtype=np.int32)
+    remap[order] = np.arange(len(order), dtype=np.int32)
+    remap[-1] = -1
+    return remap[codes], [categories[i] for i in order]
 
 
-def concat(parts: Sequence[Columns], run_ids: Sequence[str], lead: Sequence[str]) -> pd.DataFrame:
+def concat(parts: Sequence[Part], run_ids: Sequence[str], lead: Sequence[str]) -> pd.DataFrame:
     """One DataFrame: ``run_id`` (categorical), the ``lead`` columns, then the rest in
     first-seen order. A column missing from a part is NaN there (or a missing category)."""
-    lengths = [_length(p) for p in parts]
+    groups = _groups(parts)
+    lengths = [n for g in groups for n in g.lengths]
     columns: dict[str, Any] = {
         "run_id": pd.Categorical.from_codes(
             np.repeat(np.arange(len(run_ids), dtype=np.int32), lengths), categories=list(run_ids)
         )
     }
-    names = list(dict.fromkeys(n for p in parts for n in p))
+    names = list(dict.fromkeys(n for g in groups for n in g.columns))
     for name in names:
-        pieces = [p.get(name) for p in parts]
+        pieces = [g.columns.get(name) for g in groups]
         if any(isinstance(x, tuple) for x in pieces):
-            columns[name] = _concat_categorical(pieces, lengths)
+            columns[name] = _concat_categorical(name, pieces, groups)
         else:
-            arrays = [x if x is not None else np.full(n, np.nan) for x, n in zip(pieces, lengths, strict=True)]
-            columns[name] = np.concatenate(arrays) if arrays else np.zeros(0)
+            arrays = [x if x is not None else np.full(sum(g.lengths), np.nan) for x, g in zip(pieces, groups, strict=True)]
+            one = len(arrays) == 1 and arrays[0].flags.writeable  # the frame owns its arrays, as a concatenation's
+            columns[name] = arrays[0] if one else np.concatenate(arrays) if arrays else np.zeros(0)
     # copy=False: one block per column instead of copying every float into one 2-D block (0.8 s at 2M rows)
     frame = pd.DataFrame(columns, index=pd.RangeIndex(sum(lengths)), copy=False)
     first = [c for c in ("run_id", *lead) if c in frame]
     return frame[first + [c for c in frame if c not in first]]
 
 
-def _concat_categorical(pieces: list[Column | None], lengths: list[int]) -> pd.Categorical:
+def _concat_categorical(name: str, pieces: list[Column | None], groups: list[Group]) -> pd.Categorical:
     categories: dict[str, int] = {}
     for piece in pieces:
         if isinstance(piece, tuple):
             for c in piece[1]:
                 categories.setdefault(c, len(categories))
     codes = []
-    for piece, n in zip(pieces, lengths, strict=True):
+    for piece, group in zip(pieces, groups, strict=True):
         if isinstance(piece, tuple):
             local, cats = piece
             # Map this part's codes onto the shared categories; -1 (missing) stays -1.
             lookup = np.array([categories[c] for c in cats] + [-1], dtype=np.int32)
             codes.append(lookup[local])
-        elif piece is None or np.all(pd.isna(piece)):
-            codes.append(np.full(n, -1, dtype=np.int32))
-        else:  # numbers in a string column: stringify this part
-            strings = [str(v) for v in piece]
-            for s in strings:
-                categories.setdefault(s, len(categories))
-            codes.append(np.array([categories[s] for s in strings], dtype=np.int32))
+            continue
+        if piece is None:
+            codes.append(np.full(sum(group.lengths), -1, dtype=np.int32))
+            continue
+        # numbers in a string column: each run as its own columns have them
+        runs = [piece] if group.tables is None else [from_arrow(t.select([name]))[name] for t in group.tables]
+        for run, n in zip(runs, group.lengths, strict=True):
+            if np.all(pd.isna(run)):
+                codes.append(np.full(n, -1, dtype=np.int32))
+            else:  # stringify this part
+                strings = [str(v) for v in run]
+                for s in strings:
+                    categories.setdefault(s, len(categories))
+                codes.append(np.array([categories[s] for s in strings], dtype=np.int32))
     return pd.Categorical.from_codes(np.concatenate(codes) if codes else np.zeros(0, np.int32), categories=list(categories))
