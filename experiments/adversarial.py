@@ -136,6 +136,15 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def non_saturating_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating generator loss Open-MAGVIT2 trains with, E[softplus(-l)], where l is each
+    image's mean logit (a patch map is averaged per image first)."""
+    return F.softplus(-fake_logits.flatten(1).mean(dim=1)).mean()
+
+
+GENERATOR_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
+
+
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """VQGAN's balance: ||d rec / d W|| / (||d adv / d W|| + 1e-4) at the decoder's last weight W,
     clamped to [0, 1e4] and detached. Both gradients keep the graph, for the backward that follows."""

@@ -19,7 +19,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
-from experiments.adversarial import LeCAM, adaptive_weight, build_discriminator, hinge_d_loss, hinge_g_loss
+from experiments.adversarial import (
+    GENERATOR_LOSSES,
+    LeCAM,
+    adaptive_weight,
+    build_discriminator,
+    hinge_d_loss,
+)
 from experiments.perceptual import LPIPS
 
 # Columns of the train rows the objective adds, where they apply (NaN before loss.disc_start)
@@ -102,7 +108,7 @@ class Objective:
             return extra
         with frozen(self.disc), self.autocast():
             fake = self.disc(recon)
-        g_adv = hinge_g_loss(fake.float())
+        g_adv = GENERATOR_LOSSES[loss.generator_loss](fake.float())
         if loss.adaptive_weight:
             weight = adaptive_weight(rec_loss + extra, g_adv, self.decoder_weight)
             if self.world > 1:  # one weight per step for every rank: the mean of theirs

@@ -272,6 +272,7 @@ class LossConfig(Section):
     adversarial_weight: float = new_field(0.0, listed_at_default=False)  # 0 = off
     disc: str = new_field("patchgan", listed_at_default=False)  # patchgan (VQGAN's) | stylegan (MAGVIT-v2's)
     disc_start: int = new_field(0, listed_at_default=False)  # the game starts after this step
+    generator_loss: str = new_field("hinge", listed_at_default=False)  # hinge | non_saturating (Open-MAGVIT2's)
     adaptive_weight: bool = new_field(True, listed_at_default=False)  # VQGAN's balance at the decoder's last layer
     disc_lr: float | None = new_field(None, listed_at_default=False)  # null: optim.lr; same warmup and decay
     disc_width: int = new_field(64, listed_at_default=False)  # the discriminator's first-layer channels
@@ -288,6 +289,7 @@ class LossConfig(Section):
               "must be the path of the LPIPS weights file when loss.perceptual_weight > 0 "
               "(python -m experiments.perceptual VGG16.pth LPIPS_VGG.pth --out FILE writes it)")
         check_choice("loss.disc", self.disc, ("patchgan", "stylegan"))
+        check_choice("loss.generator_loss", self.generator_loss, ("hinge", "non_saturating"))
         check(self.disc_start >= 0, "loss.disc_start", self.disc_start, "must be a step >= 0")
         check(self.disc_lr is None or self.disc_lr > 0, "loss.disc_lr", self.disc_lr, "must be > 0, or null for optim.lr")
         check(self.disc_width >= 1, "loss.disc_width", self.disc_width, "must be >= 1")

@@ -20,6 +20,7 @@ from experiments.adversarial import (
     build_discriminator,
     hinge_d_loss,
     hinge_g_loss,
+    non_saturating_g_loss,
 )
 from experiments.perceptual import LPIPS, WeightsError, combine, linear_keys, trunk_keys
 
@@ -62,6 +63,10 @@ def test_hinge_losses() -> None:
     # 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))) = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 3 / 3))
     assert hinge_g_loss(fake).item() == pytest.approx(1 / 3)
+    # non-saturating: each image's mean logit, then softplus(-l): images with means 0.5 and -1.5
+    maps = torch.tensor([[[[1.0, 0.0]]], [[[-1.0, -2.0]]]])
+    expected = (torch.nn.functional.softplus(torch.tensor(-0.5)) + torch.nn.functional.softplus(torch.tensor(1.5))) / 2
+    assert non_saturating_g_loss(maps).item() == pytest.approx(expected.item())
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer() -> None:
