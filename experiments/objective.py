@@ -26,11 +26,35 @@ from experiments.adversarial import (
     build_discriminator,
     hinge_d_loss,
 )
-from experiments.perceptual import LPIPS
+from experiments.perceptual import LPIPS, WeightsError, linear_keys, read_state, trunk_keys
+from experiments.sections import ConfigError
 
 # Columns of the train rows the objective adds, where they apply (NaN before loss.disc_start)
 ADVERSARIAL_KEYS = ("d_loss", "g_adv_loss", "adaptive_weight", "d_real", "d_fake", "lecam_loss")
 PERCEPTUAL_KEYS = ("perceptual_loss",)
+
+
+def check_objective(config: Any, task: Any) -> None:
+    """What the objective can refuse before a run folder exists (ConfigError, one line): a term on a
+    task that does not reconstruct images, a StyleGAN discriminator at a size it cannot take, a
+    perceptual weights file that is missing or is not LPIPS's."""
+    loss = config.loss
+    if loss.adversarial_weight <= 0 and loss.perceptual_weight <= 0:
+        return
+    if not getattr(task, "RECONSTRUCTS_IMAGES", False):
+        term = "loss.adversarial_weight" if loss.adversarial_weight > 0 else "loss.perceptual_weight"
+        raise ConfigError(f"{term} applies to tasks that reconstruct images (task=images), not task={config.task}: "
+                          f"set it to 0")
+    resolution = config.data.resolution
+    if loss.adversarial_weight > 0 and loss.disc == "stylegan" and (resolution < 4 or resolution & (resolution - 1)):
+        raise ConfigError(f"loss.disc='stylegan' needs data.resolution a power of two >= 4, not {resolution}: "
+                          f"use loss.disc=patchgan")
+    if loss.perceptual_weight > 0:
+        try:
+            read_state(loss.perceptual_weights, {**trunk_keys(), **linear_keys()}, "loss.perceptual_weights")
+        except WeightsError as err:
+            raise ConfigError(f"{err} (python -m experiments.perceptual VGG16.pth LPIPS_VGG.pth --out FILE "
+                              f"writes one from the published files)") from None
 
 
 def last_layer(model: nn.Module) -> torch.Tensor:

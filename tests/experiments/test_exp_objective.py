@@ -4,6 +4,7 @@ definition, LeCAM's averages, LPIPS's invariances and its weights files, good an
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,74 @@ def test_combine_writes_the_one_file_from_the_two_published_ones(tmp_path: Path)
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "VGG16 file" in run.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+# --- in training: the images task with the adversarial game and LPIPS ---------------------------------
+
+IMAGES_YAML = REPO / "experiments" / "configs" / "images.yaml"
+GAME = ("d_loss", "g_adv_loss", "adaptive_weight", "d_real", "d_fake", "lecam_loss")
+
+
+def _gan_config(tmp_path: Path, *extra: str):
+    from exp_helpers import smoke_config
+
+    weights = tmp_path / "lpips.pt"
+    if not weights.exists():
+        _random_weights(weights)
+    return smoke_config("loss.adversarial_weight=0.1", "loss.disc_start=5", "loss.lecam_weight=0.01",
+                        "loss.perceptual_weight=0.5", f"loss.perceptual_weights={weights}", "schedule.steps=12",
+                        *extra, path=IMAGES_YAML)
+
+
+def test_a_run_with_the_game_logs_it_after_the_start_and_resumes_bit_identically(tmp_path: Path) -> None:
+    import json
+
+    from exp_helpers import Kill, kill_at, read_rows, run, without_wall_time
+
+    config = _gan_config(tmp_path)
+    reference = run(config, tmp_path / "ref")
+    rows = [r for r in read_rows(tmp_path / "ref" / "metrics.jsonl") if r["kind"] == "train"]
+    by_step = {r["step"]: r for r in rows}
+    assert sorted(by_step) == [5, 10, 12]
+    # step 5 is not past loss.disc_start=5: the game has not begun; LPIPS is on from the first step
+    assert all(math.isnan(by_step[5][k]) for k in GAME) and by_step[5]["perceptual_loss"] > 0
+    for step in (10, 12):
+        row = by_step[step]
+        assert all(math.isfinite(row[k]) for k in (*GAME, "perceptual_loss")), row
+        assert row["d_loss"] >= 0 and row["adaptive_weight"] > 0 and row["lecam_loss"] >= 0
+    # the discriminator and its optimiser travel in the checkpoint
+    checkpoint = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    assert set(checkpoint["objective"]) == {"disc", "optimizer", "scaler", "lecam"}
+
+    with pytest.raises(Kill):
+        run(config, tmp_path / "run", on_step=kill_at(11))
+    resumed = run(config, tmp_path / "run")
+    assert without_wall_time(resumed) == without_wall_time(reference)
+    # NaN rows compare as text: NaN is not equal to itself
+    assert json.dumps(read_rows(tmp_path / "run" / "metrics.jsonl")) == json.dumps(
+        read_rows(tmp_path / "ref" / "metrics.jsonl"))
+
+
+def test_the_stylegan_discriminator_and_a_fixed_weight_train_too(tmp_path: Path) -> None:
+    from exp_helpers import read_rows, run
+
+    config = _gan_config(tmp_path, "loss.disc=stylegan", "loss.adaptive_weight=false", "loss.disc_width=8",
+                         "loss.generator_loss=non_saturating", "schedule.steps=6")
+    assert run(config, tmp_path / "run")["status"] == "done"
+    last = [r for r in read_rows(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert last["step"] == 6 and last["adaptive_weight"] == pytest.approx(0.1) and math.isfinite(last["d_loss"])
+
+
+def test_a_bad_perceptual_weights_file_stops_the_command_before_any_folder(tmp_path: Path) -> None:
+    (tmp_path / "bad.pt").write_text("not weights")
+    cases = {str(tmp_path / "none.pt"): "does not exist", str(tmp_path / "bad.pt"): "not a torch weights file"}
+    for path, words in cases.items():
+        out = subprocess.run([sys.executable, "-m", "experiments.train", str(IMAGES_YAML), "scale=smoke",
+                              "loss.perceptual_weight=1", f"loss.perceptual_weights={path}", "--out",
+                              str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert not (tmp_path / "runs").exists()
+    out = subprocess.run([sys.executable, "-m", "experiments.train", str(REPO / "experiments" / "configs" / "synthetic.yaml"),
+                          "scale=smoke", "loss.adversarial_weight=0.1", "--out", str(tmp_path / "runs")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "applies to tasks that reconstruct images" in out.stderr, out.stderr
