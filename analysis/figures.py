@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.adversarial_game import adversarial_game, played
 from analysis.aggregate import parameters, select
 from analysis.claim_figures import (
     CLAMP_TRAIN_TITLES,
@@ -211,6 +212,15 @@ FIGURES: list[Plot] = [
          "Share of token-bits whose entropy gradient is below 1e-4 of its maximum (there the entropy loss does "
          "nothing), with the usage fraction on the same steps.",
          lambda d: saturation_and_usage(d["metrics"], strict=True), shows="runs", when=_one_run_with_bits),
+    Plot("adversarial_game", SWEEP, "The adversarial game beside usage",
+         "For runs trained with a discriminator (loss.adversarial_weight > 0), per logged training step: the "
+         "training window's usage fraction; the discriminator's hinge loss (LeCAM's term dotted); its mean logit "
+         "on real images (solid) and on reconstructions (dashed): the gap is how well it tells them apart; and "
+         "the generator's adversarial loss with the weight it took (dotted, right axis: VQGAN's adaptive weight "
+         "times loss.adversarial_weight, or the fixed weight). One colour and marker per run; the game's columns "
+         "are NaN before loss.disc_start, so its lines start there.",
+         lambda d: adversarial_game(d["metrics"], d["runs"], strict=True), shows="runs",
+         when=lambda d: played(d["metrics"])),
     # The paper's claims (results/ablations): the data are the claims' joined summaries
     # (analysis.claims.claim_summaries) and the clamp probe's table; each figure goes to its claim's folder.
     Plot("claim1_vocab", ABLATIONS, "Claim 1: vocabulary size",

@@ -28,6 +28,7 @@ from experiments import distributed as ddp
 from experiments.config import Config
 from experiments.evaluation import CAPPED_BELOW, FrechetDistance, evaluate, inception_extractor
 from experiments.files import truncate_jsonl
+from experiments.objective import Objective
 from experiments.run_dir import RunDir
 from experiments.runtime import Runtime, Throughput
 from lfq.monitor import LFQMonitor
@@ -288,6 +289,9 @@ class Training:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
         self.scaler = runtime.grad_scaler()
+        # LPIPS and the adversarial game, when the loss section asks for them (their RNG draws come last)
+        self.objective = Objective(config, self.model, self.device, world=self.world,
+                                   grad_scaler=runtime.grad_scaler, autocast=runtime.autocast)
         self.metrics = metrics = JsonlSink(rd.metrics)
         state = self.state  # one object for the whole attempt: restore() loads the checkpoint's into it
 
@@ -316,6 +320,7 @@ class Training:
                 torch.cuda.set_rng_state(cuda_rng[ddp.rank()])
             self.data_rng.set_state(checkpoint["data_rng"])
             self.monitor.load_state_dict(checkpoint["monitor"])
+            self.objective.load_state_dict(checkpoint.get("objective"))
             self.state.load(checkpoint["progress"])
             if self.main:
                 print(f"[{self.run_id}] resuming from the checkpoint of step {self.state.step}", flush=True)
@@ -353,6 +358,8 @@ class Training:
             out = self.net(x)
         recon_loss = reconstruction_loss(out.recon, x, config)
         loss = recon_loss + out.aux_loss.float()
+        if self.objective.active:  # LPIPS and the generator's adversarial term
+            loss = loss + self.objective.generator_loss(step, x, out.recon, recon_loss)
         logged = torch.stack([loss, recon_loss, out.aux_loss.float()]).detach()
         if self.world > 1:  # the global batch's means; a NaN on any rank is a NaN on all
             logged = ddp.all_sum(logged) / self.world
@@ -366,6 +373,8 @@ class Training:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if self.objective.active:  # the discriminator's update, on the same schedule's shape
+            self.objective.discriminator_step(step, x, out.recon, lr / config.optim.lr)
         self.throughput.step_done()
         if self.throughput.tokens_per_sample is None:
             q = model.quantizer
@@ -376,10 +385,12 @@ class Training:
     def log_train(self, step: int, lr: float, scheduled: dict[str, float], logged: torch.Tensor) -> None:
         """The step's ``kind="train"`` row: losses, lr, scheduled values, timings."""
         self.state.last_train = dict(zip(LOSS_KEYS, logged.tolist(), strict=True))
+        objective = self.objective.logged()  # on every rank: under DDP it averages over them
         self.runtime.synchronize()  # the interval's queued work is done: its time is its time
         timing = self.throughput.row(self.runtime.max_memory_mb())
         if self.main:
-            self.metrics([{"kind": "train", "step": step, "lr": lr, **self.state.last_train, **scheduled, **timing}])
+            self.metrics([{"kind": "train", "step": step, "lr": lr, **self.state.last_train, **objective, **scheduled,
+                           **timing}])
 
     def validate(self, step: int) -> None:
         """The whole validation set (sharded over the ranks); its ``kind="val"`` row; the best so far."""
@@ -398,13 +409,14 @@ class Training:
         rng_by_rank = ddp.all_gather(torch.get_rng_state()) if self.world > 1 else None
         cuda_rng = ddp.all_gather(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None
         if self.main:
-            scaler = self.scaler
+            scaler, objective = self.scaler, self.objective.state_dict()
             self.rd.save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                                      "torch_rng": torch.get_rng_state(), "torch_rng_by_rank": rng_by_rank,
                                      "cuda_rng_by_rank": cuda_rng,
                                      "data_rng": self.data_rng.get_state(), "monitor": monitor_state,
-                                     "progress": self.state.to_dict(), "run_id": self.run_id, "step": step})
+                                     "progress": self.state.to_dict(), "run_id": self.run_id, "step": step,
+                                     **({"objective": objective} if objective is not None else {})})
         ddp.barrier()  # no rank moves on (or dies) before the checkpoint exists
 
     def finish(self) -> dict[str, Any]:

@@ -259,22 +259,43 @@ class LoggingConfig(Section):
 
 @dataclass(frozen=True)
 class LossConfig(Section):
-    """Reconstruction loss terms; the quantizer's own loss is always added.
-
-    Perceptual (LPIPS) and adversarial terms would be new fields here (``new_field``, so no run id
-    changes) added in ``experiments.loop.reconstruction_loss``; they need pretrained weights this
-    suite cannot fetch, so none ships yet.
-    """
+    """The tokenizer's loss terms beside the quantizer's own: L2 and L1, LPIPS, and the adversarial game
+    (``experiments.objective``; docs/training.md, "Objective"). Every term past L2 is off by default."""
 
     _prefix: ClassVar[str] = "loss."
     l2_weight: float = new_field(1.0)  # mean squared error
     l1_weight: float = new_field(0.0)  # mean absolute error
+    # LPIPS over the user's VGG16 + linear-layer weights (python -m experiments.perceptual writes the file)
+    perceptual_weight: float = new_field(0.0, listed_at_default=False)
+    perceptual_weights: str | None = new_field(None, in_run_id=False, listed_at_default=False)
+    # the adversarial game: a discriminator trained from scratch with the hinge loss
+    adversarial_weight: float = new_field(0.0, listed_at_default=False)  # 0 = off
+    disc: str = new_field("patchgan", listed_at_default=False)  # patchgan (VQGAN's) | stylegan (MAGVIT-v2's)
+    disc_start: int = new_field(0, listed_at_default=False)  # the game starts after this step
+    generator_loss: str = new_field("hinge", listed_at_default=False)  # hinge | non_saturating (Open-MAGVIT2's)
+    adaptive_weight: bool = new_field(True, listed_at_default=False)  # VQGAN's balance at the decoder's last layer
+    disc_lr: float | None = new_field(None, listed_at_default=False)  # null: optim.lr; same warmup and decay
+    disc_width: int = new_field(64, listed_at_default=False)  # the discriminator's first-layer channels
+    lecam_weight: float = new_field(0.0, listed_at_default=False)  # MAGVIT-v2's LeCAM regulariser, 0 = off
+    lecam_decay: float = new_field(0.999, listed_at_default=False)  # its logit averages' decay per step
 
     def validate(self) -> None:
-        for name in ("l1_weight", "l2_weight"):
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"):
             check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "must be >= 0")
         check(self.l1_weight + self.l2_weight > 0, "loss.l2_weight", self.l2_weight,
                "must be > 0 when loss.l1_weight is 0: a run needs a reconstruction loss")
+        check(self.perceptual_weight == 0 or bool(self.perceptual_weights and self.perceptual_weights.strip()),
+              "loss.perceptual_weights", self.perceptual_weights,
+              "must be the path of the LPIPS weights file when loss.perceptual_weight > 0 "
+              "(python -m experiments.perceptual VGG16.pth LPIPS_VGG.pth --out FILE writes it)")
+        check_choice("loss.disc", self.disc, ("patchgan", "stylegan"))
+        check_choice("loss.generator_loss", self.generator_loss, ("hinge", "non_saturating"))
+        check(self.disc_start >= 0, "loss.disc_start", self.disc_start, "must be a step >= 0")
+        check(self.disc_lr is None or self.disc_lr > 0, "loss.disc_lr", self.disc_lr, "must be > 0, or null for optim.lr")
+        check(self.disc_width >= 1, "loss.disc_width", self.disc_width, "must be >= 1")
+        check(0 <= self.lecam_decay < 1, "loss.lecam_decay", self.lecam_decay, "must be in [0, 1)")
+        check(self.lecam_weight == 0 or self.adversarial_weight > 0, "loss.lecam_weight", self.lecam_weight,
+              "regularises the discriminator: it needs loss.adversarial_weight > 0")
 
 
 @dataclass(frozen=True)

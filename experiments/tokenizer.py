@@ -6,9 +6,9 @@ num_res_blocks=2, z_channels=18``, 2^18 codes, 16 x 16 tokens): residual blocks
 of GroupNorm, SiLU and 3x3 convolutions; one level per channel multiplier, a stride-2
 downsampling between levels; a middle stage; a 1x1 projection to the quantizer's width (its
 ``dim``, e.g. log2 of the codebook size for LFQ) and back. The decoder mirrors the encoder
-with nearest-neighbour upsampling. Perceptual and adversarial losses are not here (their
-pretrained weights cannot be fetched by this suite); they would plug in as terms of
-``experiments.loop.reconstruction_loss``, each weighted by a field of ``LossConfig``.
+with nearest-neighbour upsampling. The perceptual and adversarial losses are
+``experiments.objective``'s (the adversarial term's adaptive weight reads the decoder's last
+convolution).
 
 Presets (``model.preset``; ``model.base_channels``, ``ch_mult``, ``num_res_blocks`` override):
 

@@ -31,6 +31,7 @@ from experiments.config import Config, ConfigError, load_config
 from experiments.files import append_jsonl, read_json
 from experiments.image_folder import Fingerprints, data_change
 from experiments.loop import NonFiniteLoss, Training, TrainState, end_line, progress_printer
+from experiments.objective import check_objective
 from experiments.provenance import environment
 from experiments.resources import check_resources
 from experiments.run_dir import RunDir, RunDirError, prepare_run_folder, run_status
@@ -57,6 +58,7 @@ def preflight(config: Config) -> Prepared:
     task = get_task(config.task)
     if hasattr(task, "check"):
         task.check(config)
+    check_objective(config, task)
     return Prepared(runtime, task)
 
 

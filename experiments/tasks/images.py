@@ -213,6 +213,9 @@ def build_dataset(config: Config) -> ShippedImages | FolderImages:
     return FolderImages(config) if config.data.root else ShippedImages(config)
 
 
+RECONSTRUCTS_IMAGES = True  # the adversarial and perceptual losses apply (experiments.objective)
+
+
 def check(config: Config) -> None:
     """What can fail before a run folder is written: the data root and its split."""
     if config.data.root:  # the shipped images are always there
