@@ -47,7 +47,7 @@ def parameters(runs: pd.DataFrame) -> list[str]:
 
     A key that some ``config.json`` files lack and the others hold with one value does not
     vary: the files without it were written before the field existed, and a field added later
-    keeps the earlier behaviour at its default (``experiments.config.new_field``), which is
+    keeps the earlier behaviour at its default (``experiments.sections.new_field``), which is
     what the newer files record."""
     varying = []
     for column in config_columns(runs):

@@ -38,7 +38,7 @@ from analysis.jsonl_reader import (
 from common.run_state import read_object, state_of
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "DONE")
-# What a folder says, in the words of experiments.run_dir.RUN_STATES (docs/ARCHITECTURE.md; a folder
+# What a folder says, in the words of common.run_state.RUN_STATES (docs/ARCHITECTURE.md; a folder
 # that load_runs finds is never "missing"). Whether a started run's process is alive the files
 # cannot say: ``last_write_age_s`` is the age of its newest write, for a reader to judge.
 STATUSES = ("done", "failed", "started", "corrupt")
@@ -280,7 +280,7 @@ def load_runs(path: PathLike, *, stale_after_s: float | None = 3600.0, warn: boo
     """One row per run folder under ``path``.
 
     Columns: ``run_id``, ``sweep``, ``status`` (one of :data:`STATUSES`, the words of
-    ``experiments.run_dir.RUN_STATES``: done/failed/started/corrupt), ``reason``, ``run_dir``,
+    ``common.run_state.RUN_STATES``: done/failed/started/corrupt), ``reason``, ``run_dir``,
     ``last_write_age_s`` (seconds since the newest write of its config, metrics, summary or DONE),
     the config flattened to dotted names (``quantizer.diversity_gamma``), the summary's keys
     (``final_usage_fraction``, ...; metrics numeric even where every run has none:

@@ -1,4 +1,4 @@
-"""The sweep's state words: the run folder's vocabulary (experiments.run_dir.RUN_STATES) plus the few
+"""The sweep's state words: the run folder's vocabulary (common.run_state.RUN_STATES) plus the few
 only the scheduler can say; a folder's "started" is always refined into one of STARTED_BECOMES."""
 
 from __future__ import annotations
