@@ -1,20 +1,6 @@
-"""What the reference's 1e-5 clamp does to the diversity (batch-entropy) term, measured directly.
-
-Issue 8, claim 4 asks what the clamp costs. The training sweep (``ablation_clamp``) cannot show it
-at 256 tokens a step, and this probe says why and where it does bind. For random LFQ inputs
-``z ~ N(0, 1)`` over a grid of codebook sizes, inverse temperatures and token counts it builds the
-batch distribution ``p`` exactly (``P_A^T P_B / N``, ``lfq.subcodes.subcode_gram``) and takes its
-entropy two ways: exact, and as the reference does, ``-sum p log max(p, 1e-5)``. The reference's
-batch term is exactly that function of the same ``p`` (the dense kernel averages the same
-softmax), so value and gradient here are the reference's own, at token counts whose dense
-``N x 2**d`` softmax would not fit (tested against the dense kernel at small sizes).
-
-Per case: the clamped mass (probability on codes whose average is under 1e-5: the only codes
-whose gradient the clamp changes), both entropies, and the reference's gradient wrt ``z``
-against the exact one (cosine and norm ratio). With hard assignments (large inverse
-temperature) a code in use has ``p >= 1/N``, so below 1e5 tokens in the entropy batch nothing
-in use is clamped; with N uniformly spread tokens over 2**d codes the clamped mass is the share
-of tokens on codes holding at most ``1e-5 N`` of them.
+"""What the reference's 1e-5 clamp does to the diversity (batch-entropy) term, measured directly for
+random LFQ inputs over codebook sizes, inverse temperatures and token counts, without training
+(issue 8, claim 4); the method is in docs/experiments.md, the results in results/README.md.
 
     python -m experiments.clamp_probe                     # full grid, seeds 0 1 2 (~8 min on one thread)
     python -m experiments.clamp_probe --quick --out /tmp/probe

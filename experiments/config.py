@@ -1,25 +1,8 @@
-"""The run config: frozen, typed dataclasses, validated when they are built.
-
-A config is loaded from YAML plus dotted ``key=value`` overrides::
-
-    config = load_config("experiments/configs/synthetic.yaml", ["quantizer.codebook_size=512", "scale=smoke"])
-
-``scale: smoke`` is big_vision's ``runlocal`` switch: :meth:`Config.resolved` shrinks any config
-to a run of seconds (fewer steps, smaller batches and validation set, denser logging). The
-trainer always runs ``config.resolved()`` and saves that, so ``config.json`` says exactly what
-ran. The run id hashes the resolved config without ``name``, ``logging`` and ``explicit``, which
-do not change results; two smoke configs that shrink to the same run share one id.
-
-What the preset shrinks is the config it is given: a config file, a sweep's base, overrides and
-grid (a sweep tried at ``scale=smoke`` is all of it in seconds). A value given explicitly beside
-it wins: ``load_config(..., explicit=[...])``, which the command lines (``python -m
-experiments.train``, ``python -m slurm.submit``) use for their ``key=value`` arguments, so
-``scale=smoke data.batch_size=512`` trains with batch 512 for 30 steps. Those of its keys the
-preset would have changed are kept in ``Config.explicit`` (and ``config.json``), so the config
-resolves to the same values when it is read back.
-
-The sections are in ``experiments/sections.py``, the quantizer's in ``experiments/quantizers/`` (a module per kind,
-listed in ``experiments.quantizers.QUANTIZERS``); ``task`` is a key of ``experiments.tasks.TASKS``.
+"""The run config: frozen, typed dataclasses validated when they are built, loaded from YAML plus
+dotted ``key=value`` overrides (:func:`load_config`), shrunk by ``scale=smoke``
+(:meth:`Config.resolved`) and hashed into the run id; the sections are in
+``experiments/sections.py``, the quantizer's in ``experiments/quantizers/``, and the rules (presets,
+explicit values, the run id) in docs/experiments.md and docs/run_folder.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Batches for the training loop: in memory on the device, or read from files by a DataLoader.
-
-Two kinds of dataset, one loop (``experiments.train``):
-
-- in memory (``synthetic``, ``patches``, the shipped images of ``images``): ``train_batch(g,
-  batch_size)`` draws a global batch with the run's data generator ``g``, whose state the
-  checkpoint carries. Their tensors move to the device once (``to(device)``), so a batch is an
-  index on the device, not a copy from the host.
-- read from files (``images`` with ``data.root``): a ``torch.utils.data.Dataset`` of items
-  ``(index, sample_seed)`` decoded by workers. The order is a pure function of the seed and
-  the step (:func:`step_positions`), so a resumed run sees the same batches without any
-  loader state in the checkpoint, and so does a run with another number of workers.
+"""Batches for the training loop, from a dataset in memory on the device or read from files by a
+DataLoader in an order fixed by the seed and the step (:func:`step_positions`); docs/training.md and
+docs/ARCHITECTURE.md ("Datasets") describe both kinds.
 """
 
 from __future__ import annotations

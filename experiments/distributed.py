@@ -1,16 +1,6 @@
-"""Data parallelism for the training loop: the process group, ranks, and the batch shards.
-
-A run is data parallel when it starts inside an initialised ``torch.distributed`` process
-group of more than one rank; :func:`experiments.train.run` then wraps the model in
-DistributedDataParallel and gives each rank its shard of the global batch. Who initialises
-the group is the launcher's business:
-
-- ``torchrun`` or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT`` (and ``LOCAL_RANK``): :func:`init_from_env` (the CLI calls it);
-- a submitit job with ``tasks_per_node = gpus_per_node``: :func:`init_from_submitit`, which
-  exports submitit's ``TorchDistributedEnvironment`` into those variables first.
-
-The backend is NCCL when CUDA is available and gloo otherwise (CPU runs, tests).
+"""Data parallelism for the training loop: the process group (:func:`init_from_env` for
+torchrun-style launchers, :func:`init_from_submitit` for submitit jobs), ranks, the batch shards and
+the collectives; docs/training.md says who starts the group and what each rank does.
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
-"""Evaluation over the whole validation set: reconstruction and codebook utilization.
-
-Every validation token counts. Utilization is computed from the histogram of the code
-indices of all of them, per codebook, summed over the ranks under torch.distributed (the
-definition papers report: Open-MAGVIT2's 100 % of 2^18 codes, IBQ's 84-99 %):
-
-- ``val_codes_used``: codes that at least one validation token was assigned;
-- ``val_usage_fraction``: that over the codebook size;
-- ``val_perplexity``: exp of the entropy of the histogram (K when K codes are used equally);
-- ``val_tokens``: how many tokens were counted (the histogram's sample size: a usage fraction
-  is only meaningful when they outnumber the codes several times over);
-- ``val_tokens_per_code``: N/K, those tokens per code of one codebook;
-- ``val_usage_ceiling``: 1 - exp(-N/K), the expected share of the K codes that N tokens assigned
-  uniformly at random reach: what a healthy tokenizer's usage is measured against when N/K is
-  small (368 tokens for 1,024 codes: 0.30; 1,472: 0.76; N/K >= 4: above 0.98). Below N/K = 4
-  (:data:`CAPPED_BELOW`) the usage figure says more about N than about the codebook (no usage
-  can exceed min(1, N/K) either).
-
-With several codebooks the three figures are the means over codebooks, and
-``val_usage_fraction_c{i}`` etc. give each one. Reconstruction: ``val_mse`` and ``val_psnr``
-(peak-to-peak value range of the task's data), and for image tasks ``val_ssim``
-(torchmetrics' Gaussian SSIM, per image, averaged). ``val_rfid`` (Frechet distance of
-Inception features of the validation images and their reconstructions) when a feature
-extractor is given: :func:`inception_extractor` loads the user's Inception weights file.
+"""Evaluation over the whole validation set: reconstruction (MSE, PSNR, SSIM, rFID with the user's
+Inception weights) and codebook utilization from the histogram of every validation token, summed
+over ranks, with the usage ceiling 1 - exp(-N/K); docs/training.md defines every ``val_*`` column.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""How the run folder's and the sweep folder's files are written and read back.
-
-- JSON files (``config.json``, ``summary.json``, ``.claim``, a sweep's ``runs.json``) and every other
-  file that is rewritten whole go through :func:`atomic_write`: a temp file in the same folder,
-  fsynced, then ``os.replace``d over the target, so a process killed at any instant leaves either
-  the old or the new version, never half of one. The new file has the mode a plain ``open`` gives
-  (0o666 less the umask), not ``mkstemp``'s 0600. This is the one atomic writer of the
-  lfq -> experiments -> slurm chain (lfq writes nothing but appends).
-- JSON-lines logs grow through :func:`append_jsonl`, ``lfq.jsonl_writer``'s appender (re-exported here so
-  that ``slurm``, which may import ``experiments`` only, uses the same one), and are cut back
-  atomically by :func:`truncate_jsonl`.
-
-Reading parses JSON only; nothing read from a file can run code.
+"""How the run folder's and the sweep folder's files are written and read back: the one atomic
+writer of the lfq -> experiments -> slurm chain (:func:`atomic_write`), ``lfq.jsonl_writer``'s
+appender (:func:`append_jsonl`, here so that ``slurm`` uses the same one), :func:`truncate_jsonl`,
+and JSON readers that run no code; the rules are in docs/ARCHITECTURE.md ("Who owns which file
+format") and docs/run_folder.md.
 """
 
 from __future__ import annotations

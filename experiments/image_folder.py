@@ -1,22 +1,6 @@
-"""The user's images: find them, split them, decode them with Pillow.
-
-``data.root`` is one of
-- a folder with ``train/`` and ``val/`` subfolders that both hold images (ImageNet style);
-- any other folder, searched recursively; a file goes to validation when the hash of its
-  path relative to the root falls under ``data.val_fraction`` (stable as files are added);
-- a text file of image paths, one a line (``#`` comments, relative paths are relative to
-  the file's folder), split by the same hash.
-
-Files ending in png, jpg, jpeg, webp or bmp (any case) count; hidden files and folders do not.
-Decoding handles grayscale, palette, alpha (composited on white), 16-bit and EXIF-rotated
-images. A file that cannot be decoded is replaced in its batch by the next readable file of
-the list (training) or left out (validation), and reported once by the training loop; it
-never stops a run. A file whose shorter side is under ``data.min_size`` pixels is treated like an
-unreadable one (replaced, or left out of validation); one at or above it but under
-``data.resolution`` is upscaled; either way it is counted and named once (:class:`Note`).
-
-What a run read is recorded as a :func:`fingerprint` of its listing (file count, bytes, a hash
-of the relative paths and sizes), so that a finished run can tell that its folder changed.
+"""The user's images (``data.root``): find them, split them by a hash of their paths, decode them
+with Pillow, count the unreadable and small ones (:class:`Note`) and :func:`fingerprint` the listing
+so a finished run can tell that its folder changed; docs/training.md gives the rules.
 """
 
 from __future__ import annotations

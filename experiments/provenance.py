@@ -1,16 +1,7 @@
-"""Where and with what each attempt at a run computed: one line of ``environment.jsonl`` per attempt.
-
-A run is bit-reproducible on one kind of machine: the same config, seed, torch build and CPU
-vector ISA give the same floats (the resume tests compare them). Across machines it is not:
-torch picks its CPU kernels by the ISA it finds (``torch.backends.cpu.get_cpu_capability()``,
-e.g. AVX512 or AVX2), and those kernels sum in different orders. On the patches task one
-config trained with ``ATEN_CPU_CAPABILITY=avx2`` and with AVX512 differs in the 7th
-significant digit of the loss by step 20, and a collapsing run amplifies such a difference
-into other codes. So that a re-run that does not reproduce can be told apart from a bug,
-every attempt (a start, or a resume that may land on another node) appends what it ran on:
-the step it started from, the host, the CPU model and ISA, the thread count, the device and
-GPU, the torch and Python versions, and the commit of this checkout (None outside a git
-checkout). Nothing here changes what is computed, so none of it enters the run id.
+"""Where and with what each attempt at a run computed: one line of ``environment.jsonl`` per attempt
+(host, CPU and its ISA, threads, device, versions, commit), so that a re-run that does not reproduce
+can be told apart from a bug; none of it enters the run id. The fields are in docs/run_folder.md,
+why the CPU's ISA matters in docs/ARCHITECTURE.md ("Runtime and the run id").
 """
 
 from __future__ import annotations

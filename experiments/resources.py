@@ -1,12 +1,6 @@
-"""Up-front memory estimates of a config: refuse a run that cannot fit before anything is written.
-
-Validation accepts ``quantizer.codebook_size=2**40`` or ``data.batch_size=10**11`` (they are
-valid numbers); the run would then die allocating, minutes in, after writing its folder. The
-estimate below counts only tensors whose size follows from the config alone (the quantizer's
-codebook, the monitor's per-code counters, one batch and its activations, the validation set), so
-it is a lower bound: a run it refuses cannot fit, a run it accepts may still not.
-
-    check_resources(config)              # ResourceError (a ConfigError) naming the estimate
+"""Up-front memory estimates of a config (:func:`check_resources`, a ``ResourceError`` naming the
+estimate): a lower bound from the tensors whose size follows from the config alone, so that a run
+that cannot fit is refused before anything is written (docs/experiments.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""Where and how fast a run computes: device, mixed precision, TF32, torch.compile, throughput.
-
-``config.runtime`` says what is wanted; :func:`resolve_device` turns it into this process's
-device, and refuses what cannot be had (``cuda`` with no GPU visible, ``cuda:3`` with two,
-``fp16`` on a CPU) with a :class:`RuntimeConfigError` before a run folder is written.
-
-- ``device=auto``: the CUDA device of this process where one is visible (``LOCAL_RANK`` of a
-  data-parallel rank, else the current device), otherwise the CPU.
-- ``precision``: ``bf16`` and ``fp16`` run the model under ``torch.autocast``; ``fp16`` adds a
-  gradient scaler (CUDA only: a CPU has no fast fp16 and torch's CPU scaler is for bf16
-  anyway). ``lfq.LFQ`` computes its quantization and entropies in float32 inside autocast;
-  the training loop logs every loss in float32.
-- ``tf32``: TF32 matmuls and convolutions on CUDA, stated in the config rather than left to
-  torch's defaults, because it changes results (it enters the run id).
-- ``compile``: ``torch.compile`` of the whole model (see the README for what cannot compile).
+"""Where and how fast a run computes: :func:`resolve_device` turns ``config.runtime`` (device, mixed
+precision, TF32, torch.compile) into this process's device, refusing what cannot be had with a
+:class:`RuntimeConfigError` before a run folder is written, and the throughput columns;
+docs/training.md ("GPUs, mixed precision, compiled steps") is the reference.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
-"""A sweep: a base config, a grid of values and seeds, expanded into validated run configs.
-
-A sweep file (``experiments/sweeps/*.yaml``)::
-
-    name: gamma_frac                       # results go to results/<name>/<run_id>/
-    base: ../configs/synthetic.yaml        # a config path (relative to this file) or an inline mapping
-    overrides: [schedule.steps=2000]       # optional: dotted key=value applied to every run
-    grid:                                  # cartesian product of dotted keys
-      quantizer.diversity_gamma: [0.5, 1.0, 2.0]
-      quantizer.frac_per_sample_entropy: [0.25, 1.0]
-    zip:                                   # optional: lists of equal length, varied together
-      optim.lr: [1e-3, 3e-4]
-      optim.min_lr: [1e-4, 3e-5]
-    seeds: [0, 1, 2]
-    resources: {profile: default, time: 30}  # read by slurm.submit, not here
-
-Every grid point is built with ``experiments.config.load_config`` before anything is submitted;
-an invalid value fails the whole expansion with the grid point and the field named. ``scale=smoke``
-shrinks the sweep's base, overrides and grid alike (the whole sweep in seconds), while a
-``key=value`` given to ``expand`` (the command line of ``slurm.submit``) is explicit and wins over
-it. Points that resolve to the same run id (e.g. two step counts that ``scale=smoke`` shrinks
-alike) are one run.
+"""A sweep: a base config, a grid of values and seeds, expanded into validated run configs before
+anything is submitted; the sweep file's format and the expansion's rules are in docs/experiments.md
+("Sweep files").
 """
 
 from __future__ import annotations

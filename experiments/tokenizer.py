@@ -1,21 +1,6 @@
-"""A MAGVIT-v2-style image tokenizer: convolutional encoder, a quantizer, convolutional decoder.
-
-The layout of MAGVIT-v2 (arXiv 2310.05737, Sec. 3.2 and Appendix) as Open-MAGVIT2 configures
-it for 128-px ImageNet (``configs/imagenet_lfqgan_128_B.yaml``: ``ch=128, ch_mult=[1, 2, 2, 4],
-num_res_blocks=2, z_channels=18``, 2^18 codes, 16 x 16 tokens): residual blocks
-of GroupNorm, SiLU and 3x3 convolutions; one level per channel multiplier, a stride-2
-downsampling between levels; a middle stage; a 1x1 projection to the quantizer's width (its
-``dim``, e.g. log2 of the codebook size for LFQ) and back. The decoder mirrors the encoder
-with nearest-neighbour upsampling. The perceptual and adversarial losses are
-``experiments.objective``'s (the adversarial term's adaptive weight reads the decoder's last
-convolution).
-
-Presets (``model.preset``; ``model.base_channels``, ``ch_mult``, ``num_res_blocks`` override):
-
-| preset | base channels | res blocks | ch_mult at downsample 4 / 8 / 16 |
-| --- | --- | --- | --- |
-| tiny | 16 | 1 | 1,2,2 / 1,1,2,2 / 1,1,2,2,4 |
-| base | 128 | 2 | 1,2,4 / 1,2,2,4 (Open-MAGVIT2 128 px) / 1,1,2,2,4 |
+"""A MAGVIT-v2-style image tokenizer in Open-MAGVIT2's layout: a convolutional encoder of residual
+blocks, a quantizer at a 1x1-projected bottleneck, a mirrored decoder, with the ``tiny`` and
+``base`` presets; docs/training.md gives the layout, its source and the presets' table.
 """
 
 from __future__ import annotations

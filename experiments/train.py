@@ -1,13 +1,8 @@
-"""Train one config in its run folder: build, restore, loop, validate, finish; never re-run a DONE folder.
+"""Train one config in its run folder: :func:`run` builds, restores, loops, validates and finishes,
+read top to bottom, with the pieces it drives in ``experiments.loop``, and never re-runs a DONE
+folder; docs/training.md ("How a run trains") gives the resume and data-parallel rules.
 
     python -m experiments.train experiments/configs/synthetic.yaml quantizer.diversity_gamma=2 scale=smoke
-
-:func:`run` is the whole path of one run, read top to bottom; the pieces it drives (the model,
-optimiser and monitor, this rank's batches, the schedules, what the run has reached) are
-``experiments.loop``'s, a task (``experiments/tasks/``) only builds the dataset and the model. A
-run is a pure function of its resolved config, and one killed at any point and started again ends
-with the summary of one never interrupted (only ``wall_time_s`` differs). Resuming and the
-data-parallel rules: docs/training.md.
 """
 
 from __future__ import annotations

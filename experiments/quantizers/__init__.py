@@ -1,14 +1,7 @@
 """The registry of quantizer kinds, ``QUANTIZERS`` (name -> the module that defines the kind), and
-what every kind shares: :class:`QuantizerConfig` and the section's rules across kinds.
-
-``QUANTIZERS`` is the one list: ``quantizer.kind`` is validated against it, a config's
-``quantizer`` section is built by its kind's ``CONFIG`` class, :func:`build_quantizer` calls its
-``build``, and ``experiments.resources`` its ``memory``. A new kind is one module (in this package,
-or anywhere importable) plus its line in ``QUANTIZERS``: ``CONFIG`` (a subclass of
-:class:`QuantizerConfig`, its own fields given with ``new_field`` so that no older run id changes),
-``build(config, latent_dim)`` returning a module with the protocol :mod:`lfq.monitor` watches
-(``experiments.baselines``), and optionally ``memory(config, tokens)``. The kinds: ``binary``
-(``lfq`` and ``bsq``: :class:`lfq.LFQ`), ``vq`` and ``fsq`` (the baselines).
+what every kind shares: :class:`QuantizerConfig`, the section's rules across kinds and
+:func:`build_quantizer`; docs/ARCHITECTURE.md ("Registries") gives the rules and docs/experiments.md
+how to add a kind.
 """
 
 from __future__ import annotations

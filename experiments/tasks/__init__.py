@@ -1,19 +1,6 @@
-"""Training tasks: each module builds a dataset and an autoencoder with a quantizer bottleneck.
-
-``TASKS`` is the one list: ``task`` is validated against it, :func:`get_task` imports the
-module it names, and ``Config.resolved`` asks its ``smoke`` for the task's own sizes at
-``scale=smoke``. A new task is its module in this folder plus its line in ``TASKS``.
-
-A task module provides ``build_dataset(config) -> Dataset`` and ``build_model(config) -> nn.Module``,
-and may provide ``check(config)`` (what can be refused before a run folder is written, e.g. a
-missing ``data.root``). A dataset has ``val`` (a fixed tensor of validation examples in [0, 1]) and
-``train_batch(generator, batch_size)``, or ``train_loader``/``val_loader``/``to_model_input`` when it
-is read from files; a model maps a batch to ``ModelOutput``. The training loop shared by all tasks
-is :func:`experiments.train.run`.
-
-The entries name their modules rather than import them: the config lists the tasks without
-importing any (the patches and images tasks pull in scikit-image), and the task modules, which
-import the config, are not imported back by it.
+"""The registry of training tasks, ``TASKS`` (name -> the module that builds its dataset and its
+autoencoder with a quantizer bottleneck, and optional smoke sizes), and :func:`get_task`;
+docs/ARCHITECTURE.md ("Registries") gives the rules and docs/experiments.md how to add a task.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Task ``images``: a MAGVIT-v2-style tokenizer on the user's images, or on the shipped ones.
+"""Task ``images``: a MAGVIT-v2-style tokenizer (``experiments/tokenizer.py``) on the user's images
+(``data.root``, read from files) or on the crops of the images that ship with scikit-image,
+scikit-learn and the LFW faces, kept on the device; docs/training.md describes both datasets.
 
     python -m experiments.train experiments/configs/images.yaml                      # shipped images
     python -m experiments.train experiments/configs/images.yaml data.root=~/my_images
-
-With ``data.root`` the images are read from files (``experiments/image_folder.py``) by a
-DataLoader with workers, in an order fixed by the seed and the step
-(``experiments/data.py``). Without it, the images that ship with scikit-image and
-scikit-learn and the LFW faces are cut into crops at ``data.resolution``, split by source
-image, and kept on the device: a fresh machine trains with nothing downloaded.
-
-Shipped crops: every source is first scaled so that its shorter side is at most 512 px (the
-1411-px retina would otherwise be half the data), then taken at scales 1, 1/2 and 1/4 (while
-the shorter side is still >= R). Training crops lie on a grid of stride R/4 and are flipped at
-random; validation crops tile their images (stride R). A face (25 px) is scaled up to R.
-Values are in [-1, 1]; PSNR uses the peak-to-peak range 2.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Task ``patches``: a small conv tokenizer on natural-image patches, no downloads.
-
-Patches are cut from the images that ship inside scikit-image and scikit-learn. The split is
-by source image and fixed in this file, so validation measures reconstruction of images the
-model never saw. Train patches overlap (stride patch/2); validation patches tile their
-images (stride patch) and, when there are more than ``data.val_size``, an evenly spaced subset
-is kept. The LFW faces (25 x 25) give one centred patch each, split by index.
-
-The model: two stride-2 convs take a ``P x P`` patch to a ``P/4 x P/4`` grid of tokens, the
-quantizer codes each token over its channels, two transposed convs decode.
+"""Task ``patches``: a small conv tokenizer (two stride-2 convolutions, the quantizer, two
+transposed convolutions) on patches of the natural images that ship with scikit-image and
+scikit-learn, split by source image, no downloads; docs/training.md gives the split and the strides.
 """
 
 from __future__ import annotations
