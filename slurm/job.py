@@ -1,30 +1,6 @@
-"""The job callable: one run of a sweep, resumable, locked so it never runs twice at once.
-
-What is pickled for submitit is only the run's config (a plain dict) and its folder; the
-trainer is imported when the job starts. On a timeout or preemption signal submitit calls
-``checkpoint()``, which hands back a fresh copy of the job; the requeued job calls
-``experiments.train.run`` again, which resumes from the folder's ``checkpoint.pt``.
-
-The run lock is ``experiments.run_lock``: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` held
-while the run trains, the same one ``python -m experiments.train`` takes. The kernel drops it when
-the process dies, however it dies (scancel, OOM kill, node reboot), so a stale lock cannot block a
-resubmission; a second job that finds it held returns at once (status ``skipped``).
-``<run_dir>/.claim`` says who holds it, for ``slurm.status``.
-
-A job of several tasks (``tasks_per_node`` > 1, e.g. one per GPU) is one data-parallel run: every
-task joins the ``torch.distributed`` group (submitit's ``TorchDistributedEnvironment``, gloo on
-CPUs, NCCL on GPUs) and ``experiments.train.run`` trains DDP. Only global rank 0 checks DONE,
-takes the run lock and writes the sweep's events; its verdict (train, done, skipped) is broadcast so
-that every rank trains or every rank returns (a rank that returned alone would leave the others
-waiting in a collective). On the requeue signal submitit's handler checkpoints and requeues on
-rank 0 only and exits there; the other ranks carry on until their next collective breaks, then
-leave quietly (``SystemExit``, like rank 0) instead of failing: the requeued job starts every task
-again, and each resumes from the checkpoint.
-
-scancel, a preemption and the time-limit signal reach every process of the job, DataLoader workers
-included: they ignore SIGTERM and the requeue signal (``experiments.data.leave_signals_to_the_trainer``),
-so that a cancelled job reads ``cancelled`` (not a run failed by a dead worker) and a signalled one
-requeues from the trainer process, as without workers.
+"""The job callable: one run of a sweep (one or several DDP tasks), resumable through submitit's
+requeue, and locked with the run folder's lock so that it never runs twice at once; docs/slurm.md
+("The job") gives the requeue, rank and signal rules.
 """
 
 from __future__ import annotations

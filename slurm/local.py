@@ -1,22 +1,6 @@
-"""``--cluster local``: one submitit local job per submission, running a throttled pool of runs.
-
-submitit's LocalExecutor starts every job at once, so a 30-run sweep would start 30 trainings on a
-laptop. Instead a submission becomes ONE local job (a :class:`LocalPool`) that runs at most
-``workers = min(array_parallelism, machine_cpus // cpus_per_run, machine_memory // mem_per_run)``
-runs at a time, each in its own ``python -m slurm.job`` process with ``cpus_per_run`` torch threads.
-
-Two sweeps submitted side by side must not add up to more than the machine either, so every run
-also takes ``cpus_per_run`` CPU slots first: exclusive ``flock`` locks on files
-``cpu-<i>.lock`` (one per CPU) in a machine-wide folder (``$LFQ_LOCAL_SLOTS`` or
-``/tmp/lfq-suite-cpu-slots-<uid>``). A run holds its slots until its process ends; the kernel frees
-them if the pool dies. Slots are taken all-or-nothing, so two runs never deadlock on half-sets.
-(Memory is capped per pool only.)
-
-The pool ignores Ctrl-C (``submit --wait`` stops waiting, the sweep goes on). ``kill <pid>`` stops
-its runs and starts no more, for either pid a user is shown: the job's (what ``slurm.submit`` prints:
-submitit's ``sh`` wrapper, which dies without passing the signal on, so the pool watches it and stops
-when it is gone) or the pool's own (SIGTERM; in the pool's log and in ``slurm.status``). The runs
-then show as cancelled, and ``slurm.status --resubmit`` resumes them from their checkpoints.
+"""``--cluster local``: one submitit local job per submission, running a throttled pool of runs
+(:class:`LocalPool`) that shares the machine's CPUs with other pools through machine-wide slot
+locks; docs/slurm.md ("The local pool") gives the limits and how to stop it.
 """
 
 from __future__ import annotations

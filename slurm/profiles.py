@@ -1,27 +1,6 @@
-"""Cluster profiles: named resource sets in ``slurm/profiles/<name>.yaml``, mapped to submitit's names.
-
-A profile (and a sweep's ``resources:``, and the command line) uses short keys::
-
-    partition: gpu          # -> slurm_partition
-    account: myproj         # -> slurm_account
-    qos: normal             # -> slurm_qos
-    constraint: volta32gb   # -> slurm_constraint
-    gpus: 1                 # -> gpus_per_node
-    tasks: 4                # -> tasks_per_node: processes per run, one DDP rank each (default: gpus when > 1)
-    cpus: 8                 # -> cpus_per_task (per task: also the torch threads of each rank)
-    memory: 32              # -> mem_gb (GB; "512M", "16G" also accepted)
-    time: 240               # -> timeout_min (minutes; "4:00:00" or "1-00:00:00" also accepted)
-    setup: [module load cuda/12.1]   # -> slurm_setup (shell lines before the job starts)
-    array_parallelism: 32   # -> slurm_array_parallelism (runs of one sweep at once)
-    max_requeues: 10        # -> slurm_max_num_timeout (time limits / preemptions a run survives)
-
-A run of several tasks is data parallel (see slurm/job.py): with GPUs, one rank per GPU, so
-``tasks`` defaults to ``gpus`` and must equal it; without GPUs, ``tasks: 2`` gives two gloo ranks
-on the CPU. ``memory`` is for the whole run (all its tasks on the node).
-
-Any key that already is a submitit (AutoExecutor) parameter, e.g. ``slurm_exclude`` or
-``slurm_additional_parameters``, passes through verbatim. Anything else is an error naming the
-key and the allowed ones, raised before a job is submitted.
+"""Cluster profiles: named resource sets in ``slurm/profiles/<name>.yaml`` whose short keys (also
+those of a sweep's ``resources:`` and of the command line) are mapped to submitit's parameters and
+checked before a job is submitted; docs/slurm.md ("Profiles") lists the keys.
 """
 
 from __future__ import annotations

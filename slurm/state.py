@@ -1,18 +1,6 @@
-"""Where a sweep stands: its folder's records, and each run's state.
-
-Layout of ``results/<sweep>/``::
-
-    <run_id>/                 run folders (experiments.run_dir), with their run lock .lock/.claim
-    _sweep/runs.json          every run ever submitted for this sweep: run_id -> point, overrides, config
-    _sweep/jobs.jsonl         one line per submitted run: run_id, cluster, job_id, submitit folder, time,
-                              command (the slurm.submit command line that submitted it)
-    _sweep/events.jsonl       start/end of each job attempt (slurm.job) and local exits (slurm.local)
-    _sweep/submissions/<stamp>/   a fresh submitit folder per submission (logs, pickles)
-    _sweep/trash/             run folders set aside by ``submit --force``, ``train --restart``, a corrupt resubmission
-
-A run's state comes from its folder first (DONE, summary.json, a held run lock) and from the
-scheduler second (squeue and sacct; the local pool's lock), because only the folder survives a
-wiped cluster or a job killed from outside, and only the scheduler knows a job not started yet.
+"""Where a sweep stands: the records in its folder's ``_sweep/`` and each run's state, from the run
+folder first and the scheduler (squeue and sacct, the local pool's lock) second; the sweep folder's
+layout is in docs/run_folder.md ("The sweep folder").
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
-"""Where a sweep stands, run by run; resubmit what failed, was cancelled or never ran.
+"""Where a sweep stands, run by run, from its run folders first and the scheduler second:
+pending (queued), running, done, failed (with the last lines of its error), cancelled (scancel, or a
+stopped local pool), corrupt (DONE, but its summary.json or config.json unreadable) or
+missing (never submitted); ``--resubmit`` submits exactly the failed, cancelled, corrupt and missing runs
+(docs/slurm.md, "Status").
 
     python -m slurm.status results/demo                    # a sweep folder
     python -m slurm.status experiments/sweeps/demo.yaml    # or its sweep file (same overrides as submit)
     python -m slurm.status results/demo --resubmit --cluster slurm
     python -m slurm.status results/demo --wait             # until nothing is queued or running
-
-States: pending (queued), running, done, failed (with the last lines of its error), cancelled
-(scancel, or a local pool that was stopped), missing (never submitted). They come from the run
-folders first (DONE, summary.json, the run's lock) and from SLURM (squeue/sacct) or the local
-pool second; corrupt (DONE, but its summary.json or config.json is missing or unreadable: the one
-definition of a finished run is ``common.run_state.finished``). ``--resubmit`` submits exactly
-the failed, cancelled, corrupt and missing runs (a corrupt folder is moved to ``_sweep/trash/`` first).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""Submit a sweep: only the runs that are not done and not already queued or running.
+"""Submit a sweep: only the runs that are not done and not already queued or running, each validated
+before anything is submitted, as submitit job arrays; running it again is always safe
+(docs/slurm.md, "Submitting").
 
     python -m slurm.submit experiments/sweeps/demo.yaml                      # local, throttled
     python -m slurm.submit experiments/sweeps/gamma_frac.yaml --cluster slurm --profile gpu-example
     python -m slurm.submit SWEEP.yaml --cluster slurm --time 30 --array-parallelism 8 scale=smoke
     python -m slurm.submit SWEEP.yaml --cluster slurm --tasks 2 --cpus 1   # each run: 2 DDP ranks (gloo)
-
-Every run's config is validated before anything is submitted. The runs to do go out as submitit
-job arrays (chunked by the cluster's MaxArraySize, parallelism capped) and the command returns at
-once; ``--wait`` follows the sweep to the end instead. Job ids go to ``results/<sweep>/_sweep/``
-(see slurm/state.py), read by ``python -m slurm.status``. Running it again is always safe: DONE
-runs are skipped, queued or running ones are never started twice (and each job also locks its
-run folder, see slurm/job.py).
 """
 
 from __future__ import annotations
