@@ -1,13 +1,8 @@
 """Why a run collapses, from the monitor's diagnostics: per-bit usage over steps, and saturation
-against usage over steps. Pure functions of the metrics frame of ``analysis.load_metrics``
+against usage over steps, as pure functions of the metrics frame of ``analysis.load_metrics``
 returning 1280 px Figures (``None`` with a ``NoDataWarning`` when the columns are missing, as in
-``analysis.plots``).
-
-Columns read (``lfq.monitor`` writes them per step, layer and codebook): ``bit_frequency_<i>``
-(fraction of kept tokens with bit i set, i = 0 the most significant bit of the index),
-``usage_fraction``, ``saturated_fraction`` (share of token-bits whose entropy gradient factor
-p (1 - p) is below 1e-4 of its maximum; logged on diagnostic steps only, NaN between them),
-``dead_bits`` and ``bit_entropy`` (mean over bits of the bits' entropies, nats).
+``analysis.plots``); the columns they read (``bit_frequency_<i>``, ``usage_fraction``,
+``saturated_fraction``, ``dead_bits``, ``bit_entropy``) are defined in docs/records.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""Claims 2 and 3 on the images task, in both regimes (issue 15, step 4).
-
-- ``entropy_weight``: "a larger entropy weight gives higher utilization and worse
-  reconstruction; without it utilization drops": ``entropy_loss_weight`` on x, one series per
-  inverse temperature (10: the recipe; 100: the reference's default).
-- ``gamma_frac``: "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps
-  utilization": ``diversity_gamma`` on x, one series per (inverse temperature, frac).
-
-The runs come from several sweeps (``entropy_weight_images``, ``gamma_frac_images``, and
-``recipe_regime``, whose 2^14-code runs at the constant weight are the same configs with the same
-run ids), so runs are picked by their settings, not by their sweep, and a run listed by two
-sweeps counts once. Figures read the committed CSVs too (``notebooks/recipe.ipynb``).
+"""Claims 2 and 3 on the images task, in both regimes (issue 15, step 4): ``entropy_weight`` (usage
+and reconstruction against ``entropy_loss_weight``, one series per inverse temperature, 10 the
+recipe's and 100 the reference's) and ``gamma_frac`` (against ``diversity_gamma``, one series per
+inverse temperature and ``frac_per_sample_entropy``); the runs come from several sweeps
+(``entropy_weight_images``, ``gamma_frac_images``, ``recipe_regime``), so they are picked by their
+settings, not by their sweep, and a run listed by two sweeps counts once. The claims and their
+verdicts are in results/README.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""JSON-lines files -> columns, tolerant of what a killed writer leaves behind, with a cache.
-
-Parsing is the cost of loading a sweep. A metrics file is read by Arrow's columnar JSON reader
-(C++, no Python object per value); a file it cannot take (a torn last line, a bad line in the
-middle, ``Infinity``) falls back to the stdlib parser, which repairs and notes. A finished run's
-``metrics.parquet`` (written once by the trainer, see docs/ARCHITECTURE.md) is read instead of its
-JSON when it is in step with it. Each parsed file is stored under a cache folder as an Arrow IPC
-file keyed on the file's absolute path, size and mtime: a second load of an unchanged run maps
-that file. Nothing read back can run code (no pickle). A file that changed (a run still
-appending) is parsed again. The cache lives outside the run folders, because results may be
-read-only and ``analysis`` only reads them.
+"""JSON-lines files -> columns, tolerant of what a killed writer leaves behind: Arrow's columnar
+JSON reader with the standard-library parser as the fallback that repairs and notes, a finished
+run's ``metrics.parquet`` read instead while it is in step, and a cache of parsed files as Arrow IPC
+(no pickle) outside the run folders; docs/experiments.md gives the cache key and the timings.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""Claim 1 on the images task, in both regimes: LFQ, BSQ, FSQ and VQ over codebook size.
-
-The runs come from several sweeps (``recipe_regime`` gives LFQ at the reference's and the
-recipe's inverse temperature, ``quantizers_images`` BSQ, FSQ and plain VQ, ``vq_fair_images``
-VQ with k-means / random-sample initialisation and dead-code replacement, ``vq_dead_scaled_images``
-the dead-code threshold scaled to a 2^14 codebook). Each run gets a
-*series*: the quantizer and what distinguishes it (LFQ's and BSQ's inverse temperature, VQ's
-initialisation and dead-code threshold). LFQ and BSQ runs away from the constant entropy
-weight 0.1, gamma 1 and frac 1 (the regime grid's, claims 2's and 3's) are not part of this
-comparison and get no series.
+"""Claim 1 on the images task, in both regimes: LFQ, BSQ, FSQ and VQ over codebook size, from the
+runs of several sweeps (``recipe_regime``, ``quantizers_images``, ``vq_fair_images``,
+``vq_dead_scaled_images``); each run gets a *series*, the quantizer and what distinguishes it (LFQ's
+and BSQ's inverse temperature, VQ's initialisation and dead-code threshold), and LFQ and BSQ runs
+away from the constant entropy weight 0.1, gamma 1 and frac 1 (the regime grid's, claims 2's and
+3's) get none. The claim and its verdict are in results/README.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""The one command line of the analysis: a sweep's report (every figure its runs support, as PNG
-and SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe``),
-written from run folders, merged into committed CSVs (``--merge``) or redrawn from them (``--redraw``).
+"""The one command line of the analysis: a sweep's report (every figure its runs support, as PNG and
+SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe``),
+written from run folders, merged into committed CSVs (``--merge``) or redrawn from them
+(``--redraw``); the figures are the entries of analysis/figures.py, and docs/experiments.md is
+the reference (options, merging, the old commands).
 
     python -m analysis.report results/gamma_frac                          # -> results/gamma_frac/report/
     python -m analysis.report results/gamma_frac --out /tmp/r --where quantizer.codebook_size=1024
     python -m analysis.report RUNS --study ablations --out results/ablations [--merge]
     python -m analysis.report RUNS/recipe_regime RUNS/quantizers_images ... --study recipe --out results/recipe [--merge]
     python -m analysis.report --redraw --out results/ablations            # figures from the committed CSVs
-
-A sweep's report works on a sweep that is still running and is swapped in whole. The figures are
-the entries of :mod:`analysis.figures`; docs/experiments.md says what the old commands map to.
 """
 
 from __future__ import annotations

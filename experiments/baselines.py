@@ -57,23 +57,10 @@ class _TokenQuantizer(nn.Module):
 
 
 class VectorQuantizer(_TokenQuantizer):
-    """Nearest-neighbour vector quantization with a learned codebook (VQ-VAE, arXiv 1711.00937).
-
-    loss = codebook_loss_weight * ||sg(z) - e||^2 + commitment_loss_weight * ||z - sg(e)||^2,
-    gradients pass the quantizer straight through. By default the plain baseline whose codebook
-    collapse LFQ is meant to avoid; two options give it the usual fair chance:
-
-    - ``init``: ``"uniform"`` (VQ-VAE's U(-1/K, 1/K)), ``"random_sample"`` (the codes are
-      tokens of the first training batch, as vector-quantize-pytorch's ``kmeans_init`` starts),
-      or ``"kmeans"`` (10 Lloyd iterations on the first training batch from that start);
-    - ``dead_code_threshold`` > 0: an exponential moving average (decay 0.99) of every code's
-      count per batch; after each training pass the codes whose average fell below it are
-      replaced by random tokens of the batch (vector-quantize-pytorch's
-      ``threshold_ema_dead_code``), and their average reset to the threshold.
-
-    Under torch.distributed, counts are summed over the ranks before either decision and rank
-    0's new codes are broadcast, so every rank keeps the same codebook.
-    """
+    """Nearest-neighbour vector quantization with a learned codebook (VQ-VAE, arXiv 1711.00937),
+    straight-through, with the optional k-means / random-sample ``init`` and dead-code replacement
+    (``dead_code_threshold``) that give it the usual fair chance; its loss and options are in
+    docs/training.md ("The VQ baseline")."""
 
     INITS = ("uniform", "random_sample", "kmeans")
     EMA_DECAY = 0.99
