@@ -82,3 +82,46 @@ def adversarial_game(metrics: pd.DataFrame, runs: pd.DataFrame) -> Figure:
         ax.set_xlabel("step")
     figure_legend(fig, axes, "run")
     return fig
+
+
+CURVE_PANELS = (("usage_fraction", "usage (training window, fraction of codebook)"),
+                ("saturated_fraction", "saturated token-bits (fraction)"),
+                ("dead_bits", "dead bits"),
+                ("batch_entropy", "batch entropy (nats)"))
+
+
+@skippable
+def adversarial_curves_figure(curves: pd.DataFrame) -> Figure:
+    """Claim 5 over training: usage, saturation, dead bits and batch entropy per diagnostic step,
+    one line per (codebook size, adversarial weight): the mean over seeds, with its min-max band;
+    colour by codebook size, solid without the discriminator and dashed with it."""
+    from analysis.column_names import ADVERSARIAL, SIZE
+
+    require(len(curves) and ADVERSARIAL in curves and SIZE in curves, "no adversarial curves")
+    sizes = sorted(curves[SIZE].astype(int).unique())
+    weights = sorted(curves[ADVERSARIAL].astype(float).unique())
+    palette = dict(zip(sizes, colors(len(sizes)), strict=True))
+    fig, axes = new_figure(2, 2, height=7.2, sharex=True)
+    for ax, (column, text) in zip(axes.flat, CURVE_PANELS, strict=True):
+        if column not in curves:
+            ax.set_visible(False)
+            continue
+        for size in sizes:
+            for weight in weights:
+                part = curves[(curves[SIZE].astype(int) == size) & (curves[ADVERSARIAL].astype(float) == weight)]
+                stats = part.groupby("step")[column].agg(["mean", "min", "max", "count"]).reset_index()
+                if not len(stats) or stats["mean"].isna().all():
+                    continue
+                n = int(part["run_id"].nunique())
+                style = "-" if weight == 0 else "--"
+                label = f"2^{int(np.log2(size))} codes, " + (
+                    "no discriminator" if weight == 0 else f"adversarial weight {weight:g}") + f" (n={n})"
+                ax.plot(stats["step"], stats["mean"], linestyle=style, color=palette[size], label=label,
+                        marker="o" if weight else "s", markersize=3)
+                ax.fill_between(stats["step"], stats["min"], stats["max"], color=palette[size], alpha=0.12)
+        ax.set_ylabel(text)
+        ax.set_title(text[:1].upper() + text[1:].split(" (")[0])
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    figure_legend(fig, axes, "mean over seeds; band: min-max")
+    return fig

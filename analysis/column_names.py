@@ -22,4 +22,5 @@ BATCH = "data.batch_size"
 RESOLUTION = "data.resolution"
 PRESET = "model.preset"
 DOWNSAMPLE = "model.downsample"
+ADVERSARIAL = "loss.adversarial_weight"  # 0 (absent from config.json): no discriminator
 SEED = "seed"

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.adversarial_game import adversarial_game, played
+from analysis.adversarial_game import adversarial_curves_figure, adversarial_game, played
 from analysis.aggregate import parameters, select
 from analysis.claim_figures import (
     CLAMP_TRAIN_TITLES,
@@ -283,6 +283,16 @@ FIGURES: list[Plot] = [
          "Validation usage and PSNR against diversity_gamma, one line per (inverse temperature, "
          "frac_per_sample_entropy), every seed a small marker.",
          lambda d: comparison_figure("gamma_frac", d["gamma_frac"], strict=True), needs=("gamma_frac",)),
+    Plot("adversarial", RECIPE, "Claim 5 on the images task: the adversarial loss",
+         "Validation usage and PSNR without (0) and with Open-MAGVIT2's adversarial objective (a PatchGAN from "
+         "step 0, the non-saturating generator loss at a fixed weight 0.1, LeCAM 0.005), at 2^10 and 2^14 codes, "
+         "the recipe otherwise: the mean over seeds, each seed a small marker.",
+         lambda d: comparison_figure("adversarial", d["adversarial"], strict=True), needs=("adversarial",)),
+    Plot("adversarial_curves", RECIPE, "Claim 5 over training: the adversarial loss and the codes",
+         "Per diagnostic step of the same runs: the training window's usage, the share of token-bits whose "
+         "entropy gradient is below 1e-4 of its maximum, dead bits and the batch entropy; solid without the "
+         "discriminator, dashed with it; the mean over seeds with its min-max band.",
+         lambda d: adversarial_curves_figure(d["adversarial_curves"], strict=True), needs=("adversarial_curves",)),
 ]
 
 

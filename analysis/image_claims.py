@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.column_names import (
+    ADVERSARIAL,
     BATCH,
     COMMITMENT,
     DOWNSAMPLE,
@@ -39,7 +40,7 @@ from analysis.style import new_figure, require, seed_series, skippable
 METRICS = ("final_val_usage_fraction", "final_val_psnr", "final_val_ssim", "final_val_perplexity")
 FIXED = (COMMITMENT, MODE, PRESET, RESOLUTION, DOWNSAMPLE, BATCH, STEPS)
 # a config's value where a run's table has none (older runs, or a key the sweep never set)
-DEFAULTS = {KIND: "lfq", SCHEDULE: "constant", GAMMA: 1.0, FRAC: 1.0, WEIGHT: 0.1, TAU: 100.0}
+DEFAULTS = {KIND: "lfq", SCHEDULE: "constant", GAMMA: 1.0, FRAC: 1.0, WEIGHT: 0.1, TAU: 100.0, ADVERSARIAL: 0.0}
 REGIMES = {10.0: "recipe", 100.0: "reference"}
 
 
@@ -56,12 +57,18 @@ class ImagesClaim:
 IMAGES_CLAIMS = (
     ImagesClaim("entropy_weight", 2, WEIGHT, (TAU,),
                 {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
-                 TAU: (10.0, 100.0)},
+                 TAU: (10.0, 100.0), ADVERSARIAL: (0.0,)},
                 "A larger entropy weight gives higher utilization and worse reconstruction; "
                 "without it utilization drops."),
     ImagesClaim("gamma_frac", 3, GAMMA, (TAU, FRAC),
-                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0)},
+                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0),
+                 ADVERSARIAL: (0.0,)},
                 "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps utilization."),
+    ImagesClaim("adversarial", 5, ADVERSARIAL, (TAU, SIZE),
+                {KIND: ("lfq",), SIZE: (1024, 16384), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
+                 WEIGHT: (0.1,), TAU: (10.0,)},
+                "Training against a discriminator (Open-MAGVIT2's objective) changes how much of the codebook "
+                "the tokenizer uses."),
 )
 BY_NAME = {c.name: c for c in IMAGES_CLAIMS}
 

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.column_names import (
+    ADVERSARIAL,
     BATCH,
     COMMITMENT,
     DOWNSAMPLE,
@@ -50,6 +51,8 @@ def value_or(run: pd.Series, column: str, default: object) -> object:
 def series_of(run: pd.Series) -> str | None:
     """The comparison's name for one run (a row of ``load_runs``), or None if it is not part of it."""
     kind = str(value_or(run, KIND, "lfq"))
+    if float(value_or(run, ADVERSARIAL, 0.0)) != 0.0:
+        return None  # trained against a discriminator: the adversarial comparison's run
     if kind in ("lfq", "bsq"):
         if (value_or(run, SCHEDULE, "constant") != "constant" or float(value_or(run, GAMMA, 1.0)) != 1.0
                 or float(value_or(run, FRAC, 1.0)) != 1.0 or float(value_or(run, WEIGHT, WEIGHT_COMPARED)) != WEIGHT_COMPARED):

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from analysis.claims import SUMMARY_ENV
 from analysis.column_names import (
+    ADVERSARIAL,
     BATCH,
     COMMITMENT,
     DOWNSAMPLE,
@@ -260,7 +261,7 @@ def read_regime(folder: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return regime_summary(runs), curves
 
 
-COMPARISONS = ("quantizers", "entropy_weight", "gamma_frac")  # claim 1, 2 and 3 on this task
+COMPARISONS = ("quantizers", "entropy_weight", "gamma_frac", "adversarial")  # claims 1, 2, 3 and 5 on this task
 
 
 def comparisons(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -321,6 +322,28 @@ def read_comparisons(folder: Path | str) -> dict[str, pd.DataFrame]:
     runs = load_runs(folder)
     require(len(runs), f"no summary CSVs and no run folders under {folder}")
     return comparisons(runs)
+
+
+ADVERSARIAL_CURVES = "adversarial_curves.csv"
+
+
+def adversarial_curves(summary: pd.DataFrame, *known: pd.DataFrame) -> pd.DataFrame:
+    """Claim 5's curves: the rows of ``known`` curve tables (first wins per run) for the runs of the
+    adversarial comparison ``summary``, each with its adversarial weight."""
+    weight = summary.astype({"run_id": str}).set_index("run_id")[ADVERSARIAL]
+    parts, seen = [], set()
+    for frame in known:
+        if not len(frame):
+            continue
+        frame = frame.astype({"run_id": str})
+        part = frame[frame["run_id"].isin(set(weight.index) - seen)].drop(columns=ADVERSARIAL, errors="ignore")
+        seen |= set(part["run_id"])
+        parts.append(part)
+    require(parts and sum(len(p) for p in parts), "no curves of the adversarial comparison's runs")
+    curves = pd.concat(parts, ignore_index=True)
+    curves[ADVERSARIAL] = curves["run_id"].map(weight).astype(float)
+    return sorted_curves(curves).sort_values([ADVERSARIAL, SIZE, "seed", "run_id", "step"], kind="stable"
+                                             ).reset_index(drop=True)
 
 
 def committed_runs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -7,6 +7,7 @@ CSVs by run id, :mod:`analysis.merge`) or the figures redrawn from the committed
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,8 @@ from analysis.figures import ABLATIONS, RECIPE, planned
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, merged_or_refused, refuse_dropping, reruns
 from analysis.regime import (
+    ADVERSARIAL_CURVES,
+    adversarial_curves,
     committed_runs,
     comparison_table,
     comparisons,
@@ -173,6 +176,14 @@ def redraw_ablations(out: Path, log: Log | None = None) -> dict[str, list[str]]:
 
 # ---- the recipe study --------------------------------------------------------------------------
 
+CSV_FLOATS = "%.6g"  # the committed CSVs' precision
+
+
+def _as_written(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as reading back its CSV gives it (floats to 6 significant digits, dtypes as read)."""
+    return pd.read_csv(io.StringIO(frame.to_csv(index=False, float_format=CSV_FLOATS))) if len(frame.columns) else frame
+
+
 def draw_recipe(out: Path, data: Mapping[str, pd.DataFrame]) -> list[str]:
     """The recipe entries of :mod:`analysis.figures` that ``data`` holds, drawn into ``out``; a
     figure that cannot be drawn raises ``NoData`` (nothing is written past it)."""
@@ -184,7 +195,8 @@ def redraw_recipe(out: Path) -> list[str]:
     """The recipe study's figures from the CSVs committed to ``out`` (left as they are)."""
     require((out / "summary.csv").is_file(), f"no summary.csv under {out}")
     summary, curves = read_regime(out)
-    return draw_recipe(out, {"summary": summary, "curves": curves, **read_comparisons(out)})
+    extra = {"adversarial_curves": pd.read_csv(out / ADVERSARIAL_CURVES)} if (out / ADVERSARIAL_CURVES).is_file() else {}
+    return draw_recipe(out, {"summary": summary, "curves": curves, **read_comparisons(out), **extra})
 
 
 def write_recipe(runs_roots: Sequence[Path], out: Path, *, command: str, regime_sweep: str = "recipe_regime",
@@ -233,11 +245,22 @@ def write_recipe(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     tables = [("summary.csv", summary), ("table.csv", regime_table(summary)), ("curves.csv", curves)]
     for name, frame in compared.items():
         tables += [(f"{name}_summary.csv", frame), (f"{name}_table.csv", comparison_table(name, frame))]
-    # Drawn before anything is written: a figure without data stops the command with out/ as it was.
-    figures = [(item.stem, item.draw()) for item in planned(RECIPE, {"summary": summary, "curves": curves, **compared})]
+    extra: dict[str, pd.DataFrame] = {}
+    if "adversarial" in compared:  # claim 5 over training: its runs' curves, fresh ones from their folders
+        ids = set(compared["adversarial"]["run_id"].astype(str)) & fresh_ids
+        fresh = runs[(runs["status"] == "done") & runs["run_id"].isin(ids)]
+        new = regime_curves(load_metrics(fresh, kinds=["quantizer"]), fresh) if len(fresh) else pd.DataFrame()
+        committed = out / ADVERSARIAL_CURVES
+        old = pd.read_csv(committed) if committed.is_file() and mode != "replace" else pd.DataFrame()
+        extra["adversarial_curves"] = adversarial_curves(compared["adversarial"], new, curves, old)
+        tables.append((ADVERSARIAL_CURVES, extra["adversarial_curves"]))
+    # Drawn before anything is written (a figure without data stops the command with out/ as it was),
+    # from the tables as the CSVs will hold them: a --redraw from the committed CSVs draws the same bytes.
+    data = {"summary": summary, "curves": curves, **compared, **extra}
+    figures = [(item.stem, item.draw()) for item in planned(RECIPE, {k: _as_written(v) for k, v in data.items()})]
     written = []
     for name, frame in tables:
-        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format="%.6g"))
+        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
         written.append(name)
     for stem, fig in figures:
         written += save_figure(fig, out, stem)

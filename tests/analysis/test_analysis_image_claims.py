@@ -140,5 +140,49 @@ def test_comparisons_read_back_the_same_from_csvs_and_from_run_folders(tmp_path:
                                   check_dtype=False)
     assert table["final_val_usage_fraction_mean"].tolist() == pytest.approx([0.105, 0.205])
     assert regime.comparison_figure("gamma_frac", from_csv["gamma_frac"], strict=True) is not None
-    with pytest.raises(ValueError, match="no comparison 'vocab'; there are quantizers, entropy_weight, gamma_frac"):
+    with pytest.raises(ValueError, match="no comparison 'vocab'; there are quantizers, entropy_weight, gamma_frac, adversarial"):
         regime.comparison_table("vocab", from_csv["gamma_frac"])
+
+
+def _with_adversarial(run_dir: Path, weight: float) -> None:
+    """Mark a run as trained against a discriminator, and give its quantizer rows diagnostics."""
+    config = json.loads((run_dir / "config.json").read_text())
+    config["loss"] = {"adversarial_weight": weight}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["kind"] == "quantizer" and row["step"] % 2 == 0:
+            row["saturated_fraction"], row["dead_bits"] = 0.4 if weight else 0.5, 0.0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_claim_5_compares_runs_with_and_without_the_discriminator_and_keeps_them_out_of_the_others(
+        tmp_path: Path) -> None:
+    sweep = tmp_path / "runs" / "adversarial_images"
+    for weight, seed in itertools.product((0.0, 0.1), (0, 1)):
+        _write_lfq_run(sweep, f"a{weight}s{seed}", seed, 0.6 + weight, inv_temperature=10.0, entropy_loss_weight=0.1,
+                       diversity_gamma=1.0, frac_per_sample_entropy=1.0)
+        _with_adversarial(sweep / f"a{weight}s{seed}", weight)
+    sweep2 = tmp_path / "runs" / "entropy_weight_images"
+    for weight, seed in itertools.product((0.0, 0.3), (0, 1)):
+        _write_lfq_run(sweep2, f"w{weight}s{seed}", seed, 0.2 + weight, inv_temperature=10.0,
+                       entropy_loss_weight=weight, diversity_gamma=1.0, frac_per_sample_entropy=1.0)
+    out = tmp_path / "recipe"
+    assert recipe([str(write_regime_sweep(tmp_path / "runs")), str(sweep), str(sweep2), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "adversarial_table.csv")
+    assert table.set_index(cn.ADVERSARIAL)["final_val_usage_fraction_mean"].to_dict() == pytest.approx({0.0: 0.6, 0.1: 0.7})
+    assert (table["n_seeds"] == 2).all()
+    # claim 2 takes the run without a discriminator at its weight 0.1, never the one with it
+    weight = pd.read_csv(out / "entropy_weight_summary.csv")
+    assert not weight["run_id"].str.startswith("a0.1").any() and weight["run_id"].str.startswith("a0.0").any()
+    curves = pd.read_csv(out / "adversarial_curves.csv")
+    assert set(curves["run_id"]) == {"a0.0s0", "a0.0s1", "a0.1s0", "a0.1s1"}
+    assert curves.groupby(cn.ADVERSARIAL)["saturated_fraction"].mean().to_dict() == pytest.approx({0.0: 0.5, 0.1: 0.4})
+    for stem in ("adversarial", "adversarial_curves"):
+        assert (out / f"{stem}.png").is_file() and (out / f"{stem}.svg").is_file()
+    # the committed CSVs alone redraw both figures byte for byte
+    before = {stem: (out / f"{stem}.svg").read_bytes() for stem in ("adversarial", "adversarial_curves")}
+    for stem in before:
+        (out / f"{stem}.svg").unlink()
+    assert main(["--redraw", "--out", str(out)]) == 0
+    assert {stem: (out / f"{stem}.svg").read_bytes() for stem in before} == before
