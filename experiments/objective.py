@@ -87,7 +87,7 @@ class Objective:
     def __init__(self, config: Any, model: nn.Module, device: torch.device, *, world: int,
                  grad_scaler: Callable[[], torch.amp.GradScaler], autocast: Callable[[], Any]) -> None:
         loss, self.config = config.loss, config
-        self.autocast = autocast
+        self.autocast, self.world = autocast, world
         self.perceptual = None
         if loss.perceptual_weight > 0:
             self.perceptual = LPIPS.from_file(loss.perceptual_weights).to(device)
@@ -107,7 +107,6 @@ class Objective:
         self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=self.disc_lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
         self.scaler = grad_scaler()
-        self.world = world
 
     @property
     def active(self) -> bool:
@@ -172,16 +171,13 @@ class Objective:
             return {}
         values = torch.stack([self.last.get(k, torch.tensor(math.nan)).float().reshape(())
                               .to(self._device()) for k in self.keys])
-        if self.world_size() > 1:
-            values = ddp.all_sum(values) / self.world_size()
+        if self.world > 1:
+            values = ddp.all_sum(values) / self.world
         return dict(zip(self.keys, values.tolist(), strict=True))
 
     def _device(self) -> torch.device:
         module = self.disc if self.disc is not None else self.perceptual
         return next(module.parameters()).device
-
-    def world_size(self) -> int:
-        return getattr(self, "world", 1)
 
     def state_dict(self) -> dict[str, Any] | None:
         """What a resume needs: the discriminator, its optimiser and scaler, LeCAM's averages."""
