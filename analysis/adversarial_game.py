@@ -84,8 +84,8 @@ def adversarial_game(metrics: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     return fig
 
 
-CURVE_PANELS = (("usage_fraction", "usage (training window, fraction of codebook)"),
-                ("saturated_fraction", "saturated token-bits (fraction)"),
+CURVE_PANELS = (("usage_fraction", "usage (training window)"),
+                ("saturated_fraction", "saturated token-bits"),
                 ("dead_bits", "dead bits"),
                 ("batch_entropy", "batch entropy (nats)"))
 

@@ -9,6 +9,7 @@ verdicts are in results/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,18 +53,19 @@ class ImagesClaim:
     series: tuple[str, ...]  # what tells the lines apart
     select: Mapping[str, tuple[object, ...]]  # the settings a run must have to be part of the claim
     statement: str
+    only: Mapping[str, tuple[object, ...]] = dataclasses.field(default_factory=dict)  # as select, not a column
 
 
 IMAGES_CLAIMS = (
     ImagesClaim("entropy_weight", 2, WEIGHT, (TAU,),
                 {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
-                 TAU: (10.0, 100.0), ADVERSARIAL: (0.0,)},
+                 TAU: (10.0, 100.0)},
                 "A larger entropy weight gives higher utilization and worse reconstruction; "
-                "without it utilization drops."),
+                "without it utilization drops.", only={ADVERSARIAL: (0.0,)}),
     ImagesClaim("gamma_frac", 3, GAMMA, (TAU, FRAC),
-                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0),
-                 ADVERSARIAL: (0.0,)},
-                "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps utilization."),
+                {KIND: ("lfq",), SIZE: (16384,), SCHEDULE: ("constant",), WEIGHT: (0.1,), TAU: (10.0, 100.0)},
+                "diversity_gamma raises utilization; frac_per_sample_entropy < 1 keeps utilization.",
+                only={ADVERSARIAL: (0.0,)}),
     ImagesClaim("adversarial", 5, ADVERSARIAL, (TAU, SIZE),
                 {KIND: ("lfq",), SIZE: (1024, 16384), SCHEDULE: ("constant",), GAMMA: (1.0,), FRAC: (1.0,),
                  WEIGHT: (0.1,), TAU: (10.0,)},
@@ -87,7 +89,8 @@ def series_name(claim: ImagesClaim, run: pd.Series) -> str:
     """``inv. temp. 10 (recipe)``, ``inv. temp. 100 (reference), frac 0.25``, ..."""
     tau = float(_value(run, TAU))
     parts = [f"inv. temp. {tau:g}" + (f" ({REGIMES[tau]})" if tau in REGIMES else "")]
-    parts += [f"{c.split('.')[-1].replace('frac_per_sample_entropy', 'frac')} {float(_value(run, c)):g}"
+    parts += [f"2^{int(np.log2(float(_value(run, c))))} codes" if c == SIZE else
+              f"{c.split('.')[-1].replace('frac_per_sample_entropy', 'frac')} {float(_value(run, c)):g}"
               for c in claim.series if c != TAU]
     return ", ".join(parts)
 
@@ -96,7 +99,8 @@ def claim_summary(runs: pd.DataFrame, claim: ImagesClaim | str) -> pd.DataFrame:
     """One row per run of ``claim`` (picked by its settings; run ids unique), with its series."""
     claim = BY_NAME[claim] if isinstance(claim, str) else claim
     require(len(runs), "no runs")
-    keep = [all(_matches(_value(row, c), allowed) for c, allowed in claim.select.items()) for _, row in runs.iterrows()]
+    keep = [all(_matches(_value(row, c), allowed) for c, allowed in {**claim.select, **claim.only}.items())
+            for _, row in runs.iterrows()]
     table = runs[keep].copy()
     require(len(table), f"no runs with the settings of claim {claim.name!r} "
                         f"({', '.join(f'{c.split(chr(46))[-1]} in {list(v)}' for c, v in claim.select.items())})")
