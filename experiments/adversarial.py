@@ -167,11 +167,16 @@ class LeCAM(nn.Module):
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
 
-    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        """The averages updated with this batch (as LeCAM's and Open-MAGVIT2's code do), then the penalty."""
+    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                means: torch.Tensor | None = None) -> torch.Tensor:
+        """The averages updated with this batch (as LeCAM's and Open-MAGVIT2's code do), then the penalty.
+        ``means``: the batch's mean real and fake logits to average in, when they are not this call's
+        (under DDP, the global batch's, so that every rank keeps the same averages)."""
+        if means is None:
+            means = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
         with torch.no_grad():
-            self.ema_real.mul_(self.decay).add_((1 - self.decay) * real_logits.detach().float().mean())
-            self.ema_fake.mul_(self.decay).add_((1 - self.decay) * fake_logits.detach().float().mean())
+            self.ema_real.mul_(self.decay).add_((1 - self.decay) * means[0])
+            self.ema_fake.mul_(self.decay).add_((1 - self.decay) * means[1])
         real_ref = self.ema_real.to(real_logits.dtype)
         fake_ref = self.ema_fake.to(fake_logits.dtype)
         return F.relu(real_logits - fake_ref).pow(2).mean() + F.relu(real_ref - fake_logits).pow(2).mean()

@@ -156,7 +156,10 @@ class Objective:
         d_loss = hinge_d_loss(real, fake)
         total = d_loss
         if self.lecam is not None:
-            lecam = self.lecam(real, fake)
+            means = torch.stack([real.detach().mean(), fake.detach().mean()])
+            if self.world > 1:  # the global batch's means: every rank keeps the same averages
+                means = ddp.all_sum(means) / self.world
+            lecam = self.lecam(real, fake, means)
             total = total + loss.lecam_weight * lecam
             self.last["lecam_loss"] = lecam.detach()
         self.optimizer.zero_grad(set_to_none=True)

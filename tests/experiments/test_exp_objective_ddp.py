@@ -50,6 +50,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         # parameters only: batch norm's running statistics are each rank's (DDP broadcasts rank 0's at the next
         # forward), and in training mode, the only one the discriminator runs in, they change no output
         state = b"".join(p.detach().numpy().tobytes() for p in self.disc.parameters())
+        state += b"".join(b.numpy().tobytes() for b in self.lecam.buffers())  # LeCAM's averages too
         seen["disc"].append([step, hashlib.sha256(state).hexdigest()])
 
     Objective.generator_loss, Objective.discriminator_step = record_weight, record_disc
@@ -72,7 +73,8 @@ def test_both_ranks_play_one_game(tmp_path: Path) -> None:
     weights = [dict((s, w) for s, w in r["weights"] if s > 2) for r in ranks]
     assert sorted(weights[0]) == [3, 4, 5, 6] and weights[0] == weights[1]
     assert all(w > 0 for w in weights[0].values())
-    # one discriminator: after every update both ranks hold the same weights, to the bit
+    # one discriminator: after every update both ranks hold the same weights and LeCAM averages, to the bit
+    # (a rank resumes from rank 0's checkpoint, so any state a rank kept apart would break its resume)
     assert [s for s, _ in ranks[0]["disc"] if s > 2] == [3, 4, 5, 6]
     assert ranks[0]["disc"] == ranks[1]["disc"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
