@@ -123,6 +123,31 @@ def test_the_claim_2_and_3_tables_are_the_committed_csvs(csv_name: str, paramete
         _check_seeds_and_metrics(cells, match.iloc[0], f"{csv_name}, {series}, {value}", ssim_std=False)
 
 
+def test_the_claim_5_table_is_the_committed_adversarial_table() -> None:
+    csv = pd.read_csv(RECIPE / "adversarial_table.csv")
+    rows = _table("codes | adversarial weight | seeds")
+    assert len(rows) == len(csv), f"the claim 5 table has {len(rows)} rows, adversarial_table.csv {len(csv)}"
+    for codes, weight, *cells in rows:
+        match = csv[(csv["series"].str.endswith(f"{codes} codes")) & (csv["loss.adversarial_weight"] == float(weight))]
+        assert len(match) == 1, f"no adversarial_table.csv row for {codes} codes, adversarial weight {weight}"
+        _check_seeds_and_metrics(cells, match.iloc[0], f"claim 5, {codes}, {weight}", ssim_std=False)
+
+
+def test_the_moonshot_table_is_the_committed_summary() -> None:
+    summary = pd.read_csv(ROOT / "results" / "moonshot" / "summary.csv")
+    rows = _table("2^14 codes, seeds 3-5 | steps")
+    sweeps = {"the recipe (gamma 1)": "recipe_new_seeds_images", "gamma 2": "moonshot_confirm_images"}
+    assert sorted(r[0] for r in rows) == sorted(sweeps)
+    for name, steps, usage, psnr, ssim in rows:
+        runs = summary[summary["sweep"] == sweeps[name]]
+        assert sorted(runs["seed"]) == [3, 4, 5] and set(runs["schedule.steps"]) == {int(steps.replace(",", ""))}
+        seeds = runs.sort_values("seed")
+        u = 100 * seeds["final_val_usage_fraction"]
+        _check(usage, [u.mean(), u.std(), *u.tolist()] if "(" in usage else [u.mean(), u.std()], f"moonshot, {name}")
+        _check(psnr, [seeds["final_val_psnr"].mean(), seeds["final_val_psnr"].std()], f"moonshot, {name}")
+        _check(ssim, [seeds["final_val_ssim"].mean()], f"moonshot, {name}")
+
+
 def test_the_claim_4_images_table_is_the_committed_summary() -> None:
     summary = pd.read_csv(ROOT / "results" / "ablations" / "clamp_train_images" / "summary.csv")
     rows = _table("entropy mode | codes used per batch | batch entropy (nats) | val PSNR (dB)")
