@@ -36,3 +36,20 @@ def rank_process(body: Callable[..., None]) -> Callable[..., None]:
         os._exit(0)
 
     return run
+
+
+def spawn_with_deadline(worker: Callable[..., None], args: tuple[Any, ...], world: int, timeout_s: float) -> None:
+    """``world`` ranks of ``worker(rank, *args)``, joined with a deadline: a rank stuck in a collective
+    fails the calling test (its processes terminated) instead of hanging it."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {world}-rank runs did not finish in {timeout_s} s (a rank hung?)")

@@ -25,9 +25,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
-from rank_process import rank_process
+from rank_process import rank_process, spawn_with_deadline
 from tolerances import sum_tol
 
 from experiments import distributed as ddp
@@ -88,13 +87,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def _spawn(out: Path) -> list[dict[str, Any]]:
     """Both ranks, with a deadline: a rank stuck in a collective fails the test instead of hanging it."""
-    context = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"the {WORLD}-rank runs did not finish in {SPAWN_TIMEOUT_S} s (a rank hung?)")
+    spawn_with_deadline(_worker, (free_port(), str(out)), WORLD, SPAWN_TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 from exp_helpers import run, smoke_config
-from rank_process import rank_process
+from rank_process import rank_process, spawn_with_deadline
 
 from experiments import distributed as ddp
 from experiments.distributed import free_port
@@ -60,13 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_both_ranks_play_one_game(tmp_path: Path) -> None:
-    context = mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"the {WORLD}-rank runs did not finish in {SPAWN_TIMEOUT_S} s (a rank hung?)")
+    spawn_with_deadline(_worker, (free_port(), str(tmp_path)), WORLD, SPAWN_TIMEOUT_S)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0]["summary"]["status"] == "done" and ranks[1]["summary"] == ranks[0]["summary"]
     # the game starts after step 2: steps 3..6 have a weight, the same on both ranks to the bit
