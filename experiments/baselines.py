@@ -125,6 +125,13 @@ class VectorQuantizer(_TokenQuantizer):
         self.codebook.copy_(torch.where(dead[..., None], fresh.to(self.codebook.dtype), self.codebook))
         self.usage_ema.masked_fill_(dead, self.dead_code_threshold)
 
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(..., c) or (...) indices -> (..., c * code_dim) codebook vectors, before project_out."""
+        if not self.keep_num_codebooks_dim:
+            indices = indices[..., None]
+        codes = torch.stack([self.codebook[c][indices[..., c]] for c in range(self.num_codebooks)], dim=-2)
+        return rearrange(codes, "... c d -> ... (c d)")
+
     def quantize_tokens(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.training and not bool(self.initialised):
             self._initialise(z)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -110,6 +110,8 @@ class Config:
         check_choice("task", self.task, list(TASKS))
         check_choice("scale", self.scale, SCALES)
         check(not name_problem(self.name), "name", self.name, name_problem(self.name))  # a folder of results/
+        check(self.task != "prior" or self.data.tokenizer_run is not None, "data.tokenizer_run", None,
+              "task=prior needs the folder of a finished tokenizer run, e.g. data.tokenizer_run=images/<run_id>")
         known = {f"{s}.{f.name}" for s in SECTIONS for f in section_fields(s)}
         for key in self.explicit:
             check(key in known, "explicit", list(self.explicit), f"must list dotted config keys; {unknown_key(key, sorted(known))}")
@@ -183,6 +185,8 @@ class Config:
                     d[section].pop(f.name, None)
             if not d[section]:
                 del d[section]
+        if self.data.tokenizer_run is not None:  # a prior: its tokenizer's run id (its folder's name), not its path
+            d["tokenizer_run_id"] = PurePath(self.data.tokenizer_run.rstrip("/\\")).name
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_ID_LENGTH]
 

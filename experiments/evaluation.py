@@ -62,9 +62,13 @@ class FrechetDistance:
         self.metric = FrechetInceptionDistance(feature=extractor, normalize=True).to(device)
 
     def update(self, real: Tensor, fake: Tensor, value_range: tuple[float, float]) -> None:
+        self.add(real, value_range, real=True)
+        self.add(fake, value_range, real=False)
+
+    def add(self, images: Tensor, value_range: tuple[float, float], *, real: bool) -> None:
+        """One side only (gFID: the real and the generated sets need not be the same size)."""
         lo, hi = value_range
-        self.metric.update(((real - lo) / (hi - lo)).clamp(0, 1), real=True)
-        self.metric.update(((fake - lo) / (hi - lo)).clamp(0, 1), real=False)
+        self.metric.update(((images.float() - lo) / (hi - lo)).clamp(0, 1), real=real)
 
     def compute(self) -> float:
         return float(self.metric.compute())

@@ -179,7 +179,10 @@ USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_s
               "batch_entropy", "bit_balance_mad")
 # Validation columns the summary reports as final_* when the task's evaluation produced them.
 EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens",
-                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid")
+                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid",
+                  # a token prior's (experiments.tasks.prior)
+                  "val_bits_per_token", "val_bits_per_image", "sample_codes_used", "sample_usage_fraction",
+                  "sample_kl", "val_gfid")
 LOSS_KEYS = ("loss", "recon_loss", "aux_loss")
 
 
@@ -224,6 +227,8 @@ class TrainState:
     def note_validation(self, step: int, val: Row, unreadable_files: int) -> None:
         self.last_val = val
         self.unreadable_files = unreadable_files
+        if "val_mse" not in val:  # a task without reconstructions (a prior): no best MSE
+            return
         if self.best_val_mse is None or val["val_mse"] < self.best_val_mse:
             self.best_val_mse, self.best_val_psnr, self.best_val_step = val["val_mse"], val["val_psnr"], step
 
@@ -265,21 +270,51 @@ class NonFiniteLoss(RuntimeError):
     """The (rank-averaged) loss of a step is NaN or inf: the run ends as 'failed'."""
 
 
+class NoMonitor:
+    """The monitor of a task without a quantizer (``HAS_QUANTIZER = False``): nothing to watch."""
+
+    def set_step(self, step: int) -> None:
+        pass
+
+    def snapshot(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def detach(self, flush: bool = True, snapshot: bool = True) -> None:
+        pass
+
+
 class Training:
     """One attempt at a run, in the order ``experiments.train`` calls it: built here, then
     :meth:`restore`, :meth:`start`, each step (:meth:`step`, :meth:`log_train`, :meth:`validate`,
     :meth:`save_checkpoint`), then :meth:`finish` or :meth:`fail`, and always :meth:`close`.
-    ``state`` is what the run has reached (:class:`TrainState`)."""
+    ``state`` is what the run has reached (:class:`TrainState`).
+
+    A tokenizer task's model returns a ``ModelOutput`` and has a quantizer, which the monitor watches
+    and the schedules set. A task with ``HAS_QUANTIZER = False`` (a prior) brings its own hooks:
+    ``train_loss(net, batch)`` (its ``LOSS_KEYS``, the first minimised) and ``evaluate(...)``."""
 
     def __init__(self, config: Config, task: Any, runtime: Runtime, rd: RunDir, rows: slice):
         self.config, self.runtime, self.rd, self.rows = config, runtime, rd, rows
         self.run_id, self.device = config.run_id, runtime.device
         self.world, self.main = ddp.world_size(), ddp.is_main()
+        self.task = task
+        self.quantized = getattr(task, "HAS_QUANTIZER", True)
+        self.loss_keys = getattr(task, "LOSS_KEYS", LOSS_KEYS)
         self.state = TrainState()
         self.batches: Batches | None = None  # train() makes them: where the checkpoint's step says
         torch.manual_seed(config.seed)  # model init and LFQ's token subsets draw from the global RNG
         self.data_rng = torch.Generator().manual_seed(config.seed)
-        self.dataset = task.build_dataset(config)
+        self.dataset = (task.build_dataset(config, rd.path) if getattr(task, "DATASET_IN_RUN_FOLDER", False)
+                        else task.build_dataset(config))
         self.model = task.build_model(config).to(self.device)
         # DDP averages gradients over the ranks; the checkpoint holds the bare model's state.
         net = self.model if self.world == 1 else DistributedDataParallel(
@@ -303,7 +338,7 @@ class Training:
         self.monitor = LFQMonitor(self.model, sink=sink, log_every=lg.log_every,
                                   usage_window=config.monitor.usage_window, dead_after=config.monitor.dead_after,
                                   histogram_every=lg.histogram_every, histogram_sink=JsonlSink(rd.histograms),
-                                  diagnostics_every=lg.diagnostics_every)
+                                  diagnostics_every=lg.diagnostics_every) if self.quantized else NoMonitor()
 
     def restore(self, checkpoint: dict[str, Any] | None) -> None:
         """Model, optimiser, RNGs, monitor and state from ``checkpoint``; the logs cut back to its step."""
@@ -349,23 +384,30 @@ class Training:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        scheduled = values_at(step, config)
-        apply_schedules(model, scheduled)
+        scheduled = values_at(step, config) if self.quantized else {}
+        if self.quantized:
+            apply_schedules(model, scheduled)
         self.monitor.set_step(step)
         with self.throughput.waiting_for_data():
             x = self.batches.train()  # this rank's shard, on the device
-        with self.runtime.autocast():
-            out = self.net(x)
-        recon_loss = reconstruction_loss(out.recon, x, config)
-        loss = recon_loss + out.aux_loss.float()
-        if self.objective.active:  # LPIPS and the generator's adversarial term
-            loss = loss + self.objective.generator_loss(step, x, out.recon, recon_loss)
-        logged = torch.stack([loss, recon_loss, out.aux_loss.float()]).detach()
+        out = None
+        if self.quantized:
+            with self.runtime.autocast():
+                out = self.net(x)
+            recon_loss = reconstruction_loss(out.recon, x, config)
+            loss = recon_loss + out.aux_loss.float()
+            if self.objective.active:  # LPIPS and the generator's adversarial term
+                loss = loss + self.objective.generator_loss(step, x, out.recon, recon_loss)
+            logged = torch.stack([loss, recon_loss, out.aux_loss.float()]).detach()
+        else:
+            with self.runtime.autocast():
+                terms = self.task.train_loss(self.net, x).float()
+            loss, logged = terms[0], terms.detach()
         if self.world > 1:  # the global batch's means; a NaN on any rank is a NaN on all
             logged = ddp.all_sum(logged) / self.world
         if not torch.isfinite(logged[0]):
-            total, recon, aux = logged.tolist()
-            raise NonFiniteLoss(f"non-finite loss {total} at step {step} (recon {recon:.4g}, aux {aux:.4g})")
+            parts = ", ".join(f"{k} {v:.4g}" for k, v in zip(self.loss_keys[1:], logged.tolist()[1:], strict=True))
+            raise NonFiniteLoss(f"non-finite loss {logged[0].item()} at step {step}" + (f" ({parts})" if parts else ""))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.optim.grad_clip > 0:
@@ -376,6 +418,8 @@ class Training:
         if self.objective.active:  # the discriminator's update, on the same schedule's shape
             self.objective.discriminator_step(step, x, out.recon, lr / config.optim.lr)
         self.throughput.step_done()
+        if self.throughput.tokens_per_sample is None and out is None:
+            self.throughput.tokens_per_sample = x[0].numel()  # a prior's batch: rows of tokens
         if self.throughput.tokens_per_sample is None:
             q = model.quantizer
             self.throughput.tokens_per_sample = out.indices[0].numel() // (q.num_codebooks if q.keep_num_codebooks_dim
@@ -384,7 +428,7 @@ class Training:
 
     def log_train(self, step: int, lr: float, scheduled: dict[str, float], logged: torch.Tensor) -> None:
         """The step's ``kind="train"`` row: losses, lr, scheduled values, timings."""
-        self.state.last_train = dict(zip(LOSS_KEYS, logged.tolist(), strict=True))
+        self.state.last_train = dict(zip(self.loss_keys, logged.tolist(), strict=True))
         objective = self.objective.logged()  # on every rank: under DDP it averages over them
         self.runtime.synchronize()  # the interval's queued work is done: its time is its time
         timing = self.throughput.row(self.runtime.max_memory_mb())
@@ -395,8 +439,14 @@ class Training:
     def validate(self, step: int) -> None:
         """The whole validation set (sharded over the ranks); its ``kind="val"`` row; the best so far."""
         dataset = self.dataset
-        val = evaluate(self.model, self.batches.val(), device=self.device, value_range=dataset_value_range(dataset),
-                       is_image=getattr(dataset, "is_image", False), autocast=self.runtime.autocast, fid=self.fid)
+        if not self.quantized:  # the task's own validation; at the last step it may also sample
+            val = self.task.evaluate(self.model, self.batches.val(), device=self.device, config=self.config,
+                                     dataset=dataset, run_dir=self.rd.path, final=step == self.config.schedule.steps,
+                                     main=self.main, autocast=self.runtime.autocast, fid=self.fid)
+        else:
+            val = evaluate(self.model, self.batches.val(), device=self.device,
+                           value_range=dataset_value_range(dataset), is_image=getattr(dataset, "is_image", False),
+                           autocast=self.runtime.autocast, fid=self.fid)
         if self.main:
             self.metrics([{"kind": "val", "step": step, **val}])
         self.state.note_validation(step, val, len(self.batches.unreadable))
@@ -467,6 +517,10 @@ def end_line(summary: dict[str, Any]) -> str:
     per_code, ceiling = summary.get("final_val_tokens_per_code"), summary.get("final_val_usage_ceiling")
     if usage is not None:
         parts.append(f"val_usage={number(usage, 3)}")
+    if summary.get("final_val_bits_per_image") is not None:  # a token prior
+        parts.append(f"val_bits_per_image={number(summary['final_val_bits_per_image'], 1)}")
+        if summary.get("final_sample_usage_fraction") is not None:
+            parts.append(f"sample_usage={number(summary['final_sample_usage_fraction'], 3)}")
     if psnr is not None:
         parts.append(f"val_psnr={number(psnr, 2)}dB")
     if per_code is not None:

@@ -121,6 +121,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
 
 IMAGE_RESOLUTIONS = (16, 32, 64, 128, 256, 512)
 MODEL_PRESETS = ("tiny", "base")
+PRIOR_HEADS = ("full", "factorized", "bitwise")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -145,6 +146,10 @@ class DataConfig(Section):
     # or above it but under data.resolution is upscaled (0, the default: every file is used, as every
     # run before this field did); counted and named either way.
     min_size: int = new_field(0, listed_at_default=False)
+    # prior: the folder of a finished tokenizer run whose tokens the prior models (absolute, or
+    # relative to the results root that holds the prior's own <name>/ folder, then to the working
+    # directory). Not in the run id as a path: the id carries the tokenizer's run id, the folder's name.
+    tokenizer_run: str | None = new_field(None, in_run_id=False, listed_at_default=False)
 
     def validate(self) -> None:
         check(self.resolution in IMAGE_RESOLUTIONS, "data.resolution", self.resolution,
@@ -158,6 +163,8 @@ class DataConfig(Section):
         check(self.patch_size in (16, 32), "data.patch_size", self.patch_size, "must be 16 or 32")
         check(self.min_size >= 0, "data.min_size", self.min_size,
               "must be >= 0 pixels (0 upscales every image under data.resolution; data.resolution skips them)")
+        check(self.tokenizer_run is None or bool(self.tokenizer_run.strip()), "data.tokenizer_run", self.tokenizer_run,
+              "must be the folder of a finished tokenizer run (e.g. images/<run_id>), or null")
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,13 @@ class ModelConfig(Section):
     base_channels: int | None = new_field(None)  # channels of the first level
     ch_mult: tuple[int, ...] | None = new_field(None)  # channel multiplier per level (len = log2(downsample) + 1)
     num_res_blocks: int | None = new_field(None)  # residual blocks per level
+    # prior (experiments/prior_model.py): a decoder-only transformer over the tokens; the preset sets
+    # the width, layers and heads, any of the None fields overrides it.
+    head: str = new_field("full", listed_at_default=False)  # full | factorized | bitwise
+    factors: tuple[int, ...] | None = new_field(None, listed_at_default=False)  # factorized: bits per sub-token
+    width: int | None = new_field(None, listed_at_default=False)
+    layers: int | None = new_field(None, listed_at_default=False)
+    attention_heads: int | None = new_field(None, listed_at_default=False)
 
     def validate(self) -> None:
         for name in ("hidden_dim", "depth", "channels"):
@@ -190,6 +204,12 @@ class ModelConfig(Section):
                    f"(one per level; a level halves the resolution), or null")
         check(self.latent_dim is None or self.latent_dim >= 1, "model.latent_dim", self.latent_dim,
                "must be >= 1 or null")
+        check_choice("model.head", self.head, PRIOR_HEADS)
+        check(self.factors is None or (len(self.factors) >= 1 and all(f >= 1 for f in self.factors)),
+              "model.factors", self.factors, "must be a list of bits per sub-token, each >= 1 (e.g. [6, 4]), or null")
+        for name in ("width", "layers", "attention_heads"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null (the preset's)")
 
 
 @dataclass(frozen=True)
@@ -376,7 +396,10 @@ class EvalConfig(Section):
     _prefix: ClassVar[str] = "eval."
     # rFID: a local InceptionV3 weights file for torch-fidelity (pt_inception-2015-12-05); null: no rFID.
     rfid_weights: str | None = new_field(None, in_run_id=False)
+    # prior: tokens sequences drawn at the end (temperature 1) for the sample metrics and gFID
+    prior_samples: int = new_field(256, listed_at_default=False)
 
     def validate(self) -> None:
         check(self.rfid_weights is None or bool(self.rfid_weights.strip()), "eval.rfid_weights",
                self.rfid_weights, "must be a path to the Inception weights file, or null")
+        check(self.prior_samples >= 1, "eval.prior_samples", self.prior_samples, "must be >= 1")

@@ -40,21 +40,26 @@ TIMING_KEYS = ("step_time_s", "samples_per_s", "tokens_per_s", "data_wait_s", "m
 
 
 class Prepared(NamedTuple):
-    """What :func:`preflight` resolved: this process's runtime and the task's module."""
+    """What :func:`preflight` resolved: this process's runtime, the task's module and the config
+    that runs (a task's ``resolve_inputs`` may make a path in it absolute; never its run id)."""
 
     runtime: Runtime
     task: ModuleType
+    config: Config
 
 
-def preflight(config: Config) -> Prepared:
+def preflight(config: Config, run_dir: Path | str | None = None) -> Prepared:
     """Everything that can be refused before a run folder exists: the device and precision this
-    machine can give (RuntimeConfigError), the task's data (e.g. a missing ``data.root``)."""
+    machine can give (RuntimeConfigError), the task's data (e.g. a missing ``data.root``, or a prior's
+    ``data.tokenizer_run`` that is no finished tokenizer: looked up beside ``run_dir``'s results root)."""
     runtime = Runtime.resolve(config.runtime)
     task = get_task(config.task)
+    if hasattr(task, "resolve_inputs"):
+        config = task.resolve_inputs(config, Path(run_dir) if run_dir is not None else None)
     if hasattr(task, "check"):
         task.check(config)
     check_objective(config, task)
-    return Prepared(runtime, task)
+    return Prepared(runtime, task, config)
 
 
 def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] | None = None,
@@ -75,8 +80,8 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
     magnitude slower, and a fixed count keeps float reductions the same on every machine of one CPU
     ISA (across ISAs they differ: ``experiments.provenance``).
     """
-    config = config.resolved()
-    runtime, task = prepared if prepared is not None else preflight(config)  # a ConfigError leaves no folder
+    runtime, task, config = prepared if prepared is not None else preflight(config.resolved(), run_dir)  # a
+    # ConfigError leaves no folder
     rows = _shard_rows(config, runtime.device)  # a world that does not fit the config, before the lock
     rd = RunDir(run_dir)
     with contextlib.ExitStack() as stack:
@@ -266,9 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--threads {args.threads}: must be >= 1")
     try:
         config = load_config(args.config, explicit=args.overrides)  # they win over scale=smoke
-        prepared = preflight(config.resolved())  # once per run: run() takes it
-        check_resources(config)  # a run that cannot fit is refused before its folder exists
-        run_dir = prepare_run_folder(args.out, config)
+        run_dir = prepare_run_folder(args.out, config)  # checked, not made
+        prepared = preflight(config.resolved(), run_dir)  # once per run: run() takes it
+        check_resources(prepared.config)  # a run that cannot fit is refused before its folder exists
     except (ConfigError, RunDirError) as e:
         return fail(e)
     if args.dry_run:

@@ -1,5 +1,5 @@
 """The registry of training tasks, ``TASKS`` (name -> the module that builds its dataset and its
-autoencoder with a quantizer bottleneck, and optional smoke sizes), and :func:`get_task`;
+model, an autoencoder with a quantizer bottleneck or a token prior, and optional smoke sizes), and :func:`get_task`;
 docs/ARCHITECTURE.md ("Registries") gives the rules and docs/experiments.md how to add a task.
 """
 
@@ -35,10 +35,19 @@ def _images_smoke(config: Any) -> dict[str, dict[str, Any]]:
                       "ch_mult": None if m.ch_mult is None else tuple(min(k, 2) for k in m.ch_mult)}}
 
 
+def _prior_smoke(config: Any) -> dict[str, dict[str, Any]]:
+    """A prior of any preset shrinks to a few seconds on a CPU, and so does its sampling."""
+    m = config.model
+    return {"model": {"width": min(m.width or 32, 32), "layers": min(m.layers or 1, 1),
+                      "attention_heads": min(m.attention_heads or 2, 2)},
+            "eval": {"prior_samples": min(config.eval.prior_samples, 16)}}
+
+
 TASKS: dict[str, Task] = {
     "images": Task("experiments.tasks.images", smoke=_images_smoke),  # a MAGVIT-v2-style tokenizer on images
     "synthetic": Task("experiments.tasks.synthetic"),  # an MLP on a Gaussian mixture: seconds
     "patches": Task("experiments.tasks.patches"),  # a small conv tokenizer on shipped image patches
+    "prior": Task("experiments.tasks.prior", smoke=_prior_smoke),  # a token prior on a finished tokenizer's codes
 }
 
 

@@ -34,6 +34,9 @@ def _key(base: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:12]
 
 
+STAND_IN_TOKENIZER = "0123456789"
+
+
 def shipped_inputs(repo: Path = REPO) -> list[tuple[str, dict[str, Any], list[str]]]:
     """(label, base mapping, overrides) of every run the repository ships, at both scales."""
     import yaml
@@ -44,9 +47,11 @@ def shipped_inputs(repo: Path = REPO) -> list[tuple[str, dict[str, Any], list[st
     for path in sorted((repo / "experiments" / "configs").glob("*.yaml")):
         base = yaml.safe_load(path.read_text(encoding="utf-8"))
         rel = str(path.relative_to(repo))
+        # a prior's config names no tokenizer run (the user gives one): pinned with a stand-in run id
+        needs = [f"data.tokenizer_run=images/{STAND_IN_TOKENIZER}"] if base.get("task") == "prior" else []
         for kind in (None, *KINDS):
             for scale in ("full", "smoke"):
-                overrides = ([] if kind is None else [f"quantizer.kind={kind}"]) + [f"scale={scale}"]
+                overrides = needs + ([] if kind is None else [f"quantizer.kind={kind}"]) + [f"scale={scale}"]
                 inputs.append((f"{rel} {' '.join(overrides)}", base, overrides))
     for path in sorted((repo / "experiments" / "sweeps").glob("*.yaml")):
         sweep = load_sweep(path)
