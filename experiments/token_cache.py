@@ -27,8 +27,9 @@ from experiments.tasks import get_task
 CACHE = "_token_cache"  # beside the run folders: a name with _ is never read as a run
 TOKENIZER_TASKS = ("images",)  # tasks whose splits the cache knows how to read
 ENCODE_BATCH = 256
-# Training images encoded at most (evenly spread over the split): 2,000 steps of 32 see 64,000 draws;
-# the shipped 32-px crops number 120,860, which a tiny tokenizer takes minutes to encode on a CPU.
+# Training images encoded at most (evenly spread over the split), and never more than a run draws
+# (steps x batch): the shipped 32-px crops number 120,860, which a tiny tokenizer takes minutes to
+# encode on a CPU, while 2,000 steps of 32 draw 64,000.
 MAX_TRAIN_IMAGES = 32768
 
 
@@ -86,16 +87,17 @@ def load_tokenizer(folder: Path | str) -> Tokenizer:
     return Tokenizer(raw["run_id"], config, model.eval())
 
 
-def image_splits(config: Config) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
+def image_splits(config: Config, max_train: int | None = None) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
     """(train, validation) batches of the images task's model input, in a fixed order: at most
-    MAX_TRAIN_IMAGES training crops, evenly spread (one per file from a folder), and the validation
-    set as the tokenizer's validation reads it."""
+    ``max_train`` (default MAX_TRAIN_IMAGES) training crops, evenly spread (one per file from a
+    folder), and the validation set as the tokenizer's validation reads it."""
     from experiments.image_folder import collate, even_subset
     from experiments.tasks.images import ShippedImages, build_dataset, to_model_input
 
     dataset = build_dataset(config)
+    max_train = MAX_TRAIN_IMAGES if max_train is None else max_train
     if isinstance(dataset, ShippedImages):
-        chosen = torch.tensor(even_subset(len(dataset.train), MAX_TRAIN_IMAGES))
+        chosen = torch.tensor(even_subset(len(dataset.train), max_train))
 
         def train() -> Iterator[Tensor]:
             for i in range(0, len(chosen), ENCODE_BATCH):
@@ -112,7 +114,7 @@ def image_splits(config: Config) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
             if len(crops):
                 yield dataset.to_model_input(crops)
 
-    files = even_subset(len(dataset.train_set), MAX_TRAIN_IMAGES)
+    files = even_subset(len(dataset.train_set), max_train)
 
     class Seeded(torch.utils.data.Dataset):  # one crop per training file, its seed the file's index
         def __len__(self) -> int:
@@ -155,20 +157,30 @@ def read_cache(path: Path, run_id: str) -> dict[str, Any] | None:
     return data if ok else None
 
 
-def cached_tokens(folder: Path, cache_root: Path, log: Any = print) -> dict[str, Any]:
+def train_images_for(config: Config) -> int:
+    """Training images a prior of ``config`` encodes: at most what it draws, at most MAX_TRAIN_IMAGES."""
+    return min(MAX_TRAIN_IMAGES, config.schedule.steps * config.data.batch_size)
+
+
+def cache_path(cache_root: Path, run_id: str, max_train: int) -> Path:
+    return cache_root / CACHE / run_id / f"tokens-{max_train}.pt"
+
+
+def cached_tokens(folder: Path, cache_root: Path, max_train: int, log: Any = print) -> dict[str, Any]:
     """``{"train": (N, L) int64, "val": (M, L) int64, "grid": (h, w), "codebook_size": K, "tokenizer_run_id"}``
-    of the tokenizer in ``folder``, encoded on the CPU the first time any prior asks for it."""
+    of the tokenizer in ``folder`` (at most ``max_train`` training images), encoded on the CPU the
+    first time any prior asks for it."""
     run_id = folder.name
-    path = cache_root / CACHE / run_id / "tokens.pt"
+    path = cache_path(cache_root, run_id, max_train)
     with _locked(path.with_suffix(".lock")):
         data = read_cache(path, run_id)
         if data is None:
             tokenizer = load_tokenizer(folder)
             log(f"encoding the splits of tokenizer {run_id} into {path} (once for every prior on it)")
-            train_batches, val_batches = image_splits(tokenizer.config)
+            train_batches, val_batches = image_splits(tokenizer.config, max_train)
             with torch.random.fork_rng():  # the tokenizer's forward may draw (LFQ token subsets): not the run's RNG
                 train, val = encode_split(tokenizer.model, train_batches), encode_split(tokenizer.model, val_batches)
-                probe = tokenizer.model(next(iter(image_splits(tokenizer.config)[1]))[:1]).indices
+                probe = tokenizer.model(next(image_splits(tokenizer.config, 0)[1])[:1]).indices
             data = {"train": train, "val": val, "grid": torch.tensor(probe.shape[1:3] if probe.ndim >= 3 else
                                                                     (1, probe.shape[-1])),
                     "codebook_size": int(tokenizer.model.quantizer.codebook_size), "tokenizer_run_id": run_id}

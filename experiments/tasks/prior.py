@@ -24,7 +24,14 @@ from experiments import distributed as ddp
 from experiments.config import Config, ConfigError
 from experiments.files import atomic_write
 from experiments.prior_model import PRESETS, PriorShape, TokenPrior
-from experiments.token_cache import cache_root_of, cached_tokens, find_tokenizer, load_tokenizer
+from experiments.token_cache import (
+    cache_root_of,
+    cached_tokens,
+    find_tokenizer,
+    image_splits,
+    load_tokenizer,
+    train_images_for,
+)
 
 HAS_QUANTIZER = False  # the training loop runs no quantizer monitor and no quantizer schedules
 LOSS_KEYS = ("loss",)  # the training row's loss: nats per token
@@ -83,7 +90,7 @@ class TokenData:
     def __init__(self, config: Config, run_dir: Path | None):
         folder = Path(config.data.tokenizer_run)
         root = cache_root_of(run_dir) or folder.parent
-        data = cached_tokens(folder, root, log=lambda s: print(f"[{config.run_id}] {s}", flush=True)
+        data = cached_tokens(folder, root, train_images_for(config), log=lambda s: print(f"[{config.run_id}] {s}", flush=True)
                              if ddp.is_main() else None)
         self.folder, self.grid = folder, tuple(int(v) for v in data["grid"])
         self.codebook_size, self.train = data["codebook_size"], data["train"]
@@ -119,8 +126,14 @@ def train_loss(net: nn.Module, codes: Tensor) -> Tensor:
 
 
 def memory(config: Config) -> tuple[dict[str, int], int]:
-    """Bytes a run certainly needs: the logits of a batch (K per token, or the bits') and their gradient."""
-    s, b = shape_of(config), config.data.batch_size
+    """Bytes a run certainly needs: the logits of a batch (K per token, or the bits') and their gradient.
+    Nothing while ``data.tokenizer_run`` is a path relative to a results root not known here (a
+    sweep's, before its jobs resolve it)."""
+    b = config.data.batch_size
+    try:
+        s = shape_of(config)
+    except ConfigError:
+        return {}, b
     per_token = {"full": s.codebook_size, "bitwise": s.bits}.get(s.head, sum(2**f for f in s.resolved_factors()))
     return {"data.batch_size: the logits of a batch and their gradient": 2 * b * s.length * per_token * 4}, b * s.length
 
@@ -211,8 +224,6 @@ def sample_metrics(model: TokenPrior, config: Config, dataset: TokenData, run_di
     tokenizer = load_tokenizer(dataset.folder).model.to(device)
     save_grid(decode(tokenizer, samples[:GRID_SAMPLES], dataset.grid), Path(run_dir) / SAMPLES_PNG)
     if fid is not None:
-        from experiments.token_cache import image_splits
-
         for real in image_splits(load_tokenizer(dataset.folder).config)[1]:
             fid.add(real.to(device), (-1.0, 1.0), real=True)
         for i in range(0, count, SAMPLE_BATCH):

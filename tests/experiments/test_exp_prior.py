@@ -93,9 +93,11 @@ def test_priors_over_one_tokenizer_encode_it_once(results, monkeypatch):
         config = _prior_config(results, f"model.head={head}", "schedule.steps=2")
         assert run(config, results / "once" / config.run_id)["status"] == "done"
     assert len(calls) == 2  # the train and the validation split, by the first prior only
-    cache = results / "once" / CACHE / _tokenizer(results).name / "tokens.pt"
+    n = 2 * 32  # what two steps of prior.yaml's batch of 32 draw, under the cap of 256
+    assert token_cache.train_images_for(config) == n
+    cache = results / "once" / CACHE / _tokenizer(results).name / f"tokens-{n}.pt"
     data = torch.load(cache, weights_only=True)
-    assert data["train"].dtype == torch.int32 and data["train"].shape == (256, 16)
+    assert data["train"].dtype == torch.int32 and data["train"].shape == (n, 16)
     assert data["tokenizer_run_id"] == _tokenizer(results).name
 
 
