@@ -39,6 +39,7 @@ from analysis.plots import (
     usage_vs_gamma,
     with_window_ceiling,
 )
+from analysis.prior_figures import is_prior_sweep, prior_samples
 from analysis.regime import collapse_figure, comparison_figure, regime_figure
 
 Data = Mapping[str, Any]
@@ -221,6 +222,13 @@ FIGURES: list[Plot] = [
          "are NaN before loss.disc_start, so its lines start there.",
          lambda d: adversarial_game(d["metrics"], d["runs"], strict=True), shows="runs",
          when=lambda d: played(d["metrics"])),
+    Plot("prior_samples", SWEEP, "Samples of the token priors",
+         "For each finished token prior (task prior), the first 16 of its samples at temperature 1, decoded by "
+         "its tokenizer's decoder (the run folder's samples.png), titled with its tokenizer's run id, its head, "
+         "its validation bits per image (the negative log-likelihood of the validation tokens, summed over an "
+         "image's tokens) and the share of the codebook its samples use.",
+         lambda d: prior_samples(d["finished"], strict=True), shows="finished",
+         when=lambda d: is_prior_sweep(d["finished"])),
     # The paper's claims (results/ablations): the data are the claims' joined summaries
     # (analysis.claims.claim_summaries) and the clamp probe's table; each figure goes to its claim's folder.
     Plot("claim1_vocab", ABLATIONS, "Claim 1: vocabulary size",

@@ -13,6 +13,8 @@ import pytest
 import torch
 from exp_helpers import REPO, Kill, kill_at, read_rows, run, without_wall_time
 
+from analysis.load import load_runs
+from analysis.prior_figures import prior_samples
 from experiments import token_cache, train
 from experiments.config import load_config
 from experiments.tasks import prior
@@ -66,6 +68,9 @@ def test_the_cli_trains_a_prior_and_reports_bits_per_image(results, capsys):
     config = json.loads((folder / "config.json").read_text())
     assert config["data"]["tokenizer_run"] == str(_tokenizer(results).resolve())  # recorded, absolute
     assert "val_bits_per_image=" in capsys.readouterr().out
+    # the sweep report's figure of samples: one panel with the run's samples.png
+    figure = prior_samples(load_runs(out), strict=True)
+    assert [ax.get_title().split(" on ")[0] for ax in figure.axes if ax.images] == [folder.name]
 
 
 def test_a_killed_prior_resumes_to_the_same_summary(results, tmp_path):
