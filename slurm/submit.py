@@ -33,6 +33,7 @@ from experiments.image_folder import Fingerprints
 from experiments.resources import check_resources
 from experiments.run_dir import RunDirError, check_writable, set_aside
 from experiments.sweep import RunSpec, Sweep, SweepError, expand, load_sweep
+from experiments.tasks import get_task
 from experiments.train import data_change_of
 from slurm.job import RunJob
 from slurm.local import LocalPool, machine_cpus, machine_mem_gb, pool_size
@@ -245,6 +246,20 @@ def submit_sweep(sweep: Sweep | str | Path, *, cluster: str = "local", results: 
                        dry_run=dry_run, force=force, profile=profile, resources=resources, log=log, command=command)
 
 
+def missing_inputs(runs: Sequence[RunSpec], sweep_folder: Path) -> list[str]:
+    """What each run's task needs beside its config and cannot find (a prior's ``data.tokenizer_run``,
+    looked up beside the results root), as ``run_id (point): reason`` lines; [] when all is there."""
+    problems = []
+    for spec in runs:
+        task = get_task(spec.config.task)
+        if hasattr(task, "resolve_inputs"):
+            try:
+                task.resolve_inputs(spec.config.resolved(), sweep_folder / spec.run_id)
+            except ConfigError as e:
+                problems.append(f"{spec.run_id} ({spec.label()}): {e}")
+    return problems
+
+
 def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, Any], *, cluster: str = "local",
                 results: str | Path = "results", overrides: Sequence[str] = (), dry_run: bool = False,
                 force: bool = False, profile: str | None = None, resources: dict[str, Any] | None = None,
@@ -261,6 +276,12 @@ def submit_runs(name: str, runs: Sequence[RunSpec], sweep_resources: dict[str, A
         check_resources(spec.config, *_memory_limit(cluster, params))
     folder = SweepFolder(check_results_root(results, write=not dry_run) / name)
     result = SubmitResult(sweep=name, folder=folder.root, cluster=cluster)
+    missing = missing_inputs(runs, folder.root)  # e.g. a prior's tokenizer run that is not finished yet
+    if missing and not dry_run:
+        raise SubmitError(f"{len(missing)} of {len(runs)} runs cannot start; nothing was submitted:\n  "
+                          + "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    for line in missing:
+        log(f"[submit] would be refused: {line}")
 
     # a dry run only reads: it takes no lock and creates nothing
     with sweep_lock(folder) if not dry_run else contextlib.nullcontext():

@@ -163,3 +163,17 @@ def test_gfid_goes_through_the_rfid_plumbing(results, monkeypatch):
     config = _prior_config(results, "schedule.steps=2", "eval.rfid_weights=/nonexistent/inception.pth")
     summary = run(config, results / "gfid" / config.run_id)
     assert summary["status"] == "done" and summary["final_val_gfid"] > 0
+
+
+def test_a_sweep_of_priors_is_refused_before_submission_while_a_tokenizer_is_missing(results):
+    from experiments.sweep import expand, sweep_from_dict
+    from slurm.submit import SubmitError, missing_inputs, submit_runs
+
+    sweep = sweep_from_dict({"name": "priors", "base": str(PRIOR_YAML), "overrides": ["scale=smoke"],
+                             "grid": {"data.tokenizer_run": [f"images/{_tokenizer(results).name}", "images/0123456789"]}})
+    runs = expand(sweep)
+    missing = missing_inputs(runs, results / "priors")  # relative paths: under the results root
+    assert len(missing) == 1 and missing[0].startswith(runs[1].run_id) and "no such folder" in missing[0]
+    with pytest.raises(SubmitError, match="1 of 2 runs cannot start"):
+        submit_runs("priors", runs, {}, cluster="debug", results=results)
+    assert not (results / "priors").exists()  # nothing written
