@@ -175,10 +175,12 @@ def cached_tokens(folder: Path, cache_root: Path, max_train: int, log: Any = pri
     with _locked(path.with_suffix(".lock")):
         data = read_cache(path, run_id)
         if data is None:
-            tokenizer = load_tokenizer(folder)
             log(f"encoding the splits of tokenizer {run_id} into {path} (once for every prior on it)")
-            train_batches, val_batches = image_splits(tokenizer.config, max_train)
-            with torch.random.fork_rng():  # the tokenizer's forward may draw (LFQ token subsets): not the run's RNG
+            # building the tokenizer draws its initial weights, its forward may draw (LFQ's token subsets):
+            # from a copy of the RNG, so that a prior starts alike whether it encoded the codes or read them
+            with torch.random.fork_rng(devices=[]):
+                tokenizer = load_tokenizer(folder)
+                train_batches, val_batches = image_splits(tokenizer.config, max_train)
                 train, val = encode_split(tokenizer.model, train_batches), encode_split(tokenizer.model, val_batches)
                 probe = tokenizer.model(next(image_splits(tokenizer.config, 0)[1])[:1]).indices
             data = {"train": train, "val": val, "grid": torch.tensor(probe.shape[1:3] if probe.ndim >= 3 else

@@ -221,10 +221,12 @@ def sample_metrics(model: TokenPrior, config: Config, dataset: TokenData, run_di
     out = {"sample_codes_used": used, "sample_usage_fraction": used / k,
            "sample_kl": kl_bits(histogram(dataset.val, k).to(counts.device), counts),
            "sample_tokens": samples.numel()}
-    tokenizer = load_tokenizer(dataset.folder).model.to(device)
+    with torch.random.fork_rng(devices=[]):  # its init draws from the CPU generator: from a copy
+        loaded = load_tokenizer(dataset.folder)
+    tokenizer = loaded.model.to(device)
     save_grid(decode(tokenizer, samples[:GRID_SAMPLES], dataset.grid), Path(run_dir) / SAMPLES_PNG)
     if fid is not None:
-        for real in image_splits(load_tokenizer(dataset.folder).config)[1]:
+        for real in image_splits(loaded.config, 0)[1]:
             fid.add(real.to(device), (-1.0, 1.0), real=True)
         for i in range(0, count, SAMPLE_BATCH):
             fid.add(decode(tokenizer, samples[i:i + SAMPLE_BATCH], dataset.grid), (-1.0, 1.0), real=False)

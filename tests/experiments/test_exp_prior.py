@@ -94,10 +94,14 @@ def test_priors_over_one_tokenizer_encode_it_once(results, monkeypatch):
         return encode(model, batches)
 
     monkeypatch.setattr(token_cache, "encode_split", counting)
-    for head in ("full", "bitwise"):
+    summaries = []
+    for head in ("full", "bitwise", "full"):  # the last: the first again, in another folder, on the cache
         config = _prior_config(results, f"model.head={head}", "schedule.steps=2")
-        assert run(config, results / "once" / config.run_id)["status"] == "done"
+        summaries.append(run(config, results / "once" / f"{config.run_id}{len(summaries)}"))
+        assert summaries[-1]["status"] == "done"
     assert len(calls) == 2  # the train and the validation split, by the first prior only
+    # encoding (building the tokenizer draws its init) leaves the prior's RNG alone: the same run either way
+    assert without_wall_time(summaries[2]) == without_wall_time(summaries[0])
     n = 2 * 32  # what two steps of prior.yaml's batch of 32 draw, under the cap of 256
     assert token_cache.train_images_for(config) == n
     cache = results / "once" / CACHE / _tokenizer(results).name / f"tokens-{n}.pt"
