@@ -6,8 +6,9 @@ every head and left out.
     python benchmarks/prior_heads.py                 # 2^10, 2^12, ..., 2^18 codes, 1024 tokens, width 512
     python benchmarks/prior_heads.py --quick         # 2^10, 2^14, 2^18, 256 tokens, 3 repeats
 
-Every case runs in a fresh subprocess, so its peak memory is its own: on a CPU the growth of peak
-RSS (getrusage) over the RSS after setup (states, targets and the head's parameters). Rows go to
+Every case runs in a fresh subprocess, so its peak memory is its own: on a CPU the growth of the peak
+RSS (VmHWM, reset after setup through /proc/self/clear_refs; else getrusage's lifetime peak) over the
+RSS after setup (states, targets, the head's parameters and a first backward through a small layer). Rows go to
 results/benchmarks/prior_heads.csv (written atomically) with the machine, torch's threads and the
 1-minute load average, which says how contended the timings were on a shared machine.
 """
@@ -30,9 +31,19 @@ OUT = REPO / "results" / "benchmarks" / "prior_heads.csv"
 HEADS = ("full", "factorized", "bitwise")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux's clear_refs 5); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def one_case(head: str, bits: int, tokens: int, width: int, repeats: int) -> dict:
@@ -59,14 +70,15 @@ def one_case(head: str, bits: int, tokens: int, width: int, repeats: int) -> dic
     probe = torch.nn.Linear(width, 2)
     torch.log_softmax(probe(h), -1).sum().backward()
     h.grad = None
-    base = _rss_bytes()
+    reset = _reset_peak()  # else the peak of the imports, freed since, would count
+    base = _status_kb("VmRSS") * 1024
     step()  # warm-up; also the peak of the first allocation
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = (_status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     return {"head": head, "codes": 2**bits, "bits": bits, "factors": "-".join(map(str, shape.resolved_factors()))
             if head == "factorized" else "", "tokens": tokens, "width": width, "head_params": params,
             "step_ms_median": round(1000 * statistics.median(times), 3), "step_ms_min": round(1000 * min(times), 3),
