@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lfq.adapters import ProtocolAdapter, check_indices
 from lfq.code_usage import CodeUsage
+from lfq.latent_stats import gram_entropy
 from lfq.records import Evaluation
 from lfq.sinks import Sink
 from lfq.step_counts import (
@@ -155,7 +156,7 @@ class MonitorHooks:
                         f"{spec.name}: the latent has shape {tuple(latent.z.shape)}, expected ({idx.shape[0]}, "
                         f"{spec.num_codebooks}, {spec.bits}): one row per index token, codebooks, bits"
                     )
-                usage.step.add_latent(latent, weight[:, 0], with_gram=not adapter.reports_losses)
+                usage.step.add_latent(latent, weight[:, 0], entropies=not adapter.reports_losses)
 
     def _add_losses(self, spec: LayerSpec, acc: StepCounts, stats: Any) -> None:
         # An object already counted is stale: a quantizer that did not refresh last_stats.
@@ -212,9 +213,16 @@ class MonitorHooks:
                   if (usage := self._usage[name].get(mode)) is not None and usage.step.forward_passes > 0]
         if not active:
             return
-        if self._world() > 1:
+        world = self._world()
+        if world > 1:
             all_reduce_counts([usage.step.counts for _, _, usage in active])
-            latents = [t for _, _, usage in active for t in (usage.step.latent, usage.step.gram) if t is not None]
+            for _, _, usage in active:  # this rank's exact batch entropy, before the sums go global
+                acc = usage.step
+                if acc.gram is not None and acc.latent is not None:
+                    acc.local_batch = gram_entropy(acc.gram, acc.latent[0]).nan_to_num(0.0) / world
+            latents = [t for _, _, usage in active
+                       for t in (usage.step.latent, usage.step.gram, usage.step.dependence, usage.step.local_batch)
+                       if t is not None]
             if latents:  # diagnostic steps: the latent sums of the global batch (float, apart from the counts)
                 all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
@@ -232,5 +240,6 @@ class MonitorHooks:
         for name, spec in self._layers.items():
             for mode, usage in self._usage[name].items():
                 counts = usage.take_snapshot()
+                pair_mi, usage.pair_mi = usage.pair_mi, None
                 if counts is not None:
-                    self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))
+                    self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts, pair_mi))

@@ -18,6 +18,9 @@ from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
 STAT_FIELDS = LOSS_FIELDS + (
     "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
     "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
+    # Issue 34: dependence between bits, the group bound's gap, per-rank entropy.
+    "bit_total_correlation", "bit_total_correlation_hard", "bit_pair_mi_max", "batch_entropy_group_bound",
+    "batch_entropy_local",
 )
 RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
 # Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
@@ -47,7 +50,8 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
     losses, (used, tokens, n_log_n, in_window, dead) = sums[:4], sums[4:9]
     (latent_tokens, per_sample_sum, saturated, abs_z, commitment), latent_batch = sums[9:14], sums[14]
-    dead_bits, bit_set = sums[15], sums[16:]
+    local_batch, bit_entropy_sum, pair_mi_max, group_bound = sums[15:19]
+    dead_bits, bit_set = sums[19], sums[20:]
     spec = closed.spec
     stats: dict[str, float | int] = {
         name: total / passes if passes else math.nan
@@ -73,6 +77,15 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["dead_bits"] = int(dead_bits) if bit_set else math.nan
     stats["saturated_fraction"] = saturated / token_bits if latent else math.nan
     stats["mean_abs_z"] = abs_z / token_bits if latent else math.nan
+    # Total correlation: sum of the bits' entropies minus the joint entropy (soft: of the latent's
+    # exact batch distribution, diagnostic steps; hard: of the step's code histogram, every step).
+    binary = latent and spec.bits is not None
+    stats["bit_total_correlation"] = bit_entropy_sum - latent_batch if binary else math.nan
+    histogram_entropy = math.log(tokens) - n_log_n / tokens if tokens > 0 else math.nan
+    stats["bit_total_correlation_hard"] = sum(entropies) - histogram_entropy if bit_set else math.nan
+    stats["bit_pair_mi_max"] = pair_mi_max if binary else math.nan
+    stats["batch_entropy_group_bound"] = group_bound if binary else math.nan
+    stats["batch_entropy_local"] = local_batch if binary else math.nan
     for i, q in enumerate(frequencies):
         stats[f"{BIT_FREQUENCY}{i}"] = q
     for i, h in enumerate(entropies):
@@ -125,8 +138,11 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
     """Sparse histogram rows: the used codes and their counts, per codebook; for binary codes
     also ``bit_frequencies``, the fraction of these tokens with each bit set (MSB first)."""
     records: list[dict[str, Any]] = []
-    for step, name, mode, size, bits, counts in snapshots:
+    for step, name, mode, size, bits, counts, pair_mi in snapshots:
         counts = counts.cpu()
+        pair_step, pair_matrix = pair_mi if pair_mi is not None else (None, None)
+        if pair_matrix is not None:
+            pair_matrix = pair_matrix.cpu()
         for codebook in range(counts.shape[0]):
             codes = counts[codebook].nonzero().flatten()
             used = counts[codebook, codes]
@@ -138,6 +154,9 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 total = int(used.sum())
                 set_bits = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * used[:, None]
                 record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
+                if pair_matrix is not None:
+                    record["bit_pair_mi"] = pair_matrix[codebook].tolist()
+                    record["bit_pair_mi_step"] = pair_step
             records.append(record)
     return records
 

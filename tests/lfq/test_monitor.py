@@ -346,6 +346,11 @@ def test_histogram_snapshots_are_sparse_counts_since_the_previous_one():
             mon.set_step(step)
             lfq(tokens_for(codes, 3))
         assert mon.histogram(ROOT_LAYER).tolist() == [[0, 2, 3, 0, 0, 1, 0, 0]]
+    # Step 0 is the only diagnostic step (diagnostics_every = log_every = 50): its 3 x 3 pairwise
+    # mutual information rides on the first snapshot only (tests/lfq/test_bit_dependence.py checks values).
+    pair_mi = [(r.pop("bit_pair_mi", None), r.pop("bit_pair_mi_step", None)) for r in hist.records]
+    assert [step for _, step in pair_mi] == [0, None]
+    assert len(pair_mi[0][0]) == 3 and all(len(row) == 3 for row in pair_mi[0][0])
     assert hist.records == [
         # codes 001, 001, 101 (MSB first): bit 0 set in 1 of 3 tokens, bit 1 never, bit 2 always
         {"step": 1, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [1, 5], "counts": [2, 1],
