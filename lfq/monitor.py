@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lfq.adapters import Adapter
+from lfq.alarms import AlarmRule, Alarms, default_alarms
 from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
 from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
@@ -55,6 +56,7 @@ class LFQMonitor(MonitorHooks):
         distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
         diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
         adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
+        alarms: Iterable[AlarmRule] | None | Literal[False] = None,  # collapse rules; None: lfq.alarms.default_alarms()
     ):
         """Watch every quantizer in ``model`` (docs/monitor.md is the manual): every closed step
         makes its rows whatever ``log_every`` is, which only sets how many closed steps are held on
@@ -97,6 +99,10 @@ class LFQMonitor(MonitorHooks):
             raise ValueError(f"adapters name modules {unknown} that {type(model).__name__} does not have; "
                              f"module paths are those of model.named_modules() ({ROOT_LAYER!r} for the model)")
 
+        if alarms is not None and alarms is not False and not isinstance(alarms, Iterable):
+            raise ValueError(f"alarms must be None (the defaults), False (none) or a list of lfq.alarms.AlarmRule, "
+                             f"got {alarms!r}")
+        self._alarms = Alarms(default_alarms() if alarms is None else alarms or (), self.usage_window)
         self._model = model
         self._layers: dict[str, LayerSpec] = {}
         for path, module in model.named_modules():
@@ -139,6 +145,11 @@ class LFQMonitor(MonitorHooks):
         return list(self._layers)
 
     @property
+    def alarms(self) -> list[dict[str, Any]]:
+        """Every ``kind="alarm"`` row sent so far (rank 0; empty on other ranks), oldest first."""
+        return list(self._alarms.fired)
+
+    @property
     def step(self) -> int:
         return self._step
 
@@ -168,7 +179,7 @@ class LFQMonitor(MonitorHooks):
         if not self._is_main():  # rank > 0: same state, no output (and no device-to-host transfer)
             return
         if closed:
-            self.sink(step_records(closed))
+            self.sink(self._alarms.check(step_records(closed)))
         if snapshots and self.histogram_sink is not None:
             self.histogram_sink(snapshot_records(snapshots))
 
@@ -248,6 +259,7 @@ class LFQMonitor(MonitorHooks):
             "explicit_steps": self._explicit_steps,
             "auto_next": self._auto_next,
             "usage": {name: {mode: u.state() for mode, u in by_mode.items()} for name, by_mode in self._usage.items()},
+            "alarms": self._alarms.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,6 +278,7 @@ class LFQMonitor(MonitorHooks):
         self._step = int(state["step"])
         self._explicit_steps = bool(state["explicit_steps"])
         self._auto_next = int(state["auto_next"])
+        self._alarms.load(state.get("alarms"))
         self._pending_steps, self._pending_snapshots, self._closed_unflushed = [], [], 0
         self._last_stats_seen.clear()
 
