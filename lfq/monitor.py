@@ -21,6 +21,7 @@ from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
 from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
 from lfq.sinks import Sink, default_histogram_sink
+from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage, kept_codes
 from lfq.step_counts import (
     MODES,
     ClosedStep,
@@ -205,6 +206,9 @@ class LFQMonitor(MonitorHooks):
         evaluation = self._evaluation = Evaluation()
         for name, spec in self._layers.items():
             device = next(iter(list(spec.module.buffers()) + list(spec.module.parameters())), torch.zeros(())).device
+            if spec.codebook_size > SPARSE_ABOVE:  # the passes' codes, counted on exit
+                evaluation.codes[name] = []
+                continue
             with torch.inference_mode(False):
                 evaluation.counts[name] = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long,
                                                       device=device)
@@ -212,9 +216,17 @@ class LFQMonitor(MonitorHooks):
             yield evaluation
         finally:
             self._evaluation = None
-        if self._world() > 1:
+        if self._world() > 1 and evaluation.counts:
             all_reduce_counts(list(evaluation.counts.values()))
-        evaluation.records = evaluation_records(self._layers, evaluation.counts)
+        counts: dict[str, Tensor | list[Tensor]] = {}
+        for name in self._layers:  # in the layers' order, sparse codebooks by sorting their codes
+            if name in evaluation.codes:
+                books = self._layers[name].num_codebooks
+                codes = kept_codes(evaluation.codes[name], books, self._world() > 1)
+                counts[name] = [torch.unique(c, return_counts=True)[1] for c in codes]
+            else:
+                counts[name] = evaluation.counts[name]
+        evaluation.records = evaluation_records(self._layers, counts)
         if log and self._is_main():
             self.sink([{"step": self._step, **r} for r in evaluation.records])
 
@@ -244,6 +256,10 @@ class LFQMonitor(MonitorHooks):
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
         spec = self._layers[layer]
+        if spec.codebook_size > SPARSE_ABOVE:
+            raise ValueError(f"{layer} has {spec.codebook_size} codes per codebook, past the dense limit of "
+                             f"{SPARSE_ABOVE}: it keeps no (codebooks, codes) histogram; read its snapshots "
+                             f"(histogram_sink), which list the used codes")
         total = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long)
         for m, usage in self._usage[layer].items():
             if mode is None or m == mode:
@@ -274,7 +290,11 @@ class LFQMonitor(MonitorHooks):
         self._usage = {name: {} for name in self._layers}
         for name, by_mode in state["usage"].items():
             for mode, saved in by_mode.items():
-                self._usage[name][mode] = CodeUsage.from_state(self._layers[name], mode, saved, snapshots)
+                spec = self._layers[name]
+                kind = SparseCodeUsage if spec.codebook_size > SPARSE_ABOVE else CodeUsage
+                self._usage[name][mode] = usage = kind.from_state(spec, mode, saved, snapshots)
+                if isinstance(usage, SparseCodeUsage):
+                    usage.distributed = self._world() > 1
         self._step = int(state["step"])
         self._explicit_steps = bool(state["explicit_steps"])
         self._auto_next = int(state["auto_next"])

@@ -19,6 +19,7 @@ from lfq.code_usage import CodeUsage
 from lfq.latent_stats import gram_entropy
 from lfq.records import Evaluation
 from lfq.sinks import Sink
+from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage
 from lfq.step_counts import (
     LOSS_FIELDS,
     MODES,
@@ -144,7 +145,10 @@ class MonitorHooks:
         usage = self._usage_of(spec, mode, idx.device)
         usage.add_tokens(spec, idx, weight)
         if self._evaluation is not None:
-            scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
+            if spec.name in self._evaluation.codes:
+                self._evaluation.codes[spec.name].append((idx, weight))
+            else:
+                scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
         if mode != "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
             return
         self._add_losses(spec, usage.step, adapter.losses(spec.module, output))
@@ -187,7 +191,12 @@ class MonitorHooks:
         usage = self._usage[spec.name].get(mode)
         if usage is None:
             snapshots = self.histogram_sink is not None
-            usage = self._usage[spec.name][mode] = CodeUsage.new(spec, device, self._step, snapshots)
+            if spec.codebook_size > SPARSE_ABOVE:
+                usage = SparseCodeUsage.new(spec, device, self._step, snapshots)
+                usage.distributed = self._world() > 1
+            else:
+                usage = CodeUsage.new(spec, device, self._step, snapshots)
+            self._usage[spec.name][mode] = usage
         elif usage.device != device:
             usage.to(device)
         return usage

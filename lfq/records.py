@@ -20,7 +20,7 @@ STAT_FIELDS = LOSS_FIELDS + (
     "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
     # Issue 34: dependence between bits, the group bound's gap, per-rank entropy.
     "bit_total_correlation", "bit_total_correlation_hard", "bit_pair_mi_max", "batch_entropy_group_bound",
-    "batch_entropy_local",
+    "batch_entropy_local", "codes_used_window",
 )
 RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
 # Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
@@ -67,7 +67,7 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["codes_used"] = int(used)
     stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
     stats["usage_fraction"] = in_window / spec.codebook_size
-    stats["dead_codes"] = int(dead)
+    stats["dead_codes"] = int(dead) if dead == dead else math.nan  # NaN past lfq.sparse_usage.SPARSE_ABOVE codes
     frequencies = [n / tokens for n in bit_set] if bit_set and tokens > 0 else [math.nan] * len(bit_set)
     entropies = [_binary_entropy(q) if tokens > 0 else math.nan for q in frequencies]
     stats["bit_balance_mad"] = sum(abs(q - 0.5) for q in frequencies) / len(bit_set) if bit_set else math.nan
@@ -86,6 +86,7 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["bit_pair_mi_max"] = pair_mi_max if binary else math.nan
     stats["batch_entropy_group_bound"] = group_bound if binary else math.nan
     stats["batch_entropy_local"] = local_batch if binary else math.nan
+    stats["codes_used_window"] = int(in_window)
     for i, q in enumerate(frequencies):
         stats[f"{BIT_FREQUENCY}{i}"] = q
     for i, h in enumerate(entropies):
@@ -108,11 +109,20 @@ def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
     return records
 
 
-def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) -> list[dict[str, Any]]:
+def _pass_sums(counts: Tensor | list[Tensor]) -> Tensor:
+    """(3, c): codes used, tokens and sum of n log n, from (c, K) counts or, for a sparse codebook,
+    one tensor per codebook of the used codes' counts."""
+    if isinstance(counts, list):
+        return torch.stack([torch.stack([(n > 0).sum().float(), n.sum().float(),
+                                         torch.special.xlogy(n.double(), n.double()).sum().float()]) for n in counts], 1)
+    return torch.stack([(counts > 0).sum(-1).float(), counts.sum(-1).float(),
+                        torch.special.xlogy(counts.float(), counts.float()).sum(-1)])
+
+
+def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor | list[Tensor]]) -> list[dict[str, Any]]:
     """The usage of one evaluation pass per (layer, codebook); one transfer per device."""
     names = list(counts)
-    values = _to_host([torch.stack([(c > 0).sum(-1).float(), c.sum(-1).float(),
-                                    torch.special.xlogy(c.float(), c.float()).sum(-1)]) for c in counts.values()])
+    values = _to_host([_pass_sums(c) for c in counts.values()])
     records: list[dict[str, Any]] = []
     for name, flat in zip(names, values, strict=True):
         spec = layers[name]
@@ -139,13 +149,14 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
     also ``bit_frequencies``, the fraction of these tokens with each bit set (MSB first)."""
     records: list[dict[str, Any]] = []
     for step, name, mode, size, bits, counts, pair_mi in snapshots:
-        counts = counts.cpu()
+        if isinstance(counts, list):  # a sparse codebook's (codes, counts) per codebook
+            sparse = [(c.cpu(), n.cpu()) for c, n in counts]
+        else:
+            sparse = [(codes, row[codes]) for row in counts.cpu() for codes in [row.nonzero().flatten()]]
         pair_step, pair_matrix = pair_mi if pair_mi is not None else (None, None)
         if pair_matrix is not None:
             pair_matrix = pair_matrix.cpu()
-        for codebook in range(counts.shape[0]):
-            codes = counts[codebook].nonzero().flatten()
-            used = counts[codebook, codes]
+        for codebook, (codes, used) in enumerate(sparse):
             record = {
                 "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
                 "codes": codes.tolist(), "counts": used.tolist(),
@@ -171,7 +182,8 @@ class Evaluation:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self.counts: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}  # per layer, (c, K) code counts of the pass
+        self.codes: dict[str, list[tuple[Tensor, Tensor]]] = {}  # per sparse layer, each pass's (indices, weights)
 
     def usage_fraction(self, layer: str | None = None) -> float:
         """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""
