@@ -127,3 +127,42 @@ def test_the_sparse_counting_equals_the_dense_tables(monkeypatch):
     pd.testing.assert_frame_equal(sparse.drop(columns="dead_codes"), dense.drop(columns="dead_codes"),
                                   check_exact=False, rtol=1e-6)
     assert sparse_other == dense_other
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_new_statistics_do_not_sync_the_host_between_flushes(monkeypatch, sparse):
+    """The CPU stand-in of tests/lfq/test_monitor.py's no-sync check, with diagnostics every other
+    step, a codebook large enough to close each step at once (2^15 > BATCH_MAX_CODES: the dependence
+    statistics run at close) or counted sparsely (its codes wait for the flush), and the alarms on."""
+    from test_monitor import _HostTransfers
+
+    from lfq.code_usage import CodeUsage
+    from lfq.sparse_usage import SparseCodeUsage
+
+    if sparse:
+        monkeypatch.setattr(lfq.monitor, "SPARSE_ABOVE", 2**4)
+        monkeypatch.setattr(lfq.monitor_hooks, "SPARSE_ABOVE", 2**4)
+    transfers = _HostTransfers()
+
+    def watched(method):
+        def checked(*args, **kwargs):
+            with transfers:
+                return method(*args, **kwargs)
+
+        return checked
+
+    monkeypatch.setattr(LFQMonitor, "_observe", watched(LFQMonitor._observe))
+    for cls in (CodeUsage, SparseCodeUsage):
+        monkeypatch.setattr(cls, "close", watched(cls.close))
+    generator = torch.Generator().manual_seed(5)
+    quantizer, sink = LFQ(dim=15, codebook_size=2**15), MemorySink()
+    with LFQMonitor(quantizer, sink, log_every=100, diagnostics_every=2, histogram_every=1000) as mon:
+        for step in range(6):
+            mon.set_step(step)
+            quantizer(torch.randn(2, 16, 15, generator=generator), mask=torch.rand(2, 16, generator=generator) > 0.3)
+        assert sink.records == []
+        assert transfers.calls == [], f"host transfers inside the per-step hooks: {transfers.calls}"
+    rows = [r for r in sink.records if r["kind"] == "quantizer"]
+    assert len(rows) == 6 and math.isfinite(rows[0]["bit_total_correlation"])  # 15 bits: exact either way
+    assert all(math.isfinite(r["bit_pair_mi_max"]) for r in rows[::2])
+    assert math.isnan(rows[0]["dead_codes"]) == sparse
