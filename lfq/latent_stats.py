@@ -83,7 +83,12 @@ def dependence_sums(latent: BinaryLatent, weight: Tensor, group_bits: int = GROU
     q = torch.cat([torch.sigmoid(logits), torch.ones_like(logits[..., :1])], dim=-1)  # (c, N, d + 1)
     parts = [torch.bmm((q * w).transpose(1, 2), q).reshape(books, -1)]
     for start in range(0, bits, group_bits):
-        parts.append((_subcode_probs(logits[..., start : start + group_bits]) * w).sum(1))
+        # A group's batch distribution through the factorisation: P_A^T diag(w) P_B over its high and
+        # low halves (2 N 2**g flops), flattened MSB first, not N 2**g probabilities built one by one.
+        stop = min(start + group_bits, bits)
+        high = start + subcode_split(stop - start)[0]
+        prob_a = _subcode_probs(logits[..., start:high]) * w if high > start else w.expand(books, -1, 1)
+        parts.append(torch.bmm(prob_a.transpose(1, 2), _subcode_probs(logits[..., high:stop])).reshape(books, -1))
     return torch.cat(parts, dim=-1)
 
 
