@@ -41,25 +41,57 @@ def gather_ranks(t: Tensor) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)])
 
 
-def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
-    """Per codebook, the codes of every kept token of ``passes`` ((idx, weight) pairs, (N, c)
-    each; weight 0 = dropped), over every rank when ``distributed``; one gather for all codebooks."""
-    if passes:
-        idx = torch.cat([i for i, _ in passes])
-        keep = torch.cat([w for _, w in passes]) > 0
-    else:
-        idx = torch.zeros(0, books, dtype=torch.long)
-        keep = torch.zeros(0, books, dtype=torch.bool)
-    book = torch.arange(books, device=idx.device).expand_as(idx)
-    flat = torch.stack([idx[keep], book[keep]])  # (2, kept)
+def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int, distributed: bool) -> list[list[Tensor]]:
+    """Per step and codebook, the codes of every kept token of that step's passes, over every rank
+    when ``distributed``: one gather for the whole stash, then one sort to split it."""
+    flat = [torch.cat([kept, torch.full_like(kept[:1], t)])
+            for t, passes in enumerate(steps) for kept in [_kept_pairs(passes, books)]]
+    pairs = torch.cat(flat, dim=1) if flat else torch.zeros(3, 0, dtype=torch.long)
     if distributed:
-        flat = _gather_pairs(flat)
-    return [flat[0][flat[1] == b] for b in range(books)]
+        pairs = torch.stack([gather_ranks(row.contiguous()) for row in pairs])
+    key = pairs[2] * books + pairs[1]
+    order = torch.argsort(key, stable=True)
+    sizes = torch.bincount(key, minlength=len(steps) * books).tolist()
+    chunks = pairs[0][order].split(sizes)
+    return [list(chunks[t * books:(t + 1) * books]) for t in range(len(steps))]
 
 
-def _gather_pairs(flat: Tensor) -> Tensor:
-    """(2, n) per rank -> (2, total): rows gathered separately, so each rank's pairs stay aligned."""
-    return torch.stack([gather_ranks(flat[0].contiguous()), gather_ranks(flat[1].contiguous())])
+def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
+    """(2, kept): the kept tokens' codes and codebooks of ``passes`` ((idx, weight) pairs, (N, c))."""
+    if not passes:
+        return torch.zeros(2, 0, dtype=torch.long)
+    idx = torch.cat([i for i, _ in passes])
+    keep = torch.cat([w for _, w in passes]) > 0
+    book = torch.arange(books, device=idx.device).expand_as(idx)
+    return torch.stack([idx[keep], book[keep]])
+
+
+def window_counts(codes: Tensor, used_at: Tensor, steps: Tensor, usage_window: int,
+                  horizon: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """From (code, step used) pairs (the window's last uses and the new steps' distinct codes), the
+    codes used in ``(s - usage_window, s]`` for each of ``steps`` (increasing), and the new window:
+    each code's last use, kept when after ``steps[-1] - horizon``. A code used at u and next at u'
+    is in the window for s in [u, min(u', u + usage_window)): the count at s is the number of
+    those intervals that started at or before s minus those that ended at or before s."""
+    order = torch.argsort(used_at, stable=True)
+    codes, used_at = codes[order], used_at[order]
+    order = torch.argsort(codes, stable=True)  # by code, then by step
+    codes, used_at = codes[order], used_at[order]
+    same_next = codes[1:] == codes[:-1]
+    far = torch.full_like(used_at[:1], 2**62)
+    next_use = torch.cat([torch.where(same_next, used_at[1:], far.expand(same_next.shape[0])), far])
+    ends = torch.minimum(next_use, used_at + usage_window)
+    counted = (torch.searchsorted(used_at.sort().values, steps, right=True)
+               - torch.searchsorted(ends.sort().values, steps, right=True))
+    last = torch.ones_like(codes, dtype=torch.bool)  # each code's last use
+    last[:-1] = ~same_next
+    alive = last & (used_at > steps[-1] - horizon)
+    return counted, (codes[alive], used_at[alive])
+
+
+def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
+    """Per codebook, the codes of every kept token of ``passes`` (one evaluation pass, say)."""
+    return stash_codes([passes], books, distributed)[0]
 
 
 def merge_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,13 +106,13 @@ class SparseCodeUsage(CodeUsage):
     each bit set, then kept tokens (all-reduced with the small codebooks' counts); the step's codes
     wait in ``passes`` and closed steps in ``stash`` until ``settle`` (every flush or snapshot, or
     ``BATCH_MAX_STEPS`` steps), which syncs the host. ``window[b]``: (codes, last step) of codebook b's
-    codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: (codes, counts)
-    since the last snapshot."""
+    codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: chunks of
+    (codes, counts) since the last snapshot, merged when it is taken."""
 
     passes: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     stash: list[tuple[int, StepCounts, list[tuple[Tensor, Tensor]]]] = field(default_factory=list)
     window: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    snapshot: list[tuple[Tensor, Tensor]] | None = None
+    snapshot: list[list[tuple[Tensor, Tensor]]] | None = None
     distributed: bool = False
 
     @classmethod
@@ -95,7 +127,7 @@ class SparseCodeUsage(CodeUsage):
                 bit_last_set=None if spec.bits is None else torch.full((books, bits), NEVER, dtype=torch.long, device=device),
                 bit_last_clear=None if spec.bits is None else torch.full((books, bits), NEVER, dtype=torch.long, device=device),
                 window=[(codes, codes) for _ in range(books)],
-                snapshot=[(codes, codes) for _ in range(books)] if snapshots else None,
+                snapshot=[[] for _ in range(books)] if snapshots else None,
             )
 
     @staticmethod
@@ -112,7 +144,7 @@ class SparseCodeUsage(CodeUsage):
         super().to(device)
         self.window = [(c.to(device), s.to(device)) for c, s in self.window]
         if self.snapshot is not None:
-            self.snapshot = [(c.to(device), n.to(device)) for c, n in self.snapshot]
+            self.snapshot = [[(c.to(device), n.to(device)) for c, n in chunks] for chunks in self.snapshot]
         self.passes = [(i.to(device), w.to(device)) for i, w in self.passes]
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
@@ -138,46 +170,47 @@ class SparseCodeUsage(CodeUsage):
     def settle(self, spec: LayerSpec, mode: str, usage_window: int, dead_after: int,
                summarize: bool = True) -> list[ClosedStep]:
         """Count the stashed steps' codes exactly (sorting; over every rank), update the window and
-        the snapshot, and return their ClosedSteps (none when ``summarize`` is False)."""
+        the snapshot, and return their ClosedSteps (none when ``summarize`` is False). A few sorts
+        over the window and the stash per flush, not per step (``window_counts``)."""
         if not self.stash:
             return []
         stash, self.stash = self.stash, []
         books, bits = spec.num_codebooks, spec.bits or 0
-        horizon = max(usage_window, dead_after)
-        closed: list[ClosedStep] = []
-        for step, acc, passes in stash:
-            per_book = kept_codes(passes, books, self.distributed)
-            used, n_log_n, in_window = [], [], []
-            for b, codes in enumerate(per_book):
-                unique, counts = torch.unique(codes, return_counts=True)
-                used.append(float(unique.numel()))
-                n_log_n.append(float(torch.special.xlogy(counts.double(), counts.double()).sum()))
-                window_codes, window_last = self.window[b]
-                merged, inverse = torch.unique(torch.cat([window_codes, unique]), return_inverse=True)
-                last = torch.full_like(merged, NEVER).scatter_reduce_(
-                    0, inverse, torch.cat([window_last, torch.full_like(unique, step)]), "amax")
-                alive = last > step - horizon
-                self.window[b] = (merged[alive], last[alive])
-                in_window.append(float((last > step - usage_window).sum()))
+        steps = [step for step, _, _ in stash]
+        per_step = stash_codes([passes for _, _, passes in stash], books, self.distributed)  # [t][b]
+        used, n_log_n = torch.zeros(len(stash), books), torch.zeros(len(stash), books)
+        in_window = torch.zeros(len(stash), books)
+        at = torch.tensor(steps, dtype=torch.long, device=self.device)
+        for b in range(books):
+            uniques = []
+            for t in range(len(stash)):
+                unique, counts = torch.unique(per_step[t][b], return_counts=True)
+                used[t, b] = unique.numel()
+                n_log_n[t, b] = float(torch.special.xlogy(counts.double(), counts.double()).sum())
+                uniques.append(unique)
                 if self.snapshot is not None:
-                    old_codes, old_counts = self.snapshot[b]
-                    self.snapshot[b] = merge_counts(torch.cat([old_codes, unique]), torch.cat([old_counts, counts]))
+                    self.snapshot[b].append((unique, counts))
+            codes = torch.cat([self.window[b][0], *uniques])
+            used_at = torch.cat([self.window[b][1], *(torch.full_like(u, s) for u, s in zip(uniques, steps, strict=True))])
+            counted, self.window[b] = window_counts(codes, used_at, at, usage_window, max(usage_window, dead_after))
+            in_window[:, b] = counted.float().cpu()
+        closed: list[ClosedStep] = []
+        for t, (step, acc, _) in enumerate(stash):
             counts = acc.counts.float()  # (c, d + 1): bits set, then tokens (all-reduced)
             tokens, bit_set = counts[:, -1:], counts[:, :-1]
             threshold = step - dead_after
-            dead_counted = threshold >= self.first_step - 1
             dead_bits = self._zeros(1)
             if self.bit_last_set is not None:
                 self.bit_last_set.masked_fill_(bit_set > 0, step)
                 self.bit_last_clear.masked_fill_(bit_set < tokens, step)
-                if dead_counted:
+                if threshold >= self.first_step - 1:
                     stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
                     dead_bits = stuck.sum(-1, keepdim=True).float()
             if not summarize:
                 continue
-            column = torch.tensor([used, tokens[:, 0].tolist(), n_log_n, in_window,
-                                   [math.nan] * books], dtype=torch.float32, device=self.device).t()
-            parts = [acc.loss_sum.t(), column, self._latent_part(acc, step), dead_bits]
+            column = torch.stack([used[t], n_log_n[t], in_window[t]], dim=-1).to(self.device)
+            parts = [acc.loss_sum.t(), column[:, :1], tokens, column[:, 1:], self._zeros(1).fill_(math.nan),
+                     self._latent_part(acc, step), dead_bits]
             if bits:
                 parts.append(bit_set)
             closed.append(ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes,
@@ -188,11 +221,16 @@ class SparseCodeUsage(CodeUsage):
         """Per codebook (codes, counts) since the previous snapshot (None if untouched)."""
         if self.snapshot is None or not self.touched_since_snapshot:
             return None
-        taken = self.snapshot
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.snapshot = [(empty, empty) for _ in taken]
+        taken = [self._merged(chunks) for chunks in self.snapshot]
+        self.snapshot = [[] for _ in taken]
         self.touched_since_snapshot = False
         return taken
+
+    def _merged(self, chunks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        if not chunks:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, empty
+        return merge_counts(torch.cat([c for c, _ in chunks]), torch.cat([n for _, n in chunks]))
 
     def state(self) -> dict[str, Any]:
         if self.stash or self.passes:
@@ -201,7 +239,8 @@ class SparseCodeUsage(CodeUsage):
             "sparse": True,
             "first_step": self.first_step,
             "window": [(c.cpu().clone(), s.cpu().clone()) for c, s in self.window],
-            "snapshot": None if self.snapshot is None else [(c.cpu().clone(), n.cpu().clone()) for c, n in self.snapshot],
+            "snapshot": None if self.snapshot is None else [
+                tuple(t.cpu().clone() for t in self._merged(chunks)) for chunks in self.snapshot],
             "touched_since_snapshot": self.touched_since_snapshot,
             "bit_last_set": None if self.bit_last_set is None else self.bit_last_set.cpu().clone(),
             "bit_last_clear": None if self.bit_last_clear is None else self.bit_last_clear.cpu().clone(),
@@ -215,7 +254,7 @@ class SparseCodeUsage(CodeUsage):
         usage = cls.new(spec, torch.device("cpu"), int(saved["first_step"]), snapshots)
         usage.window = [(c.clone(), s.clone()) for c, s in saved["window"]]
         if usage.snapshot is not None and saved["snapshot"] is not None:
-            usage.snapshot = [(c.clone(), n.clone()) for c, n in saved["snapshot"]]
+            usage.snapshot = [[(c.clone(), n.clone())] for c, n in saved["snapshot"]]
         usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
         for name in ("bit_last_set", "bit_last_clear"):
             if getattr(usage, name) is not None and saved.get(name) is not None:

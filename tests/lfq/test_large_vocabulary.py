@@ -96,7 +96,8 @@ def test_a_2_40_code_lfq_trains_with_the_monitor_and_counts_codes_exactly():
         monitor.histogram("quantizer")
 
 
-def test_the_sparse_counting_equals_the_dense_tables(monkeypatch):
+@pytest.mark.parametrize("log_every", [2, 5])
+def test_the_sparse_counting_equals_the_dense_tables(monkeypatch, log_every):
     """With the sparse path forced at 2^6 codes, every column equals the dense path's, resume included,
     except dead_codes (NaN there)."""
     def records(sparse: bool) -> tuple[pd.DataFrame, list[dict]]:
@@ -105,16 +106,15 @@ def test_the_sparse_counting_equals_the_dense_tables(monkeypatch):
             monkeypatch.setattr(lfq.monitor_hooks, "SPARSE_ABOVE", 2**4)
         torch.manual_seed(0)
         model, sink, hist = Tiny(6, entropy_mode="exact"), MemorySink(), MemorySink()
-        with LFQMonitor(model, sink, histogram_sink=hist, **MONITOR) as monitor:
-            _train(model, monitor, 4)
+        options = {**MONITOR, "log_every": log_every}
+        with LFQMonitor(model, sink, histogram_sink=hist, **options) as monitor:
+            _train(model, monitor, 7)
             state = monitor.state_dict()
         torch.manual_seed(1)
         resumed = Tiny(6, entropy_mode="exact")
-        with LFQMonitor(resumed, sink, histogram_sink=hist, **MONITOR) as monitor:
+        with LFQMonitor(resumed, sink, histogram_sink=hist, **options) as monitor:
             monitor.load_state_dict(state)
-            monitor.set_step(4)
-            _train(resumed, monitor, 0)
-            monitor.set_step(4)
+            monitor.set_step(7)
             resumed(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(9)))
             evaluation = monitor.evaluate([torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5))])
         monkeypatch.undo()
