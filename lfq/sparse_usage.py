@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,19 +41,19 @@ def gather_ranks(t: Tensor) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)])
 
 
-def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int, distributed: bool) -> list[list[Tensor]]:
-    """Per step and codebook, the codes of every kept token of that step's passes, over every rank
-    when ``distributed``: one gather for the whole stash, then one sort to split it."""
+def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int,
+                distributed: bool) -> list[tuple[Tensor, Tensor]]:
+    """Per codebook, the codes of every kept token of each step's passes and the step's position in
+    ``steps`` (in step order), over every rank when ``distributed`` (one gather for the whole stash)."""
     flat = [torch.cat([kept, torch.full_like(kept[:1], t)])
             for t, passes in enumerate(steps) for kept in [_kept_pairs(passes, books)]]
     pairs = torch.cat(flat, dim=1) if flat else torch.zeros(3, 0, dtype=torch.long)
-    if distributed:
+    if distributed:  # rank by rank: back into step order
         pairs = torch.stack([gather_ranks(row.contiguous()) for row in pairs])
-    key = pairs[2] * books + pairs[1]
-    order = torch.argsort(key, stable=True)
-    sizes = torch.bincount(key, minlength=len(steps) * books).tolist()
-    chunks = pairs[0][order].split(sizes)
-    return [list(chunks[t * books:(t + 1) * books]) for t in range(len(steps))]
+        pairs = pairs[:, torch.argsort(pairs[2], stable=True)]
+    if books == 1:
+        return [(pairs[0], pairs[2])]
+    return [(pairs[0][pairs[1] == b], pairs[2][pairs[1] == b]) for b in range(books)]
 
 
 def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
@@ -66,32 +66,62 @@ def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
     return torch.stack([idx[keep], book[keep]])
 
 
-def window_counts(codes: Tensor, used_at: Tensor, steps: Tensor, usage_window: int,
-                  horizon: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """From (code, step used) pairs (the window's last uses and the new steps' distinct codes), the
-    codes used in ``(s - usage_window, s]`` for each of ``steps`` (increasing), and the new window:
-    each code's last use, kept when after ``steps[-1] - horizon``. A code used at u and next at u'
-    is in the window for s in [u, min(u', u + usage_window)): the count at s is the number of
-    those intervals that started at or before s minus those that ended at or before s."""
-    order = torch.argsort(used_at, stable=True)
-    codes, used_at = codes[order], used_at[order]
-    order = torch.argsort(codes, stable=True)  # by code, then by step
-    codes, used_at = codes[order], used_at[order]
-    same_next = codes[1:] == codes[:-1]
-    far = torch.full_like(used_at[:1], 2**62)
-    next_use = torch.cat([torch.where(same_next, used_at[1:], far.expand(same_next.shape[0])), far])
-    ends = torch.minimum(next_use, used_at + usage_window)
-    counted = (torch.searchsorted(used_at.sort().values, steps, right=True)
-               - torch.searchsorted(ends.sort().values, steps, right=True))
-    last = torch.ones_like(codes, dtype=torch.bool)  # each code's last use
+class FlushCounts(NamedTuple):
+    used: Tensor  # (T,) distinct codes per step
+    n_log_n: Tensor  # (T,) float64 sum over a step's codes of n log n (n: the code's tokens that step)
+    in_window: Tensor  # (T,) codes used in (s - usage_window, s]
+    window: tuple[Tensor, Tensor]  # the codes used in the last ``horizon`` steps and their last use
+    counts: tuple[Tensor, Tensor]  # the stash's distinct codes and their tokens, for the snapshot
+
+
+def flush_counts(codes: Tensor, position: Tensor, steps: Tensor, window: tuple[Tensor, Tensor],
+                 usage_window: int, horizon: int) -> FlushCounts:
+    """The usage of the stashed steps ``steps`` (increasing; ``codes`` (n,) with ``position`` (n,)
+    the index of their step, in step order) after the ``window`` state (codes, last use), from one
+    stable sort by code. A code used at u and next at u' is in the window for s in
+    [u, min(u', u + usage_window)): each such interval adds 1 to the steps it covers, counted with
+    a difference array over the T stashed steps (no per-entry search: u + usage_window maps to a
+    step position through a table over the few distinct u)."""
+    old_codes, old_last = window
+    total, device = len(steps), codes.device
+    base = int(old_last.min()) if old_last.numel() else int(steps[0])
+    # One int64 tag per entry: >= 0 the stashed step's position, < 0 a window entry last used at base - 1 - tag.
+    tags = torch.cat([base - 1 - old_last, position])
+    all_codes = torch.cat([old_codes, codes])  # the window's first: earlier than every stashed use
+    order = torch.argsort(all_codes, stable=True)  # by code, then by step
+    all_codes, tags = all_codes[order], tags[order]
+    starts = torch.ones_like(all_codes, dtype=torch.bool)  # the first token of each (code, step)
+    starts[1:] = (all_codes[1:] != all_codes[:-1]) | (tags[1:] != tags[:-1])
+    first_of_run = starts.nonzero().squeeze(1)
+    run_count = torch.diff(first_of_run, append=first_of_run.new_full((1,), all_codes.numel()))
+    run_code, run_tag = all_codes[first_of_run], tags[first_of_run]
+    stashed = run_tag >= 0
+    run_pos = run_tag.clamp(min=0)
+    run_at = torch.where(stashed, steps[run_pos], base - 1 - run_tag)
+    used = torch.bincount(run_tag[stashed], minlength=total)
+    counts = run_count[stashed].double()
+    n_log_n = torch.zeros(total, dtype=torch.float64, device=device).scatter_add_(
+        0, run_tag[stashed], torch.special.xlogy(counts, counts))
+    # Step position where each use leaves the window: the code's next use, or the first step >= u + usage_window.
+    last_step = int(steps[-1])
+    expire = torch.searchsorted(steps, torch.arange(base, last_step + 1, device=device) + usage_window)
+    leaves = expire[run_at - base]
+    same_next = run_code[1:] == run_code[:-1]
+    leaves[:-1] = torch.where(same_next, torch.minimum(leaves[:-1], run_pos[1:]), leaves[:-1])
+    enters = torch.where(stashed, run_pos, 0)  # window entries are older than every stashed step
+    covered = torch.bincount(enters, minlength=total + 1) - torch.bincount(leaves, minlength=total + 1)
+    in_window = torch.cumsum(covered, 0)[:total]
+    last = torch.ones_like(run_code, dtype=torch.bool)  # each code's last use
     last[:-1] = ~same_next
-    alive = last & (used_at > steps[-1] - horizon)
-    return counted, (codes[alive], used_at[alive])
+    keep = (last & (run_at > last_step - horizon)).nonzero().squeeze(1)
+    kept_stash = stashed.nonzero().squeeze(1)
+    return FlushCounts(used, n_log_n, in_window, (run_code[keep], run_at[keep]),
+                       (run_code[kept_stash], run_count[kept_stash]))
 
 
 def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
     """Per codebook, the codes of every kept token of ``passes`` (one evaluation pass, say)."""
-    return stash_codes([passes], books, distributed)[0]
+    return [codes for codes, _ in stash_codes([passes], books, distributed)]
 
 
 def merge_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,23 +207,16 @@ class SparseCodeUsage(CodeUsage):
         stash, self.stash = self.stash, []
         books, bits = spec.num_codebooks, spec.bits or 0
         steps = [step for step, _, _ in stash]
-        per_step = stash_codes([passes for _, _, passes in stash], books, self.distributed)  # [t][b]
-        used, n_log_n = torch.zeros(len(stash), books), torch.zeros(len(stash), books)
-        in_window = torch.zeros(len(stash), books)
         at = torch.tensor(steps, dtype=torch.long, device=self.device)
-        for b in range(books):
-            uniques = []
-            for t in range(len(stash)):
-                unique, counts = torch.unique(per_step[t][b], return_counts=True)
-                used[t, b] = unique.numel()
-                n_log_n[t, b] = float(torch.special.xlogy(counts.double(), counts.double()).sum())
-                uniques.append(unique)
-                if self.snapshot is not None:
-                    self.snapshot[b].append((unique, counts))
-            codes = torch.cat([self.window[b][0], *uniques])
-            used_at = torch.cat([self.window[b][1], *(torch.full_like(u, s) for u, s in zip(uniques, steps, strict=True))])
-            counted, self.window[b] = window_counts(codes, used_at, at, usage_window, max(usage_window, dead_after))
-            in_window[:, b] = counted.float().cpu()
+        columns = []  # per codebook (T, 3): codes used, sum of n log n, codes used in the window
+        for b, (codes, position) in enumerate(stash_codes([p for _, _, p in stash], books, self.distributed)):
+            found = flush_counts(codes, position.to(self.device), at, self.window[b], usage_window,
+                                 max(usage_window, dead_after))
+            self.window[b] = found.window
+            if self.snapshot is not None:
+                self.snapshot[b].append(found.counts)
+            columns.append(torch.stack([found.used.double(), found.n_log_n, found.in_window.double()], -1).float())
+        per_step = torch.stack(columns, 1)  # (T, c, 3)
         closed: list[ClosedStep] = []
         for t, (step, acc, _) in enumerate(stash):
             counts = acc.counts.float()  # (c, d + 1): bits set, then tokens (all-reduced)
@@ -208,7 +231,7 @@ class SparseCodeUsage(CodeUsage):
                     dead_bits = stuck.sum(-1, keepdim=True).float()
             if not summarize:
                 continue
-            column = torch.stack([used[t], n_log_n[t], in_window[t]], dim=-1).to(self.device)
+            column = per_step[t]
             parts = [acc.loss_sum.t(), column[:, :1], tokens, column[:, 1:], self._zeros(1).fill_(math.nan),
                      self._latent_part(acc, step), dead_bits]
             if bits:
