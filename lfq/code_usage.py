@@ -62,8 +62,9 @@ class CodeUsage:
     # steps of a batch accumulate into, so that closing a step allocates nothing.
     _rows: tuple[Tensor, Tensor] | None = None
     # (c, d, d) pairwise mutual information between bits of the last diagnostic step since the
-    # last snapshot, and that step: the snapshot rows carry it (``bit_pair_mi``).
-    pair_mi: tuple[int, Tensor] | None = None
+    # last snapshot, that step, and its (c, groups) exact entropies of the groups of the group bound:
+    # the snapshot rows carry them (``bit_pair_mi``, ``batch_entropy_groups``).
+    pair_mi: tuple[int, Tensor, Tensor] | None = None
 
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
@@ -210,8 +211,8 @@ class CodeUsage:
         if acc.dependence is None:
             dependence = self._zeros(3).fill_(math.nan)
         else:
-            dependence, mi = dependence_stats(acc.dependence, self.bit_last_set.shape[1])
-            self.pair_mi = (step, mi)
+            dependence, mi, groups = dependence_stats(acc.dependence, self.bit_last_set.shape[1])
+            self.pair_mi = (step, mi, groups)
         return torch.cat([acc.latent.t(), batch, local, dependence], dim=-1)
 
     def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,

@@ -98,11 +98,12 @@ def _entropy_nats(prob: Tensor) -> Tensor:
     return -torch.special.xlogy(prob, prob).sum(-1)
 
 
-def dependence_stats(sums: Tensor, bits: int, group_bits: int = GROUP_BITS) -> tuple[Tensor, Tensor]:
+def dependence_stats(sums: Tensor, bits: int, group_bits: int = GROUP_BITS) -> tuple[Tensor, Tensor, Tensor]:
     """From :func:`dependence_sums`: ``(c, 3)`` float32 [sum over bits of the entropy of the
     batch's mean bit probability, max over bit pairs i != j of their mutual information, sum
-    over groups of each group's exact batch entropy (the group bound)] and the ``(c, d, d)``
-    float64 pairwise mutual information (nats; diagonal 0). The mutual information is that of the
+    over groups of each group's exact batch entropy (the group bound)], the ``(c, d, d)``
+    float64 pairwise mutual information (nats; diagonal 0) and the ``(c, groups)`` float64 exact
+    batch entropy of each group. The mutual information is that of the
     batch distribution: bits i and j of a code drawn by picking a kept token at random and then
     its code from ``prod_k Bernoulli(p_k)``. NaN without tokens; no host sync."""
     books, width = sums.shape[0], bits + 1
@@ -116,14 +117,15 @@ def dependence_stats(sums: Tensor, bits: int, group_bits: int = GROUP_BITS) -> t
     mi = (bit_h.unsqueeze(-1) + bit_h.unsqueeze(-2) - _entropy_nats(joint)).clamp(min=0)
     mi = mi * (1 - torch.eye(bits, dtype=mi.dtype, device=mi.device))
     pair_max = mi.flatten(1).max(-1).values if bits > 1 else mi.new_full((books,), math.nan)
-    bound, start = sums.new_zeros(books), width * width
+    groups, start = [], width * width
     for first in range(0, bits, group_bits):
         size = 2 ** min(group_bits, bits - first)
-        bound = bound + _entropy_nats(sums[:, start : start + size] / tokens[:, 0])
+        groups.append(_entropy_nats(sums[:, start : start + size] / tokens[:, 0]))
         start += size
+    by_group = torch.stack(groups, dim=-1)
     empty = moments[:, bits, bits] <= 0
-    stats = torch.stack([bit_h.sum(-1), pair_max, bound], dim=-1).masked_fill(empty.unsqueeze(-1), math.nan)
-    return stats.float(), mi
+    stats = torch.stack([bit_h.sum(-1), pair_max, by_group.sum(-1)], dim=-1).masked_fill(empty.unsqueeze(-1), math.nan)
+    return stats.float(), mi, by_group
 
 
 def gram_entropy(gram: Tensor, tokens: Tensor) -> Tensor:

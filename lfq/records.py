@@ -153,9 +153,9 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
             sparse = [(c.cpu(), n.cpu()) for c, n in counts]
         else:
             sparse = [(codes, row[codes]) for row in counts.cpu() for codes in [row.nonzero().flatten()]]
-        pair_step, pair_matrix = pair_mi if pair_mi is not None else (None, None)
+        pair_step, pair_matrix, group_entropies = pair_mi if pair_mi is not None else (None, None, None)
         if pair_matrix is not None:
-            pair_matrix = pair_matrix.cpu()
+            pair_matrix, group_entropies = pair_matrix.cpu(), group_entropies.cpu()
         for codebook, (codes, used) in enumerate(sparse):
             record = {
                 "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
@@ -167,6 +167,7 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
                 if pair_matrix is not None:
                     record["bit_pair_mi"] = pair_matrix[codebook].tolist()
+                    record["batch_entropy_groups"] = group_entropies[codebook].tolist()
                     record["bit_pair_mi_step"] = pair_step
             records.append(record)
     return records

@@ -20,8 +20,9 @@ MODES = ("train", "eval")
 LOSS_FIELDS = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss")
 
 # (step, layer, mode, codebook_size, bits, counts, pair_mi): a histogram snapshot waiting for the
-# next flush; pair_mi = (diagnostic step, (c, d, d) mutual information between bits) or None.
-Snapshot = tuple[int, str, str, int, "int | None", Tensor, "tuple[int, Tensor] | None"]
+# next flush; pair_mi = (diagnostic step, (c, d, d) mutual information between bits, (c, groups)
+# entropies of the groups of the group bound) or None.
+Snapshot = tuple[int, str, str, int, "int | None", Tensor, "tuple[int, Tensor, Tensor] | None"]
 
 
 def is_quantizer(module: nn.Module) -> bool:

@@ -67,8 +67,12 @@ def test_dependence_stats_match_a_dense_float64_computation(group_bits):
     z = correlated_latent(300, books, bits, seed=1)
     weight = (torch.rand(300, generator=torch.Generator().manual_seed(2)) > 0.25).long()
     latent = BinaryLatent(z=z, logit_scale=4 * TAU, code_magnitude=1.0)
-    stats, mi = dependence_stats(dependence_sums(latent, weight, group_bits), bits, group_bits)
+    stats, mi, groups = dependence_stats(dependence_sums(latent, weight, group_bits), bits, group_bits)
     tc, mi_ref, bound, exact = dense_reference(z * 4 * TAU, weight, group_bits)
+    avg = dense_batch_distribution(z * 4 * TAU, weight)
+    group_ref = torch.stack([entropy(marginal(avg, list(range(g, min(g + group_bits, bits))), bits))
+                             for g in range(0, bits, group_bits)], dim=-1)
+    torch.testing.assert_close(groups, group_ref, atol=1e-9, rtol=0)  # each group's exact entropy
     # stats[:, 0] is the sum of the bits' entropies; minus the exact entropy it is the total correlation.
     torch.testing.assert_close(stats[:, 0].double() - exact, tc, atol=1e-6, rtol=0)
     torch.testing.assert_close(mi, mi_ref, atol=1e-9, rtol=0)
@@ -84,12 +88,12 @@ def test_known_answers_independent_and_identical_bits():
     g = torch.Generator().manual_seed(3)
     # Saturated independent fair coins: total correlation ~0 and MI ~0 over many tokens.
     coins = (torch.randint(0, 2, (20000, 1, bits), generator=g) * 2 - 1).float() * 50
-    stats, mi = dependence_stats(dependence_sums(BinaryLatent(coins, 1.0, 1.0), torch.ones(20000)), bits)
+    stats, mi, _ = dependence_stats(dependence_sums(BinaryLatent(coins, 1.0, 1.0), torch.ones(20000)), bits)
     assert stats[0, 1] < 1e-3 and mi.max() < 1e-3
     assert abs(stats[0, 0] - bits * math.log(2)) < 1e-3
     # All d bits equal (one fair coin copied): total correlation (d - 1) ln 2, every pair ln 2.
     same = (torch.randint(0, 2, (20000, 1, 1), generator=g) * 2 - 1).float().expand(-1, -1, bits) * 50
-    stats, mi = dependence_stats(dependence_sums(BinaryLatent(same, 1.0, 1.0), torch.ones(20000)), bits)
+    stats, mi, _ = dependence_stats(dependence_sums(BinaryLatent(same, 1.0, 1.0), torch.ones(20000)), bits)
     assert abs(stats[0, 1] - math.log(2)) < 1e-3
     assert abs(stats[0, 2] - math.log(2)) < 1e-3  # one group of 9 bits >= 6: the bound is exact
     assert abs(stats[0, 0] - bits * math.log(2)) < 1e-3  # exact entropy ln 2, so TC = (d - 1) ln 2

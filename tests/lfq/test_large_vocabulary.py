@@ -90,6 +90,10 @@ def test_a_2_40_code_lfq_trains_with_the_monitor_and_counts_codes_exactly():
     first = [r for r in hist.records if r["step"] == 2]
     codes, counts = torch.cat(seen[:3]).unique(return_counts=True)
     assert first[0]["codes"] == codes.tolist() and first[0]["counts"] == counts.tolist()
+    # ... and the exact entropies of the 5 groups of the group bound (9, 9, 9, 9, 4 bits) of step 2.
+    groups = first[0]["batch_entropy_groups"]
+    assert first[0]["bit_pair_mi_step"] == 2 and len(groups) == 5 and max(groups[-1:]) <= 4 * math.log(2) + 1e-9
+    assert sum(groups) == pytest.approx(rows[2]["batch_entropy_group_bound"], rel=1e-5)
     (record,) = evaluation.records
     assert record["tokens"] == 64 and record["codes_used"] <= 64 and record["codebook_size"] == 2**bits
     with pytest.raises(ValueError, match="past the dense limit"):

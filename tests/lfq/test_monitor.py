@@ -348,8 +348,9 @@ def test_histogram_snapshots_are_sparse_counts_since_the_previous_one():
         assert mon.histogram(ROOT_LAYER).tolist() == [[0, 2, 3, 0, 0, 1, 0, 0]]
     # Step 0 is the only diagnostic step (diagnostics_every = log_every = 50): its 3 x 3 pairwise
     # mutual information rides on the first snapshot only (tests/lfq/test_bit_dependence.py checks values).
-    pair_mi = [(r.pop("bit_pair_mi", None), r.pop("bit_pair_mi_step", None)) for r in hist.records]
-    assert [step for _, step in pair_mi] == [0, None]
+    pair_mi = [(r.pop("bit_pair_mi", None), r.pop("bit_pair_mi_step", None), r.pop("batch_entropy_groups", None))
+               for r in hist.records]
+    assert [step for _, step, _ in pair_mi] == [0, None] and pair_mi[0][2] is not None
     assert len(pair_mi[0][0]) == 3 and all(len(row) == 3 for row in pair_mi[0][0])
     assert hist.records == [
         # codes 001, 001, 101 (MSB first): bit 0 set in 1 of 3 tokens, bit 1 never, bit 2 always
