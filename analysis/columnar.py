@@ -104,6 +104,16 @@ def histogram_columns(rows: list[dict[str, Any]]) -> Columns:
     return from_frame(frame)
 
 
+def pair_mi_columns(rows: list[dict[str, Any]]) -> Columns:
+    """One row per (snapshot, bit i, bit j) from the snapshots' ``bit_pair_mi`` d x d matrices (the
+    monitor's pairwise mutual information between bits, nats), ``step`` being the diagnostic step."""
+    rows = [r for r in rows if isinstance(r.get("bit_pair_mi"), list) and r["bit_pair_mi"]]
+    records = [{**{k: r.get(k) for k in HISTOGRAM_META}, "step": r.get("bit_pair_mi_step", r.get("step")),
+                "bit_i": i, "bit_j": j, "mi": float(v)}
+               for r in rows for i, row in enumerate(r["bit_pair_mi"]) for j, v in enumerate(row)]
+    return from_frame(pd.DataFrame.from_records(records, columns=[*HISTOGRAM_META, "bit_i", "bit_j", "mi"]))
+
+
 Part = Columns | pa.Table  # one run's rows
 # Arrow types whose columns convert alike alone and in a concatenation (from_arrow's plain branches)
 PLAIN_TYPES = (pa.int64(), pa.float64(), pa.bool_(), pa.null(), pa.string())

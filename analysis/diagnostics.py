@@ -78,6 +78,39 @@ def bit_usage_heatmap(metrics: pd.DataFrame, run_id: str | None = None, layer: s
 
 
 @skippable
+def bit_pair_mi_heatmap(pair_mi: pd.DataFrame, run_id: str | None = None, layer: str | None = None,
+                        codebook: int = 0, mode: str = "train") -> Figure:
+    """The latest snapshot's d x d mutual information between bits (nats) of one run, layer and
+    codebook (``analysis.load.load_bit_pair_mi``): bright off-diagonal cells are bits that repeat
+    each other, capacity the per-bit view counts twice."""
+    require(len(pair_mi), "no bit_pair_mi in the histogram snapshots (a monitor before issue 34, or no diagnostic step)")
+    rows = pair_mi[(pair_mi["codebook"] == codebook) & (pair_mi["mode"] == mode)]
+    if run_id is not None:
+        rows = rows[rows["run_id"] == run_id]
+    if layer is not None:
+        rows = rows[rows["layer"] == layer]
+    require(len(rows), f"no bit_pair_mi for codebook {codebook} ({mode})")
+    run_id, layer = rows["run_id"].iloc[0], rows["layer"].iloc[0]
+    rows = rows[(rows["run_id"] == run_id) & (rows["layer"] == layer)]
+    rows = rows[rows["step"] == rows["step"].max()]
+    bits = int(rows["bit_i"].max()) + 1
+    matrix = np.zeros((bits, bits))
+    matrix[rows["bit_i"].to_numpy(int), rows["bit_j"].to_numpy(int)] = rows["mi"].to_numpy(float)
+    fig, axes = new_figure(height=max(3.6, 1.5 + 0.3 * bits))
+    ax = axes[0, 0]
+    image = ax.imshow(matrix, cmap=HEATMAP_CMAP, vmin=0.0, vmax=max(float(matrix.max()), 1e-6), aspect="auto")
+    ax.set_xticks(range(bits), [str(i) for i in range(bits)])
+    ax.set_yticks(range(bits), [str(i) for i in range(bits)])
+    ax.set_xlabel("bit j (0 = most significant)")
+    ax.set_ylabel("bit i")
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, label="mutual information (nats)", fraction=0.05, pad=0.02)
+    ax.set_title(f"Mutual information between bits (ln 2 = one bit copies the other), step "
+                 f"{int(rows['step'].iloc[0])}\n{layer}, codebook {codebook} ({mode}), run {run_id}")
+    return fig
+
+
+@skippable
 def saturation_and_usage(metrics: pd.DataFrame, run_id: str | None = None, layer: str | None = None,
                          codebook: int = 0, mode: str = "train") -> Figure:
     """On one axis of fractions: code usage, the saturated share of token-bits (where the entropy

@@ -28,7 +28,7 @@ from analysis.claim_figures import (
     vocab_figure,
 )
 from analysis.column_names import FRAC, GAMMA
-from analysis.diagnostics import bit_usage_heatmap, saturation_and_usage
+from analysis.diagnostics import bit_pair_mi_heatmap, bit_usage_heatmap, saturation_and_usage
 from analysis.glossary import figure_title
 from analysis.plots import (
     layers,
@@ -209,6 +209,13 @@ FIGURES: list[Plot] = [
     Plot("bit_usage", SWEEP, "Per-bit usage over training",
          "Share of tokens with each bit set, per logged step (0.5 = balanced; 0 or 1 = a dead bit).",
          lambda d: bit_usage_heatmap(d["metrics"], strict=True), shows="runs", when=_one_run_with_bits),
+    Plot("bit_pair_mi", SWEEP, "Mutual information between bits",
+         "The pairwise mutual information between the bits of the codes (nats) under the batch distribution of "
+         "the last diagnostic step the histogram snapshots carry; the diagonal is left at 0. Bright cells are pairs of "
+         "bits that repeat each other: their sum over pairs bounds how much a per-bit entropy overstates the "
+         "codes' diversity (bit_total_correlation in metrics.jsonl).",
+         lambda d: bit_pair_mi_heatmap(d["pair_mi"], strict=True), needs=("pair_mi",), shows="runs",
+         when=_one_run_with_bits),
     Plot("saturation_and_usage", SWEEP, "Saturation and usage over training",
          "Share of token-bits whose entropy gradient is below 1e-4 of its maximum (there the entropy loss does "
          "nothing), with the usage fraction on the same steps.",

@@ -71,6 +71,8 @@ COLUMN_DEFINITIONS = {
     "step": "last logged training step / `schedule.steps`",
     "seed": "the run's seed; grid statistics are over seeds",
     "reason": "why a run failed or is corrupt, or what a started run's folder shows (empty: nothing to report)",
+    "alarm_count": "collapse alarms the monitor raised in the run (lfq.alarms: a dead bit, usage halving within "
+                   "the usage window, saturation above 0.95 on 3 diagnostic steps in a row); empty: none",
     "last_write_age_s": "seconds from the newest write in the run folder (config.json, metrics.jsonl, summary.json, "
                         "DONE) to the reading of this report: the files cannot say whether a started run still "
                         "runs, this says how long it has been quiet",

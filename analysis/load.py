@@ -440,6 +440,21 @@ def load_metrics(
     return metrics
 
 
+def load_bit_pair_mi(
+    source: PathLike | pd.DataFrame, *, cache: CacheArg = True, workers: int | None = None, warn: bool = True
+) -> pd.DataFrame:
+    """The pairwise mutual information between bits that histogram snapshots carry, one row per
+    (run, snapshot, bit i, bit j): ``run_id``, ``step`` (the diagnostic step it was measured on),
+    ``layer``, ``codebook``, ``mode``, ``codebook_size``, ``bit_i``, ``bit_j``, ``mi`` (nats)."""
+    runs, root, run_problems = _source(source, warn)
+    parts, ids, problems = _per_run(_files(runs, "histograms.jsonl"), "pair_mi", cols.pair_mi_columns,
+                                    resolve_cache(cache), workers)
+    lead = (*cols.HISTOGRAM_META, "bit_i", "bit_j", "mi")
+    frame = cols.concat(parts, ids, lead) if parts else pd.DataFrame(columns=["run_id", *lead])
+    frame.attrs["problems"] = tuple([*run_problems, *problems])
+    return frame
+
+
 def load_histograms(
     source: PathLike | pd.DataFrame, *, cache: CacheArg = True, workers: int | None = None, warn: bool = True
 ) -> pd.DataFrame:

@@ -31,7 +31,14 @@ from analysis.column_names import STEPS
 from analysis.figures import ABLATIONS, RECIPE, STUDIES, SWEEP, planned, sweep_data
 from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
-from analysis.load import STATUS_MEANINGS, STATUSES, load_histograms, load_metrics, load_runs
+from analysis.load import (
+    STATUS_MEANINGS,
+    STATUSES,
+    load_bit_pair_mi,
+    load_histograms,
+    load_metrics,
+    load_runs,
+)
 from analysis.merge import WouldLoseRuns
 from analysis.studies import redraw_ablations, redraw_recipe, study_of, write_ablations, write_recipe
 from analysis.style import NoData, save_figure
@@ -131,11 +138,24 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
     columns += [m for m in RUN_METRICS if m in runs]
     if (runs["status"] == "started").any():  # how long each has been quiet: the files cannot say if it runs
         columns.append("last_write_age_s")
-    columns.append("reason")
+    columns += ["alarm_count", "reason"]  # the monitor's collapse alarms (summary.json), when a run had any
     table = runs[[c for c in columns if c in runs]].copy()
     if STEPS in runs and "step" in table:
         table["step"] = [f"{_fmt(s)}/{_fmt(t)}" for s, t in zip(runs["step"], runs[STEPS], strict=True)]
     return table.sort_values([c for c in ("sweep", *parameters(runs), "seed") if c in table])
+
+
+def alarm_lines(runs: pd.DataFrame) -> list[str]:
+    """One markdown line per run whose summary lists collapse alarms: its id and the first three."""
+    if "alarms" not in runs:
+        return []
+    lines = []
+    for run_id, alarms, count in zip(runs["run_id"], runs["alarms"], runs.get("alarm_count", runs["alarms"]),
+                                     strict=True):
+        if isinstance(alarms, list) and alarms:
+            more = int(count) - 3 if isinstance(count, (int, float)) and count == count and count > 3 else 0
+            lines.append(f"- `{run_id}`: {'; '.join(alarms[:3])}" + (f" (and {more} more)" if more else ""))
+    return lines
 
 
 def _problems_table(problems: Sequence[LoadProblem], root: Path) -> pd.DataFrame:
@@ -159,7 +179,10 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
     hist = load_histograms(drawn, cache=cache, warn=False)
     problems = [*runs.attrs.get("problems", ()), *metrics.attrs.get("problems", ()), *hist.attrs.get("problems", ())]
     written, skipped, sections = [], [], []
-    for item in planned(SWEEP, sweep_data(drawn, metrics, hist)):
+    data = sweep_data(drawn, metrics, hist)
+    if len(drawn) == 1:  # the heatmap of one run's bits (figures.py, "bit_pair_mi")
+        data["pair_mi"] = load_bit_pair_mi(drawn, cache=cache, warn=False)
+    for item in planned(SWEEP, data):
         try:
             fig = item.draw() if len(drawn) else None
             if fig is None:
@@ -195,6 +218,10 @@ def render(results: Path, folder: Path, *, cache: bool | str = True,
         parts += ["## Figures skipped\n", *(f"- `{name}`: {reason}" for name, reason in skipped), ""]
     if len(runs):
         parts += ["## Runs\n", table(run_table(runs))]
+        alarms = alarm_lines(runs)
+        if alarms:
+            parts += ["## Collapse alarms\n", "The monitor's alarms per run (`lfq.alarms`; the first three, from "
+                      "`summary.json`; every one is a `kind=\"alarm\"` row of its `metrics.jsonl`).\n", *alarms, ""]
         speed = throughput_table(metrics)
         if len(speed):  # each run named by what it varies, as in the runs table
             keys = [c for c in ("run_id", *parameters(runs), "seed") if c in runs]

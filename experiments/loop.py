@@ -31,6 +31,7 @@ from experiments.files import truncate_jsonl
 from experiments.objective import Objective
 from experiments.run_dir import RunDir
 from experiments.runtime import Runtime, Throughput
+from lfq.alarms import describe as describe_alarm
 from lfq.monitor import LFQMonitor
 from lfq.sinks import JsonlSink
 
@@ -174,6 +175,7 @@ def dataset_value_range(dataset: Any) -> tuple[float, float]:
 
 # --- what the run has reached ------------------------------------------------------------
 
+MAX_SUMMARY_ALARMS = 20  # alarms listed in summary.json (alarm_count says how many there were)
 # The monitor's utilization columns whose mean over layers and codebooks the summary reports as final_*.
 USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_sample_entropy",
               "batch_entropy", "bit_balance_mad")
@@ -200,6 +202,7 @@ class TrainState:
     last_quantizer: list[Row] = field(default_factory=list)  # the monitor's training rows of its latest step
     unreadable_files: int = 0  # input files skipped as unreadable, as of the latest validation
     small_images: int = 0  # image files under data.resolution (skipped under data.min_size, else upscaled), likewise
+    alarms: list[str] = field(default_factory=list)  # the monitor's collapse alarms so far, one line each (lfq.alarms)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (a checkpoint's ``"progress"``): numbers, strings, lists and dicts only."""
@@ -219,6 +222,7 @@ class TrainState:
 
     def note_quantizer_rows(self, rows: list[Row]) -> None:
         """Keep the training-mode monitor rows of the latest step among ``rows`` (the summary's final usage)."""
+        self.alarms += [describe_alarm(r) for r in rows if r.get("kind") == "alarm"]
         train_rows = [r for r in rows if r.get("kind", "quantizer") == "quantizer" and r.get("mode") == "train"]
         if train_rows:
             last = max(r["step"] for r in train_rows)
@@ -251,6 +255,9 @@ class TrainState:
             summary["unreadable_files"] = self.unreadable_files
         if self.small_images:
             summary["small_images"] = self.small_images
+        if self.alarms:  # the first MAX_SUMMARY_ALARMS collapse alarms, and how many there were
+            summary["alarms"] = self.alarms[:MAX_SUMMARY_ALARMS]
+            summary["alarm_count"] = len(self.alarms)
         summary.update({f"final_{k}": v for k, v in mean_usage(self.last_quantizer).items()})
         return summary
 
@@ -477,6 +484,14 @@ class Training:
             self.rd.write_summary(summary)
             self.rd.mark_done()  # last: a folder with DONE is complete
         return ddp.broadcast(summary)  # rank 0's: the others' wall times and monitor rows differ
+
+    def alarm_reason(self) -> str:
+        """With ``monitor.stop_on_alarm``, the first collapse alarm as a failure reason, '' when none has
+        fired (or the field is off); the same on every rank (rank 0's sink sees the alarms: broadcast)."""
+        if not self.config.monitor.stop_on_alarm:
+            return ""
+        reason = f"collapse alarm: {self.state.alarms[0]}" if self.main and self.state.alarms else ""
+        return ddp.broadcast(reason)
 
     def fail(self, reason: str) -> dict[str, Any]:
         """``summary.json`` with status failed and ``reason`` (the logs flushed first); rank 0's summary."""

@@ -253,10 +253,13 @@ class MonitorConfig(Section):
 
     usage_window: int = 100  # steps over which codes_used / perplexity / usage_fraction are counted
     dead_after: int = 100  # a code unused for this many steps is dead
+    # End the run as failed at the first collapse alarm (lfq.alarms' defaults), its reason the alarm.
+    stop_on_alarm: bool = new_field(False, listed_at_default=False)
 
     def validate(self) -> None:
         for name in ("usage_window", "dead_after"):
             check(getattr(self, name) >= 1, f"monitor.{name}", getattr(self, name), "must be >= 1")
+        check(isinstance(self.stop_on_alarm, bool), "monitor.stop_on_alarm", self.stop_on_alarm, "must be true or false")
 
 
 @dataclass(frozen=True)

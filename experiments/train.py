@@ -116,6 +116,9 @@ def run(config: Config, run_dir: Path | str, *, on_step: Callable[[int], None] |
                     state.step, last = step, step == steps
                     if step % config.logging.log_every == 0 or last:
                         training.log_train(step, lr, scheduled, losses)
+                        reason = training.alarm_reason()  # monitor.stop_on_alarm: the first collapse alarm
+                        if reason:
+                            return training.fail(reason)
                     # validate
                     if step % config.schedule.val_every == 0 or last:
                         training.validate(step)

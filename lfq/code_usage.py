@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lfq.latent_stats import LATENT_FIELDS, gram_entropy
+from lfq.latent_stats import LATENT_FIELDS, dependence_stats, gram_entropy
 from lfq.step_counts import LOSS_FIELDS, MODES, ClosedStep, LayerSpec, StepCounts, scatter_counts
 
 NEVER = -(2**62)  # last_used of a code never seen: below any step minus any window
@@ -24,6 +24,9 @@ NEVER = -(2**62)  # last_used of a code never seen: below any step minus any win
 # codebooks close every step at once (their ops cost bandwidth, and a stack would cost memory).
 BATCH_MAX_CODES = 2**14
 BATCH_MAX_STEPS = 64
+# Columns of CodeUsage._latent_part: LATENT_FIELDS, batch entropy, local batch entropy, sum of
+# bit entropies, largest pairwise mutual information, group bound.
+LATENT_WIDTH = len(LATENT_FIELDS) + 5
 
 
 def _bit_tables(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -58,6 +61,10 @@ class CodeUsage:
     # Batched closing: BATCH_MAX_STEPS rows of counts (T, c, K) and loss sums (T, 4, c) that the
     # steps of a batch accumulate into, so that closing a step allocates nothing.
     _rows: tuple[Tensor, Tensor] | None = None
+    # (c, d, d) pairwise mutual information between bits of the last diagnostic step since the
+    # last snapshot, that step, and its (c, groups) exact entropies of the groups of the group bound:
+    # the snapshot rows carry them (``bit_pair_mi``, ``batch_entropy_groups``).
+    pair_mi: tuple[int, Tensor, Tensor] | None = None
 
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> CodeUsage:
@@ -83,7 +90,7 @@ class CodeUsage:
     def to(self, device: torch.device) -> None:
         """Move every tensor (state loaded on the CPU, or a model moved between steps)."""
         for obj, names in ((self, ("last_used", "histogram", "since_snapshot", "bit_last_set", "bit_last_clear")),
-                           (self.step, ("counts", "loss_sum", "latent", "gram"))):
+                           (self.step, ("counts", "loss_sum", "latent", "gram", "dependence", "local_batch"))):
             for name in names:
                 value = getattr(obj, name)
                 if value is not None:
@@ -92,7 +99,7 @@ class CodeUsage:
             self.bit_tables = (self.bit_tables[0].to(device), self.bit_tables[1].to(device))
         self._full_table = None
         for _, acc in self.pending:  # now copies apart from the rows: settle stacks them anyway
-            for name in ("counts", "loss_sum", "latent", "gram"):
+            for name in ("counts", "loss_sum", "latent", "gram", "dependence", "local_batch"):
                 if getattr(acc, name) is not None:
                     setattr(acc, name, getattr(acc, name).to(device))
         if self._rows is not None:
@@ -133,7 +140,7 @@ class CodeUsage:
               else at.to(self.device)).view(-1, 1, 1)  # (T, 1, 1)
         counts = torch.stack([acc.counts for _, acc in pending])  # (T, c, K), a copy
         losses = torch.stack([acc.loss_sum.t() for _, acc in pending])
-        latents = torch.stack([self._latent_part(acc) for _, acc in pending])
+        latents = torch.stack([self._latent_part(acc, step) for step, acc in pending])
         if self._rows is not None:  # rows up to the open step's are stacked (or empty): start again at row 0
             used_rows = min(len(pending) + 1, BATCH_MAX_STEPS)
             for rows in self._rows:
@@ -190,13 +197,23 @@ class CodeUsage:
                               torch.zeros(BATCH_MAX_STEPS, len(LOSS_FIELDS), books, device=self.device))
         return StepCounts(counts=self._rows[0][index], loss_sum=self._rows[1][index])
 
-    def _latent_part(self, acc: StepCounts) -> Tensor:
-        """(c, len(LATENT_FIELDS) + 1): the latent sums and the latent's batch entropy, or zeros."""
+    def _latent_part(self, acc: StepCounts, step: int) -> Tensor:
+        """(c, LATENT_WIDTH): the latent sums, the exact batch entropy of the latent's batch
+        distribution (NaN above 2**EXACT_MAX_BITS codes), its mean over ranks of each rank's own
+        (= the batch entropy in one process), and ``dependence_stats``: the sum of the bits'
+        entropies, the largest pairwise mutual information and the group bound; zeros on steps
+        without a latent."""
         if acc.latent is None:
-            return self._zeros(len(LATENT_FIELDS) + 1)
+            return self._zeros(LATENT_WIDTH)
         batch = gram_entropy(acc.gram, acc.latent[0]).unsqueeze(-1) if acc.gram is not None \
             else self._zeros(1).fill_(math.nan)
-        return torch.cat([acc.latent.t(), batch], dim=-1)
+        local = batch if acc.local_batch is None else acc.local_batch.float().unsqueeze(-1)
+        if acc.dependence is None:
+            dependence = self._zeros(3).fill_(math.nan)
+        else:
+            dependence, mi, groups = dependence_stats(acc.dependence, self.bit_last_set.shape[1])
+            self.pair_mi = (step, mi, groups)
+        return torch.cat([acc.latent.t(), batch, local, dependence], dim=-1)
 
     def _close_now(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
                    summarize: bool = True) -> ClosedStep | None:
@@ -242,7 +259,7 @@ class CodeUsage:
             (self.last_used > step - usage_window).sum(-1, keepdim=True),
             (self.last_used <= threshold).sum(-1, keepdim=True) if dead_counted else self._zeros(1),
         ]
-        parts.append(self._latent_part(acc))
+        parts.append(self._latent_part(acc, step))
         if bit_set is not None:
             stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
             parts += [stuck.sum(-1, keepdim=True) if dead_counted else self._zeros(1), bit_set]

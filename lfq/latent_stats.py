@@ -24,6 +24,9 @@ SATURATION_LOGIT = math.log((1 - _P) / _P)
 # sum of |z| over token-bits, sum of (z - sign(z) m)^2 over token-bits.
 LATENT_FIELDS = ("latent_tokens", "per_sample_sum", "saturated_sum", "abs_z_sum", "commitment_sum")
 GRAM_BYTES = 64 * 2**20  # working memory per chunk of tokens in weighted_gram
+# Bits per group of the group bound, batch_entropy_group_bound: the groups of 9 bits of bsq-vit's
+# batch entropy (issue 34; LFQ_SPEC "Group bound"), the approximation whose cost the column shows.
+GROUP_BITS = 9
 
 
 def latent_sums(latent: BinaryLatent, weight: Tensor, entropies: bool = True) -> Tensor:
@@ -67,10 +70,68 @@ def weighted_gram(latent: BinaryLatent, weight: Tensor) -> Tensor | None:
     return gram
 
 
+def dependence_sums(latent: BinaryLatent, weight: Tensor, group_bits: int = GROUP_BITS) -> Tensor:
+    """(c, (d + 1)**2 + sum_g 2**g) float64 sums behind the dependence statistics: per codebook
+    ``sum_n w_n q_n q_n^T`` with ``q_n = (p_n1, ..., p_nd, 1)`` (``p`` the bit probabilities;
+    the last row and column hold the sums of ``p`` and of the weights), then, per contiguous group
+    of ``group_bits`` bits (MSB first), ``sum_n w_n`` times the token's distribution over the
+    group's sub-codes. Additive over passes and ranks, like :func:`latent_sums`."""
+    z = latent.z
+    books, bits = z.shape[1], z.shape[2]
+    logits = (z * latent.logit_scale).double().transpose(0, 1)  # (c, N, d)
+    w = weight.to(torch.float64).reshape(1, -1, 1)
+    q = torch.cat([torch.sigmoid(logits), torch.ones_like(logits[..., :1])], dim=-1)  # (c, N, d + 1)
+    parts = [torch.bmm((q * w).transpose(1, 2), q).reshape(books, -1)]
+    for start in range(0, bits, group_bits):
+        # A group's batch distribution through the factorisation: P_A^T diag(w) P_B over its high and
+        # low halves (2 N 2**g flops), flattened MSB first, not N 2**g probabilities built one by one.
+        stop = min(start + group_bits, bits)
+        high = start + subcode_split(stop - start)[0]
+        prob_a = _subcode_probs(logits[..., start:high]) * w if high > start else w.expand(books, -1, 1)
+        parts.append(torch.bmm(prob_a.transpose(1, 2), _subcode_probs(logits[..., high:stop])).reshape(books, -1))
+    return torch.cat(parts, dim=-1)
+
+
+def _entropy_nats(prob: Tensor) -> Tensor:
+    """Entropy over the last axis, ``0 log 0 = 0``; negative rounding residue counts as 0."""
+    prob = prob.clamp(min=0)
+    return -torch.special.xlogy(prob, prob).sum(-1)
+
+
+def dependence_stats(sums: Tensor, bits: int, group_bits: int = GROUP_BITS) -> tuple[Tensor, Tensor, Tensor]:
+    """From :func:`dependence_sums`: ``(c, 3)`` float32 [sum over bits of the entropy of the
+    batch's mean bit probability, max over bit pairs i != j of their mutual information, sum
+    over groups of each group's exact batch entropy (the group bound)], the ``(c, d, d)``
+    float64 pairwise mutual information (nats; diagonal 0) and the ``(c, groups)`` float64 exact
+    batch entropy of each group. The mutual information is that of the
+    batch distribution: bits i and j of a code drawn by picking a kept token at random and then
+    its code from ``prod_k Bernoulli(p_k)``. NaN without tokens; no host sync."""
+    books, width = sums.shape[0], bits + 1
+    moments = sums[:, : width * width].reshape(books, width, width)
+    tokens = moments[:, bits, bits].clamp(min=1e-300).reshape(-1, 1, 1)
+    both = moments[:, :bits, :bits] / tokens  # P(bit i = 1 and bit j = 1)
+    ones = moments[:, :bits, bits] / tokens[..., 0]  # P(bit i = 1), (c, d)
+    one_i, one_j = ones.unsqueeze(-1), ones.unsqueeze(-2)
+    joint = torch.stack([both, one_i - both, one_j - both, 1 - one_i - one_j + both], dim=-1)
+    bit_h = _entropy_nats(torch.stack([ones, 1 - ones], dim=-1))  # (c, d)
+    mi = (bit_h.unsqueeze(-1) + bit_h.unsqueeze(-2) - _entropy_nats(joint)).clamp(min=0)
+    mi = mi * (1 - torch.eye(bits, dtype=mi.dtype, device=mi.device))
+    pair_max = mi.flatten(1).max(-1).values if bits > 1 else mi.new_full((books,), math.nan)
+    groups, start = [], width * width
+    for first in range(0, bits, group_bits):
+        size = 2 ** min(group_bits, bits - first)
+        groups.append(_entropy_nats(sums[:, start : start + size] / tokens[:, 0]))
+        start += size
+    by_group = torch.stack(groups, dim=-1)
+    empty = moments[:, bits, bits] <= 0
+    stats = torch.stack([bit_h.sum(-1), pair_max, by_group.sum(-1)], dim=-1).masked_fill(empty.unsqueeze(-1), math.nan)
+    return stats.float(), mi, by_group
+
+
 def gram_entropy(gram: Tensor, tokens: Tensor) -> Tensor:
     """Entropy (nats) of each codebook's batch distribution ``gram / tokens``, (c,); NaN without tokens."""
     return entropy_from_gram(gram, tokens.clamp(min=1).reshape(-1, 1)).masked_fill(tokens <= 0, math.nan)
 
 
-__all__ = ["SATURATION_LOGIT", "SATURATION_RATIO", "LATENT_FIELDS", "latent_sums", "weighted_gram",
-           "gram_entropy"]
+__all__ = ["SATURATION_LOGIT", "SATURATION_RATIO", "LATENT_FIELDS", "GROUP_BITS", "latent_sums", "weighted_gram",
+           "gram_entropy", "dependence_sums", "dependence_stats"]

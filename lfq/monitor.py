@@ -16,10 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from lfq.adapters import Adapter
+from lfq.alarms import AlarmRule, Alarms, default_alarms
 from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
 from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
 from lfq.sinks import Sink, default_histogram_sink
+from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage, kept_codes
 from lfq.step_counts import (
     MODES,
     ClosedStep,
@@ -55,6 +57,7 @@ class LFQMonitor(MonitorHooks):
         distributed: bool | None = None,  # global-batch counts, rank-0 sinks; None = when a group exists
         diagnostics_every: int | None = None,  # steps between latent diagnostics; None = log_every
         adapters: Mapping[str | type, Adapter] | None = None,  # how to read quantizers (by path or class)
+        alarms: Iterable[AlarmRule] | None | Literal[False] = None,  # collapse rules; None: lfq.alarms.default_alarms()
     ):
         """Watch every quantizer in ``model`` (docs/monitor.md is the manual): every closed step
         makes its rows whatever ``log_every`` is, which only sets how many closed steps are held on
@@ -97,6 +100,10 @@ class LFQMonitor(MonitorHooks):
             raise ValueError(f"adapters name modules {unknown} that {type(model).__name__} does not have; "
                              f"module paths are those of model.named_modules() ({ROOT_LAYER!r} for the model)")
 
+        if alarms is not None and alarms is not False and not isinstance(alarms, Iterable):
+            raise ValueError(f"alarms must be None (the defaults), False (none) or a list of lfq.alarms.AlarmRule, "
+                             f"got {alarms!r}")
+        self._alarms = Alarms(default_alarms() if alarms is None else alarms or (), self.usage_window)
         self._model = model
         self._layers: dict[str, LayerSpec] = {}
         for path, module in model.named_modules():
@@ -139,6 +146,11 @@ class LFQMonitor(MonitorHooks):
         return list(self._layers)
 
     @property
+    def alarms(self) -> list[dict[str, Any]]:
+        """Every ``kind="alarm"`` row sent so far (rank 0; empty on other ranks), oldest first."""
+        return list(self._alarms.fired)
+
+    @property
     def step(self) -> int:
         return self._step
 
@@ -168,7 +180,7 @@ class LFQMonitor(MonitorHooks):
         if not self._is_main():  # rank > 0: same state, no output (and no device-to-host transfer)
             return
         if closed:
-            self.sink(step_records(closed))
+            self.sink(self._alarms.check(step_records(closed)))
         if snapshots and self.histogram_sink is not None:
             self.histogram_sink(snapshot_records(snapshots))
 
@@ -194,6 +206,9 @@ class LFQMonitor(MonitorHooks):
         evaluation = self._evaluation = Evaluation()
         for name, spec in self._layers.items():
             device = next(iter(list(spec.module.buffers()) + list(spec.module.parameters())), torch.zeros(())).device
+            if spec.codebook_size > SPARSE_ABOVE:  # the passes' codes, counted on exit
+                evaluation.codes[name] = []
+                continue
             with torch.inference_mode(False):
                 evaluation.counts[name] = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long,
                                                       device=device)
@@ -201,9 +216,17 @@ class LFQMonitor(MonitorHooks):
             yield evaluation
         finally:
             self._evaluation = None
-        if self._world() > 1:
+        if self._world() > 1 and evaluation.counts:
             all_reduce_counts(list(evaluation.counts.values()))
-        evaluation.records = evaluation_records(self._layers, evaluation.counts)
+        counts: dict[str, Tensor | list[Tensor]] = {}
+        for name in self._layers:  # in the layers' order, sparse codebooks by sorting their codes
+            if name in evaluation.codes:
+                books = self._layers[name].num_codebooks
+                codes = kept_codes(evaluation.codes[name], books, self._world() > 1)
+                counts[name] = [torch.unique(c, return_counts=True)[1] for c in codes]
+            else:
+                counts[name] = evaluation.counts[name]
+        evaluation.records = evaluation_records(self._layers, counts)
         if log and self._is_main():
             self.sink([{"step": self._step, **r} for r in evaluation.records])
 
@@ -233,6 +256,10 @@ class LFQMonitor(MonitorHooks):
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
         spec = self._layers[layer]
+        if spec.codebook_size > SPARSE_ABOVE:
+            raise ValueError(f"{layer} has {spec.codebook_size} codes per codebook, past the dense limit of "
+                             f"{SPARSE_ABOVE}: it keeps no (codebooks, codes) histogram; read its snapshots "
+                             f"(histogram_sink), which list the used codes")
         total = torch.zeros(spec.num_codebooks, spec.codebook_size, dtype=torch.long)
         for m, usage in self._usage[layer].items():
             if mode is None or m == mode:
@@ -248,6 +275,7 @@ class LFQMonitor(MonitorHooks):
             "explicit_steps": self._explicit_steps,
             "auto_next": self._auto_next,
             "usage": {name: {mode: u.state() for mode, u in by_mode.items()} for name, by_mode in self._usage.items()},
+            "alarms": self._alarms.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -262,10 +290,15 @@ class LFQMonitor(MonitorHooks):
         self._usage = {name: {} for name in self._layers}
         for name, by_mode in state["usage"].items():
             for mode, saved in by_mode.items():
-                self._usage[name][mode] = CodeUsage.from_state(self._layers[name], mode, saved, snapshots)
+                spec = self._layers[name]
+                kind = SparseCodeUsage if spec.codebook_size > SPARSE_ABOVE else CodeUsage
+                self._usage[name][mode] = usage = kind.from_state(spec, mode, saved, snapshots)
+                if isinstance(usage, SparseCodeUsage):
+                    usage.distributed = self._world() > 1
         self._step = int(state["step"])
         self._explicit_steps = bool(state["explicit_steps"])
         self._auto_next = int(state["auto_next"])
+        self._alarms.load(state.get("alarms"))
         self._pending_steps, self._pending_snapshots, self._closed_unflushed = [], [], 0
         self._last_stats_seen.clear()
 

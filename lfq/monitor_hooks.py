@@ -16,8 +16,10 @@ from torch import Tensor, nn
 
 from lfq.adapters import ProtocolAdapter, check_indices
 from lfq.code_usage import CodeUsage
+from lfq.latent_stats import gram_entropy
 from lfq.records import Evaluation
 from lfq.sinks import Sink
+from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage
 from lfq.step_counts import (
     LOSS_FIELDS,
     MODES,
@@ -143,7 +145,10 @@ class MonitorHooks:
         usage = self._usage_of(spec, mode, idx.device)
         usage.add_tokens(spec, idx, weight)
         if self._evaluation is not None:
-            scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
+            if spec.name in self._evaluation.codes:
+                self._evaluation.codes[spec.name].append((idx, weight))
+            else:
+                scatter_counts(self._evaluation.counts[spec.name], spec, idx, weight)
         if mode != "train":  # eval-mode losses are NaN by contract, whatever last_stats holds
             return
         self._add_losses(spec, usage.step, adapter.losses(spec.module, output))
@@ -155,7 +160,7 @@ class MonitorHooks:
                         f"{spec.name}: the latent has shape {tuple(latent.z.shape)}, expected ({idx.shape[0]}, "
                         f"{spec.num_codebooks}, {spec.bits}): one row per index token, codebooks, bits"
                     )
-                usage.step.add_latent(latent, weight[:, 0], with_gram=not adapter.reports_losses)
+                usage.step.add_latent(latent, weight[:, 0], entropies=not adapter.reports_losses)
 
     def _add_losses(self, spec: LayerSpec, acc: StepCounts, stats: Any) -> None:
         # An object already counted is stale: a quantizer that did not refresh last_stats.
@@ -186,7 +191,12 @@ class MonitorHooks:
         usage = self._usage[spec.name].get(mode)
         if usage is None:
             snapshots = self.histogram_sink is not None
-            usage = self._usage[spec.name][mode] = CodeUsage.new(spec, device, self._step, snapshots)
+            if spec.codebook_size > SPARSE_ABOVE:
+                usage = SparseCodeUsage.new(spec, device, self._step, snapshots)
+                usage.distributed = self._world() > 1
+            else:
+                usage = CodeUsage.new(spec, device, self._step, snapshots)
+            self._usage[spec.name][mode] = usage
         elif usage.device != device:
             usage.to(device)
         return usage
@@ -212,9 +222,16 @@ class MonitorHooks:
                   if (usage := self._usage[name].get(mode)) is not None and usage.step.forward_passes > 0]
         if not active:
             return
-        if self._world() > 1:
+        world = self._world()
+        if world > 1:
             all_reduce_counts([usage.step.counts for _, _, usage in active])
-            latents = [t for _, _, usage in active for t in (usage.step.latent, usage.step.gram) if t is not None]
+            for _, _, usage in active:  # this rank's exact batch entropy, before the sums go global
+                acc = usage.step
+                if acc.gram is not None and acc.latent is not None:
+                    acc.local_batch = gram_entropy(acc.gram, acc.latent[0]).nan_to_num(0.0) / world
+            latents = [t for _, _, usage in active
+                       for t in (usage.step.latent, usage.step.gram, usage.step.dependence, usage.step.local_batch)
+                       if t is not None]
             if latents:  # diagnostic steps: the latent sums of the global batch (float, apart from the counts)
                 all_reduce_counts(latents)
         summarize = self._is_main()  # only rank 0's records reach a sink
@@ -232,5 +249,6 @@ class MonitorHooks:
         for name, spec in self._layers.items():
             for mode, usage in self._usage[name].items():
                 counts = usage.take_snapshot()
+                pair_mi, usage.pair_mi = usage.pair_mi, None
                 if counts is not None:
-                    self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts))
+                    self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts, pair_mi))

@@ -39,6 +39,8 @@ CodebookStats = namedtuple(
 )
 
 DEFAULT_ENTROPY_MODE = "exact"
+# Largest codebook: indices are int64 (bit 63 is the sign; 2**62 keeps every sum of two in range).
+MAX_CODEBOOK_BITS = 62
 
 
 class LFQ(nn.Module):
@@ -112,10 +114,15 @@ class LFQ(nn.Module):
             )
 
         codebook_size = codebook_size if codebook_size is not None else 2**dim
-        codebook_dim = int(log2(codebook_size))
+        codebook_dim = codebook_size.bit_length() - 1
+        if codebook_dim > MAX_CODEBOOK_BITS:
+            raise ValueError(
+                f"codebook_size must be at most 2**{MAX_CODEBOOK_BITS} (indices are int64), got 2**{codebook_dim}; "
+                f"split the bits into more codebooks (num_codebooks)"
+            )
         codebook_dims = codebook_dim * num_codebooks
         dim = dim if dim is not None else codebook_dims
-        if entropy_mode in DENSE_BATCH_MODES and entropy_mode != "reference" and codebook_dim > EXACT_MAX_BITS:
+        if entropy_mode in DENSE_BATCH_MODES and codebook_dim > EXACT_MAX_BITS:
             raise ValueError(
                 f"entropy_mode={entropy_mode!r} supports up to 2**{EXACT_MAX_BITS} codes per codebook, got "
                 f"codebook_size=2**{codebook_dim}; use 'exact' or 'group', or split into more codebooks"
@@ -165,7 +172,9 @@ class LFQ(nn.Module):
         # reference, so that state dicts load both ways.
         self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
-        all_codes = torch.arange(codebook_size)
+        # The (K, d) codebook only the dense kernels read; past 2**EXACT_MAX_BITS codes it would not fit,
+        # and no kernel that runs there needs it: an empty (0, d) buffer keeps the dtype.
+        all_codes = torch.arange(codebook_size if codebook_dim <= EXACT_MAX_BITS else 0)
         bits = ((all_codes[..., None].int() & self.mask) != 0).float()
         self.register_buffer("codebook", self.bits_to_codes(bits), persistent=False)
 
@@ -185,7 +194,7 @@ class LFQ(nn.Module):
     def _codebook_f32(self) -> Tensor:
         if self.codebook.dtype == torch.float32:
             return self.codebook
-        bits = ((torch.arange(self.codebook_size, device=self.mask.device)[..., None].int() & self.mask) != 0)
+        bits = ((torch.arange(self.codebook.shape[0], device=self.mask.device)[..., None].int() & self.mask) != 0)
         return self.bits_to_codes(bits.float())
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
@@ -194,7 +203,8 @@ class LFQ(nn.Module):
         transpose = self.channel_first if self.channel_first is not None else is_img_or_video
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... -> ... 1")
-        bits = ((indices[..., None].int() & self.mask) != 0).to(self.dtype)
+        as_int = indices[..., None].int() if self.codebook_dim <= 31 else indices[..., None].long()
+        bits = ((as_int & self.mask) != 0).to(self.dtype)
         codes = rearrange(self._to_sphere(self.bits_to_codes(bits)), "... c d -> ... (c d)")
         if project_out:
             codes = self.project_out(codes)
@@ -294,7 +304,10 @@ class LFQ(nn.Module):
         else:
             x = quantized
 
-        indices = ((x > 0).int() * self.mask.int()).sum(dim=-1)  # (b, n, c)
+        if self.codebook_dim <= 31:
+            indices = ((x > 0).int() * self.mask.int()).sum(dim=-1)  # (b, n, c), int64 (the sum promotes)
+        else:  # int32 would overflow
+            indices = ((x > 0).long() * self.mask).sum(dim=-1)
 
         if self.training:
             terms, commit_loss, commit_by_codebook = self._losses(z, quantized, inv_temperature, mask, sample_mask)

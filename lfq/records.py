@@ -18,6 +18,9 @@ from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
 STAT_FIELDS = LOSS_FIELDS + (
     "codes_used", "perplexity", "usage_fraction", "dead_codes", "bit_balance_mad", "tokens", "forward_passes",
     "bit_entropy", "dead_bits", "saturated_fraction", "mean_abs_z",
+    # Issue 34: dependence between bits, the group bound's gap, per-rank entropy.
+    "bit_total_correlation", "bit_total_correlation_hard", "bit_pair_mi_max", "batch_entropy_group_bound",
+    "batch_entropy_local", "codes_used_window",
 )
 RECORD_COLUMNS = ("step", "layer", "codebook", "kind", "mode", "codebook_size") + STAT_FIELDS
 # Per-bit columns follow, for binary quantizers: bit_frequency_<i>, then bit_entropy_<i>, i = 0..d-1.
@@ -47,7 +50,8 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
     losses, (used, tokens, n_log_n, in_window, dead) = sums[:4], sums[4:9]
     (latent_tokens, per_sample_sum, saturated, abs_z, commitment), latent_batch = sums[9:14], sums[14]
-    dead_bits, bit_set = sums[15], sums[16:]
+    local_batch, bit_entropy_sum, pair_mi_max, group_bound = sums[15:19]
+    dead_bits, bit_set = sums[19], sums[20:]
     spec = closed.spec
     stats: dict[str, float | int] = {
         name: total / passes if passes else math.nan
@@ -63,7 +67,7 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["codes_used"] = int(used)
     stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
     stats["usage_fraction"] = in_window / spec.codebook_size
-    stats["dead_codes"] = int(dead)
+    stats["dead_codes"] = int(dead) if dead == dead else math.nan  # NaN past lfq.sparse_usage.SPARSE_ABOVE codes
     frequencies = [n / tokens for n in bit_set] if bit_set and tokens > 0 else [math.nan] * len(bit_set)
     entropies = [_binary_entropy(q) if tokens > 0 else math.nan for q in frequencies]
     stats["bit_balance_mad"] = sum(abs(q - 0.5) for q in frequencies) / len(bit_set) if bit_set else math.nan
@@ -73,6 +77,16 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["dead_bits"] = int(dead_bits) if bit_set else math.nan
     stats["saturated_fraction"] = saturated / token_bits if latent else math.nan
     stats["mean_abs_z"] = abs_z / token_bits if latent else math.nan
+    # Total correlation: sum of the bits' entropies minus the joint entropy (soft: of the latent's
+    # exact batch distribution, diagnostic steps; hard: of the step's code histogram, every step).
+    binary = latent and spec.bits is not None
+    stats["bit_total_correlation"] = bit_entropy_sum - latent_batch if binary else math.nan
+    histogram_entropy = math.log(tokens) - n_log_n / tokens if tokens > 0 else math.nan
+    stats["bit_total_correlation_hard"] = sum(entropies) - histogram_entropy if bit_set else math.nan
+    stats["bit_pair_mi_max"] = pair_mi_max if binary else math.nan
+    stats["batch_entropy_group_bound"] = group_bound if binary else math.nan
+    stats["batch_entropy_local"] = local_batch if binary else math.nan
+    stats["codes_used_window"] = int(in_window)
     for i, q in enumerate(frequencies):
         stats[f"{BIT_FREQUENCY}{i}"] = q
     for i, h in enumerate(entropies):
@@ -95,11 +109,20 @@ def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
     return records
 
 
-def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor]) -> list[dict[str, Any]]:
+def _pass_sums(counts: Tensor | list[Tensor]) -> Tensor:
+    """(3, c): codes used, tokens and sum of n log n, from (c, K) counts or, for a sparse codebook,
+    one tensor per codebook of the used codes' counts."""
+    if isinstance(counts, list):
+        return torch.stack([torch.stack([(n > 0).sum().float(), n.sum().float(),
+                                         torch.special.xlogy(n.double(), n.double()).sum().float()]) for n in counts], 1)
+    return torch.stack([(counts > 0).sum(-1).float(), counts.sum(-1).float(),
+                        torch.special.xlogy(counts.float(), counts.float()).sum(-1)])
+
+
+def evaluation_records(layers: dict[str, LayerSpec], counts: dict[str, Tensor | list[Tensor]]) -> list[dict[str, Any]]:
     """The usage of one evaluation pass per (layer, codebook); one transfer per device."""
     names = list(counts)
-    values = _to_host([torch.stack([(c > 0).sum(-1).float(), c.sum(-1).float(),
-                                    torch.special.xlogy(c.float(), c.float()).sum(-1)]) for c in counts.values()])
+    values = _to_host([_pass_sums(c) for c in counts.values()])
     records: list[dict[str, Any]] = []
     for name, flat in zip(names, values, strict=True):
         spec = layers[name]
@@ -125,11 +148,15 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
     """Sparse histogram rows: the used codes and their counts, per codebook; for binary codes
     also ``bit_frequencies``, the fraction of these tokens with each bit set (MSB first)."""
     records: list[dict[str, Any]] = []
-    for step, name, mode, size, bits, counts in snapshots:
-        counts = counts.cpu()
-        for codebook in range(counts.shape[0]):
-            codes = counts[codebook].nonzero().flatten()
-            used = counts[codebook, codes]
+    for step, name, mode, size, bits, counts, pair_mi in snapshots:
+        if isinstance(counts, list):  # a sparse codebook's (codes, counts) per codebook
+            sparse = [(c.cpu(), n.cpu()) for c, n in counts]
+        else:
+            sparse = [(codes, row[codes]) for row in counts.cpu() for codes in [row.nonzero().flatten()]]
+        pair_step, pair_matrix, group_entropies = pair_mi if pair_mi is not None else (None, None, None)
+        if pair_matrix is not None:
+            pair_matrix, group_entropies = pair_matrix.cpu(), group_entropies.cpu()
+        for codebook, (codes, used) in enumerate(sparse):
             record = {
                 "step": step, "layer": name, "codebook": codebook, "codebook_size": size, "mode": mode,
                 "codes": codes.tolist(), "counts": used.tolist(),
@@ -138,6 +165,10 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 total = int(used.sum())
                 set_bits = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * used[:, None]
                 record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
+                if pair_matrix is not None:
+                    record["bit_pair_mi"] = pair_matrix[codebook].tolist()
+                    record["batch_entropy_groups"] = group_entropies[codebook].tolist()
+                    record["bit_pair_mi_step"] = pair_step
             records.append(record)
     return records
 
@@ -152,7 +183,8 @@ class Evaluation:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self.counts: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}  # per layer, (c, K) code counts of the pass
+        self.codes: dict[str, list[tuple[Tensor, Tensor]]] = {}  # per sparse layer, each pass's (indices, weights)
 
     def usage_fraction(self, layer: str | None = None) -> float:
         """Mean over codebooks (and layers, or one ``layer``) of the usage fraction."""

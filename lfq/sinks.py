@@ -93,7 +93,7 @@ def scalar_tags(record: Record) -> dict[str, float]:
     rows as ``lfq.<layer>.codebook<c>/<column>``, evaluation passes as
     ``lfq_eval.<layer>.codebook<c>/<column>``, eval-mode step rows not at all (they stay in the
     JSON lines); docs/monitor.md ("Where the rows go") says why."""
-    if "codes" in record:
+    if "codes" in record or record.get("kind") == "alarm":  # histograms; alarms are events, not scalars
         return {}
     kind, mode = record.get("kind", "quantizer"), record.get("mode", "train")
     if kind == "evaluation":

@@ -14,13 +14,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lfq.adapters import Adapter, BinaryLatent, adapter_for
-from lfq.latent_stats import latent_sums, weighted_gram
+from lfq.latent_stats import dependence_sums, latent_sums, weighted_gram
 
 MODES = ("train", "eval")
 LOSS_FIELDS = ("per_sample_entropy", "batch_entropy", "commitment", "aux_loss")
 
-# (step, layer, mode, codebook_size, bits, counts): a histogram snapshot waiting for the next flush.
-Snapshot = tuple[int, str, str, int, "int | None", Tensor]
+# (step, layer, mode, codebook_size, bits, counts, pair_mi): a histogram snapshot waiting for the
+# next flush; pair_mi = (diagnostic step, (c, d, d) mutual information between bits, (c, groups)
+# entropies of the groups of the group bound) or None.
+Snapshot = tuple[int, str, str, int, "int | None", Tensor, "tuple[int, Tensor, Tensor] | None"]
 
 
 def is_quantizer(module: nn.Module) -> bool:
@@ -63,8 +65,11 @@ class StepCounts:
     ``counts`` (c, K) sums kept tokens over the step's passes; ``loss_sum`` (4, c) sums each
     of ``LOSS_FIELDS`` over the ``loss_passes[i]`` passes that reported it. On diagnostic steps
     ``latent`` (len(LATENT_FIELDS), c) sums the binary latent's statistics over
-    ``latent_passes`` passes, and ``gram`` (c, 2**a, 2**b) its batch distribution's sum when the
-    quantizer reports no entropies (``lfq.latent_stats``).
+    ``latent_passes`` passes, ``gram`` (c, 2**a, 2**b) its batch distribution's sum (up to
+    ``lfq.entropy.EXACT_MAX_BITS`` bits) and ``dependence`` the sums behind the bits' total
+    correlation, pairwise mutual information and group bound (``lfq.latent_stats``);
+    ``local_batch`` (c,) is set when the step closes under torch.distributed: this rank's exact
+    batch entropy divided by the world size, summed over ranks with the rest.
     """
 
     counts: Tensor
@@ -74,6 +79,8 @@ class StepCounts:
     latent: Tensor | None = None
     gram: Tensor | None = None
     latent_passes: int = 0
+    dependence: Tensor | None = None
+    local_batch: Tensor | None = None
 
     @classmethod
     def zeros(cls, spec: LayerSpec, device: torch.device) -> StepCounts:
@@ -90,15 +97,19 @@ class StepCounts:
         self.loss_passes = [0] * len(LOSS_FIELDS)
         self.forward_passes = 0
         self.latent, self.gram, self.latent_passes = None, None, 0
+        self.dependence, self.local_batch = None, None
 
-    def add_latent(self, latent: BinaryLatent, weight: Tensor, with_gram: bool) -> None:
-        """Accumulate a pass's latent statistics (``weight`` (N,): 1 = kept token, 0 = masked)."""
-        sums = latent_sums(latent, weight, entropies=with_gram)
+    def add_latent(self, latent: BinaryLatent, weight: Tensor, entropies: bool) -> None:
+        """Accumulate a pass's latent statistics (``weight`` (N,): 1 = kept token, 0 = masked);
+        ``entropies``: also the per-sample entropy sum (the quantizer does not report it). The
+        exact batch distribution is summed either way: the total correlation needs it."""
+        sums = latent_sums(latent, weight, entropies=entropies)
         self.latent = sums if self.latent is None else self.latent.add_(sums)
-        if with_gram:
-            gram = weighted_gram(latent, weight)
-            if gram is not None:
-                self.gram = gram if self.gram is None else self.gram.add_(gram)
+        gram = weighted_gram(latent, weight)
+        if gram is not None:
+            self.gram = gram if self.gram is None else self.gram.add_(gram)
+        dependence = dependence_sums(latent, weight)
+        self.dependence = dependence if self.dependence is None else self.dependence.add_(dependence)
         self.latent_passes += 1
 
 

@@ -232,7 +232,9 @@ def _classify(run_dir: Path, summary: dict[str, Any], rec: dict[str, Any], sched
                                                str(summary.get("error", "")).strip()) if x)
     folder_state, why = run_state.finished(run_dir)
     if folder_state == "done":
-        return ("done", f"step {summary.get('step', '?')}")
+        alarms = summary.get("alarms") or []  # the monitor's collapse alarms (lfq.alarms)
+        more = f"; {summary.get('alarm_count', len(alarms))} alarm(s), first: {alarms[0]}" if alarms else ""
+        return ("done", f"step {summary.get('step', '?')}{more}")
     if run_is_locked(run_dir):
         holder = read_lock_holder(run_dir)
         return ("running", f"{latest_rate(run_dir)}pid {holder.get('pid')} on {holder.get('host')}")

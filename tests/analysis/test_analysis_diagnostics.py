@@ -87,3 +87,30 @@ def test_missing_data_and_ambiguous_runs_skip_with_a_reason(tmp_path: Path, metr
         bit_usage_heatmap(metrics.drop(columns=bit_columns(metrics)), strict=True)
     with pytest.raises(analysis.NoData, match="layer 'nope'"):
         saturation_and_usage(metrics, layer="nope", strict=True)
+
+
+def test_bit_pair_mi_heatmap_draws_the_last_snapshots_matrix(tmp_path):
+    """Bits 1 and 2 copy each other: the heatmap's cells are the snapshot's matrix, (1, 2) near ln 2."""
+    from analysis.diagnostics import bit_pair_mi_heatmap
+
+    run_dir = tmp_path / "run_mi"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"name": "t", "task": "synthetic", "seed": 0, "run_id": "run_mi"}))
+    lfq, generator = LFQ(dim=BITS), torch.Generator().manual_seed(1)
+    with LFQMonitor(lfq, JsonlSink(run_dir / "metrics.jsonl"), histogram_sink=JsonlSink(run_dir / "histograms.jsonl"),
+                    log_every=4, diagnostics_every=2, histogram_every=6, alarms=False) as mon:
+        for step in range(STEPS):
+            mon.set_step(step)
+            z = torch.randn(1, 256, BITS, generator=generator)
+            z[..., 2] = z[..., 1]
+            lfq(z)
+    pair_mi = analysis.load.load_bit_pair_mi(tmp_path)
+    snapshots = [json.loads(line) for line in (run_dir / "histograms.jsonl").read_text().splitlines()]
+    last = [s for s in snapshots if "bit_pair_mi" in s][-1]
+    fig = _check(bit_pair_mi_heatmap(pair_mi))
+    cells = np.asarray(fig.axes[0].images[0].get_array())
+    assert cells == pytest.approx(np.array(last["bit_pair_mi"]))
+    assert cells[1, 2] > 0.5 and cells[0, 3] < 0.05 and cells[1, 1] == 0
+    assert f"step {last['bit_pair_mi_step']}" in fig.axes[0].get_title()
+    with pytest.raises(analysis.style.NoData, match="no bit_pair_mi"):
+        bit_pair_mi_heatmap(pair_mi.iloc[:0], strict=True)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from exp_helpers import Kill, kill_at, read_rows, run, smoke_config, without_wall_time
@@ -123,7 +124,16 @@ def test_ddp_run_writes_one_folder_and_matches_one_process(runs):
     for a, b in zip(ddp_rows, one_rows, strict=True):
         if a["kind"] == "quantizer":
             assert {k: a[k] for k in INTEGER_COLUMNS} == {k: b[k] for k in INTEGER_COLUMNS}, a["step"]
-    assert read_rows(rd.histograms) == read_rows(out / "single" / "histograms.jsonl")
+    # Counts exactly; the bits' pairwise mutual information of the latent drifts with the weights as the
+    # losses below do (5e-3 relative after Adam amplified the summation order; ~1e-6 nats near independence).
+    ddp_hist, one_hist = read_rows(rd.histograms), read_rows(out / "single" / "histograms.jsonl")
+    floats = ("bit_pair_mi", "batch_entropy_groups")
+    ddp_mi = [[r.pop(k, None) for k in floats] for r in ddp_hist]
+    one_mi = [[r.pop(k, None) for k in floats] for r in one_hist]
+    assert ddp_hist == one_hist and any(m[0] is not None for m in one_mi)
+    for pair_a, pair_b in zip(ddp_mi, one_mi, strict=True):
+        for a, b in zip(pair_a, pair_b, strict=True):
+            assert (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=5e-3, atol=1e-6))
     for key in ("final_codes_used", "final_usage_fraction", "final_perplexity", "final_dead_codes",
                 "final_bit_balance_mad", "best_val_step", "step", "run_id"):
         assert full[key] == single[key], key

@@ -51,13 +51,18 @@ def test_compiled_run_on_the_gpu(tmp_path):
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-2)
 
 
-def test_monitor_does_no_host_sync_between_log_steps():
+@pytest.mark.parametrize("bits", [18, 40])
+def test_monitor_does_no_host_sync_between_log_steps(bits):
+    """Diagnostic steps every 4 (the dependence columns, the group bound, the exact batch distribution),
+    the default alarms, and at 2^40 codes the sparse counting: nothing syncs before the log step."""
     from lfq import LFQ, LFQMonitor, MemorySink
 
-    model = torch.nn.Sequential(torch.nn.Linear(18, 18), LFQ(codebook_size=2**18, dim=18)).cuda()
+    mode = "exact" if bits <= 24 else "group"
+    model = torch.nn.Sequential(torch.nn.Linear(bits, bits),
+                                LFQ(codebook_size=2**bits, dim=bits, entropy_mode=mode)).cuda()
     sink = MemorySink()
-    monitor = LFQMonitor(model, sink=sink, log_every=50)
-    x = torch.randn(4, 1024, 18, device="cuda")
+    monitor = LFQMonitor(model, sink=sink, log_every=50, diagnostics_every=4, histogram_every=1000)
+    x = torch.randn(4, 1024, bits, device="cuda")
     for step in range(3):  # warm-up: allocations, cuBLAS handles
         monitor.set_step(step)
         model(x)[2].backward()
@@ -71,6 +76,8 @@ def test_monitor_does_no_host_sync_between_log_steps():
         torch.cuda.set_sync_debug_mode("default")
     monitor.detach()
     assert sink.records
+    rows = [r for r in sink.records if r["kind"] == "quantizer" and r["step"] % 4 == 0]
+    assert rows and all(r["bit_pair_mi_max"] == r["bit_pair_mi_max"] for r in rows)  # computed, not NaN
 
 
 @rank_process

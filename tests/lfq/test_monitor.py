@@ -76,7 +76,7 @@ def one_hot_tokens(codes: list[int], size: int) -> torch.Tensor:
 
 def test_usage_counts_perplexity_and_bit_balance_by_hand():
     lfq, sink = LFQ(dim=3), MemorySink()
-    with LFQMonitor(lfq, sink, log_every=1) as mon:
+    with LFQMonitor(lfq, sink, log_every=1, alarms=False) as mon:  # alarms: tests/lfq/test_alarms.py
         lfq(tokens_for([0, 1, 2, 3, 0, 1, 2, 3], 3))  # uniform over 4 codes
         lfq(tokens_for([0, 0, 0, 1], 3))
         lfq(tokens_for([0, 1, 2, 3, 4, 5, 6, 7], 3))
@@ -102,7 +102,7 @@ def test_usage_counts_perplexity_and_bit_balance_by_hand():
 def test_usage_window_and_dead_codes_by_hand():
     lfq, sink = LFQ(dim=2), MemorySink()
     codes_per_step = {10: [0], 11: [1], 12: [0], 13: [0], 14: [0], 15: [2, 3]}
-    with LFQMonitor(lfq, sink, log_every=100, usage_window=2, dead_after=3) as mon:
+    with LFQMonitor(lfq, sink, log_every=100, usage_window=2, dead_after=3, alarms=False) as mon:
         for step, codes in codes_per_step.items():
             mon.set_step(step)
             lfq(tokens_for(codes, 2))
@@ -160,7 +160,7 @@ def test_eval_mode_records_usage_with_nan_losses():
 
 def test_train_and_eval_in_one_step_are_separate_records():
     lfq, sink = LFQ(dim=2), MemorySink()
-    with LFQMonitor(lfq, sink, dead_after=1) as mon:
+    with LFQMonitor(lfq, sink, dead_after=1, alarms=False) as mon:
         mon.set_step(0)
         lfq(tokens_for([0], 2))
         lfq.eval()
@@ -346,6 +346,12 @@ def test_histogram_snapshots_are_sparse_counts_since_the_previous_one():
             mon.set_step(step)
             lfq(tokens_for(codes, 3))
         assert mon.histogram(ROOT_LAYER).tolist() == [[0, 2, 3, 0, 0, 1, 0, 0]]
+    # Step 0 is the only diagnostic step (diagnostics_every = log_every = 50): its 3 x 3 pairwise
+    # mutual information rides on the first snapshot only (tests/lfq/test_bit_dependence.py checks values).
+    pair_mi = [(r.pop("bit_pair_mi", None), r.pop("bit_pair_mi_step", None), r.pop("batch_entropy_groups", None))
+               for r in hist.records]
+    assert [step for _, step, _ in pair_mi] == [0, None] and pair_mi[0][2] is not None
+    assert len(pair_mi[0][0]) == 3 and all(len(row) == 3 for row in pair_mi[0][0])
     assert hist.records == [
         # codes 001, 001, 101 (MSB first): bit 0 set in 1 of 3 tokens, bit 1 never, bit 2 always
         {"step": 1, "layer": ROOT_LAYER, "codebook": 0, "codebook_size": 8, "mode": "train", "codes": [1, 5], "counts": [2, 1],
@@ -370,6 +376,7 @@ def test_the_readme_snippet_ends_with_a_histogram(tmp_path):
     (row,) = rows
     assert row["step"] == 299 and row["mode"] == "train" and sum(row["counts"]) == 300 * 8
     metrics = pd.read_json(tmp_path / "metrics.jsonl", lines=True)
+    metrics = metrics[metrics["kind"] == "quantizer"]  # a default alarm may add kind="alarm" rows
     assert list(metrics["step"]) == list(range(300)) and "codes" not in metrics  # the metrics stay one table
 
 

@@ -63,7 +63,7 @@ def test_bit_frequencies_entropies_and_dead_bits_by_hand():
     lfq, sink = LFQ(dim=3), MemorySink()
     # bits MSB first; step 10: 000, 001 | 11: 001 | 12: 011, 001 | 13: 111
     codes = {10: [0, 1], 11: [1], 12: [3, 1], 13: [7]}
-    with LFQMonitor(lfq, sink, dead_after=2, diagnostics_every=1) as mon:
+    with LFQMonitor(lfq, sink, dead_after=2, diagnostics_every=1, alarms=False) as mon:
         for step, c in codes.items():
             mon.set_step(step)
             lfq(tokens_for(c, 3))

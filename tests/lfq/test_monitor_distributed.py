@@ -136,7 +136,15 @@ def test_rank0_records_equal_one_process_on_the_global_batch(tmp_path):
     _assert_records_equal(ranks[0]["records"], sink.records)
     assert {r["mode"] for r in sink.records} == {"train", "eval"}
     assert max(r["dead_codes"] for r in sink.records) > 0  # dead codes were exercised
+    # Counts exactly; the pairwise mutual information of float sums reduced over ranks, to rounding.
+    got_mi = [(r.pop("bit_pair_mi", None), r.pop("batch_entropy_groups", None)) for r in ranks[0]["histograms"]]
+    want_mi = [(r.pop("bit_pair_mi", None), r.pop("batch_entropy_groups", None)) for r in histograms.records]
     assert ranks[0]["histograms"] == histograms.records and histograms.records
+    assert [m[0] is None for m in got_mi] == [m[0] is None for m in want_mi] and any(m[0] for m in want_mi)
+    for (a, a_groups), (b, b_groups) in zip(got_mi, want_mi, strict=True):
+        if b is not None:
+            assert torch.tensor(a) == pytest.approx(torch.tensor(b), abs=1e-9)
+            assert a_groups == pytest.approx(b_groups, abs=1e-9)
 
     # Rank 1 sends nothing anywhere, yet holds the same (global) state: either rank can resume.
     assert ranks[1]["records"] == [] and ranks[1]["histograms"] == []

@@ -121,7 +121,7 @@ def test_diagnostics_only_on_diagnostic_steps_and_usage_every_step():
     latest = load_latest()
     quantizer = latest.LFQ(dim=4, codebook_size=16)
     sink = MemorySink()
-    with LFQMonitor(quantizer, sink, diagnostics_every=3) as mon:
+    with LFQMonitor(quantizer, sink, diagnostics_every=3, alarms=False) as mon:
         for step in range(7):
             mon.set_step(step)
             quantizer(torch.randn(1, 8, 4))

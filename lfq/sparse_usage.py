@@ -1,0 +1,285 @@
+"""Code usage of codebooks past ``SPARSE_ABOVE`` codes (up to 2**62, Infinity's bitwise vocabularies),
+where a (codebooks, K) table does not fit: ``SparseCodeUsage`` keeps each step's int64 codes on the
+device until the next flush and then counts them exactly by sorting (``torch.unique``), gathered over
+data-parallel ranks; the usage window is a sorted set of (code, last step) pairs; per-bit counts are
+summed per step as for small codebooks. ``dead_codes`` is not defined there (NaN): the window's
+``codes_used_window`` is; docs/monitor.md ("Vocabularies past 2^24").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lfq.code_usage import BATCH_MAX_STEPS, NEVER, CodeUsage
+from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, StepCounts
+
+# Codebooks larger than this are counted sparsely. At 2**24 a dense table of last-used steps,
+# histogram and snapshot is 3 x 128 MiB per codebook; past it, sorting a step's codes is cheaper.
+SPARSE_ABOVE = 2**24
+
+
+def gather_ranks(t: Tensor) -> Tensor:
+    """The concatenation over the ranks of the default process group of a 1-D tensor whose length
+    differs per rank (two collectives: the lengths, then padded data); ``t`` itself without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    size = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s) for s in sizes]
+    padded = t.new_zeros(max(lengths))
+    padded[: t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, lengths, strict=True)])
+
+
+def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int,
+                distributed: bool) -> list[tuple[Tensor, Tensor]]:
+    """Per codebook, the codes of every kept token of each step's passes and the step's position in
+    ``steps`` (in step order), over every rank when ``distributed`` (one gather for the whole stash)."""
+    flat = [torch.cat([kept, torch.full_like(kept[:1], t)])
+            for t, passes in enumerate(steps) for kept in [_kept_pairs(passes, books)]]
+    pairs = torch.cat(flat, dim=1) if flat else torch.zeros(3, 0, dtype=torch.long)
+    if distributed:  # rank by rank: back into step order
+        pairs = torch.stack([gather_ranks(row.contiguous()) for row in pairs])
+        pairs = pairs[:, torch.argsort(pairs[2], stable=True)]
+    if books == 1:
+        return [(pairs[0], pairs[2])]
+    return [(pairs[0][pairs[1] == b], pairs[2][pairs[1] == b]) for b in range(books)]
+
+
+def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
+    """(2, kept): the kept tokens' codes and codebooks of ``passes`` ((idx, weight) pairs, (N, c))."""
+    if not passes:
+        return torch.zeros(2, 0, dtype=torch.long)
+    idx = torch.cat([i for i, _ in passes])
+    keep = torch.cat([w for _, w in passes]) > 0
+    book = torch.arange(books, device=idx.device).expand_as(idx)
+    return torch.stack([idx[keep], book[keep]])
+
+
+class FlushCounts(NamedTuple):
+    used: Tensor  # (T,) distinct codes per step
+    n_log_n: Tensor  # (T,) float64 sum over a step's codes of n log n (n: the code's tokens that step)
+    in_window: Tensor  # (T,) codes used in (s - usage_window, s]
+    window: tuple[Tensor, Tensor]  # the codes used in the last ``horizon`` steps and their last use
+    counts: tuple[Tensor, Tensor]  # the stash's distinct codes and their tokens, for the snapshot
+
+
+def flush_counts(codes: Tensor, position: Tensor, steps: Tensor, window: tuple[Tensor, Tensor],
+                 usage_window: int, horizon: int) -> FlushCounts:
+    """The usage of the stashed steps ``steps`` (increasing; ``codes`` (n,) with ``position`` (n,)
+    the index of their step, in step order) after the ``window`` state (codes, last use), from one
+    stable sort by code. A code used at u and next at u' is in the window for s in
+    [u, min(u', u + usage_window)): each such interval adds 1 to the steps it covers, counted with
+    a difference array over the T stashed steps (no per-entry search: u + usage_window maps to a
+    step position through a table over the few distinct u)."""
+    old_codes, old_last = window
+    total, device = len(steps), codes.device
+    base = int(old_last.min()) if old_last.numel() else int(steps[0])
+    # One int64 tag per entry: >= 0 the stashed step's position, < 0 a window entry last used at base - 1 - tag.
+    tags = torch.cat([base - 1 - old_last, position])
+    all_codes = torch.cat([old_codes, codes])  # the window's first: earlier than every stashed use
+    order = torch.argsort(all_codes, stable=True)  # by code, then by step
+    all_codes, tags = all_codes[order], tags[order]
+    starts = torch.ones_like(all_codes, dtype=torch.bool)  # the first token of each (code, step)
+    starts[1:] = (all_codes[1:] != all_codes[:-1]) | (tags[1:] != tags[:-1])
+    first_of_run = starts.nonzero().squeeze(1)
+    run_count = torch.diff(first_of_run, append=first_of_run.new_full((1,), all_codes.numel()))
+    run_code, run_tag = all_codes[first_of_run], tags[first_of_run]
+    stashed = run_tag >= 0
+    run_pos = run_tag.clamp(min=0)
+    run_at = torch.where(stashed, steps[run_pos], base - 1 - run_tag)
+    used = torch.bincount(run_tag[stashed], minlength=total)
+    counts = run_count[stashed].double()
+    n_log_n = torch.zeros(total, dtype=torch.float64, device=device).scatter_add_(
+        0, run_tag[stashed], torch.special.xlogy(counts, counts))
+    # Step position where each use leaves the window: the code's next use, or the first step >= u + usage_window.
+    last_step = int(steps[-1])
+    expire = torch.searchsorted(steps, torch.arange(base, last_step + 1, device=device) + usage_window)
+    leaves = expire[run_at - base]
+    same_next = run_code[1:] == run_code[:-1]
+    leaves[:-1] = torch.where(same_next, torch.minimum(leaves[:-1], run_pos[1:]), leaves[:-1])
+    enters = torch.where(stashed, run_pos, 0)  # window entries are older than every stashed step
+    covered = torch.bincount(enters, minlength=total + 1) - torch.bincount(leaves, minlength=total + 1)
+    in_window = torch.cumsum(covered, 0)[:total]
+    last = torch.ones_like(run_code, dtype=torch.bool)  # each code's last use
+    last[:-1] = ~same_next
+    keep = (last & (run_at > last_step - horizon)).nonzero().squeeze(1)
+    kept_stash = stashed.nonzero().squeeze(1)
+    return FlushCounts(used, n_log_n, in_window, (run_code[keep], run_at[keep]),
+                       (run_code[kept_stash], run_count[kept_stash]))
+
+
+def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
+    """Per codebook, the codes of every kept token of ``passes`` (one evaluation pass, say)."""
+    return [codes for codes, _ in stash_codes([passes], books, distributed)]
+
+
+def merge_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted distinct codes and their summed counts."""
+    unique, inverse = torch.unique(codes, return_inverse=True)
+    return unique, torch.zeros_like(unique).scatter_add_(0, inverse, counts)
+
+
+@dataclass
+class SparseCodeUsage(CodeUsage):
+    """``CodeUsage`` of a codebook past ``SPARSE_ABOVE`` codes. ``step.counts`` is (c, d + 1): tokens with
+    each bit set, then kept tokens (all-reduced with the small codebooks' counts); the step's codes
+    wait in ``passes`` and closed steps in ``stash`` until ``settle`` (every flush or snapshot, or
+    ``BATCH_MAX_STEPS`` steps), which syncs the host. ``window[b]``: (codes, last step) of codebook b's
+    codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: chunks of
+    (codes, counts) since the last snapshot, merged when it is taken."""
+
+    passes: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    stash: list[tuple[int, StepCounts, list[tuple[Tensor, Tensor]]]] = field(default_factory=list)
+    window: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    snapshot: list[list[tuple[Tensor, Tensor]]] | None = None
+    distributed: bool = False
+
+    @classmethod
+    def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> SparseCodeUsage:
+        books, bits = spec.num_codebooks, spec.bits or 0
+        with torch.inference_mode(False):
+            empty = torch.zeros(books, 0, dtype=torch.long, device=device)
+            codes = torch.zeros(0, dtype=torch.long, device=device)
+            return cls(
+                first_step=first_step, last_used=empty, histogram=empty, since_snapshot=None,
+                touched_since_snapshot=False, step=cls._new_step(spec, device), bit_tables=None,
+                bit_last_set=None if spec.bits is None else torch.full((books, bits), NEVER, dtype=torch.long, device=device),
+                bit_last_clear=None if spec.bits is None else torch.full((books, bits), NEVER, dtype=torch.long, device=device),
+                window=[(codes, codes) for _ in range(books)],
+                snapshot=[[] for _ in range(books)] if snapshots else None,
+            )
+
+    @staticmethod
+    def _new_step(spec: LayerSpec, device: torch.device) -> StepCounts:
+        with torch.inference_mode(False):
+            return StepCounts(counts=torch.zeros(spec.num_codebooks, (spec.bits or 0) + 1, dtype=torch.long, device=device),
+                              loss_sum=torch.zeros(len(LOSS_FIELDS), spec.num_codebooks, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.step.counts.device
+
+    def to(self, device: torch.device) -> None:
+        super().to(device)
+        self.window = [(c.to(device), s.to(device)) for c, s in self.window]
+        if self.snapshot is not None:
+            self.snapshot = [[(c.to(device), n.to(device)) for c, n in chunks] for chunks in self.snapshot]
+        self.passes = [(i.to(device), w.to(device)) for i, w in self.passes]
+
+    def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
+        """Keep ``idx`` (tokens, c) for the flush; add the kept tokens' bit counts (device ops only)."""
+        counts = self.step.counts
+        if spec.bits:
+            shifts = torch.arange(spec.bits - 1, -1, -1, device=idx.device)
+            counts[:, :-1].add_((((idx.unsqueeze(-1) >> shifts) & 1) * weight.unsqueeze(-1)).sum(0))
+        counts[:, -1].add_(weight.sum(0))
+        self.passes.append((idx, weight))
+        self.step.forward_passes += 1
+        self.touched_since_snapshot = True
+
+    def close(self, spec: LayerSpec, mode: str, step: int, usage_window: int, dead_after: int,
+              summarize: bool = True, batched: bool = True) -> list[ClosedStep]:
+        """Stash the step (no host sync); settle when ``BATCH_MAX_STEPS`` are waiting."""
+        self.stash.append((step, self.step, self.passes))
+        self.step, self.passes = self._new_step(spec, self.device), []
+        if len(self.stash) >= BATCH_MAX_STEPS:
+            return self.settle(spec, mode, usage_window, dead_after, summarize)
+        return []
+
+    def settle(self, spec: LayerSpec, mode: str, usage_window: int, dead_after: int,
+               summarize: bool = True) -> list[ClosedStep]:
+        """Count the stashed steps' codes exactly (sorting; over every rank), update the window and
+        the snapshot, and return their ClosedSteps (none when ``summarize`` is False). A few sorts
+        over the window and the stash per flush, not per step (``window_counts``)."""
+        if not self.stash:
+            return []
+        stash, self.stash = self.stash, []
+        books, bits = spec.num_codebooks, spec.bits or 0
+        steps = [step for step, _, _ in stash]
+        at = torch.tensor(steps, dtype=torch.long, device=self.device)
+        columns = []  # per codebook (T, 3): codes used, sum of n log n, codes used in the window
+        for b, (codes, position) in enumerate(stash_codes([p for _, _, p in stash], books, self.distributed)):
+            found = flush_counts(codes, position.to(self.device), at, self.window[b], usage_window,
+                                 max(usage_window, dead_after))
+            self.window[b] = found.window
+            if self.snapshot is not None:
+                self.snapshot[b].append(found.counts)
+            columns.append(torch.stack([found.used.double(), found.n_log_n, found.in_window.double()], -1).float())
+        per_step = torch.stack(columns, 1)  # (T, c, 3)
+        closed: list[ClosedStep] = []
+        for t, (step, acc, _) in enumerate(stash):
+            counts = acc.counts.float()  # (c, d + 1): bits set, then tokens (all-reduced)
+            tokens, bit_set = counts[:, -1:], counts[:, :-1]
+            threshold = step - dead_after
+            dead_bits = self._zeros(1)
+            if self.bit_last_set is not None:
+                self.bit_last_set.masked_fill_(bit_set > 0, step)
+                self.bit_last_clear.masked_fill_(bit_set < tokens, step)
+                if threshold >= self.first_step - 1:
+                    stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
+                    dead_bits = stuck.sum(-1, keepdim=True).float()
+            if not summarize:
+                continue
+            column = per_step[t]
+            parts = [acc.loss_sum.t(), column[:, :1], tokens, column[:, 1:], self._zeros(1).fill_(math.nan),
+                     self._latent_part(acc, step), dead_bits]
+            if bits:
+                parts.append(bit_set)
+            closed.append(ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes,
+                                     acc.latent_passes, torch.cat(parts, dim=-1)))
+        return closed
+
+    def take_snapshot(self) -> list[tuple[Tensor, Tensor]] | None:  # type: ignore[override]
+        """Per codebook (codes, counts) since the previous snapshot (None if untouched)."""
+        if self.snapshot is None or not self.touched_since_snapshot:
+            return None
+        taken = [self._merged(chunks) for chunks in self.snapshot]
+        self.snapshot = [[] for _ in taken]
+        self.touched_since_snapshot = False
+        return taken
+
+    def _merged(self, chunks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        if not chunks:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, empty
+        return merge_counts(torch.cat([c for c, _ in chunks]), torch.cat([n for _, n in chunks]))
+
+    def state(self) -> dict[str, Any]:
+        if self.stash or self.passes:
+            raise RuntimeError("SparseCodeUsage.state() with unsettled steps: settle them first (LFQMonitor.flush does)")
+        return {
+            "sparse": True,
+            "first_step": self.first_step,
+            "window": [(c.cpu().clone(), s.cpu().clone()) for c, s in self.window],
+            "snapshot": None if self.snapshot is None else [
+                tuple(t.cpu().clone() for t in self._merged(chunks)) for chunks in self.snapshot],
+            "touched_since_snapshot": self.touched_since_snapshot,
+            "bit_last_set": None if self.bit_last_set is None else self.bit_last_set.cpu().clone(),
+            "bit_last_clear": None if self.bit_last_clear is None else self.bit_last_clear.cpu().clone(),
+        }
+
+    @classmethod
+    def from_state(cls, spec: LayerSpec, mode: str, saved: dict[str, Any], snapshots: bool) -> SparseCodeUsage:
+        if not saved.get("sparse") or len(saved["window"]) != spec.num_codebooks:
+            raise ValueError(f"state of layer {spec.name!r} mode {mode!r} is not that of a sparse codebook of "
+                             f"{spec.num_codebooks} codebook(s) of {spec.codebook_size} codes")
+        usage = cls.new(spec, torch.device("cpu"), int(saved["first_step"]), snapshots)
+        usage.window = [(c.clone(), s.clone()) for c, s in saved["window"]]
+        if usage.snapshot is not None and saved["snapshot"] is not None:
+            usage.snapshot = [[(c.clone(), n.clone())] for c, n in saved["snapshot"]]
+        usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
+        for name in ("bit_last_set", "bit_last_clear"):
+            if getattr(usage, name) is not None and saved.get(name) is not None:
+                getattr(usage, name).copy_(saved[name])
+        return usage

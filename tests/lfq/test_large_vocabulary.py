@@ -1,0 +1,172 @@
+"""Vocabularies past 2^24 codes (issue 34, item 4): lfq.LFQ up to 2^62 codes with int64 indices,
+and the monitor's sparse counting (lfq.sparse_usage), exact without a (codebooks, K) table."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import lfq.monitor
+import lfq.monitor_hooks
+from lfq import LFQ, LFQMonitor, MemorySink
+from lfq.alarms import DeadBit
+
+
+def test_lfq_takes_up_to_2_62_codes_and_says_the_limit():
+    q = LFQ(codebook_size=2**62, entropy_mode="group")
+    x = torch.randn(2, 3, 62)
+    _, indices, _ = q(x)
+    bits = (indices[..., None] >> torch.arange(61, -1, -1)) & 1  # MSB first
+    assert indices.dtype == torch.int64 and torch.equal(bits.bool(), x > 0)
+    assert torch.equal(q.indices_to_codes(indices, project_out=False).sign(), x.sign())
+    with pytest.raises(ValueError, match=r"codebook_size must be at most 2\*\*62 \(indices are int64\), got 2\*\*63"):
+        LFQ(codebook_size=2**63)
+    with pytest.raises(ValueError, match=r"entropy_mode='reference' needs the 2\*\*d|supports up to 2\*\*24"):
+        LFQ(codebook_size=2**30, entropy_mode="reference")
+
+
+class Tiny(nn.Module):
+    def __init__(self, bits: int, entropy_mode: str = "group") -> None:
+        super().__init__()
+        self.encoder = nn.Linear(8, bits)
+        self.quantizer = LFQ(dim=bits, codebook_size=2**bits, entropy_mode=entropy_mode)
+        self.decoder = nn.Linear(bits, 8)
+
+    def forward(self, x):
+        q, indices, aux = self.quantizer(self.encoder(x), inv_temperature=1.0)
+        return self.decoder(q), indices, aux
+
+
+MONITOR = dict(log_every=2, usage_window=3, dead_after=2, histogram_every=3, diagnostics_every=2, alarms=[DeadBit()])
+
+
+def _train(model: Tiny, monitor: LFQMonitor, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    seen = []
+    for step in range(steps):
+        monitor.set_step(step)
+        x = torch.randn(4, 16, 8)
+        if step in (3, 4):  # repeat a batch: codes reused across steps, so the window has duplicates
+            x = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(3))
+        recon, indices, aux = model(x)
+        loss = (recon - x).square().mean() + aux
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(indices.detach().reshape(-1))
+    return seen
+
+
+def test_a_2_40_code_lfq_trains_with_the_monitor_and_counts_codes_exactly():
+    bits = 40
+    model, sink, hist = Tiny(bits), MemorySink(), MemorySink()
+    with LFQMonitor(model, sink, histogram_sink=hist, **MONITOR) as monitor:
+        seen = _train(model, monitor, 6)
+        evaluation = monitor.evaluate([torch.randn(2, 16, 8) for _ in range(2)])
+    rows = [r for r in sink.records if r["kind"] == "quantizer" and r["mode"] == "train"]
+    assert [r["step"] for r in rows] == list(range(6))
+    for r, codes in zip(rows, seen, strict=True):
+        window = torch.cat(seen[max(0, r["step"] - 2): r["step"] + 1]).unique()
+        assert r["codes_used"] == codes.unique().numel() and r["tokens"] == 64
+        assert r["codes_used_window"] == window.numel()
+        assert r["usage_fraction"] == window.numel() / 2**bits
+        _, counts = codes.unique(return_counts=True)
+        p = counts.double() / 64
+        assert r["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum()), rel=1e-6)
+        assert math.isnan(r["dead_codes"])  # not defined past the dense limit (docs/records.md)
+        frequencies = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1).double().mean(0)
+        assert [r[f"bit_frequency_{i}"] for i in range(bits)] == pytest.approx(frequencies.tolist())
+        if r["step"] % 2 == 0:  # diagnostic steps: the group bound and dependence columns exist
+            assert math.isfinite(r["batch_entropy_group_bound"]) and math.isfinite(r["bit_pair_mi_max"])
+            assert math.isnan(r["bit_total_correlation"])  # no exact batch entropy past 2^24
+        assert math.isfinite(r["bit_total_correlation_hard"]) and math.isfinite(r["batch_entropy"])
+    assert rows[4]["codes_used_window"] < len(torch.cat(seen[2:5]))  # duplicates across steps counted once
+    # Snapshots: the used codes since the last one, exactly.
+    first = [r for r in hist.records if r["step"] == 2]
+    codes, counts = torch.cat(seen[:3]).unique(return_counts=True)
+    assert first[0]["codes"] == codes.tolist() and first[0]["counts"] == counts.tolist()
+    # ... and the exact entropies of the 5 groups of the group bound (9, 9, 9, 9, 4 bits) of step 2.
+    groups = first[0]["batch_entropy_groups"]
+    assert first[0]["bit_pair_mi_step"] == 2 and len(groups) == 5 and max(groups[-1:]) <= 4 * math.log(2) + 1e-9
+    assert sum(groups) == pytest.approx(rows[2]["batch_entropy_group_bound"], rel=1e-5)
+    (record,) = evaluation.records
+    assert record["tokens"] == 64 and record["codes_used"] <= 64 and record["codebook_size"] == 2**bits
+    with pytest.raises(ValueError, match="past the dense limit"):
+        monitor.histogram("quantizer")
+
+
+@pytest.mark.parametrize("log_every", [2, 5])
+def test_the_sparse_counting_equals_the_dense_tables(monkeypatch, log_every):
+    """With the sparse path forced at 2^6 codes, every column equals the dense path's, resume included,
+    except dead_codes (NaN there)."""
+    def records(sparse: bool) -> tuple[pd.DataFrame, list[dict]]:
+        if sparse:
+            monkeypatch.setattr(lfq.monitor, "SPARSE_ABOVE", 2**4)
+            monkeypatch.setattr(lfq.monitor_hooks, "SPARSE_ABOVE", 2**4)
+        torch.manual_seed(0)
+        model, sink, hist = Tiny(6, entropy_mode="exact"), MemorySink(), MemorySink()
+        options = {**MONITOR, "log_every": log_every}
+        with LFQMonitor(model, sink, histogram_sink=hist, **options) as monitor:
+            _train(model, monitor, 7)
+            state = monitor.state_dict()
+        torch.manual_seed(1)
+        resumed = Tiny(6, entropy_mode="exact")
+        with LFQMonitor(resumed, sink, histogram_sink=hist, **options) as monitor:
+            monitor.load_state_dict(state)
+            monitor.set_step(7)
+            resumed(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(9)))
+            evaluation = monitor.evaluate([torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5))])
+        monkeypatch.undo()
+        return pd.DataFrame.from_records(sink.records), hist.records + evaluation.records
+
+    dense, dense_other = records(False)
+    sparse, sparse_other = records(True)
+    assert dense["dead_codes"].notna().all() and sparse["dead_codes"].isna().all()
+    assert dense["dead_bits"].max() >= 0
+    pd.testing.assert_frame_equal(sparse.drop(columns="dead_codes"), dense.drop(columns="dead_codes"),
+                                  check_exact=False, rtol=1e-6)
+    assert sparse_other == dense_other
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_new_statistics_do_not_sync_the_host_between_flushes(monkeypatch, sparse):
+    """The CPU stand-in of tests/lfq/test_monitor.py's no-sync check, with diagnostics every other
+    step, a codebook large enough to close each step at once (2^15 > BATCH_MAX_CODES: the dependence
+    statistics run at close) or counted sparsely (its codes wait for the flush), and the alarms on."""
+    from test_monitor import _HostTransfers
+
+    from lfq.code_usage import CodeUsage
+    from lfq.sparse_usage import SparseCodeUsage
+
+    if sparse:
+        monkeypatch.setattr(lfq.monitor, "SPARSE_ABOVE", 2**4)
+        monkeypatch.setattr(lfq.monitor_hooks, "SPARSE_ABOVE", 2**4)
+    transfers = _HostTransfers()
+
+    def watched(method):
+        def checked(*args, **kwargs):
+            with transfers:
+                return method(*args, **kwargs)
+
+        return checked
+
+    monkeypatch.setattr(LFQMonitor, "_observe", watched(LFQMonitor._observe))
+    for cls in (CodeUsage, SparseCodeUsage):
+        monkeypatch.setattr(cls, "close", watched(cls.close))
+    generator = torch.Generator().manual_seed(5)
+    quantizer, sink = LFQ(dim=15, codebook_size=2**15), MemorySink()
+    with LFQMonitor(quantizer, sink, log_every=100, diagnostics_every=2, histogram_every=1000) as mon:
+        for step in range(6):
+            mon.set_step(step)
+            quantizer(torch.randn(2, 16, 15, generator=generator), mask=torch.rand(2, 16, generator=generator) > 0.3)
+        assert sink.records == []
+        assert transfers.calls == [], f"host transfers inside the per-step hooks: {transfers.calls}"
+    rows = [r for r in sink.records if r["kind"] == "quantizer"]
+    assert len(rows) == 6 and math.isfinite(rows[0]["bit_total_correlation"])  # 15 bits: exact either way
+    assert all(math.isfinite(r["bit_pair_mi_max"]) for r in rows[::2])
+    assert math.isnan(rows[0]["dead_codes"]) == sparse
