@@ -133,19 +133,24 @@ class Batches:
             dataset.to(device)
 
     def _report(self, notes: list[Any]) -> None:
+        item = getattr(self.dataset, "item_name", "image")
         for note in notes:
             if note.kind == "unreadable":
                 if note.text not in self.unreadable:
                     self.unreadable.add(note.text)
-                    print(f"[{self.run_id}] skipping an unreadable image: {note.text}", flush=True)
+                    print(f"[{self.run_id}] skipping an unreadable {item}: {note.text}", flush=True)
             elif note.path not in self.small:
                 self.small.add(note.path)
                 if not self._small_reported:
                     self._small_reported = True
-                    what = "skipping" if note.kind == "small" else "upscaling"
-                    print(f"[{self.run_id}] {what} a training image smaller than data.resolution "
-                          f"(data.min_size={self.config.data.min_size}): {note.text}; further ones are counted "
-                          f"(small_images in summary.json), not printed", flush=True)
+                    if note.kind == "short":  # a video with fewer frames than a clip takes
+                        what = (f"skipping a training video shorter than a clip (data.frames={self.config.data.frames}, "
+                                f"data.frame_stride={self.config.data.frame_stride})")
+                    else:
+                        what = (f"{'skipping' if note.kind == 'small' else 'upscaling'} a training image smaller "
+                                f"than data.resolution (data.min_size={self.config.data.min_size})")
+                    print(f"[{self.run_id}] {what}: {note.text}; further ones are counted (small_images in "
+                          f"summary.json), not printed", flush=True)
 
     def _from_loader(self, item: tuple[torch.Tensor, list[Any]]) -> torch.Tensor:
         crops, notes = item
@@ -331,15 +336,19 @@ class Training:
 
     def start(self) -> None:
         """Ready to train from the step after ``state.step``: this rank's batches from there, the
-        rFID extractor if the config asks for one, the throughput clock."""
+        rFID and rFVD extractors if the config asks for them, the throughput clock."""
         config = self.config
         self.batches = Batches(self.dataset, config, self.device, self.state.step, self.rows, self.data_rng,
                                self.run_id)
         if self.main and hasattr(self.dataset, "describe"):
             print(f"[{self.run_id}] data: {self.dataset.describe()}", flush=True)
-        self.fid = None
+        self.fid = self.fvd = None
         if config.eval.rfid_weights:
             self.fid = FrechetDistance(inception_extractor(config.eval.rfid_weights), self.device)
+        if config.eval.fvd_weights:
+            from experiments.video_fvd import i3d_extractor
+
+            self.fvd = FrechetDistance(i3d_extractor(config.eval.fvd_weights), self.device)
         self.throughput = Throughput(config.data.batch_size)
 
     def step(self, step: int) -> tuple[float, dict[str, float], torch.Tensor]:
@@ -396,7 +405,8 @@ class Training:
         """The whole validation set (sharded over the ranks); its ``kind="val"`` row; the best so far."""
         dataset = self.dataset
         val = evaluate(self.model, self.batches.val(), device=self.device, value_range=dataset_value_range(dataset),
-                       is_image=getattr(dataset, "is_image", False), autocast=self.runtime.autocast, fid=self.fid)
+                       is_image=getattr(dataset, "is_image", False), autocast=self.runtime.autocast, fid=self.fid,
+                       fvd=self.fvd)
         if self.main:
             self.metrics([{"kind": "val", "step": step, **val}])
         self.state.note_validation(step, val, len(self.batches.unreadable))

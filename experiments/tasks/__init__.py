@@ -35,10 +35,18 @@ def _images_smoke(config: Any) -> dict[str, dict[str, Any]]:
                       "ch_mult": None if m.ch_mult is None else tuple(min(k, 2) for k in m.ch_mult)}}
 
 
+def _video_smoke(config: Any) -> dict[str, dict[str, Any]]:
+    """The images tokenizer's shrinking, and clips of at most 1 + 2 temporal_downsample frames."""
+    return {**_images_smoke(config),
+            "data": {"resolution": min(config.data.resolution, 32),
+                     "frames": min(config.data.frames, 1 + 2 * config.model.temporal_downsample)}}
+
+
 TASKS: dict[str, Task] = {
     "images": Task("experiments.tasks.images", smoke=_images_smoke),  # a MAGVIT-v2-style tokenizer on images
     "synthetic": Task("experiments.tasks.synthetic"),  # an MLP on a Gaussian mixture: seconds
     "patches": Task("experiments.tasks.patches"),  # a small conv tokenizer on shipped image patches
+    "video": Task("experiments.tasks.video", smoke=_video_smoke),  # a causal 3D tokenizer on clips
 }
 
 
