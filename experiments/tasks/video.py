@@ -17,7 +17,15 @@ from torch.utils.data import DataLoader, Subset
 
 from experiments.config import Config, ConfigError
 from experiments.data import loader_kwargs, train_loader
-from experiments.image_folder import FINGERPRINT_KEYS, Fingerprints, Note, data_change, describe_size, even_subset, fingerprint
+from experiments.image_folder import (
+    FINGERPRINT_KEYS,
+    Fingerprints,
+    Note,
+    data_change,
+    describe_size,
+    even_subset,
+    fingerprint,
+)
 from experiments.quantizers import build_quantizer
 from experiments.tasks import ModelOutput
 from experiments.tokenizer import Layout
@@ -94,7 +102,8 @@ class FolderVideos:
         videos = len({path for path, _, _ in self.val_set.clips})
         return (f"{ls.root} ({ls.layout}, {describe_size(self.fingerprint)}){extra}: {len(ls.train)} training videos; "
                 f"validation uses {len(self.val_set)} clips of {videos} of the {len(ls.val)} validation "
-                f"videos{noted}; clips of {self.clip.frames} frames, every {self.clip.stride}-th, at "
+                f"videos{noted}; clips of {self.clip.frames} frames "
+                f"{'in a row' if self.clip.stride == 1 else f'(every {self.clip.stride}th)'} at "
                 f"{self.clip.resolution} px; training videos that cannot give one are skipped and counted")
 
     def record(self) -> dict[str, Any]:
@@ -129,7 +138,8 @@ RECONSTRUCTS_IMAGES = True  # LPIPS and the discriminator see every frame as an 
 
 
 def check(config: Config) -> None:
-    """What can fail before a run folder is written: the clip length, the layout, the data root."""
+    """What can fail before a run folder is written: the clip length, the data root, the I3D weights.
+    (Time is halved at most twice, and every layout has at least two levels: model.downsample >= 4.)"""
     d, m = config.data, config.model
     if (d.frames - 1) % m.temporal_downsample:
         raise ConfigError(f"data.frames={d.frames} is not 1 + a multiple of model.temporal_downsample="
@@ -137,16 +147,20 @@ def check(config: Config) -> None:
     if d.resolution % m.downsample:
         raise ConfigError(f"data.resolution={d.resolution} is not a multiple of model.downsample={m.downsample}: "
                           f"pick a downsampling factor that divides it")
-    levels = len(Layout.of(m).ch_mult) - 1
-    if m.temporal_downsample > 2**levels:
-        raise ConfigError(f"model.temporal_downsample={m.temporal_downsample} needs more downsampling levels than "
-                          f"model.downsample={m.downsample} gives: lower it to {2**levels}")
     if d.root:
         import importlib.util
 
         if importlib.util.find_spec("av") is None:
             raise ConfigError("data.root with task=video needs PyAV to decode videos: pip install 'av>=12'")
         list_videos(d.root, d.val_fraction, d.split_file)
+    if config.eval.fvd_weights:
+        from experiments.perceptual import WeightsError
+        from experiments.video_fvd import i3d_extractor
+
+        try:
+            i3d_extractor(config.eval.fvd_weights)
+        except WeightsError as e:
+            raise ConfigError(str(e)) from None
 
 
 def data_change_since(config: Config, recorded: Mapping[str, Any], fingerprints: Fingerprints) -> str:
