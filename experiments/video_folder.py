@@ -160,15 +160,31 @@ def _count_frames(path: Path) -> int:
 
 
 def _decode(path: Path, first: int, clip: Clip) -> list[Image.Image]:
-    """Frames ``first, first + stride, ...`` of a video file as RGB images; fewer if it ends first."""
+    """Frames ``first, first + stride, ...`` of a video file as RGB images; fewer if it ends first.
+    Seeks to the keyframe before ``first`` by timestamp; decodes from the start where that fails."""
+    if first > 0:
+        try:
+            return _frames(path, first, clip, seek=True)
+        except Exception:  # noqa: BLE001 - no timestamps, no rate, a seek past the frame: the slow way
+            pass
+    return _frames(path, first, clip, seek=False)
+
+
+def _frames(path: Path, first: int, clip: Clip, seek: bool) -> list[Image.Image]:
     import av
 
     wanted = set(range(first, first + clip.length, clip.stride))
     out: list[Image.Image] = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "SLICE"
-        for index, frame in enumerate(container.decode(stream)):
+        indexed = enumerate(container.decode(stream))
+        if seek:
+            rate, base, start = stream.average_rate, stream.time_base, stream.start_time or 0
+            container.seek(start + int(first / rate / base), stream=stream, backward=True, any_frame=False)
+            indexed = ((round(float((f.pts - start) * base * rate)), f) for f in container.decode(stream))
+        for n, (index, frame) in enumerate(indexed):
+            if seek and n == 0 and index > first:
+                raise ValueError(f"the seek landed on frame {index}, past {first}")
             if index in wanted:
                 out.append(frame.to_image())
             if index >= first + clip.length - 1:

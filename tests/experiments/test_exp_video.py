@@ -137,6 +137,8 @@ def test_a_folder_with_a_corrupt_and_a_one_frame_file_is_counted_not_fatal(tmp_p
     full = read_clip(root / "class0" / "v0.mp4", Clip(9, 1, 48), None, start=0)
     strided = read_clip(root / "class0" / "v0.mp4", Clip(5, 2, 48), None, start=0)
     assert torch.equal(strided, full[:, ::2])
+    # a clip from the middle (found by seeking to a keyframe) is the same frames decoded from the start
+    assert torch.equal(read_clip(root / "class0" / "v0.mp4", Clip(5, 1, 48), None, start=4), full[:, 4:])
 
 
 def test_frame_folders_and_the_split_are_stable(tmp_path):
