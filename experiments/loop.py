@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
 from experiments.config import Config
-from experiments.evaluation import CAPPED_BELOW, FrechetDistance, evaluate, inception_extractor
+from experiments.evaluation import CAPPED_BELOW, VIDEO_PARTS, FrechetDistance, evaluate, inception_extractor
 from experiments.files import truncate_jsonl
 from experiments.objective import Objective
 from experiments.run_dir import RunDir
@@ -184,7 +184,10 @@ USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_s
               "batch_entropy", "bit_balance_mad")
 # Validation columns the summary reports as final_* when the task's evaluation produced them.
 EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens",
-                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid")
+                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid", "val_rfvd",
+                  *(f"{k}_{part}" for part in VIDEO_PARTS for k in ("val_usage_fraction", "val_codes_used",
+                                                                     "val_perplexity", "val_tokens_per_code",
+                                                                     "val_usage_ceiling")))
 LOSS_KEYS = ("loss", "recon_loss", "aux_loss")
 
 

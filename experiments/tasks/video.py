@@ -114,7 +114,7 @@ class FolderVideos:
 
     def val_loader(self, config: Config, device: torch.device, rank: int, world: int,
                    batch_size: int) -> DataLoader:
-        shard = list(range(len(self.val_set)))[rank::world]
+        shard = list(range(len(self.val_set)))[rank::world]  # a clip is frames x an image: 1/16 of the batch
         return DataLoader(Subset(self.val_set, shard), batch_size=max(1, batch_size // 16), shuffle=False,
                           collate_fn=collate, **loader_kwargs(config, device))
 

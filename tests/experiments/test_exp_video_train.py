@@ -26,6 +26,8 @@ def test_video_yaml_trains_validates_and_resumes_identically(tmp_path):
     assert val["val_tokens_first_frame"] + val["val_tokens_later_frames"] == val["val_tokens"]
     assert 0 < val["val_usage_fraction_first_frame"] <= 1 and 0 < val["val_usage_fraction_later_frames"] <= 1
     assert reference["final_val_usage_fraction"] == val["val_usage_fraction"]
+    for part in ("first_frame", "later_frames"):  # the claim's columns reach summary.json (and the reports)
+        assert reference[f"final_val_usage_fraction_{part}"] == val[f"val_usage_fraction_{part}"]
     with pytest.raises(Kill):
         run(config, tmp_path / "resumed", on_step=kill_at(7))
     resumed = run(config, tmp_path / "resumed")
