@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--note", default="", help="a remark kept in the CSV's note column")
     args = parser.parse_args(argv)
     if args.videos < 10 or args.steps < 30:
         parser.error("--videos must be >= 10 and --steps >= 30 (the first interval is dropped)")
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                **train(folder, workers, args.steps, args.batch, args.threads)}
         row["needed_clips_per_s"] = round(args.batch / row["step_time_s"], 2)
         row["load_1min_after"] = round(os.getloadavg()[0], 2)
+        row["generation_s"] = round(generated_s, 1)  # 0: the folder was already there
+        row["note"] = args.note
         rows.append(row)
         print(row, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
