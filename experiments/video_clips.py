@@ -1,8 +1,9 @@
 """The video task's default data: clips made from the images the images task ships (no download),
 camera pans and zooms over each source image and coloured shapes moving over a still crop of it,
 occluding one another, so that time carries real structure; split by source image with the images
-task's TRAIN_IMAGES / VAL_IMAGES. Fixed by the code and (resolution, frames, frame_stride): the same
-clips on every machine. docs/training.md ("Video") gives the counts.
+task's TRAIN_IMAGES / VAL_IMAGES. Fixed by the code and (resolution, frames): the same clips on
+every machine; each motion spans the whole clip, so a frame stride only thins a denser path.
+docs/training.md ("Video") gives the counts.
 """
 
 from __future__ import annotations
