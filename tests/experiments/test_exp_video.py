@@ -4,14 +4,19 @@ never fatal), the split, the shipped clips, the validation columns and rFVD's pl
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from exp_helpers import REPO
 from PIL import Image
+from rank_process import rank_process
 
+from experiments import distributed as ddp
 from experiments.config import ConfigError, load_config
 from experiments.evaluation import FrechetDistance, evaluate
 from experiments.perceptual import WeightsError
@@ -211,3 +216,37 @@ def test_rfvd_plumbing_with_a_random_extractor_and_a_weights_file(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="has no tensor"):
         i3d_extractor(tmp_path / "other.pt")
+
+
+@rank_process
+def _eval_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with ddp.process_group():
+        c = config("quantizer.codebook_size=64", "data.val_size=14")
+        torch.manual_seed(0)
+        model = video.build_model(c)
+        shard = video.build_dataset(c).val.tensor_split(2)[rank]
+        got = evaluate(model, [shard[:3], shard[3:]], device=torch.device("cpu"), value_range=(-1.0, 1.0),
+                       is_image=True)
+        if rank == 0:
+            Path(out).write_text(json.dumps(got))
+
+
+def test_video_validation_under_two_ranks_equals_one_process(tmp_path):
+    out = tmp_path / "ddp.json"
+    mp.start_processes(_eval_worker, args=(ddp.free_port(), str(out)), nprocs=2, start_method="spawn")
+    two = json.loads(out.read_text())
+    c = config("quantizer.codebook_size=64", "data.val_size=14")
+    torch.manual_seed(0)
+    model = video.build_model(c)
+    val = video.build_dataset(c).val
+    one = evaluate(model, [val], device=torch.device("cpu"), value_range=(-1.0, 1.0), is_image=True)
+    for part in ("", "_first_frame", "_later_frames"):  # integer histograms summed over the ranks
+        for key in ("val_codes_used", "val_usage_fraction", "val_perplexity"):
+            assert two[key + part] == one[key + part], key + part
+    frames = c.data.frames
+    for t in range(frames):  # float32 sums per frame, grouped by rank and batch
+        assert two[f"val_psnr_frame{t}"] == pytest.approx(one[f"val_psnr_frame{t}"], rel=1e-4)
+        assert two[f"val_ssim_frame{t}"] == pytest.approx(one[f"val_ssim_frame{t}"], abs=1e-5)
