@@ -84,7 +84,7 @@ SECTIONS: dict[str, type] = {
 @dataclass(frozen=True)
 class Config:
     name: str = "default"  # the experiment's name; the default results folder is results/<name>
-    task: str = "images"  # a key of experiments.tasks.TASKS: images | synthetic | patches
+    task: str = "images"  # a key of experiments.tasks.TASKS: images | synthetic | patches | video
     seed: int = 0  # model init, batch sampling and LFQ's token subsets
     scale: str = "full"  # full | smoke (shrinks the run to seconds; see resolved())
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,6 +1,8 @@
 """Evaluation over the whole validation set: reconstruction (MSE, PSNR, SSIM, rFID with the user's
-Inception weights) and codebook utilization from the histogram of every validation token, summed
-over ranks, with the usage ceiling 1 - exp(-N/K); docs/training.md defines every ``val_*`` column.
+Inception weights; for videos also per frame, and rFVD with the user's I3D weights) and codebook
+utilization from the histogram of every validation token, summed over ranks, with the usage ceiling
+1 - exp(-N/K) (for videos also of the first frame's tokens and the later frames' apart);
+docs/training.md defines every ``val_*`` column.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments import distributed as ddp
+from experiments.video_tokenizer import frames_as_images
 from lfq.records import usage_ceiling
 
 
@@ -26,6 +29,9 @@ def code_histogram(indices: Tensor, num_codebooks: int, codebook_size: int) -> T
 
 # A usage measured from fewer tokens per code than this is capped by the count (ceiling < 0.982).
 CAPPED_BELOW = 4.0
+
+
+VIDEO_PARTS = ("first_frame", "later_frames")  # token step 0 (frame 0 alone), token steps 1.. (the rest)
 
 
 def usage_figures(counts: Tensor) -> dict[str, float]:
@@ -100,13 +106,23 @@ def inception_extractor(weights: str) -> nn.Module:
     return Inception()
 
 
+def part_figures(counts: Tensor, part: str) -> dict[str, float]:
+    """``usage_figures`` of one part of a video's tokens, each column suffixed ``_<part>``."""
+    figures = usage_figures(counts)
+    keys = ("val_tokens", "val_tokens_per_code", "val_usage_ceiling", "val_codes_used", "val_usage_fraction",
+            "val_perplexity")
+    return {f"{k}_{part}": figures[k] for k in keys}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tensor], *, device: torch.device, value_range: tuple[float, float],
              is_image: bool, autocast: Callable[[], Any] | None = None,
-             fid: FrechetDistance | None = None) -> dict[str, float]:
+             fid: FrechetDistance | None = None, fvd: FrechetDistance | None = None) -> dict[str, float]:
     """Reconstruction and utilization over ``batches`` (this rank's share of the validation set).
 
-    ``autocast``: a factory of the forward pass's autocast context (the run's precision)."""
+    Video batches (b, 3, T, H, W) add per-frame PSNR and SSIM, the usage of the first token step's
+    tokens and of the later steps' apart (``VIDEO_PARTS``), rFID over the frames as images and rFVD
+    (``fvd``) over the clips. ``autocast``: a factory of the forward pass's autocast context."""
     import contextlib
 
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -118,6 +134,8 @@ def evaluate(model: nn.Module, batches: Iterable[Tensor], *, device: torch.devic
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, values, ssim sum
     count = torch.zeros((), dtype=torch.float64, device=device)  # images
     counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.int64, device=device)
+    frames = None  # video: per frame (squared error, values, ssim sum); the two parts' histograms
+    parts = torch.zeros(2, num_codebooks, codebook_size, dtype=torch.int64, device=device)
     try:
         for batch in batches:
             if batch.shape[0] == 0:
@@ -127,25 +145,58 @@ def evaluate(model: nn.Module, batches: Iterable[Tensor], *, device: torch.devic
             recon = out.recon.float()
             sums[0] += (recon - batch).pow(2).sum().double()
             sums[1] += batch.numel()
+            video = batch.dim() == 5
+            if video and frames is None:
+                frames = torch.zeros(3, batch.shape[2], dtype=torch.float64, device=device)
+            if video:
+                frames[0] += (recon - batch).pow(2).sum(dim=(0, 1, 3, 4)).double()
+                frames[1] += batch[:, :, 0].numel()
             if is_image:
-                ssim = structural_similarity_index_measure(recon.clamp(*value_range), batch, reduction="none",
-                                                           data_range=value_range)
-                sums[2] += ssim.double().sum()
+                images, real = (frames_as_images(recon), frames_as_images(batch)) if video else (recon, batch)
+                ssim = structural_similarity_index_measure(images.clamp(*value_range), real, reduction="none",
+                                                           data_range=value_range).double()
+                if video:
+                    ssim = ssim.view(batch.shape[0], batch.shape[2])
+                    frames[2] += ssim.sum(0)
+                    ssim = ssim.mean(1)  # a clip's SSIM: the mean of its frames'
+                sums[2] += ssim.sum()
             count += batch.shape[0]
             counts += code_histogram(out.indices, num_codebooks, codebook_size)
+            if video:
+                parts[0] += code_histogram(out.indices[:, :1], num_codebooks, codebook_size)
+                parts[1] += code_histogram(out.indices[:, 1:], num_codebooks, codebook_size)
             if fid is not None:
-                fid.update(batch, recon, value_range)
+                fid.update(*((frames_as_images(batch), frames_as_images(recon)) if video else (batch, recon)),
+                           value_range)
+            if fvd is not None and video:
+                fvd.update(batch, recon, value_range)
     finally:
         model.train(was_training)
     if ddp.is_distributed():
-        sums, count, counts = ddp.all_sum(sums), ddp.all_sum(count), ddp.all_sum(counts)
-    mse = (sums[0] / sums[1]).item()
+        sums, count, counts, parts = ddp.all_sum(sums), ddp.all_sum(count), ddp.all_sum(counts), ddp.all_sum(parts)
+        frames = ddp.all_sum(frames) if frames is not None else None
     peak = value_range[1] - value_range[0]
-    out: dict[str, float] = {"val_mse": mse, "val_psnr": 10 * math.log10(peak**2 / mse) if mse > 0 else math.inf}
+
+    def psnr(mse: float) -> float:
+        return 10 * math.log10(peak**2 / mse) if mse > 0 else math.inf
+
+    mse = (sums[0] / sums[1]).item()
+    out: dict[str, float] = {"val_mse": mse, "val_psnr": psnr(mse)}
     if is_image:
         out["val_ssim"] = (sums[2] / count).item()
     out.update(usage_figures(counts))
+    if frames is not None:
+        for part, histogram in zip(VIDEO_PARTS, parts, strict=True):
+            if histogram.sum() > 0:
+                out.update(part_figures(histogram, part))
+        for t in range(frames.shape[1]):
+            out[f"val_psnr_frame{t}"] = psnr((frames[0, t] / frames[1, t]).item())
+            if is_image:
+                out[f"val_ssim_frame{t}"] = (frames[2, t] / count).item()
     if fid is not None:
         out["val_rfid"] = fid.compute()
         fid.metric.reset()
+    if fvd is not None and frames is not None:
+        out["val_rfvd"] = fvd.compute()
+        fvd.metric.reset()
     return out

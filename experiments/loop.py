@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments import distributed as ddp
 from experiments.config import Config
-from experiments.evaluation import CAPPED_BELOW, FrechetDistance, evaluate, inception_extractor
+from experiments.evaluation import CAPPED_BELOW, VIDEO_PARTS, FrechetDistance, evaluate, inception_extractor
 from experiments.files import truncate_jsonl
 from experiments.objective import Objective
 from experiments.run_dir import RunDir
@@ -134,19 +134,24 @@ class Batches:
             dataset.to(device)
 
     def _report(self, notes: list[Any]) -> None:
+        item = getattr(self.dataset, "item_name", "image")
         for note in notes:
             if note.kind == "unreadable":
                 if note.text not in self.unreadable:
                     self.unreadable.add(note.text)
-                    print(f"[{self.run_id}] skipping an unreadable image: {note.text}", flush=True)
+                    print(f"[{self.run_id}] skipping an unreadable {item}: {note.text}", flush=True)
             elif note.path not in self.small:
                 self.small.add(note.path)
                 if not self._small_reported:
                     self._small_reported = True
-                    what = "skipping" if note.kind == "small" else "upscaling"
-                    print(f"[{self.run_id}] {what} a training image smaller than data.resolution "
-                          f"(data.min_size={self.config.data.min_size}): {note.text}; further ones are counted "
-                          f"(small_images in summary.json), not printed", flush=True)
+                    if note.kind == "short":  # a video with fewer frames than a clip takes
+                        what = (f"skipping a training video shorter than a clip (data.frames={self.config.data.frames}, "
+                                f"data.frame_stride={self.config.data.frame_stride})")
+                    else:
+                        what = (f"{'skipping' if note.kind == 'small' else 'upscaling'} a training image smaller "
+                                f"than data.resolution (data.min_size={self.config.data.min_size})")
+                    print(f"[{self.run_id}] {what}: {note.text}; further ones are counted (small_images in "
+                          f"summary.json), not printed", flush=True)
 
     def _from_loader(self, item: tuple[torch.Tensor, list[Any]]) -> torch.Tensor:
         crops, notes = item
@@ -181,7 +186,10 @@ USAGE_KEYS = ("usage_fraction", "perplexity", "codes_used", "dead_codes", "per_s
               "batch_entropy", "bit_balance_mad")
 # Validation columns the summary reports as final_* when the task's evaluation produced them.
 EXTRA_VAL_KEYS = ("val_ssim", "val_usage_fraction", "val_codes_used", "val_perplexity", "val_tokens",
-                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid",
+                  "val_tokens_per_code", "val_usage_ceiling", "val_rfid", "val_rfvd",
+                  *(f"{k}_{part}" for part in VIDEO_PARTS for k in ("val_usage_fraction", "val_codes_used",
+                                                                     "val_perplexity", "val_tokens_per_code",
+                                                                     "val_usage_ceiling")),
                   # a token prior's (experiments.tasks.prior)
                   "val_bits_per_token", "val_bits_per_image", "sample_codes_used", "sample_usage_fraction",
                   "sample_kl", "val_gfid")
@@ -373,15 +381,19 @@ class Training:
 
     def start(self) -> None:
         """Ready to train from the step after ``state.step``: this rank's batches from there, the
-        rFID extractor if the config asks for one, the throughput clock."""
+        rFID and rFVD extractors if the config asks for them, the throughput clock."""
         config = self.config
         self.batches = Batches(self.dataset, config, self.device, self.state.step, self.rows, self.data_rng,
                                self.run_id)
         if self.main and hasattr(self.dataset, "describe"):
             print(f"[{self.run_id}] data: {self.dataset.describe()}", flush=True)
-        self.fid = None
+        self.fid = self.fvd = None
         if config.eval.rfid_weights:
             self.fid = FrechetDistance(inception_extractor(config.eval.rfid_weights), self.device)
+        if config.eval.fvd_weights:
+            from experiments.video_fvd import i3d_extractor
+
+            self.fvd = FrechetDistance(i3d_extractor(config.eval.fvd_weights), self.device)
         self.throughput = Throughput(config.data.batch_size)
 
     def step(self, step: int) -> tuple[float, dict[str, float], torch.Tensor]:
@@ -453,7 +465,7 @@ class Training:
         else:
             val = evaluate(self.model, self.batches.val(), device=self.device,
                            value_range=dataset_value_range(dataset), is_image=getattr(dataset, "is_image", False),
-                           autocast=self.runtime.autocast, fid=self.fid)
+                           autocast=self.runtime.autocast, fid=self.fid, fvd=self.fvd)
         if self.main:
             self.metrics([{"kind": "val", "step": step, **val}])
         self.state.note_validation(step, val, len(self.batches.unreadable))

@@ -28,6 +28,7 @@ from experiments.adversarial import (
 )
 from experiments.perceptual import LPIPS, WeightsError, linear_keys, read_state, trunk_keys
 from experiments.sections import ConfigError
+from experiments.video_tokenizer import frames_as_images
 
 # Columns of the train rows the objective adds, where they apply (NaN before loss.disc_start)
 ADVERSARIAL_KEYS = ("d_loss", "g_adv_loss", "adaptive_weight", "d_real", "d_fake", "lecam_loss")
@@ -43,7 +44,7 @@ def check_objective(config: Any, task: Any) -> None:
         return
     if not getattr(task, "RECONSTRUCTS_IMAGES", False):
         term = "loss.adversarial_weight" if loss.adversarial_weight > 0 else "loss.perceptual_weight"
-        raise ConfigError(f"{term} applies to tasks that reconstruct images (task=images), not task={config.task}: "
+        raise ConfigError(f"{term} applies to tasks that reconstruct images (task=images or video), not task={config.task}: "
                           f"set it to 0")
     resolution = config.data.resolution
     if loss.adversarial_weight > 0 and loss.disc == "stylegan" and (resolution < 4 or resolution & (resolution - 1)):
@@ -67,6 +68,11 @@ def last_layer(model: nn.Module) -> torch.Tensor:
     if not weights:
         raise ValueError("the adversarial loss needs a decoder that ends in a convolution or a linear layer")
     return weights[-1]
+
+
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """Images as they are; video clips (b, c, t, h, w) as their b * t frames."""
+    return frames_as_images(x) if x.dim() == 5 else x
 
 
 @contextlib.contextmanager
@@ -118,7 +124,9 @@ class Objective:
     def generator_loss(self, step: int, x: torch.Tensor, recon: torch.Tensor,
                        rec_loss: torch.Tensor) -> torch.Tensor:
         """The terms to add to ``rec_loss`` (float32): LPIPS, then the generator's adversarial term with
-        its weight, adaptive or fixed; what they were is kept for the step's train row."""
+        its weight, adaptive or fixed; what they were is kept for the step's train row. Video clips
+        (b, c, t, h, w) are seen as b * t images: every frame by LPIPS and the discriminator."""
+        x, recon = as_images(x), as_images(recon)
         loss = self.config.loss
         nan = rec_loss.new_full((), math.nan)
         self.last = {k: nan for k in self.keys}
@@ -147,6 +155,7 @@ class Objective:
         one forward over both so that its batch statistics and DDP's one-forward rule hold."""
         if not self.adversarial_on(step):
             return
+        x, recon = as_images(x), as_images(recon)
         loss = self.config.loss
         for group in self.optimizer.param_groups:
             group["lr"] = self.disc_lr * lr_scale

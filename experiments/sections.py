@@ -150,8 +150,18 @@ class DataConfig(Section):
     # relative to the results root that holds the prior's own <name>/ folder, then to the working
     # directory). Not in the run id as a path: the id carries the tokenizer's run id, the folder's name.
     tokenizer_run: str | None = new_field(None, in_run_id=False, listed_at_default=False)
+    # video: frames per clip (1 + a multiple of model.temporal_downsample; 1 = images as one-frame
+    # videos), the step between the frames taken from a file, and UCF-101's official split list
+    # (e.g. ucfTrainTestlist/testlist01.txt: its videos are the validation set; null: hash split).
+    frames: int = new_field(17, listed_at_default=False)
+    frame_stride: int = new_field(1, listed_at_default=False)
+    split_file: str | None = new_field(None, listed_at_default=False)
 
     def validate(self) -> None:
+        check(self.frames >= 1, "data.frames", self.frames, "must be >= 1 (frames per clip)")
+        check(self.frame_stride >= 1, "data.frame_stride", self.frame_stride, "must be >= 1 (1 takes every frame)")
+        check(self.split_file is None or bool(self.split_file.strip()), "data.split_file", self.split_file,
+              "must be the path of a list of validation videos (UCF-101's testlist0N.txt), or null")
         check(self.resolution in IMAGE_RESOLUTIONS, "data.resolution", self.resolution,
                f"must be one of {list(IMAGE_RESOLUTIONS)}")
         check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
@@ -188,12 +198,16 @@ class ModelConfig(Section):
     width: int | None = new_field(None, listed_at_default=False)
     layers: int | None = new_field(None, listed_at_default=False)
     attention_heads: int | None = new_field(None, listed_at_default=False)
+    # video: frames per token in time after the first (the first frame is a token step of its own)
+    temporal_downsample: int = new_field(4, listed_at_default=False)  # 1, 2 or 4
 
     def validate(self) -> None:
         for name in ("hidden_dim", "depth", "channels"):
             check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
         check_choice("model.preset", self.preset, MODEL_PRESETS)
         check(self.downsample in (4, 8, 16), "model.downsample", self.downsample, "must be 4, 8 or 16")
+        check(self.temporal_downsample in (1, 2, 4), "model.temporal_downsample", self.temporal_downsample,
+              "must be 1, 2 or 4")
         for name in ("base_channels", "num_res_blocks"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null")
@@ -401,8 +415,12 @@ class EvalConfig(Section):
     rfid_weights: str | None = new_field(None, in_run_id=False)
     # prior: tokens sequences drawn at the end (temperature 1) for the sample metrics and gFID
     prior_samples: int = new_field(256, listed_at_default=False)
+    # rFVD (video): a local I3D state_dict for experiments.video_fvd (its docstring says how to make one); null: no rFVD.
+    fvd_weights: str | None = new_field(None, in_run_id=False, listed_at_default=False)
 
     def validate(self) -> None:
+        check(self.fvd_weights is None or bool(self.fvd_weights.strip()), "eval.fvd_weights", self.fvd_weights,
+              "must be a path to an I3D state_dict (python -m experiments.video_fvd --help), or null")
         check(self.rfid_weights is None or bool(self.rfid_weights.strip()), "eval.rfid_weights",
                self.rfid_weights, "must be a path to the Inception weights file, or null")
         check(self.prior_samples >= 1, "eval.prior_samples", self.prior_samples, "must be >= 1")

@@ -41,6 +41,11 @@ def _prior_smoke(config: Any) -> dict[str, dict[str, Any]]:
     return {"model": {"width": min(m.width or 32, 32), "layers": min(m.layers or 1, 1),
                       "attention_heads": min(m.attention_heads or 2, 2)},
             "eval": {"prior_samples": min(config.eval.prior_samples, 16)}}
+def _video_smoke(config: Any) -> dict[str, dict[str, Any]]:
+    """The images tokenizer's shrinking, and clips of at most 1 + 2 temporal_downsample frames."""
+    return {**_images_smoke(config),
+            "data": {"resolution": min(config.data.resolution, 32),
+                     "frames": min(config.data.frames, 1 + 2 * config.model.temporal_downsample)}}
 
 
 TASKS: dict[str, Task] = {
@@ -48,6 +53,7 @@ TASKS: dict[str, Task] = {
     "synthetic": Task("experiments.tasks.synthetic"),  # an MLP on a Gaussian mixture: seconds
     "patches": Task("experiments.tasks.patches"),  # a small conv tokenizer on shipped image patches
     "prior": Task("experiments.tasks.prior", smoke=_prior_smoke),  # a token prior on a finished tokenizer's codes
+    "video": Task("experiments.tasks.video", smoke=_video_smoke),  # a causal 3D tokenizer on clips
 }
 
 

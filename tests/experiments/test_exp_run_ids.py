@@ -20,7 +20,7 @@ PINNED = json.loads(FIXTURE.read_text(encoding="utf-8"))
 def test_the_fixture_covers_every_kind_task_and_scale() -> None:
     configs = [Config.from_dict({k: v for k, v in d.items() if k != "run_id"}) for d in PINNED["config_json"]]
     assert {c.quantizer.kind for c in configs} == {"lfq", "bsq", "vq", "fsq"}
-    assert {c.task for c in configs} == {"images", "synthetic", "patches", "prior"}
+    assert {c.task for c in configs} == {"images", "synthetic", "patches", "prior", "video"}
     assert {c.scale for c in configs} == {"full", "smoke"}
     assert len(PINNED["runs"]) > 600 and any("ablation_vocab.yaml quantizer.kind=vq" in r["label"] for r in PINNED["runs"])
 
