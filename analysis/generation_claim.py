@@ -118,13 +118,13 @@ def generation_summary(runs: pd.DataFrame, log: Log | None = None) -> pd.DataFra
     tokenizers = tokenizers.drop_duplicates("run_id").copy()  # one block: adding a column stays cheap
     tokenizers = tokenizers.assign(series=[series_of(row) for _, row in tokenizers.iterrows()])
     missing = priors[~priors["tokenizer_run_id"].isin(tokenizers["run_id"])]
+    require(len(missing) < len(priors), "no prior's tokenizer is under the folders given: give the tokenizer "
+                                        "sweep folders beside the prior sweep folders")
     if len(missing) and log is not None:
         shown = ", ".join(f"{r} (tokenizer {t})" for r, t in zip(missing["run_id"], missing["tokenizer_run_id"],
                                                                   strict=True))
         log(f"{len(missing)} prior(s) left out, their tokenizer is not under the folders given: {shown}; "
             "add its sweep folder to RUNS")
-    require(len(missing) < len(priors), "no prior's tokenizer is under the folders given: give the tokenizer "
-                                        "sweep folders beside the prior sweep folders")
     kept = [c for c in dict.fromkeys(("run_id", *TOKENIZER_CONFIG, *TOKENIZER_METRICS, *TOKENIZER_RENAMED, "series"))
             if c in tokenizers]
     side = tokenizers[kept].rename(columns=TOKENIZER_RENAMED)
