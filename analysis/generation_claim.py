@@ -104,7 +104,7 @@ def series_order(names: pd.Series) -> list[str]:
 def generation_summary(runs: pd.DataFrame, log: Log | None = None) -> pd.DataFrame:
     """One row per prior in ``runs`` (``load_runs`` of the prior and tokenizer sweeps together),
     joined to its tokenizer by run id. A prior whose tokenizer is not among ``runs`` is left out and
-    said in one ``log`` line; ``NoData`` if no prior or no tokenizer is there, or none joins."""
+    said in one ``log`` line (and the tokenizers without a prior in another); ``NoData`` if no prior or no tokenizer is there, or none joins."""
     require(len(runs), "no run folders")
     priors, tokenizers = runs[is_prior(runs)], runs[~is_prior(runs)]
     require(len(priors), "no token prior (a run of task prior) among the runs: give the prior sweep folders "
@@ -125,6 +125,9 @@ def generation_summary(runs: pd.DataFrame, log: Log | None = None) -> pd.DataFra
                                                                   strict=True))
         log(f"{len(missing)} prior(s) left out, their tokenizer is not under the folders given: {shown}; "
             "add its sweep folder to RUNS")
+    alone = sorted(set(tokenizers["run_id"]) - set(priors["tokenizer_run_id"]))
+    if alone and log is not None:  # not an error (the tokenizer sweeps may hold more), but worth seeing
+        log(f"{len(alone)} tokenizer(s) under the folders given have no prior there: {', '.join(alone)}")
     kept = [c for c in dict.fromkeys(("run_id", *TOKENIZER_CONFIG, *TOKENIZER_METRICS, *TOKENIZER_RENAMED, "series"))
             if c in tokenizers]
     side = tokenizers[kept].rename(columns=TOKENIZER_RENAMED)

@@ -194,6 +194,12 @@ def test_a_prior_whose_tokenizer_is_not_given_is_named_in_one_line(runs: dict[st
     err = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
     assert len(err) == 1 and err[0].startswith("3 prior(s) left out") and "pregime16384s0 (tokenizer regime16384s0)" in err[0]
     assert "pregime16384s0" not in set(pd.read_csv(tmp_path / "out" / "summary.csv")["run_id"])
+    # and the other way round: a tokenizer given without its prior
+    given = [runs[s] for s in ("generation_lfq_images", "generation_vq_images", "generation_regime_images",
+                               "prior_generation_images")]
+    assert generation([*map(str, given), "--out", str(tmp_path / "out2")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "have no prior" in line]
+    assert len(err) == 1 and err[0].startswith("3 tokenizer(s)") and "regime16384s0" in err[0]
 
 
 @pytest.mark.parametrize("which, message", [
