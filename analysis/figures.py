@@ -319,8 +319,9 @@ FIGURES: list[Plot] = [
          "(top) and its token prior's validation bits per image and the share of the codebook its samples use "
          "(bottom); the line is the mean over tokenizer seeds, each seed a small marker, series dodged sideways. "
          "Bits per image alone favour a tokenizer that carries less, so read them beside the PSNR; the thin "
-         "dotted line is the unigram bits per image (log2 of the tokenizer's validation perplexity per token): a "
-         "prior under it uses the context.",
+         "dotted line is the unigram bits per image (log2 of the tokenizer's validation perplexity, times the "
+         "tokens per image): a prior under it gains from the context. The dashed grey lines are the usage "
+         "ceilings 1 - exp(-N/K) of the N tokens counted (the validation tokens; the samples' tokens).",
          lambda d: generation_figure(d["summary"], strict=True), needs=("summary",)),
     Plot("utilization", GENERATION, "Does a tokenizer that uses more of its codes give a better prior?",
          "Each finished prior on a tokenizer of 2^14 codes one point (LFQ's recipe, LFQ at inverse temperature "
