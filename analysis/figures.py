@@ -1,7 +1,8 @@
 """Every figure of every report, declared once: its file stem, title, caption (the one table of
-captions) and a function of the study's loaded data that draws it. Three studies draw from here:
+captions) and a function of the study's loaded data that draws it. Four studies draw from here:
 ``sweep`` (``python -m analysis.report RESULTS``: a sweep's ``report.md``), ``ablations`` (the paper's
-claims, ``results/ablations``) and ``recipe`` (the images task's regime study, ``results/recipe``). A
+claims, ``results/ablations``), ``recipe`` (the images task's regime study, ``results/recipe``) and
+``generation`` (issue 33's token priors against their tokenizers, ``results/generation``). A
 study's data is a mapping of names to frames (and, for a sweep, the words its captions are made of);
 a report draws the entries of its study whose ``needs`` are all in it. Adding a figure is its drawing
 function (``plots.py``, ``diagnostics.py``, ``claim_figures.py``, or a module of its own) plus one
@@ -29,6 +30,7 @@ from analysis.claim_figures import (
 )
 from analysis.column_names import FRAC, GAMMA
 from analysis.diagnostics import bit_pair_mi_heatmap, bit_usage_heatmap, saturation_and_usage
+from analysis.generation_claim import generation_figure, utilization_figure
 from analysis.glossary import figure_title
 from analysis.plots import (
     layers,
@@ -43,7 +45,7 @@ from analysis.prior_figures import is_prior_sweep, prior_samples
 from analysis.regime import collapse_figure, comparison_figure, regime_figure
 
 Data = Mapping[str, Any]
-STUDIES = ("sweep", "ablations", "recipe")
+STUDIES = ("sweep", "ablations", "recipe", "generation")
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ def _one_run_with_bits(data: Data) -> bool:
 SWEEP = "sweep"
 ABLATIONS = "ablations"
 RECIPE = "recipe"
+GENERATION = "generation"
 
 FIGURES: list[Plot] = [
     # A sweep's report (analysis.report), in reading order.
@@ -308,6 +311,24 @@ FIGURES: list[Plot] = [
          "entropy gradient is below 1e-4 of its maximum, dead bits and the batch entropy; solid without the "
          "discriminator, dashed with it; the mean over seeds with its min-max band.",
          lambda d: adversarial_curves_figure(d["adversarial_curves"], strict=True), needs=("adversarial_curves",)),
+    # Issue 33's claim (results/generation): each token prior joined to its tokenizer
+    # (analysis.generation_claim.generation_summary).
+    Plot("generation", GENERATION, "Reconstruction and generation against the vocabulary",
+         "MAGVIT-v2's Fig. 1 at this scale: per series with finished priors at two codebook sizes or more (LFQ's "
+         "recipe and VQ's fair variant), against the codebook size: the tokenizer's validation usage and PSNR "
+         "(top) and its token prior's validation bits per image and the share of the codebook its samples use "
+         "(bottom); the line is the mean over tokenizer seeds, each seed a small marker, series dodged sideways. "
+         "Bits per image alone favour a tokenizer that carries less, so read them beside the PSNR; the thin "
+         "dotted line is the unigram bits per image (log2 of the tokenizer's validation perplexity, times the "
+         "tokens per image): a prior under it gains from the context. The dashed grey lines are the usage "
+         "ceilings 1 - exp(-N/K) of the N tokens counted (the validation tokens; the samples' tokens).",
+         lambda d: generation_figure(d["summary"], strict=True), needs=("summary",)),
+    Plot("utilization", GENERATION, "Does a tokenizer that uses more of its codes give a better prior?",
+         "Each finished prior on a tokenizer of 2^14 codes one point (LFQ's recipe, LFQ at inverse temperature "
+         "1, LFQ with gamma 2, VQ's fair variant): its tokenizer's validation usage against the prior's "
+         "validation bits per image (left) and the tokenizer's validation PSNR (right), a colour and marker per "
+         "series; the title gives Spearman's rank correlations over all of them and over LFQ's (utilization.csv).",
+         lambda d: utilization_figure(d["summary"], strict=True), needs=("summary",)),
 ]
 
 

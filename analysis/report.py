@@ -1,5 +1,5 @@
 """The one command line of the analysis: a sweep's report (every figure its runs support, as PNG and
-SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe``),
+SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe|generation``),
 written from run folders, merged into committed CSVs (``--merge``) or redrawn from them
 (``--redraw``); the figures are the entries of analysis/figures.py, and docs/experiments.md is
 the reference (options, merging, the old commands).
@@ -8,6 +8,7 @@ the reference (options, merging, the old commands).
     python -m analysis.report results/gamma_frac --out /tmp/r --where quantizer.codebook_size=1024
     python -m analysis.report RUNS --study ablations --out results/ablations [--merge]
     python -m analysis.report RUNS/recipe_regime RUNS/quantizers_images ... --study recipe --out results/recipe [--merge]
+    python -m analysis.report RUNS/generation_lfq_images ... RUNS/prior_generation_images ... --study generation --out results/generation
     python -m analysis.report --redraw --out results/ablations            # figures from the committed CSVs
 """
 
@@ -28,7 +29,7 @@ import pandas as pd
 from analysis.aggregate import WhereError, parameters, select
 from analysis.aggregate import where as pick
 from analysis.column_names import STEPS
-from analysis.figures import ABLATIONS, RECIPE, STUDIES, SWEEP, planned, sweep_data
+from analysis.figures import ABLATIONS, GENERATION, RECIPE, STUDIES, SWEEP, planned, sweep_data
 from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import (
@@ -40,7 +41,15 @@ from analysis.load import (
     load_runs,
 )
 from analysis.merge import WouldLoseRuns
-from analysis.studies import redraw_ablations, redraw_recipe, study_of, write_ablations, write_recipe
+from analysis.studies import (
+    redraw_ablations,
+    redraw_generation,
+    redraw_recipe,
+    study_of,
+    write_ablations,
+    write_generation,
+    write_recipe,
+)
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
 from analysis.tables import readable_table
@@ -328,12 +337,14 @@ def _parser() -> OneLineParser:
                         help="a sweep folder (or any folder of run folders); --study ablations: the folder of the "
                              "ablation sweep folders (or one of them); --study recipe: the regime sweep's folder, "
                              "then any sweep folders to compare with (quantizers_images, vq_fair_images, "
-                             "entropy_weight_images, gamma_frac_images, ...)")
+                             "entropy_weight_images, gamma_frac_images, ...); --study generation: the token prior "
+                             "sweep folders and the sweep folders of their tokenizers")
     parser.add_argument("--study", choices=STUDIES, default=None,
-                        help="which report: a sweep's (default), the ablation claims or the recipe study; with "
+                        help="which report: a sweep's (default), the ablation claims, the recipe study or issue 33's "
+                             "priors against their tokenizers; with "
                              "--redraw read from what --out holds")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: RUNS/report for a sweep, results/ablations, results/recipe")
+                        help="default: RUNS/report for a sweep, results/ablations, results/recipe, results/generation")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="only the runs whose column KEY equals VALUE, e.g. quantizer.codebook_size=1024 "
                              "or name=demo (repeatable: all must hold)")
@@ -371,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _sweep(args)
     if args.no_cache:
         parser.error("--no-cache is for a sweep's report")
+    if study == GENERATION and args.regime_sweep:
+        parser.error("--regime-sweep is for --study recipe")
     if study == ABLATIONS and (len(args.runs) > 1 or args.regime_sweep):
         parser.error("--study ablations reads one folder of ablation sweep folders (no --regime-sweep)")
     for root in args.runs:
@@ -387,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = write_ablations(args.runs[0], out, command=command, mode=mode, where=args.where)
             for sweep, files in written.items():
                 print(f"{out / sweep}: {', '.join(files)}")
+        elif study == GENERATION:
+            files = write_generation(args.runs, out, command=command, mode=mode, where=args.where)
+            print(f"{out}: {', '.join(files)}")
         else:
             files = write_recipe(args.runs, out, command=command, regime_sweep=args.regime_sweep or "recipe_regime",
                                  mode=mode, where=args.where)
@@ -413,7 +429,7 @@ def _redraw(parser: OneLineParser, args: argparse.Namespace) -> int:
     if args.runs or args.where or args.mode or args.no_cache or args.regime_sweep:
         parser.error("--redraw draws the CSVs under --out whole: give --out DIR alone (and --study)")
     if args.out is None:
-        parser.error("--redraw needs --out: the folder of a committed study (results/ablations, results/recipe)")
+        parser.error("--redraw needs --out: the folder of a committed study (results/ablations, results/recipe, results/generation)")
     if args.study == SWEEP:
         parser.error("--redraw is for a study's committed CSVs; a sweep's report is drawn from its runs")
     if not args.out.is_dir():
@@ -422,6 +438,9 @@ def _redraw(parser: OneLineParser, args: argparse.Namespace) -> int:
     try:
         if study == RECIPE:
             print(f"{args.out}: {', '.join(redraw_recipe(args.out))}")
+            return 0
+        if study == GENERATION:
+            print(f"{args.out}: {', '.join(redraw_generation(args.out))}")
             return 0
         drawn = redraw_ablations(args.out)
     except (FileNotFoundError, ValueError) as err:  # NoData, and pandas' errors for a CSV it cannot read

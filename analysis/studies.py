@@ -1,8 +1,9 @@
-"""The committed studies, ``results/ablations`` (the paper's claims) and ``results/recipe`` (the images
-task's regime study): their CSVs, ``command.txt`` and the figures of their entries in
+"""The committed studies, ``results/ablations`` (the paper's claims), ``results/recipe`` (the images
+task's regime study) and ``results/generation`` (issue 33's token priors joined to their tokenizers):
+their CSVs, ``command.txt`` and the figures of their entries in
 :mod:`analysis.figures`, written from run folders (``--merge`` folds a few runs into the committed
 CSVs by run id, :mod:`analysis.merge`) or the figures redrawn from the committed CSVs alone.
-``python -m analysis.report --study ablations|recipe`` is their command line.
+``python -m analysis.report --study ablations|recipe|generation`` is their command line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from analysis.claims import (
     summaries_from_runs,
 )
 from analysis.column_names import TAU
-from analysis.figures import ABLATIONS, RECIPE, planned
+from analysis.figures import ABLATIONS, GENERATION, RECIPE, planned
+from analysis.generation_claim import claim_order, generation_summary, generation_table, utilization_table
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, merged_or_refused, refuse_dropping, reruns
 from analysis.regime import (
@@ -270,7 +272,61 @@ def write_recipe(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     return [*written, "command.txt"]
 
 
+# ---- issue 33's claim: token priors joined to their tokenizers -------------------------------
+
+def write_generation(runs_roots: Sequence[Path], out: Path, *, command: str, mode: str = "refuse",
+                     where: Sequence[str] | Mapping[str, object] = (), log: Log | None = None) -> list[str]:
+    """From the prior and tokenizer run folders under ``runs_roots``, into ``out``, each file written
+    atomically: ``summary.csv`` (one row per prior joined to its tokenizer,
+    :func:`analysis.generation_claim.generation_summary`; a prior whose tokenizer is not there is
+    said through ``log``), ``table.csv`` (mean, std, n per series and codebook size),
+    ``utilization.csv`` (rank correlations at 2^14 codes), the generation figures of
+    :mod:`analysis.figures` and ``command.txt``. ``mode`` as in :func:`write_ablations` (by prior run
+    id); ``where`` keeps the summary's rows matching every ``key=value`` (``series=VQ fair``)."""
+    from analysis.load import load_runs  # the CSV-only path needs no run loading
+
+    _check_mode(mode)
+    log = log or _stderr
+    parts = [load_runs(root, warn=False) for root in runs_roots]
+    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    summary = generation_summary(runs, log=log)
+    if where:
+        summary = pick(summary, where)
+    summary, notes = merged_or_refused(summary, out / "summary.csv", mode)
+    for note in notes:
+        log(note)
+    if mode == "merge":  # merge_summaries sorts by the ablations' keys: back to the claim's order
+        summary = claim_order(summary)
+    tables = [("summary.csv", summary), ("table.csv", generation_table(summary)),
+              ("utilization.csv", utilization_table(summary))]
+    # drawn from the summary as its CSV will hold it, before anything is written: --redraw draws the same bytes
+    figures = [(item.stem, item.draw()) for item in planned(GENERATION, {"summary": _as_written(summary)})]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, frame in tables:
+        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
+        written.append(name)
+    for stem, fig in figures:
+        written += save_figure(fig, out, stem)
+    made = [line for root in runs_roots for line in submit_commands(root)]
+    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
+    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
+    return [*written, "command.txt"]
+
+
+def redraw_generation(out: Path) -> list[str]:
+    """The generation study's figures from the ``summary.csv`` committed to ``out`` (left as it is)."""
+    require((out / "summary.csv").is_file(), f"no summary.csv under {out}: write it with python -m analysis.report "
+                                             "PRIOR_AND_TOKENIZER_SWEEPS --study generation --out DIR")
+    figures = [(item.stem, item.draw()) for item in planned(GENERATION, {"summary": pd.read_csv(out / "summary.csv")})]
+    return [name for stem, fig in figures for name in save_figure(fig, out, stem)]
+
+
 def study_of(out: Path) -> str:
-    """Which committed study a folder holds: ``recipe`` (a ``table.csv`` or ``curves.csv`` beside its
-    ``summary.csv``), else ``ablations`` (``<sweep>/summary.csv`` files or a ``probe.csv``)."""
+    """Which committed study a folder holds: ``generation`` (a ``utilization.csv`` beside its
+    ``summary.csv``), ``recipe`` (a ``table.csv`` or ``curves.csv``), else ``ablations``
+    (``<sweep>/summary.csv`` files or a ``probe.csv``)."""
+    if (out / "utilization.csv").is_file():
+        return GENERATION
     return RECIPE if (out / "table.csv").is_file() or (out / "curves.csv").is_file() else ABLATIONS
