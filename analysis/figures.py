@@ -1,7 +1,8 @@
 """Every figure of every report, declared once: its file stem, title, caption (the one table of
-captions) and a function of the study's loaded data that draws it. Three studies draw from here:
+captions) and a function of the study's loaded data that draws it. Four studies draw from here:
 ``sweep`` (``python -m analysis.report RESULTS``: a sweep's ``report.md``), ``ablations`` (the paper's
-claims, ``results/ablations``) and ``recipe`` (the images task's regime study, ``results/recipe``). A
+claims, ``results/ablations``), ``recipe`` (the images task's regime study, ``results/recipe``) and
+``video`` (claim 1 on the video task, ``results/video``). A
 study's data is a mapping of names to frames (and, for a sweep, the words its captions are made of);
 a report draws the entries of its study whose ``needs`` are all in it. Adding a figure is its drawing
 function (``plots.py``, ``diagnostics.py``, ``claim_figures.py``, or a module of its own) plus one
@@ -41,9 +42,10 @@ from analysis.plots import (
 )
 from analysis.prior_figures import is_prior_sweep, prior_samples
 from analysis.regime import collapse_figure, comparison_figure, regime_figure
+from analysis.video_claim import frame_parts_figure, video_figure
 
 Data = Mapping[str, Any]
-STUDIES = ("sweep", "ablations", "recipe")
+STUDIES = ("sweep", "ablations", "recipe", "video")
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,13 @@ def _one_run_with_bits(data: Data) -> bool:
 SWEEP = "sweep"
 ABLATIONS = "ablations"
 RECIPE = "recipe"
+VIDEO = "video"
+
+
+def _has_frame_parts(data: Data) -> bool:
+    """Whether the sweep's finished runs report their first frame's and later frames' validation usage."""
+    column = "final_val_usage_fraction_first_frame"
+    return column in data["finished"] and data["finished"][column].notna().any()
 
 FIGURES: list[Plot] = [
     # A sweep's report (analysis.report), in reading order.
@@ -229,6 +238,15 @@ FIGURES: list[Plot] = [
          "are NaN before loss.disc_start, so its lines start there.",
          lambda d: adversarial_game(d["metrics"], d["runs"], strict=True), shows="runs",
          when=lambda d: played(d["metrics"])),
+    Plot("usage_by_frame", SWEEP, "The first frame against the later frames",
+         "Video runs: one point per finished run, its first frame's tokens (the causal first frame, encoded "
+         "alone) against the later frames' tokens of the last validation: codes used (left) and perplexity "
+         "(right), each over the most codes that part's N tokens can reach, min(K, N). Colour and marker are "
+         "the grid point (filled at the smallest codebook size and hollow above where the size is no grid axis). On the dotted diagonal both parts "
+         "use the codebook alike; the grey crosses are where uniformly random codes would land (1 - exp(-N/K) "
+         "of each part, over min(K, N)).",
+         lambda d: frame_parts_figure(d["finished"], parameters(d["finished"]), strict=True), shows="finished",
+         when=_has_frame_parts),
     Plot("prior_samples", SWEEP, "Samples of the token priors",
          "For each finished token prior (task prior), the first 16 of its samples at temperature 1, decoded by "
          "its tokenizer's decoder (the run folder's samples.png), titled with its tokenizer's run id, its head, "
@@ -277,6 +295,15 @@ FIGURES: list[Plot] = [
          lambda d: clamp_probe_figure(d["probe"], strict=True), needs=("probe",)),
     # The recipe study (results/recipe): the regime sweep's summary and curves, and the comparisons
     # of analysis.regime.comparisons (claims 1-3 on the images task) that the runs hold.
+    # The video claim (results/video, issue 32): the video runs' summary and the table of both tasks.
+    Plot("video", VIDEO, "Claim 1 on the video task, beside the images task",
+         "Top: validation usage and PSNR of LFQ, BSQ, FSQ and VQ given its fair chance against the codebook "
+         "size: video solid (the mean over seeds, each seed a small marker), the images task's runs of the same "
+         "quantizers dashed (their mean, results/recipe). Bottom: one point per video run, its first frame's "
+         "codes used (left) and perplexity (right) against its later frames', each over the most codes that "
+         "part's N tokens can reach, min(K, N); filled at 2^10, hollow at 2^14; the dotted diagonal is both "
+         "parts alike, the grey crosses uniformly random codes.",
+         lambda d: video_figure(d["summary"], d["table"], strict=True), needs=("summary", "table")),
     Plot("regime", RECIPE, "Validation usage and PSNR against the inverse temperature",
          "One column per codebook size; each (schedule, gamma) series has its own colour, line style and marker "
          "and is offset sideways so coincident series stay visible; small markers are single seeds, lines the "
