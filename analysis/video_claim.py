@@ -73,7 +73,7 @@ def with_parts(runs: pd.DataFrame) -> pd.DataFrame:
     out = runs.copy()
     for part in PARTS:
         per_code = f"final_val_tokens_per_code_{part}"
-        if per_code not in out:
+        if not {per_code, f"final_val_codes_used_{part}", f"final_val_perplexity_{part}"} <= set(out.columns):
             continue
         size = out[SIZE].astype(float)
         tokens = (out[per_code].astype(float) * size).round()
@@ -252,7 +252,8 @@ def video_figure(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
     tokens = done[[f"final_val_tokens_{p}" for p in PARTS if f"final_val_tokens_{p}" in done]].max()
     counted = ", ".join(f"{int(v):,} {PART_WORDS[k.split('final_val_tokens_')[1]]}" for k, v in tokens.items()
                         if pd.notna(v))
-    note = (f"validation tokens: {int(done['final_val_tokens'].max()):,} ({counted}); " if counted else "") + (
+    total = done["final_val_tokens"].max() if "final_val_tokens" in done else np.nan
+    note = (f"validation tokens: {int(total):,} ({counted}); " if counted and pd.notna(total) else "") + (
         "bottom: one point per run, each part's codes used (left) and perplexity (right) over the most its "
         "N tokens can reach, min(K, N)")
     fig.suptitle("Quantizers on the video task beside the images task: validation usage and PSNR against "
