@@ -238,13 +238,12 @@ FIGURES: list[Plot] = [
          "are NaN before loss.disc_start, so its lines start there.",
          lambda d: adversarial_game(d["metrics"], d["runs"], strict=True), shows="runs",
          when=lambda d: played(d["metrics"])),
-    Plot("usage_by_frame", SWEEP, "The first frame against the later frames",
-         "Video runs: one point per finished run, its first frame's tokens (the causal first frame, encoded "
-         "alone) against the later frames' tokens of the last validation: codes used (left) and perplexity "
-         "(right), each over the most codes that part's N tokens can reach, min(K, N). Colour and marker are "
-         "the grid point (filled at the smallest codebook size and hollow above where the size is no grid axis). On the dotted diagonal both parts "
-         "use the codebook alike; the grey crosses are where uniformly random codes would land (1 - exp(-N/K) "
-         "of each part, over min(K, N)).",
+    Plot("usage_by_frame", SWEEP, "The first frame beside the later frames",
+         "Video runs, one column per codebook size: for each grid point, the first frame's tokens (the causal "
+         "first frame, encoded alone; filled, left) beside the later frames' tokens (hollow, right) of the last "
+         "validation: codes used (top) and perplexity (bottom), each over the most codes that part's N tokens "
+         "can reach, min(K, N); the mean over finished seeds, joined, each seed a small marker. Grey lines are "
+         "where uniformly random codes would land (first frame dashed, later frames dotted).",
          lambda d: frame_parts_figure(d["finished"], parameters(d["finished"]), strict=True), shows="finished",
          when=_has_frame_parts),
     Plot("prior_samples", SWEEP, "Samples of the token priors",
@@ -299,10 +298,11 @@ FIGURES: list[Plot] = [
     Plot("video", VIDEO, "Claim 1 on the video task, beside the images task",
          "Top: validation usage and PSNR of LFQ, BSQ, FSQ and VQ given its fair chance against the codebook "
          "size: video solid (the mean over seeds, each seed a small marker), the images task's runs of the same "
-         "quantizers dashed (their mean, results/recipe). Bottom: one point per video run, its first frame's "
-         "codes used (left) and perplexity (right) against its later frames', each over the most codes that "
-         "part's N tokens can reach, min(K, N); filled at 2^10, hollow at 2^14; the dotted diagonal is both "
-         "parts alike, the grey crosses uniformly random codes.",
+         "quantizers dashed (their mean, results/recipe). Below, one column per codebook size: each quantizer's "
+         "first frame (filled, left) beside its later frames (hollow, right), codes used (middle row) and "
+         "perplexity (bottom row) over the most codes that part's N tokens can reach, min(K, N): the mean over "
+         "seeds, joined, each seed a small marker; grey lines are where uniformly random codes would land "
+         "(first frame dashed, later frames dotted).",
          lambda d: video_figure(d["summary"], d["table"], strict=True), needs=("summary", "table")),
     Plot("regime", RECIPE, "Validation usage and PSNR against the inverse temperature",
          "One column per codebook size; each (schedule, gamma) series has its own colour, line style and marker "

@@ -163,56 +163,66 @@ def _size_ticks(ax: Axes, sizes: Sequence[float]) -> None:
     ax.set_xlabel("codebook size (log2; lines dodged sideways)")
 
 
-def parts_panel(ax: Axes, runs: pd.DataFrame, group: str, what: str = "usage", fill_by_size: bool = True
-                ) -> list[str]:
-    """One point per run: its first frame's ``what`` (usage or perplexity) relative to min(K, N)
-    against its later frames', colour and marker by ``group``, filled at the smallest codebook size and
-    hollow above (``fill_by_size``; else all filled); the diagonal (both parts alike) and, grey, where uniformly random codes would land
-    (the expected usage 1 - exp(-N/K) of each part over min(K, N)). Returns the groups in order."""
-    x, y = f"val_{what}_of_max_later_frames", f"val_{what}_of_max_first_frame"
-    require(x in runs and y in runs and runs[x].notna().any(), "no runs with first-frame and later-frame usage")
-    runs = runs[runs[x].notna() & runs[y].notna()]
-    groups = list(dict.fromkeys(runs[group]))
-    palette = colors(len(groups))
-    sizes = sorted(runs[SIZE].unique())
-    for i, name in enumerate(groups):
-        for j, size in enumerate(sizes):
-            part = runs[(runs[group] == name) & (runs[SIZE] == size)]
-            ax.scatter(part[x], part[y], s=46, marker=MARKERS[i % len(MARKERS)], linewidths=1.4,
-                       edgecolors=palette[i], facecolors=palette[i] if j == 0 or not fill_by_size else "white",
-                       zorder=3 + i)
-    if what == "usage":
-        for size in sizes:
-            at = runs[runs[SIZE] == size].iloc[0]
-            expect = [-np.expm1(-float(at[f"final_val_tokens_{p}"]) / size) * size
-                      / min(size, float(at[f"final_val_tokens_{p}"])) for p in ("later_frames", "first_frame")]
-            ax.scatter(*expect, marker="x", s=60, color="0.45", zorder=2)
-            ax.annotate(f"uniform random, 2^{int(np.log2(size))}", expect, textcoords="offset points",
-                        xytext=(-8, -4), ha="right", va="top", fontsize=9, color="0.35")
-    lo = float(np.nanmin([runs[x].min(), runs[y].min()]))
-    hi = float(np.nanmax([runs[x].max(), runs[y].max(), 1.0 if what == "usage" else 0.0]))
-    pad = 0.04 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", linestyle=":", linewidth=1.2)
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
+def uniform_expectation(runs: pd.DataFrame, size: int, part: str) -> float:
+    """Codes used / min(K, N) that a part's N tokens reach when codes are drawn uniformly at random:
+    (1 - exp(-N/K)) K / min(K, N), for the first run of ``runs`` at ``size``."""
+    tokens = float(runs.loc[runs[SIZE] == size, f"final_val_tokens_{part}"].iloc[0])
+    return float(-np.expm1(-tokens / size) * size / min(size, tokens))
+
+
+PART_OFFSET = 0.18  # the first frame left of a quantizer's tick, the later frames right of it
+
+
+def parts_dots(ax: Axes, runs: pd.DataFrame, lines: Sequence[str], size: int, what: str = "usage",
+               group: str = "quantizer") -> None:
+    """At codebook size ``size``, per value of ``group`` in ``lines`` (a quantizer; a sweep's grid point): its first frame's ``what`` (usage or
+    perplexity) over min(K, N) (filled marker, left) and its later frames' (hollow, right), the mean over
+    seeds joined by a line, each seed a small marker; for usage, grey lines where uniformly random
+    codes would land (first frame dashed, later frames dotted)."""
+    palette = colors(len(lines))
+    at = runs[runs[SIZE] == size]
+    for i, name in enumerate(lines):
+        part = at[at[group] == name]
+        if not len(part):
+            continue
+        style = dict(color=palette[i], marker=MARKERS[i % len(MARKERS)])
+        means = []
+        for side, frame_part in ((-1, "first_frame"), (1, "later_frames")):
+            y = part[f"val_{what}_of_max_{frame_part}"].to_numpy(float)
+            x = i + side * PART_OFFSET + (np.arange(len(y)) - (len(y) - 1) / 2) * 0.035
+            ax.scatter(x, y, s=14, alpha=0.55, linewidths=0, **style)
+            means.append(float(np.nanmean(y)))
+            ax.plot([i + side * PART_OFFSET], [means[-1]], linestyle="none", markersize=10, markeredgewidth=1.6,
+                    markerfacecolor=palette[i] if side < 0 else "white", **style)
+        ax.plot([i - PART_OFFSET, i + PART_OFFSET], means, color=palette[i], linewidth=1.2)
+    if what == "usage" and len(at):
+        for frame_part, dash in (("first_frame", "--"), ("later_frames", ":")):
+            ax.axhline(uniform_expectation(at, size, frame_part), color="0.5", linestyle=dash, linewidth=1.1, zorder=1)
+    ax.set_xticks(range(len(lines)), [textwrap.fill(name, 20) for name in lines], fontsize=9)
+    ax.set_xlim(-0.6, len(lines) - 0.4)
     noun = "codes used" if what == "usage" else "perplexity"
-    ax.set_xlabel(f"later frames: {noun} / min(K, N)")
-    ax.set_ylabel(f"first frame: {noun} / min(K, N)")
-    return groups
+    ax.set_ylabel(f"val {noun} / min(K, N)")
+    ax.set_title(f"2^{int(np.log2(size))} codes: {noun} of the first frame (filled) and the later frames (hollow)"
+                 if size > 0 and np.log2(size).is_integer() else f"{size:,} codes: {noun} of the first frame (filled) "
+                 "and the later frames (hollow)", fontsize=10)
 
 
 @skippable
 def video_figure(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
     """Validation usage and PSNR against codebook size per quantizer, video solid (every seed a small
-    marker) and images dashed (the mean of the images task's runs); below, each run's first-frame
-    against later-frame usage and perplexity relative to min(K, N)."""
+    marker) and images dashed (the mean of the images task's runs); below, per codebook size, each
+    quantizer's first frame beside its later frames: codes used and perplexity over min(K, N)."""
     done = summary[summary["status"] == "done"]
     require(len(done), "no finished video runs")
+    require("val_usage_of_max_first_frame" in done and done["val_usage_of_max_first_frame"].notna().any(),
+            "no finished video run logged its first frame's and later frames' usage")
     lines = list(dict.fromkeys(done["quantizer"]))
     palette = colors(len(lines))
     images = table[table["task"] == "images"] if "task" in table else table.iloc[:0]
     sizes = sorted(set(done[SIZE].astype(int)) | set(images[SIZE].astype(int)))
-    fig, axes = new_figure(2, 2, height=11.0)
+    below = sorted(done[SIZE].astype(int).unique())  # the lower panels' sizes: the video runs'
+    columns = max(2, len(below))
+    fig, axes = new_figure(3, columns, height=15.5)
     for col, metric in enumerate(("final_val_usage_fraction", "final_val_psnr")):
         ax = axes[0, col]
         scale = 100.0 if metric.endswith("usage_fraction") else 1.0
@@ -233,29 +243,31 @@ def video_figure(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
                         markerfacecolor="none", alpha=0.85, zorder=4, **style)  # over a video line it meets
         _size_ticks(ax, sizes)
         ax.set_ylabel("val usage (% of codebook)" if scale == 100 else "val PSNR (dB)")
-    for col, what in enumerate(("usage", "perplexity")):
-        parts_panel(axes[1, col], done, "quantizer", what)
+    for extra in axes[0, 2:]:
+        extra.set_visible(False)
+    for row, what in ((1, "usage"), (2, "perplexity")):
+        for col, size in enumerate(below):
+            parts_dots(axes[row, col], done, lines, size, what)
+        if len(below) < columns:
+            axes[row, -1].set_visible(False)
     n = done.groupby(["quantizer", SIZE]).size()
-    below = sorted(done[SIZE].unique())  # the bottom panels' sizes: the video runs
     handles = [Line2D([], [], color=palette[i], marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[0],
                       markerfacecolor="white",
                       label=f"{name} (n={n[name].min()}" + (f"-{n[name].max()})" if n[name].max() != n[name].min() else ")"))
                for i, name in enumerate(lines)]
-    handles += [Line2D([], [], color="0.3", linestyle="-", label="video: mean over seeds (small markers: seeds)"),
-                Line2D([], [], color="0.3", linestyle="--", label="images task: mean over its seeds"),
-                *(Line2D([], [], color="0.3", marker="o", linestyle="none", markerfacecolor=face,
-                         label="bottom: " + ", ".join(f"2^{int(np.log2(s))}" for s in group) + " codes")
-                  for face, group in (("0.3", below[:1]), ("white", below[1:])) if group),
-                Line2D([], [], color="0.45", marker="x", linestyle="none", label="bottom: uniformly random codes"),
-                Line2D([], [], color="0.6", linestyle=":", label="bottom: first frame = later frames")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    handles += [Line2D([], [], color="0.3", linestyle="-", label="top, video: mean over seeds (small markers: seeds)"),
+                Line2D([], [], color="0.3", linestyle="--", label="top, images task: mean over its seeds"),
+                Line2D([], [], color="0.3", marker="o", linestyle="-", markersize=9,
+                       label="below: first frame (filled) to later frames (hollow), mean over seeds"),
+                Line2D([], [], color="0.5", linestyle="--", label="below: uniformly random codes, first frame"),
+                Line2D([], [], color="0.5", linestyle=":", label="below: uniformly random codes, later frames")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
     tokens = done[[f"final_val_tokens_{p}" for p in PARTS if f"final_val_tokens_{p}" in done]].max()
     counted = ", ".join(f"{int(v):,} {PART_WORDS[k.split('final_val_tokens_')[1]]}" for k, v in tokens.items()
                         if pd.notna(v))
     total = done["final_val_tokens"].max() if "final_val_tokens" in done else np.nan
     note = (f"validation tokens: {int(total):,} ({counted}); " if counted and pd.notna(total) else "") + (
-        "bottom: one point per run, each part's codes used (left) and perplexity (right) over the most its "
-        "N tokens can reach, min(K, N)")
+        "below: each part's codes used and perplexity over the most codes its N tokens can reach, min(K, N)")
     fig.suptitle("Quantizers on the video task beside the images task: validation usage and PSNR against "
                  "codebook size, and the first frame against the later frames\n" + textwrap.fill(note, 125),
                  fontsize=12)
@@ -264,21 +276,26 @@ def video_figure(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
 
 @skippable
 def frame_parts_figure(runs: pd.DataFrame, group: Sequence[str]) -> Figure:
-    """A sweep's first frame against its later frames: :func:`parts_panel` for usage and perplexity,
-    one colour and marker per grid point (the values of ``group``)."""
+    """A sweep's first frame beside its later frames: :func:`parts_dots` of codes used (top) and
+    perplexity (bottom), one column per codebook size, one colour and marker per grid point (the
+    values of ``group`` other than the codebook size)."""
     done = with_parts(runs[runs["status"] == "done"])
     require(len(done), "no finished runs")
-    require("val_usage_of_max_first_frame" in done, "no runs with first-frame and later-frame usage")
-    done = done.assign(_point=[", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(group, row, strict=True))
-                               or "all runs" for row in done[list(group)].itertuples(index=False)])
-    fig, axes = new_figure(1, 2, height=6.2)
-    groups = []
-    by_size = SIZE not in group and done[SIZE].nunique() > 1  # else the grid point names the size
-    for col, what in enumerate(("usage", "perplexity")):
-        groups = parts_panel(axes[0, col], done, "_point", what, fill_by_size=by_size)
-    palette = colors(len(groups))
-    handles = [Line2D([], [], color=palette[i], marker=MARKERS[i % len(MARKERS)], linestyle="none", label=name)
-               for i, name in enumerate(groups)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3,
-               title="filled: the smallest codebook size; hollow: larger ones" if by_size else None)
+    require("val_usage_of_max_first_frame" in done and done["val_usage_of_max_first_frame"].notna().any(),
+            "no runs with first-frame and later-frame usage")
+    done = done[done["val_usage_of_max_first_frame"].notna()]
+    named = [c for c in group if c != SIZE]
+    done = done.assign(_point=[", ".join(f"{c.split('.')[-1]}={v}" for c, v in zip(named, row, strict=True))
+                               or "all runs" for row in done[named].itertuples(index=False)])
+    points = list(dict.fromkeys(done.sort_values([*named, SIZE])["_point"]))
+    sizes = sorted(done[SIZE].astype(int).unique())
+    fig, axes = new_figure(2, len(sizes), height=10.0)
+    for row, what in enumerate(("usage", "perplexity")):
+        for col, size in enumerate(sizes):
+            parts_dots(axes[row, col], done, points, size, what, group="_point")
+    fig.legend(handles=[Line2D([], [], color="0.3", marker="o", linestyle="-", markersize=9,
+                               label="first frame (filled) to later frames (hollow), mean over seeds; small: seeds"),
+                        Line2D([], [], color="0.5", linestyle="--", label="uniformly random codes, first frame"),
+                        Line2D([], [], color="0.5", linestyle=":", label="uniformly random codes, later frames")],
+               loc="outside lower center", ncols=3, fontsize=9)
     return fig

@@ -198,14 +198,16 @@ def test_a_sweep_report_shows_the_parts_only_for_runs_that_have_them(sweeps: tup
     assert "first_frame" not in (tmp_path / "grid" / "report.md").read_text()
 
 
-def test_parts_panel_draws_each_run_once(sweeps: tuple[Path, Path, Path]) -> None:
+def test_a_sweeps_parts_figure_draws_every_seed_of_both_parts_per_codebook_size(sweeps: tuple[Path, Path, Path]) -> None:
     from analysis.load import load_runs
 
-    summary = video_claim.video_summary(load_runs(sweeps[0]))
-    fig = video_claim.frame_parts_figure(load_runs(sweeps[0]), [KIND, SIZE], strict=True)
-    ax = fig.axes[0]
-    points = np.concatenate([c.get_offsets() for c in ax.collections if len(c.get_offsets())])
-    assert len(points) == len(summary) + len(SIZES)  # every run, and one uniform-random cross per size
+    runs = load_runs(sweeps[0])
+    fig = video_claim.frame_parts_figure(runs, [KIND, SIZE], strict=True)
+    assert len(fig.axes) == 2 * len(SIZES)  # codes used and perplexity, one column per size
+    ax = fig.axes[0]  # codes used at 2^10
+    seeds = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(seeds) == 2 * int((runs[SIZE] == 1024).sum())  # each run's first frame and later frames
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["kind=bsq", "kind=fsq", "kind=lfq"]
 
 
 def test_an_all_digit_run_id_keeps_its_leading_zeros_through_a_merge(sweeps: tuple[Path, Path, Path],
@@ -222,3 +224,24 @@ def test_an_all_digit_run_id_keeps_its_leading_zeros_through_a_merge(sweeps: tup
     assert video([str(sweeps[0]), str(sweeps[1]), "--images", str(sweeps[2]), "--out", str(out), "--merge"]) == 0
     ids = pd.read_csv(out / "summary.csv", dtype={"run_id": str})["run_id"]
     assert digits in set(ids) and len(ids) == 24
+
+
+def test_lower_panels_join_each_quantizers_first_frame_mean_to_its_later_frames_mean(
+        sweeps: tuple[Path, Path, Path]) -> None:
+    from analysis.load import load_runs
+
+    summary = video_claim.video_summary(pd.concat([load_runs(s) for s in sweeps[:2]], ignore_index=True))
+    fig = video_claim.video_figure(summary, video_claim.video_table(summary), strict=True)
+    usage_2_10 = fig.axes[2]  # row 2 (codes used), column 1 (2^10)
+    lines = list(dict.fromkeys(summary["quantizer"]))
+    joined = {round(float(np.mean(line.get_xdata()))): line.get_ydata() for line in usage_2_10.get_lines()
+              if len(line.get_xdata()) == 2 and np.ptp(line.get_xdata()) == pytest.approx(2 * video_claim.PART_OFFSET)}
+    assert sorted(joined) == list(range(len(lines)))
+    small = summary[summary[SIZE] == 1024]
+    for i, name in enumerate(lines):
+        part = small[small["quantizer"] == name]
+        expected = [part["val_usage_of_max_first_frame"].mean(), part["val_usage_of_max_later_frames"].mean()]
+        assert np.allclose(joined[i], expected)
+    # the uniformly random first frame at 2^14: 15,360 tokens reach 1 - exp(-15360/16384) of the codes
+    assert video_claim.uniform_expectation(summary, 16384, "first_frame") == pytest.approx(
+        -math.expm1(-FIRST / 16384) * 16384 / FIRST)
