@@ -314,11 +314,12 @@ def write_video(runs_roots: Sequence[Path], out: Path, *, command: str, images: 
     require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
     if where:
         runs = pick(runs, where)
-    summary = video_summary(runs)
-    summary, notes = merged_or_refused(summary, out / "summary.csv", mode)
-    # As its CSV holds it: the table is then a function of the committed summary.csv, merged rows or not.
+    # As its CSV holds it (6 significant digits): a re-run is compared with its committed row at that
+    # precision, and the table is a function of the committed summary.csv, merged rows or not.
+    fresh = video_summary(runs)
+    fresh = _as_written(fresh).assign(run_id=fresh["run_id"].astype(str).to_numpy())
+    summary, notes = merged_or_refused(fresh, out / "summary.csv", mode)
     summary = sort_summary(summary)
-    summary = _as_written(summary).assign(run_id=summary["run_id"].astype(str).to_numpy())
     for note in notes:
         log(note)
     table = video_table(summary, images_rows(pd.read_csv(images), summary["quantizer"].unique()))
