@@ -66,16 +66,21 @@ def quantizer_of(row: pd.Series, series: str) -> str:
 
 
 def with_parts(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with each part's token count (``final_val_tokens_<part>`` = its N/K x K) and its usage and
+    """``runs`` with the codes the quantizer has (``codebook_codes``, K: validation tokens over tokens per
+    code), each part's token count (``final_val_tokens_<part>`` = its N/K x K) and its usage and
     perplexity relative to the most codes its tokens can reach (``val_usage_of_max_<part>`` = codes
     used / min(K, N), ``val_perplexity_of_max_<part>`` = perplexity / min(K, N)). Unchanged for runs
     without the parts."""
     out = runs.copy()
+    # The codes the quantizer has: FSQ's product of levels is not the codebook size it rounds (1,000 for 2^10).
+    size = out[SIZE].astype(float)
+    if {"final_val_tokens", "final_val_tokens_per_code"} <= set(out.columns):
+        size = (out["final_val_tokens"].astype(float) / out["final_val_tokens_per_code"].astype(float)).round().fillna(size)
     for part in PARTS:
         per_code = f"final_val_tokens_per_code_{part}"
         if not {per_code, f"final_val_codes_used_{part}", f"final_val_perplexity_{part}"} <= set(out.columns):
             continue
-        size = out[SIZE].astype(float)
+        out["codebook_codes"] = size
         tokens = (out[per_code].astype(float) * size).round()
         out[f"final_val_tokens_{part}"] = tokens
         reach = np.minimum(size, tokens)
@@ -107,7 +112,7 @@ def video_summary(runs: pd.DataFrame) -> pd.DataFrame:
     parts = [f"{m}_{p}" for p in PARTS for m in PART_METRICS]
     derived = [f"val_{m}_of_max_{p}" for p in PARTS for m in ("usage", "perplexity")]
     columns = ["run_id", "sweep", "status", "series", "quantizer", KIND, SIZE, TAU, VQ_INIT, VQ_DEAD, "seed",
-               *METRICS, *parts, *derived, "batch_tokens", FRAMES, TEMPORAL, "wall_time_s", *FIXED, *SUMMARY_ENV]
+               *METRICS, "codebook_codes", *parts, *derived, "batch_tokens", FRAMES, TEMPORAL, "wall_time_s", *FIXED, *SUMMARY_ENV]
     table = table[[c for c in columns if c in table]].drop_duplicates("run_id").astype({"run_id": str})
     return sort_summary(table)
 
@@ -163,11 +168,11 @@ def _size_ticks(ax: Axes, sizes: Sequence[float]) -> None:
     ax.set_xlabel("codebook size (log2; lines dodged sideways)")
 
 
-def uniform_expectation(runs: pd.DataFrame, size: int, part: str) -> float:
-    """Codes used / min(K, N) that a part's N tokens reach when codes are drawn uniformly at random:
-    (1 - exp(-N/K)) K / min(K, N), for the first run of ``runs`` at ``size``."""
-    tokens = float(runs.loc[runs[SIZE] == size, f"final_val_tokens_{part}"].iloc[0])
-    return float(-np.expm1(-tokens / size) * size / min(size, tokens))
+def uniform_expectation(run: pd.Series, part: str) -> float:
+    """Codes used / min(K, N) that a part's N tokens reach when the run's K codes are drawn uniformly at
+    random: (1 - exp(-N/K)) K / min(K, N)."""
+    tokens, codes = float(run[f"final_val_tokens_{part}"]), float(value_or(run, "codebook_codes", run[SIZE]))
+    return float(-np.expm1(-tokens / codes) * codes / min(codes, tokens))
 
 
 PART_OFFSET = 0.18  # the first frame left of a quantizer's tick, the later frames right of it
@@ -178,7 +183,7 @@ def parts_dots(ax: Axes, runs: pd.DataFrame, lines: Sequence[str], size: int, wh
     """At codebook size ``size``, per value of ``group`` in ``lines`` (a quantizer; a sweep's grid point): its first frame's ``what`` (usage or
     perplexity) over min(K, N) (filled marker, left) and its later frames' (hollow, right), the mean over
     seeds joined by a line, each seed a small marker; for usage, grey lines where uniformly random
-    codes would land (first frame dashed, later frames dotted)."""
+    codes would land (first frame dashed, later frames dotted), each at its quantizer's own K."""
     palette = colors(len(lines))
     at = runs[runs[SIZE] == size]
     for i, name in enumerate(lines):
@@ -195,9 +200,11 @@ def parts_dots(ax: Axes, runs: pd.DataFrame, lines: Sequence[str], size: int, wh
             ax.plot([i + side * PART_OFFSET], [means[-1]], linestyle="none", markersize=10, markeredgewidth=1.6,
                     markerfacecolor=palette[i] if side < 0 else "white", **style)
         ax.plot([i - PART_OFFSET, i + PART_OFFSET], means, color=palette[i], linewidth=1.2)
-    if what == "usage" and len(at):
-        for frame_part, dash in (("first_frame", "--"), ("later_frames", ":")):
-            ax.axhline(uniform_expectation(at, size, frame_part), color="0.5", linestyle=dash, linewidth=1.1, zorder=1)
+        if what == "usage":  # each quantizer's own K (FSQ's levels give it fewer codes than the size)
+            for side, frame_part, dash in ((-1, "first_frame", "--"), (1, "later_frames", ":")):
+                level = uniform_expectation(part.iloc[0], frame_part)
+                ax.plot([i + side * PART_OFFSET - 0.15, i + side * PART_OFFSET + 0.15], [level, level], color="0.5",
+                        linestyle=dash, linewidth=1.3, zorder=1)
     ax.set_xticks(range(len(lines)), [textwrap.fill(name, 20) for name in lines], fontsize=9)
     ax.set_xlim(-0.6, len(lines) - 0.4)
     noun = "codes used" if what == "usage" else "perplexity"

@@ -21,6 +21,7 @@ SIZES = (1024, 16384)
 SEEDS = (1, 2, 3)
 FIRST, LATER = 15360, 61440  # video.yaml's validation tokens: 240 clips x 64 of the first step, x 256 of the rest
 FAIR_VQ = "VQ random-sample init + dead-code (batch tokens / 4K)"
+FSQ_CODES = {1024: 1000, 16384: 15360}  # the products of the FSQ levels the trainer picks for these sizes
 
 
 def _usage(kind: str, size: int, seed: int) -> float:
@@ -44,13 +45,15 @@ def write_video_sweep(root: Path, name: str, kinds: tuple[str, ...], seeds: tupl
         (run_dir / "config.json").write_text(json.dumps(config))
         summary = json.loads((run_dir / "summary.json").read_text())
         first, later = usage - 0.05, usage
+        codes = FSQ_CODES[size] if kind == "fsq" else size  # FSQ's levels: fewer codes than the size
         summary.update(
             final_val_usage_fraction=usage, final_val_psnr=20.0 + seed + 1 / 3, final_val_ssim=0.5,
-            final_val_perplexity=usage * size / 2, final_val_codes_used=round(usage * size),
-            final_val_tokens=FIRST + LATER, final_val_usage_ceiling=-math.expm1(-(FIRST + LATER) / size),
+            final_val_perplexity=usage * codes / 2, final_val_codes_used=round(usage * codes),
+            final_val_tokens=FIRST + LATER, final_val_tokens_per_code=(FIRST + LATER) / codes,
+            final_val_usage_ceiling=-math.expm1(-(FIRST + LATER) / codes),
             **{f"final_val_{m}_{p}": v for p, n, u in (("first_frame", FIRST, first), ("later_frames", LATER, later))
-               for m, v in (("usage_fraction", u), ("codes_used", round(u * size)), ("perplexity", u * size / 2),
-                            ("tokens_per_code", n / size), ("usage_ceiling", -math.expm1(-n / size)))})
+               for m, v in (("usage_fraction", u), ("codes_used", round(u * codes)), ("perplexity", u * codes / 2),
+                            ("tokens_per_code", n / codes), ("usage_ceiling", -math.expm1(-n / codes)))})
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return sweep
 
@@ -115,6 +118,9 @@ def test_parts_are_measured_against_the_most_codes_their_tokens_reach(sweeps: tu
     assert row["val_perplexity_of_max_first_frame"] == pytest.approx(0.66 * 16384 / 2 / FIRST)
     small = summary.loc["lfq1024s1"]  # 2^10 codes: both parts can reach every code
     assert small["val_usage_of_max_first_frame"] == pytest.approx(round(0.86 * 1024) / 1024)
+    fsq = summary.loc["fsq16384s1"]  # 15,360 codes: the token counts are the same, the most reachable is K
+    assert fsq["codebook_codes"] == 15360 and fsq["final_val_tokens_first_frame"] == FIRST
+    assert fsq["val_usage_of_max_later_frames"] == pytest.approx(round(0.51 * 15360) / 15360)
 
 
 def test_table_is_the_mean_std_and_count_over_seeds_of_each_task(sweeps: tuple[Path, Path, Path]) -> None:
@@ -248,5 +254,5 @@ def test_lower_panels_join_each_quantizers_first_frame_mean_to_its_later_frames_
         expected = [part["val_usage_of_max_first_frame"].mean(), part["val_usage_of_max_later_frames"].mean()]
         assert np.allclose(joined[i], expected)
     # the uniformly random first frame at 2^14: 15,360 tokens reach 1 - exp(-15360/16384) of the codes
-    assert video_claim.uniform_expectation(summary, 16384, "first_frame") == pytest.approx(
-        -math.expm1(-FIRST / 16384) * 16384 / FIRST)
+    lfq = summary[(summary[KIND] == "lfq") & (summary[SIZE] == 16384)].iloc[0]
+    assert video_claim.uniform_expectation(lfq, "first_frame") == pytest.approx(-math.expm1(-FIRST / 16384) * 16384 / FIRST)
