@@ -2,7 +2,8 @@
 captions) and a function of the study's loaded data that draws it. Four studies draw from here:
 ``sweep`` (``python -m analysis.report RESULTS``: a sweep's ``report.md``), ``ablations`` (the paper's
 claims, ``results/ablations``), ``recipe`` (the images task's regime study, ``results/recipe``) and
-``generation`` (issue 33's token priors against their tokenizers, ``results/generation``). A
+``video`` (claim 1 on the video task, ``results/video``) and ``generation`` (issue 33's token priors
+against their tokenizers, ``results/generation``). A
 study's data is a mapping of names to frames (and, for a sweep, the words its captions are made of);
 a report draws the entries of its study whose ``needs`` are all in it. Adding a figure is its drawing
 function (``plots.py``, ``diagnostics.py``, ``claim_figures.py``, or a module of its own) plus one
@@ -43,9 +44,10 @@ from analysis.plots import (
 )
 from analysis.prior_figures import is_prior_sweep, prior_samples
 from analysis.regime import collapse_figure, comparison_figure, regime_figure
+from analysis.video_claim import frame_parts_figure, video_figure
 
 Data = Mapping[str, Any]
-STUDIES = ("sweep", "ablations", "recipe", "generation")
+STUDIES = ("sweep", "ablations", "recipe", "video", "generation")
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,13 @@ SWEEP = "sweep"
 ABLATIONS = "ablations"
 RECIPE = "recipe"
 GENERATION = "generation"
+VIDEO = "video"
+
+
+def _has_frame_parts(data: Data) -> bool:
+    """Whether the sweep's finished runs report their first frame's and later frames' validation usage."""
+    column = "final_val_usage_fraction_first_frame"
+    return column in data["finished"] and data["finished"][column].notna().any()
 
 FIGURES: list[Plot] = [
     # A sweep's report (analysis.report), in reading order.
@@ -232,6 +241,14 @@ FIGURES: list[Plot] = [
          "are NaN before loss.disc_start, so its lines start there.",
          lambda d: adversarial_game(d["metrics"], d["runs"], strict=True), shows="runs",
          when=lambda d: played(d["metrics"])),
+    Plot("usage_by_frame", SWEEP, "The first frame beside the later frames",
+         "Video runs, one column per codebook size: for each grid point, the first frame's tokens (the causal "
+         "first frame, encoded alone; filled, left) beside the later frames' tokens (hollow, right) of the last "
+         "validation: codes used (top) and perplexity (bottom), each over the most codes that part's N tokens "
+         "can reach, min(K, N); the mean over finished seeds, joined, each seed a small marker. Grey lines are "
+         "where uniformly random codes would land (first frame dashed, later frames dotted).",
+         lambda d: frame_parts_figure(d["finished"], parameters(d["finished"]), strict=True), shows="finished",
+         when=_has_frame_parts),
     Plot("prior_samples", SWEEP, "Samples of the token priors",
          "For each finished token prior (task prior), the first 16 of its samples at temperature 1, decoded by "
          "its tokenizer's decoder (the run folder's samples.png), titled with its tokenizer's run id, its head, "
@@ -280,6 +297,16 @@ FIGURES: list[Plot] = [
          lambda d: clamp_probe_figure(d["probe"], strict=True), needs=("probe",)),
     # The recipe study (results/recipe): the regime sweep's summary and curves, and the comparisons
     # of analysis.regime.comparisons (claims 1-3 on the images task) that the runs hold.
+    # The video claim (results/video, issue 32): the video runs' summary and the table of both tasks.
+    Plot("video", VIDEO, "Claim 1 on the video task, beside the images task",
+         "Top: validation usage and PSNR of LFQ, BSQ, FSQ and VQ given its fair chance against the codebook "
+         "size: video solid (the mean over seeds, each seed a small marker), the images task's runs of the same "
+         "quantizers dashed (their mean, results/recipe). Below, one column per codebook size: each quantizer's "
+         "first frame (filled, left) beside its later frames (hollow, right), codes used (middle row) and "
+         "perplexity (bottom row) over the most codes that part's N tokens can reach, min(K, N): the mean over "
+         "seeds, joined, each seed a small marker; grey lines are where uniformly random codes would land "
+         "(first frame dashed, later frames dotted).",
+         lambda d: video_figure(d["summary"], d["table"], strict=True), needs=("summary", "table")),
     Plot("regime", RECIPE, "Validation usage and PSNR against the inverse temperature",
          "One column per codebook size; each (schedule, gamma) series has its own colour, line style and marker "
          "and is offset sideways so coincident series stay visible; small markers are single seeds, lines the "

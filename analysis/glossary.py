@@ -30,6 +30,11 @@ METRIC_DEFINITIONS = {
                                  "set is too small to show a codebook's usage (see final_val_usage_ceiling)",
     "final_val_usage_ceiling": "1 - exp(-N/K): the expected share of the K codes that N validation tokens reach when "
                                "assigned uniformly at random, the most final_val_usage_fraction can be expected to show",
+    "final_val_usage_fraction_first_frame": "video runs: final_val_usage_fraction of the first frame's tokens alone "
+                                            "(the causal first frame, encoded on its own: a fifth of video.yaml's "
+                                            "tokens, so its ceiling 1 - exp(-N/K) is lower)",
+    "final_val_usage_fraction_later_frames": "video runs: final_val_usage_fraction of the later frames' tokens "
+                                             "(every token step after the first)",
     "final_usage_fraction": "share of the codebook used at least once in the training usage window ending at the "
                             "last logged step (the last `monitor.usage_window` steps), " + _MEAN,
     "final_perplexity": "exp of the entropy of the code histogram of the last logged training step alone "

@@ -97,7 +97,7 @@ def merged_or_refused(summary: pd.DataFrame, existing: Path, mode: str) -> tuple
     ``"merge"`` or ``"refuse"`` (:class:`WouldLoseRuns` if it holds runs ``summary`` lacks), and notes."""
     if mode == "replace" or not existing.is_file():
         return summary, []
-    old = pd.read_csv(existing)
+    old = pd.read_csv(existing, dtype={"run_id": str})  # an all-digit id keeps its leading zeros
     if mode == "merge":
         merged, notes = merge_summaries(old, summary)
         return merged, [*reruns(old, summary), *notes]

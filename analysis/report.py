@@ -1,5 +1,5 @@
 """The one command line of the analysis: a sweep's report (every figure its runs support, as PNG and
-SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe|generation``),
+SVG, and ``report.md``), or a committed study's CSVs and figures (``--study ablations|recipe|video|generation``),
 written from run folders, merged into committed CSVs (``--merge``) or redrawn from them
 (``--redraw``); the figures are the entries of analysis/figures.py, and docs/experiments.md is
 the reference (options, merging, the old commands).
@@ -8,6 +8,7 @@ the reference (options, merging, the old commands).
     python -m analysis.report results/gamma_frac --out /tmp/r --where quantizer.codebook_size=1024
     python -m analysis.report RUNS --study ablations --out results/ablations [--merge]
     python -m analysis.report RUNS/recipe_regime RUNS/quantizers_images ... --study recipe --out results/recipe [--merge]
+    python -m analysis.report RUNS/quantizers_video RUNS/vq_fair_video --study video --out results/video
     python -m analysis.report RUNS/generation_lfq_images ... RUNS/prior_generation_images ... --study generation --out results/generation
     python -m analysis.report --redraw --out results/ablations            # figures from the committed CSVs
 """
@@ -29,7 +30,7 @@ import pandas as pd
 from analysis.aggregate import WhereError, parameters, select
 from analysis.aggregate import where as pick
 from analysis.column_names import STEPS
-from analysis.figures import ABLATIONS, GENERATION, RECIPE, STUDIES, SWEEP, planned, sweep_data
+from analysis.figures import ABLATIONS, GENERATION, RECIPE, STUDIES, SWEEP, VIDEO, planned, sweep_data
 from analysis.glossary import definitions_section, held_fixed_line, held_fixed_table
 from analysis.jsonl_reader import LoadProblem, temp_dir_beside, write_atomic
 from analysis.load import (
@@ -45,10 +46,12 @@ from analysis.studies import (
     redraw_ablations,
     redraw_generation,
     redraw_recipe,
+    redraw_video,
     study_of,
     write_ablations,
     write_generation,
     write_recipe,
+    write_video,
 )
 from analysis.style import NoData, save_figure
 from analysis.tables import grid_table as tidy_grid_table
@@ -58,6 +61,7 @@ from common.cli import OneLineParser, fail, guarded
 RUN_METRICS = (
     "final_val_usage_fraction", "final_val_usage_ceiling", "final_val_codes_used", "final_val_perplexity",
     "final_val_tokens", "final_val_tokens_per_code",
+    "final_val_usage_fraction_first_frame", "final_val_usage_fraction_later_frames",  # video runs only
     "final_usage_fraction", "final_perplexity", "final_codes_used", "final_dead_codes",
     "final_val_mse", "final_val_psnr", "final_val_ssim", "best_val_psnr", "final_train_loss", "wall_time_s",
 )
@@ -337,14 +341,16 @@ def _parser() -> OneLineParser:
                         help="a sweep folder (or any folder of run folders); --study ablations: the folder of the "
                              "ablation sweep folders (or one of them); --study recipe: the regime sweep's folder, "
                              "then any sweep folders to compare with (quantizers_images, vq_fair_images, "
-                             "entropy_weight_images, gamma_frac_images, ...); --study generation: the token prior "
+                             "entropy_weight_images, gamma_frac_images, ...); --study video: the video sweeps' folders "
+                             "(quantizers_video, vq_fair_video); --study generation: the token prior "
                              "sweep folders and the sweep folders of their tokenizers")
     parser.add_argument("--study", choices=STUDIES, default=None,
-                        help="which report: a sweep's (default), the ablation claims, the recipe study or issue 33's "
-                             "priors against their tokenizers; with "
+                        help="which report: a sweep's (default), the ablation claims, the recipe study, the video "
+                             "claim or issue 33's priors against their tokenizers; with "
                              "--redraw read from what --out holds")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: RUNS/report for a sweep, results/ablations, results/recipe, results/generation")
+                        help="default: RUNS/report for a sweep, results/ablations, results/recipe, results/video, "
+                             "results/generation")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="only the runs whose column KEY equals VALUE, e.g. quantizer.codebook_size=1024 "
                              "or name=demo (repeatable: all must hold)")
@@ -357,6 +363,9 @@ def _parser() -> OneLineParser:
                                "folders may be gone) and update the others by run id")
     existing.add_argument("--replace", action="store_const", const="replace", dest="mode",
                           help="rewrite a study's --out from RUNS alone, dropping committed runs not found there")
+    parser.add_argument("--images", type=Path, default=None, metavar="CSV",
+                        help="--study video: the images task's quantizer comparison to set beside the video runs "
+                             "(default: results/recipe/quantizers_summary.csv)")
     parser.add_argument("--regime-sweep", default=None, metavar="NAME",
                         help="--study recipe: the regime sweep's name (default: recipe_regime)")
     parser.add_argument("--no-cache", action="store_true", help="a sweep's report: parse every metrics file again")
@@ -373,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.runs:
         parser.error("give RUNS (a sweep folder), or --redraw --out DIR")
     if study == SWEEP:
-        for flag, given in (("--merge/--replace", args.mode), ("--regime-sweep", args.regime_sweep)):
+        for flag, given in (("--merge/--replace", args.mode), ("--regime-sweep", args.regime_sweep),
+                            ("--images", args.images)):
             if given:
                 parser.error(f"{flag} is for --study ablations or recipe (committed CSVs); a sweep's report is "
                              "always written whole from its runs")
@@ -382,10 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _sweep(args)
     if args.no_cache:
         parser.error("--no-cache is for a sweep's report")
-    if study == GENERATION and args.regime_sweep:
-        parser.error("--regime-sweep is for --study recipe")
     if study == ABLATIONS and (len(args.runs) > 1 or args.regime_sweep):
         parser.error("--study ablations reads one folder of ablation sweep folders (no --regime-sweep)")
+    if args.images is not None and study != VIDEO:
+        parser.error("--images is for --study video")
+    if args.regime_sweep and study in (VIDEO, GENERATION):
+        parser.error("--regime-sweep is for --study recipe")
     for root in args.runs:
         if not root.is_dir():
             what = "is a file" if root.exists() else "does not exist"
@@ -402,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{out / sweep}: {', '.join(files)}")
         elif study == GENERATION:
             files = write_generation(args.runs, out, command=command, mode=mode, where=args.where)
+        elif study == VIDEO:
+            extra = {"images": args.images} if args.images is not None else {}
+            files = write_video(args.runs, out, command=command, mode=mode, where=args.where, **extra)
             print(f"{out}: {', '.join(files)}")
         else:
             files = write_recipe(args.runs, out, command=command, regime_sweep=args.regime_sweep or "recipe_regime",
@@ -426,7 +441,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _redraw(parser: OneLineParser, args: argparse.Namespace) -> int:
-    if args.runs or args.where or args.mode or args.no_cache or args.regime_sweep:
+    if args.runs or args.where or args.mode or args.no_cache or args.regime_sweep or args.images:
         parser.error("--redraw draws the CSVs under --out whole: give --out DIR alone (and --study)")
     if args.out is None:
         parser.error("--redraw needs --out: the folder of a committed study (results/ablations, results/recipe, results/generation)")
@@ -441,6 +456,9 @@ def _redraw(parser: OneLineParser, args: argparse.Namespace) -> int:
             return 0
         if study == GENERATION:
             print(f"{args.out}: {', '.join(redraw_generation(args.out))}")
+            return 0
+        if study == VIDEO:
+            print(f"{args.out}: {', '.join(redraw_video(args.out))}")
             return 0
         drawn = redraw_ablations(args.out)
     except (FileNotFoundError, ValueError) as err:  # NoData, and pandas' errors for a CSV it cannot read

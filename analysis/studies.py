@@ -1,9 +1,10 @@
 """The committed studies, ``results/ablations`` (the paper's claims), ``results/recipe`` (the images
-task's regime study) and ``results/generation`` (issue 33's token priors joined to their tokenizers):
+task's regime study), ``results/video`` (the quantizers on the video task) and ``results/generation``
+(issue 33's token priors joined to their tokenizers):
 their CSVs, ``command.txt`` and the figures of their entries in
 :mod:`analysis.figures`, written from run folders (``--merge`` folds a few runs into the committed
 CSVs by run id, :mod:`analysis.merge`) or the figures redrawn from the committed CSVs alone.
-``python -m analysis.report --study ablations|recipe|generation`` is their command line.
+``python -m analysis.report --study ablations|recipe|video|generation`` is their command line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from analysis.aggregate import where as pick
 from analysis.claims import (
@@ -27,7 +29,7 @@ from analysis.claims import (
     summaries_from_runs,
 )
 from analysis.column_names import TAU
-from analysis.figures import ABLATIONS, GENERATION, RECIPE, planned
+from analysis.figures import ABLATIONS, GENERATION, RECIPE, VIDEO, planned
 from analysis.generation_claim import claim_order, generation_summary, generation_table, utilization_table
 from analysis.jsonl_reader import write_atomic
 from analysis.merge import command_text, merge_summaries, merged_or_refused, refuse_dropping, reruns
@@ -46,6 +48,7 @@ from analysis.regime import (
 )
 from analysis.style import NoData, require, save_figure
 from analysis.tables import grid_table
+from analysis.video_claim import IMAGES_SUMMARY, images_rows, sort_summary, video_summary, video_table
 
 Log = Callable[[str], None]
 MODES = ("refuse", "merge", "replace")
@@ -323,10 +326,78 @@ def redraw_generation(out: Path) -> list[str]:
     return [name for stem, fig in figures for name in save_figure(fig, out, stem)]
 
 
+# ---- the video claim ---------------------------------------------------------------------------
+
+def _video_figures(summary: pd.DataFrame, table: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """The video entries of :mod:`analysis.figures`, drawn (``NoData`` stops them, nothing written)."""
+    figures = []
+    for item in planned(VIDEO, {"summary": summary, "table": table}):
+        fig = item.draw()
+        assert fig is not None  # strict=True raises instead of returning None
+        figures.append((item.stem, fig))
+    return figures
+
+
+def redraw_video(out: Path) -> list[str]:
+    """The video study's figures from the ``summary.csv`` and ``table.csv`` committed to ``out``."""
+    require((out / "summary.csv").is_file() and (out / "table.csv").is_file(),
+            f"no summary.csv and table.csv under {out}: write them with python -m analysis.report RUNS... "
+            "--study video --out DIR")
+    figures = _video_figures(pd.read_csv(out / "summary.csv"), pd.read_csv(out / "table.csv"))
+    return [name for stem, fig in figures for name in save_figure(fig, out, stem)]
+
+
+def write_video(runs_roots: Sequence[Path], out: Path, *, command: str, images: Path = IMAGES_SUMMARY,
+                mode: str = "refuse", where: Sequence[str] | Mapping[str, object] = (),
+                log: Log | None = None) -> list[str]:
+    """From the video run folders under ``runs_roots`` (the ``quantizers_video`` and ``vq_fair_video``
+    sweeps) and the images task's committed comparison ``images`` (a ``quantizers_summary.csv``), into
+    ``out``, each file written atomically: ``summary.csv`` (one row per video run), ``table.csv`` (mean,
+    std and n over seeds per task, quantizer and codebook size), the video figures of
+    :mod:`analysis.figures` and ``command.txt``. ``mode`` and ``where`` as in :func:`write_ablations`.
+    Returns the names written."""
+    from analysis.load import load_runs
+
+    _check_mode(mode)
+    log = log or _stderr
+    if not Path(images).is_file():
+        raise FileNotFoundError(f"no images comparison {images}: give --images PATH, the images task's "
+                                "quantizers_summary.csv (results/recipe/quantizers_summary.csv)")
+    parts = [load_runs(root) for root in runs_roots]
+    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    if where:
+        runs = pick(runs, where)
+    # As its CSV holds it (6 significant digits): a re-run is compared with its committed row at that
+    # precision, and the table is a function of the committed summary.csv, merged rows or not.
+    fresh = video_summary(runs)
+    fresh = _as_written(fresh).assign(run_id=fresh["run_id"].astype(str).to_numpy())
+    summary, notes = merged_or_refused(fresh, out / "summary.csv", mode)
+    summary = sort_summary(summary)
+    for note in notes:
+        log(note)
+    table = video_table(summary, images_rows(pd.read_csv(images), summary["quantizer"].unique()))
+    # Drawn before anything is written, from the tables as the CSVs will hold them: --redraw draws the same bytes.
+    figures = _video_figures(_as_written(summary), _as_written(table))
+    written = []
+    for name, frame in (("summary.csv", summary), ("table.csv", table)):
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
+        written.append(name)
+    for stem, fig in figures:
+        written += save_figure(fig, out, stem)
+    made = [line for root in runs_roots for line in submit_commands(root)]
+    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
+    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
+    return [*written, "command.txt"]
+
+
 def study_of(out: Path) -> str:
     """Which committed study a folder holds: ``generation`` (a ``utilization.csv`` beside its
-    ``summary.csv``), ``recipe`` (a ``table.csv`` or ``curves.csv``), else ``ablations``
-    (``<sweep>/summary.csv`` files or a ``probe.csv``)."""
+    ``summary.csv``), ``video`` (a ``table.csv`` with a ``task`` column), ``recipe`` (another
+    ``table.csv`` or a ``curves.csv``), else ``ablations`` (``<sweep>/summary.csv`` files or a ``probe.csv``)."""
     if (out / "utilization.csv").is_file():
         return GENERATION
+    if (out / "table.csv").is_file() and "task" in pd.read_csv(out / "table.csv", nrows=0).columns:
+        return VIDEO
     return RECIPE if (out / "table.csv").is_file() or (out / "curves.csv").is_file() else ABLATIONS
