@@ -169,3 +169,38 @@ def test_the_claim_4_patches_table_is_the_committed_summary() -> None:
         _check(exact, list(by_mode["exact"]["final_codes_used"]), f"claim 4 patches, {codes}, exact")
         _check(clamped, list(by_mode["clamped"]["final_codes_used"]), f"claim 4 patches, {codes}, clamped")
         _check(psnr, [by_mode[m]["final_val_psnr"].mean() for m in ("exact", "clamped")], f"claim 4 patches, {codes}")
+
+
+def test_the_video_table_is_the_committed_video_table() -> None:
+    csv = pd.read_csv(ROOT / "results" / "video" / "table.csv")
+    rows = _table("quantizer | codes | seeds (video / images)")
+    video = csv[csv["task"] == "video"]
+    assert len(rows) == len(video), f"the video table has {len(rows)} rows, results/video/table.csv {len(video)}"
+    for quantizer, codes, seeds, usage, psnr, frames in rows:
+        where = f"video table, {quantizer}, {codes}"
+        parts = csv[(csv["quantizer"] == quantizer) & (csv["quantizer.codebook_size"] == _codes(codes))]
+        row = parts[parts["task"] == "video"].iloc[0]
+        images = parts[parts["task"] == "images"]
+        image = images.iloc[0] if len(images) else None
+        _check(seeds, [row["n_seeds"], *([image["n_seeds"]] if image is not None else [])], where)
+        _check(usage, _usage_psnr(row)[:2] + (_usage_psnr(image)[:2] if image is not None else []), where)
+        _check(psnr, _usage_psnr(row)[2:] + (_usage_psnr(image)[2:] if image is not None else []), where)
+        _check(frames, [row["val_usage_of_max_first_frame_mean"], row["val_usage_of_max_first_frame_std"],
+                        row["val_usage_of_max_later_frames_mean"], row["val_usage_of_max_later_frames_std"]], where)
+
+
+def test_the_generation_table_is_the_committed_generation_table() -> None:
+    csv = pd.read_csv(ROOT / "results" / "generation" / "table.csv")
+    rows = _table("series | codes | seeds | tokenizer val usage (%)")
+    assert len(rows) == len(csv), f"the generation table has {len(rows)} rows, results/generation/table.csv {len(csv)}"
+    for series, codes, seeds, usage, psnr, bits, unigram, samples, kl in rows:
+        where = f"generation table, {series}, {codes}"
+        match = csv[(csv["series"] == series) & (csv["quantizer.codebook_size"] == _codes(codes))]
+        assert len(match) == 1, f"no results/generation/table.csv row for {series} at {codes}"
+        row = match.iloc[0]
+        stds = row["n_seeds"] > 1
+        _check(seeds, [row["n_seeds"]], where)
+        for cell, column, scale in ((usage, "final_val_usage_fraction", 100), (psnr, "final_val_psnr", 1),
+                                    (bits, "final_val_bits_per_image", 1), (unigram, "unigram_bits_per_image", 1),
+                                    (samples, "final_sample_usage_fraction", 100), (kl, "final_sample_kl", 1)):
+            _check(cell, [scale * row[f"{column}_mean"], *([scale * row[f"{column}_std"]] if stds else [])], where)
