@@ -193,9 +193,11 @@ def test_the_generation_table_is_the_committed_generation_table() -> None:
     csv = pd.read_csv(ROOT / "results" / "generation" / "table.csv")
     rows = _table("series | codes | seeds | tokenizer val usage (%)")
     assert len(rows) == len(csv), f"the generation table has {len(rows)} rows, results/generation/table.csv {len(csv)}"
-    for series, codes, seeds, usage, psnr, bits, unigram, samples, kl in rows:
-        where = f"generation table, {series}, {codes}"
-        match = csv[(csv["series"] == series) & (csv["quantizer.codebook_size"] == _codes(codes))]
+    for label, codes, seeds, usage, psnr, bits, unigram, samples, kl in rows:
+        where = f"generation table, {label}, {codes}"
+        series, _, head = label.removesuffix(" head)").partition(" (")  # "LFQ recipe (full head)": the full head
+        match = csv[(csv["series"] == series) & (csv["quantizer.codebook_size"] == _codes(codes))
+                    & (csv["model.head"] == (head or "factorized"))]
         assert len(match) == 1, f"no results/generation/table.csv row for {series} at {codes}"
         row = match.iloc[0]
         stds = row["n_seeds"] > 1
