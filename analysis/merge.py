@@ -64,9 +64,15 @@ def merge_summaries(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame,
     return _sorted(merged), notes
 
 
+def _as_committed(value: object) -> float:
+    """``value`` at the committed CSVs' precision (6 significant digits): a fresh run's full-precision
+    number and its committed row are compared as the CSV would hold both."""
+    return float(f"{float(value):.6g}")
+
+
 def reruns(old: pd.DataFrame, new: pd.DataFrame, metrics: tuple[str, ...] = RERUN_METRICS) -> list[str]:
     """Notes on the runs finished in both ``old`` (committed) and ``new`` (run folders): how many
-    reproduce ``metrics`` to 1e-6 relative, and one note per run that did not, naming what it ran
+    reproduce ``metrics`` at the committed 6 significant digits, and one note per run that did not, naming what it ran
     on where that differs (``env_*`` columns; a run computed on another CPU ISA or torch sums in
     another order: ``experiments.provenance``) or that the committed row recorded nothing."""
     if not len(old) or not len(new) or "status" not in old or "status" not in new:
@@ -78,8 +84,8 @@ def reruns(old: pd.DataFrame, new: pd.DataFrame, metrics: tuple[str, ...] = RERU
     for run_id in both:
         changed = [f"{m} {done_old.at[run_id, m]:.6g} -> {done_new.at[run_id, m]:.6g}"
                    for m in metrics if m in done_old and m in done_new
-                   and not np.isclose(float(done_old.at[run_id, m]), float(done_new.at[run_id, m]), rtol=1e-6,
-                                      atol=0.0, equal_nan=True)]
+                   and not np.isclose(_as_committed(done_old.at[run_id, m]), _as_committed(done_new.at[run_id, m]),
+                                      rtol=1e-6, atol=0.0, equal_nan=True)]
         if not changed:
             continue
         recorded = [c for c in SUMMARY_ENV if c in done_old and pd.notna(done_old.at[run_id, c])]

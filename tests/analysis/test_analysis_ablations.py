@@ -472,3 +472,15 @@ def test_a_merge_keeps_numbers_numeric_where_new_runs_have_none(tmp_path: Path) 
     # nor does a flag: True/False, not 1/0
     flags, _ = merge_summaries(old.assign(env_dirty=False), new.assign(env_dirty=[None, True]))
     assert flags["env_dirty"].tolist()[:2] == [False, False] and flags["env_dirty"].tolist()[3] is True
+
+
+def test_a_rerun_is_compared_with_its_committed_row_at_the_csvs_six_digits() -> None:
+    from analysis.merge import reruns
+
+    committed = pd.DataFrame({"run_id": ["a", "b"], "status": ["done", "done"],
+                              "final_val_psnr": [21.4324, 21.4324]})  # as summary.csv holds them (%.6g)
+    fresh = pd.DataFrame({"run_id": ["a", "b"], "status": ["done", "done"],
+                          "final_val_psnr": [21.432449, 21.43262]})  # a: the same run; b: moved in the 6th digit
+    notes = reruns(committed, fresh, ("final_val_psnr",))
+    assert notes[0].endswith("1 match the committed final numbers")
+    assert len(notes) == 2 and notes[1].startswith("b: re-run did not reproduce")
