@@ -188,6 +188,34 @@ def _as_written(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` as reading back its CSV gives it (floats to 6 significant digits, dtypes as read)."""
     return pd.read_csv(io.StringIO(frame.to_csv(index=False, float_format=CSV_FLOATS))) if len(frame.columns) else frame
 
+def _runs_under(runs_roots: Sequence[Path], *, warn: bool = True) -> pd.DataFrame:
+    """The runs of every folder of ``runs_roots``, one frame; a one-line error when there are none."""
+    from analysis.load import load_runs  # the CSV-only paths need no run loading
+
+    parts = [load_runs(root, warn=warn) for root in runs_roots]
+    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    return runs
+
+
+def _write_study(out: Path, tables: Sequence[tuple[str, pd.DataFrame]], figures: Sequence[tuple[str, Figure]],
+                 runs_roots: Sequence[Path], command: str, *, merge: bool) -> list[str]:
+    """A committed study's files, each written atomically into ``out``: its ``tables`` (CSV at
+    :data:`CSV_FLOATS`), its drawn ``figures`` and ``command.txt`` (how the runs were made, then
+    ``command``, after the lines already there when ``merge``). Returns the names written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, frame in tables:
+        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
+        written.append(name)
+    for stem, fig in figures:
+        written += save_figure(fig, out, stem)
+    made = [line for root in runs_roots for line in submit_commands(root)]
+    text = command_text(out / "command.txt", made, command, merge, marker="# these tables and figures:")
+    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
+    return [*written, "command.txt"]
+
+
 
 def draw_recipe(out: Path, data: Mapping[str, pd.DataFrame]) -> list[str]:
     """The recipe entries of :mod:`analysis.figures` that ``data`` holds, drawn into ``out``; a
@@ -214,13 +242,11 @@ def write_recipe(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     ``command.txt``. ``mode`` and ``where`` as in :func:`write_ablations`: ``"merge"`` keeps the runs
     committed to ``out`` (their rows and curves) and updates the others by run id, a finished
     committed row never replaced by an unfinished one. Returns the names written."""
-    from analysis.load import load_metrics, load_runs  # the CSV-only path needs no run loading
+    from analysis.load import load_metrics  # the CSV-only path needs no run loading
 
     _check_mode(mode)
     log = log or _stderr
-    parts = [load_runs(root) for root in runs_roots]
-    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
-    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    runs = _runs_under(runs_roots)
     if where:
         runs = pick(runs, where)
     runs = runs.astype({"run_id": str})
@@ -263,16 +289,7 @@ def write_recipe(runs_roots: Sequence[Path], out: Path, *, command: str, regime_
     # from the tables as the CSVs will hold them: a --redraw from the committed CSVs draws the same bytes.
     data = {"summary": summary, "curves": curves, **compared, **extra}
     figures = [(item.stem, item.draw()) for item in planned(RECIPE, {k: _as_written(v) for k, v in data.items()})]
-    written = []
-    for name, frame in tables:
-        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
-        written.append(name)
-    for stem, fig in figures:
-        written += save_figure(fig, out, stem)
-    made = [line for root in runs_roots for line in submit_commands(root)]
-    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
-    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
-    return [*written, "command.txt"]
+    return _write_study(out, tables, figures, runs_roots, command, merge=mode == "merge")
 
 
 # ---- issue 33's claim: token priors joined to their tokenizers -------------------------------
@@ -286,13 +303,10 @@ def write_generation(runs_roots: Sequence[Path], out: Path, *, command: str, mod
     ``utilization.csv`` (rank correlations at 2^14 codes), the generation figures of
     :mod:`analysis.figures` and ``command.txt``. ``mode`` as in :func:`write_ablations` (by prior run
     id); ``where`` keeps the summary's rows matching every ``key=value`` (``series=VQ fair``)."""
-    from analysis.load import load_runs  # the CSV-only path needs no run loading
 
     _check_mode(mode)
     log = log or _stderr
-    parts = [load_runs(root, warn=False) for root in runs_roots]
-    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
-    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    runs = _runs_under(runs_roots, warn=False)
     summary = generation_summary(runs, log=log)
     if where:
         summary = pick(summary, where)
@@ -305,17 +319,7 @@ def write_generation(runs_roots: Sequence[Path], out: Path, *, command: str, mod
               ("utilization.csv", utilization_table(summary))]
     # drawn from the summary as its CSV will hold it, before anything is written: --redraw draws the same bytes
     figures = [(item.stem, item.draw()) for item in planned(GENERATION, {"summary": _as_written(summary)})]
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, frame in tables:
-        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
-        written.append(name)
-    for stem, fig in figures:
-        written += save_figure(fig, out, stem)
-    made = [line for root in runs_roots for line in submit_commands(root)]
-    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
-    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
-    return [*written, "command.txt"]
+    return _write_study(out, tables, figures, runs_roots, command, merge=mode == "merge")
 
 
 def redraw_generation(out: Path) -> list[str]:
@@ -356,16 +360,13 @@ def write_video(runs_roots: Sequence[Path], out: Path, *, command: str, images: 
     std and n over seeds per task, quantizer and codebook size), the video figures of
     :mod:`analysis.figures` and ``command.txt``. ``mode`` and ``where`` as in :func:`write_ablations`.
     Returns the names written."""
-    from analysis.load import load_runs
 
     _check_mode(mode)
     log = log or _stderr
     if not Path(images).is_file():
         raise FileNotFoundError(f"no images comparison {images}: give --images PATH, the images task's "
                                 "quantizers_summary.csv (results/recipe/quantizers_summary.csv)")
-    parts = [load_runs(root) for root in runs_roots]
-    runs = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
-    require(len(runs), f"no run folders under {', '.join(map(str, runs_roots))}")
+    runs = _runs_under(runs_roots)
     if where:
         runs = pick(runs, where)
     # As its CSV holds it (6 significant digits): a re-run is compared with its committed row at that
@@ -379,17 +380,8 @@ def write_video(runs_roots: Sequence[Path], out: Path, *, command: str, images: 
     table = video_table(summary, images_rows(pd.read_csv(images), summary["quantizer"].unique()))
     # Drawn before anything is written, from the tables as the CSVs will hold them: --redraw draws the same bytes.
     figures = _video_figures(_as_written(summary), _as_written(table))
-    written = []
-    for name, frame in (("summary.csv", summary), ("table.csv", table)):
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / name, lambda p, f=frame: f.to_csv(p, index=False, float_format=CSV_FLOATS))
-        written.append(name)
-    for stem, fig in figures:
-        written += save_figure(fig, out, stem)
-    made = [line for root in runs_roots for line in submit_commands(root)]
-    text = command_text(out / "command.txt", made, command, mode == "merge", marker="# these tables and figures:")
-    write_atomic(out / "command.txt", lambda p: p.write_text(text, encoding="utf-8"))
-    return [*written, "command.txt"]
+    tables = (("summary.csv", summary), ("table.csv", table))
+    return _write_study(out, tables, figures, runs_roots, command, merge=mode == "merge")
 
 
 def study_of(out: Path) -> str:
