@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lfq.adapters import BinaryLatent
 from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram
-from lfq.subcodes import subcode_split
+from lfq.subcodes import subcode_probs, subcode_split
 
 SATURATION_RATIO = 1e-4
 # p (1 - p) = SATURATION_RATIO / 4 at p = (1 - sqrt(1 - SATURATION_RATIO)) / 2; x = logit(1 - p).
@@ -44,12 +44,9 @@ def latent_sums(latent: BinaryLatent, weight: Tensor, entropies: bool = True) ->
 
 
 def _subcode_probs(logits: Tensor) -> Tensor:
-    """(c, N, k) bit logits -> (c, N, 2**k) distribution over the k-bit sub-codes, MSB first."""
-    p1, p0 = torch.sigmoid(logits), torch.sigmoid(-logits)
-    probs = torch.ones_like(logits[..., :1])
-    for bit in range(logits.shape[-1]):  # each new bit is the least significant so far
-        probs = torch.stack((probs * p0[..., bit : bit + 1], probs * p1[..., bit : bit + 1]), dim=-1).flatten(-2)
-    return probs
+    """(c, N, k) bit logits -> (c, N, 2**k) distribution over the k-bit sub-codes, MSB first
+    (lfq.subcodes' builder, the quantizer's own)."""
+    return subcode_probs(torch.sigmoid(logits), torch.sigmoid(-logits))
 
 
 def weighted_gram(latent: BinaryLatent, weight: Tensor) -> Tensor | None:

@@ -21,7 +21,7 @@ from lfq.code_usage import CodeUsage
 from lfq.monitor_hooks import MonitorHooks
 from lfq.records import Evaluation, evaluation_records, snapshot_records, step_records
 from lfq.sinks import Sink, default_histogram_sink
-from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage, kept_codes
+from lfq.sparse_usage import SPARSE_ABOVE, DeferredSnapshot, SparseCodeUsage, kept_codes
 from lfq.step_counts import (
     MODES,
     ClosedStep,
@@ -181,7 +181,9 @@ class LFQMonitor(MonitorHooks):
             return
         if closed:
             self.sink(self._alarms.check(step_records(closed)))
-        if snapshots and self.histogram_sink is not None:
+        if snapshots and self.histogram_sink is not None:  # sparse codebooks' deferred ones were counted by _settle
+            snapshots = [(*s[:5], s[5].value, s[5].pair_mi) if isinstance(s[5], DeferredSnapshot) else s
+                         for s in snapshots]
             self.histogram_sink(snapshot_records(snapshots))
 
     def snapshot(self) -> None:

@@ -19,7 +19,7 @@ from lfq.code_usage import CodeUsage
 from lfq.latent_stats import gram_entropy
 from lfq.records import Evaluation
 from lfq.sinks import Sink
-from lfq.sparse_usage import SPARSE_ABOVE, SparseCodeUsage
+from lfq.sparse_usage import SPARSE_ABOVE, DeferredSnapshot, SparseCodeUsage
 from lfq.step_counts import (
     LOSS_FIELDS,
     MODES,
@@ -244,11 +244,19 @@ class MonitorHooks:
             self._take_snapshots(step)
 
     def _take_snapshots(self, step: int) -> None:
-        """Queue, under ``step``, the counts of every (layer, mode) touched since its last snapshot."""
-        self._settle()
+        """Queue, under ``step``, the counts of every (layer, mode) touched since its last snapshot.
+        Sparse codebooks' waiting steps are counted at the next flush (a DeferredSnapshot), as the
+        flush would sync the host."""
+        summarize = self._is_main()
         for name, spec in self._layers.items():
             for mode, usage in self._usage[name].items():
-                counts = usage.take_snapshot()
+                if isinstance(usage, SparseCodeUsage):
+                    counts = usage.take_snapshot(defer=True)
+                else:
+                    self._pending_steps += usage.settle(spec, mode, self.usage_window, self.dead_after, summarize)
+                    counts = usage.take_snapshot()
                 pair_mi, usage.pair_mi = usage.pair_mi, None
+                if isinstance(counts, DeferredSnapshot):  # a later diagnostic step replaces it when settled
+                    counts.pair_mi = pair_mi
                 if counts is not None:
                     self._pending_snapshots.append((step, name, mode, spec.codebook_size, spec.bits, counts, pair_mi))

@@ -8,6 +8,7 @@ summed per step as for small codebooks. ``dead_codes`` is not defined there (NaN
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -66,12 +67,35 @@ def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
     return torch.stack([idx[keep], book[keep]])
 
 
+def bit_counts(idx: Tensor, weight: Tensor, bits: int) -> Tensor:
+    """(c, bits) tokens with each bit set (most significant first), weighted, of ``idx`` (N, c):
+    a histogram of each token's bytes (N x bytes entries, not N x bits), then each byte value's
+    bits. Cheaper than testing every bit of every token past about 16 bits; device ops only."""
+    idx, books, width = idx.long(), idx.shape[1], (bits + 7) // 8
+    shifts, slots, value_bits = _byte_tables(books, width, idx.device)
+    keys = ((idx.unsqueeze(-1) >> shifts) & 255) + slots  # (N, c, bytes)
+    hist = torch.zeros(books * width * 256, dtype=weight.dtype, device=idx.device)
+    hist.scatter_add_(0, keys.reshape(-1), weight.unsqueeze(-1).expand_as(keys).reshape(-1))
+    per_bit = (hist.view(books, width, 256, 1) * value_bits).sum(2).reshape(books, 8 * width)  # least significant first
+    return per_bit[:, :bits].flip(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_tables(books: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Byte j's shift (8j), each (codebook, byte)'s slot in the histogram, and the (256, 8) bits of
+    each byte value, least significant first."""
+    shifts = torch.arange(0, 8 * width, 8, device=device)
+    slots = torch.arange(books * width, device=device).view(books, width) * 256
+    value_bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+    return shifts, slots, value_bits
+
+
 class FlushCounts(NamedTuple):
     used: Tensor  # (T,) distinct codes per step
     n_log_n: Tensor  # (T,) float64 sum over a step's codes of n log n (n: the code's tokens that step)
     in_window: Tensor  # (T,) codes used in (s - usage_window, s]
     window: tuple[Tensor, Tensor]  # the codes used in the last ``horizon`` steps and their last use
-    counts: tuple[Tensor, Tensor]  # the stash's distinct codes and their tokens, for the snapshot
+    counts: tuple[Tensor, Tensor, Tensor]  # per (code, stashed step): the code, its tokens, the step's position
 
 
 def flush_counts(codes: Tensor, position: Tensor, steps: Tensor, window: tuple[Tensor, Tensor],
@@ -116,7 +140,7 @@ def flush_counts(codes: Tensor, position: Tensor, steps: Tensor, window: tuple[T
     keep = (last & (run_at > last_step - horizon)).nonzero().squeeze(1)
     kept_stash = stashed.nonzero().squeeze(1)
     return FlushCounts(used, n_log_n, in_window, (run_code[keep], run_at[keep]),
-                       (run_code[kept_stash], run_count[kept_stash]))
+                       (run_code[kept_stash], run_count[kept_stash], run_tag[kept_stash]))
 
 
 def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
@@ -131,19 +155,32 @@ def merge_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
+class DeferredSnapshot:
+    """A snapshot asked for while steps wait in the stash: its (codes, counts) per codebook are
+    found at the next settle (a flush), from the first ``cut`` stashed steps, so that asking
+    does not sync the host. Resolved before the snapshot is sent."""
+
+    cut: int
+    value: list[tuple[Tensor, Tensor]] | None = None
+    pair_mi: tuple[int, Tensor, Tensor] | None = None  # the last diagnostic step's, up to the cut
+
+
+@dataclass
 class SparseCodeUsage(CodeUsage):
     """``CodeUsage`` of a codebook past ``SPARSE_ABOVE`` codes. ``step.counts`` is (c, d + 1): tokens with
     each bit set, then kept tokens (all-reduced with the small codebooks' counts); the step's codes
     wait in ``passes`` and closed steps in ``stash`` until ``settle`` (every flush or snapshot, or
     ``BATCH_MAX_STEPS`` steps), which syncs the host. ``window[b]``: (codes, last step) of codebook b's
     codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: chunks of
-    (codes, counts) since the last snapshot, merged when it is taken."""
+    (codes, counts) since the last snapshot, merged when it is taken; ``deferred``: snapshots asked
+    for since the last settle, in order."""
 
     passes: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     stash: list[tuple[int, StepCounts, list[tuple[Tensor, Tensor]]]] = field(default_factory=list)
     window: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     snapshot: list[list[tuple[Tensor, Tensor]]] | None = None
     distributed: bool = False
+    deferred: list[DeferredSnapshot] = field(default_factory=list)
 
     @classmethod
     def new(cls, spec: LayerSpec, device: torch.device, first_step: int, snapshots: bool) -> SparseCodeUsage:
@@ -181,8 +218,7 @@ class SparseCodeUsage(CodeUsage):
         """Keep ``idx`` (tokens, c) for the flush; add the kept tokens' bit counts (device ops only)."""
         counts = self.step.counts
         if spec.bits:
-            shifts = torch.arange(spec.bits - 1, -1, -1, device=idx.device)
-            counts[:, :-1].add_((((idx.unsqueeze(-1) >> shifts) & 1) * weight.unsqueeze(-1)).sum(0))
+            counts[:, :-1].add_(bit_counts(idx, weight, spec.bits))
         counts[:, -1].add_(weight.sum(0))
         self.passes.append((idx, weight))
         self.step.forward_passes += 1
@@ -214,8 +250,9 @@ class SparseCodeUsage(CodeUsage):
                                  max(usage_window, dead_after))
             self.window[b] = found.window
             if self.snapshot is not None:
-                self.snapshot[b].append(found.counts)
+                self._add_to_snapshots(b, *found.counts)
             columns.append(torch.stack([found.used.double(), found.n_log_n, found.in_window.double()], -1).float())
+        deferred, self.deferred = self.deferred, []
         per_step = torch.stack(columns, 1)  # (T, c, 3)
         closed: list[ClosedStep] = []
         for t, (step, acc, _) in enumerate(stash):
@@ -238,12 +275,39 @@ class SparseCodeUsage(CodeUsage):
                 parts.append(bit_set)
             closed.append(ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes,
                                      acc.latent_passes, torch.cat(parts, dim=-1)))
+            for snapshot in deferred:  # a diagnostic step up to a snapshot's cut belongs to it
+                if snapshot.cut == t + 1 and self.pair_mi is not None:
+                    snapshot.pair_mi, self.pair_mi = self.pair_mi, None
         return closed
 
-    def take_snapshot(self) -> list[tuple[Tensor, Tensor]] | None:  # type: ignore[override]
-        """Per codebook (codes, counts) since the previous snapshot (None if untouched)."""
+    def _add_to_snapshots(self, book: int, codes: Tensor, counts: Tensor, position: Tensor) -> None:
+        """Hand codebook ``book``'s settled (code, step) runs to the deferred snapshots whose steps
+        they are, and keep the rest for the next one."""
+        if not self.deferred:
+            self.snapshot[book].append((codes, counts))
+            return
+        start = 0
+        for deferred in self.deferred:
+            part = (position >= start) & (position < deferred.cut)
+            chunks = self.snapshot[book] + [(codes[part], counts[part])]
+            self.snapshot[book] = []
+            if deferred.value is None:
+                deferred.value = []
+            deferred.value.append(self._merged(chunks))
+            start = deferred.cut
+        rest = position >= start
+        self.snapshot[book].append((codes[rest], counts[rest]))
+
+    def take_snapshot(self, defer: bool = False) -> list[tuple[Tensor, Tensor]] | DeferredSnapshot | None:  # type: ignore[override]
+        """Per codebook (codes, counts) since the previous snapshot (None if untouched); ``defer``
+        with steps in the stash: a :class:`DeferredSnapshot` of the stash as it is, counted at the
+        next settle instead of now (no host sync)."""
         if self.snapshot is None or not self.touched_since_snapshot:
             return None
+        if defer and self.stash:
+            self.touched_since_snapshot = False
+            self.deferred.append(DeferredSnapshot(len(self.stash)))
+            return self.deferred[-1]
         taken = [self._merged(chunks) for chunks in self.snapshot]
         self.snapshot = [[] for _ in taken]
         self.touched_since_snapshot = False

@@ -47,7 +47,7 @@ def flush_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** (1 / 3)
 
 
-def _subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
+def subcode_probs(p1: Tensor, p0: Tensor) -> Tensor:
     """(c, C, k) bit probabilities -> (c, C, 2**k) distribution over k-bit sub-codes.
     Built in place in one buffer, least significant bit first: after a step the first m
     columns hold the distribution of the bits seen so far, and the next bit doubles it
@@ -76,8 +76,8 @@ def _chunk_factors(logits: Tensor, high_bits: int) -> tuple[Tensor, Tensor, Tens
     p1, p0 = torch.sigmoid(logits), torch.sigmoid(-logits)  # p0 directly: 1 - p1 rounds to 0
     floor = flush_floor(logits.dtype)
     p1, p0 = F.threshold_(p1, floor, 0.0), F.threshold_(p0, floor, 0.0)
-    prob_a = _subcode_probs(p1[..., :high_bits], p0[..., :high_bits])
-    prob_b = _subcode_probs(p1[..., high_bits:], p0[..., high_bits:])
+    prob_a = subcode_probs(p1[..., :high_bits], p0[..., :high_bits])
+    prob_b = subcode_probs(p1[..., high_bits:], p0[..., high_bits:])
     return p1, p0, prob_a, prob_b
 
 

@@ -137,7 +137,8 @@ def test_the_sparse_counting_equals_the_dense_tables(monkeypatch, log_every):
 def test_the_new_statistics_do_not_sync_the_host_between_flushes(monkeypatch, sparse):
     """The CPU stand-in of tests/lfq/test_monitor.py's no-sync check, with diagnostics every other
     step, a codebook large enough to close each step at once (2^15 > BATCH_MAX_CODES: the dependence
-    statistics run at close) or counted sparsely (its codes wait for the flush), and the alarms on."""
+    statistics run at close) or counted sparsely (its codes wait for the flush), and the alarms on;
+    histogram snapshots every 3 steps, between flushes (a sparse one is counted at the flush)."""
     from test_monitor import _HostTransfers
 
     from lfq.code_usage import CodeUsage
@@ -156,17 +157,42 @@ def test_the_new_statistics_do_not_sync_the_host_between_flushes(monkeypatch, sp
         return checked
 
     monkeypatch.setattr(LFQMonitor, "_observe", watched(LFQMonitor._observe))
+    monkeypatch.setattr(LFQMonitor, "_take_snapshots", watched(LFQMonitor._take_snapshots))
     for cls in (CodeUsage, SparseCodeUsage):
         monkeypatch.setattr(cls, "close", watched(cls.close))
     generator = torch.Generator().manual_seed(5)
-    quantizer, sink = LFQ(dim=15, codebook_size=2**15), MemorySink()
-    with LFQMonitor(quantizer, sink, log_every=100, diagnostics_every=2, histogram_every=1000) as mon:
+    quantizer, sink, hist = LFQ(dim=15, codebook_size=2**15), MemorySink(), MemorySink()
+    seen = []
+    with LFQMonitor(quantizer, sink, histogram_sink=hist, log_every=100, diagnostics_every=2, histogram_every=3) as mon:
         for step in range(6):
             mon.set_step(step)
-            quantizer(torch.randn(2, 16, 15, generator=generator), mask=torch.rand(2, 16, generator=generator) > 0.3)
-        assert sink.records == []
+            mask = torch.rand(2, 16, generator=generator) > 0.3
+            _, indices, _ = quantizer(torch.randn(2, 16, 15, generator=generator), mask=mask)
+            seen.append(indices[mask])
+        assert sink.records == [] and hist.records == []
         assert transfers.calls == [], f"host transfers inside the per-step hooks: {transfers.calls}"
+    # the snapshots of steps 0-2 (taken between flushes) and 3-5, each exact, with step 2's pair MI
+    assert [r["step"] for r in hist.records] == [2, 5]
+    for record, part in zip(hist.records, (seen[:3], seen[3:]), strict=True):
+        codes, counts = torch.cat(part).unique(return_counts=True)
+        assert record["codes"] == codes.tolist() and record["counts"] == counts.tolist()
+    assert [r["bit_pair_mi_step"] for r in hist.records] == [2, 4]
     rows = [r for r in sink.records if r["kind"] == "quantizer"]
     assert len(rows) == 6 and math.isfinite(rows[0]["bit_total_correlation"])  # 15 bits: exact either way
     assert all(math.isfinite(r["bit_pair_mi_max"]) for r in rows[::2])
     assert math.isnan(rows[0]["dead_codes"]) == sparse
+
+
+@pytest.mark.parametrize("bits,books", [(1, 1), (8, 2), (9, 1), (40, 1), (62, 3)])
+def test_bit_counts_from_byte_histograms_equal_testing_every_bit(bits, books):
+    """The sparse usage's per-bit counts (a histogram of each token's bytes) against testing each bit
+    of each token, weighted by kept (1) and masked (0) tokens, most significant bit first."""
+    from lfq.sparse_usage import bit_counts
+
+    g = torch.Generator().manual_seed(bits)
+    idx = torch.randint(0, 2**bits, (300, books), generator=g)
+    idx[:5] = 2**bits - 1  # every bit set, the top one included
+    weight = torch.randint(0, 2, (300, books), generator=g)
+    each_bit = (idx.unsqueeze(-1) >> torch.arange(bits - 1, -1, -1)) & 1
+    assert torch.equal(bit_counts(idx, weight, bits), (each_bit * weight.unsqueeze(-1)).sum(0))
+    assert torch.equal(bit_counts(idx.int() if bits < 31 else idx, weight, bits), bit_counts(idx, weight, bits))
