@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,9 +47,18 @@ def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int,
                 distributed: bool) -> list[tuple[Tensor, Tensor]]:
     """Per codebook, the codes of every kept token of each step's passes and the step's position in
     ``steps`` (in step order), over every rank when ``distributed`` (one gather for the whole stash)."""
-    flat = [torch.cat([kept, torch.full_like(kept[:1], t)])
-            for t, passes in enumerate(steps) for kept in [_kept_pairs(passes, books)]]
-    pairs = torch.cat(flat, dim=1) if flat else torch.zeros(3, 0, dtype=torch.long)
+    passes = [(idx, weight, t) for t, step in enumerate(steps) for idx, weight in step]
+    if passes:  # one filter for the whole stash, not one per step
+        idx = torch.cat([idx for idx, _, _ in passes])  # (N, c)
+        keep = torch.cat([weight for _, weight, _ in passes]) > 0
+        position = torch.repeat_interleave(torch.tensor([t for _, _, t in passes]),
+                                           torch.tensor([len(idx) for idx, _, _ in passes])).to(idx.device)
+        pairs = torch.stack([idx, torch.arange(books, device=idx.device).expand_as(idx),
+                             position.unsqueeze(1).expand_as(idx)]).reshape(3, -1)
+        if not bool(keep.all()):  # settling syncs anyway; masks are often absent
+            pairs = pairs[:, keep.reshape(-1)]
+    else:
+        pairs = torch.zeros(3, 0, dtype=torch.long)
     if distributed:  # rank by rank: back into step order
         pairs = torch.stack([gather_ranks(row.contiguous()) for row in pairs])
         pairs = pairs[:, torch.argsort(pairs[2], stable=True)]
@@ -57,37 +67,25 @@ def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int,
     return [(pairs[0][pairs[1] == b], pairs[2][pairs[1] == b]) for b in range(books)]
 
 
-def _kept_pairs(passes: list[tuple[Tensor, Tensor]], books: int) -> Tensor:
-    """(2, kept): the kept tokens' codes and codebooks of ``passes`` ((idx, weight) pairs, (N, c))."""
-    if not passes:
-        return torch.zeros(2, 0, dtype=torch.long)
-    idx = torch.cat([i for i, _ in passes])
-    keep = torch.cat([w for _, w in passes]) > 0
-    book = torch.arange(books, device=idx.device).expand_as(idx)
-    return torch.stack([idx[keep], book[keep]])
+def bit_counts(codes: Tensor, group: Tensor, groups: int, bits: int) -> Tensor:
+    """(groups, bits) int64: per group (a stashed step), the codes in ``codes`` (n,) with each bit
+    set, most significant first; ``group`` (n,) says whose each code is. One histogram per byte of
+    the codes (n entries each, not n x bits; read through a byte view of the int64 codes on
+    little-endian machines), then each byte value's bits, in one product (exact in float64)."""
+    width = (bits + 7) // 8
+    codes = codes.long().contiguous()
+    code_bytes = codes.view(torch.uint8).view(-1, 8) if sys.byteorder == "little" else None
+    base = group * 256
+    hist = torch.stack([torch.bincount(base + (code_bytes[:, j] if code_bytes is not None else (codes >> 8 * j) & 255),
+                                       minlength=groups * 256) for j in range(width)], -1)  # (groups * 256, bytes)
+    per_bit = torch.einsum("gvj,vb->gjb", hist.view(groups, 256, width).double(), _byte_bits(codes.device))
+    return per_bit.reshape(groups, 8 * width)[:, :bits].flip(-1).long()  # from least significant first
 
 
-def bit_counts(idx: Tensor, weight: Tensor, bits: int) -> Tensor:
-    """(c, bits) tokens with each bit set (most significant first), weighted, of ``idx`` (N, c):
-    a histogram of each token's bytes (N x bytes entries, not N x bits), then each byte value's
-    bits. Cheaper than testing every bit of every token past about 16 bits; device ops only."""
-    idx, books, width = idx.long(), idx.shape[1], (bits + 7) // 8
-    shifts, slots, value_bits = _byte_tables(books, width, idx.device)
-    keys = ((idx.unsqueeze(-1) >> shifts) & 255) + slots  # (N, c, bytes)
-    hist = torch.zeros(books * width * 256, dtype=weight.dtype, device=idx.device)
-    hist.scatter_add_(0, keys.reshape(-1), weight.unsqueeze(-1).expand_as(keys).reshape(-1))
-    per_bit = (hist.view(books, width, 256, 1) * value_bits).sum(2).reshape(books, 8 * width)  # least significant first
-    return per_bit[:, :bits].flip(-1)
-
-
-@functools.lru_cache(maxsize=16)
-def _byte_tables(books: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Byte j's shift (8j), each (codebook, byte)'s slot in the histogram, and the (256, 8) bits of
-    each byte value, least significant first."""
-    shifts = torch.arange(0, 8 * width, 8, device=device)
-    slots = torch.arange(books * width, device=device).view(books, width) * 256
-    value_bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
-    return shifts, slots, value_bits
+@functools.lru_cache(maxsize=8)
+def _byte_bits(device: torch.device) -> Tensor:
+    """(256, 8) float64: the bits of each byte value, least significant first."""
+    return ((torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1).double()
 
 
 class FlushCounts(NamedTuple):
@@ -167,10 +165,10 @@ class DeferredSnapshot:
 
 @dataclass
 class SparseCodeUsage(CodeUsage):
-    """``CodeUsage`` of a codebook past ``SPARSE_ABOVE`` codes. ``step.counts`` is (c, d + 1): tokens with
-    each bit set, then kept tokens (all-reduced with the small codebooks' counts); the step's codes
-    wait in ``passes`` and closed steps in ``stash`` until ``settle`` (every flush or snapshot, or
-    ``BATCH_MAX_STEPS`` steps), which syncs the host. ``window[b]``: (codes, last step) of codebook b's
+    """``CodeUsage`` of a codebook past ``SPARSE_ABOVE`` codes. ``step.counts`` is (c, 1): kept tokens
+    (all-reduced with the small codebooks' counts); the step's codes wait in ``passes`` and closed
+    steps in ``stash`` until ``settle`` (every flush, or ``BATCH_MAX_STEPS`` steps), which syncs the
+    host and counts the codes and their bits over every rank. ``window[b]``: (codes, last step) of codebook b's
     codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: chunks of
     (codes, counts) since the last snapshot, merged when it is taken; ``deferred``: snapshots asked
     for since the last settle, in order."""
@@ -200,7 +198,7 @@ class SparseCodeUsage(CodeUsage):
     @staticmethod
     def _new_step(spec: LayerSpec, device: torch.device) -> StepCounts:
         with torch.inference_mode(False):
-            return StepCounts(counts=torch.zeros(spec.num_codebooks, (spec.bits or 0) + 1, dtype=torch.long, device=device),
+            return StepCounts(counts=torch.zeros(spec.num_codebooks, 1, dtype=torch.long, device=device),
                               loss_sum=torch.zeros(len(LOSS_FIELDS), spec.num_codebooks, device=device))
 
     @property
@@ -215,11 +213,9 @@ class SparseCodeUsage(CodeUsage):
         self.passes = [(i.to(device), w.to(device)) for i, w in self.passes]
 
     def add_tokens(self, spec: LayerSpec, idx: Tensor, weight: Tensor) -> None:
-        """Keep ``idx`` (tokens, c) for the flush; add the kept tokens' bit counts (device ops only)."""
-        counts = self.step.counts
-        if spec.bits:
-            counts[:, :-1].add_(bit_counts(idx, weight, spec.bits))
-        counts[:, -1].add_(weight.sum(0))
+        """Keep ``idx`` (tokens, c) for the flush and count the kept tokens (device ops only); the
+        bits are counted from the codes when the step settles."""
+        self.step.counts[:, 0].add_(weight.sum(0))
         self.passes.append((idx, weight))
         self.step.forward_passes += 1
         self.touched_since_snapshot = True
@@ -245,40 +241,45 @@ class SparseCodeUsage(CodeUsage):
         steps = [step for step, _, _ in stash]
         at = torch.tensor(steps, dtype=torch.long, device=self.device)
         columns = []  # per codebook (T, 3): codes used, sum of n log n, codes used in the window
+        bit_rows = []  # per codebook (T, d): tokens with each bit set
         for b, (codes, position) in enumerate(stash_codes([p for _, _, p in stash], books, self.distributed)):
-            found = flush_counts(codes, position.to(self.device), at, self.window[b], usage_window,
-                                 max(usage_window, dead_after))
+            position = position.to(self.device)
+            found = flush_counts(codes, position, at, self.window[b], usage_window, max(usage_window, dead_after))
             self.window[b] = found.window
             if self.snapshot is not None:
                 self._add_to_snapshots(b, *found.counts)
             columns.append(torch.stack([found.used.double(), found.n_log_n, found.in_window.double()], -1).float())
+            if bits:
+                bit_rows.append(bit_counts(codes, position, len(stash), bits))
         deferred, self.deferred = self.deferred, []
         per_step = torch.stack(columns, 1)  # (T, c, 3)
-        closed: list[ClosedStep] = []
+        tokens = torch.stack([acc.counts for _, acc, _ in stash]).float()  # (T, c, 1), all-reduced
+        at = at.view(-1, 1, 1)
+        dead_bits = per_step.new_zeros(len(stash), books, 1)
+        if bits:  # as CodeUsage.settle: each bit's last step set and clear, as of each step
+            bit_set = torch.stack(bit_rows, 1).float()  # (T, c, d)
+            last_set = torch.maximum(torch.where(bit_set > 0, at, NEVER).cummax(0).values, self.bit_last_set)
+            last_clear = torch.maximum(torch.where(bit_set < tokens, at, NEVER).cummax(0).values, self.bit_last_clear)
+            self.bit_last_set.copy_(last_set[-1])
+            self.bit_last_clear.copy_(last_clear[-1])
+            early = sum(step - dead_after < self.first_step - 1 for step in steps)  # too early: a prefix
+            dead_bits = (torch.minimum(last_set, last_clear) <= at - dead_after).sum(-1, keepdim=True).float()
+            dead_bits[:early] = 0
+        if not summarize:
+            return []
+        latents = []
         for t, (step, acc, _) in enumerate(stash):
-            counts = acc.counts.float()  # (c, d + 1): bits set, then tokens (all-reduced)
-            tokens, bit_set = counts[:, -1:], counts[:, :-1]
-            threshold = step - dead_after
-            dead_bits = self._zeros(1)
-            if self.bit_last_set is not None:
-                self.bit_last_set.masked_fill_(bit_set > 0, step)
-                self.bit_last_clear.masked_fill_(bit_set < tokens, step)
-                if threshold >= self.first_step - 1:
-                    stuck = torch.minimum(self.bit_last_set, self.bit_last_clear) <= threshold
-                    dead_bits = stuck.sum(-1, keepdim=True).float()
-            if not summarize:
-                continue
-            column = per_step[t]
-            parts = [acc.loss_sum.t(), column[:, :1], tokens, column[:, 1:], self._zeros(1).fill_(math.nan),
-                     self._latent_part(acc, step), dead_bits]
-            if bits:
-                parts.append(bit_set)
-            closed.append(ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes,
-                                     acc.latent_passes, torch.cat(parts, dim=-1)))
+            latents.append(self._latent_part(acc, step))
             for snapshot in deferred:  # a diagnostic step up to a snapshot's cut belongs to it
                 if snapshot.cut == t + 1 and self.pair_mi is not None:
                     snapshot.pair_mi, self.pair_mi = self.pair_mi, None
-        return closed
+        parts = [torch.stack([acc.loss_sum.t() for _, acc, _ in stash]), per_step[..., :1], tokens, per_step[..., 1:],
+                 per_step.new_full((len(stash), books, 1), math.nan), torch.stack(latents), dead_bits]
+        if bits:
+            parts.append(bit_set)
+        sums = torch.cat(parts, dim=-1)
+        return [ClosedStep(step, spec, mode, list(acc.loss_passes), acc.forward_passes, acc.latent_passes, sums[t])
+                for t, (step, acc, _) in enumerate(stash)]
 
     def _add_to_snapshots(self, book: int, codes: Tensor, counts: Tensor, position: Tensor) -> None:
         """Hand codebook ``book``'s settled (code, step) runs to the deferred snapshots whose steps

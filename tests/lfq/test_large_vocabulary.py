@@ -183,16 +183,22 @@ def test_the_new_statistics_do_not_sync_the_host_between_flushes(monkeypatch, sp
     assert math.isnan(rows[0]["dead_codes"]) == sparse
 
 
-@pytest.mark.parametrize("bits,books", [(1, 1), (8, 2), (9, 1), (40, 1), (62, 3)])
-def test_bit_counts_from_byte_histograms_equal_testing_every_bit(bits, books):
-    """The sparse usage's per-bit counts (a histogram of each token's bytes) against testing each bit
-    of each token, weighted by kept (1) and masked (0) tokens, most significant bit first."""
+@pytest.mark.parametrize("bits", [1, 8, 9, 40, 62])
+def test_bit_counts_from_byte_histograms_equal_testing_every_bit(bits, monkeypatch):
+    """The sparse usage's per-step bit counts (a histogram of each code's bytes) against testing each
+    bit of each code, most significant bit first, for 4 steps (one without codes); also through
+    shifts, the path of big-endian machines."""
+    import lfq.sparse_usage
     from lfq.sparse_usage import bit_counts
 
     g = torch.Generator().manual_seed(bits)
-    idx = torch.randint(0, 2**bits, (300, books), generator=g)
-    idx[:5] = 2**bits - 1  # every bit set, the top one included
-    weight = torch.randint(0, 2, (300, books), generator=g)
-    each_bit = (idx.unsqueeze(-1) >> torch.arange(bits - 1, -1, -1)) & 1
-    assert torch.equal(bit_counts(idx, weight, bits), (each_bit * weight.unsqueeze(-1)).sum(0))
-    assert torch.equal(bit_counts(idx.int() if bits < 31 else idx, weight, bits), bit_counts(idx, weight, bits))
+    codes = torch.randint(0, 2**bits, (300,), generator=g)
+    codes[:5] = 2**bits - 1  # every bit set, the top one included
+    step = torch.randint(0, 3, (300,), generator=g).sort().values  # step 3 has none
+    each_bit = (codes.unsqueeze(-1) >> torch.arange(bits - 1, -1, -1)) & 1
+    expected = torch.stack([each_bit[step == t].sum(0) for t in range(4)])
+    assert torch.equal(bit_counts(codes, step, 4, bits), expected)
+    if bits < 31:
+        assert torch.equal(bit_counts(codes.int(), step, 4, bits), expected)
+    monkeypatch.setattr(lfq.sparse_usage.sys, "byteorder", "big")
+    assert torch.equal(bit_counts(codes, step, 4, bits), expected)
