@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 13 (and the GPU rows of "clamped", issue 15) as one command, for a
+# The GPU checks of issues 13 and 29 (and the GPU rows of "clamped", issue 15) as one command, for a
 # GPU machine that has PyTorch but no network, like this project's lent device machine:
 #
 #   make gpu-wheels                         # here, with the package index: fills .whl/ (git-ignored)
@@ -7,7 +7,8 @@
 #
 # It installs the carried wheels into a temporary site (submitit and the 1.14.12 oracle are not
 # in that machine's image), records the GPU, runs `pytest -m gpu`, then benchmarks/gpu_step.py,
-# and leaves in OUT: gpu.txt (nvidia-smi, torch), gpu_tests.log, gpu_step.csv, gpu_step.log.
+# then 200 steps of images.yaml, and leaves in OUT: gpu.txt (nvidia-smi, torch), gpu_tests.log,
+# gpu_step.csv, gpu_step.log, images_run.log and runs/<run id>/ (metrics, summary.json).
 # Each part runs even if the one before failed; the exit status is that of the first failure.
 #
 #   bash benchmarks/gpu_check.sh OUT --smoke   # on a CPU: the same wiring at toy sizes
@@ -39,21 +40,33 @@ note() { [ "$status" -eq 0 ] && status=$1; }
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-echo "== pytest -m gpu"
+# Each part has its own time limit, so that one that hangs leaves time for the others (the lent
+# machine gives 15 minutes in all, its start included).
+echo "== pytest -m gpu (every gpu-marked test: tests/gpu, the monitor's no-sync check)"
 if [ -n "$smoke" ]; then
-    "$python" -m pytest -m gpu -q -p no:cacheprovider --collect-only tests/gpu 2>&1 | tee "$out/gpu_tests.log"
+    timeout 150 "$python" -m pytest -m gpu -q -p no:cacheprovider --collect-only tests 2>&1 | tee "$out/gpu_tests.log"
 else
-    "$python" -m pytest -m gpu -q -p no:cacheprovider -rA tests/gpu 2>&1 | tee "$out/gpu_tests.log"
+    timeout 150 "$python" -m pytest -m gpu -q -p no:cacheprovider -rA tests 2>&1 | tee "$out/gpu_tests.log"
 fi
 note "${PIPESTATUS[0]}"
 
-echo "== benchmarks/gpu_step.py"
+echo "== benchmarks/gpu_step.py (the LFQ step, then the base tokenizer's step eager and compiled)"
 if [ -n "$smoke" ]; then
     args=(--device cpu --smoke --repeats 1)
 else
     args=()
 fi
-"$python" benchmarks/gpu_step.py "${args[@]}" --out "$out/gpu_step.csv" 2>&1 | tee "$out/gpu_step.log"
+images=$(mktemp -d)
+timeout 270 "$python" benchmarks/gpu_step.py "${args[@]}" --folder "$images" --out "$out/gpu_step.csv" 2>&1 | tee "$out/gpu_step.log"
+note "${PIPESTATUS[0]}"
+
+echo "== 200 steps of experiments/configs/images.yaml on the device, to its validation"
+if [ -n "$smoke" ]; then
+    run=(scale=smoke runtime.device=cpu)
+else
+    run=(schedule.steps=200 schedule.val_every=200 schedule.checkpoint_every=200 runtime.device=cuda)
+fi
+timeout 100 "$python" -m experiments.train experiments/configs/images.yaml "${run[@]}" --out "$out/runs" 2>&1 | tee "$out/images_run.log"
 note "${PIPESTATUS[0]}"
 echo "gpu_check: exit $status; files in $out"
 exit "$status"

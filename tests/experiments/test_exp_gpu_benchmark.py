@@ -1,6 +1,7 @@
 """The GPU benchmark's code paths, at toy sizes on the CPU (the real numbers need a GPU)."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ from exp_helpers import REPO
 def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu_step.csv"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--smoke",
-                           "--repeats", "1", "--impls", "ours,clamped,oracle", "--out", str(out)],
+                           "--repeats", "5", "--impls", "ours,clamped,oracle", "--out", str(out), "--no-compile",
+                           "--folder", str(tmp_path / "images")],
                           capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
@@ -18,6 +20,24 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     tokenizer = [r for r in rows if r["part"] == "tokenizer_step"]
     assert len(tokenizer) == 1 and 0 < float(tokenizer[0]["quantizer_share"]) < 1
+    assert float(tokenizer[0]["images_per_s"]) > 0 and len(list((tmp_path / "images").glob("*.png"))) == 64
+
+
+def test_a_failing_tokenizer_step_is_a_row_and_the_lfq_rows_stay(tmp_path):
+    """A part that fails (here: no image can be read) leaves the rows before it and one saying why."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(64):  # the names the generator would write, but not images: it skips them
+        (folder / f"image{i:04d}.png").write_text("not a png")
+    out = tmp_path / "gpu_step.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--smoke",
+                           "--repeats", "1", "--impls", "ours", "--out", str(out), "--no-compile", "--folder", str(folder)],
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 1 and "the tokenizer step (eager) failed" in proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["status"] for r in rows if r["part"] == "lfq_step"] == ["ok"] * 4
+    (failed,) = [r for r in rows if r["part"] == "tokenizer_step"]
+    assert failed["status"].startswith("error: ")
 
 
 def test_gpu_benchmark_refuses_without_a_gpu(tmp_path):
@@ -37,9 +57,13 @@ def test_gpu_check_script_wires_the_gpu_tests_and_the_benchmark(tmp_path):
     out = tmp_path / "out"
     assert "no CUDA device" in (out / "gpu.txt").read_text()
     assert "test_mixed_precision_runs_train_on_the_gpu[fp16]" in (out / "gpu_tests.log").read_text()
+    assert "test_no_device_sync_between_flushes_on_cuda" in (out / "gpu_tests.log").read_text()  # tests/lfq's gpu test too
     rows = list(csv.DictReader((out / "gpu_step.csv").open()))
     assert {r["impl"] for r in rows if r["part"] == "lfq_step"} == {"ours", "clamped", "oracle", "upstream"}
+    assert {r["impl"] for r in rows if r["part"] == "tokenizer_step"} == {"ours", "ours (compiled)"}
     assert all(r["status"] == "ok" for r in rows)
+    (summary,) = (out / "runs").glob("*/summary.json")  # 200 steps of images.yaml (smoke scale here)
+    assert json.loads(summary.read_text())["status"] == "done" and "final_val_usage_fraction" in summary.read_text()
 
 
 def test_gpu_check_script_refuses_an_unknown_option(tmp_path):
