@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,14 @@ def test_gpu_check_script_refuses_an_unknown_option(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown option '--fast'" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_check_runs_every_module_that_holds_a_gpu_test():
+    """gpu_check.sh names its test modules (collecting the whole tree could stop on a missing
+    package there): a gpu test added elsewhere must be added to that list."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    (listed,) = re.findall(r"^gpu_modules=\((.*)\)$", script, flags=re.M)
+    named = [REPO / path for path in listed.split()]
+    mark = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", flags=re.M)
+    marked = {path for path in (REPO / "tests").rglob("test_*.py") if mark.search(path.read_text())}
+    assert marked and all(any(path == n or n in path.parents for n in named) for path in marked), (marked, named)
