@@ -23,7 +23,6 @@ Times are medians of CUDA-event timings after warm-up; memory is the peak alloca
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -217,13 +216,9 @@ def tokenizer_rows(device: torch.device, smoke: bool, repeats: int, compiled: bo
 
 def write_rows(rows: list[dict], path: Path) -> None:
     """Every row so far, atomically (after each part: a later failure loses nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    from experiments.files import atomic_write_csv
+
+    atomic_write_csv(path, rows, FIELDS)
 
 
 def main(argv: list[str] | None = None) -> int:

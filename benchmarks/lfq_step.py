@@ -239,14 +239,9 @@ def write_csv(rows: list[dict], path: Path, fresh: bool) -> list[dict]:
             merged = {key(r): r for r in csv.DictReader(f)}
     merged.update({key(r): r for r in rows})
     out = sorted(merged.values(), key=lambda r: (r["device"], r["impl"], int(r["tokens"]), int(r["log2_codebook_size"])))
-    from experiments.files import atomic_write  # here: the child processes never need it
+    from experiments.files import atomic_write_csv  # here: the child processes never need it
 
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(out)
-
-    atomic_write(path, write)
+    atomic_write_csv(path, out, COLUMNS, extrasaction="ignore")
     return out
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from experiments.files import atomic_write  # noqa: E402
+from experiments.files import atomic_write_csv  # noqa: E402
 from lfq import LFQ, JsonlSink, LFQMonitor  # noqa: E402
 
 OUT = REPO / "results" / "benchmarks" / "monitor_overhead.csv"
@@ -157,15 +157,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({model_name}, {torch.get_num_threads()} threads)"
 
 
-def write_csv_atomically(rows: list[dict[str, object]], path: Path) -> None:
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 def run_setup(name: str, args: argparse.Namespace, device: torch.device, clock: HookClock) -> list[dict[str, object]]:
     quantizer, bits, batch, configs = SETUPS[name]
     steps = args.steps if quantizer == "ours" else args.foreign_steps
@@ -248,7 +239,7 @@ def main() -> None:
         with open(args.out, newline="") as f:
             kept = [r for r in csv.DictReader(f) if r.get("setup") not in args.setups]
         rows = [r for r in kept if set(r) == set(rows[0])] + rows
-    write_csv_atomically(rows, args.out)
+    atomic_write_csv(args.out, rows)
 
     print(f"{'setup':<15}{'config':<14}{'cpu ms/step':>12}{'cpu overhead':>14}{'wall overhead':>15}"
           f"{'in-monitor cpu':>16}")

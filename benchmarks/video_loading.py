@@ -15,7 +15,6 @@ the loader alone (clips per second, no training) for the same settings.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -30,6 +29,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments.files import atomic_write_csv  # noqa: E402
+
 OUT = REPO / "results" / "benchmarks" / "video_loading.csv"
 CONFIG = REPO / "experiments" / "configs" / "video.yaml"
 FPS, SECONDS = 25, 10
@@ -147,13 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         row["note"] = args.note
         rows.append(row)
         print(row, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(args.out)
+    atomic_write_csv(args.out, rows)
     print(f"\n{'workers':>7} {'step s':>8} {'wait s':>8} {'wait %':>7} {'loader clips/s':>15} {'needed clips/s':>15}")
     for r in rows:
         print(f"{r['workers']:>7} {r['step_time_s']:>8} {r['data_wait_s']:>8} {100 * r['wait_share']:>6.1f}% "

@@ -16,8 +16,8 @@ from typing import Any
 
 from lfq.jsonl_writer import append_jsonl  # the one appender, re-exported for slurm
 
-__all__ = ["append_jsonl", "atomic_write", "atomic_write_json", "read_json", "read_jsonl", "temp_beside",
-           "truncate_jsonl"]
+__all__ = ["append_jsonl", "atomic_write", "atomic_write_csv", "atomic_write_json", "read_json", "read_jsonl",
+           "temp_beside", "truncate_jsonl"]
 
 
 def temp_beside(path: Path) -> tuple[int, str]:
@@ -51,6 +51,21 @@ def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w"
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_csv(path: Path | str, rows: list[dict[str, Any]], fieldnames: list[str] | None = None,
+                     extrasaction: str = "raise") -> None:
+    """``rows`` as a CSV with a header (``fieldnames``, or the first row's keys; a missing value is
+    empty), written atomically with ``\\n`` line ends as pandas writes them: the benchmarks' tables."""
+    import csv
+
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]), extrasaction=extrasaction,
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:

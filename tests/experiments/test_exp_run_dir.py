@@ -270,3 +270,21 @@ def test_a_dataloader_worker_holds_no_share_of_the_run_lock(tmp_path):
         in_worker = [int(n) for n in loader]
     assert here == 1, "the test reads the lock's descriptors"
     assert in_worker == [0, 0], "a worker still shares the trainer's lock"
+
+
+def test_atomic_write_csv_writes_the_header_fills_missing_values_and_leaves_no_temp_file(tmp_path):
+    """The benchmarks' one CSV writer: header from the first row (or given), a missing value empty,
+    unknown keys refused unless told to ignore them, readable like any file written here."""
+    import csv
+
+    from experiments.files import atomic_write_csv
+
+    path = tmp_path / "sub" / "table.csv"
+    atomic_write_csv(path, [{"a": 1, "b": 2.5}, {"a": 3, "b": "x"}])
+    assert list(csv.DictReader(path.open())) == [{"a": "1", "b": "2.5"}, {"a": "3", "b": "x"}]
+    atomic_write_csv(path, [{"a": 1, "extra": 9}, {"b": 2}], fieldnames=["a", "b"], extrasaction="ignore")
+    assert path.read_bytes() == b"a,b\n1,\n,2\n"
+    with pytest.raises(ValueError, match="extra"):
+        atomic_write_csv(path, [{"a": 1, "extra": 9}], fieldnames=["a", "b"])
+    assert path.read_text().splitlines() == ["a,b", "1,", ",2"]  # the old table, untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.csv"]
