@@ -61,12 +61,14 @@ def _walk(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class ImageList:
-    """The train and validation files of a root, in a fixed order."""
+    """The train and validation files of a root, in a fixed order (images, or videos and frame folders)."""
 
     root: Path
     train: tuple[Path, ...]
     val: tuple[Path, ...]
-    layout: str  # "train/val folders" | "hash split" | "path list"
+    # images: "train/val folders" | "hash split" | "path list"; videos (experiments.video_folder):
+    # "hash split" | "split list"
+    layout: str
     skipped: tuple[str, ...] = field(default=())  # lines of a path list that are not image files
 
 

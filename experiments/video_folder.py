@@ -9,7 +9,7 @@ evenly spread centre-cropped clips in validation; unreadable and too-short video
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from experiments.config import ConfigError
-from experiments.image_folder import IMAGE_SUFFIXES, Note, _in_val, to_rgb
+from experiments.image_folder import IMAGE_SUFFIXES, ImageList, Note, _in_val, to_rgb
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".gif", ".mov", ".m4v")
 MAX_TRIES = 16  # readable substitutes tried for an unusable training video
@@ -49,17 +49,6 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-@dataclass(frozen=True)
-class VideoList:
-    """The train and validation videos of a root, in a fixed order (``fingerprint`` reads it as an ImageList)."""
-
-    root: Path
-    train: tuple[Path, ...]
-    val: tuple[Path, ...]
-    layout: str  # "hash split" | "split list"
-    skipped: tuple[str, ...] = field(default=())  # lines of the split list not found under the root
-
-
 def _split_names(split_file: str) -> set[str]:
     """Relative paths of UCF-101's ``testlist0N.txt`` (or a ``trainlist`` line's first word)."""
     path = Path(split_file).expanduser()
@@ -74,7 +63,7 @@ def _split_names(split_file: str) -> set[str]:
     return names
 
 
-def list_videos(root: str | Path, val_fraction: float, split_file: str | None = None) -> VideoList:
+def list_videos(root: str | Path, val_fraction: float, split_file: str | None = None) -> ImageList:
     """Find and split the videos of ``root``; a ConfigError naming the problem if there are none."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -87,11 +76,11 @@ def list_videos(root: str | Path, val_fraction: float, split_file: str | None = 
         val = tuple(p for p, r in zip(videos, relative, strict=True) if r in names)
         train = tuple(p for p, r in zip(videos, relative, strict=True) if r not in names)
         skipped = tuple(sorted(names - set(relative)))
-        listing = VideoList(root, train, val, "split list", skipped)
+        listing = ImageList(root, train, val, "split list", skipped)
     else:
         val = tuple(p for p, r in zip(videos, relative, strict=True) if _in_val(r, val_fraction))
         train = tuple(p for p, r in zip(videos, relative, strict=True) if not _in_val(r, val_fraction))
-        listing = VideoList(root, train, val, "hash split")
+        listing = ImageList(root, train, val, "hash split")
     if not videos:
         raise ConfigError(f"data.root={str(root)!r} holds no videos ({'/'.join(s[1:] for s in VIDEO_SUFFIXES)} "
                           f"files or folders of frames): point it at a folder that has some (searched recursively)")
