@@ -17,7 +17,8 @@ memory, and the share of the step spent in the quantizer (1 - the time of the sa
 the quantizer passed through). The CSV is rewritten after each part, and a part that fails is
 a row saying why, so a later failure loses nothing.
 
-Times are medians of CUDA-event timings after warm-up; memory is the peak allocated.
+Times are medians of CUDA-event timings after warm-up; the steps with and without the quantizer
+alternate, so a change of load or clock falls on both. Memory is the peak allocated.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def tokenizer_rows(device: torch.device, smoke: bool, repeats: int, compiled: bo
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measure = _timer(device)
 
-    def timed(model: torch.nn.Module) -> tuple[float, float]:
+    def stepper(model: torch.nn.Module):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         calls = [0]
 
@@ -188,9 +189,7 @@ def tokenizer_rows(device: torch.device, smoke: bool, repeats: int, compiled: bo
 
         for _ in range(3):  # warm-up (and compilation)
             step()
-        _reset(device)
-        times = [measure(step) for _ in range(repeats)]
-        return statistics.median(times), _peak_mb(device)
+        return step
 
     def built(quantizer: bool) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -202,8 +201,15 @@ def tokenizer_rows(device: torch.device, smoke: bool, repeats: int, compiled: bo
                 setattr(model, name, torch.compile(getattr(model, name)))
         return model
 
-    full_ms, peak = timed(built(True))
-    bare_ms, _ = timed(built(False))
+    full = stepper(built(True))
+    _reset(device)
+    full()
+    peak = _peak_mb(device)  # a step of the full model alone: the bare one is built after this
+    bare = stepper(built(False))
+    # Interleaved, so that a change of load (or clock) during the run falls on both alike.
+    pairs = [(measure(full), measure(bare)) for _ in range(repeats)]
+    full_ms = statistics.median(f for f, _ in pairs)
+    bare_ms = statistics.median(b for _, b in pairs)
     batch = config.data.batch_size
     return [{"part": "tokenizer_step", "impl": "ours (compiled)" if compiled else "ours", "codes": config.quantizer.codebook_size,
              "tokens": batch * (config.data.resolution // config.model.downsample) ** 2,
@@ -211,7 +217,7 @@ def tokenizer_rows(device: torch.device, smoke: bool, repeats: int, compiled: bo
              "quantizer_share": round(1 - bare_ms / full_ms, 4), "images_per_s": round(1000 * batch / full_ms, 1),
              "note": f"{config.model.preset} model, {config.data.resolution} px, batch {batch}, "
                      f"{'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, no discriminator; "
-                     f"without the quantizer {bare_ms:.2f} ms"}]
+                     f"without the quantizer {bare_ms:.3f} ms"}]
 
 
 def write_rows(rows: list[dict], path: Path) -> None:

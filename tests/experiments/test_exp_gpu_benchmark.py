@@ -20,7 +20,13 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert {r["impl"] for r in rows} == {"ours", "clamped", "oracle"}
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     tokenizer = [r for r in rows if r["part"] == "tokenizer_step"]
-    assert len(tokenizer) == 1 and 0 < float(tokenizer[0]["quantizer_share"]) < 1
+    assert len(tokenizer) == 1
+    # The share is a difference of two timings: on a loaded CPU it may come out below 0, so the
+    # test checks that it is that difference, not its sign.
+    (bare_ms,) = re.findall(r"without the quantizer ([0-9.]+) ms", tokenizer[0]["note"])
+    full_ms = float(tokenizer[0]["median_ms"])
+    rounding = 5e-5 + 3 * 5e-4 / full_ms  # the share to 4 places; both times to 3 (bare / full up to 2)
+    assert 0 < float(bare_ms) and abs(float(tokenizer[0]["quantizer_share"]) - (1 - float(bare_ms) / full_ms)) <= rounding
     assert float(tokenizer[0]["images_per_s"]) > 0 and len(list((tmp_path / "images").glob("*.png"))) == 64
 
 
