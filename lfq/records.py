@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lfq.sparse_usage import bit_counts
 from lfq.step_counts import LOSS_FIELDS, ClosedStep, LayerSpec, Snapshot
 
 STAT_FIELDS = LOSS_FIELDS + (
@@ -163,8 +164,8 @@ def snapshot_records(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
             }
             if bits is not None:
                 total = int(used.sum())
-                set_bits = ((codes[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * used[:, None]
-                record["bit_frequencies"] = (set_bits.sum(0).double() / total).tolist() if total else [math.nan] * bits
+                set_bits = bit_counts(codes, torch.zeros_like(codes), 1, bits, weights=used)[0]
+                record["bit_frequencies"] = (set_bits.double() / total).tolist() if total else [math.nan] * bits
                 if pair_matrix is not None:
                     record["bit_pair_mi"] = pair_matrix[codebook].tolist()
                     record["batch_entropy_groups"] = group_entropies[codebook].tolist()

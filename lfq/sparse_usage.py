@@ -67,17 +67,19 @@ def stash_codes(steps: list[list[tuple[Tensor, Tensor]]], books: int,
     return [(pairs[0][pairs[1] == b], pairs[2][pairs[1] == b]) for b in range(books)]
 
 
-def bit_counts(codes: Tensor, group: Tensor, groups: int, bits: int) -> Tensor:
+def bit_counts(codes: Tensor, group: Tensor, groups: int, bits: int, weights: Tensor | None = None) -> Tensor:
     """(groups, bits) int64: per group (a stashed step), the codes in ``codes`` (n,) with each bit
-    set, most significant first; ``group`` (n,) says whose each code is. One histogram per byte of
-    the codes (n entries each, not n x bits; read through a byte view of the int64 codes on
-    little-endian machines), then each byte value's bits, in one product (exact in float64)."""
+    set, most significant first, each counted ``weights`` (n,) times if given (a histogram's
+    counts; exact up to 2^53 in all); ``group`` (n,) says whose each code is. One histogram per
+    byte of the codes (n entries each, not n x bits; read through a byte view of the int64 codes
+    on little-endian machines), then each byte value's bits, in one product (exact in float64)."""
     width = (bits + 7) // 8
     codes = codes.long().contiguous()
     code_bytes = codes.view(torch.uint8).view(-1, 8) if sys.byteorder == "little" else None
     base = group * 256
+    weights = None if weights is None else weights.double()
     hist = torch.stack([torch.bincount(base + (code_bytes[:, j] if code_bytes is not None else (codes >> 8 * j) & 255),
-                                       minlength=groups * 256) for j in range(width)], -1)  # (groups * 256, bytes)
+                                       weights, minlength=groups * 256) for j in range(width)], -1)  # (groups * 256, bytes)
     per_bit = torch.einsum("gvj,vb->gjb", hist.view(groups, 256, width).double(), _byte_bits(codes.device))
     return per_bit.reshape(groups, 8 * width)[:, :bits].flip(-1).long()  # from least significant first
 

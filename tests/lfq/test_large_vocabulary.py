@@ -198,6 +198,9 @@ def test_bit_counts_from_byte_histograms_equal_testing_every_bit(bits, monkeypat
     each_bit = (codes.unsqueeze(-1) >> torch.arange(bits - 1, -1, -1)) & 1
     expected = torch.stack([each_bit[step == t].sum(0) for t in range(4)])
     assert torch.equal(bit_counts(codes, step, 4, bits), expected)
+    counts = torch.randint(0, 2**30, (300,), generator=g)  # a histogram's counts: each code weighs its count
+    weighted = torch.stack([(each_bit * counts[:, None])[step == t].sum(0) for t in range(4)])
+    assert torch.equal(bit_counts(codes, step, 4, bits, weights=counts), weighted)
     if bits < 31:
         assert torch.equal(bit_counts(codes.int(), step, 4, bits), expected)
     monkeypatch.setattr(lfq.sparse_usage.sys, "byteorder", "big")
