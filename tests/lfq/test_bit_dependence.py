@@ -83,6 +83,23 @@ def test_dependence_stats_match_a_dense_float64_computation(group_bits):
         assert (bound > exact + 1e-3).all()  # the bound is strictly above: the groups are dependent
 
 
+@pytest.mark.parametrize("scale", [40.0, 400.0, 4000.0])
+def test_group_distributions_stay_exact_when_the_bits_saturate(scale):
+    """The groups' distributions come from exp(log probabilities) (lfq.latent_stats._block_probs):
+    at logits in the hundreds and thousands (exp(-x) far below float64's range, where a naive
+    product underflows or goes subnormal) each group's entropy is still the dense one, and finite."""
+    books, bits, group_bits = 2, 7, 3
+    z = correlated_latent(400, books, bits, seed=5)
+    weight = torch.ones(400, dtype=torch.long)
+    latent = BinaryLatent(z=z, logit_scale=scale, code_magnitude=1.0)
+    _, _, groups = dependence_stats(dependence_sums(latent, weight, group_bits), bits, group_bits)
+    avg = dense_batch_distribution(z * scale, weight)
+    group_ref = torch.stack([entropy(marginal(avg, list(range(g, min(g + group_bits, bits))), bits))
+                             for g in range(0, bits, group_bits)], dim=-1)
+    assert torch.isfinite(groups).all()
+    torch.testing.assert_close(groups, group_ref, atol=1e-9, rtol=0)
+
+
 def test_known_answers_independent_and_identical_bits():
     bits = 6
     g = torch.Generator().manual_seed(3)
