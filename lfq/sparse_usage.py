@@ -111,36 +111,37 @@ def flush_counts(codes: Tensor, position: Tensor, steps: Tensor, window: tuple[T
     base = int(old_last.min()) if old_last.numel() else int(steps[0])
     # One int64 tag per entry: >= 0 the stashed step's position, < 0 a window entry last used at base - 1 - tag.
     tags = torch.cat([base - 1 - old_last, position])
-    all_codes = torch.cat([old_codes, codes])  # the window's first: earlier than every stashed use
-    order = torch.argsort(all_codes, stable=True)  # by code, then by step
-    all_codes, tags = all_codes[order], tags[order]
+    all_codes, order = torch.sort(torch.cat([old_codes, codes]), stable=True)  # by code, then window, then step
+    tags = tags[order]
     starts = torch.ones_like(all_codes, dtype=torch.bool)  # the first token of each (code, step)
     starts[1:] = (all_codes[1:] != all_codes[:-1]) | (tags[1:] != tags[:-1])
     first_of_run = starts.nonzero().squeeze(1)
     run_count = torch.diff(first_of_run, append=first_of_run.new_full((1,), all_codes.numel()))
     run_code, run_tag = all_codes[first_of_run], tags[first_of_run]
-    stashed = run_tag >= 0
-    run_pos = run_tag.clamp(min=0)
-    run_at = torch.where(stashed, steps[run_pos], base - 1 - run_tag)
-    used = torch.bincount(run_tag[stashed], minlength=total)
-    counts = run_count[stashed].double()
-    n_log_n = torch.zeros(total, dtype=torch.float64, device=device).scatter_add_(
-        0, run_tag[stashed], torch.special.xlogy(counts, counts))
-    # Step position where each use leaves the window: the code's next use, or the first step >= u + usage_window.
+    # Per tag (offset to start at 0), through small tables: the step of the use, and the step
+    # position where it leaves the window unless the code comes back first (the first step >=
+    # its step + usage_window).
     last_step = int(steps[-1])
-    expire = torch.searchsorted(steps, torch.arange(base, last_step + 1, device=device) + usage_window)
-    leaves = expire[run_at - base]
+    offset = int(old_last.max()) - base + 1 if old_last.numel() else 0  # -(the lowest tag)
+    at_of_tag = torch.cat([torch.arange(base, base + offset, device=device).flip(0), steps])
+    leaves_of_tag = torch.searchsorted(steps, at_of_tag + usage_window)
+    run_at, leaves = at_of_tag[run_tag + offset], leaves_of_tag[run_tag + offset]
+    run_pos = run_tag.clamp(min=0)  # window entries: 0, they are older than every stashed step
     same_next = run_code[1:] == run_code[:-1]
     leaves[:-1] = torch.where(same_next, torch.minimum(leaves[:-1], run_pos[1:]), leaves[:-1])
-    enters = torch.where(stashed, run_pos, 0)  # window entries are older than every stashed step
-    covered = torch.bincount(enters, minlength=total + 1) - torch.bincount(leaves, minlength=total + 1)
+    covered = torch.bincount(run_pos, minlength=total + 1) - torch.bincount(leaves, minlength=total + 1)
     in_window = torch.cumsum(covered, 0)[:total]
+    stashed = (run_tag >= 0).nonzero().squeeze(1)
+    stash_tag, stash_count = run_tag[stashed], run_count[stashed]
+    used = torch.bincount(stash_tag, minlength=total)
+    counts = stash_count.double()
+    n_log_n = torch.zeros(total, dtype=torch.float64, device=device).scatter_add_(
+        0, stash_tag, torch.special.xlogy(counts, counts))
     last = torch.ones_like(run_code, dtype=torch.bool)  # each code's last use
     last[:-1] = ~same_next
     keep = (last & (run_at > last_step - horizon)).nonzero().squeeze(1)
-    kept_stash = stashed.nonzero().squeeze(1)
     return FlushCounts(used, n_log_n, in_window, (run_code[keep], run_at[keep]),
-                       (run_code[kept_stash], run_count[kept_stash], run_tag[kept_stash]))
+                       (run_code[stashed], stash_count, stash_tag))
 
 
 def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:

@@ -205,3 +205,49 @@ def test_bit_counts_from_byte_histograms_equal_testing_every_bit(bits, monkeypat
         assert torch.equal(bit_counts(codes.int(), step, 4, bits), expected)
     monkeypatch.setattr(lfq.sparse_usage.sys, "byteorder", "big")
     assert torch.equal(bit_counts(codes, step, 4, bits), expected)
+
+
+def _flush_by_hand(codes, position, steps, window, usage_window, horizon):
+    """flush_counts' outputs from dictionaries, one (code, step) at a time."""
+    last = dict(zip(window[0].tolist(), window[1].tolist(), strict=True))
+    uses = {}  # code -> steps where it was used (old window's last use first)
+    for code, at in last.items():
+        uses.setdefault(code, []).append(at)
+    per_step = []
+    for t, s in enumerate(steps.tolist()):
+        tokens = {}
+        for code in codes[position == t].tolist():
+            tokens[code] = tokens.get(code, 0) + 1
+        for code in tokens:
+            uses.setdefault(code, []).append(s)
+        in_window = sum(any(s - usage_window < u <= s for u in us) for us in uses.values())
+        per_step.append((len(tokens), sum(n * math.log(n) for n in tokens.values()), in_window, tokens))
+    last_step = int(steps[-1])
+    kept = sorted((code, max(us)) for code, us in uses.items() if max(us) > last_step - horizon)
+    runs = sorted(((code, n, t) for t, (_, _, _, tokens) in enumerate(per_step) for code, n in tokens.items()),
+                  key=lambda run: (run[0], run[2]))  # by code, then step
+    return per_step, kept, runs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flush_counts_equal_counting_by_hand(seed):
+    """lfq.sparse_usage.flush_counts (one sort per flush) against dictionaries: per stashed step the
+    distinct codes, sum of n log n and codes in the usage window (old window entries included,
+    a code reused cut at its next use), the window kept, and the (code, tokens, step) runs."""
+    from lfq.sparse_usage import flush_counts
+
+    g = torch.Generator().manual_seed(seed)
+    vocabulary = [5, 40, 2**40][seed % 3]  # many repeats .. nearly all distinct
+    steps = torch.tensor(sorted(torch.randperm(30, generator=g)[:8].add(20).tolist()))  # gaps between steps
+    position = torch.randint(0, len(steps), (200,), generator=g).sort().values
+    codes = torch.randint(0, vocabulary, (200,), generator=g)
+    old = torch.randint(0, vocabulary, (60,), generator=g).unique()
+    old_last = torch.randint(int(steps[0]) - 12, int(steps[0]), (len(old),), generator=g)
+    usage_window, horizon = [(4, 9), (9, 9), (3, 3)][seed % 3]
+    found = flush_counts(codes, position, steps, (old, old_last), usage_window, horizon)
+    per_step, kept, runs = _flush_by_hand(codes, position, steps, (old, old_last), usage_window, horizon)
+    assert found.used.tolist() == [u for u, _, _, _ in per_step]
+    torch.testing.assert_close(found.n_log_n, torch.tensor([x for _, x, _, _ in per_step], dtype=torch.float64))
+    assert found.in_window.tolist() == [w for _, _, w, _ in per_step]
+    assert list(zip(*(t.tolist() for t in found.window), strict=True)) == kept
+    assert list(zip(*(t.tolist() for t in found.counts), strict=True)) == runs
