@@ -7,6 +7,7 @@ docs/records.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -43,16 +44,29 @@ def _to_host(tensors: list[Tensor]) -> list[list[float]]:
     return out
 
 
-def _binary_entropy(q: float) -> float:
-    return -sum(x * math.log(x) for x in (q, 1.0 - q) if x > 0)
+@functools.lru_cache(maxsize=64)
+def _bit_keys(bits: int) -> tuple[str, ...]:
+    return tuple(f"{BIT_FREQUENCY}{i}" for i in range(bits)) + tuple(f"{BIT_ENTROPY}{i}" for i in range(bits))
 
 
-def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
-    """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``)."""
+def _bit_columns(sums: Tensor) -> Tensor:
+    """(..., width) raw sums (layout in ``CodeUsage.close``) -> (..., 2 d + 2) float64: each bit's
+    frequency (tokens with it set / tokens), its binary entropy (nats), their sum and the mean
+    |frequency - 1/2|; NaN without tokens. Computed on the device for a whole flush at once."""
+    sums = sums.double()
+    tokens = sums[..., 5:6]
+    q = (sums[..., 20:] / tokens).masked_fill(tokens <= 0, math.nan)
+    entropy = -(torch.special.xlogy(q, q) + torch.special.xlogy(1 - q, 1 - q))
+    return torch.cat([q, entropy, entropy.sum(-1, keepdim=True), (q - 0.5).abs().mean(-1, keepdim=True)], dim=-1)
+
+
+def _stats(closed: ClosedStep, sums: list[float], bit_columns: list[float]) -> dict[str, float | int]:
+    """One codebook's record columns from its raw sums (layout in ``CodeUsage.close``) and, for
+    binary codes, its ``_bit_columns``."""
     losses, (used, tokens, n_log_n, in_window, dead) = sums[:4], sums[4:9]
     (latent_tokens, per_sample_sum, saturated, abs_z, commitment), latent_batch = sums[9:14], sums[14]
     local_batch, bit_entropy_sum, pair_mi_max, group_bound = sums[15:19]
-    dead_bits, bit_set = sums[19], sums[20:]
+    dead_bits, bits = sums[19], len(sums) - 20
     spec = closed.spec
     stats: dict[str, float | int] = {
         name: total / passes if passes else math.nan
@@ -69,13 +83,12 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     stats["perplexity"] = math.exp(math.log(tokens) - n_log_n / tokens) if tokens > 0 else math.nan
     stats["usage_fraction"] = in_window / spec.codebook_size
     stats["dead_codes"] = int(dead) if dead == dead else math.nan  # NaN past lfq.sparse_usage.SPARSE_ABOVE codes
-    frequencies = [n / tokens for n in bit_set] if bit_set and tokens > 0 else [math.nan] * len(bit_set)
-    entropies = [_binary_entropy(q) if tokens > 0 else math.nan for q in frequencies]
-    stats["bit_balance_mad"] = sum(abs(q - 0.5) for q in frequencies) / len(bit_set) if bit_set else math.nan
+    entropies_sum, mad = (bit_columns[2 * bits], bit_columns[2 * bits + 1]) if bits else (math.nan, math.nan)
+    stats["bit_balance_mad"] = mad
     stats["tokens"] = int(tokens)
     stats["forward_passes"] = closed.forward_passes
-    stats["bit_entropy"] = sum(entropies) / len(entropies) if bit_set else math.nan
-    stats["dead_bits"] = int(dead_bits) if bit_set else math.nan
+    stats["bit_entropy"] = entropies_sum / bits if bits else math.nan
+    stats["dead_bits"] = int(dead_bits) if bits else math.nan
     stats["saturated_fraction"] = saturated / token_bits if latent else math.nan
     stats["mean_abs_z"] = abs_z / token_bits if latent else math.nan
     # Total correlation: sum of the bits' entropies minus the joint entropy (soft: of the latent's
@@ -83,29 +96,39 @@ def _stats(closed: ClosedStep, sums: list[float]) -> dict[str, float | int]:
     binary = latent and spec.bits is not None
     stats["bit_total_correlation"] = bit_entropy_sum - latent_batch if binary else math.nan
     histogram_entropy = math.log(tokens) - n_log_n / tokens if tokens > 0 else math.nan
-    stats["bit_total_correlation_hard"] = sum(entropies) - histogram_entropy if bit_set else math.nan
+    stats["bit_total_correlation_hard"] = entropies_sum - histogram_entropy if bits else math.nan
     stats["bit_pair_mi_max"] = pair_mi_max if binary else math.nan
     stats["batch_entropy_group_bound"] = group_bound if binary else math.nan
     stats["batch_entropy_local"] = local_batch if binary else math.nan
     stats["codes_used_window"] = int(in_window)
-    for i, q in enumerate(frequencies):
-        stats[f"{BIT_FREQUENCY}{i}"] = q
-    for i, h in enumerate(entropies):
-        stats[f"{BIT_ENTROPY}{i}"] = h
+    if bits:
+        stats.update(zip(_bit_keys(bits), bit_columns[: 2 * bits], strict=True))
     return stats
 
 
 def step_records(closed_steps: list[ClosedStep]) -> list[dict[str, Any]]:
     """Flat records, one per (step, layer, mode, codebook), columns in ``RECORD_COLUMNS`` order."""
+    bit_columns = [c.sums.new_zeros(0) for c in closed_steps]
+    alike: dict[tuple[torch.Size, torch.device], list[int]] = {}
+    for i, closed in enumerate(closed_steps):
+        if closed.sums.shape[-1] > 20:  # binary codes: per-bit columns, for all steps of one shape at once
+            alike.setdefault((closed.sums.shape, closed.sums.device), []).append(i)
+    for indices in alike.values():
+        columns = _bit_columns(torch.stack([closed_steps[i].sums for i in indices]))
+        for i, row in zip(indices, columns, strict=True):
+            bit_columns[i] = row
+    host = _to_host([c.sums for c in closed_steps] + bit_columns)
     records: list[dict[str, Any]] = []
-    for closed, values in zip(closed_steps, _to_host([c.sums for c in closed_steps]), strict=True):
-        width = len(values) // closed.spec.num_codebooks
-        for codebook in range(closed.spec.num_codebooks):
+    for closed, values, bit_values in zip(closed_steps, host[:len(closed_steps)], host[len(closed_steps):], strict=True):
+        books = closed.spec.num_codebooks
+        width, bit_width = len(values) // books, len(bit_values) // books
+        for codebook in range(books):
             record: dict[str, Any] = {
                 "step": closed.step, "layer": closed.spec.name, "codebook": codebook, "kind": "quantizer",
                 "mode": closed.mode, "codebook_size": closed.spec.codebook_size,
             }
-            record.update(_stats(closed, values[codebook * width:(codebook + 1) * width]))
+            record.update(_stats(closed, values[codebook * width:(codebook + 1) * width],
+                                 bit_values[codebook * bit_width:(codebook + 1) * bit_width]))
             records.append(record)
     return records
 
