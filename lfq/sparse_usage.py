@@ -155,6 +155,13 @@ def merge_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return unique, torch.zeros_like(unique).scatter_add_(0, inverse, counts)
 
 
+def sum_sorted_counts(codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`merge_counts` of ``codes`` already sorted (a flush's runs, a code once per step it
+    was used in): one linear pass, no sort."""
+    unique, inverse = torch.unique_consecutive(codes, return_inverse=True)
+    return unique, torch.zeros_like(unique).scatter_add_(0, inverse, counts)
+
+
 @dataclass
 class DeferredSnapshot:
     """A snapshot asked for while steps wait in the stash: its (codes, counts) per codebook are
@@ -173,7 +180,7 @@ class SparseCodeUsage(CodeUsage):
     steps in ``stash`` until ``settle`` (every flush, or ``BATCH_MAX_STEPS`` steps), which syncs the
     host and counts the codes and their bits over every rank. ``window[b]``: (codes, last step) of codebook b's
     codes used within the last max(usage_window, dead_after) steps; ``snapshot[b]``: chunks of
-    (codes, counts) since the last snapshot, merged when it is taken; ``deferred``: snapshots asked
+    (codes, counts) since the last snapshot (each distinct and sorted), merged when it is taken; ``deferred``: snapshots asked
     for since the last settle, in order."""
 
     passes: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -288,19 +295,19 @@ class SparseCodeUsage(CodeUsage):
         """Hand codebook ``book``'s settled (code, step) runs to the deferred snapshots whose steps
         they are, and keep the rest for the next one."""
         if not self.deferred:
-            self.snapshot[book].append((codes, counts))
+            self.snapshot[book].append(sum_sorted_counts(codes, counts))
             return
         start = 0
         for deferred in self.deferred:
             part = (position >= start) & (position < deferred.cut)
-            chunks = self.snapshot[book] + [(codes[part], counts[part])]
+            chunks = self.snapshot[book] + [sum_sorted_counts(codes[part], counts[part])]
             self.snapshot[book] = []
             if deferred.value is None:
                 deferred.value = []
             deferred.value.append(self._merged(chunks))
             start = deferred.cut
         rest = position >= start
-        self.snapshot[book].append((codes[rest], counts[rest]))
+        self.snapshot[book].append(sum_sorted_counts(codes[rest], counts[rest]))
 
     def take_snapshot(self, defer: bool = False) -> list[tuple[Tensor, Tensor]] | DeferredSnapshot | None:  # type: ignore[override]
         """Per codebook (codes, counts) since the previous snapshot (None if untouched); ``defer``
@@ -321,6 +328,8 @@ class SparseCodeUsage(CodeUsage):
         if not chunks:
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty, empty
+        if len(chunks) == 1:  # each chunk holds distinct codes in order (sum_sorted_counts)
+            return chunks[0]
         return merge_counts(torch.cat([c for c, _ in chunks]), torch.cat([n for _, n in chunks]))
 
     def state(self) -> dict[str, Any]:
@@ -345,7 +354,7 @@ class SparseCodeUsage(CodeUsage):
         usage = cls.new(spec, torch.device("cpu"), int(saved["first_step"]), snapshots)
         usage.window = [(c.clone(), s.clone()) for c, s in saved["window"]]
         if usage.snapshot is not None and saved["snapshot"] is not None:
-            usage.snapshot = [[(c.clone(), n.clone())] for c, n in saved["snapshot"]]
+            usage.snapshot = [[merge_counts(c.clone(), n.clone())] for c, n in saved["snapshot"]]  # sorted, distinct
         usage.touched_since_snapshot = bool(saved["touched_since_snapshot"])
         for name in ("bit_last_set", "bit_last_clear"):
             if getattr(usage, name) is not None and saved.get(name) is not None:
