@@ -27,6 +27,7 @@ import argparse
 import csv
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -118,11 +119,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor],
-               steps: int, log_every: int | None, log_dir: Path, clock: HookClock) -> tuple[float, float, float]:
+def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor], steps: int,
+               log_every: int | None, log_dir: Path, clock: HookClock) -> tuple[float, float, float, float, float]:
     """Wall-clock, process CPU and in-monitor CPU seconds per training step over ``steps`` steps,
-    the monitor's final flush included. CPU time is what this process used, so it is less
-    sensitive to other processes on a shared machine (but does not see time spent waiting on fsync)."""
+    the monitor's final flush included, then the system CPU seconds and minor page faults per
+    step (the part of the CPU time the kernel spent, mostly mapping pages the allocator had given
+    back). CPU time is what this process used, so it is less sensitive to other processes on a
+    shared machine (but does not see time spent waiting on fsync)."""
     monitor = None
     if log_every is not None:
         path = log_dir / f"metrics_{log_every}.jsonl"
@@ -131,6 +134,7 @@ def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     device = batches[0].device
     _sync(device)
     clock.seconds = 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start, start_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         x = batches[step % len(batches)]
@@ -142,7 +146,10 @@ def time_trial(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     if monitor is not None:
         monitor.detach()
     _sync(device)
-    return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps, clock.seconds / steps
+    wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (wall, cpu, clock.seconds / steps, (after.ru_stime - usage.ru_stime) / steps,
+            (after.ru_minflt - usage.ru_minflt) / steps)
 
 
 def device_name(device: torch.device) -> str:
@@ -169,13 +176,18 @@ def run_setup(name: str, args: argparse.Namespace, device: torch.device, clock: 
     wall: dict[str, list[float]] = {c: [] for c in configs}
     cpu: dict[str, list[float]] = {c: [] for c in configs}
     hooks: dict[str, list[float]] = {c: [] for c in configs}
+    system: dict[str, list[float]] = {c: [] for c in configs}
+    faults: dict[str, list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as log_dir:
         for config in configs:  # warm-up: allocator, kernels, file system
             time_trial(model, optimizer, batches, max(2, steps // 5), LOG_EVERY[config], Path(log_dir), clock)
         for repeat in range(repeats):
             order = list(configs[repeat % len(configs):] + configs[: repeat % len(configs)])
             for config in order:
-                w, c, h = time_trial(model, optimizer, batches, steps, LOG_EVERY[config], Path(log_dir), clock)
+                w, c, h, sys_s, flt = time_trial(model, optimizer, batches, steps, LOG_EVERY[config], Path(log_dir),
+                                                 clock)
+                system[config].append(sys_s)
+                faults[config].append(flt)
                 wall[config].append(w)
                 cpu[config].append(c)
                 hooks[config].append(h)
@@ -203,6 +215,9 @@ def run_setup(name: str, args: argparse.Namespace, device: torch.device, clock: 
             "cpu_overhead_pct": overhead_pct(cpu, config),
             "hook_cpu_ms_per_step": round(1e3 * statistics.median(hooks[config]), 4),
             "hook_cpu_pct": round(100 * statistics.median(hook_pct), 3),
+            "system_cpu_ms_per_step": round(1e3 * statistics.median(system[config]), 4),
+            "minor_faults_per_step": round(statistics.median(faults[config]), 1),
+            "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")),
             "steps_per_trial": steps,
             "repeats": repeats,
             "device": device_name(device),
@@ -236,17 +251,19 @@ def main() -> None:
     for name in args.setups:
         rows += run_setup(name, args, device, clock)
     if args.merge and args.out.exists():
+        ran = {(r["setup"], r["malloc_env"]) for r in rows}
         with open(args.out, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if r.get("setup") not in args.setups]
-        rows = [r for r in kept if set(r) == set(rows[0])] + rows
+            kept = [r for r in csv.DictReader(f) if (r.get("setup"), r.get("malloc_env", "")) not in ran]
+        rows = [{key: r.get(key, "") for key in rows[0]} for r in kept] + rows  # older files: new columns empty
     atomic_write_csv(args.out, rows)
 
     print(f"{'setup':<15}{'config':<14}{'cpu ms/step':>12}{'cpu overhead':>14}{'wall overhead':>15}"
-          f"{'in-monitor cpu':>16}")
+          f"{'in-monitor cpu':>16}{'system ms':>11}{'faults/step':>13}  malloc env")
     for row in rows:
         print(f"{row['setup']:<15}{row['config']:<14}{float(row['median_cpu_step_ms']):>12.2f}"
               f"{float(row['cpu_overhead_pct']):>13.2f}%{float(row['overhead_pct']):>14.2f}%"
-              f"{float(row['hook_cpu_pct']):>15.3f}%")
+              f"{float(row['hook_cpu_pct']):>15.3f}%{row['system_cpu_ms_per_step'] or '':>11}"
+              f"{row['minor_faults_per_step'] or '':>13}  {row['malloc_env'] or '-'}")
     print(f"device: {rows[0]['device']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; wrote {args.out}")
 
 
