@@ -262,8 +262,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['setup']:<15}{row['config']:<14}{float(row['median_cpu_step_ms']):>12.2f}"
               f"{float(row['cpu_overhead_pct']):>13.2f}%{float(row['overhead_pct']):>14.2f}%"
-              f"{float(row['hook_cpu_pct']):>15.3f}%{row['system_cpu_ms_per_step'] or '':>11}"
-              f"{row['minor_faults_per_step'] or '':>13}  {row['malloc_env'] or '-'}")
+              f"{float(row['hook_cpu_pct']):>15.3f}%{row['system_cpu_ms_per_step']:>11}"
+              f"{row['minor_faults_per_step']:>13}  {row['malloc_env'] or '-'}")
     print(f"device: {rows[0]['device']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; wrote {args.out}")
 
 
