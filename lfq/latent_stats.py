@@ -7,7 +7,6 @@ entropy; see docs/monitor.md ("Diagnostics of binary codes") and docs/entropy.md
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from lfq.adapters import BinaryLatent
 from lfq.entropy import EXACT_MAX_BITS, binary_entropy_from_logits, entropy_from_gram
-from lfq.subcodes import flush_floor, subcode_probs, subcode_split
+from lfq.subcodes import bit_table, flush_floor, subcode_probs, subcode_split
 
 SATURATION_RATIO = 1e-4
 # p (1 - p) = SATURATION_RATIO / 4 at p = (1 - sqrt(1 - SATURATION_RATIO)) / 2; x = logit(1 - p).
@@ -92,13 +91,6 @@ def dependence_sums(latent: BinaryLatent, weight: Tensor, group_bits: int = GROU
     return torch.cat(parts, dim=-1)
 
 
-@functools.lru_cache(maxsize=32)
-def _bit_table(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(bits, 2**bits): the bits of each code, MSB first (row j: bit j of every code)."""
-    codes = torch.arange(2**bits, device=device)
-    return ((codes >> torch.arange(bits - 1, -1, -1, device=device).unsqueeze(-1)) & 1).to(dtype)
-
-
 def _block_probs(logits: Tensor, log_p0: Tensor, start: int, stop: int) -> Tensor:
     """(c, N, 2**k) distribution over the codes of bits ``start:stop`` (k of them, MSB first) of
     (c, N, d) float64 bit logits, ``log_p0`` their log sigmoid(-x), as
@@ -108,7 +100,7 @@ def _block_probs(logits: Tensor, log_p0: Tensor, start: int, stop: int) -> Tenso
     :func:`lfq.subcodes.flush_floor` are 0, as in the builder, and exp never makes a subnormal
     (x86 arithmetic on them is 10-100x slower)."""
     logits, base = logits[..., start:stop], log_p0[..., start:stop].sum(-1, keepdim=True)
-    table = _bit_table(stop - start, logits.dtype, logits.device).expand(logits.shape[0], -1, -1)
+    table = bit_table(stop - start, logits).T.expand(logits.shape[0], -1, -1)  # (c, k, 2**k)
     floor = flush_floor(logits.dtype)  # exp of a log probability under log(floor) - 1: below the floor, not subnormal
     log_probs = torch.baddbmm(base, logits, table).clamp_(min=math.log(floor) - 1)
     return F.threshold_(log_probs.exp_(), floor, 0.0)

@@ -28,7 +28,7 @@ def subcode_split(num_bits: int) -> tuple[int, int]:
     return high, num_bits - high
 
 
-def _bit_table(num_bits: int, like: Tensor) -> Tensor:
+def bit_table(num_bits: int, like: Tensor) -> Tensor:
     """(2**k, k) 0/1 matrix, row j = the bits of j, most significant first (index order)."""
     codes = torch.arange(2**num_bits, device=like.device)
     shifts = torch.arange(num_bits - 1, -1, -1, device=like.device)
@@ -125,7 +125,7 @@ class _SubcodeGram(torch.autograd.Function):
             return None, None, None
         logits, *saved_factors = ctx.saved_tensors
         high, chunk = ctx.high_bits, ctx.chunk_tokens
-        table_a, table_b = _bit_table(high, logits), _bit_table(logits.shape[2] - high, logits)
+        table_a, table_b = bit_table(high, logits), bit_table(logits.shape[2] - high, logits)
         grad_t = grad_gram.transpose(1, 2)
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], chunk):
@@ -190,7 +190,7 @@ def _kept_subcodes(flips: tuple[Tensor, Tensor, Tensor, Tensor], num_flips: int,
     same float64 numbers, so they agree.
     """
     log_max, cost, weight, best = flips
-    table = _bit_table(num_flips, cost).T  # (num_flips, 2**num_flips): column j flips the bits of j
+    table = bit_table(num_flips, cost).T  # (num_flips, 2**num_flips): column j flips the bits of j
     values = log_max[:, None] - cost[:, :num_flips] @ table
     index = best[:, None] ^ (weight[:, :num_flips].to(cost.dtype) @ table).long()  # exact: sums of powers of 2
     values = values.masked_fill(values < floor[:, None], -math.inf)
@@ -226,7 +226,7 @@ def _row_groups(count: Tensor, width: int) -> list[tuple[Tensor | None, int]]:
 
 def _bit_sums(weight: Tensor, index: Tensor | None, num_bits: int) -> Tensor:
     """(M, bits): for each bit, the sum of ``weight`` over the kept sub-codes with that bit on."""
-    table = _bit_table(num_bits, weight)
+    table = bit_table(num_bits, weight)
     if index is None:  # all sub-codes, in index order
         return weight @ table
     if 4 * index.shape[1] < 2**num_bits:  # few: from their bits
