@@ -4,6 +4,7 @@ and the monitor's sparse counting (lfq.sparse_usage), exact without a (codebooks
 from __future__ import annotations
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -229,19 +230,25 @@ def _flush_by_hand(codes, position, steps, window, usage_window, horizon):
     return per_step, kept, runs
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_flush_counts_equal_counting_by_hand(seed):
+@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "torch-only"])
+@pytest.mark.parametrize("seed", range(8))
+def test_flush_counts_equal_counting_by_hand(seed, numpy, monkeypatch):
     """lfq.sparse_usage.flush_counts (one sort per flush) against dictionaries: per stashed step the
     distinct codes, sum of n log n and codes in the usage window (old window entries included,
-    a code reused cut at its next use), the window kept, and the (code, tokens, step) runs."""
+    a code reused cut at its next use), the window kept, and the (code, tokens, step) runs. Codes
+    up to 2**62, past what packs with the step into one int64 key (the stable sort instead), and
+    without numpy (torch's sort and nonzero instead of numpy's)."""
     from lfq.sparse_usage import flush_counts
 
+    if not numpy:
+        monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` raises ImportError
     g = torch.Generator().manual_seed(seed)
-    vocabulary = [5, 40, 2**40][seed % 3]  # many repeats .. nearly all distinct
+    # Many repeats .. nearly all distinct; the last: 40 codes just under 2**62, with repeats.
+    low, vocabulary = [(0, 5), (0, 40), (0, 2**40), (2**62 - 40, 2**62)][seed % 4]
     steps = torch.tensor(sorted(torch.randperm(30, generator=g)[:8].add(20).tolist()))  # gaps between steps
     position = torch.randint(0, len(steps), (200,), generator=g).sort().values
-    codes = torch.randint(0, vocabulary, (200,), generator=g)
-    old = torch.randint(0, vocabulary, (60,), generator=g).unique()
+    codes = torch.randint(low, vocabulary, (200,), generator=g)
+    old = torch.randint(low, vocabulary, (60,), generator=g).unique()
     old_last = torch.randint(int(steps[0]) - 12, int(steps[0]), (len(old),), generator=g)
     usage_window, horizon = [(4, 9), (9, 9), (3, 3)][seed % 3]
     found = flush_counts(codes, position, steps, (old, old_last), usage_window, horizon)
