@@ -169,26 +169,32 @@ def _runs(codes: Tensor, tags: Tensor, lowest_tag: int, highest_tag: int) -> tup
 def _flat_nonzero(mask: Tensor) -> Tensor:
     """The indices of ``mask``'s (n,) true entries, int64: torch.nonzero, or numpy's on the CPU
     (10x faster there, single-threaded: the flushes' other large cost after sorting)."""
-    if mask.device.type == "cpu":
-        try:
-            import numpy as np
-
-            return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
-        except (ImportError, RuntimeError):
-            pass
+    np = _numpy()
+    if np is not None and mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
     return mask.nonzero().squeeze(1)
 
 
 def _sorted_values(key: Tensor) -> Tensor:
     """``key`` (n,) int64 sorted (values only: equal keys are alike, so stability is moot)."""
-    if key.device.type == "cpu":
-        try:
-            import numpy as np
-
-            return torch.from_numpy(np.sort(key.numpy()))
-        except (ImportError, RuntimeError):  # no numpy, or one this torch was not built against
-            pass
+    np = _numpy()
+    if np is not None and key.device.type == "cpu":
+        return torch.from_numpy(np.sort(key.numpy()))
     return torch.sort(key).values
+
+
+def _numpy() -> Any:
+    """numpy, if it is installed and this torch can share tensors with it, else None: an optional
+    accelerator of the flush on the CPU (lfq needs only torch)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    try:
+        torch.zeros(1).numpy()
+    except RuntimeError:  # a numpy this torch was not built against
+        return None
+    return numpy
 
 
 def kept_codes(passes: list[tuple[Tensor, Tensor]], books: int, distributed: bool) -> list[Tensor]:
