@@ -140,10 +140,19 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        """(b, n, width) -> (b, n, width). With ``cache`` (a list, empty at the first position), x
+        is the one next position (n = 1): it attends to the keys and values the cache holds of the
+        earlier positions and to its own, which are appended to the cache."""
         b, n, w = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            if n != 1:
+                raise ValueError(f"a cached pass takes one position at a time, got {n}")
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, w))
         return x + self.mlp(self.norm2(x))
 
@@ -219,7 +228,7 @@ class TokenPrior(nn.Module):
         if s.head == "factorized":
             subs = split_code(codes, s.resolved_factors())
             return sum(e(sub) for e, sub in zip(self.embed_subs, subs, strict=True))
-        return self.embed_bits(code_bits(codes, s.bits).float() * 2 - 1)
+        return self.embed_bits(code_bits(codes, s.bits).to(self.embed_bits.weight.dtype) * 2 - 1)
 
     def hidden(self, codes: Tensor) -> Tensor:
         """(b, n) codes -> (b, n + 1, width) states: state t predicts token t (state n: the next one)."""
@@ -236,10 +245,16 @@ class TokenPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, count: int, g: torch.Generator) -> Tensor:
-        """``count`` token sequences at temperature 1, drawn with ``g`` (on the model's device)."""
-        device = self.position.device
-        codes = torch.zeros(count, 0, dtype=torch.long, device=device)
-        for _ in range(self.shape.length):
-            h = self.hidden(codes)[:, -1]
-            codes = torch.cat([codes, self.head.sample(h, g)[:, None]], 1)
-        return codes
+        """``count`` token sequences at temperature 1, drawn with ``g`` (on the model's device), one
+        position at a time with each block's keys and values cached: the states of
+        :meth:`hidden` (up to rounding) at L passes over one position, not L over up to L."""
+        caches: list[list[Tensor]] = [[] for _ in self.blocks]
+        x = (self.start + self.position[0]).expand(count, 1, -1)  # the start token, at position 0
+        codes = []
+        for t in range(self.shape.length):
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x = block(x, cache)
+            codes.append(self.head.sample(self.norm(x[:, 0]), g))
+            if t + 1 < self.shape.length:
+                x = self.embed_codes(codes[-1][:, None]) + self.position[t + 1]
+        return torch.stack(codes, 1)

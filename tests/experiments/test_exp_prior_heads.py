@@ -133,6 +133,47 @@ def test_samples_are_valid_codes_and_follow_the_generator(head):
     assert int(a.min()) >= 0 and int(a.max()) < 16
 
 
+def _sample_recomputing(model: TokenPrior, count: int, g: torch.Generator) -> torch.Tensor:
+    """Sampling without a cache: every position's state from model.hidden over the whole prefix."""
+    codes = torch.zeros(count, 0, dtype=torch.long)
+    for _ in range(model.shape.length):
+        codes = torch.cat([codes, model.head.sample(model.hidden(codes)[:, -1], g)[:, None]], 1)
+    return codes
+
+
+@pytest.mark.parametrize("head", ["full", "factorized", "bitwise"])
+def test_cached_sampling_draws_what_recomputing_every_state_draws(head):
+    """TokenPrior.sample caches each block's keys and values; in float64 (rounding ~1e-16, far
+    from any of the draws' thresholds) it draws the very codes that recomputing every prefix
+    draws from the same generator, and its states are model.hidden's."""
+    shape = PriorShape(codebook_size=16, length=6, head=head, width=WIDTH, layers=2, attention_heads=2)
+    torch.manual_seed(0)
+    model = _randomised(TokenPrior(shape)).double().eval()
+    with torch.no_grad():
+        expected = _sample_recomputing(model, 9, torch.Generator().manual_seed(5))
+        drawn = model.sample(9, torch.Generator().manual_seed(5))
+        assert torch.equal(drawn, expected)
+        assert len(set(map(tuple, drawn.tolist()))) > 1  # the draws depend on the prefix: not one sequence
+        # The cached states, position by position, against one pass over the whole sequence.
+        caches = [[] for _ in model.blocks]
+        states = []
+        x = (model.start + model.position[0]).expand(9, 1, -1)
+        for t in range(shape.length):
+            for block, cache in zip(model.blocks, caches, strict=True):
+                x = block(x, cache)
+            states.append(model.norm(x[:, 0]))
+            if t + 1 < shape.length:
+                x = model.embed_codes(drawn[:, t : t + 1]) + model.position[t + 1]
+        full = model.hidden(drawn[:, :-1])
+    torch.testing.assert_close(torch.stack(states, 1), full, rtol=0, atol=1e3 * eps(torch.float64))
+
+
+def test_a_cached_pass_takes_one_position():
+    model = TokenPrior(PriorShape(codebook_size=16, length=4, width=WIDTH, layers=1, attention_heads=2))
+    with pytest.raises(ValueError, match="one position at a time, got 2"):
+        model.blocks[0](torch.zeros(1, 2, WIDTH), [])
+
+
 def test_shape_problems_name_the_field():
     assert "power-of-two" in PriorShape(codebook_size=1000, length=4, head="bitwise").problem()
     assert "model.factors" in PriorShape(codebook_size=1024, length=4, head="factorized", factors=(6, 6)).problem()
